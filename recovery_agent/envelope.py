@@ -1,0 +1,345 @@
+"""Signed envelopes: the one place where signatures are made and checked.
+
+Shape: DSSE (https://github.com/secure-systems-lab/dsse). The signature covers
+``PAE(payloadType, payload)``, so the payload type is signed along with the bytes and one kind
+of message can never be presented as another. The exact signed bytes travel (base64 in the
+envelope); nothing is re-serialised before it is checked.
+
+``open_envelope`` is the only way to get a message out of an envelope, and it does the checks
+in this order: strict JSON of the envelope, a signature by a key from the caller's keyring
+over PAE(type, payload), then the payload type, then strict JSON and the pydantic model of the
+payload. Code elsewhere receives a ``Verified`` message or an ``EnvelopeError``; it never sees
+unverified data.
+
+Keys are Ed25519; a key id is the sha256 of the raw 32-byte public key, in hex.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Mapping, TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import ValidationError
+
+from datetime import datetime
+
+from .wire import Directive, Enrollment, SignedMessage
+
+MAX_ENVELOPE_BYTES = 1 << 20
+
+M = TypeVar("M", bound=SignedMessage)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class EnvelopeError(Exception):
+    """Base: an envelope was refused. The message says why and what to do."""
+
+
+class MalformedEnvelope(EnvelopeError):
+    """Raised when the bytes are not a well-formed envelope or payload (bad JSON, duplicate
+    keys, bad base64, a payload that does not fit its model)."""
+
+
+class UnknownKey(EnvelopeError):
+    """Raised when no signature is by a key the verifier trusts."""
+
+
+class BadSignature(EnvelopeError):
+    """Raised when a signature by a trusted key does not verify: the envelope was altered."""
+
+
+class WrongPayloadType(EnvelopeError):
+    """Raised when a correctly signed envelope carries another kind of message than expected."""
+
+
+# --------------------------------------------------------------------------- strict JSON
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise MalformedEnvelope(
+                f"duplicate JSON key {key!r}: a signed document must have one meaning; "
+                "the sender must emit each key once")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise MalformedEnvelope(f"JSON constant {name} is not allowed")
+
+
+def strict_json_loads(data: bytes | str) -> Any:
+    """Parse JSON, refusing duplicate keys and NaN/Infinity (which parsers disagree on)."""
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except MalformedEnvelope:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedEnvelope(f"not valid JSON: {exc}") from None
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(public_raw(public_key)).hexdigest()
+
+
+def public_raw(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_b64(public_key: Ed25519PublicKey) -> str:
+    return base64.b64encode(public_raw(public_key)).decode()
+
+
+def public_from_b64(text: str) -> Ed25519PublicKey:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error:
+        raise ValueError("public key is not valid base64: copy the whole .pub file") from None
+    if len(raw) != 32:
+        raise ValueError(f"public key is {len(raw)} bytes, expected 32 (a raw Ed25519 key)")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> "SigningKey":
+        return cls(Ed25519PrivateKey.generate())
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public)
+
+    def save(self, path: Path) -> None:
+        """Write the private key (PEM, mode 0600) and ``<path>.pub`` (raw base64)."""
+        pem = self.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        atomic_write(path, pem, mode=0o600)
+        atomic_write(Path(str(path) + ".pub"), (public_b64(self.public) + "\n").encode(), mode=0o644)
+
+    @classmethod
+    def load(cls, path: Path) -> "SigningKey":
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no key at {path}: create one with `recovery-agent keygen {path}` "
+                "or `recovery-server init`") from None
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key")
+        return cls(key)
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        return public_from_b64(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no public key at {path}: copy the signer's .pub file there") from None
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a file so a crash leaves either the old or the new content, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# --------------------------------------------------------------------------- envelopes
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise MalformedEnvelope(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise MalformedEnvelope(f"{what} is not valid base64") from None
+
+
+def seal(message: SignedMessage, key: SigningKey) -> dict[str, Any]:
+    """Serialise ``message`` and sign it; returns the envelope as a JSON-ready dict."""
+    payload = canonical_json(message.model_dump(mode="json"))
+    sig = key.private.sign(pae(message.PAYLOAD_TYPE, payload))
+    return {
+        "payload": _b64(payload),
+        "payloadType": message.PAYLOAD_TYPE,
+        "signatures": [{"keyid": key.key_id, "sig": _b64(sig)}],
+    }
+
+
+def seal_bytes(message: SignedMessage, key: SigningKey) -> bytes:
+    return canonical_json(seal(message, key))
+
+
+@dataclass(frozen=True)
+class Verified(Generic[M]):
+    """A message that passed every check, with the facts the checks established."""
+
+    message: M
+    key_id: str
+    payload: bytes
+
+    @property
+    def payload_sha256(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
+
+
+def open_envelope(raw: bytes | str | Mapping[str, Any], model: type[M],
+                  keyring: Mapping[str, Ed25519PublicKey]) -> Verified[M]:
+    """Verify ``raw`` against ``keyring`` and return the typed message, or raise EnvelopeError.
+
+    ``keyring`` maps key ids to the public keys trusted *for this message*: the device's own
+    key for its diagnostics, the pinned server key for a directive.
+    """
+    if isinstance(raw, Mapping):
+        env = dict(raw)  # already parsed by a strict parser upstream (e.g. a poll answer)
+    else:
+        if len(raw) > MAX_ENVELOPE_BYTES:
+            raise MalformedEnvelope(f"envelope is {len(raw)} bytes, over the {MAX_ENVELOPE_BYTES} limit")
+        env = strict_json_loads(raw)
+    if not isinstance(env, dict) or set(env) != {"payload", "payloadType", "signatures"}:
+        raise MalformedEnvelope(
+            "not a signed envelope: expected exactly the keys payload, payloadType, signatures")
+    payload_type = env["payloadType"]
+    if not isinstance(payload_type, str):
+        raise MalformedEnvelope("payloadType must be a string")
+    payload = _unb64(env["payload"], "payload")
+    sigs = env["signatures"]
+    if not isinstance(sigs, list) or not sigs or len(sigs) > 8:
+        raise MalformedEnvelope("signatures must be a list of 1 to 8 entries")
+
+    signed_by: str | None = None
+    for entry in sigs:
+        if not isinstance(entry, dict) or set(entry) - {"keyid", "sig"} or "sig" not in entry:
+            raise MalformedEnvelope("each signature must be {keyid, sig}")
+        kid = entry.get("keyid")
+        if kid not in keyring:
+            continue
+        sig = _unb64(entry["sig"], "signature")
+        try:
+            keyring[kid].verify(sig, pae(payload_type, payload))
+        except InvalidSignature:
+            raise BadSignature(
+                f"signature by key {kid[:16]}… does not verify: the envelope was altered in "
+                "transit or signed with another key; nothing was applied") from None
+        signed_by = kid
+        break
+    if signed_by is None:
+        named = ", ".join(str(e.get("keyid", "?"))[:16] for e in sigs if isinstance(e, dict))
+        raise UnknownKey(
+            f"no signature by a trusted key (signed by: {named or 'nobody'}): enroll the device, "
+            "or pin the right server key in the agent's settings")
+
+    if payload_type != model.PAYLOAD_TYPE:
+        raise WrongPayloadType(
+            f"expected a {model.PAYLOAD_TYPE} envelope, got {payload_type}: one kind of signed "
+            "message cannot stand in for another")
+    obj = strict_json_loads(payload)
+    try:
+        message = model.model_validate(obj)
+    except ValidationError as exc:
+        raise MalformedEnvelope(f"{model.__name__} payload does not fit the protocol: {exc}") from None
+    return Verified(message=message, key_id=signed_by, payload=payload)
+
+
+# --------------------------------------------------------------------------- directives
+
+
+class DirectiveRejected(EnvelopeError):
+    """Raised when a correctly signed directive is not for this device, this report or now."""
+
+
+def open_directive(raw: bytes | str | Mapping[str, Any], keyring: Mapping[str, Ed25519PublicKey], *,
+                   device_id: str, agent_nonce: str, diagnostics_sha256: str,
+                   now: datetime) -> Verified[Directive]:
+    """Verify a directive and its binding: this device, the nonce this agent sent, the exact
+    diagnostics it answers, and not expired. Only then may the agent act on it."""
+    verified = open_envelope(raw, Directive, keyring)
+    d = verified.message
+    if d.device_id != device_id:
+        raise DirectiveRejected(
+            f"directive {d.directive_id} is for device {d.device_id!r}, not this device "
+            f"({device_id!r}): refused, nothing applied")
+    if d.agent_nonce != agent_nonce:
+        raise DirectiveRejected(
+            f"directive {d.directive_id} answers another request (nonce mismatch): a replayed "
+            "or misrouted directive; refused, nothing applied")
+    if d.diagnostics_sha256 != diagnostics_sha256:
+        raise DirectiveRejected(
+            f"directive {d.directive_id} answers other diagnostics than the ones this agent "
+            "sent: refused, nothing applied")
+    if now >= d.expires_at:
+        raise DirectiveRejected(
+            f"directive {d.directive_id} expired at {d.expires_at.isoformat()} (now "
+            f"{now.isoformat()}): ask the server for a fresh one; check the device clock")
+    if d.issued_at > d.expires_at:
+        raise DirectiveRejected(f"directive {d.directive_id} expires before it was issued")
+    return verified
+
+
+def open_enrollment(raw: bytes | str) -> Verified[Enrollment]:
+    """Verify an enrollment: self-signed, by the very key it enrolls (proof of possession).
+    Whether the enrollment token is valid is the server's decision, after this."""
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise MalformedEnvelope("enrollment envelope too large")
+    env = strict_json_loads(raw)
+    if not isinstance(env, dict):
+        raise MalformedEnvelope("not a signed envelope")
+    # Read the claimed key from the payload only to know which key must have signed it; the
+    # payload is trusted only after open_envelope has checked that signature.
+    try:
+        claimed = strict_json_loads(_unb64(env.get("payload"), "payload"))["public_key"]
+        pub = public_from_b64(claimed)
+    except (KeyError, TypeError, ValueError):
+        raise MalformedEnvelope("enrollment payload has no valid public_key") from None
+    return open_envelope(env, Enrollment, {key_id(pub): pub})
