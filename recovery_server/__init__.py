@@ -1,0 +1,1 @@
+"""Quick Machine Recovery server: incidents, approvals and signed directives for a fleet."""

@@ -1,0 +1,158 @@
+"""``recovery-admin``: the fleet admin's command line, over the server's admin API.
+
+The server URL comes from --server or RECOVERY_SERVER, the person's token from --token,
+--token-file or RECOVERY_TOKEN. Every command prints a readable table; --json prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from recovery_agent.client import RetryPolicy, ServerClient, ServerRefused, ServerUnreachable
+from recovery_agent.wire import PathRuleError, check_relative_path
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _actions_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    actions: list[dict[str, Any]] = []
+    try:
+        for spec in args.quarantine or []:
+            path, _, sha = spec.rpartition(":")
+            actions.append({"type": "quarantine_file", "path": check_relative_path(path), "sha256": sha})
+        for spec in args.restore or []:
+            parts = spec.split(":")
+            if len(parts) != 3:
+                raise SystemExit("--restore takes PATH:SOURCE:SHA256")
+            actions.append({"type": "restore_file", "path": check_relative_path(parts[0]),
+                            "source": check_relative_path(parts[1]), "sha256": parts[2]})
+    except PathRuleError as exc:
+        raise SystemExit(f"recovery-admin: {exc}") from None
+    for name in args.disable_driver or []:
+        actions.append({"type": "disable_driver", "name": name})
+    if args.actions_file:
+        actions.extend(json.loads(Path(args.actions_file).read_text()))
+    return actions
+
+
+async def _run(args: argparse.Namespace) -> Any:
+    token = args.token or (Path(args.token_file).read_text().strip() if args.token_file else None) \
+        or os.environ.get("RECOVERY_TOKEN")
+    retry = RetryPolicy(attempts=3, max_delay_s=10)
+    async with ServerClient(args.server, retry=retry) as c:
+        call = lambda method, path, body=None: c.admin(method, path, token or "", body)  # noqa: E731
+        cmd = args.cmd
+        if cmd == "whoami":
+            return await call("GET", "/whoami"), None
+        if cmd == "devices":
+            return await call("GET", "/devices"), ["device_id", "state", "recovery_attempts", "last_seen", "hostname"]
+        if cmd == "incidents":
+            if args.incident_id:
+                return await call("GET", f"/incidents/{args.incident_id}"), None
+            rows = await call("GET", "/incidents")
+            for r in rows:
+                r["devices"] = len(r["devices"])
+            return rows, ["incident_id", "kind", "report_count", "devices", "guilty_module", "title"]
+        if cmd == "suggest":
+            return await call("GET", f"/incidents/{args.incident_id}/suggestion"), None
+        if cmd == "remediation":
+            if args.rcmd == "list":
+                rows = await call("GET", "/remediations")
+                for r in rows:
+                    r["approvals"] = f"{len(r['approvals'])}/{r['required_approvals']}"
+                return rows, ["remediation_id", "status", "approvals", "author", "incident_id", "title"]
+            if args.rcmd == "create":
+                actions = _actions_from_args(args)
+                title = args.title
+                if args.suggested:
+                    s = await call("GET", f"/incidents/{args.incident}/suggestion")
+                    if not s["actions"]:
+                        raise SystemExit("recovery-admin: " + "; ".join(s["why"]))
+                    actions = s["actions"] + actions
+                    title = title or s["title"]
+                if not actions:
+                    raise SystemExit("recovery-admin: give at least one action (--quarantine, "
+                                     "--restore, --disable-driver, --actions-file or --suggested)")
+                return await call("POST", "/remediations", {
+                    "title": title or "remediation", "incident_id": args.incident,
+                    "actions": actions, "required_approvals": args.approvals}), None
+            if args.rcmd in ("approve", "revoke"):
+                return await call("POST", f"/remediations/{args.remediation_id}/{args.rcmd}"), None
+        if cmd == "user":
+            return await call("POST", "/users", {"name": args.name, "role": args.role}), None
+        if cmd == "enrollment-token":
+            return await call("POST", "/enrollment-tokens", {"label": args.label}), None
+        if cmd == "events":
+            q = f"?after={args.after}" + (f"&device={args.device}" if args.device else "")
+            return await call("GET", "/events" + q), ["seq", "at", "kind", "actor", "device_id", "subject", "detail"]
+    raise SystemExit(f"recovery-admin: unknown command {cmd}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="recovery-admin", description=__doc__.splitlines()[0])
+    p.add_argument("--server", default=os.environ.get("RECOVERY_SERVER", "http://127.0.0.1:8080"))
+    p.add_argument("--token", help="your admin token (or RECOVERY_TOKEN)")
+    p.add_argument("--token-file", help="read your admin token from this file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("whoami")
+    sub.add_parser("devices", help="list devices and their state")
+    i = sub.add_parser("incidents", help="list incidents, or show one")
+    i.add_argument("incident_id", nargs="?")
+    s = sub.add_parser("suggest", help="propose a fix for an incident from its reports")
+    s.add_argument("incident_id")
+    r = sub.add_parser("remediation", help="create, approve, revoke, list remediations")
+    rs = r.add_subparsers(dest="rcmd", required=True)
+    rs.add_parser("list")
+    c = rs.add_parser("create")
+    c.add_argument("--incident", required=True)
+    c.add_argument("--title")
+    c.add_argument("--quarantine", action="append", metavar="PATH:SHA256")
+    c.add_argument("--restore", action="append", metavar="PATH:SOURCE:SHA256")
+    c.add_argument("--disable-driver", action="append", metavar="MODULE")
+    c.add_argument("--actions-file", help="a JSON list of actions")
+    c.add_argument("--suggested", action="store_true", help="start from the server's suggestion")
+    c.add_argument("--approvals", type=int, default=1, help="approvers needed (not the author)")
+    for name in ("approve", "revoke"):
+        a = rs.add_parser(name)
+        a.add_argument("remediation_id")
+    u = sub.add_parser("user", help="add a user (admin only); prints their token once")
+    u.add_argument("name")
+    u.add_argument("--role", required=True, choices=["viewer", "operator", "approver", "admin"])
+    t = sub.add_parser("enrollment-token", help="make a fleet enrollment token (admin only)")
+    t.add_argument("--label", default="fleet")
+    e = sub.add_parser("events", help="the timeline")
+    e.add_argument("--device")
+    e.add_argument("--after", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        data, cols = asyncio.run(_run(args))
+    except ServerRefused as exc:
+        print(f"recovery-admin: {exc.message}", file=sys.stderr)
+        return 2
+    except ServerUnreachable as exc:
+        print(f"recovery-admin: {exc}", file=sys.stderr)
+        return 3
+    if args.json or cols is None:
+        print(json.dumps(data, indent=2))
+    else:
+        print(_table(data, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

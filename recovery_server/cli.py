@@ -1,0 +1,127 @@
+"""``recovery-server``: set up a data directory, add users offline, and serve.
+
+The data directory holds ``server.key`` (the directive signing key, 0600), ``server.key.pub``
+(pin this in every recovery environment) and ``recovery.db`` (SQLite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from recovery_agent.envelope import SigningKey
+
+from .app import make_app
+from .service import RecoveryService, ServiceError
+from .store import Store, StoreError
+
+DEFAULT_DATA = os.environ.get("RECOVERY_DATA", "recovery-data")
+
+
+def open_service(data: Path) -> RecoveryService:
+    key_path = data / "server.key"
+    if not key_path.exists():
+        raise SystemExit(f"recovery-server: no server key in {data}: run "
+                         f"`recovery-server init --data {data}` first")
+    return RecoveryService(store=Store(data / "recovery.db"), server_key=SigningKey.load(key_path))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    os.chmod(data, 0o700)
+    key_path = data / "server.key"
+    if key_path.exists():
+        print(f"server key exists in {data}; keeping it", file=sys.stderr)
+        key = SigningKey.load(key_path)
+    else:
+        key = SigningKey.generate()
+        key.save(key_path)
+    svc = RecoveryService(store=Store(data / "recovery.db"), server_key=key)
+    print(f"server key id: {key.key_id}")
+    print(f"pin this public key in recovery environments: {key_path}.pub")
+    if not svc.store.one("SELECT 1 FROM users WHERE role = 'admin'"):
+        token = svc.create_user(args.admin, "admin")
+        _emit_token(token, args.token_file, f"admin user {args.admin!r}")
+    return 0
+
+
+def _emit_token(token: str, token_file: str | None, what: str) -> None:
+    if token_file:
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        print(f"token for {what} written to {token_file}")
+    else:
+        print(f"token for {what} (shown once): {token}")
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    svc = open_service(Path(args.data))
+    token = svc.create_user(args.name, args.role, actor="recovery-server")
+    _emit_token(token, args.token_file, f"user {args.name!r} ({args.role})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    svc = open_service(Path(args.data))
+    app = make_app(svc)
+
+    async def run() -> None:
+        runner = web.AppRunner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
+        print(f"recovery-server listening on http://{args.host}:{port}", flush=True)
+        if args.port_file:
+            Path(args.port_file).write_text(f"{port}\n")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        svc.store.close()
+
+    asyncio.run(run())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="recovery-server", description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=DEFAULT_DATA, help="data directory (env RECOVERY_DATA)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("init", help="create the server key, the database and the first admin")
+    i.add_argument("--admin", default="admin", help="name of the first admin user")
+    i.add_argument("--token-file", help="write the admin token here (0600) instead of printing it")
+    i.set_defaults(fn=cmd_init)
+    u = sub.add_parser("user-add", help="add a user directly in the database (offline)")
+    u.add_argument("name")
+    u.add_argument("--role", required=True, choices=["viewer", "operator", "approver", "admin"])
+    u.add_argument("--token-file")
+    u.set_defaults(fn=cmd_user_add)
+    s = sub.add_parser("serve", help="serve the device and admin APIs")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    s.add_argument("--port-file", help="write the port here once listening")
+    s.add_argument("--quiet", action="store_true", help="no access log")
+    s.set_defaults(fn=cmd_serve)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ServiceError, StoreError) as exc:
+        print(f"recovery-server: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""What the recovery server does, without HTTP: the rules of the device and admin APIs.
+
+Device side: a device enrolls its key with a fleet enrollment token; asks for a challenge;
+sends diagnostics signed by its key and carrying that challenge (each nonce works once);
+the report joins the incident of its crash signature; the device then polls for a directive.
+A directive is made only from a remediation that people other than its author approved, for
+the incident of that very report, and only if the files it names are on that device with the
+reported content. It is signed by the server key and bound to the device, the agent's nonce,
+the hash of the diagnostics and an expiry. The device reports the result, and the OS reports
+its next healthy boot.
+
+Admin side: users with roles (viewer < operator < approver < admin) and per-person tokens;
+operators write remediations (declarative actions only); approvers approve; the author never
+counts as an approver.
+
+Every change is one store transaction and leaves an event for the timeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterator, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import TypeAdapter, ValidationError
+
+from recovery_agent import envelope
+from recovery_agent.envelope import EnvelopeError, SigningKey
+from recovery_agent.wire import (Action, Challenge, Diagnostics, DiagnosticsReceipt, Directive,
+                                 DirectivePoll, Health, QuarantineFile, Result)
+
+from .store import Store
+
+ROLES = ("viewer", "operator", "approver", "admin")
+_ACTIONS = TypeAdapter(list[Action])
+
+
+class ServiceError(Exception):
+    """A refused request. ``status`` is the HTTP status; the message names the fix."""
+
+    status = 400
+    code = "bad_request"
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+
+    def can(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+class _DeviceKeyring(Mapping[str, Ed25519PublicKey]):
+    """The enrolled device keys, looked up by key id as the envelope names them."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getitem__(self, kid: str) -> Ed25519PublicKey:
+        row = self._store.one("SELECT public_key FROM devices WHERE key_id = ?", kid)
+        if row is None:
+            raise KeyError(kid)
+        return envelope.public_from_b64(row["public_key"])
+
+    def __contains__(self, kid: object) -> bool:
+        return isinstance(kid, str) and self._store.one(
+            "SELECT 1 FROM devices WHERE key_id = ?", kid) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(r["key_id"] for r in self._store.all("SELECT key_id FROM devices"))
+
+    def __len__(self) -> int:
+        return self._store.one("SELECT count(*) FROM devices")[0]
+
+
+@dataclass
+class ServiceSettings:
+    nonce_ttl: timedelta = timedelta(minutes=10)
+    directive_ttl: timedelta = timedelta(hours=1)
+
+
+@dataclass
+class RecoveryService:
+    store: Store
+    server_key: SigningKey
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    on_change: Callable[[], None] = lambda: None
+
+    def __post_init__(self) -> None:
+        self._keyring = _DeviceKeyring(self.store)
+
+    def now(self) -> datetime:
+        return self.clock().replace(microsecond=0)
+
+    # ------------------------------------------------------------------ users and tokens
+
+    def create_user(self, name: str, role: str, actor: str = "setup") -> str:
+        if role not in ROLES:
+            raise BadRequest(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise BadRequest("user name must be 1 to 64 letters, digits, '.', '-' or '_'")
+        token = "qmr_" + secrets.token_urlsafe(32)
+        with self.store.tx() as tx:
+            if tx.one("SELECT 1 FROM users WHERE name = ?", name):
+                raise Conflict(f"user {name!r} exists already")
+            tx.execute("INSERT INTO users VALUES (?,?,?,?)", name, role, _sha(token), iso(self.now()))
+            tx.event(iso(self.now()), "user.created", actor, subject=name, detail={"role": role})
+        return token
+
+    def authenticate(self, token: str | None) -> User:
+        if not token:
+            raise Unauthorized("no admin token: pass --token or set RECOVERY_TOKEN")
+        row = self.store.one("SELECT name, role FROM users WHERE token_sha256 = ?", _sha(token))
+        if row is None:
+            raise Unauthorized("admin token not recognised: ask an admin for a token "
+                               "(recovery-admin user add)")
+        return User(row["name"], row["role"])
+
+    @staticmethod
+    def require(user: User, role: str) -> None:
+        if not user.can(role):
+            raise Forbidden(f"{user.name} is {user.role}; this needs the {role} role or higher")
+
+    def create_enrollment_token(self, user: User, label: str = "fleet",
+                                valid_for: timedelta | None = None) -> str:
+        self.require(user, "admin")
+        token = "enr_" + secrets.token_urlsafe(24)
+        expires = iso(self.now() + valid_for) if valid_for else None
+        with self.store.tx() as tx:
+            tx.execute("INSERT INTO enrollment_tokens VALUES (?,?,?,?,?)",
+                       _sha(token), label, user.name, iso(self.now()), expires)
+            tx.event(iso(self.now()), "enrollment_token.created", user.name, subject=label)
+        return token
+
+    # ------------------------------------------------------------------ device API
+
+    def enroll(self, raw: bytes) -> dict[str, Any]:
+        try:
+            verified = envelope.open_enrollment(raw)
+        except EnvelopeError as exc:
+            raise BadRequest(str(exc)) from None
+        e = verified.message
+        now = self.now()
+        with self.store.tx() as tx:
+            tok = tx.one("SELECT * FROM enrollment_tokens WHERE token_sha256 = ?", _sha(e.enrollment_token))
+            if tok is None or (tok["expires_at"] and parse_iso(tok["expires_at"]) <= now):
+                raise Unauthorized("enrollment token not valid or expired: get one from an admin "
+                                   "(recovery-admin enrollment-token)")
+            existing = tx.one("SELECT * FROM devices WHERE device_id = ?", e.device_id)
+            if existing is not None:
+                if existing["key_id"] == verified.key_id:
+                    return {"device_id": e.device_id, "key_id": verified.key_id, "status": "already_enrolled"}
+                raise Conflict(f"device {e.device_id} is enrolled with another key: an admin must "
+                               "remove it first (recovery-admin device remove)")
+            if tx.one("SELECT 1 FROM devices WHERE key_id = ?", verified.key_id):
+                raise Conflict("this key is enrolled for another device: make a key per device")
+            tx.execute("INSERT INTO devices(device_id, public_key, key_id, hostname, enrolled_at) "
+                       "VALUES (?,?,?,?,?)", e.device_id, e.public_key, verified.key_id,
+                       e.hostname, iso(now))
+            tx.event(iso(now), "device.enrolled", e.device_id, e.device_id, detail={"key_id": verified.key_id})
+        return {"device_id": e.device_id, "key_id": verified.key_id, "status": "enrolled"}
+
+    def challenge(self, device_id: str) -> Challenge:
+        now = self.now()
+        nonce = secrets.token_urlsafe(24)
+        expires = now + self.settings.nonce_ttl
+        with self.store.tx() as tx:
+            if tx.one("SELECT 1 FROM devices WHERE device_id = ?", device_id) is None:
+                raise NotFound(f"device {device_id!r} is not enrolled: enroll it while it is healthy "
+                               "(recovery-agent enroll)")
+            tx.execute("DELETE FROM nonces WHERE expires_at < ? AND used_at IS NULL", iso(now))
+            tx.execute("INSERT INTO nonces VALUES (?,?,?,?,NULL)", nonce, device_id, iso(now), iso(expires))
+        return Challenge(nonce=nonce, expires_at=expires)
+
+    def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
+        try:
+            verified = envelope.open_envelope(raw, Diagnostics, self._keyring)
+        except EnvelopeError as exc:
+            raise (Unauthorized if isinstance(exc, envelope.UnknownKey) else BadRequest)(str(exc)) from None
+        d = verified.message
+        now = self.now()
+        poll_token = secrets.token_urlsafe(24)
+        with self.store.tx() as tx:
+            dev = tx.one("SELECT * FROM devices WHERE key_id = ?", verified.key_id)
+            if dev["device_id"] != d.device_id:
+                raise Unauthorized(f"diagnostics name device {d.device_id!r} but are signed by the "
+                                   f"key of {dev['device_id']!r}")
+            n = tx.one("SELECT * FROM nonces WHERE nonce = ?", d.server_nonce)
+            if n is None or n["device_id"] != d.device_id:
+                raise Unauthorized("unknown challenge nonce: ask for a fresh one (POST /v1/challenge)")
+            if n["used_at"] is not None:
+                raise Conflict("challenge nonce already used: a replayed report was refused")
+            if parse_iso(n["expires_at"]) <= now:
+                raise Unauthorized("challenge nonce expired: ask for a fresh one")
+            tx.execute("UPDATE nonces SET used_at = ? WHERE nonce = ?", iso(now), d.server_nonce)
+
+            sig = d.crash
+            incident_id = "INC-" + sig.id[:12]
+            if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
+                tx.execute("INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,0)", incident_id, sig.id,
+                           sig.kind.value, sig.title, sig.guilty_module, sig.guilty_frame,
+                           sig.channel_file, iso(now), iso(now))
+                tx.event(iso(now), "incident.opened", d.device_id, d.device_id, incident_id,
+                         {"title": sig.title})
+            tx.execute("UPDATE incidents SET last_seen = ?, report_count = report_count + 1 "
+                       "WHERE incident_id = ?", iso(now), incident_id)
+            report_id = _new_id("rpt")
+            tx.execute("INSERT INTO reports VALUES (?,?,?,?,?,?,?,?,?)", report_id, d.device_id,
+                       incident_id, verified.payload_sha256, d.agent_nonce, _sha(poll_token), iso(now),
+                       verified.payload.decode(), raw.decode())
+            # The agent's last attempt: unless a fix lands now, a person must recover it.
+            state = ("needs_manual" if d.boot.recovery_attempts >= d.boot.max_recovery_attempts
+                     else "recovering")
+            tx.execute("UPDATE devices SET last_seen = ?, state = ?, recovery_attempts = ? "
+                       "WHERE device_id = ?", iso(now), state, d.boot.recovery_attempts, d.device_id)
+            tx.event(iso(now), "diagnostics.received", d.device_id, d.device_id, report_id,
+                     {"incident": incident_id, "title": sig.title, "boot_count": d.boot.boot_count,
+                      "recovery_attempts": d.boot.recovery_attempts})
+            if state == "needs_manual":
+                tx.event(iso(now), "device.needs_manual", d.device_id, d.device_id, report_id,
+                         {"recovery_attempts": d.boot.recovery_attempts})
+        return DiagnosticsReceipt(report_id=report_id, incident_id=incident_id,
+                                  diagnostics_sha256=verified.payload_sha256, poll_token=poll_token)
+
+    def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
+        """One look for a directive for this report; the HTTP layer repeats it (long poll)."""
+        report = self.store.one("SELECT * FROM reports WHERE report_id = ?", report_id)
+        if report is None or not secrets.compare_digest(report["poll_token_sha256"], _sha(poll_token)):
+            raise NotFound("no such report, or wrong poll token")
+        existing = self.store.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
+        if existing:
+            return DirectivePoll(status="directive", envelope=json.loads(existing["envelope"]))
+        rem = self._approved_remediation(report["incident_id"])
+        if rem is None:
+            return DirectivePoll(status="pending", retry_after_s=1)
+        diagnostics = Diagnostics.model_validate_json(report["payload"])
+        actions = _ACTIONS.validate_json(rem["actions"])
+        missing = _not_on_device(actions, diagnostics)
+        if missing:
+            return DirectivePoll(status="none")
+        return self._issue(report, rem, actions)
+
+    def _approved_remediation(self, incident_id: str):
+        return self.store.one(
+            "SELECT * FROM remediations WHERE incident_id = ? AND status = 'approved' "
+            "ORDER BY created_at DESC LIMIT 1", incident_id)
+
+    def _issue(self, report, rem, actions: list) -> DirectivePoll:
+        now = self.now()
+        directive = Directive(
+            directive_id=_new_id("dir"), device_id=report["device_id"],
+            agent_nonce=report["agent_nonce"], diagnostics_sha256=report["diagnostics_sha256"],
+            remediation_id=rem["remediation_id"], remediation_title=rem["title"],
+            issued_at=now, expires_at=now + self.settings.directive_ttl, actions=actions)
+        env = envelope.seal(directive, self.server_key)
+        with self.store.tx() as tx:
+            again = tx.one("SELECT envelope FROM directives WHERE report_id = ?", report["report_id"])
+            if again:  # another poller won the race; serve theirs
+                return DirectivePoll(status="directive", envelope=json.loads(again["envelope"]))
+            tx.execute("INSERT INTO directives VALUES (?,?,?,?,?,?,?)", directive.directive_id,
+                       directive.device_id, report["report_id"], rem["remediation_id"], iso(now),
+                       iso(directive.expires_at), json.dumps(env))
+            tx.event(iso(now), "directive.issued", "server", directive.device_id,
+                     directive.directive_id, {"remediation": rem["remediation_id"],
+                                              "report": report["report_id"]})
+        return DirectivePoll(status="directive", envelope=env)
+
+    def accept_result(self, raw: bytes) -> dict[str, Any]:
+        r = self._open_device_message(raw, Result)
+        now = self.now()
+        with self.store.tx() as tx:
+            d = tx.one("SELECT * FROM directives WHERE directive_id = ?", r.directive_id)
+            if d is None or d["device_id"] != r.device_id:
+                raise NotFound(f"no directive {r.directive_id} for device {r.device_id}")
+            if tx.one("SELECT 1 FROM results WHERE directive_id = ?", r.directive_id):
+                return {"status": "duplicate"}
+            tx.execute("INSERT INTO results VALUES (?,?,?,?,?)", r.directive_id, r.device_id,
+                       r.outcome, iso(now), r.model_dump_json())
+            state = "remediated" if r.outcome == "applied" else "remediation_failed"
+            tx.execute("UPDATE devices SET last_seen = ?, state = ? WHERE device_id = ?",
+                       iso(now), state, r.device_id)
+            tx.event(iso(now), "result.received", r.device_id, r.device_id, r.directive_id,
+                     {"outcome": r.outcome, "error": r.error,
+                      "actions": [a.status for a in r.actions]})
+        return {"status": "recorded"}
+
+    def accept_health(self, raw: bytes) -> dict[str, Any]:
+        h = self._open_device_message(raw, Health)
+        now = self.now()
+        with self.store.tx() as tx:
+            if tx.one("SELECT 1 FROM health WHERE device_id = ? AND boot_id = ?", h.device_id, h.boot_id):
+                return {"status": "duplicate"}
+            tx.execute("INSERT INTO health VALUES (?,?,?,?)", h.device_id, h.boot_id, h.directive_id, iso(now))
+            tx.execute("UPDATE devices SET last_seen = ?, state = 'healthy', recovery_attempts = 0 "
+                       "WHERE device_id = ?", iso(now), h.device_id)
+            tx.event(iso(now), "health.reported", h.device_id, h.device_id, h.directive_id,
+                     {"boot_id": h.boot_id, "kernel": h.kernel_version})
+        return {"status": "recorded"}
+
+    def _open_device_message(self, raw: bytes, model):
+        try:
+            verified = envelope.open_envelope(raw, model, self._keyring)
+        except EnvelopeError as exc:
+            raise (Unauthorized if isinstance(exc, envelope.UnknownKey) else BadRequest)(str(exc)) from None
+        dev = self.store.one("SELECT device_id FROM devices WHERE key_id = ?", verified.key_id)
+        if dev["device_id"] != verified.message.device_id:
+            raise Unauthorized("message names another device than the key that signed it")
+        return verified.message
+
+    # ------------------------------------------------------------------ remediations
+
+    def create_remediation(self, user: User, *, title: str, actions: list[dict] | list,
+                           incident_id: str | None, required_approvals: int = 1) -> dict[str, Any]:
+        self.require(user, "operator")
+        try:
+            parsed = _ACTIONS.validate_python(actions)
+        except ValidationError as exc:
+            raise BadRequest(f"actions do not fit the protocol: {exc}") from None
+        if not parsed:
+            raise BadRequest("a remediation needs at least one action")
+        if not 1 <= required_approvals <= 16:
+            raise BadRequest("required_approvals must be 1 to 16")
+        if not title or len(title) > 256:
+            raise BadRequest("title must be 1 to 256 characters")
+        now = self.now()
+        rid = _new_id("rem")
+        with self.store.tx() as tx:
+            if incident_id and tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
+                raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
+            tx.execute("INSERT INTO remediations VALUES (?,?,?,?,?,?,'pending',?)", rid, incident_id,
+                       title, _ACTIONS.dump_json(parsed).decode(), user.name, required_approvals, iso(now))
+            tx.event(iso(now), "remediation.created", user.name, subject=rid,
+                     detail={"incident": incident_id, "title": title})
+        return self.remediation(rid)
+
+    def suggest_actions(self, user: User, incident_id: str) -> dict[str, Any]:
+        """Propose a fix from what the incident's reports say (a person still reviews and
+        approves it): quarantine the channel file the crashing driver was reading, by the
+        content its devices reported, never by name alone."""
+        self.require(user, "viewer")
+        inc = self.store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
+        if inc is None:
+            raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
+        actions: list[dict[str, Any]] = []
+        why: list[str] = []
+        if inc["channel_file"]:
+            hashes: dict[str, set[str]] = {}
+            for r in self.store.all("SELECT payload FROM reports WHERE incident_id = ?", incident_id):
+                for f in Diagnostics.model_validate_json(r["payload"]).channel_files:
+                    if f.path == inc["channel_file"]:
+                        hashes.setdefault(f.sha256, set()).add(f.path)
+            for sha in sorted(hashes):
+                actions.append({"type": "quarantine_file", "path": inc["channel_file"], "sha256": sha})
+            why.append(f"the {inc['guilty_module'] or 'driver'} crashed while loading "
+                       f"{inc['channel_file']} ({len(hashes)} distinct content(s) reported)")
+        if not actions:
+            why.append("no known fix for this crash: write the actions by hand")
+        return {"incident_id": incident_id, "title": f"Quarantine the file behind {inc['title']}"
+                if actions else "", "actions": actions, "why": why}
+
+    def approve(self, user: User, remediation_id: str) -> dict[str, Any]:
+        self.require(user, "approver")
+        now = self.now()
+        with self.store.tx() as tx:
+            rem = tx.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
+            if rem is None:
+                raise NotFound(f"no remediation {remediation_id}")
+            if rem["status"] == "revoked":
+                raise Conflict(f"{remediation_id} was revoked; write a new one")
+            if rem["author"] == user.name:
+                raise Forbidden(f"{user.name} wrote {remediation_id} and cannot approve it: "
+                                "another approver must")
+            if tx.one("SELECT 1 FROM approvals WHERE remediation_id = ? AND approver = ?",
+                      remediation_id, user.name):
+                raise Conflict(f"{user.name} already approved {remediation_id}")
+            tx.execute("INSERT INTO approvals VALUES (?,?,?)", remediation_id, user.name, iso(now))
+            count = tx.one("SELECT count(*) FROM approvals WHERE remediation_id = ?", remediation_id)[0]
+            tx.event(iso(now), "remediation.approval", user.name, subject=remediation_id,
+                     detail={"approvals": count, "required": rem["required_approvals"]})
+            if count >= rem["required_approvals"] and rem["status"] == "pending":
+                tx.execute("UPDATE remediations SET status = 'approved' WHERE remediation_id = ?",
+                           remediation_id)
+                tx.event(iso(now), "remediation.approved", user.name, subject=remediation_id)
+        self.on_change()
+        return self.remediation(remediation_id)
+
+    def revoke(self, user: User, remediation_id: str) -> dict[str, Any]:
+        self.require(user, "approver")
+        with self.store.tx() as tx:
+            if tx.one("SELECT 1 FROM remediations WHERE remediation_id = ?", remediation_id) is None:
+                raise NotFound(f"no remediation {remediation_id}")
+            tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?", remediation_id)
+            tx.event(iso(self.now()), "remediation.revoked", user.name, subject=remediation_id)
+        return self.remediation(remediation_id)
+
+    def remediation(self, remediation_id: str) -> dict[str, Any]:
+        rem = self.store.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
+        if rem is None:
+            raise NotFound(f"no remediation {remediation_id}")
+        out = dict(rem)
+        out["actions"] = json.loads(rem["actions"])
+        out["approvals"] = [dict(a) for a in self.store.all(
+            "SELECT approver, approved_at FROM approvals WHERE remediation_id = ? ORDER BY approved_at",
+            remediation_id)]
+        return out
+
+    def remediations(self) -> list[dict[str, Any]]:
+        return [self.remediation(r["remediation_id"]) for r in
+                self.store.all("SELECT remediation_id FROM remediations ORDER BY created_at")]
+
+    # ------------------------------------------------------------------ views
+
+    def devices(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.all(
+            "SELECT device_id, hostname, key_id, enrolled_at, last_seen, state, recovery_attempts "
+            "FROM devices ORDER BY device_id")]
+
+    def incidents(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.store.all("SELECT * FROM incidents ORDER BY last_seen DESC"):
+            item = dict(r)
+            item["devices"] = [d["device_id"] for d in self.store.all(
+                "SELECT DISTINCT device_id FROM reports WHERE incident_id = ? ORDER BY device_id",
+                r["incident_id"])]
+            out.append(item)
+        return out
+
+    def incident(self, incident_id: str) -> dict[str, Any]:
+        for item in self.incidents():
+            if item["incident_id"] == incident_id:
+                reports = self.store.all(
+                    "SELECT report_id, device_id, received_at, payload FROM reports "
+                    "WHERE incident_id = ? ORDER BY received_at", incident_id)
+                item["reports"] = [{"report_id": r["report_id"], "device_id": r["device_id"],
+                                    "received_at": r["received_at"],
+                                    "diagnostics": json.loads(r["payload"])} for r in reports]
+                return item
+        raise NotFound(f"no incident {incident_id}")
+
+    def events(self, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+        if device_id:
+            rows = self.store.all("SELECT * FROM events WHERE device_id = ? AND seq > ? ORDER BY seq",
+                                  device_id, after)
+        else:
+            rows = self.store.all("SELECT * FROM events WHERE seq > ? ORDER BY seq", after)
+        return [dict(r) for r in rows]
+
+    def device_results(self, device_id: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.all(
+            "SELECT directive_id, outcome, received_at FROM results WHERE device_id = ? "
+            "ORDER BY received_at", device_id)]
+
+
+def _not_on_device(actions: list, diagnostics: Diagnostics) -> list[str]:
+    """Quarantine targets that the device's inventory shows with other content, or not at all
+    in a folder it inventoried: the fix is not for this device (it may have the good file)."""
+    records = (*diagnostics.channel_files, *diagnostics.drivers)
+    have = {(f.path, f.sha256) for f in records}
+    folders = {f.path.rpartition("/")[0] for f in records}
+    return [a.path for a in actions if isinstance(a, QuarantineFile)
+            and a.path.rpartition("/")[0] in folders and (a.path, a.sha256) not in have]

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real recovery server (aiohttp on 127.0.0.1, SQLite in tmp), people with
+their tokens, and machine directories laid out like a broken machine's disks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from recovery_agent.client import RetryPolicy, ServerClient
+from recovery_agent.envelope import SigningKey, public_b64, seal_bytes
+from recovery_agent.settings import AgentSettings
+from recovery_agent.wire import Enrollment, utcnow
+from recovery_lab.demo import make_machine_dir
+from recovery_server.app import make_app
+from recovery_server.service import RecoveryService, ServiceSettings, User
+from recovery_server.store import Store
+
+FAST_RETRY = RetryPolicy(attempts=2, max_delay_s=2, backoff_max_s=0.1, backoff_multiplier_s=0.01)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """path -> (type, sha256 or link target, mode); symlinks are not followed."""
+    tree: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(st.st_mode):
+                tree[rel] = ("symlink", os.readlink(path), None)
+            elif stat.S_ISDIR(st.st_mode):
+                tree[rel] = ("dir", None, stat.S_IMODE(st.st_mode))
+            else:
+                tree[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), stat.S_IMODE(st.st_mode))
+    return tree
+
+
+@dataclass
+class Fleet:
+    """A running recovery server and the people who administer it."""
+
+    data: Path
+    key: SigningKey
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+    port: int = 0
+
+    async def start(self) -> None:
+        self.store = Store(self.data / "recovery.db")
+        self.service = RecoveryService(store=self.store, server_key=self.key, settings=self.settings)
+        self.server = TestServer(make_app(self.service), host="127.0.0.1", port=self.port or None)
+        await self.server.start_server()
+        self.port = self.server.port
+        if not self.store.one("SELECT 1 FROM users"):
+            self.service.create_user("admin", "admin")
+            self.service.create_user("alice", "approver")
+            self.service.create_user("bob", "approver")
+            self.service.create_user("victor", "viewer")
+            self.service.create_user("oscar", "operator")
+            self.enrollment_token = self.service.create_enrollment_token(self.user("admin"))
+
+    async def stop(self) -> None:
+        await self.server.close()
+        self.store.close()
+
+    async def restart(self) -> None:
+        """Stop the process's state entirely and start again on the same files and port."""
+        await self.stop()
+        await self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def user(self, name: str) -> User:
+        row = self.store.one("SELECT name, role FROM users WHERE name = ?", name)
+        return User(row["name"], row["role"])
+
+    def count(self, table: str) -> int:
+        return self.store.one(f"SELECT count(*) FROM {table}")[0]
+
+    async def enroll(self, device_id: str, key: SigningKey) -> dict:
+        msg = Enrollment(device_id=device_id, public_key=public_b64(key.public),
+                         enrollment_token=self.enrollment_token, created_at=utcnow())
+        async with ServerClient(self.url, retry=FAST_RETRY) as c:
+            return await c.enroll(seal_bytes(msg, key))
+
+    def approve_suggested(self, incident_id: str, author: str = "alice", approver: str = "bob") -> str:
+        s = self.service.suggest_actions(self.user(author), incident_id)
+        rem = self.service.create_remediation(self.user(author), title=s["title"], actions=s["actions"],
+                                              incident_id=incident_id)
+        self.service.approve(self.user(approver), rem["remediation_id"])
+        return rem["remediation_id"]
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path):
+    f = Fleet(data=tmp_path / "server", key=SigningKey.generate())
+    await f.start()
+    yield f
+    await f.stop()
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Path:
+    return make_machine_dir(tmp_path / "machine")
+
+
+async def enrolled_settings(fleet: Fleet, machine: Path, device_id: str = "dev-0001",
+                            **overrides) -> AgentSettings:
+    """Write agent.json for ``machine`` (fast lab timing), make and enroll its device key."""
+    key = SigningKey.generate()
+    (machine / "recovery").mkdir(exist_ok=True)
+    key.save(machine / "recovery/device.key")
+    await fleet.enroll(device_id, key)
+    settings = {
+        "device_id": device_id, "server_url": fleet.url,
+        "server_public_key": public_b64(fleet.key.public), "device_key": "device.key",
+        "os_root": "../os", "grubenv": "../esp/grub/grubenv", "pstore_dir": "../pstore",
+        "seconds_per_minute": 0.05, "retry_interval_min": 2, "time_to_reboot_min": 60,
+        "long_poll_s": 1,
+    }
+    settings.update(overrides)
+    path = machine / "recovery/agent.json"
+    path.write_text(json.dumps(settings))
+    return AgentSettings.load(path)

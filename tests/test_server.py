@@ -1,0 +1,252 @@
+"""The recovery server over real HTTP: enrollment, challenges, diagnostics, approval rules,
+and what survives a restart. Each refusal must leave the store unchanged."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import aiohttp
+import pytest
+
+from recovery_agent.client import ServerClient, ServerRefused
+from recovery_agent.envelope import SigningKey, open_directive, seal, seal_bytes
+from recovery_agent.wire import (BootState, CrashKind, CrashSignature, Diagnostics, FileRecord,
+                                 SystemInfo, utcnow)
+from recovery_server.service import BadRequest, Conflict, Forbidden
+
+from .conftest import FAST_RETRY
+
+BAD_PATH = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
+BAD_SHA = "b" * 64
+
+
+def crash() -> CrashSignature:
+    return CrashSignature(kind=CrashKind.KERNEL_PANIC, title="general protection fault in sensor_parse_channel",
+                          guilty_module="sensor", channel_file=BAD_PATH)
+
+
+async def report(fleet, device: str, key: SigningKey, *, sha: str = BAD_SHA, nonce: str | None = None):
+    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+        ch = await c.challenge(device)
+        d = Diagnostics(device_id=device, server_nonce=nonce or ch.nonce, agent_nonce="a" * 32,
+                        created_at=utcnow(), agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
+                        crash=crash(), system=SystemInfo(),
+                        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=sha)])
+        raw = seal_bytes(d, key)
+        return raw, await c.send_diagnostics(raw)
+
+
+async def poll(fleet, receipt, wait: float = 0):
+    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+        return await c.poll_directive(receipt, wait_s=wait)
+
+
+@pytest.fixture
+async def device(fleet):
+    key = SigningKey.generate()
+    await fleet.enroll("dev-1", key)
+    return key
+
+
+async def test_enrollment_needs_a_valid_token(fleet):
+    from recovery_agent.envelope import public_b64
+    from recovery_agent.wire import Enrollment
+    key = SigningKey.generate()
+    msg = Enrollment(device_id="dev-x", public_key=public_b64(key.public),
+                     enrollment_token="enr_not-a-real-token-at-all", created_at=utcnow())
+    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+        with pytest.raises(ServerRefused, match="enrollment token not valid") as e:
+            await c.enroll(seal_bytes(msg, key))
+    assert e.value.status == 401
+    assert fleet.count("devices") == 0
+
+
+async def test_enrollment_with_another_key_for_same_device_is_refused(fleet, device):
+    with pytest.raises(ServerRefused, match="enrolled with another key"):
+        await fleet.enroll("dev-1", SigningKey.generate())
+    assert (await fleet.enroll("dev-1", device))["status"] == "already_enrolled"
+
+
+async def test_enrollment_signed_by_another_key_than_it_names_is_refused(fleet):
+    from recovery_agent.envelope import public_b64
+    from recovery_agent.wire import Enrollment
+    named, signer = SigningKey.generate(), SigningKey.generate()
+    msg = Enrollment(device_id="dev-x", public_key=public_b64(named.public),
+                     enrollment_token=fleet.enrollment_token, created_at=utcnow())
+    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+        with pytest.raises(ServerRefused, match="no signature by a trusted key"):
+            await c.enroll(seal_bytes(msg, signer))
+    assert fleet.count("devices") == 0
+
+
+async def test_diagnostics_open_an_incident_clustered_by_signature(fleet, device):
+    other = SigningKey.generate()
+    await fleet.enroll("dev-2", other)
+    _, r1 = await report(fleet, "dev-1", device)
+    _, r2 = await report(fleet, "dev-2", other)
+    assert r1.incident_id == r2.incident_id
+    inc = fleet.service.incidents()
+    assert len(inc) == 1 and inc[0]["report_count"] == 2 and inc[0]["devices"] == ["dev-1", "dev-2"]
+    assert inc[0]["guilty_module"] == "sensor" and inc[0]["channel_file"] == BAD_PATH
+
+
+async def test_replayed_diagnostics_are_refused_and_change_nothing(fleet, device):
+    raw, _ = await report(fleet, "dev-1", device)
+    before = (fleet.count("reports"), fleet.count("events"))
+    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+        with pytest.raises(ServerRefused, match="already used: a replayed report") as e:
+            await c.send_diagnostics(raw)
+    assert e.value.status == 409
+    assert (fleet.count("reports"), fleet.count("events")) == before
+
+
+async def test_unknown_nonce_is_refused(fleet, device):
+    with pytest.raises(ServerRefused, match="unknown challenge nonce"):
+        await report(fleet, "dev-1", device, nonce="x" * 32)
+    assert fleet.count("reports") == 0
+
+
+async def test_diagnostics_from_unknown_key_are_refused(fleet, device):
+    stranger = SigningKey.generate()
+    with pytest.raises(ServerRefused, match="no signature by a trusted key") as e:
+        await report(fleet, "dev-1", stranger)
+    assert e.value.status == 401
+    assert fleet.count("reports") == 0 and fleet.count("incidents") == 0
+
+
+async def test_diagnostics_signed_by_another_enrolled_device_are_refused(fleet, device):
+    other = SigningKey.generate()
+    await fleet.enroll("dev-2", other)
+    with pytest.raises(ServerRefused, match="signed by the key of 'dev-2'"):
+        await report(fleet, "dev-1", other)
+    assert fleet.count("reports") == 0
+
+
+async def test_tampered_diagnostics_are_refused(fleet, device):
+    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+        ch = await c.challenge("dev-1")
+        d = Diagnostics(device_id="dev-1", server_nonce=ch.nonce, agent_nonce="a" * 32, created_at=utcnow(),
+                        agent_version="t", boot=BootState(boot_count=2, boot_limit=2), crash=crash(),
+                        system=SystemInfo())
+        env = seal(d, device)
+        payload = base64.b64decode(env["payload"]).replace(b'"boot_count":2', b'"boot_count":0')
+        env["payload"] = base64.b64encode(payload).decode()
+        with pytest.raises(ServerRefused, match="does not verify") as e:
+            await c.send_diagnostics(json.dumps(env).encode())
+    assert e.value.status == 400
+    assert fleet.count("reports") == 0
+    assert fleet.store.one("SELECT used_at FROM nonces WHERE nonce = ?", ch.nonce)["used_at"] is None
+
+
+async def test_unapproved_remediation_is_never_served(fleet, device):
+    _, receipt = await report(fleet, "dev-1", device)
+    rem = fleet.service.create_remediation(
+        fleet.user("alice"), title="quarantine", incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+    assert (await poll(fleet, receipt, wait=1.2)).status == "pending"
+    with pytest.raises(Forbidden, match="alice wrote .* cannot approve it"):
+        fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+    with pytest.raises(Forbidden, match="needs the approver role"):
+        fleet.service.approve(fleet.user("oscar"), rem["remediation_id"])
+    assert (await poll(fleet, receipt)).status == "pending"
+    assert fleet.count("directives") == 0
+    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    answer = await poll(fleet, receipt)
+    assert answer.status == "directive"
+    v = open_directive(answer.envelope, {fleet.key.key_id: fleet.key.public}, device_id="dev-1",
+                       agent_nonce="a" * 32, diagnostics_sha256=receipt.diagnostics_sha256, now=utcnow())
+    assert v.message.actions[0].path == BAD_PATH
+
+
+async def test_m_of_n_needs_distinct_approvers(fleet, device):
+    _, receipt = await report(fleet, "dev-1", device)
+    rem = fleet.service.create_remediation(
+        fleet.user("oscar"), title="q", incident_id=receipt.incident_id, required_approvals=2,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+    fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+    with pytest.raises(Conflict, match="already approved"):
+        fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+    assert (await poll(fleet, receipt)).status == "pending"
+    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    assert (await poll(fleet, receipt)).status == "directive"
+
+
+async def test_long_poll_wakes_on_approval(fleet, device):
+    import asyncio
+    import time
+    _, receipt = await report(fleet, "dev-1", device)
+    rem = fleet.service.create_remediation(
+        fleet.user("alice"), title="q", incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+    started = time.monotonic()
+    waiting = asyncio.create_task(poll(fleet, receipt, wait=20))
+    await asyncio.sleep(0.3)
+    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    assert (await waiting).status == "directive"
+    assert time.monotonic() - started < 10
+
+
+async def test_fix_for_other_content_is_not_served(fleet, device):
+    """The device reported the file with other content (say, the fixed version 291 with the
+    same name): a quarantine of the bad content is not for it."""
+    _, receipt = await report(fleet, "dev-1", device, sha="c" * 64)
+    rem = fleet.service.create_remediation(
+        fleet.user("alice"), title="q", incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    assert (await poll(fleet, receipt)).status == "none"
+    assert fleet.count("directives") == 0
+
+
+async def test_viewer_cannot_write_and_scripts_cannot_be_expressed(fleet):
+    with pytest.raises(Forbidden):
+        fleet.service.create_remediation(fleet.user("victor"), title="x", incident_id=None,
+                                         actions=[{"type": "disable_driver", "name": "sensor"}])
+    with pytest.raises(BadRequest, match="(?s)do not fit the protocol.*run_script"):
+        fleet.service.create_remediation(fleet.user("alice"), title="x", incident_id=None,
+                                         actions=[{"type": "run_script", "script": "rm -rf /"}])
+    with pytest.raises(BadRequest, match="'..' component"):
+        fleet.service.create_remediation(fleet.user("alice"), title="x", incident_id=None,
+                                         actions=[{"type": "quarantine_file", "path": "var/../../etc/passwd",
+                                                   "sha256": BAD_SHA}])
+    assert fleet.count("remediations") == 0
+
+
+async def test_restart_mid_flow_loses_nothing(fleet, device):
+    _, receipt = await report(fleet, "dev-1", device)
+    rem = fleet.service.create_remediation(
+        fleet.user("oscar"), title="q", incident_id=receipt.incident_id, required_approvals=2,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    await fleet.restart()
+    assert [d["device_id"] for d in fleet.service.devices()] == ["dev-1"]
+    assert fleet.service.incidents()[0]["incident_id"] == receipt.incident_id
+    assert [a["approver"] for a in fleet.service.remediation(rem["remediation_id"])["approvals"]] == ["bob"]
+    fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+    assert (await poll(fleet, receipt)).status == "directive"
+    await fleet.restart()
+    again = await poll(fleet, receipt)  # the same signed directive, not a second one
+    assert again.status == "directive" and fleet.count("directives") == 1
+
+
+async def test_admin_api_needs_a_token_and_reports_errors_as_json(fleet):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(fleet.url + "/v1/admin/devices") as r:
+            assert r.status == 401 and "no admin token" in (await r.json())["error"]
+        async with s.get(fleet.url + "/v1/admin/devices", headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 401 and "not recognised" in (await r.json())["error"]
+        async with s.post(fleet.url + "/v1/challenge", data=b'{"device_id": "a", "device_id": "b"}') as r:
+            assert r.status == 400 and "duplicate JSON key" in (await r.json())["error"]
+        async with s.post(fleet.url + "/v1/diagnostics", data=b"x" * (2 << 20)) as r:
+            assert r.status == 413
+
+
+async def test_schema_version_is_recorded_and_newer_refused(tmp_path):
+    from recovery_server.store import SCHEMA_VERSION, Store, StoreError
+    s = Store(tmp_path / "db.sqlite")
+    assert s.one("PRAGMA user_version")[0] == SCHEMA_VERSION
+    s._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    s.close()
+    with pytest.raises(StoreError, match="newer than this server"):
+        Store(tmp_path / "db.sqlite")
