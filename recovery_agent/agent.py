@@ -1,0 +1,310 @@
+"""The recovery loop, as the recovery environment runs it after repeated failed boots.
+
+1. **settle**: finish or roll back a remediation that a power loss interrupted (journal).
+2. **detect**: GRUB's boot count, pstore crash records and the OS boot log give a crash
+   signature (what crashed, in which module, on which channel file).
+3. **collect**: OS and kernel versions, drivers and channel files with size, mtime, sha256.
+4. **report**: a challenge from the server, then diagnostics signed by the device key.
+5. **wait**: long-poll for a directive; with auto remediation, keep asking at the retry
+   interval until the time to reboot has passed.
+6. **apply**: only a directive signed by the pinned server key, for this device, this nonce,
+   these diagnostics and not expired; then reset ``boot_count``, report the result, reboot.
+
+Without a fix the agent resets ``boot_count`` so the OS gets another try; after
+``max_recovery_attempts`` visits it stops and says the machine needs a person (exit 12)
+instead of looping. The exit code tells the recovery environment's init what to do next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from . import __version__, inventory
+from .bootenv import BootEnv
+from .client import ServerClient, ServerRefused, ServerUnreachable
+from .detect import detect
+from .envelope import EnvelopeError, SigningKey, Verified, key_id, open_directive, public_from_b64, seal_bytes
+from .remediate import RemediationError, apply_directive, recover_journals
+from .settings import AgentSettings
+from .wire import (BootRecord, BootState, CrashKind, Diagnostics, DiagnosticsReceipt, Directive,
+                   Health, Result, SystemInfo, utcnow)
+
+log = logging.getLogger("recovery_agent")
+
+STATE_DIR = Path("var/lib/recovery")
+LAST_DIRECTIVE = STATE_DIR / "last-directive"
+
+
+class Outcome(enum.IntEnum):
+    """The agent's exit code: what the recovery environment does next."""
+
+    REMEDIATED = 0        # fix applied: reboot into the OS
+    ERROR = 1             # the agent itself failed: reboot into the OS
+    NO_REMEDIATION = 10   # no fix arrived in time: reboot and let the OS try again
+    CLOUD_DISABLED = 11   # cloud remediation is off: reboot
+    REMEDIATION_FAILED = 13  # a fix arrived but could not be applied (nothing changed)
+    NEEDS_MANUAL = 12     # out of attempts: stay here, a person must look
+
+
+@dataclass
+class Timeline:
+    """What the agent did, with times, for the console and for the lab's report."""
+
+    started: float = field(default_factory=time.monotonic)
+    entries: list[tuple[float, str, str]] = field(default_factory=list)
+    sink: Callable[[str], None] | None = None
+
+    def add(self, phase: str, text: str) -> None:
+        t = time.monotonic() - self.started
+        self.entries.append((t, phase, text))
+        line = f"[agent +{t:7.2f}s] {phase:<9} {text}"
+        log.info(line)
+        if self.sink:
+            self.sink(line)
+
+
+class RecoveryAgent:
+    def __init__(self, settings: AgentSettings, *, timeline: Timeline | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 sleep: Callable[[float], "asyncio.Future"] = asyncio.sleep) -> None:
+        self.s = settings
+        self.timeline = timeline or Timeline()
+        self.clock = clock
+        self.sleep = sleep
+        self.key = SigningKey.load(settings.device_key)
+        pinned = public_from_b64(settings.server_public_key)
+        self.server_keyring = {key_id(pinned): pinned}
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> Outcome:
+        s, tl = self.s, self.timeline
+        for line in recover_journals(s.os_root):
+            tl.add("settle", line)
+
+        env = BootEnv.read(s.grubenv)
+        attempts = _int(env.get("recovery_attempts")) + 1
+        env.set("recovery_attempts", str(attempts))
+        env.write(s.grubenv)
+        boot_count = env.boot_count
+        tl.add("detect", f"boot_count={boot_count} (limit {s.boot_limit}), recovery attempt "
+                         f"{attempts} of {s.max_recovery_attempts}")
+
+        diagnostics_base = self.collect(boot_count, attempts)
+        crash = diagnostics_base["crash"]
+        tl.add("detect", f"{crash.kind.value}: {crash.title}"
+               + (f" [module {crash.guilty_module}]" if crash.guilty_module else "")
+               + (f" channel file {crash.channel_file}" if crash.channel_file else ""))
+
+        if not s.cloud_remediation:
+            tl.add("done", "cloud remediation is off: rebooting to try the OS again")
+            self._reset_boot_count()
+            return Outcome.CLOUD_DISABLED
+
+        deadline = time.monotonic() + s.time_to_reboot_s
+        async with ServerClient(s.server_url) as client:
+            sent = await self.report(client, diagnostics_base, deadline)
+            if sent is not None:
+                receipt, payload_sha = sent
+                outcome = await self.wait_and_apply(client, receipt, payload_sha, deadline)
+                if outcome is not None:
+                    return outcome
+
+        if attempts >= s.max_recovery_attempts:
+            tl.add("done", f"no remediation after {attempts} recovery attempts: this machine "
+                           "needs manual recovery; staying in the recovery environment")
+            return Outcome.NEEDS_MANUAL
+        tl.add("done", "no remediation before the time to reboot: rebooting to try the OS again")
+        self._reset_boot_count()
+        return Outcome.NO_REMEDIATION
+
+    def collect(self, boot_count: int, attempts: int) -> dict:
+        s = self.s
+        crash = detect(s.pstore_dir, s.boot_log, boot_count=boot_count, boot_limit=s.boot_limit)
+        history = [BootRecord(index=i, outcome="crashed" if crash.kind not in (
+            CrashKind.UNKNOWN, CrashKind.NONE, CrashKind.HANG) else (
+            "hung" if crash.kind == CrashKind.HANG else "unknown"), detail=crash.title[:512])
+            for i in range(max(boot_count, 1))]
+        try:
+            channel_files = inventory.collect_channel_files(s.os_root)
+            drivers = inventory.collect_drivers(s.os_root)
+            driver_store = inventory.collect_driver_store(s.os_root)
+            system = inventory.collect_system(s.os_root)
+        except inventory.InventoryError as exc:
+            # Report the crash anyway: the server can still cluster it and a person can look.
+            self.timeline.add("collect", f"no inventory: {exc}")
+            channel_files, drivers, driver_store, system = [], [], [], SystemInfo()
+        return {
+            "device_id": s.device_id, "agent_version": __version__,
+            "boot": BootState(boot_count=boot_count, boot_limit=s.boot_limit,
+                              recovery_attempts=attempts,
+                              max_recovery_attempts=s.max_recovery_attempts, history=history),
+            "crash": crash, "system": system,
+            "drivers": drivers, "channel_files": channel_files, "driver_store": driver_store,
+            "recent_changes": inventory.recent_changes([*drivers, *channel_files]),
+        }
+
+    async def report(self, client: ServerClient, base: dict,
+                     deadline: float) -> tuple[DiagnosticsReceipt, str, ] | None:
+        """Send signed diagnostics; on network trouble keep trying until the deadline."""
+        tl = self.timeline
+        while time.monotonic() < deadline:
+            try:
+                challenge = await client.challenge(self.s.device_id)
+                self.agent_nonce = secrets.token_urlsafe(24)
+                diagnostics = Diagnostics(server_nonce=challenge.nonce, agent_nonce=self.agent_nonce,
+                                          created_at=utcnow(), **base)
+                raw = seal_bytes(diagnostics, self.key)
+                receipt = await client.send_diagnostics(raw)
+            except ServerUnreachable as exc:
+                tl.add("report", f"{exc}; trying again in {self.s.retry_interval_s:.0f}s")
+                await self.sleep(max(0.0, min(self.s.retry_interval_s, deadline - time.monotonic())))
+                continue
+            except ServerRefused as exc:
+                tl.add("report", f"the server refused the diagnostics: {exc.message}")
+                return None
+            payload_sha = receipt.diagnostics_sha256
+            tl.add("report", f"diagnostics accepted: report {receipt.report_id}, incident "
+                             f"{receipt.incident_id}")
+            return receipt, payload_sha
+        tl.add("report", "could not reach the server before the time to reboot")
+        return None
+
+    async def wait_and_apply(self, client: ServerClient, receipt: DiagnosticsReceipt,
+                             payload_sha: str, deadline: float) -> Outcome | None:
+        s, tl = self.s, self.timeline
+        tl.add("wait", f"waiting for a directive (retry every {s.retry_interval_s:.0f}s, "
+                       f"reboot after {s.time_to_reboot_s:.0f}s)")
+        while True:
+            started = time.monotonic()
+            remaining = deadline - started
+            if remaining <= 0:
+                return None
+            try:
+                poll = await client.poll_directive(receipt, wait_s=min(s.long_poll_s, remaining))
+            except ServerUnreachable as exc:
+                tl.add("wait", str(exc))
+                poll = None
+            except ServerRefused as exc:
+                tl.add("wait", f"the server refused the poll: {exc.message}")
+                return None
+            if poll is not None and poll.status == "directive":
+                try:
+                    verified = open_directive(
+                        poll.envelope, self.server_keyring, device_id=s.device_id,
+                        agent_nonce=self.agent_nonce, diagnostics_sha256=payload_sha, now=self.clock())
+                except EnvelopeError as exc:
+                    tl.add("verify", f"directive REJECTED: {exc}")
+                else:
+                    return await self.apply(client, verified)
+            elif poll is not None and poll.status == "none":
+                tl.add("wait", "the server has no remediation for this device")
+                return None
+            if not s.auto_remediation:
+                tl.add("wait", "auto remediation is off: not asking again")
+                return None
+            next_check = started + s.retry_interval_s
+            pause = min(next_check, deadline) - time.monotonic()
+            if pause > 0:
+                await self.sleep(pause)
+
+    async def apply(self, client: ServerClient, verified: Verified[Directive]) -> Outcome:
+        d, tl = verified.message, self.timeline
+        tl.add("verify", f"directive {d.directive_id} verified: remediation {d.remediation_id} "
+                         f"({d.remediation_title}), {len(d.actions)} action(s)")
+        try:
+            results = apply_directive(self.s.os_root, d)
+        except RemediationError as exc:
+            tl.add("apply", f"refused, nothing changed: {exc}")
+            await self._send_result(client, Result(device_id=self.s.device_id, directive_id=d.directive_id,
+                                                   outcome="failed", error=str(exc)[:4096],
+                                                   created_at=utcnow()))
+            return Outcome.REMEDIATION_FAILED
+        for r in results:
+            tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
+        self._reset_boot_count()
+        tl.add("apply", "boot_count reset to 0")
+        _write_state(self.s.os_root / LAST_DIRECTIVE, d.directive_id)
+        await self._send_result(client, Result(device_id=self.s.device_id, directive_id=d.directive_id,
+                                               outcome="applied", actions=results,
+                                               boot_count_reset=True, created_at=utcnow()))
+        tl.add("done", "remediation applied: rebooting into the OS")
+        return Outcome.REMEDIATED
+
+    async def _send_result(self, client: ServerClient, result: Result) -> None:
+        try:
+            await client.send_result(seal_bytes(result, self.key))
+            self.timeline.add("result", f"result '{result.outcome}' reported")
+        except (ServerUnreachable, ServerRefused) as exc:
+            # The OS reports health after the reboot; the server learns of the fix from that.
+            self.timeline.add("result", f"could not report the result: {exc}")
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_boot_count(self) -> None:
+        env = BootEnv.read(self.s.grubenv)
+        env.set("boot_count", "0")
+        env.write(self.s.grubenv)
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def _write_state(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict:
+    """Run by the OS once its health check passed: reset the counters, tell the server."""
+    env = BootEnv.read(settings.grubenv)
+    env.set("boot_count", "0")
+    env.set("recovery_attempts", "0")
+    env.write(settings.grubenv)
+    state = settings.os_root / LAST_DIRECTIVE
+    directive_id = state.read_text().strip() if state.exists() else None
+    key = SigningKey.load(settings.device_key)
+    health = Health(device_id=settings.device_id, directive_id=directive_id or None,
+                    boot_id=boot_id, kernel_version=kernel_version, created_at=utcnow())
+    async with ServerClient(settings.server_url) as client:
+        answer = await client.send_health(seal_bytes(health, key))
+    if directive_id:
+        os.replace(state, state.with_name("confirmed-directive"))
+    archive_pstore(settings.pstore_dir, settings.os_root)
+    return answer
+
+
+def archive_pstore(pstore_dir: Path | None, os_root: Path) -> int:
+    """Move crash records into the OS root once the OS booted well (as systemd-pstore does):
+    that frees the ramoops slots, so the next recovery reports only new crashes. The recovery
+    environment never does this: it writes the OS disk only to apply a verified directive."""
+    if pstore_dir is None or not pstore_dir.is_dir():
+        return 0
+    records = sorted(p for p in pstore_dir.iterdir() if p.is_file())
+    if not records:
+        return 0
+    dest = os_root / STATE_DIR / "pstore" / utcnow().strftime("%Y%m%dT%H%M%SZ")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in records:
+        shutil.copy2(p, dest / p.name)
+        p.unlink()
+    return len(records)

@@ -1,0 +1,146 @@
+"""The agent's one HTTP client for the recovery server.
+
+Transient trouble (connection refused or reset, timeouts, 5xx, 429) is retried with tenacity:
+exponential backoff with full jitter, bounded in attempts and total time, because a recovery
+environment often comes up before the network or the server is reachable. A 4xx answer is the
+server refusing this request: retrying cannot help, so it is raised at once with the server's
+message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt,
+                      stop_after_delay, wait_random_exponential)
+
+from .envelope import strict_json_loads
+from .wire import Challenge, DiagnosticsReceipt, DirectivePoll
+
+log = logging.getLogger("recovery_agent.client")
+
+
+class ServerUnreachable(Exception):
+    """Raised when the server could not be reached within the retry budget."""
+
+
+class ServerRefused(Exception):
+    """Raised when the server answered 4xx: this request will not succeed as it is."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"server refused ({status}): {message}")
+        self.status = status
+        self.message = message
+
+
+class _Transient(Exception):
+    pass
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 8
+    max_delay_s: float = 120.0
+    backoff_max_s: float = 16.0
+    backoff_multiplier_s: float = 0.5
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("server not answering (attempt %d): %s; retrying", state.attempt_number, exc)
+
+
+class ServerClient:
+    def __init__(self, base_url: str, *, retry: RetryPolicy | None = None,
+                 session: aiohttp.ClientSession | None = None, timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._session = session
+        self._own_session = session is None
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> "ServerClient":
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+
+    async def _request(self, method: str, path: str, *, data: bytes | None = None,
+                       json_body: Any = None, token: str | None = None, params: dict | None = None,
+                       timeout_s: float | None = None) -> Any:
+        assert self._session is not None, "use `async with ServerClient(...)`"
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
+        url = self.base_url + path
+
+        async def once() -> Any:
+            try:
+                async with self._session.request(method, url, data=data, json=json_body,
+                                                 headers=headers, params=params,
+                                                 timeout=timeout) as resp:
+                    body = await resp.read()
+                    if resp.status >= 500 or resp.status == 429:
+                        raise _Transient(f"{resp.status} from {url}")
+                    if resp.status >= 400:
+                        try:
+                            message = strict_json_loads(body).get("error", body.decode()[:500])
+                        except Exception:
+                            message = body.decode(errors="replace")[:500]
+                        raise ServerRefused(resp.status, message)
+                    return strict_json_loads(body) if body else None
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+
+        p = self.retry
+        try:
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
+                    wait=wait_random_exponential(multiplier=p.backoff_multiplier_s, max=p.backoff_max_s),
+                    stop=stop_after_attempt(p.attempts) | stop_after_delay(p.max_delay_s),
+                    before_sleep=_log_retry, reraise=True):
+                with attempt:
+                    return await once()
+        except _Transient as exc:
+            raise ServerUnreachable(
+                f"{self.base_url} not reachable after {p.attempts} attempts ({exc}): check the "
+                "network and the server URL in the agent settings") from None
+
+    # ---------------------------------------------------------------- device API
+
+    async def server_key(self) -> dict[str, str]:
+        return await self._request("GET", "/v1/server-key")
+
+    async def enroll(self, envelope: bytes) -> dict[str, Any]:
+        return await self._request("POST", "/v1/enroll", data=envelope)
+
+    async def challenge(self, device_id: str) -> Challenge:
+        return Challenge.model_validate(
+            await self._request("POST", "/v1/challenge", json_body={"device_id": device_id}))
+
+    async def send_diagnostics(self, envelope: bytes) -> DiagnosticsReceipt:
+        return DiagnosticsReceipt.model_validate(
+            await self._request("POST", "/v1/diagnostics", data=envelope))
+
+    async def poll_directive(self, receipt: DiagnosticsReceipt, wait_s: float) -> DirectivePoll:
+        return DirectivePoll.model_validate(await self._request(
+            "GET", f"/v1/reports/{receipt.report_id}/directive", token=receipt.poll_token,
+            params={"wait": f"{wait_s:.1f}"}, timeout_s=wait_s + 30))
+
+    async def send_result(self, envelope: bytes) -> dict[str, Any]:
+        return await self._request("POST", "/v1/results", data=envelope)
+
+    async def send_health(self, envelope: bytes) -> dict[str, Any]:
+        return await self._request("POST", "/v1/health", data=envelope)
+
+    # ---------------------------------------------------------------- admin API
+
+    async def admin(self, method: str, path: str, token: str, body: Any = None) -> Any:
+        return await self._request(method, "/v1/admin" + path, json_body=body, token=token)
