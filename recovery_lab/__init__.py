@@ -1,0 +1,1 @@
+"""The lab: builds broken machines, boots them in QEMU and reports what happened."""
