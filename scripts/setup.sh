@@ -49,9 +49,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 
-extras=""
-[ "$want_test" = 1 ] && extras="[test]"
-stamp=".venv/.installed$( [ -n "$extras" ] && echo -test )"
+extras="" stamp=".venv/.installed"
+if [ "$want_test" = 1 ]; then
+  extras="[test]" stamp=".venv/.installed-test"
+fi
 want_hash="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want_hash" ]; then
   echo "==> installing the project into .venv${extras:+ with test tools}"

@@ -174,7 +174,7 @@ async def test_server_restart_while_the_agent_waits(fleet, machine):
 
 async def test_agent_waits_for_a_late_server(fleet, machine):
     """The recovery environment often comes up before the network or the server."""
-    settings = await enrolled_settings(fleet, machine)
+    settings = await enrolled_settings(fleet, machine, time_to_reboot_min=500)
     await fleet.stop()
     run = asyncio.create_task(RecoveryAgent(settings).run())
     await asyncio.sleep(1.0)
