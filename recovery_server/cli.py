@@ -1,7 +1,8 @@
 """``recovery-server``: set up a data directory, add users offline, and serve.
 
 The data directory holds ``server.key`` (the directive signing key, 0600), ``server.key.pub``
-(pin this in every recovery environment) and ``recovery.db`` (SQLite).
+(pin this in every recovery environment) and ``recovery.db`` (SQLite), unless ``--database``
+names a PostgreSQL database that several server processes share.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ from .store import Store, StoreError
 DEFAULT_DATA = os.environ.get("RECOVERY_DATA", "recovery-data")
 
 
-def open_service(data: Path) -> RecoveryService:
+def _store(args: argparse.Namespace) -> Store:
+    return Store(args.database or Path(args.data) / "recovery.db")
+
+
+def open_service(args: argparse.Namespace) -> RecoveryService:
+    data = Path(args.data)
     key_path = data / "server.key"
     if not key_path.exists():
         raise SystemExit(f"recovery-server: no server key in {data}: run "
-                         f"`recovery-server init --data {data}` first")
-    return RecoveryService(store=Store(data / "recovery.db"), server_key=SigningKey.load(key_path))
+                         f"`recovery-server --data {data} init` first")
+    return RecoveryService(store=_store(args), server_key=SigningKey.load(key_path))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -44,7 +50,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     else:
         key = SigningKey.generate()
         key.save(key_path)
-    svc = RecoveryService(store=Store(data / "recovery.db"), server_key=key)
+    svc = RecoveryService(store=_store(args), server_key=key)
     print(f"server key id: {key.key_id}")
     print(f"pin this public key in recovery environments: {key_path}.pub")
     if not svc.store.one("SELECT 1 FROM users WHERE role = 'admin'"):
@@ -64,7 +70,7 @@ def _emit_token(token: str, token_file: str | None, what: str) -> None:
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    svc = open_service(Path(args.data))
+    svc = open_service(args)
     token = svc.create_user(args.name, args.role, actor="recovery-server")
     _emit_token(token, args.token_file, f"user {args.name!r} ({args.role})")
     return 0
@@ -72,7 +78,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    svc = open_service(Path(args.data))
+    svc = open_service(args)
     app = make_app(svc)
 
     async def run() -> None:
@@ -99,6 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="recovery-server", description=__doc__.splitlines()[0])
     p.add_argument("--data", default=DEFAULT_DATA, help="data directory (env RECOVERY_DATA)")
+    p.add_argument("--database", default=os.environ.get("RECOVERY_DATABASE"),
+                   help="postgresql://... to share one database between server processes "
+                        "(env RECOVERY_DATABASE; default: SQLite in the data directory)")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="create the server key, the database and the first admin")
     i.add_argument("--admin", default="admin", help="name of the first admin user")

@@ -1,8 +1,14 @@
-"""The recovery server's durable state, in SQLite (a file under the data directory).
+"""The recovery server's durable state: SQLite (a file under the data directory, the default)
+or PostgreSQL (several server processes behind a load balancer share one database).
 
 Every state change is one transaction, so a server killed at any point restarts with either
-the whole change or none of it. The schema carries a version (``PRAGMA user_version``);
-``migrate`` brings an older file up to date and refuses a newer one.
+the whole change or none of it. Writers are serialised: SQLite's ``BEGIN IMMEDIATE``, and on
+PostgreSQL a transaction-scoped advisory lock taken first thing, so two server processes can
+never both serve a device or both promote a wave. The schema carries a version (table
+``schema_meta``); ``migrate`` brings an older database up to date and refuses a newer one.
+
+SQL is written once, with ``?`` placeholders and portable types; the PostgreSQL connection
+translates placeholders and the few DDL spellings that differ.
 
 Tables: users (admins with roles and token hashes), enrollment_tokens, devices, nonces
 (server challenges, each usable once), reports (diagnostics), incidents (reports clustered by
@@ -13,16 +19,20 @@ results, health (good boots), events (the timeline of everything that happened).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
+CREATE TABLE schema_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE users (
     name TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -116,7 +126,7 @@ CREATE TABLE health (
     PRIMARY KEY (device_id, boot_id)
 );
 CREATE TABLE events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT_,
     at TEXT NOT NULL,
     kind TEXT NOT NULL,
     actor TEXT NOT NULL,
@@ -131,93 +141,184 @@ CREATE INDEX events_device ON events(device_id);
 
 
 class StoreError(Exception):
-    """Raised when the database file cannot be used as it is (newer schema, not a database)."""
+    """Raised when the database cannot be used as it is (newer schema, not a database, no
+    server at the URL, a missing driver)."""
 
 
-@dataclass
+_WRITE_LOCK_KEY = 0x514D52  # "QMR": the advisory lock every PostgreSQL writer takes first
+
+
 class Store:
-    """A thread-safe handle on the SQLite database; one per server process."""
+    """A thread-safe handle on the database; one per server process.
 
-    path: Path
+    ``Store(path)`` opens SQLite; ``Store("postgresql://...")`` opens PostgreSQL.
+    """
 
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: str | Path) -> None:
         self._lock = threading.RLock()
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a usable SQLite database ({exc}): point "
-                             "--data at the server's data directory") from None
+        text = str(location)
+        if text.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+            self.path = None
+            self.url = text
+            self._db = _connect_postgres(text)
+        else:
+            self.dialect = "sqlite"
+            self.path = Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)
+            self.url = f"sqlite:///{self.path}"
+            self._db = _connect_sqlite(self.path)
         self.migrate()
 
     def migrate(self) -> None:
         with self.tx() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            has_meta = db.one(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_meta'"
+                if self.dialect == "sqlite" else
+                "SELECT 1 FROM information_schema.tables WHERE table_name = 'schema_meta' "
+                "AND table_schema = current_schema()")
+            version = 0
+            if has_meta:
+                row = db.one("SELECT value FROM schema_meta WHERE key = 'version'")
+                version = int(row["value"]) if row else 0
             if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path} has schema version {version}, newer than this server's "
+                    f"{self.url} has schema version {version}, newer than this server's "
                     f"{SCHEMA_VERSION}: upgrade the server, do not downgrade a database")
             if version == 0:
                 db.executescript_in_tx(_SCHEMA)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("INSERT INTO schema_meta VALUES ('version', ?)", str(SCHEMA_VERSION))
 
     @contextmanager
     def tx(self) -> Iterator["_Tx"]:
-        """One write transaction (BEGIN IMMEDIATE: writers queue up instead of failing)."""
+        """One write transaction; writers queue up instead of failing."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if self.dialect == "sqlite":
+                self._db.execute("BEGIN IMMEDIATE")
+            else:
+                self._db.execute("BEGIN")
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
             try:
-                yield _Tx(self._db)
+                yield _Tx(self._db, self.dialect)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             else:
                 self._db.execute("COMMIT")
 
-    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+    def one(self, sql: str, *args: Any) -> Any:
         with self._lock:
-            return self._db.execute(sql, args).fetchone()
+            return _Tx(self._db, self.dialect).one(sql, *args)
 
-    def all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def all(self, sql: str, *args: Any) -> list[Any]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            return _Tx(self._db, self.dialect).all(sql, *args)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
+def _connect_sqlite(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a usable SQLite database ({exc}): point --data at the "
+                         "server's data directory") from None
+    return db
+
+
+class _PgRow(tuple):
+    """A row that answers by position and by column name, like sqlite3.Row."""
+
+    _names: tuple[str, ...] = ()
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            try:
+                return tuple.__getitem__(self, self._names.index(key))
+            except ValueError:
+                raise IndexError(f"no column {key!r}") from None
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+def _pg_rows(cursor):
+    names = tuple(d.name for d in cursor.description or ())
+    row_cls = type("Row", (_PgRow,), {"_names": names})
+    return lambda values: row_cls(values)
+
+
+def _connect_postgres(url: str):
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("PostgreSQL needs the psycopg package: pip install 'psycopg[binary]' "
+                         "(or install the project with its [postgres] extra)") from None
+    try:
+        db = psycopg.connect(url, autocommit=True, row_factory=_pg_rows)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}".strip()) from None
+    return _PgConnection(db)
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+class _PgConnection:
+    """psycopg with the sqlite3 calling convention the store uses: ``?`` placeholders."""
+
+    def __init__(self, db) -> None:
+        self._db = db
+
+    def execute(self, sql: str, args: tuple = ()):
+        return self._db.execute(_pg_sql(sql), args)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _pg_sql(sql: str) -> str:
+    sql = sql.replace("?", "%s")
+    return sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT_", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+
+
 class _Tx:
     """The connection inside a transaction, with the same query helpers as the store."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db, dialect: str) -> None:
         self._db = db
+        self.dialect = dialect
 
-    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any):
+        if self.dialect == "sqlite":
+            sql = sql.replace("AUTOINCREMENT_", "AUTOINCREMENT")
         return self._db.execute(sql, args)
 
     def executescript_in_tx(self, script: str) -> None:
-        # executescript() would COMMIT first; run the statements one by one instead.
+        # sqlite3's executescript() would COMMIT first; run the statements one by one instead.
         for statement in script.split(";"):
             if statement.strip():
-                self._db.execute(statement)
+                self.execute(statement)
 
-    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        return self._db.execute(sql, args).fetchone()
+    def one(self, sql: str, *args: Any) -> Any:
+        return self.execute(sql, *args).fetchone()
 
-    def all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        return self._db.execute(sql, args).fetchall()
+    def all(self, sql: str, *args: Any) -> list[Any]:
+        return self.execute(sql, *args).fetchall()
 
     def event(self, at: str, kind: str, actor: str, device_id: str | None = None,
               subject: str | None = None, detail: Any = "") -> None:
         if not isinstance(detail, str):
             detail = json.dumps(detail, sort_keys=True)
-        self._db.execute(
+        self.execute(
             "INSERT INTO events(at, kind, actor, device_id, subject, detail) VALUES (?,?,?,?,?,?)",
-            (at, kind, actor, device_id, subject, detail))
+            at, kind, actor, device_id, subject, detail)

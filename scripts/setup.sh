@@ -2,18 +2,20 @@
 # Set up everything the project needs on a Debian 12 machine, idempotently:
 #   Debian packages (apt-get, only the missing ones), then a venv in .venv with the project
 #   and its Python dependencies (reinstalled only when pyproject.toml changed).
-# Usage: scripts/setup.sh [--test] [--lab]
-#   --test  also the test dependencies
-#   --lab   also what the QEMU lab needs (QEMU, GRUB, mkfs, mtools, busybox, kernel build tools)
+# Usage: scripts/setup.sh [--test] [--lab] [--postgres]
+#   --test      also the test dependencies
+#   --lab       also what the QEMU lab needs (QEMU, GRUB, mkfs, mtools, busybox, kernel build tools)
+#   --postgres  also a PostgreSQL server (Debian's), for the store tests on PostgreSQL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_test=0 want_lab=0
+want_test=0 want_lab=0 want_pg=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
     --lab) want_lab=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --test, --lab)" >&2; exit 2 ;;
+    --postgres) want_pg=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --test, --lab, --postgres)" >&2; exit 2 ;;
   esac
 done
 
@@ -21,6 +23,9 @@ packages=(python3 python3-venv python3-pip ca-certificates)
 if [ "$want_lab" = 1 ]; then
   packages+=(qemu-system-x86 qemu-utils grub-pc-bin grub-common dosfstools mtools e2fsprogs
              fdisk busybox-static cpio gzip kmod make gcc-12 libc6-dev)
+fi
+if [ "$want_pg" = 1 ]; then
+  packages+=(postgresql)
 fi
 
 missing=()

@@ -3,5 +3,8 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not qemu" -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --test
+scripts/setup.sh --test --postgres
+# The store tests run on SQLite and on a real PostgreSQL started here (loopback only).
+QMR_TEST_POSTGRES=$(scripts/postgres.sh start)
+export QMR_TEST_POSTGRES
 exec .venv/bin/python -m pytest -ra "$@"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +43,39 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
     return tree
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path: Path):
+    """Every store test runs on both backends: SQLite in tmp, and a fresh schema in the
+    PostgreSQL that scripts/test.sh starts (its URL in QMR_TEST_POSTGRES)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "server/recovery.db")
+        return
+    base = os.environ.get("QMR_TEST_POSTGRES")
+    if not base:
+        if os.environ.get("CI"):
+            pytest.fail("QMR_TEST_POSTGRES is not set: run the tests with scripts/test.sh, "
+                        "which starts PostgreSQL")
+        pytest.skip("no PostgreSQL: scripts/test.sh starts one and sets QMR_TEST_POSTGRES")
+    import psycopg
+    schema = "t_" + secrets.token_hex(6)
+    with psycopg.connect(base, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    yield f"{base}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(base, autocommit=True) as c:
+        c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @dataclass
 class Fleet:
     """A running recovery server and the people who administer it."""
 
-    data: Path
+    store_url: str
     key: SigningKey
     settings: ServiceSettings = field(default_factory=ServiceSettings)
     port: int = 0
 
     async def start(self) -> None:
-        self.store = Store(self.data / "recovery.db")
+        self.store = Store(self.store_url)
         self.service = RecoveryService(store=self.store, server_key=self.key, settings=self.settings)
         self.server = TestServer(make_app(self.service), host="127.0.0.1", port=self.port or None)
         await self.server.start_server()
@@ -100,8 +123,8 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet(tmp_path: Path):
-    f = Fleet(data=tmp_path / "server", key=SigningKey.generate())
+async def fleet(store_url: str):
+    f = Fleet(store_url=store_url, key=SigningKey.generate())
     await f.start()
     yield f
     await f.stop()

@@ -242,11 +242,18 @@ async def test_admin_api_needs_a_token_and_reports_errors_as_json(fleet):
             assert r.status == 413
 
 
-async def test_schema_version_is_recorded_and_newer_refused(tmp_path):
+async def test_schema_version_is_recorded_and_newer_refused(store_url):
     from recovery_server.store import SCHEMA_VERSION, Store, StoreError
-    s = Store(tmp_path / "db.sqlite")
-    assert s.one("PRAGMA user_version")[0] == SCHEMA_VERSION
-    s._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    s = Store(store_url)
+    assert s.one("SELECT value FROM schema_meta WHERE key = 'version'")[0] == str(SCHEMA_VERSION)
+    with s.tx() as tx:
+        tx.execute("UPDATE schema_meta SET value = ? WHERE key = 'version'", str(SCHEMA_VERSION + 1))
     s.close()
     with pytest.raises(StoreError, match="newer than this server"):
-        Store(tmp_path / "db.sqlite")
+        Store(store_url)
+
+
+def test_unreachable_postgres_is_a_clear_error():
+    from recovery_server.store import Store, StoreError
+    with pytest.raises(StoreError, match=r"cannot connect to PostgreSQL at postgresql://u:\*\*\*@127.0.0.1:1/x"):
+        Store("postgresql://u:secret@127.0.0.1:1/x?connect_timeout=2")
