@@ -96,6 +96,11 @@ async def _run(args: argparse.Namespace) -> Any:
             return await call("POST", "/users", {"name": args.name, "role": args.role}), None
         if cmd == "enrollment-token":
             return await call("POST", "/enrollment-tokens", {"label": args.label}), None
+        if cmd == "audit":
+            if args.acmd == "verify":
+                q = f"?expect_head={args.expect_head}" if args.expect_head else ""
+                return await call("GET", "/audit/verify" + q), None
+            cmd = "events"
         if cmd == "events":
             q = f"?after={args.after}" + (f"&device={args.device}" if args.device else "")
             return await call("GET", "/events" + q), ["seq", "at", "kind", "actor", "device_id", "subject", "detail"]
@@ -138,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("events", help="the timeline")
     e.add_argument("--device")
     e.add_argument("--after", type=int, default=0)
+    a = sub.add_parser("audit", help="the hash-chained audit log")
+    asub = a.add_subparsers(dest="acmd", required=True)
+    al = asub.add_parser("list", help="every entry")
+    al.add_argument("--device")
+    al.add_argument("--after", type=int, default=0)
+    av = asub.add_parser("verify", help="check the chain; exit 1 if an entry was edited or removed")
+    av.add_argument("--expect-head", help="a head (SEQ:HASH) you recorded earlier, elsewhere")
     args = p.parse_args(argv)
     try:
         data, cols = asyncio.run(_run(args))
@@ -147,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnreachable as exc:
         print(f"recovery-admin: {exc}", file=sys.stderr)
         return 3
+    if args.cmd == "audit" and args.acmd == "verify" and not args.json:
+        print(f"audit log: {data['entries']} entries, head {data['head']}")
+        for problem in data["problems"]:
+            print(f"  PROBLEM: {problem}")
+        print("chain intact" if data["ok"] else "chain BROKEN")
+        return 0 if data["ok"] else 1
     if args.json or cols is None:
         print(json.dumps(data, indent=2))
     else:

@@ -201,6 +201,10 @@ async def list_events(request: web.Request) -> web.Response:
     return web.json_response(svc.events(request.query.get("device"), after))
 
 
+async def audit_verify(request: web.Request) -> web.Response:
+    return web.json_response(_svc(request).verify_audit(_user(request), request.query.get("expect_head")))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
@@ -238,5 +242,6 @@ def make_app(service: RecoveryService) -> web.Application:
         web.post("/v1/admin/users", create_user),
         web.post("/v1/admin/enrollment-tokens", create_enrollment_token),
         web.get("/v1/admin/events", list_events),
+        web.get("/v1/admin/audit/verify", audit_verify),
     ])
     return app

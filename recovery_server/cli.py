@@ -76,6 +76,17 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Offline: read the database directly, not through a server that might lie."""
+    from .store import verify_audit
+    result = verify_audit(_store(args), args.expect_head)
+    print(f"audit log: {result['entries']} entries, head {result['head']}")
+    for problem in result["problems"]:
+        print(f"  PROBLEM: {problem}")
+    print("chain intact" if result["ok"] else "chain BROKEN")
+    return 0 if result["ok"] else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     svc = open_service(args)
@@ -118,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--role", required=True, choices=["viewer", "operator", "approver", "admin"])
     u.add_argument("--token-file")
     u.set_defaults(fn=cmd_user_add)
+    av = sub.add_parser("audit-verify", help="check the audit log's hash chain in the database")
+    av.add_argument("--expect-head", help="a head (SEQ:HASH) recorded earlier, elsewhere")
+    av.set_defaults(fn=cmd_audit_verify)
     s = sub.add_parser("serve", help="serve the device and admin APIs")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080, help="0 picks a free port")

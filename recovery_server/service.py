@@ -33,7 +33,7 @@ from recovery_agent.envelope import EnvelopeError, SigningKey
 from recovery_agent.wire import (Action, Challenge, Diagnostics, DiagnosticsReceipt, Directive,
                                  DirectivePoll, Health, QuarantineFile, Result)
 
-from .store import Store
+from .store import Store, verify_audit
 
 ROLES = ("viewer", "operator", "approver", "admin")
 _ACTIONS = TypeAdapter(list[Action])
@@ -486,6 +486,10 @@ class RecoveryService:
         else:
             rows = self.store.all("SELECT * FROM events WHERE seq > ? ORDER BY seq", after)
         return [dict(r) for r in rows]
+
+    def verify_audit(self, user: User, expect_head: str | None = None) -> dict[str, Any]:
+        self.require(user, "viewer")
+        return verify_audit(self.store, expect_head)
 
     def device_results(self, device_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self.store.all(

@@ -13,11 +13,13 @@ translates placeholders and the few DDL spellings that differ.
 Tables: users (admins with roles and token hashes), enrollment_tokens, devices, nonces
 (server challenges, each usable once), reports (diagnostics), incidents (reports clustered by
 crash signature), remediations and approvals, directives (signed, per device and report),
-results, health (good boots), events (the timeline of everything that happened).
+results, health (good boots), events (the audit log: every admin and device action, each
+entry hash-chained to the one before; see ``audit_hash`` and ``verify_audit``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
@@ -126,13 +128,15 @@ CREATE TABLE health (
     PRIMARY KEY (device_id, boot_id)
 );
 CREATE TABLE events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT_,
+    seq BIGINT PRIMARY KEY,
     at TEXT NOT NULL,
     kind TEXT NOT NULL,
     actor TEXT NOT NULL,
     device_id TEXT,
     subject TEXT,
-    detail TEXT NOT NULL DEFAULT ''
+    detail TEXT NOT NULL DEFAULT '',
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
 );
 CREATE INDEX reports_incident ON reports(incident_id);
 CREATE INDEX reports_device ON reports(device_id);
@@ -317,8 +321,58 @@ class _Tx:
 
     def event(self, at: str, kind: str, actor: str, device_id: str | None = None,
               subject: str | None = None, detail: Any = "") -> None:
+        """Append to the audit log. Runs inside the write transaction, which every writer
+        holds exclusively, so reading the head and appending cannot interleave."""
         if not isinstance(detail, str):
             detail = json.dumps(detail, sort_keys=True)
-        self.execute(
-            "INSERT INTO events(at, kind, actor, device_id, subject, detail) VALUES (?,?,?,?,?,?)",
-            at, kind, actor, device_id, subject, detail)
+        head = self.one("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+        entry = {"seq": seq, "at": at, "kind": kind, "actor": actor, "device_id": device_id,
+                 "subject": subject, "detail": detail}
+        digest = audit_hash(prev, entry)
+        self.execute("INSERT INTO events(seq, at, kind, actor, device_id, subject, detail, prev_hash, hash) "
+                     "VALUES (?,?,?,?,?,?,?,?,?)", seq, at, kind, actor, device_id, subject, detail,
+                     prev, digest)
+        # The head also lives apart from the chain, so cutting entries off the end shows.
+        updated = self.execute("UPDATE schema_meta SET value = ? WHERE key = 'audit_head'",
+                               f"{seq}:{digest}")
+        if updated.rowcount == 0:
+            self.execute("INSERT INTO schema_meta VALUES ('audit_head', ?)", f"{seq}:{digest}")
+
+
+GENESIS_HASH = "0" * 64
+_AUDIT_FIELDS = ("seq", "at", "kind", "actor", "device_id", "subject", "detail")
+
+
+def audit_hash(prev_hash: str, entry: dict[str, Any]) -> str:
+    """sha256 over the previous entry's hash and this entry's fields (canonical JSON)."""
+    body = json.dumps({k: entry[k] for k in _AUDIT_FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def verify_audit(store: "Store", expect_head: str | None = None) -> dict[str, Any]:
+    """Walk the whole chain; report every entry that was edited, removed or reordered, and
+    entries cut off the end (against the recorded head, or ``expect_head`` kept elsewhere)."""
+    problems: list[str] = []
+    prev_seq, prev_hash = 0, GENESIS_HASH
+    count = 0
+    for row in store.all("SELECT * FROM events ORDER BY seq"):
+        count += 1
+        entry = {k: row[k] for k in _AUDIT_FIELDS}
+        if row["seq"] != prev_seq + 1:
+            problems.append(f"entries {prev_seq + 1}..{row['seq'] - 1} are missing (removed)")
+        if row["prev_hash"] != prev_hash:
+            problems.append(f"entry {row['seq']} does not follow the entry before it in the chain")
+        if audit_hash(row["prev_hash"], entry) != row["hash"]:
+            problems.append(f"entry {row['seq']} ({row['kind']}) was edited: its hash does not match its content")
+        prev_seq, prev_hash = row["seq"], row["hash"]
+    head = f"{prev_seq}:{prev_hash}" if count else ""
+    recorded = store.one("SELECT value FROM schema_meta WHERE key = 'audit_head'")
+    for name, want in (("recorded head", recorded[0] if recorded else ""), ("expected head", expect_head)):
+        if want and want != head:
+            want_seq = int(want.split(":")[0])
+            if want_seq > prev_seq:
+                problems.append(f"entries {prev_seq + 1}..{want_seq} are missing at the end ({name} {want[:24]}…)")
+            else:
+                problems.append(f"the chain does not end where the {name} says ({want[:24]}…)")
+    return {"ok": not problems, "entries": count, "head": head, "problems": problems}
