@@ -92,6 +92,31 @@ async def _run(args: argparse.Namespace) -> Any:
                     "actions": actions, "required_approvals": args.approvals}), None
             if args.rcmd in ("approve", "revoke"):
                 return await call("POST", f"/remediations/{args.remediation_id}/{args.rcmd}"), None
+        if cmd == "rollout":
+            if args.rocmd == "create":
+                plan: dict[str, Any] = {"waves": [], "min_devices": args.min_devices,
+                                        "min_success_rate": args.min_success_rate, "soak_s": args.soak,
+                                        "halt_failure_rate": args.halt_failure_rate,
+                                        "halt_min_devices": args.halt_min_devices}
+                if args.canary:
+                    plan["waves"].append({"name": "canary", "devices": args.canary.split(",")})
+                for pct in args.percent or [10, 100]:
+                    plan["waves"].append({"name": f"{pct:g}%", "percent": pct})
+                return await call("POST", f"/remediations/{args.remediation_id}/rollout", plan), None
+            if args.rocmd == "list":
+                rows = await call("GET", "/rollouts")
+                for r in rows:
+                    r["wave"] = r["plan"]["waves"][r["current_wave"]]["name"]
+                    r["served"] = sum(w["served"] for w in r["waves"])
+                    r["failed"] = sum(w["failed"] for w in r["waves"])
+                return rows, ["rollout_id", "remediation_id", "state", "wave", "served", "failed", "reason"]
+            if args.rocmd == "show":
+                ro = await call("GET", f"/rollouts/{args.rollout_id}")
+                if args.json:
+                    return ro, None
+                print(f"{ro['rollout_id']} for {ro['remediation_id']}: {ro['state']} ({ro['reason']})")
+                return ro["waves"], ["name", "reached", "served", "succeeded", "failed", "pending"]
+            return await call("POST", f"/rollouts/{args.rollout_id}/{args.rocmd}"), None
         if cmd == "user":
             return await call("POST", "/users", {"name": args.name, "role": args.role}), None
         if cmd == "enrollment-token":
@@ -135,6 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("approve", "revoke"):
         a = rs.add_parser(name)
         a.add_argument("remediation_id")
+    ro = sub.add_parser("rollout", help="staged rollout of a remediation")
+    rosub = ro.add_subparsers(dest="rocmd", required=True)
+    rc = rosub.add_parser("create", help="set the waves before the remediation is served")
+    rc.add_argument("remediation_id")
+    rc.add_argument("--canary", help="comma-separated device ids for the first wave")
+    rc.add_argument("--percent", type=float, action="append",
+                    help="a percentage wave (repeat, growing, last 100); default 10 then 100")
+    rc.add_argument("--min-devices", type=int, default=1, help="finished devices before promotion")
+    rc.add_argument("--min-success-rate", type=float, default=0.95)
+    rc.add_argument("--soak", type=float, default=0, help="seconds a wave runs before promotion")
+    rc.add_argument("--halt-failure-rate", type=float, default=0.2)
+    rc.add_argument("--halt-min-devices", type=int, default=1)
+    rosub.add_parser("list")
+    for name in ("show", "pause", "resume", "revoke"):
+        rosub.add_parser(name).add_argument("rollout_id")
     u = sub.add_parser("user", help="add a user (admin only); prints their token once")
     u.add_argument("name")
     u.add_argument("--role", required=True, choices=["viewer", "operator", "approver", "admin"])

@@ -201,6 +201,32 @@ async def list_events(request: web.Request) -> web.Response:
     return web.json_response(svc.events(request.query.get("device"), after))
 
 
+async def create_rollout(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("send a rollout plan: {waves: [...], min_devices, min_success_rate, soak_s, "
+                         "halt_failure_rate}")
+    ro = _svc(request).create_rollout(_user(request), request.match_info["remediation_id"], body)
+    return web.json_response(ro, status=201)
+
+
+async def list_rollouts(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    svc.require(_user(request), "viewer")
+    return web.json_response(svc.rollouts())
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    svc.require(_user(request), "viewer")
+    return web.json_response(svc.rollout(request.match_info["rollout_id"]))
+
+
+async def rollout_action(request: web.Request) -> web.Response:
+    return web.json_response(_svc(request).set_rollout_state(
+        _user(request), request.match_info["rollout_id"], request.match_info["action"]))
+
+
 async def audit_verify(request: web.Request) -> web.Response:
     return web.json_response(_svc(request).verify_audit(_user(request), request.query.get("expect_head")))
 
@@ -243,5 +269,34 @@ def make_app(service: RecoveryService) -> web.Application:
         web.post("/v1/admin/enrollment-tokens", create_enrollment_token),
         web.get("/v1/admin/events", list_events),
         web.get("/v1/admin/audit/verify", audit_verify),
+        web.post("/v1/admin/remediations/{remediation_id}/rollout", create_rollout),
+        web.get("/v1/admin/rollouts", list_rollouts),
+        web.get("/v1/admin/rollouts/{rollout_id}", get_rollout),
+        web.post("/v1/admin/rollouts/{rollout_id}/{action:pause|resume|revoke}", rollout_action),
     ])
+    app.cleanup_ctx.append(_rollout_ticker)
     return app
+
+
+TICK_S = 1.0
+
+
+async def _rollout_ticker(app: web.Application):
+    """Soak time passes with no device event: re-judge active rollouts every second."""
+    service = app[SERVICE]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                service.tick()
+            except Exception:  # a bad tick must not stop the next ones
+                log.exception("rollout tick failed")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

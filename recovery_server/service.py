@@ -33,6 +33,7 @@ from recovery_agent.envelope import EnvelopeError, SigningKey
 from recovery_agent.wire import (Action, Challenge, Diagnostics, DiagnosticsReceipt, Directive,
                                  DirectivePoll, Health, QuarantineFile, Result)
 
+from .rollout import RolloutPlan, WaveCounts, decide, wave_of
 from .store import Store, verify_audit
 
 ROLES = ("viewer", "operator", "approver", "admin")
@@ -261,33 +262,72 @@ class RecoveryService:
             if state == "needs_manual":
                 tx.event(iso(now), "device.needs_manual", d.device_id, d.device_id, report_id,
                          {"recovery_attempts": d.boot.recovery_attempts})
+            # A device that was served a fix and is back in recovery: the fix did not work.
+            for served in tx.all("SELECT directive_id FROM directives WHERE device_id = ? AND "
+                                 "outcome = 'pending' AND report_id <> ?", d.device_id, report_id):
+                self._set_outcome(tx, served["directive_id"], "failed",
+                                  f"the device failed to boot again ({sig.title})")
         return DiagnosticsReceipt(report_id=report_id, incident_id=incident_id,
                                   diagnostics_sha256=verified.payload_sha256, poll_token=poll_token)
 
     def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
-        """One look for a directive for this report; the HTTP layer repeats it (long poll)."""
+        """One look for a directive for this report; the HTTP layer repeats it (long poll).
+
+        Read-only until a directive is due; then, inside one write transaction, the remediation
+        and its rollout are read again so that two server processes agree on who is served."""
         report = self.store.one("SELECT * FROM reports WHERE report_id = ?", report_id)
         if report is None or not secrets.compare_digest(report["poll_token_sha256"], _sha(poll_token)):
             raise NotFound("no such report, or wrong poll token")
         existing = self.store.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
         if existing:
             return DirectivePoll(status="directive", envelope=json.loads(existing["envelope"]))
-        rem = self._approved_remediation(report["incident_id"])
-        if rem is None:
-            return DirectivePoll(status="pending", retry_after_s=1)
-        diagnostics = Diagnostics.model_validate_json(report["payload"])
-        actions = _ACTIONS.validate_json(rem["actions"])
-        missing = _not_on_device(actions, diagnostics)
-        if missing:
-            return DirectivePoll(status="none")
-        return self._issue(report, rem, actions)
+        verdict = self._due(self.store, report)
+        if verdict != "issue":
+            return DirectivePoll(status=verdict, retry_after_s=1)
+        with self.store.tx() as tx:
+            again = tx.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
+            if again:  # another poller or process won the race; serve theirs
+                return DirectivePoll(status="directive", envelope=json.loads(again["envelope"]))
+            verdict = self._due(tx, report)
+            if verdict != "issue":
+                return DirectivePoll(status=verdict, retry_after_s=1)
+            return self._issue(tx, report)
 
-    def _approved_remediation(self, incident_id: str):
-        return self.store.one(
+    def _due(self, db, report) -> str:
+        """'issue', 'pending' (ask again) or 'none', for this report, now."""
+        rem = self._approved_remediation(db, report["incident_id"])
+        if rem is None:
+            revoked = db.one("SELECT 1 FROM remediations WHERE incident_id = ? AND status = 'revoked'",
+                             report["incident_id"])
+            pending = db.one("SELECT 1 FROM remediations WHERE incident_id = ? AND status = 'pending'",
+                             report["incident_id"])
+            return "none" if revoked and not pending else "pending"
+        diagnostics = Diagnostics.model_validate_json(report["payload"])
+        if _not_on_device(_ACTIONS.validate_json(rem["actions"]), diagnostics):
+            return "none"
+        ro = db.one("SELECT * FROM rollouts WHERE remediation_id = ?", rem["remediation_id"])
+        if ro is None or ro["state"] == "completed":
+            return "issue"
+        if ro["state"] == "revoked":
+            return "none"
+        if ro["state"] != "active":
+            return "pending"  # paused or halted: wait; a person may resume it
+        plan = RolloutPlan.model_validate_json(ro["plan"])
+        wave = wave_of(plan, ro["rollout_id"], report["device_id"])
+        return "issue" if wave <= ro["current_wave"] else "pending"
+
+    @staticmethod
+    def _approved_remediation(db, incident_id: str):
+        return db.one(
             "SELECT * FROM remediations WHERE incident_id = ? AND status = 'approved' "
             "ORDER BY created_at DESC LIMIT 1", incident_id)
 
-    def _issue(self, report, rem, actions: list) -> DirectivePoll:
+    def _issue(self, tx, report) -> DirectivePoll:
+        rem = self._approved_remediation(tx, report["incident_id"])
+        actions = _ACTIONS.validate_json(rem["actions"])
+        ro = tx.one("SELECT * FROM rollouts WHERE remediation_id = ?", rem["remediation_id"])
+        wave = (wave_of(RolloutPlan.model_validate_json(ro["plan"]), ro["rollout_id"], report["device_id"])
+                if ro else None)
         now = self.now()
         directive = Directive(
             directive_id=_new_id("dir"), device_id=report["device_id"],
@@ -295,17 +335,26 @@ class RecoveryService:
             remediation_id=rem["remediation_id"], remediation_title=rem["title"],
             issued_at=now, expires_at=now + self.settings.directive_ttl, actions=actions)
         env = envelope.seal(directive, self.server_key)
-        with self.store.tx() as tx:
-            again = tx.one("SELECT envelope FROM directives WHERE report_id = ?", report["report_id"])
-            if again:  # another poller won the race; serve theirs
-                return DirectivePoll(status="directive", envelope=json.loads(again["envelope"]))
-            tx.execute("INSERT INTO directives VALUES (?,?,?,?,?,?,?)", directive.directive_id,
-                       directive.device_id, report["report_id"], rem["remediation_id"], iso(now),
-                       iso(directive.expires_at), json.dumps(env))
-            tx.event(iso(now), "directive.issued", "server", directive.device_id,
-                     directive.directive_id, {"remediation": rem["remediation_id"],
-                                              "report": report["report_id"]})
+        tx.execute("INSERT INTO directives(directive_id, device_id, report_id, remediation_id, issued_at, "
+                   "expires_at, envelope, wave) VALUES (?,?,?,?,?,?,?,?)", directive.directive_id,
+                   directive.device_id, report["report_id"], rem["remediation_id"], iso(now),
+                   iso(directive.expires_at), json.dumps(env), wave)
+        tx.event(iso(now), "directive.issued", "server", directive.device_id, directive.directive_id,
+                 {"remediation": rem["remediation_id"], "report": report["report_id"], "wave": wave})
         return DirectivePoll(status="directive", envelope=env)
+
+    def _set_outcome(self, tx, directive_id: str, outcome: str, why: str) -> None:
+        """Record a served device's verdict once, and let its rollout react."""
+        d = tx.one("SELECT * FROM directives WHERE directive_id = ?", directive_id)
+        if d is None or d["outcome"] != "pending":
+            return
+        now = iso(self.now())
+        tx.execute("UPDATE directives SET outcome = ?, outcome_at = ? WHERE directive_id = ?",
+                   outcome, now, directive_id)
+        tx.event(now, f"directive.{outcome}", "server", d["device_id"], directive_id, {"why": why})
+        ro = tx.one("SELECT * FROM rollouts WHERE remediation_id = ?", d["remediation_id"])
+        if ro is not None:
+            self._evaluate(tx, ro)
 
     def accept_result(self, raw: bytes) -> dict[str, Any]:
         r = self._open_device_message(raw, Result)
@@ -324,6 +373,8 @@ class RecoveryService:
             tx.event(iso(now), "result.received", r.device_id, r.device_id, r.directive_id,
                      {"outcome": r.outcome, "error": r.error,
                       "actions": [a.status for a in r.actions]})
+            if r.outcome != "applied":
+                self._set_outcome(tx, r.directive_id, "failed", f"the agent reported {r.outcome}")
         return {"status": "recorded"}
 
     def accept_health(self, raw: bytes) -> dict[str, Any]:
@@ -337,6 +388,10 @@ class RecoveryService:
                        "WHERE device_id = ?", iso(now), h.device_id)
             tx.event(iso(now), "health.reported", h.device_id, h.device_id, h.directive_id,
                      {"boot_id": h.boot_id, "kernel": h.kernel_version})
+            if h.directive_id:
+                d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
+                if d is not None and d["device_id"] == h.device_id:
+                    self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")
         return {"status": "recorded"}
 
     def _open_device_message(self, raw: bytes, model):
@@ -422,6 +477,8 @@ class RecoveryService:
             if count >= rem["required_approvals"] and rem["status"] == "pending":
                 tx.execute("UPDATE remediations SET status = 'approved' WHERE remediation_id = ?",
                            remediation_id)
+                tx.execute("UPDATE rollouts SET wave_started_at = ? WHERE remediation_id = ?",
+                           iso(now), remediation_id)
                 tx.event(iso(now), "remediation.approved", user.name, subject=remediation_id)
         self.on_change()
         return self.remediation(remediation_id)
@@ -432,7 +489,9 @@ class RecoveryService:
             if tx.one("SELECT 1 FROM remediations WHERE remediation_id = ?", remediation_id) is None:
                 raise NotFound(f"no remediation {remediation_id}")
             tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?", remediation_id)
+            tx.execute("UPDATE rollouts SET state = 'revoked' WHERE remediation_id = ?", remediation_id)
             tx.event(iso(self.now()), "remediation.revoked", user.name, subject=remediation_id)
+        self.on_change()
         return self.remediation(remediation_id)
 
     def remediation(self, remediation_id: str) -> dict[str, Any]:
@@ -449,6 +508,137 @@ class RecoveryService:
     def remediations(self) -> list[dict[str, Any]]:
         return [self.remediation(r["remediation_id"]) for r in
                 self.store.all("SELECT remediation_id FROM remediations ORDER BY created_at")]
+
+    # ------------------------------------------------------------------ rollouts
+
+    def create_rollout(self, user: User, remediation_id: str, plan: dict[str, Any]) -> dict[str, Any]:
+        self.require(user, "operator")
+        try:
+            parsed = RolloutPlan.model_validate(plan)
+        except ValidationError as exc:
+            raise BadRequest(f"rollout plan: {exc}") from None
+        now = iso(self.now())
+        with self.store.tx() as tx:
+            rem = tx.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
+            if rem is None:
+                raise NotFound(f"no remediation {remediation_id}")
+            if rem["status"] == "revoked":
+                raise Conflict(f"{remediation_id} was revoked")
+            if tx.one("SELECT 1 FROM directives WHERE remediation_id = ?", remediation_id):
+                raise Conflict(f"{remediation_id} is already being served: a rollout must be set "
+                               "before the first directive")
+            if tx.one("SELECT 1 FROM rollouts WHERE remediation_id = ?", remediation_id):
+                raise Conflict(f"{remediation_id} has a rollout already")
+            rollout_id = _new_id("ro")
+            tx.execute("INSERT INTO rollouts(rollout_id, remediation_id, plan, state, current_wave, "
+                       "wave_started_at, created_by, created_at) VALUES (?,?,?,'active',0,?,?,?)",
+                       rollout_id, remediation_id, parsed.model_dump_json(), now, user.name, now)
+            tx.event(now, "rollout.created", user.name, subject=rollout_id,
+                     detail={"remediation": remediation_id, "waves": [w.name for w in parsed.waves]})
+        return self.rollout(rollout_id)
+
+    def set_rollout_state(self, user: User, rollout_id: str, action: str) -> dict[str, Any]:
+        """pause (operator: stopping is always safe), resume and revoke (approver)."""
+        self.require(user, "operator" if action == "pause" else "approver")
+        now = iso(self.now())
+        with self.store.tx() as tx:
+            ro = tx.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
+            if ro is None:
+                raise NotFound(f"no rollout {rollout_id}")
+            state = ro["state"]
+            if state in ("revoked", "completed"):
+                raise Conflict(f"rollout {rollout_id} is {state}")
+            if action == "pause":
+                if state != "active":
+                    raise Conflict(f"rollout {rollout_id} is {state}, not active")
+                tx.execute("UPDATE rollouts SET state = 'paused', reason = ? WHERE rollout_id = ?",
+                           f"paused by {user.name}", rollout_id)
+            elif action == "resume":
+                if state not in ("paused", "halted"):
+                    raise Conflict(f"rollout {rollout_id} is {state}, not paused or halted")
+                # Resuming a halted wave is a person overriding the automatic halt for it.
+                tx.execute("UPDATE rollouts SET state = 'active', reason = ?, halt_overridden = ? "
+                           "WHERE rollout_id = ?", f"resumed by {user.name}",
+                           1 if state == "halted" else ro["halt_overridden"], rollout_id)
+            elif action == "revoke":
+                tx.execute("UPDATE rollouts SET state = 'revoked', reason = ? WHERE rollout_id = ?",
+                           f"revoked by {user.name}", rollout_id)
+                tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?",
+                           ro["remediation_id"])
+            else:
+                raise BadRequest(f"unknown rollout action {action!r}: pause, resume or revoke")
+            tx.event(now, f"rollout.{action}", user.name, subject=rollout_id,
+                     detail={"from": state, "wave": ro["current_wave"]})
+        self.on_change()
+        return self.rollout(rollout_id)
+
+    def tick(self) -> None:
+        """Re-judge every active rollout (soak time passes without any device event)."""
+        for row in self.store.all("SELECT rollout_id FROM rollouts WHERE state = 'active'"):
+            with self.store.tx() as tx:
+                ro = tx.one("SELECT * FROM rollouts WHERE rollout_id = ?", row["rollout_id"])
+                if ro["state"] == "active":
+                    self._evaluate(tx, ro)
+
+    def _evaluate(self, tx, ro) -> None:
+        if ro["state"] != "active":
+            return
+        rem = tx.one("SELECT status FROM remediations WHERE remediation_id = ?", ro["remediation_id"])
+        if rem["status"] != "approved":
+            return
+        plan = RolloutPlan.model_validate_json(ro["plan"])
+        counts = self._wave_counts(tx, ro["remediation_id"], ro["current_wave"])
+        soaked = (self.now() - parse_iso(ro["wave_started_at"])).total_seconds()
+        decision = decide(plan, ro["current_wave"], counts, soaked)
+        if decision.action == "halt" and ro["halt_overridden"]:
+            return
+        now = iso(self.now())
+        if decision.action == "promote":
+            tx.execute("UPDATE rollouts SET current_wave = current_wave + 1, wave_started_at = ?, "
+                       "halt_overridden = 0, reason = ? WHERE rollout_id = ?", now, decision.reason,
+                       ro["rollout_id"])
+            tx.event(now, "rollout.promoted", "server", subject=ro["rollout_id"],
+                     detail={"to_wave": plan.waves[ro["current_wave"] + 1].name, "why": decision.reason})
+            self.on_change()
+        elif decision.action in ("halt", "complete"):
+            state = "halted" if decision.action == "halt" else "completed"
+            tx.execute("UPDATE rollouts SET state = ?, reason = ? WHERE rollout_id = ?", state,
+                       decision.reason, ro["rollout_id"])
+            tx.event(now, f"rollout.{state}", "server", subject=ro["rollout_id"],
+                     detail={"wave": plan.waves[ro["current_wave"]].name, "why": decision.reason})
+
+    @staticmethod
+    def _wave_counts(db, remediation_id: str, wave: int) -> WaveCounts:
+        got = {r[0]: r[1] for r in db.all(
+            "SELECT outcome, count(*) FROM directives WHERE remediation_id = ? AND wave = ? "
+            "GROUP BY outcome", remediation_id, wave)}
+        return WaveCounts(served=sum(got.values()), succeeded=got.get("succeeded", 0),
+                          failed=got.get("failed", 0))
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        ro = self.store.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
+        if ro is None:
+            raise NotFound(f"no rollout {rollout_id}")
+        plan = RolloutPlan.model_validate_json(ro["plan"])
+        out = {k: ro[k] for k in ("rollout_id", "remediation_id", "state", "current_wave",
+                                  "wave_started_at", "reason", "created_by", "created_at")}
+        out["plan"] = plan.model_dump()
+        if ro["state"] == "active":
+            counts = self._wave_counts(self.store, ro["remediation_id"], ro["current_wave"])
+            soaked = (self.now() - parse_iso(ro["wave_started_at"])).total_seconds()
+            out["gate"] = decide(plan, ro["current_wave"], counts, soaked).reason
+        else:
+            out["gate"] = ""
+        out["waves"] = []
+        for i, w in enumerate(plan.waves):
+            c = self._wave_counts(self.store, ro["remediation_id"], i)
+            out["waves"].append({"name": w.name, "reached": i <= ro["current_wave"], "served": c.served,
+                                 "succeeded": c.succeeded, "failed": c.failed, "pending": c.pending})
+        return out
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return [self.rollout(r["rollout_id"]) for r in
+                self.store.all("SELECT rollout_id FROM rollouts ORDER BY created_at")]
 
     # ------------------------------------------------------------------ views
 

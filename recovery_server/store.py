@@ -104,6 +104,18 @@ CREATE TABLE approvals (
     approved_at TEXT NOT NULL,
     PRIMARY KEY (remediation_id, approver)
 );
+CREATE TABLE rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    remediation_id TEXT NOT NULL UNIQUE REFERENCES remediations(remediation_id),
+    plan TEXT NOT NULL,
+    state TEXT NOT NULL,
+    current_wave INTEGER NOT NULL DEFAULT 0,
+    wave_started_at TEXT NOT NULL,
+    halt_overridden INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 CREATE TABLE directives (
     directive_id TEXT PRIMARY KEY,
     device_id TEXT NOT NULL REFERENCES devices(device_id),
@@ -111,7 +123,10 @@ CREATE TABLE directives (
     remediation_id TEXT NOT NULL REFERENCES remediations(remediation_id),
     issued_at TEXT NOT NULL,
     expires_at TEXT NOT NULL,
-    envelope TEXT NOT NULL
+    envelope TEXT NOT NULL,
+    wave INTEGER,
+    outcome TEXT NOT NULL DEFAULT 'pending',
+    outcome_at TEXT
 );
 CREATE TABLE results (
     directive_id TEXT PRIMARY KEY REFERENCES directives(directive_id),
@@ -141,6 +156,8 @@ CREATE TABLE events (
 CREATE INDEX reports_incident ON reports(incident_id);
 CREATE INDEX reports_device ON reports(device_id);
 CREATE INDEX events_device ON events(device_id);
+CREATE INDEX directives_rollout ON directives(remediation_id, wave, outcome);
+CREATE INDEX directives_device ON directives(device_id, outcome);
 """
 
 
