@@ -1,0 +1,156 @@
+"""Two recovery-server processes behind one PostgreSQL: devices talk to either, even to both
+at once, and the rollout stays consistent: no report gets two directives, and no directive
+reaches a wave before that wave was opened."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import secrets
+import sys
+from pathlib import Path
+
+import pytest
+
+from recovery_agent.client import RetryPolicy, ServerClient
+from recovery_agent.envelope import SigningKey, open_directive, public_b64, seal_bytes
+from recovery_agent.wire import (BootState, Diagnostics, Enrollment, FileRecord, Health, Result,
+                                 SystemInfo, utcnow)
+from recovery_server.fleetsim import BAD_PATH, BAD_SHA, CRASH
+from recovery_server.store import Store
+
+RETRY = RetryPolicy(attempts=4, max_delay_s=10, backoff_max_s=0.5, backoff_multiplier_s=0.05)
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def pg_url():
+    base = os.environ.get("QMR_TEST_POSTGRES")
+    if not base:
+        if os.environ.get("CI"):
+            pytest.fail("QMR_TEST_POSTGRES is not set: run the tests with scripts/test.sh")
+        pytest.skip("no PostgreSQL: scripts/test.sh starts one and sets QMR_TEST_POSTGRES")
+    import psycopg
+    schema = "t_" + secrets.token_hex(6)
+    with psycopg.connect(base, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    yield f"{base}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(base, autocommit=True) as c:
+        c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def _cli(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def _serve(data: Path, url: str, name: str) -> tuple[asyncio.subprocess.Process, str]:
+    port_file = data / f"{name}.port"
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "recovery-server"), "--data", str(data), "--database", url, "serve", "--port", "0",
+        "--port-file", str(port_file), "--quiet", stdout=asyncio.subprocess.DEVNULL,
+        stderr=open(data / f"{name}.log", "w"))
+    for _ in range(200):
+        if port_file.exists() and port_file.read_text().strip():
+            return proc, f"http://127.0.0.1:{port_file.read_text().strip()}"
+        assert proc.returncode is None, (data / f"{name}.log").read_text()
+        await asyncio.sleep(0.1)
+    raise AssertionError("server did not start")
+
+
+@pytest.mark.timeout(300)
+async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
+    data = tmp_path / "server"
+    await _cli(str(BIN / "recovery-server"), "--data", str(data), "--database", pg_url, "init",
+               "--token-file", str(tmp_path / "admin.token"))
+    procs = [await _serve(data, pg_url, "a"), await _serve(data, pg_url, "b")]
+    urls = [u for _, u in procs]
+    server_key = SigningKey.load(data / "server.key")
+    ring = {server_key.key_id: server_key.public}
+    rng = random.Random(7)
+    try:
+        admin = (tmp_path / "admin.token").read_text().strip()
+        async with ServerClient(urls[0], retry=RETRY) as a, ServerClient(urls[1], retry=RETRY) as b:
+            clients = [a, b]
+            enroll_token = (await a.admin("POST", "/enrollment-tokens", admin, {"label": "t"}))["token"]
+            ops = (await b.admin("POST", "/users", admin, {"name": "oscar", "role": "operator"}))["token"]
+            appr = (await a.admin("POST", "/users", admin, {"name": "bea", "role": "approver"}))["token"]
+
+            devices = [(f"pg-{i:03d}", SigningKey.generate()) for i in range(120)]
+
+            async def report(i: int, device_id: str, key: SigningKey):
+                c = clients[i % 2]
+                await c.enroll(seal_bytes(Enrollment(device_id=device_id, public_key=public_b64(key.public),
+                                                     enrollment_token=enroll_token, created_at=utcnow()), key))
+                ch = await clients[(i + 1) % 2].challenge(device_id)
+                nonce = secrets.token_urlsafe(24)
+                d = Diagnostics(device_id=device_id, server_nonce=ch.nonce, agent_nonce=nonce,
+                                created_at=utcnow(), agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
+                                crash=CRASH, system=SystemInfo(),
+                                channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)])
+                return device_id, key, nonce, await c.send_diagnostics(seal_bytes(d, key))
+
+            reports = await asyncio.gather(*(report(i, d, k) for i, (d, k) in enumerate(devices)))
+            incident = reports[0][3].incident_id
+            rem = await a.admin("POST", "/remediations", ops, {
+                "title": "q", "incident_id": incident,
+                "actions": [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}]})
+            await b.admin("POST", f"/remediations/{rem['remediation_id']}/rollout", ops, {
+                "waves": [{"name": "canary", "devices": [d for d, _ in devices[:10]]},
+                          {"name": "30%", "percent": 30}, {"name": "100%", "percent": 100}],
+                "min_devices": 10, "min_success_rate": 0.8, "halt_failure_rate": 0.5, "halt_min_devices": 10})
+            await a.admin("POST", f"/remediations/{rem['remediation_id']}/approve", appr)
+
+            served: dict[str, str] = {}
+
+            async def device_loop(device_id, key, nonce, receipt):
+                for _ in range(60):
+                    # Ask both servers at once: they must agree on one directive.
+                    answers = await asyncio.gather(*(c.poll_directive(receipt, wait_s=0.5) for c in clients))
+                    got = [x for x in answers if x.status == "directive"]
+                    if got:
+                        ids = {open_directive(x.envelope, ring, device_id=device_id, agent_nonce=nonce,
+                                              diagnostics_sha256=receipt.diagnostics_sha256,
+                                              now=utcnow()).message.directive_id for x in got}
+                        assert len(ids) == 1, f"{device_id} got two directives: {ids}"
+                        did = ids.pop()
+                        served[device_id] = did
+                        c = rng.choice(clients)
+                        await c.send_result(seal_bytes(Result(device_id=device_id, directive_id=did,
+                                                              outcome="applied", created_at=utcnow()), key))
+                        await rng.choice(clients).send_health(seal_bytes(Health(
+                            device_id=device_id, directive_id=did, boot_id=secrets.token_hex(4),
+                            created_at=utcnow()), key))
+                        return
+                    await asyncio.sleep(0.2)
+
+            await asyncio.gather(*(device_loop(*r[:3], r[3]) for r in reports))
+            rollouts = await a.admin("GET", "/rollouts", admin)
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            await asyncio.wait_for(proc.wait(), 20)
+
+    assert len(served) == len(devices), "every device was served in the end"
+    assert rollouts[0]["state"] in ("completed", "active")
+    store = Store(pg_url)
+    try:
+        assert store.one("SELECT count(*) FROM directives")[0] == len(devices)
+        # No overshoot: every directive to wave w > 0 was issued after the promotion to w.
+        promoted_at: dict[int, int] = {}
+        for e in store.all("SELECT seq, kind, detail FROM events ORDER BY seq"):
+            detail = json.loads(e["detail"]) if e["detail"].startswith("{") else {}
+            if e["kind"] == "rollout.promoted":
+                wave = {"30%": 1, "100%": 2}[detail["to_wave"]]
+                promoted_at[wave] = e["seq"]
+            if e["kind"] == "directive.issued" and detail["wave"]:
+                assert detail["wave"] in promoted_at and promoted_at[detail["wave"]] < e["seq"], e
+        assert set(promoted_at) == {1, 2}
+    finally:
+        store.close()
