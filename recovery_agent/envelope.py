@@ -17,7 +17,6 @@ Keys are Ed25519; a key id is the sha256 of the raw 32-byte public key, in hex.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
@@ -113,7 +112,7 @@ def public_b64(public_key: Ed25519PublicKey) -> str:
 def public_from_b64(text: str) -> Ed25519PublicKey:
     try:
         raw = base64.b64decode(text.strip(), validate=True)
-    except binascii.Error:
+    except ValueError:
         raise ValueError("public key is not valid base64: copy the whole .pub file") from None
     if len(raw) != 32:
         raise ValueError(f"public key is {len(raw)} bytes, expected 32 (a raw Ed25519 key)")
@@ -202,7 +201,7 @@ def _unb64(text: Any, what: str) -> bytes:
         raise MalformedEnvelope(f"{what} must be a base64 string")
     try:
         return base64.b64decode(text, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, and UnicodeEncodeError for non-ASCII text
         raise MalformedEnvelope(f"{what} is not valid base64") from None
 
 

@@ -1,6 +1,8 @@
 """The recovery server's HTTP surface (aiohttp): device API under /v1, admin API under
-/v1/admin (Bearer token per person). Handlers only translate HTTP to ``RecoveryService`` calls;
-the rules live there.
+/v1/admin (Bearer token per person), ``/metrics`` (Prometheus text), ``/openapi.json``, and the
+dashboard at ``/``. Handlers only translate HTTP to ``RecoveryService`` calls; the rules live
+there. One table, ``ROUTES``, registers every route and describes it for the OpenAPI document,
+so the two cannot drift apart.
 
 A directive is fetched by long poll: the handler looks, and if nothing is approved yet waits
 for an approval in this process or a short tick (another server process may approve), until
@@ -10,59 +12,101 @@ the agent's ``wait`` runs out.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from pathlib import Path
+import math
+import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
 from recovery_agent import __version__
 from recovery_agent.envelope import MalformedEnvelope, public_b64, strict_json_loads
+from recovery_agent.wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
-from .service import BadRequest, RecoveryService, ServiceError, User
+from . import api, dashboard, metrics
+from .service import BadRequest, RecoveryService, ServiceError, Unauthorized, User
 
 log = logging.getLogger("recovery_server")
 
 MAX_BODY = 1 << 20
 MAX_POLL_S = 60.0
+TICK_S = 1.0
 SERVICE = web.AppKey("service", RecoveryService)
 CHANGED = web.AppKey("changed", asyncio.Event)
+METRICS = web.AppKey("metrics", metrics.HttpMetrics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": message, "code": code}, status=status)
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+async def _errors(request: web.Request, handler: Handler):
+    started = time.perf_counter()
     try:
-        return await handler(request)
+        response = await handler(request)
     except ServiceError as exc:
-        return web.json_response({"error": str(exc), "code": exc.code}, status=exc.status)
+        response = _error(exc.status, exc.code, str(exc))
     except MalformedEnvelope as exc:
-        return web.json_response({"error": str(exc), "code": "bad_request"}, status=400)
+        response = _error(400, "bad_request", str(exc))
     except web.HTTPRequestEntityTooLarge:
-        return web.json_response({"error": f"request body over {MAX_BODY} bytes", "code": "too_large"},
-                                 status=413)
+        response = _error(413, "too_large", f"request body over {MAX_BODY} bytes")
+    except web.HTTPException as exc:  # unknown route, wrong method: answer in JSON too
+        if exc.status < 400:
+            raise
+        response = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        for header in ("Allow",):
+            if header in exc.headers:
+                response.headers[header] = exc.headers[header]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+    request.app[METRICS].observe(request.method, route, response.status, time.perf_counter() - started)
+    return response
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
     raw = await request.read()
     try:
-        return strict_json_loads(raw)
+        body = strict_json_loads(raw or b"{}")
+        return model.model_validate(body)
     except MalformedEnvelope as exc:
         raise BadRequest(f"request body: {exc}") from None
+    except ValidationError as exc:
+        raise BadRequest(f"request body does not fit {model.__name__}: {exc}") from None
 
 
-def _user(request: web.Request) -> User:
+def _bearer(request: web.Request) -> str | None:
     auth = request.headers.get("Authorization", "")
-    token = auth[7:] if auth.startswith("Bearer ") else None
-    return request.app[SERVICE].authenticate(token)
+    return auth[7:] if auth.startswith("Bearer ") else None
+
+
+def _user(request: web.Request, role: str | None = None) -> User:
+    svc = request.app[SERVICE]
+    user = svc.authenticate(_bearer(request))
+    if role:
+        svc.require(user, role)
+    return user
 
 
 def _svc(request: web.Request) -> RecoveryService:
     return request.app[SERVICE]
 
 
-def _model(obj: Any) -> web.Response:
-    return web.Response(text=obj.model_dump_json(), content_type="application/json")
+def _model(obj: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(text=obj.model_dump_json(), content_type="application/json", status=status)
+
+
+def _query_number(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
+    try:
+        value = float(request.query.get(name, default))
+    except ValueError:
+        raise BadRequest(f"{name} must be a number") from None
+    if not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number")
+    return min(max(value, lo), hi)
 
 
 # ---------------------------------------------------------------- device API
@@ -78,10 +122,8 @@ async def enroll(request: web.Request) -> web.Response:
 
 
 async def challenge(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    if not isinstance(body, dict) or not isinstance(body.get("device_id"), str):
-        raise BadRequest('send {"device_id": "..."}')
-    return _model(_svc(request).challenge(body["device_id"]))
+    body = await _parse(request, api.ChallengeRequest)
+    return _model(_svc(request).challenge(body.device_id))
 
 
 async def diagnostics(request: web.Request) -> web.Response:
@@ -90,12 +132,10 @@ async def diagnostics(request: web.Request) -> web.Response:
 
 async def directive(request: web.Request) -> web.Response:
     svc = _svc(request)
-    auth = request.headers.get("Authorization", "")
-    token = auth[7:] if auth.startswith("Bearer ") else ""
-    try:
-        wait = min(max(float(request.query.get("wait", "0")), 0.0), MAX_POLL_S)
-    except ValueError:
-        raise BadRequest("wait must be a number of seconds") from None
+    token = _bearer(request)
+    if not token:
+        raise Unauthorized("no poll token: send the poll_token of the diagnostics receipt as a Bearer token")
+    wait = _query_number(request, "wait", 0, 0, MAX_POLL_S)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     changed = request.app[CHANGED]
@@ -127,21 +167,18 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    svc.require(_user(request), "viewer")
-    return web.json_response(svc.devices())
+    _user(request, "viewer")
+    return web.json_response(_svc(request).devices())
 
 
 async def list_incidents(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    svc.require(_user(request), "viewer")
-    return web.json_response(svc.incidents())
+    _user(request, "viewer")
+    return web.json_response(_svc(request).incidents())
 
 
 async def get_incident(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    svc.require(_user(request), "viewer")
-    return web.json_response(svc.incident(request.match_info["incident_id"]))
+    _user(request, "viewer")
+    return web.json_response(_svc(request).incident(request.match_info["incident_id"]))
 
 
 async def suggest(request: web.Request) -> web.Response:
@@ -149,19 +186,16 @@ async def suggest(request: web.Request) -> web.Response:
 
 
 async def list_remediations(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    svc.require(_user(request), "viewer")
-    return web.json_response(svc.remediations())
+    _user(request, "viewer")
+    return web.json_response(_svc(request).remediations())
 
 
 async def create_remediation(request: web.Request) -> web.Response:
     user = _user(request)
-    body = await _json_body(request)
-    if not isinstance(body, dict):
-        raise BadRequest("send a JSON object with title, incident_id, actions")
-    rem = _svc(request).create_remediation(
-        user, title=body.get("title", ""), actions=body.get("actions", []),
-        incident_id=body.get("incident_id"), required_approvals=int(body.get("required_approvals", 1)))
+    body = await _parse(request, api.RemediationRequest)
+    rem = _svc(request).create_remediation(user, title=body.title, actions=body.actions,
+                                           incident_id=body.incident_id,
+                                           required_approvals=body.required_approvals)
     return web.json_response(rem, status=201)
 
 
@@ -174,70 +208,180 @@ async def revoke(request: web.Request) -> web.Response:
 
 
 async def create_user(request: web.Request) -> web.Response:
-    user = _user(request)
-    svc = _svc(request)
-    svc.require(user, "admin")
-    body = await _json_body(request)
-    if not isinstance(body, dict):
-        raise BadRequest('send {"name": ..., "role": ...}')
-    token = svc.create_user(str(body.get("name", "")), str(body.get("role", "")), actor=user.name)
-    return web.json_response({"name": body["name"], "role": body["role"], "token": token}, status=201)
+    user = _user(request, "admin")
+    body = await _parse(request, api.UserRequest)
+    token = _svc(request).create_user(body.name, body.role, actor=user.name)
+    return web.json_response({"name": body.name, "role": body.role, "token": token}, status=201)
 
 
 async def create_enrollment_token(request: web.Request) -> web.Response:
-    body = await _json_body(request) if request.can_read_body else {}
-    label = str(body.get("label", "fleet")) if isinstance(body, dict) else "fleet"
-    token = _svc(request).create_enrollment_token(_user(request), label)
-    return web.json_response({"token": token, "label": label}, status=201)
+    user = _user(request)
+    body = await _parse(request, api.EnrollmentTokenRequest)
+    token = _svc(request).create_enrollment_token(user, body.label)
+    return web.json_response({"token": token, "label": body.label}, status=201)
 
 
 async def list_events(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    svc.require(_user(request), "viewer")
-    try:
-        after = int(request.query.get("after", "0"))
-    except ValueError:
-        raise BadRequest("after must be an event number") from None
-    return web.json_response(svc.events(request.query.get("device"), after))
-
-
-async def create_rollout(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    if not isinstance(body, dict):
-        raise BadRequest("send a rollout plan: {waves: [...], min_devices, min_success_rate, soak_s, "
-                         "halt_failure_rate}")
-    ro = _svc(request).create_rollout(_user(request), request.match_info["remediation_id"], body)
-    return web.json_response(ro, status=201)
-
-
-async def list_rollouts(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    svc.require(_user(request), "viewer")
-    return web.json_response(svc.rollouts())
-
-
-async def get_rollout(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    svc.require(_user(request), "viewer")
-    return web.json_response(svc.rollout(request.match_info["rollout_id"]))
-
-
-async def rollout_action(request: web.Request) -> web.Response:
-    return web.json_response(_svc(request).set_rollout_state(
-        _user(request), request.match_info["rollout_id"], request.match_info["action"]))
+    _user(request, "viewer")
+    text = request.query.get("after", "0")
+    if not text.isdigit() or len(text) > 18:
+        raise BadRequest("after must be an event number (a whole number)")
+    return web.json_response(_svc(request).events(request.query.get("device"), int(text)))
 
 
 async def audit_verify(request: web.Request) -> web.Response:
     return web.json_response(_svc(request).verify_audit(_user(request), request.query.get("expect_head")))
 
 
+async def create_rollout(request: web.Request) -> web.Response:
+    user = _user(request)
+    raw = await request.read()
+    try:
+        body = strict_json_loads(raw or b"null")
+    except MalformedEnvelope as exc:
+        raise BadRequest(f"request body: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("send a rollout plan: {waves: [...], min_devices, min_success_rate, soak_s, "
+                         "halt_failure_rate, halt_min_devices}")
+    ro = _svc(request).create_rollout(user, request.match_info["remediation_id"], body)
+    return web.json_response(ro, status=201)
+
+
+async def list_rollouts(request: web.Request) -> web.Response:
+    _user(request, "viewer")
+    return web.json_response(_svc(request).rollouts())
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    _user(request, "viewer")
+    return web.json_response(_svc(request).rollout(request.match_info["rollout_id"]))
+
+
+async def rollout_action(request: web.Request) -> web.Response:
+    action = request.path.rsplit("/", 1)[1]  # the route names it: pause, resume or revoke
+    return web.json_response(_svc(request).set_rollout_state(
+        _user(request), request.match_info["rollout_id"], action))
+
+
+# ---------------------------------------------------------------- operations
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    text = metrics.render(_svc(request), request.app[METRICS])
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(api.openapi_document(ROUTES, __version__))
+
+
+def _static(text: str, content_type: str) -> Handler:
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(text=text, content_type=content_type, charset="utf-8",
+                            headers={"Content-Security-Policy": dashboard.CSP, "X-Frame-Options": "DENY",
+                                     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+    return serve
+
+
+dashboard_page = _static(dashboard.PAGE, "text/html")
+dashboard_js = _static(dashboard.SCRIPT, "application/javascript")
+dashboard_css = _static(dashboard.CSS, "text/css")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route: how aiohttp dispatches it and how the OpenAPI document describes it."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: str = "none"                 # none | admin | poll
+    body: str | None = None            # a schema name in api.SCHEMAS
+    body_required: bool = True
+    response: str | None = None        # a schema name in api.SCHEMAS
+    status: int = 200
+    errors: tuple[int, ...] = ()
+    query: tuple[tuple[str, str, str], ...] = ()   # (name, type, description)
+    content: str = "application/json"
+    hidden: bool = False               # served, but not part of the API document
+
+
+_ADMIN = (401, 403)
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/healthz", healthz, "Liveness", response="Healthz"),
+    Route("GET", "/metrics", metrics_text, "Prometheus metrics", content="text/plain"),
+    Route("GET", "/openapi.json", openapi_json, "This document", response="Any"),
+    Route("GET", "/", dashboard_page, "The dashboard", content="text/html", hidden=True),
+    Route("GET", "/dashboard.js", dashboard_js, "The dashboard", hidden=True),
+    Route("GET", "/dashboard.css", dashboard_css, "The dashboard", hidden=True),
+    Route("GET", "/v1/server-key", server_key, "The directive signing key to pin", response="ServerKey"),
+    Route("POST", "/v1/enroll", enroll, "Enroll a device key (self-signed, with an enrollment token)",
+          body="Envelope", response="EnrollAnswer", errors=(400, 401, 409, 413)),
+    Route("POST", "/v1/challenge", challenge, "A one-time nonce for the next diagnostics",
+          body="ChallengeRequest", response="Challenge", errors=(400, 404, 413)),
+    Route("POST", "/v1/diagnostics", diagnostics, "Signed diagnostics from a recovery environment",
+          body="Envelope", response="DiagnosticsReceipt", errors=(400, 401, 409, 413)),
+    Route("GET", "/v1/reports/{report_id}/directive", directive, "Long poll for a signed directive",
+          auth="poll", response="DirectivePoll", errors=(400, 401, 404),
+          query=(("wait", "number", "seconds to wait for an answer, 0 to 60"),)),
+    Route("POST", "/v1/results", result, "Signed result of applying a directive",
+          body="Envelope", response="Recorded", errors=(400, 401, 404, 413)),
+    Route("POST", "/v1/health", health, "Signed report of a healthy boot",
+          body="Envelope", response="Recorded", errors=(400, 401, 413)),
+    Route("GET", "/v1/admin/whoami", whoami, "The caller", auth="admin", response="Whoami", errors=(401,)),
+    Route("GET", "/v1/admin/devices", list_devices, "Devices", auth="admin", response="List", errors=_ADMIN),
+    Route("GET", "/v1/admin/incidents", list_incidents, "Incidents", auth="admin", response="List",
+          errors=_ADMIN),
+    Route("GET", "/v1/admin/incidents/{incident_id}", get_incident, "One incident with its reports",
+          auth="admin", response="Object", errors=(*_ADMIN, 404)),
+    Route("GET", "/v1/admin/incidents/{incident_id}/suggestion", suggest, "A proposed fix",
+          auth="admin", response="Object", errors=(*_ADMIN, 404)),
+    Route("GET", "/v1/admin/remediations", list_remediations, "Remediations", auth="admin",
+          response="List", errors=_ADMIN),
+    Route("POST", "/v1/admin/remediations", create_remediation, "Write a remediation (operator)",
+          auth="admin", body="RemediationRequest", response="Object", status=201,
+          errors=(400, *_ADMIN, 404, 413)),
+    Route("POST", "/v1/admin/remediations/{remediation_id}/approve", approve, "Approve (not the author)",
+          auth="admin", response="Object", errors=(*_ADMIN, 404, 409)),
+    Route("POST", "/v1/admin/remediations/{remediation_id}/revoke", revoke, "Revoke", auth="admin",
+          response="Object", errors=(*_ADMIN, 404)),
+    Route("POST", "/v1/admin/remediations/{remediation_id}/rollout", create_rollout,
+          "Set a staged rollout (operator)", auth="admin", body="RolloutPlan", response="Object",
+          status=201, errors=(400, *_ADMIN, 404, 409, 413)),
+    Route("GET", "/v1/admin/rollouts", list_rollouts, "Rollouts with per-wave progress", auth="admin",
+          response="List", errors=_ADMIN),
+    Route("GET", "/v1/admin/rollouts/{rollout_id}", get_rollout, "One rollout", auth="admin",
+          response="Object", errors=(*_ADMIN, 404)),
+    Route("POST", "/v1/admin/rollouts/{rollout_id}/pause", rollout_action, "Pause (operator)",
+          auth="admin", response="Object", errors=(400, *_ADMIN, 404, 409)),
+    Route("POST", "/v1/admin/rollouts/{rollout_id}/resume", rollout_action, "Resume (approver)",
+          auth="admin", response="Object", errors=(400, *_ADMIN, 404, 409)),
+    Route("POST", "/v1/admin/rollouts/{rollout_id}/revoke", rollout_action, "Revoke (approver)",
+          auth="admin", response="Object", errors=(400, *_ADMIN, 404, 409)),
+    Route("POST", "/v1/admin/users", create_user, "Add a person (admin)", auth="admin",
+          body="UserRequest", response="UserAnswer", status=201, errors=(400, *_ADMIN, 409, 413)),
+    Route("POST", "/v1/admin/enrollment-tokens", create_enrollment_token, "A fleet enrollment token (admin)",
+          auth="admin", body="EnrollmentTokenRequest", body_required=False, response="TokenAnswer", status=201,
+          errors=(400, *_ADMIN, 413)),
+    Route("GET", "/v1/admin/events", list_events, "The audit log", auth="admin", response="List",
+          errors=(400, *_ADMIN), query=(("device", "string", "only this device"),
+                                        ("after", "integer", "entries after this sequence number"))),
+    Route("GET", "/v1/admin/audit/verify", audit_verify, "Check the audit log's hash chain",
+          auth="admin", response="AuditVerify", errors=(400, *_ADMIN),
+          query=(("expect_head", "string", "a head SEQ:HASH recorded elsewhere"),)),
+)
 
 
 def make_app(service: RecoveryService) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
+    app[METRICS] = metrics.HttpMetrics()
     changed = asyncio.Event()
     app[CHANGED] = changed
 
@@ -247,38 +391,10 @@ def make_app(service: RecoveryService) -> web.Application:
         changed.clear()
 
     service.on_change = notify
-    app.add_routes([
-        web.get("/healthz", healthz),
-        web.get("/v1/server-key", server_key),
-        web.post("/v1/enroll", enroll),
-        web.post("/v1/challenge", challenge),
-        web.post("/v1/diagnostics", diagnostics),
-        web.get("/v1/reports/{report_id}/directive", directive),
-        web.post("/v1/results", result),
-        web.post("/v1/health", health),
-        web.get("/v1/admin/whoami", whoami),
-        web.get("/v1/admin/devices", list_devices),
-        web.get("/v1/admin/incidents", list_incidents),
-        web.get("/v1/admin/incidents/{incident_id}", get_incident),
-        web.get("/v1/admin/incidents/{incident_id}/suggestion", suggest),
-        web.get("/v1/admin/remediations", list_remediations),
-        web.post("/v1/admin/remediations", create_remediation),
-        web.post("/v1/admin/remediations/{remediation_id}/approve", approve),
-        web.post("/v1/admin/remediations/{remediation_id}/revoke", revoke),
-        web.post("/v1/admin/users", create_user),
-        web.post("/v1/admin/enrollment-tokens", create_enrollment_token),
-        web.get("/v1/admin/events", list_events),
-        web.get("/v1/admin/audit/verify", audit_verify),
-        web.post("/v1/admin/remediations/{remediation_id}/rollout", create_rollout),
-        web.get("/v1/admin/rollouts", list_rollouts),
-        web.get("/v1/admin/rollouts/{rollout_id}", get_rollout),
-        web.post("/v1/admin/rollouts/{rollout_id}/{action:pause|resume|revoke}", rollout_action),
-    ])
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
     app.cleanup_ctx.append(_rollout_ticker)
     return app
-
-
-TICK_S = 1.0
 
 
 async def _rollout_ticker(app: web.Application):

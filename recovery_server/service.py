@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -679,6 +680,8 @@ class RecoveryService:
 
     def verify_audit(self, user: User, expect_head: str | None = None) -> dict[str, Any]:
         self.require(user, "viewer")
+        if expect_head is not None and not re.fullmatch(r"[0-9]{1,18}:[0-9a-f]{64}", expect_head):
+            raise BadRequest("expect_head must be SEQ:SHA256 as audit verify printed it")
         return verify_audit(self.store, expect_head)
 
     def device_results(self, device_id: str) -> list[dict[str, Any]]:

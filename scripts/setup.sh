@@ -3,7 +3,7 @@
 #   Debian packages (apt-get, only the missing ones), then a venv in .venv with the project
 #   and its Python dependencies (reinstalled only when pyproject.toml changed).
 # Usage: scripts/setup.sh [--test] [--lab] [--postgres]
-#   --test      also the test dependencies
+#   --test      also the test dependencies (and Chromium, for the dashboard tests)
 #   --lab       also what the QEMU lab needs (QEMU, GRUB, mkfs, mtools, busybox, kernel build tools)
 #   --postgres  also a PostgreSQL server (Debian's), for the store tests on PostgreSQL
 set -euo pipefail
@@ -20,6 +20,9 @@ for arg in "$@"; do
 done
 
 packages=(python3 python3-venv python3-pip ca-certificates)
+if [ "$want_test" = 1 ]; then
+  packages+=(chromium chromium-driver)   # the dashboard is tested in a real browser
+fi
 if [ "$want_lab" = 1 ]; then
   packages+=(qemu-system-x86 qemu-utils grub-pc-bin grub-common dosfstools mtools e2fsprogs
              fdisk busybox-static cpio gzip kmod make gcc-12 libc6-dev)

@@ -109,7 +109,8 @@ def test_duplicate_keys_in_envelope_are_refused(key):
 
 
 @pytest.mark.parametrize("raw", [b"", b"[]", b"{}", b'{"payload": 1, "payloadType": "x", "signatures": []}',
-                                 b"NaN", b'{"payload": "!!", "payloadType": "x", "signatures": [{"sig": "x"}]}'])
+                                 b"NaN", b'{"payload": "!!", "payloadType": "x", "signatures": [{"sig": "x"}]}',
+                                 '{"payload": "\u00fa", "payloadType": "x", "signatures": [{"sig": "x"}]}'.encode()])
 def test_garbage_is_malformed_not_a_crash(key, raw):
     with pytest.raises(MalformedEnvelope):
         open_envelope(raw, Diagnostics, ring(key))

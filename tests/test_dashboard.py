@@ -1,0 +1,148 @@
+"""The dashboard in a real headless Chromium (Debian's chromium and chromium-driver, driven by
+selenium): sign in, see incidents, devices, remediations and rollouts; approve and pause from
+the page; the roles hold there as on the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from .test_api_contract import SQLITE_ONLY, populate
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(os.environ.get("QMR_TEST_ARTIFACTS", tempfile.gettempdir())) / "qmr-dashboard"
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail("Chromium is missing: scripts/setup.sh --test installs Debian's chromium and "
+                    "chromium-driver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="qmr-chromium-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def drive(driver, url: str, token: str, shot: str, actions):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 20)
+    driver.get(url + "/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(url + "/")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait.until(EC.visibility_of_element_located((By.ID, "main")))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#incidents tr[data-id]"))
+    result = actions(driver, wait, By)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / shot))
+    return result
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(180)
+async def test_approve_and_pause_from_the_page(fleet, browser):
+    ids = populate(fleet)
+    token = fleet.service.create_user("bea", "approver")
+
+    def actions(driver, wait, By):
+        seen = {
+            "who": driver.find_element(By.ID, "who").text,
+            "incident": driver.find_element(By.CSS_SELECTOR, "#incidents tr[data-id]").text,
+            "devices": len(driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]")),
+            "audit": driver.find_element(By.ID, "audit").text,
+        }
+        row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
+        row.find_element(By.TAG_NAME, "button").click()
+        wait.until(lambda d: "Approve: done" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: "approved" in d.find_element(
+            By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]').text)
+        ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
+        ro.find_element(By.XPATH, ".//button[text()='Pause']").click()
+        wait.until(lambda d: "Pause: done" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: "paused" in d.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]').text)
+        return seen
+
+    seen = await asyncio.to_thread(drive, browser, fleet.url, token, "approver.png", actions)
+    assert seen["who"] == "bea (approver)"
+    assert "general protection fault in sensor_parse_channel" in seen["incident"]
+    assert seen["devices"] == 6
+    assert "hash chain intact" in seen["audit"]
+    rem = fleet.service.remediation(ids["remediation"])
+    assert rem["status"] == "approved" and [a["approver"] for a in rem["approvals"]] == ["bea"]
+    assert fleet.service.rollout(ids["rollout"])["state"] == "paused"
+    approvals = [e for e in fleet.service.events() if e["kind"] == "remediation.approval"]
+    assert approvals[-1]["actor"] == "bea"
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(180)
+async def test_a_viewer_sees_but_cannot_approve(fleet, browser):
+    ids = populate(fleet)
+    token = fleet.service.create_user("vic", "viewer")
+
+    def actions(driver, wait, By):
+        row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
+        row.find_element(By.TAG_NAME, "button").click()
+        wait.until(lambda d: "needs the approver role" in d.find_element(By.ID, "status").text)
+        return driver.find_element(By.ID, "status").text
+
+    status = await asyncio.to_thread(drive, browser, fleet.url, token, "viewer.png", actions)
+    assert "vic is viewer" in status
+    assert fleet.service.remediation(ids["remediation"])["status"] == "pending"
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(120)
+async def test_a_bad_token_is_refused_on_the_page(fleet, browser):
+    populate(fleet)
+
+    def go():
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+        browser.get(fleet.url + "/")
+        browser.find_element(By.ID, "token").send_keys("qmr_not-a-token")
+        browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+        WebDriverWait(browser, 20).until(lambda d: "not recognised" in d.find_element(By.ID, "status").text)
+        return browser.find_element(By.ID, "main").is_displayed()
+
+    assert await asyncio.to_thread(go) is False
+
+
+@SQLITE_ONLY
+async def test_server_values_are_shown_as_text_not_html(fleet, browser):
+    """A device id is attacker-controlled input: it must never become markup."""
+    from recovery_server.fleetsim import FleetSim
+    sim = FleetSim(fleet.service, 1)
+    sim.enroll_all(fleet.enrollment_token)
+    sim.crash_all()
+    fleet.service.create_remediation(fleet.user("oscar"), title='<img src=x onerror="window.pwned=1">',
+                                     actions=[{"type": "disable_driver", "name": "sensor"}], incident_id=None)
+    token = fleet.service.create_user("bea", "approver")
+
+    def actions(driver, wait, By):
+        wait.until(lambda d: "<img" in d.find_element(By.ID, "remediations").text)
+        return driver.execute_script("return window.pwned === undefined && !document.querySelector('#remediations img')")
+
+    assert await asyncio.to_thread(drive, browser, fleet.url, token, "escaping.png", actions) is True
