@@ -62,7 +62,7 @@ def drive(driver, url: str, token: str, shot: str, actions):
 
 @SQLITE_ONLY
 @pytest.mark.timeout(180)
-async def test_approve_and_pause_from_the_page(fleet, browser):
+async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     ids = populate(fleet)
     token = fleet.service.create_user("bea", "approver")
 
@@ -82,6 +82,10 @@ async def test_approve_and_pause_from_the_page(fleet, browser):
         ro.find_element(By.XPATH, ".//button[text()='Pause']").click()
         wait.until(lambda d: "Pause: done" in d.find_element(By.ID, "status").text)
         wait.until(lambda d: "paused" in d.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]').text)
+        seen["paused"] = fleet.service.rollout(ids["rollout"])["state"]
+        ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
+        ro.find_element(By.XPATH, ".//button[text()='Resume']").click()
+        wait.until(lambda d: "Resume: done" in d.find_element(By.ID, "status").text)
         return seen
 
     seen = await asyncio.to_thread(drive, browser, fleet.url, token, "approver.png", actions)
@@ -91,7 +95,10 @@ async def test_approve_and_pause_from_the_page(fleet, browser):
     assert "hash chain intact" in seen["audit"]
     rem = fleet.service.remediation(ids["remediation"])
     assert rem["status"] == "approved" and [a["approver"] for a in rem["approvals"]] == ["bea"]
-    assert fleet.service.rollout(ids["rollout"])["state"] == "paused"
+    assert seen["paused"] == "paused"
+    assert fleet.service.rollout(ids["rollout"])["state"] == "active"
+    assert [e["kind"] for e in fleet.service.events() if e["kind"].startswith("rollout.")][-2:] == [
+        "rollout.pause", "rollout.resume"]
     approvals = [e for e in fleet.service.events() if e["kind"] == "remediation.approval"]
     assert approvals[-1]["actor"] == "bea"
 

@@ -50,7 +50,14 @@
 #include <linux/processor.h>
 #include <asm/unaligned.h>
 
+/*
+ * The version is set from the build: the lab builds 1.0 (the known-good driver) and a 2.0 with
+ *   KCFLAGS='-DSENSOR_VERSION=\"2.0\" -DSENSOR_BAD_DRIVER'
+ * a "bad driver" release that crashes at init whatever the channel files hold.
+ */
+#ifndef SENSOR_VERSION
 #define SENSOR_VERSION		"1.0"
+#endif
 #define SENSOR_MAGIC		"CHNL"
 #define SENSOR_HDR_SIZE		12
 #define SENSOR_FIELD_SLOTS	32		/* size of the field table */
@@ -202,6 +209,33 @@ static noinline int sensor_parse_channel(const char *path, const u8 *data,
 	return 0;
 }
 
+#ifdef SENSOR_BAD_DRIVER
+/*
+ * The bad-driver scenario: version 2.0 looks its lookup tables up through a
+ * pointer that nothing ever sets, so init dereferences NULL (+ an offset):
+ *   BUG: kernel NULL pointer dereference, address: 0000000000000018
+ *   RIP: 0010:sensor_v2_init_tables+0x.../0x... [sensor]
+ * The fix is not a content file but rolling the driver back to 1.0 from the
+ * driver store.
+ */
+struct sensor_v2_tables {
+	u64 magic;
+	u64 count;
+	u64 reserved;
+	u64 slots[8];
+};
+
+static struct sensor_v2_tables *sensor_v2_tables;	/* never set: the bug */
+
+static noinline int sensor_v2_init_tables(void)
+{
+	u64 slots = READ_ONCE(sensor_v2_tables->slots[0]);
+
+	pr_info("sensor: v2 tables ready (%llu slots)\n", slots);
+	return 0;
+}
+#endif
+
 static int __init sensor_init(void)
 {
 	struct sensor_dir_ctx sctx = { .ctx.actor = sensor_filldir };
@@ -211,6 +245,11 @@ static int __init sensor_init(void)
 	int err;
 
 	pr_info("sensor: version %s, channel_dir %s\n", SENSOR_VERSION, channel_dir);
+#ifdef SENSOR_BAD_DRIVER
+	err = sensor_v2_init_tables();
+	if (err)
+		return err;
+#endif
 
 	if (hang) {
 		pr_info("sensor: hang=1, spinning forever\n");
