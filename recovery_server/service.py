@@ -34,6 +34,7 @@ from recovery_agent.envelope import EnvelopeError, SigningKey
 from recovery_agent.wire import (Action, Challenge, Diagnostics, DiagnosticsReceipt, Directive,
                                  DirectivePoll, Health, QuarantineFile, Result)
 
+from . import catalog
 from .rollout import RolloutPlan, WaveCounts, decide, wave_of
 from .store import Store, verify_audit
 
@@ -432,29 +433,17 @@ class RecoveryService:
         return self.remediation(rid)
 
     def suggest_actions(self, user: User, incident_id: str) -> dict[str, Any]:
-        """Propose a fix from what the incident's reports say (a person still reviews and
-        approves it): quarantine the channel file the crashing driver was reading, by the
-        content its devices reported, never by name alone."""
+        """A draft fix from the catalog of known fixes (catalog.py); a person still turns it
+        into a remediation and others approve it."""
         self.require(user, "viewer")
         inc = self.store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
         if inc is None:
             raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
-        actions: list[dict[str, Any]] = []
-        why: list[str] = []
-        if inc["channel_file"]:
-            hashes: dict[str, set[str]] = {}
-            for r in self.store.all("SELECT payload FROM reports WHERE incident_id = ?", incident_id):
-                for f in Diagnostics.model_validate_json(r["payload"]).channel_files:
-                    if f.path == inc["channel_file"]:
-                        hashes.setdefault(f.sha256, set()).add(f.path)
-            for sha in sorted(hashes):
-                actions.append({"type": "quarantine_file", "path": inc["channel_file"], "sha256": sha})
-            why.append(f"the {inc['guilty_module'] or 'driver'} crashed while loading "
-                       f"{inc['channel_file']} ({len(hashes)} distinct content(s) reported)")
-        if not actions:
-            why.append("no known fix for this crash: write the actions by hand")
-        return {"incident_id": incident_id, "title": f"Quarantine the file behind {inc['title']}"
-                if actions else "", "actions": actions, "why": why}
+        reports = (Diagnostics.model_validate_json(r["payload"]) for r in self.store.all(
+            "SELECT payload FROM reports WHERE incident_id = ?", incident_id))
+        proposal = catalog.propose(dict(inc), reports)
+        return {"incident_id": incident_id, "title": proposal.title, "actions": proposal.actions,
+                "why": proposal.why}
 
     def approve(self, user: User, remediation_id: str) -> dict[str, Any]:
         self.require(user, "approver")

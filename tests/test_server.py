@@ -257,3 +257,23 @@ def test_unreachable_postgres_is_a_clear_error():
     from recovery_server.store import Store, StoreError
     with pytest.raises(StoreError, match=r"cannot connect to PostgreSQL at postgresql://u:\*\*\*@127.0.0.1:1/x"):
         Store("postgresql://u:secret@127.0.0.1:1/x?connect_timeout=2")
+
+
+def test_catalog_proposes_a_driver_rollback_when_the_crash_is_in_a_newer_driver():
+    from recovery_server.catalog import propose
+    driver = "lib/modules/6.1.0-56-amd64/extra/sensor.ko"
+    store_v1 = "var/lib/driver-store/sensor/1.0/sensor.ko"
+    d = Diagnostics(device_id="d", server_nonce="n" * 32, agent_nonce="a" * 32, created_at=utcnow(),
+                    agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
+                    crash=CrashSignature(kind=CrashKind.KERNEL_PANIC, title="BUG: kernel NULL pointer "
+                                         "dereference in sensor_v2_init_tables", guilty_module="sensor"),
+                    system=SystemInfo(),
+                    drivers=[FileRecord(path=driver, size=1, mtime=0, sha256="2" * 64, version="2.0")],
+                    driver_store=[FileRecord(path=store_v1, size=1, mtime=0, sha256="1" * 64, version="1.0")])
+    p = propose({"channel_file": None, "guilty_module": "sensor"}, [d])
+    assert p.actions == [{"type": "restore_file", "path": driver, "source": store_v1, "sha256": "1" * 64}]
+    # The same version in the store is no fix; a crash in no module has no known fix.
+    same = d.model_copy(update={"driver_store": [FileRecord(path=store_v1, size=1, mtime=0, sha256="2" * 64,
+                                                            version="2.0")]})
+    assert propose({"channel_file": None, "guilty_module": "sensor"}, [same]).actions == []
+    assert "no known fix" in propose({"channel_file": None, "guilty_module": None}, [d]).why[0]

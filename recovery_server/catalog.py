@@ -1,0 +1,68 @@
+"""The catalog of known fixes: from what an incident's reports say, propose a remediation.
+
+A proposal is only a draft: a person still writes it into a remediation, and other people
+approve it. Two fixes are known, each identifying files by content, never by name alone (the
+bad and the fixed channel file 291 had the same name pattern):
+
+- **a bad content file**: the crashing driver said which channel file it was loading;
+  quarantine that path with the content (sha256) the devices reported for it;
+- **a bad driver version**: the crash is in module M, the device runs version A of M, and
+  its driver store holds another version B: restore B over the active file.
+
+Anything else (a crash in no module, a hang, init dying) has no known fix; the proposal says
+so and a person writes the actions by hand, or nobody does and the devices are flagged for
+manual recovery when their attempts run out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from recovery_agent.wire import Diagnostics, FileRecord
+
+
+@dataclass
+class Proposal:
+    title: str = ""
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)
+
+
+def _module_of(record: FileRecord) -> str:
+    return record.path.rsplit("/", 1)[-1].split(".ko")[0]
+
+
+def propose(incident: dict[str, Any], reports: Iterable[Diagnostics]) -> Proposal:
+    reports = list(reports)
+    p = Proposal()
+    channel_file = incident.get("channel_file")
+    module = incident.get("guilty_module")
+    if channel_file:
+        contents = sorted({f.sha256 for d in reports for f in d.channel_files if f.path == channel_file})
+        for sha in contents:
+            p.actions.append({"type": "quarantine_file", "path": channel_file, "sha256": sha})
+        p.title = f"Quarantine {channel_file.rsplit('/', 1)[-1]}"
+        p.why.append(f"{module or 'the driver'} crashed while loading {channel_file}; "
+                     f"{len(contents)} distinct content(s) reported for it")
+        return p
+    if module:
+        restores: dict[tuple[str, str, str], str] = {}
+        for d in reports:
+            active = [f for f in d.drivers if _module_of(f) == module]
+            stored = [f for f in d.driver_store if _module_of(f) == module]
+            for a in active:
+                other = sorted((s for s in stored if s.version != a.version and s.sha256 != a.sha256),
+                               key=lambda s: s.version or "", reverse=True)
+                if other:
+                    s = other[0]
+                    restores[(a.path, s.path, s.sha256)] = f"{a.version or '?'} -> {s.version or '?'}"
+        for (path, source, sha), change in sorted(restores.items()):
+            p.actions.append({"type": "restore_file", "path": path, "source": source, "sha256": sha})
+            p.why.append(f"{module} {change}: the crash is in {module}; the driver store holds "
+                         f"another version")
+        if p.actions:
+            p.title = f"Roll {module} back to the stored version"
+            return p
+    p.why.append("no known fix for this crash: write the actions by hand")
+    return p
