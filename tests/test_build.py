@@ -1,0 +1,318 @@
+"""recovery-lab build, the pure-Python parts: scenario files, the MBR writer, the stage cache,
+tool errors, module ordering, applying a scenario, and the guest's grubenv writer. No QEMU,
+no downloads."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from recovery_agent.bootenv import BootEnv
+from recovery_lab import build, disk
+from recovery_lab.scenario import ScenarioError, all_scenarios, load_scenario
+from recovery_lab.tools import ToolFailed, ToolMissing, require, run
+
+IMAGES = Path(__file__).resolve().parents[1] / "images"
+
+GOOD = """\
+name = "{name}"
+description = "test"
+
+[[files]]
+path = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
+action = "add"
+source = "channel:bad-291"
+
+[expect]
+ends_in = "recovery"
+panics = 2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "mine") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text.replace("{name}", name))
+    return path
+
+
+# ------------------------------------------------------------------ scenarios
+
+def test_shipped_scenarios_are_valid() -> None:
+    names = {load_scenario(p).name for p in all_scenarios(IMAGES)}
+    assert names == {"healthy", "channel-file", "bad-driver", "boot-hang", "init-crash",
+                     "unknown"}
+
+
+def test_valid_scenario(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, GOOD))
+    assert s.files[0].source == "channel:bad-291"
+    assert s.expect.ends_in == "recovery" and s.expect.panics == 2
+    assert len(s.source_sha256) == 64
+
+
+@pytest.mark.parametrize("old,new,field,fix", [
+    ('action = "add"', 'action = "delete"', "files[0].action", "add, replace, corrupt, remove"),
+    ('source = "channel:bad-291"', 'source = "channel:nope"', "files[0].source",
+     "channel:good-291"),
+    ('path = "var/', 'path = "/var/', "files[0].path", "without a leading '/'"),
+    ('path = "var/', 'path = "../var/', "files[0].path", "without a leading '/'"),
+    ('ends_in = "recovery"', 'ends_in = "reboot"', "expect.ends_in", '"healthy" or "recovery"'),
+    ('panics = 2', 'panics = 2\npanicz = 1', "expect.panicz", "remove it"),
+    ('description = "test"', 'description = "test"\nkernel_args = ["a=$x"]', "kernel_args",
+     "no quotes"),
+    ('source = "channel:bad-291"', '', "files[0]", "needs exactly one of source or content"),
+])
+def test_invalid_scenario_names_file_field_and_fix(tmp_path: Path, old: str, new: str,
+                                                   field: str, fix: str) -> None:
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert f"field {field}" in msg
+    assert fix in msg
+
+
+def test_missing_expect(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.split("[expect]")[0])
+    with pytest.raises(ScenarioError, match=r"field expect: Field required: add it"):
+        load_scenario(path)
+
+
+def test_name_must_match_file(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("{name}", "other"), name="mine")
+    with pytest.raises(ScenarioError, match="rename the file to other.toml"):
+        load_scenario(path)
+
+
+def test_bad_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, "name = ")
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        load_scenario(path)
+
+
+def _root(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "early.conf").write_text("a=b\n")
+    (root / "etc" / "gone").write_text("x")
+    sensor = tmp_path / "sensor"
+    for v in ("1.0", "2.0"):
+        (sensor / v).mkdir(parents=True)
+        (sensor / v / "sensor.ko").write_bytes(f"ko {v}".encode())
+    (root / "lib/modules/6.1.0-1-amd64/extra").mkdir(parents=True)
+    (root / "lib/modules/6.1.0-1-amd64/extra/sensor.ko").write_bytes(b"ko 1.0")
+    (root / "boot").mkdir()
+    return root, sensor
+
+
+def test_apply_scenario(tmp_path: Path) -> None:
+    root, sensor = _root(tmp_path)
+    path = write(tmp_path, """\
+name = "mine"
+description = "x"
+kernel_args = ["sensor.hang=1", "softlockup_panic=1"]
+[[files]]
+path = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
+action = "add"
+source = "channel:bad-291"
+[[files]]
+path = "lib/modules/{kernel_release}/extra/sensor.ko"
+action = "replace"
+source = "sensor:2.0"
+[[files]]
+path = "etc/early.conf"
+action = "corrupt"
+[[files]]
+path = "etc/gone"
+action = "remove"
+[[files]]
+path = "etc/init.d/S20-x"
+action = "add"
+content = "exit 1\\n"
+mode = "0755"
+[expect]
+ends_in = "recovery"
+""")
+    build.apply_scenario(root, load_scenario(path), sensor, "6.1.0-1-amd64")
+    bad = (root / "var/lib/sensor/channels/C-00000291-00000000-00000032.sys").read_bytes()
+    assert len(bad) == 172 and bad[6] == 21 and bad[8] == 20
+    assert (root / "lib/modules/6.1.0-1-amd64/extra/sensor.ko").read_bytes() == b"ko 2.0"
+    assert (root / "etc/early.conf").read_bytes() == bytes(c ^ 0xFF for c in b"a=b\n")
+    assert not (root / "etc/gone").exists()
+    assert (root / "etc/init.d/S20-x").stat().st_mode & 0o777 == 0o755
+    assert 'set qmr_os_args="sensor.hang=1 softlockup_panic=1"' in (
+        root / "boot/cmdline.cfg").read_text()
+
+
+@pytest.mark.parametrize("action,path,fix", [
+    ("add", "etc/early.conf", 'use action = "replace"'),
+    ("remove", "etc/nothing", 'use action = "add", or fix the path'),
+])
+def test_apply_scenario_checks_existence(tmp_path: Path, action: str, path: str,
+                                         fix: str) -> None:
+    root, sensor = _root(tmp_path)
+    data = '\ncontent = "x"' if action == "add" else ""
+    f = write(tmp_path, f'name = "mine"\ndescription = "x"\n[[files]]\npath = "{path}"\n'
+                        f'action = "{action}"{data}\n[expect]\nends_in = "healthy"\n')
+    with pytest.raises(ScenarioError, match="field files\\[0\\]") as info:
+        build.apply_scenario(root, load_scenario(f), sensor, "6.1.0-1-amd64")
+    assert fix in str(info.value)
+
+
+# ------------------------------------------------------------------ MBR
+
+def test_mbr_table_round_trip() -> None:
+    parts = disk.layout(build.PARTITIONS)
+    assert [p.start for p in parts] == [2048, 2048 + 32 * 2048, 2048 + 224 * 2048]
+    table = disk.mbr_table(parts)
+    assert len(table) == 72 and table[-2:] == b"\x55\xaa"
+    sector0 = bytes(440) + table
+    back = disk.parse_mbr(sector0)
+    assert [(p.number, p.type_id, p.start, p.sectors, p.bootable) for p in back] == [
+        (p.number, p.type_id, p.start, p.sectors, p.bootable) for p in parts]
+    assert int.from_bytes(sector0[440:444], "little") == disk.DISK_SIGNATURE
+
+
+def test_mbr_rejects_overlap() -> None:
+    a = disk.Partition(1, "a", disk.TYPE_LINUX, 2048, 4096)
+    b = disk.Partition(2, "b", disk.TYPE_LINUX, 4000, 100)
+    with pytest.raises(disk.DiskError, match="overlaps"):
+        disk.mbr_table([a, b])
+
+
+def test_assemble_places_everything(tmp_path: Path) -> None:
+    parts = disk.layout([("esp", disk.TYPE_FAT16_LBA, 1), ("os", disk.TYPE_LINUX, 2)])
+    images = {1: tmp_path / "p1", 2: tmp_path / "p2"}
+    images[1].write_bytes(b"FAT!" + bytes(1000))
+    images[2].write_bytes(b"\0" * (1 << 20) + b"EXT4")
+    boot = tmp_path / "boot.img"
+    boot.write_bytes(bytes(range(256)) * 2)
+    core = tmp_path / "core.img"
+    core.write_bytes(b"CORE" * 300)
+    out = tmp_path / "disk.img"
+    disk.assemble(out, parts, images, boot, core)
+    data = out.read_bytes()
+    assert len(data) == (2048 + 3 * 2048) * 512
+    assert data[:440] == (bytes(range(256)) * 2)[:440]
+    assert data[512:516] == b"CORE"
+    assert data[parts[0].offset:parts[0].offset + 4] == b"FAT!"
+    assert data[parts[1].offset + (1 << 20):parts[1].offset + (1 << 20) + 4] == b"EXT4"
+    if shutil.which("sfdisk") or Path("/usr/sbin/sfdisk").exists():
+        dump = run(["sfdisk", "--dump", out])
+        assert "start=        2048, size=        2048, type=e, bootable" in dump
+
+
+def test_core_img_must_fit(tmp_path: Path) -> None:
+    parts = disk.layout([("esp", disk.TYPE_FAT16_LBA, 1)])
+    (tmp_path / "p1").write_bytes(b"x")
+    (tmp_path / "boot.img").write_bytes(bytes(512))
+    (tmp_path / "core.img").write_bytes(bytes(2048 * 512))
+    with pytest.raises(disk.DiskError, match="does not fit"):
+        disk.assemble(tmp_path / "d", parts, {1: tmp_path / "p1"}, tmp_path / "boot.img",
+                      tmp_path / "core.img")
+
+
+# ------------------------------------------------------------------ cache
+
+def test_cache_key_changes_with_any_input(tmp_path: Path) -> None:
+    lines: list[str] = []
+    cache = build.Cache(tmp_path, lines.append)
+    calls: list[Path] = []
+
+    def make(out: Path) -> None:
+        calls.append(out)
+        (out / "product").write_text("x")
+
+    first = cache.stage("thing", {"version": "1", "file": "aa"}, make)
+    again = cache.stage("thing", {"file": "aa", "version": "1"}, make)  # same inputs, any order
+    assert first == again and len(calls) == 1
+    assert lines[-1].startswith("[thing] cached")
+    other = cache.stage("thing", {"version": "2", "file": "aa"}, make)
+    assert other != first and len(calls) == 2
+    assert (other / "product").exists() and (other / "inputs.json").exists()
+
+    def make_differently(out: Path) -> None:  # a changed stage builds anew
+        (out / "product").write_text("y")
+
+    changed = cache.stage("thing", {"version": "1", "file": "aa"}, make_differently)
+    assert changed not in (first, other)
+
+
+def test_failed_stage_leaves_no_entry(tmp_path: Path) -> None:
+    cache = build.Cache(tmp_path, lambda _: None)
+
+    def fail(out: Path) -> None:
+        run(["false"])
+
+    with pytest.raises(build.BuildError, match="stage broken: false failed"):
+        cache.stage("broken", {}, fail)
+    assert not list(tmp_path.glob("broken-*/inputs.json"))
+
+
+def test_cache_key_is_order_independent() -> None:
+    assert build.cache_key({"a": 1, "b": [1, 2]}) == build.cache_key({"b": [1, 2], "a": 1})
+    assert build.cache_key({"a": 1}) != build.cache_key({"a": 2})
+
+
+# ------------------------------------------------------------------ tools
+
+def test_missing_tool_names_package() -> None:
+    with pytest.raises(ToolMissing) as info:
+        run(["mkfs.fat-not-here"])
+    assert "mkfs.fat-not-here not found" in str(info.value)
+
+
+def test_missing_known_tool_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("recovery_lab.tools.which", lambda tool: None)
+    with pytest.raises(ToolMissing, match=r"mkfs.fat not found: install dosfstools "
+                                          r"\(apt-get install dosfstools\)"):
+        run(["mkfs.fat", "-C", "x", "100"])
+    with pytest.raises(ToolMissing, match="all at once: apt-get install dosfstools mtools"):
+        require("mkfs.fat", "mcopy")
+
+
+def test_failing_tool_shows_stderr_tail() -> None:
+    with pytest.raises(ToolFailed) as info:
+        run(["sh", "-c", "for i in $(seq 1 50); do echo line$i >&2; done; exit 3"])
+    msg = str(info.value)
+    assert "exit 3" in msg and "line50" in msg and "line1\n" not in msg
+    assert info.value.returncode == 3
+
+
+# ------------------------------------------------------------------ modules
+
+def test_module_closure_orders_dependencies(tmp_path: Path) -> None:
+    moddir = tmp_path / "lib/modules/6.1.0-1-amd64"
+    moddir.mkdir(parents=True)
+    (moddir / "modules.dep").write_text(
+        "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n"
+        "kernel/lib/crc16.ko:\nkernel/fs/mbcache.ko:\nkernel/fs/jbd2/jbd2.ko:\n"
+        "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko: kernel/drivers/misc/pvpanic/pvpanic.ko\n"
+        "kernel/drivers/misc/pvpanic/pvpanic.ko:\n")
+    order = build.module_closure(tmp_path, "6.1.0-1-amd64", ["ext4", "pvpanic-mmio", "jbd2"])
+    assert order.index("kernel/fs/ext4/ext4.ko") > order.index("kernel/fs/jbd2/jbd2.ko")
+    assert order.index("kernel/fs/ext4/ext4.ko") > order.index("kernel/lib/crc16.ko")
+    assert order[-1] == "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko"
+    assert len(order) == len(set(order)) == 6
+    with pytest.raises(build.BuildError, match="no module nope"):
+        build.module_closure(tmp_path, "6.1.0-1-amd64", ["nope"])
+
+
+# ------------------------------------------------------------------ guest grubenv writer
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+def test_guest_grubenv_reset_keeps_size_and_other_variables(tmp_path: Path) -> None:
+    env = tmp_path / "grubenv"
+    BootEnv.new({"boot_limit": 2, "boot_count": 12, "other": "x"}).create(env)
+    before_inode = env.stat().st_ino
+    script = f". {IMAGES / 'os' / 'lib.sh'}; qmr_grubenv_reset {env} && qmr_grubenv_get {env} boot_count"
+    out = subprocess.run(["/bin/busybox", "sh", "-c", script], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, env={"PATH": "/bin:/usr/bin"})
+    assert out.stdout.strip() == "0"
+    assert env.stat().st_size == 1024 and env.stat().st_ino == before_inode
+    assert dict(BootEnv.read(env)) == {"boot_limit": "2", "boot_count": "0", "other": "x"}
