@@ -1,0 +1,101 @@
+"""Read what a run left on a machine's disk, from outside the VM and without mounting.
+
+A run's writes live in its qcow2 overlay; ``DiskImage`` flattens it to a raw file (sparse,
+so a 400 MiB disk costs what was written), finds the partitions from the MBR, and reads:
+files on the FAT ESP through mtools (``grub/grubenv``), and files and folders on the ext4 OS
+and recovery partitions through debugfs. No loop device, no root needed, nothing is written
+to the image.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from recovery_agent.bootenv import BootEnv
+
+from . import tools
+from .disk import SECTOR, Partition, parse_mbr
+
+ESP, OS, RECOVERY = 1, 2, 3
+
+
+class DiskImage:
+    def __init__(self, image: Path) -> None:
+        self.source = Path(image)
+        self._tmp = Path(tempfile.mkdtemp(prefix="qmr-inspect-"))
+        if self.source.suffix == ".qcow2":
+            tools.require("qemu-img")
+            self.raw = self._tmp / "disk.raw"
+            tools.run(["qemu-img", "convert", "-O", "raw", str(self.source), str(self.raw)])
+        else:
+            self.raw = self.source
+        with open(self.raw, "rb") as f:
+            self.partitions = {p.number: p for p in parse_mbr(f.read(SECTOR))}
+        self._extracted: dict[int, Path] = {}
+
+    def __enter__(self) -> "DiskImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _part(self, number: int) -> Partition:
+        try:
+            return self.partitions[number]
+        except KeyError:
+            raise FileNotFoundError(f"{self.source} has no partition {number}") from None
+
+    def esp_file(self, path: str) -> bytes:
+        tools.require("mcopy")
+        out = self._tmp / "esp-file"
+        part = self._part(ESP)
+        tools.run(["mcopy", "-n", "-o", "-i", f"{self.raw}@@{part.offset}", f"::{path}", str(out)])
+        return out.read_bytes()
+
+    def grubenv(self) -> BootEnv:
+        return BootEnv.from_bytes(self.esp_file("grub/grubenv"), where=f"{self.source} grub/grubenv")
+
+    def _ext4(self, number: int) -> Path:
+        if number not in self._extracted:
+            part = self._part(number)
+            out = self._tmp / f"p{number}.img"
+            with open(self.raw, "rb") as src, open(out, "wb") as dst:
+                src.seek(part.offset)
+                left = part.size
+                while left:
+                    chunk = src.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    if chunk.count(0) == len(chunk):
+                        dst.seek(len(chunk), 1)  # keep it sparse
+                    else:
+                        dst.write(chunk)
+                    left -= len(chunk)
+                dst.truncate(part.size)
+            self._extracted[number] = out
+        return self._extracted[number]
+
+    def ext4_file(self, number: int, path: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist."""
+        tools.require("debugfs")
+        out = self._tmp / "ext4-file"
+        out.unlink(missing_ok=True)
+        tools.run(["debugfs", "-R", f"dump -p /{path.lstrip('/')} {out}", str(self._ext4(number))])
+        return out.read_bytes() if out.exists() else None
+
+    def ext4_listdir(self, number: int, path: str) -> list[str]:
+        """Names in a folder (without . and ..), or [] if it does not exist."""
+        tools.require("debugfs")
+        text = tools.run(["debugfs", "-R", f"ls -p /{path.lstrip('/')}", str(self._ext4(number))])
+        names = []
+        for line in text.splitlines():
+            m = re.match(r"^/\d+/\d+/\d+/\d+/(.*)/\d*/$", line.strip())
+            if m and m.group(1) not in (".", ".."):
+                names.append(m.group(1))
+        return names
