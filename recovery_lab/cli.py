@@ -3,6 +3,7 @@
   demo     the whole loop on this machine, with a directory standing in for the VM's disks
   build    the disk images of the scenarios in images/scenarios (cached; see images/README.md)
   boot     boot one scenario's disk image in QEMU and print the timeline of what happened
+  run      the whole recovery loop in QEMU: server, failed boots, agent, approval, fix, healthy boot
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cache", type=Path,
                    help="cache directory (default: $QMR_CACHE, else .cache/qmr in the checkout)")
     _add_boot_parser(sub)
+    _add_run_parser(sub)
     args = p.parse_args(argv)
     if args.cmd == "boot":
         return _boot(args)
+    if args.cmd == "run":
+        return _run(args)
     if args.cmd == "build":
         return _build(args.scenarios, args.cache)
     if args.cmd == "demo":
@@ -103,6 +107,55 @@ def _boot(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report.to_json(), indent=1) if args.json else report.render())
     return 2 if report.outcome in ("timed-out", "qemu-exited") else 0
+
+
+# --------------------------------------------------------------------------- run (the whole loop)
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="the whole recovery loop in QEMU, with a recovery server")
+    r.add_argument("scenario", metavar="SCENARIO", help="scenario name or .toml file")
+    r.add_argument("--auto-approve", action="store_true",
+                   help="the lab writes and approves the catalog's fix as two lab people "
+                        "(default: wait for a person with recovery-admin)")
+    r.add_argument("--report", type=Path, help="write the JSON report here")
+    r.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    r.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
+    r.add_argument("--keep", action="store_true", help="keep the VM's disk overlay too")
+    r.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
+    r.add_argument("--retry-interval", type=int, default=5, metavar="MIN",
+                   help="QMR retry interval, in lab minutes of one second (default 5)")
+    r.add_argument("--time-to-reboot", type=int, default=90, metavar="MIN",
+                   help="QMR time to reboot, in lab minutes of one second (default 90)")
+    r.add_argument("--max-attempts", type=int, default=3,
+                   help="recovery attempts before the device needs a person (default 3)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from .build import BuildError
+    from .qemu import QemuError
+    from .run import RunOptions, render, run
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opts = RunOptions(scenario=args.scenario, auto_approve=args.auto_approve, timeout_s=args.timeout,
+                      workdir=args.workdir, keep=args.keep, accel=args.accel,
+                      retry_interval_min=args.retry_interval, time_to_reboot_min=args.time_to_reboot,
+                      max_recovery_attempts=args.max_attempts,
+                      log=lambda line: print(line, flush=True))
+    try:
+        report = run(opts)
+    except (BuildError, ScenarioError, ToolError, QemuError, FileNotFoundError) as exc:
+        print(f"recovery-lab run: {exc}", file=sys.stderr)
+        return 1
+    print(report.boot.timeline.render() if report.boot else "")
+    print(render(report))
+    if args.report:
+        args.report.write_text(json.dumps(report.to_json(), indent=1))
+        print(f"report written to {args.report}")
+    return 0 if report.recovered else 3
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's second command: set up, then run every test (QEMU tests included).
+# The README's second command: set up, then run every test (QEMU tests included: they build
+# the lab's disk images first, cached under .cache/qmr or $QMR_CACHE).
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not qemu" -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --test --postgres
+scripts/setup.sh --test --lab --postgres
 # The store tests run on SQLite and on a real PostgreSQL started here (loopback only).
 QMR_TEST_POSTGRES=$(scripts/postgres.sh start)
 export QMR_TEST_POSTGRES

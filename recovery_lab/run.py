@@ -1,0 +1,364 @@
+"""``recovery-lab run SCENARIO``: the whole recovery loop, end to end, in QEMU.
+
+1. Build (or take from the cache) the scenario's disk image.
+2. Start a recovery server on 127.0.0.1 (SQLite in the run's folder) with an admin, and for
+   ``--auto-approve`` two lab people: one writes the fix, the other approves it.
+3. Enroll the machine's device key, as it would have been enrolled while healthy, and put
+   the per-run settings (server URL, pinned server key, device key, QMR timing) on a small
+   seed disk. The cached base image holds no secrets.
+4. Boot the image (a qcow2 overlay; the base is never written) with user-mode networking
+   restricted to the server's port, and follow it: the failed boots, GRUB's switch to the
+   recovery environment, the agent's diagnostics, the approval (by the lab with
+   ``--auto-approve``, else by a person with ``recovery-admin`` while it waits), the
+   directive, the reboot, the healthy boot reported back.
+5. Read the disk the run left (quarantine, channel files, grubenv) and the server's records,
+   print the timeline with the time of each phase, and write a JSON report.
+
+The fix comes from the server's catalog of known fixes (``recovery_server.catalog``); a
+scenario with no known fix (``unknown``) shows the agent retrying, rebooting when its time is
+up, and finally asking for a person.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import ClientSession, web
+
+from recovery_agent.client import ServerClient
+from recovery_agent.envelope import SigningKey, public_b64, seal_bytes
+from recovery_agent.wire import Enrollment, utcnow
+from recovery_server.app import make_app
+from recovery_server.service import RecoveryService, User
+from recovery_server.store import Store
+
+from .build import build_image
+from .inspect import OS, DiskImage
+from .lab import BootReport, follow_boot
+from .qemu import Drive, MachineConfig
+from .seed import make_seed_disk
+from .timeline import EntryKind
+
+CHANNELS = "var/lib/sensor/channels"
+QUARANTINE = "var/lib/recovery/quarantine"
+
+
+@dataclass
+class RunOptions:
+    scenario: str
+    auto_approve: bool = False
+    timeout_s: float = 900.0
+    workdir: Path | None = None
+    keep: bool = False
+    accel: str = "tcg"
+    # QMR settings for the agent, in lab minutes (seconds_per_minute seconds each).
+    seconds_per_minute: float = 1.0
+    retry_interval_min: int = 5
+    time_to_reboot_min: int = 90
+    max_recovery_attempts: int = 3
+    # For tests: a man in the middle that rewrites every directive on its way to the VM.
+    tamper_directives: bool = False
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Phase:
+    name: str
+    start: float
+    end: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "start": round(self.start, 2), "duration": round(self.end - self.start, 2)}
+
+
+@dataclass
+class RunReport:
+    scenario: str
+    recovered: bool
+    boots: int
+    phases: list[Phase]
+    time_to_recovery_s: float | None
+    server_incident: dict[str, Any] | None
+    outcome: str
+    checks: dict[str, bool] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    disk: dict[str, Any] = field(default_factory=dict)
+    boot: BootReport | None = None
+    workdir: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario, "recovered": self.recovered, "boots": self.boots,
+            "phases": [p.to_json() for p in self.phases],
+            "time_to_recovery_s": None if self.time_to_recovery_s is None else round(self.time_to_recovery_s, 2),
+            "server_incident": self.server_incident, "outcome": self.outcome, "checks": self.checks,
+            "device": self.device, "disk": self.disk, "server_events": self.events,
+            "vm": self.boot.to_json() if self.boot else None, "workdir": self.workdir,
+        }
+
+
+class _Lab:
+    """The server side of a run, in this process, on this event loop."""
+
+    def __init__(self, work: Path, opts: RunOptions) -> None:
+        self.work = work
+        self.opts = opts
+        self.started = time.monotonic()
+        self.seen: list[tuple[float, dict[str, Any]]] = []  # (seconds since start, event)
+        self._last_seq = 0
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    async def start(self) -> None:
+        data = self.work / "server"
+        data.mkdir(parents=True, exist_ok=True)
+        self.key = SigningKey.generate()
+        self.key.save(data / "server.key")
+        self.service = RecoveryService(store=Store(data / "recovery.db"), server_key=self.key)
+        admin_token = self.service.create_user("admin", "admin")
+        (self.work / "admin.token").write_text(admin_token + "\n")
+        (self.work / "admin.token").chmod(0o600)
+        self.service.create_user("lab-operator", "operator")
+        self.service.create_user("lab-approver", "approver")
+        self.enroll_token = self.service.create_enrollment_token(User("admin", "admin"), "lab")
+        self.runner = web.AppRunner(make_app(self.service), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.guest_port = self.port
+        if self.opts.tamper_directives:
+            await self._start_tampering_proxy()
+
+    async def _start_tampering_proxy(self) -> None:
+        """Between the VM and the server: flips one byte of every directive's payload."""
+        async def forward(request: web.Request) -> web.Response:
+            async with ClientSession() as s:
+                headers = {k: v for k, v in request.headers.items()
+                           if k.lower() in ("authorization", "content-type")}
+                async with s.request(request.method, self.url + request.path_qs, headers=headers,
+                                     data=await request.read()) as r:
+                    body = await r.read()
+                    if request.path.endswith("/directive") and r.status == 200:
+                        answer = json.loads(body)
+                        if answer.get("status") == "directive":
+                            import base64
+                            payload = bytearray(base64.b64decode(answer["envelope"]["payload"]))
+                            i = payload.find(b"C-00000291")
+                            payload[i + 9] = ord("0") if payload[i + 9] != ord("0") else ord("1")
+                            answer["envelope"]["payload"] = base64.b64encode(bytes(payload)).decode()
+                            body = json.dumps(answer).encode()
+                            self.seen.append((self.now(), {"kind": "lab.directive_tampered", "subject": "",
+                                                           "actor": "proxy", "detail": ""}))
+                    return web.Response(body=body, status=r.status, content_type="application/json")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        self.proxy = web.AppRunner(app, access_log=None)
+        await self.proxy.setup()
+        site = web.TCPSite(self.proxy, "127.0.0.1", 0)
+        await site.start()
+        self.guest_port = site._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.opts.tamper_directives:
+            await self.proxy.cleanup()
+        await self.runner.cleanup()
+        self.service.store.close()
+
+    async def enroll(self, device_id: str) -> SigningKey:
+        key = SigningKey.generate()
+        msg = Enrollment(device_id=device_id, public_key=public_b64(key.public),
+                         enrollment_token=self.enroll_token, hostname=device_id, created_at=utcnow())
+        async with ServerClient(self.url) as c:
+            await c.enroll(seal_bytes(msg, key))
+        return key
+
+    def poll_events(self) -> list[dict[str, Any]]:
+        new = self.service.events(after=self._last_seq)
+        for e in new:
+            self._last_seq = e["seq"]
+            self.seen.append((self.now(), e))
+        return new
+
+    def first(self, kind: str) -> float | None:
+        return next((t for t, e in self.seen if e["kind"] == kind), None)
+
+    def last(self, kind: str) -> float | None:
+        return next((t for t, e in reversed(self.seen) if e["kind"] == kind), None)
+
+
+async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
+    """Follow the server: announce what happens, and approve known fixes with --auto-approve."""
+    say = opts.log
+    handled: set[str] = set()
+    while not done.is_set():
+        for e in lab.poll_events():
+            kind, subject = e["kind"], e["subject"] or ""
+            if kind in ("device.enrolled", "user.created", "enrollment_token.created"):
+                continue
+            say(f"[lab +{lab.now():6.1f}s] server: {kind} {subject} {_short(e['detail'])}")
+            if kind == "diagnostics.received":
+                incident = json.loads(e["detail"])["incident"]
+                if incident in handled:
+                    continue
+                handled.add(incident)
+                proposal = lab.service.suggest_actions(User("lab-operator", "operator"), incident)
+                if not proposal["actions"]:
+                    say(f"[lab +{lab.now():6.1f}s] catalog: {'; '.join(proposal['why'])}")
+                    continue
+                if not opts.auto_approve:
+                    say(f"[lab +{lab.now():6.1f}s] waiting for a person: recovery-admin --server {lab.url} "
+                        f"--token-file {lab.work / 'admin.token'} remediation create --incident {incident} "
+                        "--suggested, then approve it as another person")
+                    continue
+                rem = lab.service.create_remediation(User("lab-operator", "operator"), title=proposal["title"],
+                                                     actions=proposal["actions"], incident_id=incident)
+                lab.service.approve(User("lab-approver", "approver"), rem["remediation_id"])
+        await asyncio.sleep(0.5)
+
+
+def _short(detail: str) -> str:
+    return detail if len(detail) < 140 else detail[:137] + "..."
+
+
+async def run_async(opts: RunOptions) -> RunReport:
+    say = opts.log
+    artifact = build_image(opts.scenario, log=say)
+    work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{opts.scenario}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lab = _Lab(work, opts)
+    await lab.start()
+    device_id = f"lab-{opts.scenario}"[:64]
+    try:
+        key = await lab.enroll(device_id)
+        say(f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
+            f"device {device_id} enrolled")
+        settings = {
+            "device_id": device_id, "server_url": f"http://10.0.2.100:{lab.guest_port}",
+            "server_public_key": public_b64(lab.key.public), "device_key": "device.key",
+            "os_root": "/mnt/os", "grubenv": "/mnt/esp/grub/grubenv", "pstore_dir": "/sys/fs/pstore",
+            "seconds_per_minute": opts.seconds_per_minute, "retry_interval_min": opts.retry_interval_min,
+            "time_to_reboot_min": opts.time_to_reboot_min,
+            "max_recovery_attempts": opts.max_recovery_attempts, "long_poll_s": 10,
+        }
+        key_pem = _pem(key)
+        seed = make_seed_disk(work / "seed.img", {"agent.json": json.dumps(settings, indent=1).encode(),
+                                                  "device.key": key_pem})
+        config = MachineConfig(disk=artifact.image, accel=opts.accel, forward_port=lab.guest_port,
+                               extra_drives=[Drive(seed, "raw", "virtio", readonly=True)])
+        done = asyncio.Event()
+        watcher = asyncio.create_task(_watch(lab, opts, done))
+        say(f"[lab +{lab.now():6.1f}s] booting {artifact.image.name} under {opts.accel}")
+        vm_started = lab.now()
+        try:
+            boot = await follow_boot(config, timeout=opts.timeout_s, keep_logs=True,
+                                     run_dir=work / "vm", name=opts.scenario)
+        finally:
+            done.set()
+            await watcher
+        lab.poll_events()
+        report = _judge(lab, opts, boot, vm_started, device_id, work)
+    finally:
+        await lab.stop()
+    (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
+    if not opts.keep:
+        for p in (work / "vm").glob("*.qcow2"):
+            p.unlink()
+    return report
+
+
+def _pem(key: SigningKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return key.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+
+
+def _judge(lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, device_id: str,
+           work: Path) -> RunReport:
+    svc = lab.service
+    t = lambda seconds: vm_started + seconds  # VM time -> run time  # noqa: E731
+    grub = boot.timeline.of_kind(EntryKind.GRUB_ENTRY)
+    first_recovery = next((e for e in grub if e.data.get("entry") == "recovery"), None)
+    phases: list[Phase] = []
+    if first_recovery:
+        phases.append(Phase("failed boots", t(0), t(first_recovery.seconds)))
+    diag = lab.first("diagnostics.received")
+    if first_recovery and diag:
+        phases.append(Phase("recovery environment and diagnostics", t(first_recovery.seconds), diag))
+    approved = lab.first("remediation.approved")
+    issued = lab.first("directive.issued")
+    if diag and approved:
+        phases.append(Phase("approval", diag, approved))
+    result = lab.first("result.received")
+    if issued and result:
+        phases.append(Phase("directive verified and applied", issued, result))
+    health = lab.first("health.reported")
+    if result and health:
+        phases.append(Phase("reboot to a healthy boot", result, health))
+
+    results = svc.device_results(device_id)
+    devices = {d["device_id"]: d for d in svc.devices()}
+    recovered = bool(health and result and any(r["outcome"] == "applied" for r in results))
+    incidents = svc.incidents()
+    incident = None
+    if incidents:
+        inc = incidents[0]
+        incident = {k: inc[k] for k in ("incident_id", "kind", "title", "guilty_module", "guilty_frame",
+                                        "channel_file", "report_count", "devices")}
+        incident["results"] = results
+    disk: dict[str, Any] = {}
+    overlays = list((work / "vm").glob("*.qcow2"))
+    if overlays:
+        with DiskImage(overlays[0]) as d:
+            env = d.grubenv()
+            disk["grubenv"] = dict(env)
+            disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNELS))
+            disk["quarantine"] = {folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE}/{folder}"))
+                                  for folder in d.ext4_listdir(OS, QUARANTINE)}
+            manifests = {folder: d.ext4_file(OS, f"{QUARANTINE}/{folder}/manifest.json")
+                         for folder in disk["quarantine"]}
+            disk["manifests"] = {k: json.loads(v) for k, v in manifests.items() if v}
+    report = RunReport(
+        scenario=opts.scenario, recovered=recovered, boots=boot.boots, phases=phases,
+        time_to_recovery_s=(health if recovered else None), server_incident=incident,
+        outcome=boot.outcome, device=devices.get(device_id, {}),
+        events=[{"at_s": round(s, 2), "kind": e["kind"], "subject": e.get("subject"),
+                 "detail": e.get("detail")} for s, e in lab.seen],
+        disk=disk, boot=boot, workdir=str(work))
+    return report
+
+
+def render(report: RunReport) -> str:
+    lines = ["", f"Scenario {report.scenario}: {'RECOVERED' if report.recovered else 'not recovered'} "
+                 f"({report.outcome}, {report.boots} boots)"]
+    for p in report.phases:
+        lines.append(f"  {p.name:<40} at {p.start:7.1f}s  took {p.end - p.start:6.1f}s")
+    if report.time_to_recovery_s is not None:
+        lines.append(f"  time to recovery: {report.time_to_recovery_s:.1f}s")
+    if report.server_incident:
+        i = report.server_incident
+        lines.append(f"  incident {i['incident_id']}: {i['title']} (module {i['guilty_module']}, "
+                     f"file {i['channel_file']}); results: {[r['outcome'] for r in i['results']]}")
+    if report.device:
+        lines.append(f"  device {report.device.get('device_id')}: {report.device.get('state')}")
+    if report.disk:
+        lines.append(f"  disk: boot_count={report.disk['grubenv'].get('boot_count')}, channel files "
+                     f"{report.disk['channel_files']}, quarantine {report.disk['quarantine']}")
+    lines.append(f"  everything is in {report.workdir}")
+    return "\n".join(lines)
+
+
+def run(opts: RunOptions) -> RunReport:
+    return asyncio.run(run_async(opts))

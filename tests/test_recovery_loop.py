@@ -1,0 +1,85 @@
+"""The mission end to end in QEMU: a machine that crashes at boot, GRUB's switch to the
+recovery environment, the Python agent inside it reporting to a real server on the host,
+an approved fix, the reboot, and the healthy boot reported back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recovery_lab.run import RunOptions, run_async
+
+pytestmark = pytest.mark.qemu
+
+BAD = "C-00000291-00000000-00000032.sys"
+GOOD = ["C-00000290-00000000-00000007.sys", "C-00000291-00000000-00000031.sys"]
+
+
+def opts(scenario: str, tmp_path, **kw) -> RunOptions:
+    lines: list[str] = []
+    o = RunOptions(scenario=scenario, workdir=tmp_path / "run", keep=True, log=lines.append, **kw)
+    o.lines = lines  # type: ignore[attr-defined]
+    return o
+
+
+@pytest.mark.timeout(900)
+async def test_channel_file_is_recovered_with_no_human_step_but_the_approval(tmp_path):
+    o = opts("channel-file", tmp_path, auto_approve=True, timeout_s=800)
+    report = await run_async(o)
+    assert report.recovered, "\n".join(o.lines[-40:]) + json.dumps(report.to_json()["phases"])
+    disk = report.disk
+    assert BAD not in disk["channel_files"] and sorted(GOOD) == disk["channel_files"]
+    [(folder, files)] = disk["quarantine"].items()
+    assert files == sorted(["manifest.json", f"0-{BAD}"])
+    assert BAD in json.dumps(disk["manifests"][folder])
+    assert disk["grubenv"]["boot_count"] == "0"
+    inc = report.server_incident
+    assert inc["title"] == "general protection fault in sensor_parse_channel"
+    assert inc["channel_file"] == f"var/lib/sensor/channels/{BAD}"
+    assert inc["devices"] == ["lab-channel-file"] and inc["results"][0]["outcome"] == "applied"
+    assert report.device["state"] == "healthy"
+    assert report.boot.entries_chosen[:3] == ["os", "os", "recovery"]
+    assert report.boot.entries_chosen[-1] == "os" and report.boot.healthy
+    names = [p.name for p in report.phases]
+    assert names[0] == "failed boots" and names[-1] == "reboot to a healthy boot"
+
+
+@pytest.mark.timeout(900)
+async def test_bad_driver_is_recovered_by_restoring_the_stored_version(tmp_path):
+    o = opts("bad-driver", tmp_path, auto_approve=True, timeout_s=800)
+    report = await run_async(o)
+    assert report.recovered, "\n".join(o.lines[-40:])
+    [manifest] = report.disk["manifests"].values()
+    assert "extra/sensor.ko" in json.dumps(manifest), "the 2.0 driver went to quarantine"
+    assert report.server_incident["guilty_frame"] == "sensor_v2_init_tables"
+    assert "sensor: version 1.0" in report.boot.console_text.split("QMR-GRUB entry=recovery")[-1]
+
+
+@pytest.mark.timeout(900)
+async def test_unknown_crash_retries_reboots_and_then_asks_for_a_person(tmp_path):
+    o = opts("unknown", tmp_path, auto_approve=True, timeout_s=800, retry_interval_min=4,
+             time_to_reboot_min=12, max_recovery_attempts=2)
+    report = await run_async(o)
+    assert not report.recovered
+    assert report.device["state"] == "needs_manual"
+    console = report.boot.console_text
+    assert console.count("QMR-RECOVERY-AGENT start") == 2, "two recovery attempts"
+    assert "QMR-AGENT exit=10" in console and "QMR-AGENT exit=12" in console
+    assert "QMR-NEEDS-MANUAL" in console
+    kinds = [e["kind"] for e in report.events]
+    assert kinds.count("diagnostics.received") == 2 and "device.needs_manual" in kinds
+    assert "directive.issued" not in kinds
+
+
+@pytest.mark.timeout(900)
+async def test_altered_directive_is_rejected_inside_the_vm_and_nothing_changes(tmp_path):
+    o = opts("channel-file", tmp_path, auto_approve=True, timeout_s=800, tamper_directives=True,
+             time_to_reboot_min=30, max_recovery_attempts=1)
+    report = await run_async(o)
+    assert not report.recovered
+    console = report.boot.console_text
+    assert "directive REJECTED" in console and "does not verify" in console
+    assert BAD in report.disk["channel_files"], "the bad file is still in place: nothing applied"
+    assert report.disk["quarantine"] == {}
+    assert report.server_incident["results"] == []
