@@ -122,7 +122,7 @@ class RecoveryAgent:
 
         if attempts >= s.max_recovery_attempts:
             tl.add("done", f"no remediation after {attempts} recovery attempts: this machine "
-                           "needs manual recovery; staying in the recovery environment")
+                           "needs manual recovery; not rebooting into the failing OS again")
             return Outcome.NEEDS_MANUAL
         tl.add("done", "no remediation before the time to reboot: rebooting to try the OS again")
         self._reset_boot_count()
@@ -214,6 +214,11 @@ class RecoveryAgent:
                 tl.add("wait", "auto remediation is off: not asking again")
                 return None
             next_check = started + s.retry_interval_s
+            left = deadline - time.monotonic()
+            if left > 0:
+                tl.add("wait", f"no directive yet; asking again in "
+                               f"{max(0.0, min(next_check, deadline) - time.monotonic()):.0f}s "
+                               f"({left:.0f}s before the reboot)")
             pause = min(next_check, deadline) - time.monotonic()
             if pause > 0:
                 await self.sleep(pause)

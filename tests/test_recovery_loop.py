@@ -8,7 +8,9 @@ import json
 
 import pytest
 
+from recovery_lab.inspect import OS, DiskImage
 from recovery_lab.run import RunOptions, run_async
+from recovery_lab.timeline import EntryKind
 
 pytestmark = pytest.mark.qemu
 
@@ -34,6 +36,7 @@ async def test_channel_file_is_recovered_with_no_human_step_but_the_approval(tmp
     assert files == sorted(["manifest.json", f"0-{BAD}"])
     assert BAD in json.dumps(disk["manifests"][folder])
     assert disk["grubenv"]["boot_count"] == "0"
+    assert same_files(tmp_path, [f"var/lib/sensor/channels/{n}" for n in GOOD]), "good files untouched"
     inc = report.server_incident
     assert inc["title"] == "general protection fault in sensor_parse_channel"
     assert inc["channel_file"] == f"var/lib/sensor/channels/{BAD}"
@@ -67,6 +70,8 @@ async def test_unknown_crash_retries_reboots_and_then_asks_for_a_person(tmp_path
     assert console.count("QMR-RECOVERY-AGENT start") == 2, "two recovery attempts"
     assert "QMR-AGENT exit=10" in console and "QMR-AGENT exit=12" in console
     assert "QMR-NEEDS-MANUAL" in console
+    retries = [e for e in report.boot.timeline.of_kind(EntryKind.AGENT) if "asking again" in e.detail]
+    assert len(retries) >= 2, "the agent asked again at the retry interval"
     kinds = [e["kind"] for e in report.events]
     assert kinds.count("diagnostics.received") == 2 and "device.needs_manual" in kinds
     assert "directive.issued" not in kinds
@@ -82,4 +87,21 @@ async def test_altered_directive_is_rejected_inside_the_vm_and_nothing_changes(t
     assert "directive REJECTED" in console and "does not verify" in console
     assert BAD in report.disk["channel_files"], "the bad file is still in place: nothing applied"
     assert report.disk["quarantine"] == {}
+    assert same_files(tmp_path, [f"var/lib/sensor/channels/{n}" for n in [BAD, *GOOD]])
+    with DiskImage(next((tmp_path / "run" / "vm").glob("*.qcow2"))) as disk:
+        assert disk.ext4_listdir(OS, "var/lib/recovery") == [], "no journal, no quarantine written"
     assert report.server_incident["results"] == []
+
+
+def same_files(tmp_path, paths: list[str]) -> bool:
+    """The files on the run's OS partition are byte for byte those of the base image."""
+    from recovery_lab.build import build_image
+    base = build_image(json.loads((tmp_path / "run" / "report.json").read_text())["scenario"],
+                       log=lambda line: None).image
+    overlay = next((tmp_path / "run" / "vm").glob("*.qcow2"))
+    with DiskImage(base) as before, DiskImage(overlay) as after:
+        for path in paths:
+            original = before.ext4_file(OS, path)
+            if original is None or after.ext4_file(OS, path) != original:
+                return False
+    return True
