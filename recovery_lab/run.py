@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field

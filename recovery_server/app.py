@@ -23,7 +23,6 @@ from pydantic import BaseModel, ValidationError
 
 from recovery_agent import __version__
 from recovery_agent.envelope import MalformedEnvelope, public_b64, strict_json_loads
-from recovery_agent.wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
 from . import api, dashboard, metrics
 from .service import BadRequest, RecoveryService, ServiceError, Unauthorized, User

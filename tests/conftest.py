@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +44,10 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
     return tree
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path: Path):
-    """Every store test runs on both backends: SQLite in tmp, and a fresh schema in the
-    PostgreSQL that scripts/test.sh starts (its URL in QMR_TEST_POSTGRES)."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "server/recovery.db")
-        return
+@contextmanager
+def postgres_schema():
+    """A fresh schema in the PostgreSQL that scripts/test.sh starts (its URL in
+    QMR_TEST_POSTGRES), dropped afterwards; yields a URL that uses it."""
     base = os.environ.get("QMR_TEST_POSTGRES")
     if not base:
         if os.environ.get("CI"):
@@ -60,9 +58,21 @@ def store_url(request, tmp_path: Path):
     schema = "t_" + secrets.token_hex(6)
     with psycopg.connect(base, autocommit=True) as c:
         c.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base, autocommit=True) as c:
-        c.execute(f"DROP SCHEMA {schema} CASCADE")
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path: Path):
+    """Every store test runs on both backends: SQLite in tmp, and a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "server/recovery.db")
+        return
+    with postgres_schema() as url:
+        yield url
 
 
 @dataclass

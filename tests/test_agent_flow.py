@@ -13,8 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from recovery_agent.agent import Outcome, RecoveryAgent, report_health
 from recovery_agent.bootenv import BootEnv
-from recovery_agent.envelope import SigningKey, seal
-from recovery_agent.wire import Directive
+from recovery_agent.envelope import SigningKey
 from recovery_lab.demo import BAD, CHANNELS, GOOD
 
 from .conftest import enrolled_settings, tree_snapshot

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import secrets
 import sys
@@ -21,24 +20,16 @@ from recovery_agent.wire import (BootState, Diagnostics, Enrollment, FileRecord,
 from recovery_server.fleetsim import BAD_PATH, BAD_SHA, CRASH
 from recovery_server.store import Store
 
+from .conftest import postgres_schema
+
 RETRY = RetryPolicy(attempts=4, max_delay_s=10, backoff_max_s=0.5, backoff_multiplier_s=0.05)
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
 def pg_url():
-    base = os.environ.get("QMR_TEST_POSTGRES")
-    if not base:
-        if os.environ.get("CI"):
-            pytest.fail("QMR_TEST_POSTGRES is not set: run the tests with scripts/test.sh")
-        pytest.skip("no PostgreSQL: scripts/test.sh starts one and sets QMR_TEST_POSTGRES")
-    import psycopg
-    schema = "t_" + secrets.token_hex(6)
-    with psycopg.connect(base, autocommit=True) as c:
-        c.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base, autocommit=True) as c:
-        c.execute(f"DROP SCHEMA {schema} CASCADE")
+    with postgres_schema() as url:
+        yield url
 
 
 async def _cli(*args: str) -> str:
