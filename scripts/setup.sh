@@ -47,6 +47,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# The lab downloads Debian's kernel and python3.11 packages with apt-get download: it needs
+# package lists even when everything above was already installed.
+if [ "$want_lab" = 1 ] && ! apt-cache show linux-image-amd64 python3.11-minimal >/dev/null 2>&1; then
+  echo "==> apt-get update (the lab downloads Debian's kernel and Python packages)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -q; else sudo apt-get update -q; fi
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup.sh: $PY is $("$PY" --version 2>&1); Python 3.11 or newer is needed" >&2
