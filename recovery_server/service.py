@@ -195,8 +195,9 @@ class RecoveryService:
             if existing is not None:
                 if existing["key_id"] == verified.key_id:
                     return {"device_id": e.device_id, "key_id": verified.key_id, "status": "already_enrolled"}
-                raise Conflict(f"device {e.device_id} is enrolled with another key: an admin must "
-                               "remove it first (recovery-admin device remove)")
+                raise Conflict(f"device {e.device_id} is enrolled with another key, and a key cannot "
+                               "be replaced over the network: enroll the reinstalled machine under "
+                               "a new device id")
             if tx.one("SELECT 1 FROM devices WHERE key_id = ?", verified.key_id):
                 raise Conflict("this key is enrolled for another device: make a key per device")
             tx.execute("INSERT INTO devices(device_id, public_key, key_id, hostname, enrolled_at) "
