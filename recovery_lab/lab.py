@@ -22,7 +22,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .qemu import BootTimeout, MachineConfig, QemuExited, QemuVM
 from .timeline import EntryKind, Timeline, build_timeline
@@ -109,11 +109,15 @@ class BootReport:
 
 async def follow_boot(config: MachineConfig, *, timeout: float = DEFAULT_TIMEOUT_S,
                       keep_logs: bool = False, run_dir: Path | None = None,
-                      stop_on: str | None = None, name: str = "qmr") -> BootReport:
+                      stop_on: str | None = None, name: str = "qmr",
+                      on_line: Callable[[float, str], None] | None = None) -> BootReport:
     """Run ``config`` until the guest powers off, ``stop_on`` (a regex) appears on the
     console, or ``timeout`` seconds pass; return the report. The run directory is kept if
-    ``keep_logs`` or the run timed out."""
+    ``keep_logs`` or the run timed out. ``on_line(seconds, line)`` sees every console line as
+    it arrives (for live progress)."""
     vm = QemuVM(config, run_dir=run_dir, keep=keep_logs, name=name)
+    if on_line is not None:
+        vm.console.on_line(lambda line: on_line(vm.seconds(), line))
     outcome = "powered-off"
     try:
         await vm.start()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ from .seed import make_seed_disk
 from .timeline import EntryKind
 
 CHANNELS = "var/lib/sensor/channels"
+# Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
+# environment and the agent, the health check.
+_PROGRESS = re.compile(r"QMR-(GRUB|HEALTH|RECOVERY-AGENT|AGENT|NEEDS|UNHEALTHY)|^\[agent \+|"
+                       r"^\[[ \d.]+\] (Kernel panic - not syncing|RIP: 0010|watchdog: BUG)")
 QUARANTINE = "var/lib/recovery/quarantine"
 
 
@@ -224,7 +229,7 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                 rem = lab.service.create_remediation(User("lab-operator", "operator"), title=proposal["title"],
                                                      actions=proposal["actions"], incident_id=incident)
                 lab.service.approve(User("lab-approver", "approver"), rem["remediation_id"])
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
 
 
 def _short(detail: str) -> str:
@@ -260,9 +265,15 @@ async def run_async(opts: RunOptions) -> RunReport:
         watcher = asyncio.create_task(_watch(lab, opts, done))
         say(f"[lab +{lab.now():6.1f}s] booting {artifact.image.name} under {opts.accel}")
         vm_started = lab.now()
+
+        def progress(_: float, line: str) -> None:
+            line = line.strip()
+            if _PROGRESS.search(line):
+                say(f"[vm  +{lab.now():6.1f}s] {line[:160]}")
+
         try:
             boot = await follow_boot(config, timeout=opts.timeout_s, keep_logs=True,
-                                     run_dir=work / "vm", name=opts.scenario)
+                                     run_dir=work / "vm", name=opts.scenario, on_line=progress)
         finally:
             done.set()
             await watcher

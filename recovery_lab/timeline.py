@@ -219,7 +219,8 @@ def _crash_entries(lines: Sequence[ConsoleLine], boots: list[_Boot]
         segments.insert(0, (0, 0))
     for k, (number, start) in enumerate(segments):
         end = segments[k + 1][1] if k + 1 < len(segments) else len(lines)
-        index = [j for j in range(start, end) if j not in quoted]
+        # The agent's lines name the crash it found in pstore: evidence, not a new crash.
+        index = [j for j in range(start, end) if j not in quoted and not _AGENT_RE.search(lines[j].text)]
         chunk = [lines[j] for j in index]
         if not chunk:
             continue

@@ -44,6 +44,7 @@ async def test_channel_file_is_recovered_with_no_human_step_but_the_approval(tmp
     assert report.device["state"] == "healthy"
     assert report.boot.entries_chosen[:3] == ["os", "os", "recovery"]
     assert report.boot.entries_chosen[-1] == "os" and report.boot.healthy
+    assert report.boot.panics == ["general protection fault in sensor_parse_channel"] * 2
     names = [p.name for p in report.phases]
     assert names[0] == "failed boots" and names[-1] == "reboot to a healthy boot"
 

@@ -217,3 +217,4 @@ def test_agent_lines_exit_and_health_report_are_entries():
     assert [e.data["phase"] for e in agent] == ["detect", "apply"]
     assert tl.of_kind(EntryKind.AGENT_EXIT)[0].data["code"] == 0
     assert tl.of_kind(EntryKind.HEALTH_REPORT)[0].data["ok"] is True
+    assert tl.of_kind(EntryKind.PANIC) == [], "the agent naming a crash is not a crash"
