@@ -215,11 +215,10 @@ class RecoveryAgent:
                 return None
             next_check = started + s.retry_interval_s
             left = deadline - time.monotonic()
-            if left > 0:
-                tl.add("wait", f"no directive yet; asking again in "
-                               f"{max(0.0, min(next_check, deadline) - time.monotonic()):.0f}s "
-                               f"({left:.0f}s before the reboot)")
             pause = min(next_check, deadline) - time.monotonic()
+            if left > 0:
+                when = f"in {pause:.0f}s" if pause >= 1 else "now"
+                tl.add("wait", f"no directive yet; asking again {when} ({left:.0f}s before the reboot)")
             if pause > 0:
                 await self.sleep(pause)
 

@@ -111,7 +111,8 @@ class ServerClient:
         except _Transient as exc:
             raise ServerUnreachable(
                 f"{self.base_url} not reachable after {p.attempts} attempts ({exc}): check the "
-                "network and the server URL in the agent settings") from None
+                "network, and the server URL (recovery-admin --server, or server_url in the "
+                "agent settings)") from None
 
     # ---------------------------------------------------------------- device API
 

@@ -131,8 +131,12 @@ class _Lab:
         admin_token = self.service.create_user("admin", "admin")
         (self.work / "admin.token").write_text(admin_token + "\n")
         (self.work / "admin.token").chmod(0o600)
-        self.service.create_user("lab-operator", "operator")
-        self.service.create_user("lab-approver", "approver")
+        # Two lab people: one writes a fix, the other approves it (the author never counts).
+        # Their tokens are on disk too, so a person can act for them with recovery-admin.
+        for name, role in (("lab-operator", "operator"), ("lab-approver", "approver")):
+            path = self.work / f"{name}.token"
+            path.write_text(self.service.create_user(name, role) + "\n")
+            path.chmod(0o600)
         self.enroll_token = self.service.create_enrollment_token(User("admin", "admin"), "lab")
         self.runner = web.AppRunner(make_app(self.service), access_log=None)
         await self.runner.setup()
@@ -222,9 +226,12 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                     say(f"[lab +{lab.now():6.1f}s] catalog: {'; '.join(proposal['why'])}")
                     continue
                 if not opts.auto_approve:
-                    say(f"[lab +{lab.now():6.1f}s] waiting for a person: recovery-admin --server {lab.url} "
-                        f"--token-file {lab.work / 'admin.token'} remediation create --incident {incident} "
-                        "--suggested, then approve it as another person")
+                    admin = f"recovery-admin --server {lab.url} --token-file"
+                    say(f"[lab +{lab.now():6.1f}s] the catalog proposes: {proposal['title']}. Waiting for "
+                        f"people (or rerun with --auto-approve):\n"
+                        f"    {admin} {lab.work / 'lab-operator.token'} remediation create "
+                        f"--incident {incident} --suggested\n"
+                        f"    {admin} {lab.work / 'lab-approver.token'} remediation approve REMEDIATION_ID")
                     continue
                 rem = lab.service.create_remediation(User("lab-operator", "operator"), title=proposal["title"],
                                                      actions=proposal["actions"], incident_id=incident)

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", default=os.environ.get("RECOVERY_SERVER", "http://127.0.0.1:8080"))
     p.add_argument("--token", help="your admin token (or RECOVERY_TOKEN)")
     p.add_argument("--token-file", help="read your admin token from this file")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print JSON (also accepted after the command)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("whoami")
     sub.add_parser("devices", help="list devices and their state")
@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("--after", type=int, default=0)
     av = asub.add_parser("verify", help="check the chain; exit 1 if an entry was edited or removed")
     av.add_argument("--expect-head", help="a head (SEQ:HASH) you recorded earlier, elsewhere")
-    args = p.parse_args(argv)
+    # --json is a global option, but people type it last too: accept it anywhere.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    args = p.parse_args([a for a in argv if a != "--json"])
+    args.json = want_json
     try:
         data, cols = asyncio.run(_run(args))
     except ServerRefused as exc:
