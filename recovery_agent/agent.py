@@ -130,7 +130,8 @@ class RecoveryAgent:
 
     def collect(self, boot_count: int, attempts: int) -> dict:
         s = self.s
-        crash = detect(s.pstore_dir, s.boot_log, boot_count=boot_count, boot_limit=s.boot_limit)
+        crash = detect(s.pstore_dir, s.boot_log, boot_count=boot_count, boot_limit=s.boot_limit,
+                       boot_progress=s.boot_progress)
         history = [BootRecord(index=i, outcome="crashed" if crash.kind not in (
             CrashKind.UNKNOWN, CrashKind.NONE, CrashKind.HANG) else (
             "hung" if crash.kind == CrashKind.HANG else "unknown"), detail=crash.title[:512])

@@ -469,13 +469,46 @@ def _fill_channel_file(sig: CrashSignature, others: Iterable[CrashSignature]) ->
     return sig
 
 
+_MODULE_STEP_RE = re.compile(r"^load module (?P<module>[A-Za-z0-9_-]+)$")
+
+
+def stopped_step(progress_text: str) -> str | None:
+    """The step the last boot started and never finished, from the OS's boot progress log
+    (``<uptime> boot start`` / ``start STEP`` / ``done STEP`` / ``boot complete`` lines), or
+    None if the last boot completed or the log says nothing."""
+    lines = progress_text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.split(" ", 1)[-1] == "boot start"]
+    if not starts:
+        return None
+    open_steps: list[str] = []
+    for line in lines[starts[-1] + 1:]:
+        event = line.split(" ", 1)[-1].strip()
+        if event == "boot complete":
+            return None
+        if event.startswith("start "):
+            open_steps.append(event[6:])
+        elif event.startswith("done ") and event[5:] in open_steps:
+            open_steps.remove(event[5:])
+    return open_steps[-1] if open_steps else None
+
+
+def _hang_in_step(step: str, detail: str) -> CrashSignature:
+    m = _MODULE_STEP_RE.match(step)
+    return CrashSignature(kind=CrashKind.HANG, title=f"boot hung: {step}",
+                          guilty_module=m.group("module") if m else None,
+                          source="boot progress log", excerpt=detail)
+
+
 def detect(pstore_dir: Path | None, boot_log: Path | None = None, boot_count: int = 0,
-           boot_limit: int = 2, watchdog_reset: bool = False) -> CrashSignature:
+           boot_limit: int = 2, watchdog_reset: bool = False,
+           boot_progress: Path | None = None) -> CrashSignature:
     """Classify the last failed boots from pstore records and an optional boot log.
 
     Sources are tried in order: pstore dumps (newest first), pstore console logs, the boot
     log; the first one holding a report gives the signature. ``watchdog_reset`` (the lab saw
     the watchdog fire, or the bootloader recorded it) makes a crash without panic a hang.
+    With no crash record, ``boot_progress`` (the OS's own log of boot steps) names the step
+    the last boot never finished: a hang in it.
     With nothing found, the kind is ``unknown`` after failed boots and ``none`` otherwise.
     """
     notes: list[str] = []
@@ -505,6 +538,15 @@ def detect(pstore_dir: Path | None, boot_log: Path | None = None, boot_count: in
         return sig
 
     detail = "\n".join([f"boot_count={boot_count} boot_limit={boot_limit}", *notes])
+    # No crash record, and the OS wrote down a step it began and never finished: the boot
+    # stopped there without a panic (a hang the watchdog reset, most likely).
+    if boot_progress is not None and boot_count > 0:
+        try:
+            step = stopped_step(_read_text(Path(boot_progress), BOOT_LOG_LIMIT))
+        except OSError:
+            step = None
+        if step:
+            return _hang_in_step(step, detail)
     if watchdog_reset:
         return CrashSignature(kind=CrashKind.HANG, title="boot hung: watchdog reset the machine",
                               source="watchdog", excerpt=detail)

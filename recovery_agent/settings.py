@@ -35,6 +35,9 @@ class AgentSettings(BaseModel):
     grubenv: Path = Path("/mnt/esp/grub/grubenv")
     pstore_dir: Path | None = Path("/sys/fs/pstore")
     boot_log: Path | None = None
+    # The OS's boot step log (images/os/lib.sh qmr_progress): where a boot without a crash
+    # record stopped.
+    boot_progress: Path | None = None
 
     cloud_remediation: bool = True
     auto_remediation: bool = True
@@ -77,4 +80,4 @@ class AgentSettings(BaseModel):
         return settings.model_copy(update={
             "device_key": rel(settings.device_key), "os_root": rel(settings.os_root),
             "grubenv": rel(settings.grubenv), "pstore_dir": rel(settings.pstore_dir),
-            "boot_log": rel(settings.boot_log)})
+            "boot_log": rel(settings.boot_log), "boot_progress": rel(settings.boot_progress)})

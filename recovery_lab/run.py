@@ -259,6 +259,7 @@ async def run_async(opts: RunOptions) -> RunReport:
             "device_id": device_id, "server_url": f"http://10.0.2.100:{lab.guest_port}",
             "server_public_key": public_b64(lab.key.public), "device_key": "device.key",
             "os_root": "/mnt/os", "grubenv": "/mnt/esp/grub/grubenv", "pstore_dir": "/sys/fs/pstore",
+            "boot_progress": "/mnt/os/var/log/boot-progress.log",
             "seconds_per_minute": opts.seconds_per_minute, "retry_interval_min": opts.retry_interval_min,
             "time_to_reboot_min": opts.time_to_reboot_min,
             "max_recovery_attempts": opts.max_recovery_attempts, "long_poll_s": 10,

@@ -7,9 +7,12 @@ bad and the fixed channel file 291 had the same name pattern):
 - **a bad content file**: the crashing driver said which channel file it was loading;
   quarantine that path with the content (sha256) the devices reported for it;
 - **a bad driver version**: the crash is in module M, the device runs version A of M, and
-  its driver store holds another version B: restore B over the active file.
+  its driver store holds another version B: restore B over the active file;
+- **a driver that hangs the boot** (no crash record; the OS's boot progress log stops while
+  loading module M) with no other version to roll back to: disable M, so the machine boots
+  without it, degraded, as safe mode would.
 
-Anything else (a crash in no module, a hang, init dying) has no known fix; the proposal says
+Anything else (a crash in no module, init dying) has no known fix; the proposal says
 so and a person writes the actions by hand, or nobody does and the devices are flagged for
 manual recovery when their attempts run out.
 """
@@ -63,6 +66,11 @@ def propose(incident: dict[str, Any], reports: Iterable[Diagnostics]) -> Proposa
                          f"another version")
         if p.actions:
             p.title = f"Roll {module} back to the stored version"
+            return p
+        if incident.get("kind") == "hang":
+            p.actions.append({"type": "disable_driver", "name": module})
+            p.title = f"Disable {module}: it hangs the boot"
+            p.why.append(f"the boot hangs while loading {module} and no other version is stored")
             return p
     p.why.append("no known fix for this crash: write the actions by hand")
     return p

@@ -420,3 +420,35 @@ def test_excerpt_capped() -> None:
 ])
 def test_normalise_title(raw: str, expected: str) -> None:
     assert normalise_title(raw) == expected
+
+
+# --- the OS's boot progress log (images/os/lib.sh writes it; hand-written here) ---------
+
+PROGRESS_HUNG = """\
+2.51 boot start
+2.60 start load module sensor
+2.75 done load module sensor
+2.90 boot complete
+1.98 boot start
+2.05 start load module sensor
+"""
+
+
+def test_stopped_step_names_the_step_the_last_boot_never_finished() -> None:
+    from recovery_agent.detect import stopped_step
+    assert stopped_step(PROGRESS_HUNG) == "load module sensor"
+    assert stopped_step(PROGRESS_HUNG + "9.1 done load module sensor\n9.2 boot complete\n") is None
+    assert stopped_step("") is None
+
+
+def test_no_crash_record_and_a_stopped_step_is_a_hang_in_that_module(tmp_path: Path) -> None:
+    (tmp_path / "pstore").mkdir()
+    progress = tmp_path / "boot-progress.log"
+    progress.write_text(PROGRESS_HUNG)
+    sig = detect(tmp_path / "pstore", boot_count=2, boot_progress=progress)
+    assert sig.kind is CrashKind.HANG
+    assert sig.title == "boot hung: load module sensor" and sig.guilty_module == "sensor"
+    # A crash record wins over the progress log: the crash says more.
+    (tmp_path / "pstore" / "dmesg-ramoops-0").write_text(
+        (DATA / "channel-file-pstore.txt").read_text())
+    assert detect(tmp_path / "pstore", boot_count=2, boot_progress=progress).kind is CrashKind.KERNEL_PANIC

@@ -106,3 +106,22 @@ def same_files(tmp_path, paths: list[str]) -> bool:
             if original is None or after.ext4_file(OS, path) != original:
                 return False
     return True
+
+
+@pytest.mark.timeout(900)
+async def test_boot_hang_is_recovered_by_disabling_the_driver(tmp_path):
+    """No panic, no pstore record: the watchdog resets the machine twice. The OS's boot
+    progress log says where it stopped; the fix disables the driver and the OS boots
+    degraded but healthy."""
+    o = opts("boot-hang", tmp_path, auto_approve=True, timeout_s=800)
+    report = await run_async(o)
+    assert report.recovered, "\n".join(o.lines[-40:])
+    inc = report.server_incident
+    assert inc["kind"] == "hang" and inc["title"] == "boot hung: load module sensor"
+    assert inc["guilty_module"] == "sensor"
+    assert report.boot.watchdog_fires == 2 and report.boot.panics == []
+    with DiskImage(next((tmp_path / "run" / "vm").glob("*.qcow2"))) as disk:
+        conf = disk.ext4_file(OS, "etc/modprobe.d/recovery-disable-sensor.conf")
+    assert conf is not None and b"blacklist sensor" in conf
+    last_boot = report.boot.console_text.split("QMR-GRUB entry=")[-1]
+    assert "QMR-OS sensor disabled" in last_boot and "sensor disabled by a remediation" in last_boot

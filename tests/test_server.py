@@ -277,3 +277,14 @@ def test_catalog_proposes_a_driver_rollback_when_the_crash_is_in_a_newer_driver(
                                                             version="2.0")]})
     assert propose({"channel_file": None, "guilty_module": "sensor"}, [same]).actions == []
     assert "no known fix" in propose({"channel_file": None, "guilty_module": None}, [d]).why[0]
+
+
+def test_catalog_disables_a_driver_that_hangs_the_boot_when_no_other_version_is_stored():
+    from recovery_server.catalog import propose
+    d = Diagnostics(device_id="d", server_nonce="n" * 32, agent_nonce="a" * 32, created_at=utcnow(),
+                    agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
+                    crash=CrashSignature(kind=CrashKind.HANG, title="boot hung: load module sensor",
+                                         guilty_module="sensor"), system=SystemInfo())
+    p = propose({"kind": "hang", "channel_file": None, "guilty_module": "sensor"}, [d])
+    assert p.actions == [{"type": "disable_driver", "name": "sensor"}]
+    assert propose({"kind": "kernel_panic", "channel_file": None, "guilty_module": "sensor"}, [d]).actions == []

@@ -85,3 +85,25 @@ qmr_net_up() {
         || { echo "qmr: no DHCP lease on eth0"; return 1; }
     echo "qmr: eth0 $(ip -4 addr show dev eth0 | sed -n 's/.*inet \([0-9./]*\).*/\1/p')"
 }
+
+# The OS's boot progress, on its own disk: "start STEP" before a step that can stop the boot,
+# "done STEP" after it, "boot complete" once the health check passed. Synced at each line,
+# so after a hang and a watchdog reset the recovery agent reads where the boot stopped.
+QMR_PROGRESS=/var/log/boot-progress.log
+qmr_progress() {
+    echo "$(cut -d' ' -f1 /proc/uptime) $*" >> "$QMR_PROGRESS"
+    sync
+}
+
+qmr_progress_new_boot() {
+    # Keep the last few boots only.
+    if [ -f "$QMR_PROGRESS" ]; then
+        tail -n 200 "$QMR_PROGRESS" > "$QMR_PROGRESS.new" && mv "$QMR_PROGRESS.new" "$QMR_PROGRESS"
+    fi
+    qmr_progress "boot start"
+}
+
+# A module a remediation disabled (disable_driver writes a modprobe.d blacklist entry).
+qmr_module_disabled() {
+    cat /etc/modprobe.d/*.conf 2>/dev/null | grep -qx "blacklist $1"
+}
