@@ -288,3 +288,40 @@ def test_catalog_disables_a_driver_that_hangs_the_boot_when_no_other_version_is_
     p = propose({"kind": "hang", "channel_file": None, "guilty_module": "sensor"}, [d])
     assert p.actions == [{"type": "disable_driver", "name": "sensor"}]
     assert propose({"kind": "kernel_panic", "channel_file": None, "guilty_module": "sensor"}, [d]).actions == []
+
+
+ROLE_MATRIX = [
+    # (method, path, body, lowest role allowed)
+    ("GET", "/devices", None, "viewer"),
+    ("GET", "/audit/verify", None, "viewer"),
+    ("POST", "/remediations", {"title": "t", "actions": [{"type": "disable_driver", "name": "sensor"}]},
+     "operator"),
+    ("POST", "/users", {"name": "newbie", "role": "viewer"}, "admin"),
+    ("POST", "/enrollment-tokens", {"label": "x"}, "admin"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, lowest", ROLE_MATRIX)
+async def test_each_role_gets_exactly_what_it_may(fleet, method, path, body, lowest):
+    from recovery_server.service import ROLES
+    tokens = {role: fleet.service.create_user(f"p-{role}", role) for role in ROLES}
+    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+        for role in ROLES:
+            allowed = ROLES.index(role) >= ROLES.index(lowest)
+            payload = dict(body, name=f"newbie-{role}") if path == "/users" else body
+            if allowed:
+                await c.admin(method, path, tokens[role], payload)
+            else:
+                with pytest.raises(ServerRefused, match=f"p-{role} is {role}; this needs the {lowest} role") as e:
+                    await c.admin(method, path, tokens[role], payload)
+                assert e.value.status == 403
+
+
+async def test_approval_needs_the_approver_role_and_not_the_authorship(fleet, device):
+    _, receipt = await report(fleet, "dev-1", device)
+    rem = fleet.service.create_remediation(
+        fleet.user("admin"), title="q", incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+    with pytest.raises(Forbidden, match="admin wrote"):
+        fleet.service.approve(fleet.user("admin"), rem["remediation_id"])
+    assert fleet.service.approve(fleet.user("alice"), rem["remediation_id"])["status"] == "approved"
