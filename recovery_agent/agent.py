@@ -84,6 +84,8 @@ class RecoveryAgent:
         self.key = SigningKey.load(settings.device_key)
         pinned = public_from_b64(settings.server_public_key)
         self.server_keyring = {key_id(pinned): pinned}
+        approvers = [public_from_b64(k) for k in settings.approver_keys]
+        self.approver_keyring = {key_id(k): k for k in approvers}
 
     # ------------------------------------------------------------------ the loop
 
@@ -203,7 +205,8 @@ class RecoveryAgent:
                 try:
                     verified = open_directive(
                         poll.envelope, self.server_keyring, device_id=s.device_id,
-                        agent_nonce=self.agent_nonce, diagnostics_sha256=payload_sha, now=self.clock())
+                        agent_nonce=self.agent_nonce, diagnostics_sha256=payload_sha, now=self.clock(),
+                        approver_keyring=self.approver_keyring, approver_threshold=s.approver_threshold)
                 except EnvelopeError as exc:
                     tl.add("verify", f"directive REJECTED: {exc}")
                 else:

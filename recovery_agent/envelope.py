@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from datetime import datetime
 
-from .wire import Directive, Enrollment, SignedMessage
+from .wire import Directive, Enrollment, RemediationApproval, SignedMessage
 
 MAX_ENVELOPE_BYTES = 1 << 20
 
@@ -298,11 +298,47 @@ class DirectiveRejected(EnvelopeError):
     """Raised when a correctly signed directive is not for this device, this report or now."""
 
 
+def actions_digest(actions: list[Any]) -> str:
+    """sha256 of the canonical JSON of a remediation's actions: what approvers sign."""
+    return hashlib.sha256(canonical_json([a.model_dump(mode="json") if hasattr(a, "model_dump") else a
+                                          for a in actions])).hexdigest()
+
+
+def verify_approvals(directive: Directive, approver_keyring: Mapping[str, Ed25519PublicKey],
+                     threshold: int) -> list[str]:
+    """The key ids of distinct pinned approvers whose signed approval covers exactly this
+    directive's remediation and actions; DirectiveRejected if fewer than ``threshold``."""
+    if threshold <= 0:
+        return []
+    digest = actions_digest(directive.actions)
+    signers: list[str] = []
+    problems: list[str] = []
+    for env in directive.approvals:
+        try:
+            v = open_envelope(env, RemediationApproval, approver_keyring)
+        except EnvelopeError as exc:
+            problems.append(str(exc).split(":")[0])
+            continue
+        if v.message.remediation_id != directive.remediation_id or v.message.actions_sha256 != digest:
+            problems.append(f"{v.message.approver}'s approval is for other actions")
+            continue
+        if v.key_id not in signers:
+            signers.append(v.key_id)
+    if len(signers) < threshold:
+        why = f" ({'; '.join(problems)})" if problems else ""
+        raise DirectiveRejected(
+            f"directive {directive.directive_id} carries {len(signers)} valid approver signature(s) "
+            f"and this device requires {threshold}{why}: refused, nothing applied")
+    return signers
+
+
 def open_directive(raw: bytes | str | Mapping[str, Any], keyring: Mapping[str, Ed25519PublicKey], *,
                    device_id: str, agent_nonce: str, diagnostics_sha256: str,
-                   now: datetime) -> Verified[Directive]:
+                   now: datetime, approver_keyring: Mapping[str, Ed25519PublicKey] | None = None,
+                   approver_threshold: int = 0) -> Verified[Directive]:
     """Verify a directive and its binding: this device, the nonce this agent sent, the exact
-    diagnostics it answers, and not expired. Only then may the agent act on it."""
+    diagnostics it answers, not expired, and (if the device pins approver keys) signed by
+    enough of those people. Only then may the agent act on it."""
     verified = open_envelope(raw, Directive, keyring)
     d = verified.message
     if d.device_id != device_id:
@@ -323,6 +359,7 @@ def open_directive(raw: bytes | str | Mapping[str, Any], keyring: Mapping[str, E
             f"{now.isoformat()}): ask the server for a fresh one; check the device clock")
     if d.issued_at > d.expires_at:
         raise DirectiveRejected(f"directive {d.directive_id} expires before it was issued")
+    verify_approvals(d, approver_keyring or {}, approver_threshold)
     return verified
 
 

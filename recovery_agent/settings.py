@@ -39,6 +39,11 @@ class AgentSettings(BaseModel):
     # record stopped.
     boot_progress: Path | None = None
 
+    # People whose own signatures a fix needs (M of N), besides the server's: their public
+    # keys (base64, as `recovery-admin key create` prints them) and how many must have signed.
+    approver_keys: list[str] = Field(default=[], max_length=64)
+    approver_threshold: int = Field(default=0, ge=0, le=64)
+
     cloud_remediation: bool = True
     auto_remediation: bool = True
     retry_interval_min: int = Field(default=30, ge=1, le=4320)
@@ -70,8 +75,13 @@ class AgentSettings(BaseModel):
             raise SettingsError(f"agent settings {path} are not valid: {exc}") from None
         try:
             public_from_b64(settings.server_public_key)
+            for k in settings.approver_keys:
+                public_from_b64(k)
         except ValueError as exc:
-            raise SettingsError(f"server_public_key in {path}: {exc}") from None
+            raise SettingsError(f"a public key in {path}: {exc}") from None
+        if settings.approver_threshold > len(settings.approver_keys):
+            raise SettingsError(f"{path}: approver_threshold {settings.approver_threshold} is more than "
+                                f"the {len(settings.approver_keys)} approver_keys given")
         base = path.resolve().parent
 
         def rel(p: Path | None) -> Path | None:

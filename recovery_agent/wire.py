@@ -238,6 +238,21 @@ class Directive(SignedMessage):
     expires_at: AwareDatetime
     actions: list[Action] = Field(min_length=1, max_length=64)
     reboot: bool = True
+    # The approvers' own signed approvals (RemediationApproval envelopes) of these actions.
+    # A device that pins approver keys needs enough of them: the server alone cannot make one.
+    approvals: list[dict] = Field(default=[], max_length=16)
+
+
+class RemediationApproval(SignedMessage):
+    """A person's own signature on a remediation: its id and the sha256 of its actions
+    (``envelope.actions_digest``), signed with that person's key, not the server's."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "remediation-approval.v1+json"
+
+    remediation_id: Identifier
+    actions_sha256: Sha256Hex
+    approver: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    approved_at: AwareDatetime
 
 
 class DirectivePoll(WireModel):
@@ -283,4 +298,5 @@ class Health(SignedMessage):
     created_at: AwareDatetime
 
 
-SIGNED_MESSAGES: tuple[type[SignedMessage], ...] = (Enrollment, Diagnostics, Directive, Result, Health)
+SIGNED_MESSAGES: tuple[type[SignedMessage], ...] = (Enrollment, Diagnostics, Directive, Result, Health,
+                                                    RemediationApproval)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from recovery_agent.client import RetryPolicy, ServerClient, ServerRefused, ServerUnreachable
-from recovery_agent.wire import PathRuleError, check_relative_path
+from recovery_agent.envelope import SigningKey, actions_digest, public_b64, seal
+from recovery_agent.wire import PathRuleError, RemediationApproval, check_relative_path, utcnow
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -47,6 +48,24 @@ def _actions_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.actions_file:
         actions.extend(json.loads(Path(args.actions_file).read_text()))
     return actions
+
+
+async def _signed_approval(call, args: argparse.Namespace) -> dict[str, Any]:
+    """Sign what this person approves, computed here from the actions shown, not taken from
+    the server: a compromised server cannot get a signature on other actions."""
+    key = SigningKey.load(Path(args.key))
+    me = (await call("GET", "/whoami"))["name"]
+    rems = {r["remediation_id"]: r for r in await call("GET", "/remediations")}
+    rem = rems.get(args.remediation_id)
+    if rem is None:
+        raise SystemExit(f"recovery-admin: no remediation {args.remediation_id}")
+    print(f"signing approval of {rem['remediation_id']} ({rem['title']}):", file=sys.stderr)
+    for a in rem["actions"]:
+        print(f"  {json.dumps(a, sort_keys=True)}", file=sys.stderr)
+    approval = RemediationApproval(remediation_id=rem["remediation_id"],
+                                   actions_sha256=actions_digest(rem["actions"]), approver=me,
+                                   approved_at=utcnow())
+    return seal(approval, key)
 
 
 async def _run(args: argparse.Namespace) -> Any:
@@ -90,6 +109,9 @@ async def _run(args: argparse.Namespace) -> Any:
                 return await call("POST", "/remediations", {
                     "title": title or "remediation", "incident_id": args.incident,
                     "actions": actions, "required_approvals": args.approvals}), None
+            if args.rcmd == "approve" and args.key:
+                return await call("POST", f"/remediations/{args.remediation_id}/approve",
+                                  {"signed": await _signed_approval(call, args)}), None
             if args.rcmd in ("approve", "revoke"):
                 return await call("POST", f"/remediations/{args.remediation_id}/{args.rcmd}"), None
         if cmd == "rollout":
@@ -117,6 +139,16 @@ async def _run(args: argparse.Namespace) -> Any:
                 print(f"{ro['rollout_id']} for {ro['remediation_id']}: {ro['state']} ({ro['reason']})")
                 return ro["waves"], ["name", "reached", "served", "succeeded", "failed", "pending"]
             return await call("POST", f"/rollouts/{args.rollout_id}/{args.rocmd}"), None
+        if cmd == "key":
+            key = SigningKey.generate()
+            path = Path(args.path)
+            if path.exists():
+                raise SystemExit(f"recovery-admin: {path} exists; not replacing a key")
+            key.save(path)
+            answer = await call("POST", "/me/key", {"public_key": public_b64(key.public)})
+            answer["public_key"] = public_b64(key.public)
+            answer["pin_in_agent_settings"] = "approver_keys"
+            return answer, None
         if cmd == "user":
             return await call("POST", "/users", {"name": args.name, "role": args.role}), None
         if cmd == "enrollment-token":
@@ -160,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("approve", "revoke"):
         a = rs.add_parser(name)
         a.add_argument("remediation_id")
+        if name == "approve":
+            a.add_argument("--key", help="sign the approval with your own key (required once you "
+                                         "registered one with `recovery-admin key create`)")
     ro = sub.add_parser("rollout", help="staged rollout of a remediation")
     rosub = ro.add_subparsers(dest="rocmd", required=True)
     rc = rosub.add_parser("create", help="set the waves before the remediation is served")
@@ -175,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     rosub.add_parser("list")
     for name in ("show", "pause", "resume", "revoke"):
         rosub.add_parser(name).add_argument("rollout_id")
+    k = sub.add_parser("key", help="make your own approval key (PATH, 0600) and register it")
+    k.add_argument("path")
     u = sub.add_parser("user", help="add a user (admin only); prints their token once")
     u.add_argument("name")
     u.add_argument("--role", required=True, choices=["viewer", "operator", "approver", "admin"])

@@ -41,6 +41,10 @@ class EnrollmentTokenRequest(_Request):
     label: str = Field(default="fleet", min_length=1, max_length=64)
 
 
+class RegisterKeyRequest(_Request):
+    public_key: str = Field(pattern=r"^[A-Za-z0-9+/]{43}=$", description="raw Ed25519 key, base64")
+
+
 class Signature(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,10 +62,16 @@ class Envelope(BaseModel):
     signatures: list[Signature] = Field(min_length=1, max_length=8)
 
 
+class ApproveRequest(_Request):
+    signed: Envelope | None = Field(default=None, description="the approver's own signed "
+                                    "RemediationApproval; required once they registered a key")
+
+
 _MODELS: dict[str, type[BaseModel]] = {
     "ChallengeRequest": ChallengeRequest, "RemediationRequest": RemediationRequest,
     "UserRequest": UserRequest, "EnrollmentTokenRequest": EnrollmentTokenRequest,
-    "Envelope": Envelope, "Signature": Signature, "Challenge": Challenge, "DiagnosticsReceipt": DiagnosticsReceipt,
+    "Envelope": Envelope, "Signature": Signature, "ApproveRequest": ApproveRequest,
+    "RegisterKeyRequest": RegisterKeyRequest, "Challenge": Challenge, "DiagnosticsReceipt": DiagnosticsReceipt,
     "DirectivePoll": DirectivePoll, "RolloutPlan": RolloutPlan,
 }
 
@@ -85,6 +95,8 @@ _PLAIN: dict[str, dict[str, Any]] = {
     "UserAnswer": {"type": "object", "required": ["name", "role", "token"],
                    "properties": {"name": {"type": "string"}, "role": {"type": "string"},
                                   "token": {"type": "string"}}},
+    "KeyAnswer": {"type": "object", "required": ["name", "key_id"],
+                  "properties": {"name": {"type": "string"}, "key_id": {"type": "string"}}},
     "TokenAnswer": {"type": "object", "required": ["token", "label"],
                     "properties": {"token": {"type": "string"}, "label": {"type": "string"}}},
     "AuditVerify": {"type": "object", "required": ["ok", "entries", "head", "problems"],

@@ -199,7 +199,16 @@ async def create_remediation(request: web.Request) -> web.Response:
 
 
 async def approve(request: web.Request) -> web.Response:
-    return web.json_response(_svc(request).approve(_user(request), request.match_info["remediation_id"]))
+    user = _user(request)
+    body = await _parse(request, api.ApproveRequest)
+    signed = body.signed.model_dump() if body.signed else None
+    return web.json_response(_svc(request).approve(user, request.match_info["remediation_id"], signed))
+
+
+async def register_key(request: web.Request) -> web.Response:
+    user = _user(request)
+    body = await _parse(request, api.RegisterKeyRequest)
+    return web.json_response(_svc(request).register_key(user, body.public_key))
 
 
 async def revoke(request: web.Request) -> web.Response:
@@ -347,7 +356,10 @@ ROUTES: tuple[Route, ...] = (
           auth="admin", body="RemediationRequest", response="Object", status=201,
           errors=(400, *_ADMIN, 404, 413)),
     Route("POST", "/v1/admin/remediations/{remediation_id}/approve", approve, "Approve (not the author)",
-          auth="admin", response="Object", errors=(*_ADMIN, 404, 409)),
+          auth="admin", body="ApproveRequest", body_required=False, response="Object",
+          errors=(400, *_ADMIN, 404, 409, 413)),
+    Route("POST", "/v1/admin/me/key", register_key, "Register your own approval key",
+          auth="admin", body="RegisterKeyRequest", response="KeyAnswer", errors=(400, 401, 409, 413)),
     Route("POST", "/v1/admin/remediations/{remediation_id}/revoke", revoke, "Revoke", auth="admin",
           response="Object", errors=(*_ADMIN, 404)),
     Route("POST", "/v1/admin/remediations/{remediation_id}/rollout", create_rollout,

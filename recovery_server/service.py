@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 from recovery_agent import envelope
 from recovery_agent.envelope import EnvelopeError, SigningKey
 from recovery_agent.wire import (Action, Challenge, Diagnostics, DiagnosticsReceipt, Directive,
-                                 DirectivePoll, Health, QuarantineFile, Result)
+                                 DirectivePoll, Health, QuarantineFile, RemediationApproval, Result)
 
 from . import catalog
 from .rollout import RolloutPlan, WaveCounts, decide, wave_of
@@ -148,7 +148,8 @@ class RecoveryService:
         with self.store.tx() as tx:
             if tx.one("SELECT 1 FROM users WHERE name = ?", name):
                 raise Conflict(f"user {name!r} exists already")
-            tx.execute("INSERT INTO users VALUES (?,?,?,?)", name, role, _sha(token), iso(self.now()))
+            tx.execute("INSERT INTO users(name, role, token_sha256, created_at) VALUES (?,?,?,?)",
+                       name, role, _sha(token), iso(self.now()))
             tx.event(iso(self.now()), "user.created", actor, subject=name, detail={"role": role})
         return token
 
@@ -332,11 +333,15 @@ class RecoveryService:
         wave = (wave_of(RolloutPlan.model_validate_json(ro["plan"]), ro["rollout_id"], report["device_id"])
                 if ro else None)
         now = self.now()
+        approvals = [json.loads(r["envelope"]) for r in tx.all(
+            "SELECT envelope FROM approvals WHERE remediation_id = ? AND envelope IS NOT NULL "
+            "ORDER BY approved_at, approver", rem["remediation_id"])]
         directive = Directive(
             directive_id=_new_id("dir"), device_id=report["device_id"],
             agent_nonce=report["agent_nonce"], diagnostics_sha256=report["diagnostics_sha256"],
             remediation_id=rem["remediation_id"], remediation_title=rem["title"],
-            issued_at=now, expires_at=now + self.settings.directive_ttl, actions=actions)
+            issued_at=now, expires_at=now + self.settings.directive_ttl, actions=actions,
+            approvals=approvals)
         env = envelope.seal(directive, self.server_key)
         tx.execute("INSERT INTO directives(directive_id, device_id, report_id, remediation_id, issued_at, "
                    "expires_at, envelope, wave) VALUES (?,?,?,?,?,?,?,?)", directive.directive_id,
@@ -446,7 +451,35 @@ class RecoveryService:
         return {"incident_id": incident_id, "title": proposal.title, "actions": proposal.actions,
                 "why": proposal.why}
 
-    def approve(self, user: User, remediation_id: str) -> dict[str, Any]:
+    def register_key(self, user: User, public_key: str) -> dict[str, Any]:
+        """A person registers their own Ed25519 key; from then on their approvals must be
+        signed with it, and devices that pin it can check those signatures themselves."""
+        try:
+            pub = envelope.public_from_b64(public_key)
+        except ValueError as exc:
+            raise BadRequest(f"public_key: {exc}") from None
+        kid = envelope.key_id(pub)
+        with self.store.tx() as tx:
+            row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
+            if row["public_key"] and row["public_key"] != public_key:
+                raise Conflict(f"{user.name} has a key already; an admin must replace a person's key")
+            tx.execute("UPDATE users SET public_key = ? WHERE name = ?", public_key, user.name)
+            tx.event(iso(self.now()), "user.key_registered", user.name, subject=user.name,
+                     detail={"key_id": kid})
+        return {"name": user.name, "key_id": kid}
+
+    def approval_payload(self, user: User, remediation_id: str) -> RemediationApproval:
+        """What an approver signs for this remediation (the CLI fetches it, checks it, signs)."""
+        rem = self.remediation(remediation_id)
+        return RemediationApproval(remediation_id=remediation_id,
+                                   actions_sha256=envelope.actions_digest(rem["actions"]),
+                                   approver=user.name, approved_at=self.now())
+
+    def approve(self, user: User, remediation_id: str,
+                signed: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Count ``user``'s approval. A person with a registered key must send their signed
+        RemediationApproval of exactly these actions; the server checks it and keeps it, and
+        every directive made from the remediation carries it to the devices."""
         self.require(user, "approver")
         now = self.now()
         with self.store.tx() as tx:
@@ -461,7 +494,9 @@ class RecoveryService:
             if tx.one("SELECT 1 FROM approvals WHERE remediation_id = ? AND approver = ?",
                       remediation_id, user.name):
                 raise Conflict(f"{user.name} already approved {remediation_id}")
-            tx.execute("INSERT INTO approvals VALUES (?,?,?)", remediation_id, user.name, iso(now))
+            signed_json = self._check_signed_approval(tx, user, rem, signed)
+            tx.execute("INSERT INTO approvals(remediation_id, approver, approved_at, envelope) "
+                       "VALUES (?,?,?,?)", remediation_id, user.name, iso(now), signed_json)
             count = tx.one("SELECT count(*) FROM approvals WHERE remediation_id = ?", remediation_id)[0]
             tx.event(iso(now), "remediation.approval", user.name, subject=remediation_id,
                      detail={"approvals": count, "required": rem["required_approvals"]})
@@ -473,6 +508,30 @@ class RecoveryService:
                 tx.event(iso(now), "remediation.approved", user.name, subject=remediation_id)
         self.on_change()
         return self.remediation(remediation_id)
+
+    @staticmethod
+    def _check_signed_approval(tx, user: User, rem, signed: dict[str, Any] | None) -> str | None:
+        row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
+        if not row["public_key"]:
+            if signed is not None:
+                raise BadRequest(f"{user.name} has no registered key to check this signature "
+                                 "against: recovery-admin key create first")
+            return None
+        if signed is None:
+            raise Forbidden(f"{user.name} has a registered key, so approvals must be signed with it: "
+                            f"recovery-admin remediation approve {rem['remediation_id']} --key YOUR_KEY")
+        pub = envelope.public_from_b64(row["public_key"])
+        try:
+            v = envelope.open_envelope(signed, RemediationApproval, {envelope.key_id(pub): pub})
+        except EnvelopeError as exc:
+            raise BadRequest(f"signed approval: {exc}") from None
+        a = v.message
+        if a.remediation_id != rem["remediation_id"] or a.approver != user.name:
+            raise BadRequest("signed approval names another remediation or person")
+        if a.actions_sha256 != envelope.actions_digest(json.loads(rem["actions"])):
+            raise BadRequest("signed approval covers other actions than this remediation's: "
+                             "fetch it again and check what you sign")
+        return json.dumps(signed)
 
     def revoke(self, user: User, remediation_id: str) -> dict[str, Any]:
         self.require(user, "approver")
@@ -491,9 +550,10 @@ class RecoveryService:
             raise NotFound(f"no remediation {remediation_id}")
         out = dict(rem)
         out["actions"] = json.loads(rem["actions"])
-        out["approvals"] = [dict(a) for a in self.store.all(
-            "SELECT approver, approved_at FROM approvals WHERE remediation_id = ? ORDER BY approved_at",
-            remediation_id)]
+        out["approvals"] = [{"approver": a["approver"], "approved_at": a["approved_at"],
+                             "signed": a["envelope"] is not None} for a in self.store.all(
+            "SELECT approver, approved_at, envelope FROM approvals WHERE remediation_id = ? "
+            "ORDER BY approved_at", remediation_id)]
         return out
 
     def remediations(self) -> list[dict[str, Any]]:

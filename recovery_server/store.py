@@ -28,7 +28,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Each version's changes over the one before, applied in order in one transaction; _SCHEMA
+# is version 1. Never edit a released step: add the next one.
+_MIGRATIONS: dict[int, list[str]] = {
+    2: [  # approvers' own keys and signed approvals
+        "ALTER TABLE users ADD COLUMN public_key TEXT",
+        "ALTER TABLE approvals ADD COLUMN envelope TEXT",
+    ],
+}
 
 _SCHEMA = """
 CREATE TABLE schema_meta (
@@ -207,7 +216,12 @@ class Store:
                     f"{SCHEMA_VERSION}: upgrade the server, do not downgrade a database")
             if version == 0:
                 db.executescript_in_tx(_SCHEMA)
-                db.execute("INSERT INTO schema_meta VALUES ('version', ?)", str(SCHEMA_VERSION))
+                db.execute("INSERT INTO schema_meta VALUES ('version', '1')")
+                version = 1
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+                db.execute("UPDATE schema_meta SET value = ? WHERE key = 'version'", str(step))
 
     @contextmanager
     def tx(self) -> Iterator["_Tx"]:

@@ -325,3 +325,22 @@ async def test_approval_needs_the_approver_role_and_not_the_authorship(fleet, de
     with pytest.raises(Forbidden, match="admin wrote"):
         fleet.service.approve(fleet.user("admin"), rem["remediation_id"])
     assert fleet.service.approve(fleet.user("alice"), rem["remediation_id"])["status"] == "approved"
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    import sqlite3
+    from recovery_server import store as store_mod
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    for statement in store_mod._SCHEMA.replace("AUTOINCREMENT_", "AUTOINCREMENT").split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO schema_meta VALUES ('version', '1')")
+    db.execute("INSERT INTO users VALUES ('old', 'admin', 'x', '2026-01-01T00:00:00Z')")
+    db.commit()
+    db.close()
+    s = store_mod.Store(path)
+    assert s.one("SELECT value FROM schema_meta WHERE key = 'version'")[0] == str(store_mod.SCHEMA_VERSION)
+    row = s.one("SELECT name, public_key FROM users")
+    assert row["name"] == "old" and row["public_key"] is None, "data kept, new column added"
+    s.close()
