@@ -666,6 +666,13 @@ class _Remediation:
                         action.path, action.sha256, actual,
                         "this device's file is not the one the remediation targets; leave it and "
                         "ask for a remediation matching the content in the diagnostics")
+                links = os.fstat(fd).st_nlink
+                if links > 1:
+                    # Moving one name would leave the same bad content loadable by the others.
+                    raise PathRejected(
+                        f"{action.path} has {links} hard links: quarantining this name would leave "
+                        f"the content reachable through the others; find them (find / -samefile) "
+                        f"and quarantine every name in one remediation")
                 if dry_run:
                     return _Outcome("apply", f"will quarantine {action.path}")
                 self._move_to_quarantine(dir_fd, name, fd, actual, action.path, slot, index,

@@ -178,6 +178,13 @@ def test_hash_mismatch_is_rejected(root: Path) -> None:
     rejected(root, directive(action), HashMismatch, GOOD_CHANNELS[1], sha(BAD), sha(GOOD_NEW))
 
 
+def test_a_file_with_other_hard_links_is_not_quarantined(root: Path) -> None:
+    """Another name for the same inode would keep the bad content loadable."""
+    os.link(root / BAD_CHANNEL, root / "var/lib/sensor/C-copy.sys")
+    action = QuarantineFile(path=BAD_CHANNEL, sha256=sha(BAD))
+    rejected(root, directive(action), PathRejected, BAD_CHANNEL, "2 hard links", "samefile")
+
+
 def test_restore_source_with_wrong_hash_is_rejected(root: Path) -> None:
     write(root, STORE, b"corrupted store copy\n", 0o444)
     rejected(root, directive(RESTORE_DRIVER), HashMismatch, STORE, sha(DRIVER_V1),
