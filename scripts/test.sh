@@ -8,4 +8,5 @@ scripts/setup.sh --test --lab --postgres
 # The store tests run on SQLite and on a real PostgreSQL started here (loopback only).
 QMR_TEST_POSTGRES=$(scripts/postgres.sh start)
 export QMR_TEST_POSTGRES
-exec .venv/bin/python -m pytest -ra "$@"
+trap 'scripts/postgres.sh stop' EXIT
+.venv/bin/python -m pytest -ra "$@"
