@@ -33,7 +33,8 @@ from . import __version__, inventory
 from .bootenv import BootEnv
 from .client import ServerClient, ServerRefused, ServerUnreachable
 from .detect import detect
-from .envelope import EnvelopeError, SigningKey, Verified, key_id, open_directive, public_from_b64, seal_bytes
+from .envelope import (EnvelopeError, SigningKey, Verified, atomic_write, canonical_json, key_id,
+                       open_directive, payload_sha256, public_from_b64, seal, seal_bytes)
 from .remediate import RemediationError, apply_directive, recover_journals
 from .settings import AgentSettings
 from .wire import (BootRecord, BootState, CrashKind, Diagnostics, DiagnosticsReceipt, Directive,
@@ -42,6 +43,8 @@ from .wire import (BootRecord, BootState, CrashKind, Diagnostics, DiagnosticsRec
 log = logging.getLogger("recovery_agent")
 
 STATE_DIR = Path("var/lib/recovery")
+# What the boots GRUB counted ended in, by the kind of crash found (the rest crashed).
+_BOOT_OUTCOME = {CrashKind.HANG: "hung", CrashKind.UNKNOWN: "unknown", CrashKind.NONE: "unknown"}
 LAST_DIRECTIVE = STATE_DIR / "last-directive"
 
 
@@ -95,7 +98,7 @@ class RecoveryAgent:
             tl.add("settle", line)
 
         env = BootEnv.read(s.grubenv)
-        attempts = _int(env.get("recovery_attempts")) + 1
+        attempts = env.recovery_attempts + 1
         env.set("recovery_attempts", str(attempts))
         env.write(s.grubenv)
         boot_count = env.boot_count
@@ -134,10 +137,9 @@ class RecoveryAgent:
         s = self.s
         crash = detect(s.pstore_dir, s.boot_log, boot_count=boot_count, boot_limit=s.boot_limit,
                        boot_progress=s.boot_progress)
-        history = [BootRecord(index=i, outcome="crashed" if crash.kind not in (
-            CrashKind.UNKNOWN, CrashKind.NONE, CrashKind.HANG) else (
-            "hung" if crash.kind == CrashKind.HANG else "unknown"), detail=crash.title[:512])
-            for i in range(max(boot_count, 1))]
+        outcome = _BOOT_OUTCOME.get(crash.kind, "crashed")
+        history = [BootRecord(index=i, outcome=outcome, detail=crash.title[:512])
+                   for i in range(max(boot_count, 1))]
         try:
             channel_files = inventory.collect_channel_files(s.os_root)
             drivers = inventory.collect_drivers(s.os_root)
@@ -158,7 +160,7 @@ class RecoveryAgent:
         }
 
     async def report(self, client: ServerClient, base: dict,
-                     deadline: float) -> tuple[DiagnosticsReceipt, str, ] | None:
+                     deadline: float) -> tuple[DiagnosticsReceipt, str] | None:
         """Send signed diagnostics; on network trouble keep trying until the deadline."""
         tl = self.timeline
         while time.monotonic() < deadline:
@@ -167,8 +169,8 @@ class RecoveryAgent:
                 self.agent_nonce = secrets.token_urlsafe(24)
                 diagnostics = Diagnostics(server_nonce=challenge.nonce, agent_nonce=self.agent_nonce,
                                           created_at=utcnow(), **base)
-                raw = seal_bytes(diagnostics, self.key)
-                receipt = await client.send_diagnostics(raw)
+                sealed = seal(diagnostics, self.key)
+                receipt = await client.send_diagnostics(canonical_json(sealed))
             except ServerUnreachable as exc:
                 tl.add("report", f"{exc}; trying again in {self.s.retry_interval_s:.0f}s")
                 await self.sleep(max(0.0, min(self.s.retry_interval_s, deadline - time.monotonic())))
@@ -176,7 +178,11 @@ class RecoveryAgent:
             except ServerRefused as exc:
                 tl.add("report", f"the server refused the diagnostics: {exc.message}")
                 return None
-            payload_sha = receipt.diagnostics_sha256
+            # Bind directives to what this agent sent, not to what the server says it got.
+            payload_sha = payload_sha256(sealed)
+            if receipt.diagnostics_sha256 != payload_sha:
+                tl.add("report", "the server's receipt names other diagnostics than the ones sent; "
+                                 "a directive for them would be refused")
             tl.add("report", f"diagnostics accepted: report {receipt.report_id}, incident "
                              f"{receipt.incident_id}")
             return receipt, payload_sha
@@ -242,7 +248,9 @@ class RecoveryAgent:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
         self._reset_boot_count()
         tl.add("apply", "boot_count reset to 0")
-        _write_state(self.s.os_root / LAST_DIRECTIVE, d.directive_id)
+        state = self.s.os_root / LAST_DIRECTIVE
+        state.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(state, f"{d.directive_id}\n".encode())
         await self._send_result(client, Result(device_id=self.s.device_id, directive_id=d.directive_id,
                                                outcome="applied", actions=results,
                                                boot_count_reset=True, created_at=utcnow()))
@@ -260,26 +268,7 @@ class RecoveryAgent:
     # ------------------------------------------------------------------ state
 
     def _reset_boot_count(self) -> None:
-        env = BootEnv.read(self.s.grubenv)
-        env.set("boot_count", "0")
-        env.write(self.s.grubenv)
-
-
-def _int(text: str | None) -> int:
-    try:
-        return int(text or 0)
-    except ValueError:
-        return 0
-
-
-def _write_state(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        BootEnv.read(self.s.grubenv).reset_boot_count(self.s.grubenv)
 
 
 async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict:

@@ -135,12 +135,14 @@ class SigningKey:
     def key_id(self) -> str:
         return key_id(self.public)
 
-    def save(self, path: Path) -> None:
-        """Write the private key (PEM, mode 0600) and ``<path>.pub`` (raw base64)."""
-        pem = self.private.private_bytes(
+    def private_pem(self) -> bytes:
+        return self.private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption())
-        atomic_write(path, pem, mode=0o600)
+
+    def save(self, path: Path) -> None:
+        """Write the private key (PEM, mode 0600) and ``<path>.pub`` (raw base64)."""
+        atomic_write(path, self.private_pem(), mode=0o600)
         atomic_write(Path(str(path) + ".pub"), (public_b64(self.public) + "\n").encode(), mode=0o644)
 
     @classmethod
@@ -218,6 +220,11 @@ def seal(message: SignedMessage, key: SigningKey) -> dict[str, Any]:
 
 def seal_bytes(message: SignedMessage, key: SigningKey) -> bytes:
     return canonical_json(seal(message, key))
+
+
+def payload_sha256(envelope: Mapping[str, Any]) -> str:
+    """sha256 of the exact payload bytes an envelope made by ``seal`` carries."""
+    return hashlib.sha256(base64.b64decode(envelope["payload"])).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -539,10 +539,15 @@ VERSION="1.0"
 """
 
 
+def channel_file(source: str) -> bytes:
+    """The bytes of a channel file the lab knows by name (``channel:bad-291``, ...)."""
+    template, content, seed = CHANNEL_FILES[source]
+    return _mkchannel().build(template, content, seed=seed)
+
+
 def _source_bytes(source: str, sensor_dir: Path) -> bytes:
     if source in CHANNEL_FILES:
-        template, content, seed = CHANNEL_FILES[source]
-        return _mkchannel().build(template, content, seed=seed)
+        return channel_file(source)
     if source.startswith("sensor:"):
         return (sensor_dir / source.removeprefix("sensor:") / "sensor.ko").read_bytes()
     raise ScenarioError(f"unknown source {source!r}")

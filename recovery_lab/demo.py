@@ -12,7 +12,6 @@ under QEMU. The lab's ``run`` command replaces the directory with a booted image
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -27,9 +26,10 @@ from typing import Any
 
 from recovery_agent.bootenv import BootEnv
 
+from .build import BASE_CHANNELS, channel_file
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_PANIC_LOG = REPO / "tests/data/panic/channel-file-pstore.txt"
-MKCHANNEL = REPO / "images/sensor/mkchannel.py"
 CHANNELS = "var/lib/sensor/channels"
 GOOD = ["C-00000291-00000000-00000031.sys", "C-00000290-00000000-00000007.sys"]
 BAD = "C-00000291-00000000-00000032.sys"
@@ -43,15 +43,6 @@ class DemoError(Exception):
 def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else name
-
-
-def _mkchannel():
-    spec = importlib.util.spec_from_file_location("mkchannel", MKCHANNEL)
-    if spec is None or spec.loader is None:
-        raise DemoError(f"{MKCHANNEL} is missing: run from a full checkout of the repository")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def sha256(path: Path) -> str:
@@ -71,11 +62,10 @@ def make_machine_dir(m: Path, *, bad_channel_file: bool = True,
     (os_root / CHANNELS).mkdir(parents=True)
     (os_root / "etc").mkdir(parents=True, exist_ok=True)
     (os_root / "etc/os-release").write_text('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n')
-    mk = _mkchannel()
-    (os_root / CHANNELS / GOOD[0]).write_bytes(mk.build(20, 20))
-    (os_root / CHANNELS / GOOD[1]).write_bytes(mk.build(20, 20, seed=0x290))
+    for name in GOOD:
+        (os_root / CHANNELS / name).write_bytes(channel_file(BASE_CHANNELS[name]))
     if bad_channel_file:
-        (os_root / CHANNELS / BAD).write_bytes(mk.build(21, 20))
+        (os_root / CHANNELS / BAD).write_bytes(channel_file("channel:bad-291"))
     (m / "pstore").mkdir()
     if panic_log is not None:
         if not panic_log.exists():

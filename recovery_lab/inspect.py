@@ -3,7 +3,7 @@
 A run's writes live in its qcow2 overlay; ``DiskImage`` flattens it to a raw file (sparse,
 so a 400 MiB disk costs what was written), finds the partitions from the MBR, and reads:
 files on the FAT ESP through mtools (``grub/grubenv``), and files and folders on the ext4 OS
-and recovery partitions through debugfs. No loop device, no root needed, nothing is written
+and recovery partitions through debugfs, both at the partition's offset in the file. No loop device, no root needed, nothing is written
 to the image.
 """
 
@@ -34,7 +34,6 @@ class DiskImage:
             self.raw = self.source
         with open(self.raw, "rb") as f:
             self.partitions = {p.number: p for p in parse_mbr(f.read(SECTOR))}
-        self._extracted: dict[int, Path] = {}
 
     def __enter__(self) -> "DiskImage":
         return self
@@ -61,38 +60,22 @@ class DiskImage:
     def grubenv(self) -> BootEnv:
         return BootEnv.from_bytes(self.esp_file("grub/grubenv"), where=f"{self.source} grub/grubenv")
 
-    def _ext4(self, number: int) -> Path:
-        if number not in self._extracted:
-            part = self._part(number)
-            out = self._tmp / f"p{number}.img"
-            with open(self.raw, "rb") as src, open(out, "wb") as dst:
-                src.seek(part.offset)
-                left = part.size
-                while left:
-                    chunk = src.read(min(left, 1 << 20))
-                    if not chunk:
-                        break
-                    if chunk.count(0) == len(chunk):
-                        dst.seek(len(chunk), 1)  # keep it sparse
-                    else:
-                        dst.write(chunk)
-                    left -= len(chunk)
-                dst.truncate(part.size)
-            self._extracted[number] = out
-        return self._extracted[number]
+    def _ext4(self, number: int) -> str:
+        # libext2fs reads a filesystem at an offset in a file ("image?offset=N"): no copy.
+        return f"{self.raw}?offset={self._part(number).offset}"
 
     def ext4_file(self, number: int, path: str) -> bytes | None:
         """The file's bytes, or None if it does not exist."""
         tools.require("debugfs")
         out = self._tmp / "ext4-file"
         out.unlink(missing_ok=True)
-        tools.run(["debugfs", "-R", f"dump -p /{path.lstrip('/')} {out}", str(self._ext4(number))])
+        tools.run(["debugfs", "-R", f"dump -p /{path.lstrip('/')} {out}", self._ext4(number)])
         return out.read_bytes() if out.exists() else None
 
     def ext4_listdir(self, number: int, path: str) -> list[str]:
         """Names in a folder (without . and ..), or [] if it does not exist."""
         tools.require("debugfs")
-        text = tools.run(["debugfs", "-R", f"ls -p /{path.lstrip('/')}", str(self._ext4(number))])
+        text = tools.run(["debugfs", "-R", f"ls -p /{path.lstrip('/')}", self._ext4(number)])
         names = []
         for line in text.splitlines():
             m = re.match(r"^/\d+/\d+/\d+/\d+/(.*)/\d*/$", line.strip())

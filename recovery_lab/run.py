@@ -91,7 +91,6 @@ class RunReport:
     time_to_recovery_s: float | None
     server_incident: dict[str, Any] | None
     outcome: str
-    checks: dict[str, bool] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     disk: dict[str, Any] = field(default_factory=dict)
@@ -103,7 +102,7 @@ class RunReport:
             "scenario": self.scenario, "recovered": self.recovered, "boots": self.boots,
             "phases": [p.to_json() for p in self.phases],
             "time_to_recovery_s": None if self.time_to_recovery_s is None else round(self.time_to_recovery_s, 2),
-            "server_incident": self.server_incident, "outcome": self.outcome, "checks": self.checks,
+            "server_incident": self.server_incident, "outcome": self.outcome,
             "device": self.device, "disk": self.disk, "server_events": self.events,
             "vm": self.boot.to_json() if self.boot else None, "workdir": self.workdir,
         }
@@ -202,9 +201,6 @@ class _Lab:
     def first(self, kind: str) -> float | None:
         return next((t for t, e in self.seen if e["kind"] == kind), None)
 
-    def last(self, kind: str) -> float | None:
-        return next((t for t, e in reversed(self.seen) if e["kind"] == kind), None)
-
 
 async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
     """Follow the server: announce what happens, and approve known fixes with --auto-approve."""
@@ -264,7 +260,7 @@ async def run_async(opts: RunOptions) -> RunReport:
             "time_to_reboot_min": opts.time_to_reboot_min,
             "max_recovery_attempts": opts.max_recovery_attempts, "long_poll_s": 10,
         }
-        key_pem = _pem(key)
+        key_pem = key.private_pem()
         seed = make_seed_disk(work / "seed.img", {"agent.json": json.dumps(settings, indent=1).encode(),
                                                   "device.key": key_pem})
         config = MachineConfig(disk=artifact.image, accel=opts.accel, forward_port=lab.guest_port,
@@ -294,12 +290,6 @@ async def run_async(opts: RunOptions) -> RunReport:
         for p in (work / "vm").glob("*.qcow2"):
             p.unlink()
     return report
-
-
-def _pem(key: SigningKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    return key.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption())
 
 
 def _judge(lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, device_id: str,

@@ -25,6 +25,7 @@ from recovery_agent import __version__
 from recovery_agent.envelope import MalformedEnvelope, public_b64, strict_json_loads
 
 from . import api, dashboard, metrics
+from .rollout import RolloutPlan
 from .service import BadRequest, RecoveryService, ServiceError, Unauthorized, User
 
 log = logging.getLogger("recovery_server")
@@ -243,15 +244,8 @@ async def audit_verify(request: web.Request) -> web.Response:
 
 async def create_rollout(request: web.Request) -> web.Response:
     user = _user(request)
-    raw = await request.read()
-    try:
-        body = strict_json_loads(raw or b"null")
-    except MalformedEnvelope as exc:
-        raise BadRequest(f"request body: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("send a rollout plan: {waves: [...], min_devices, min_success_rate, soak_s, "
-                         "halt_failure_rate, halt_min_devices}")
-    ro = _svc(request).create_rollout(user, request.match_info["remediation_id"], body)
+    plan = await _parse(request, RolloutPlan)
+    ro = _svc(request).create_rollout(user, request.match_info["remediation_id"], plan.model_dump())
     return web.json_response(ro, status=201)
 
 

@@ -699,26 +699,28 @@ class RecoveryService:
             "FROM devices ORDER BY device_id")]
 
     def incidents(self) -> list[dict[str, Any]]:
-        out = []
-        for r in self.store.all("SELECT * FROM incidents ORDER BY last_seen DESC"):
-            item = dict(r)
-            item["devices"] = [d["device_id"] for d in self.store.all(
-                "SELECT DISTINCT device_id FROM reports WHERE incident_id = ? ORDER BY device_id",
-                r["incident_id"])]
-            out.append(item)
-        return out
+        return [self._incident_view(r) for r in
+                self.store.all("SELECT * FROM incidents ORDER BY last_seen DESC")]
+
+    def _incident_view(self, row) -> dict[str, Any]:
+        item = dict(row)
+        item["devices"] = [d["device_id"] for d in self.store.all(
+            "SELECT DISTINCT device_id FROM reports WHERE incident_id = ? ORDER BY device_id",
+            row["incident_id"])]
+        return item
 
     def incident(self, incident_id: str) -> dict[str, Any]:
-        for item in self.incidents():
-            if item["incident_id"] == incident_id:
-                reports = self.store.all(
-                    "SELECT report_id, device_id, received_at, payload FROM reports "
-                    "WHERE incident_id = ? ORDER BY received_at", incident_id)
-                item["reports"] = [{"report_id": r["report_id"], "device_id": r["device_id"],
-                                    "received_at": r["received_at"],
-                                    "diagnostics": json.loads(r["payload"])} for r in reports]
-                return item
-        raise NotFound(f"no incident {incident_id}")
+        row = self.store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
+        if row is None:
+            raise NotFound(f"no incident {incident_id}")
+        item = self._incident_view(row)
+        reports = self.store.all(
+            "SELECT report_id, device_id, received_at, payload FROM reports "
+            "WHERE incident_id = ? ORDER BY received_at", incident_id)
+        item["reports"] = [{"report_id": r["report_id"], "device_id": r["device_id"],
+                            "received_at": r["received_at"],
+                            "diagnostics": json.loads(r["payload"])} for r in reports]
+        return item
 
     def events(self, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
         if device_id:

@@ -27,20 +27,25 @@ from recovery_server.store import Store
 FAST_RETRY = RetryPolicy(attempts=2, max_delay_s=2, backoff_max_s=0.1, backoff_multiplier_s=0.01)
 
 
-def tree_snapshot(root: Path) -> dict[str, tuple]:
-    """path -> (type, sha256 or link target, mode); symlinks are not followed."""
+def tree_snapshot(root: Path, exclude: str | None = None) -> dict[str, tuple]:
+    """path -> (type, sha256 or link target, mode); symlinks are not followed; paths under
+    ``exclude`` (relative to root) left out."""
     tree: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
-            st = path.lstat()
             rel = path.relative_to(root).as_posix()
+            if exclude and (rel + "/").startswith(exclude.rstrip("/") + "/"):
+                continue
+            st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
                 tree[rel] = ("symlink", os.readlink(path), None)
             elif stat.S_ISDIR(st.st_mode):
                 tree[rel] = ("dir", None, stat.S_IMODE(st.st_mode))
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 tree[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), stat.S_IMODE(st.st_mode))
+            else:  # a FIFO must not be read: it would block
+                tree[rel] = ("special", stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode))
     return tree
 
 

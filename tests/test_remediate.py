@@ -28,6 +28,8 @@ from recovery_agent.remediate import (
 )
 from recovery_agent.wire import Directive, DisableDriver, QuarantineFile, RestoreFile
 
+from .conftest import tree_snapshot
+
 CHANNELS = "var/lib/sensor/channels"
 BAD_CHANNEL = f"{CHANNELS}/C-00000291-00000000-00000032.sys"
 GOOD_CHANNELS = [f"{CHANNELS}/C-00000291-00000000-00000031.sys",
@@ -48,23 +50,7 @@ def sha(data: bytes) -> str:
 
 def snapshot(root: Path, *, include_state: bool = True) -> dict[str, tuple]:
     """path -> (type, sha256 or link target, mode), symlinks not followed."""
-    tree: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if not include_state and (rel + "/").startswith(remediate.STATE_DIR + "/"):
-                continue
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                tree[rel] = ("symlink", os.readlink(path), None)
-            elif stat.S_ISDIR(st.st_mode):
-                tree[rel] = ("dir", None, stat.S_IMODE(st.st_mode))
-            elif stat.S_ISREG(st.st_mode):
-                tree[rel] = ("file", sha(path.read_bytes()), stat.S_IMODE(st.st_mode))
-            else:  # a FIFO must not be read: it would block
-                tree[rel] = ("special", stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode))
-    return tree
+    return tree_snapshot(root, exclude=None if include_state else remediate.STATE_DIR)
 
 
 def write(root: Path, rel: str, data: bytes, mode: int = 0o644) -> Path:
