@@ -31,6 +31,7 @@ from typing import Callable
 
 from . import __version__, inventory
 from .bootenv import BootEnv
+from .clock import Clock, SystemClock
 from .client import ServerClient, ServerRefused, ServerUnreachable
 from .detect import detect
 from .envelope import (EnvelopeError, SigningKey, Verified, atomic_write, canonical_json, key_id,
@@ -78,12 +79,11 @@ class Timeline:
 
 class RecoveryAgent:
     def __init__(self, settings: AgentSettings, *, timeline: Timeline | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 sleep: Callable[[float], "asyncio.Future"] = asyncio.sleep) -> None:
+                 clock: Clock | None = None) -> None:
         self.s = settings
         self.timeline = timeline or Timeline()
-        self.clock = clock
-        self.sleep = sleep
+        # Every wait of the loop goes through this clock (tests drive it; see clock.py).
+        self.clock: Clock = clock or SystemClock()
         self.key = SigningKey.load(settings.device_key)
         pinned = public_from_b64(settings.server_public_key)
         self.server_keyring = {key_id(pinned): pinned}
@@ -116,7 +116,7 @@ class RecoveryAgent:
             self._reset_boot_count()
             return Outcome.CLOUD_DISABLED
 
-        deadline = time.monotonic() + s.time_to_reboot_s
+        deadline = self.clock.monotonic() + s.time_to_reboot_s
         async with ServerClient(s.server_url) as client:
             sent = await self.report(client, diagnostics_base, deadline)
             if sent is not None:
@@ -163,7 +163,7 @@ class RecoveryAgent:
                      deadline: float) -> tuple[DiagnosticsReceipt, str] | None:
         """Send signed diagnostics; on network trouble keep trying until the deadline."""
         tl = self.timeline
-        while time.monotonic() < deadline:
+        while self.clock.monotonic() < deadline:
             try:
                 challenge = await client.challenge(self.s.device_id)
                 self.agent_nonce = secrets.token_urlsafe(24)
@@ -173,7 +173,7 @@ class RecoveryAgent:
                 receipt = await client.send_diagnostics(canonical_json(sealed))
             except ServerUnreachable as exc:
                 tl.add("report", f"{exc}; trying again in {self.s.retry_interval_s:.0f}s")
-                await self.sleep(max(0.0, min(self.s.retry_interval_s, deadline - time.monotonic())))
+                await self.clock.sleep(max(0.0, min(self.s.retry_interval_s, deadline - self.clock.monotonic())))
                 continue
             except ServerRefused as exc:
                 tl.add("report", f"the server refused the diagnostics: {exc.message}")
@@ -195,7 +195,7 @@ class RecoveryAgent:
         tl.add("wait", f"waiting for a directive (retry every {s.retry_interval_s:.0f}s, "
                        f"reboot after {s.time_to_reboot_s:.0f}s)")
         while True:
-            started = time.monotonic()
+            started = self.clock.monotonic()
             remaining = deadline - started
             if remaining <= 0:
                 return None
@@ -211,7 +211,7 @@ class RecoveryAgent:
                 try:
                     verified = open_directive(
                         poll.envelope, self.server_keyring, device_id=s.device_id,
-                        agent_nonce=self.agent_nonce, diagnostics_sha256=payload_sha, now=self.clock(),
+                        agent_nonce=self.agent_nonce, diagnostics_sha256=payload_sha, now=self.clock.now(),
                         approver_keyring=self.approver_keyring, approver_threshold=s.approver_threshold)
                 except EnvelopeError as exc:
                     tl.add("verify", f"directive REJECTED: {exc}")
@@ -224,13 +224,13 @@ class RecoveryAgent:
                 tl.add("wait", "auto remediation is off: not asking again")
                 return None
             next_check = started + s.retry_interval_s
-            left = deadline - time.monotonic()
-            pause = min(next_check, deadline) - time.monotonic()
+            left = deadline - self.clock.monotonic()
+            pause = min(next_check, deadline) - self.clock.monotonic()
             if left > 0:
                 when = f"in {pause:.0f}s" if pause >= 1 else "now"
                 tl.add("wait", f"no directive yet; asking again {when} ({left:.0f}s before the reboot)")
             if pause > 0:
-                await self.sleep(pause)
+                await self.clock.sleep(pause)
 
     async def apply(self, client: ServerClient, verified: Verified[Directive]) -> Outcome:
         d, tl = verified.message, self.timeline

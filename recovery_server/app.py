@@ -32,10 +32,14 @@ log = logging.getLogger("recovery_server")
 
 MAX_BODY = 1 << 20
 MAX_POLL_S = 60.0
-TICK_S = 1.0
+# A long poll re-reads the store this often even when no event in this process woke it: another
+# server process may have approved, or a rollout may have been promoted.
+POLL_TICK_S = 1.0
+ROLLOUT_TICK_S = 1.0
 SERVICE = web.AppKey("service", RecoveryService)
 CHANGED = web.AppKey("changed", asyncio.Event)
 METRICS = web.AppKey("metrics", metrics.HttpMetrics)
+POLL_TICK = web.AppKey("poll_tick_s", float)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,16 +142,19 @@ async def directive(request: web.Request) -> web.Response:
     wait = _query_number(request, "wait", 0, 0, MAX_POLL_S)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    changed = request.app[CHANGED]
+    changed, tick, gauge = request.app[CHANGED], request.app[POLL_TICK], request.app[METRICS]
     while True:
         answer = svc.poll(request.match_info["report_id"], token)
         remaining = deadline - loop.time()
         if answer.status != "pending" or remaining <= 0:
             return _model(answer)
+        gauge.long_polls_waiting += 1
         try:
-            await asyncio.wait_for(changed.wait(), timeout=min(1.0, remaining))
+            await asyncio.wait_for(changed.wait(), timeout=min(tick, remaining))
         except asyncio.TimeoutError:
             pass
+        finally:
+            gauge.long_polls_waiting -= 1
 
 
 async def result(request: web.Request) -> web.Response:
@@ -383,9 +390,10 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def make_app(service: RecoveryService) -> web.Application:
+def make_app(service: RecoveryService, *, poll_tick_s: float = POLL_TICK_S) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
+    app[POLL_TICK] = poll_tick_s
     app[METRICS] = metrics.HttpMetrics()
     changed = asyncio.Event()
     app[CHANGED] = changed
@@ -408,7 +416,7 @@ async def _rollout_ticker(app: web.Application):
 
     async def loop() -> None:
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(ROLLOUT_TICK_S)
             try:
                 service.tick()
             except Exception:  # a bad tick must not stop the next ones

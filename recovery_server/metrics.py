@@ -23,6 +23,7 @@ class HttpMetrics:
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self.buckets: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * (len(_BUCKETS) + 1))
         self.sums: dict[tuple[str, str], float] = defaultdict(float)
+        self.long_polls_waiting = 0  # directive long polls now waiting (only the event loop writes it)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -70,6 +71,9 @@ def render(service: "RecoveryService", http: HttpMetrics) -> str:
            [(_labels(rollout=r[0], state=r[1]), r[2]) for r in rollouts])
     family("qmr_audit_entries", "gauge", "Entries in the hash-chained audit log.",
            [("", db.one("SELECT count(*) FROM events")[0])])
+
+    family("qmr_long_polls_waiting", "gauge", "Directive long polls waiting in this process.",
+           [("", http.long_polls_waiting)])
 
     with http._lock:
         requests = sorted(http.requests.items())

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, settings
+
+from .clock import ManualClock
 
 from recovery_agent.client import RetryPolicy, ServerClient
 from recovery_agent.envelope import SigningKey, public_b64, seal_bytes
@@ -23,6 +26,13 @@ from recovery_lab.demo import make_machine_dir
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService, ServiceSettings, User
 from recovery_server.store import Store
+
+# Hypothesis judges each example against a wall-clock deadline by default: a slow or busy
+# machine would fail tests for it. No profile here has one; "ci" also prints the seed to rerun.
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 FAST_RETRY = RetryPolicy(attempts=2, max_delay_s=2, backoff_max_s=0.1, backoff_multiplier_s=0.01)
 
@@ -88,11 +98,12 @@ class Fleet:
     key: SigningKey
     settings: ServiceSettings = field(default_factory=ServiceSettings)
     port: int = 0
+    poll_tick_s: float = 1.0
 
     async def start(self) -> None:
         self.store = Store(self.store_url)
         self.service = RecoveryService(store=self.store, server_key=self.key, settings=self.settings)
-        self.server = TestServer(make_app(self.service), host="127.0.0.1", port=self.port or None)
+        self.server = TestServer(make_app(self.service, poll_tick_s=self.poll_tick_s), host="127.0.0.1", port=self.port or None)
         await self.server.start_server()
         self.port = self.server.port
         if not self.store.one("SELECT 1 FROM users"):
@@ -143,6 +154,12 @@ async def fleet(store_url: str):
     await f.start()
     yield f
     await f.stop()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The agent's clock, standing still until the test moves it (tests/clock.py)."""
+    return ManualClock()
 
 
 @pytest.fixture

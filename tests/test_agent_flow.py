@@ -16,10 +16,11 @@ from recovery_agent.bootenv import BootEnv
 from recovery_agent.envelope import SigningKey
 from recovery_lab.demo import BAD, CHANNELS, GOOD
 
+from .clock import ManualClock
 from .conftest import enrolled_settings, tree_snapshot
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:
+async def wait_for(predicate, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
@@ -31,16 +32,17 @@ def grub(machine) -> BootEnv:
     return BootEnv.read(machine / "esp/grub/grubenv")
 
 
-async def test_channel_file_incident_is_recovered_after_approval(fleet, machine):
+async def test_channel_file_incident_is_recovered_after_approval(fleet, machine, clock):
     settings = await enrolled_settings(fleet, machine)
     good = {n: (machine / "os" / CHANNELS / n).read_bytes() for n in GOOD}
-    run = asyncio.create_task(RecoveryAgent(settings).run())
+    run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
     await wait_for(lambda: fleet.service.incidents())
     incident = fleet.service.incidents()[0]
     assert incident["title"] == "general protection fault in sensor_parse_channel"
     assert incident["channel_file"] == f"{CHANNELS}/{BAD}"
     fleet.approve_suggested(incident["incident_id"])
-    assert await asyncio.wait_for(run, 20) is Outcome.REMEDIATED
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
 
     os_root = machine / "os"
     assert not (os_root / CHANNELS / BAD).exists()
@@ -59,7 +61,7 @@ async def test_channel_file_incident_is_recovered_after_approval(fleet, machine)
     assert grub(machine).get("recovery_attempts") == "0"
 
 
-async def test_altered_directive_is_rejected_inside_and_nothing_changes(fleet, machine):
+async def test_altered_directive_is_rejected_inside_and_nothing_changes(fleet, machine, clock):
     """A proxy between agent and server rewrites the directive's action path."""
     async def proxy(request: web.Request) -> web.Response:
         async with ClientSession() as s:
@@ -85,10 +87,11 @@ async def test_altered_directive_is_rejected_inside_and_nothing_changes(fleet, m
         settings = await enrolled_settings(fleet, machine, server_url=f"http://127.0.0.1:{mitm.port}",
                                            time_to_reboot_min=40)
         before = tree_snapshot(machine / "os")
-        run = asyncio.create_task(RecoveryAgent(settings).run())
+        run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
         await wait_for(lambda: fleet.service.incidents())
         fleet.approve_suggested(fleet.service.incidents()[0]["incident_id"])
-        assert await asyncio.wait_for(run, 20) is Outcome.NO_REMEDIATION
+        await clock.release()
+        assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     finally:
         await mitm.close()
     assert tree_snapshot(machine / "os") == before
@@ -98,22 +101,24 @@ async def test_altered_directive_is_rejected_inside_and_nothing_changes(fleet, m
 async def test_expired_directive_is_rejected(fleet, machine):
     settings = await enrolled_settings(fleet, machine, time_to_reboot_min=30)
     before = tree_snapshot(machine / "os")
-    later = datetime.now(timezone.utc) + timedelta(hours=2)  # the directive lives one hour
-    agent = RecoveryAgent(settings, clock=lambda: later)
+    # The device's clock is two hours ahead; the directive lives one hour.
+    clock = ManualClock(wall_start=datetime.now(timezone.utc) + timedelta(hours=2))
+    agent = RecoveryAgent(settings, clock=clock)
     lines: list[str] = []
     agent.timeline.sink = lines.append
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents())
     fleet.approve_suggested(fleet.service.incidents()[0]["incident_id"])
-    assert await asyncio.wait_for(run, 20) is Outcome.NO_REMEDIATION
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("REJECTED" in line and "expired" in line for line in lines)
     assert tree_snapshot(machine / "os") == before
 
 
-async def test_directive_signed_by_another_key_is_rejected(fleet, machine):
+async def test_directive_signed_by_another_key_is_rejected(fleet, machine, clock):
     """A server key the device did not pin (a compromised or impostor server)."""
     settings = await enrolled_settings(fleet, machine, time_to_reboot_min=30)
-    agent = RecoveryAgent(settings)
+    agent = RecoveryAgent(settings, clock=clock)
     impostor = SigningKey.generate()
     agent.server_keyring = {impostor.key_id: impostor.public}
     lines: list[str] = []
@@ -122,20 +127,20 @@ async def test_directive_signed_by_another_key_is_rejected(fleet, machine):
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents())
     fleet.approve_suggested(fleet.service.incidents()[0]["incident_id"])
-    assert await asyncio.wait_for(run, 20) is Outcome.NO_REMEDIATION
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("no signature by a trusted key" in line for line in lines)
     assert tree_snapshot(machine / "os") == before
 
 
-async def test_unknown_crash_retries_then_asks_for_a_person(fleet, tmp_path):
+async def test_unknown_crash_retries_then_asks_for_a_person(fleet, tmp_path, clock):
     from recovery_lab.demo import make_machine_dir
     machine = make_machine_dir(tmp_path / "m", bad_channel_file=False, panic_log=None)
     settings = await enrolled_settings(fleet, machine, time_to_reboot_min=20, retry_interval_min=4,
                                        max_recovery_attempts=2)
-    lines: list[str] = []
-    agent = RecoveryAgent(settings)
-    agent.timeline.sink = lines.append
-    assert await asyncio.wait_for(agent.run(), 20) is Outcome.NO_REMEDIATION
+    await clock.release()  # no fix will come: let the agent's time run out
+    agent = RecoveryAgent(settings, clock=clock)
+    assert await asyncio.wait_for(agent.run(), 60) is Outcome.NO_REMEDIATION
     assert grub(machine).boot_count == 0, "the OS gets another try"
     assert grub(machine).get("recovery_attempts") == "1"
     incident = fleet.service.incidents()[0]
@@ -145,8 +150,8 @@ async def test_unknown_crash_retries_then_asks_for_a_person(fleet, tmp_path):
     env = grub(machine)
     env.set("boot_count", "2")
     env.write(machine / "esp/grub/grubenv")
-    agent2 = RecoveryAgent(settings)
-    assert await asyncio.wait_for(agent2.run(), 20) is Outcome.NEEDS_MANUAL
+    agent2 = RecoveryAgent(settings, clock=clock)
+    assert await asyncio.wait_for(agent2.run(), 60) is Outcome.NEEDS_MANUAL
     assert grub(machine).boot_count == 2, "stays in recovery rather than loop"
     device = fleet.service.devices()[0]
     assert device["state"] == "needs_manual"
@@ -160,24 +165,26 @@ async def test_cloud_remediation_off_sends_nothing(fleet, machine):
     assert grub(machine).boot_count == 0
 
 
-async def test_server_restart_while_the_agent_waits(fleet, machine):
+async def test_server_restart_while_the_agent_waits(fleet, machine, clock):
     settings = await enrolled_settings(fleet, machine)
-    run = asyncio.create_task(RecoveryAgent(settings).run())
+    run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
     await wait_for(lambda: fleet.service.incidents())
     incident_id = fleet.service.incidents()[0]["incident_id"]
     await fleet.restart()
     fleet.approve_suggested(incident_id)
-    assert await asyncio.wait_for(run, 30) is Outcome.REMEDIATED
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
     assert not (machine / "os" / CHANNELS / BAD).exists()
 
 
-async def test_agent_waits_for_a_late_server(fleet, machine):
+async def test_agent_waits_for_a_late_server(fleet, machine, clock):
     """The recovery environment often comes up before the network or the server."""
     settings = await enrolled_settings(fleet, machine, time_to_reboot_min=500)
     await fleet.stop()
-    run = asyncio.create_task(RecoveryAgent(settings).run())
+    run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
     await asyncio.sleep(1.0)
     await fleet.start()
     await wait_for(lambda: fleet.service.incidents(), timeout=20)
     fleet.approve_suggested(fleet.service.incidents()[0]["incident_id"])
-    assert await asyncio.wait_for(run, 30) is Outcome.REMEDIATED
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED

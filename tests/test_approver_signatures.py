@@ -16,6 +16,7 @@ from recovery_agent.wire import RemediationApproval, utcnow
 from recovery_lab.demo import BAD, CHANNELS
 from recovery_server.service import BadRequest, Forbidden
 
+from .clock import ManualClock
 from .conftest import enrolled_settings, tree_snapshot
 from .test_agent_flow import wait_for
 
@@ -43,17 +44,18 @@ def remediation(fleet, incident_id: str, required: int = 2) -> dict:
                                             incident_id=incident_id, required_approvals=required)
 
 
-async def pinned_agent(fleet, machine, keys, threshold: int, **over) -> tuple[RecoveryAgent, list[str]]:
+async def pinned_agent(fleet, machine, keys, threshold: int, clock: ManualClock,
+                       **over) -> tuple[RecoveryAgent, list[str]]:
     settings = await enrolled_settings(fleet, machine, approver_keys=[public_b64(k.public) for k in keys.values()],
                                        approver_threshold=threshold, **over)
-    agent = RecoveryAgent(settings)
+    agent = RecoveryAgent(settings, clock=clock)
     lines: list[str] = []
     agent.timeline.sink = lines.append
     return agent, lines
 
 
-async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(fleet, keys, machine):
-    agent, _ = await pinned_agent(fleet, machine, keys, 0, time_to_reboot_min=20)
+async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(fleet, keys, machine, clock):
+    agent, _ = await pinned_agent(fleet, machine, keys, 0, clock, time_to_reboot_min=20)
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents())
     rem = remediation(fleet, fleet.service.incidents()[0]["incident_id"])
@@ -67,32 +69,34 @@ async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(flee
     assert fleet.count("approvals") == 0
     fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice"))
     fleet.service.approve(fleet.user("bob"), rem["remediation_id"], sign(keys["bob"], rem, "bob"))
-    assert await asyncio.wait_for(run, 20) is Outcome.REMEDIATED
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
     envelope = json.loads(fleet.store.one("SELECT envelope FROM directives")["envelope"])
     import base64
     payload = json.loads(base64.b64decode(envelope["payload"]))
     assert len(payload["approvals"]) == 2
 
 
-async def test_device_pinning_two_approvers_refuses_a_fix_only_one_signed(fleet, keys, machine):
+async def test_device_pinning_two_approvers_refuses_a_fix_only_one_signed(fleet, keys, machine, clock):
     fleet.service.create_user("carol", "approver")  # no key: her approval is not signed
-    agent, lines = await pinned_agent(fleet, machine, keys, 2, time_to_reboot_min=30)
+    agent, lines = await pinned_agent(fleet, machine, keys, 2, clock, time_to_reboot_min=30)
     before = tree_snapshot(machine / "os")
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents())
     rem = remediation(fleet, fleet.service.incidents()[0]["incident_id"])
     fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice"))
     fleet.service.approve(fleet.user("carol"), rem["remediation_id"])
-    assert await asyncio.wait_for(run, 20) is Outcome.NO_REMEDIATION
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("carries 1 valid approver signature(s) and this device requires 2" in ln for ln in lines)
     assert tree_snapshot(machine / "os") == before
 
 
-async def test_a_compromised_server_cannot_change_the_actions_people_signed(fleet, keys, machine):
+async def test_a_compromised_server_cannot_change_the_actions_people_signed(fleet, keys, machine, clock):
     """Someone with the server's database and key rewrites an approved remediation to delete
     a good channel file. The directive is validly signed by the server, but the approvers'
     signatures cover other actions: the device refuses it."""
-    agent, lines = await pinned_agent(fleet, machine, keys, 2, time_to_reboot_min=30)
+    agent, lines = await pinned_agent(fleet, machine, keys, 2, clock, time_to_reboot_min=30)
     before = tree_snapshot(machine / "os")
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents())
@@ -108,14 +112,16 @@ async def test_a_compromised_server_cannot_change_the_actions_people_signed(flee
     with fleet.store.tx() as tx:
         assert tx.one("SELECT count(*) FROM directives")[0] == 0
         tx.execute("UPDATE remediations SET actions = ? WHERE remediation_id = ?", evil, rem["remediation_id"])
-    assert await asyncio.wait_for(run, 20) is Outcome.NO_REMEDIATION
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("approval is for other actions" in ln for ln in lines)
     assert tree_snapshot(machine / "os") == before
 
 
-async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp_path):
+async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp_path, clock):
+    """The agent's clock stands still while the CLI runs, however long that takes here."""
     agent_settings = await enrolled_settings(fleet, machine, time_to_reboot_min=30)
-    run = asyncio.create_task(RecoveryAgent(agent_settings).run())
+    run = asyncio.create_task(RecoveryAgent(agent_settings, clock=clock).run())
     await wait_for(lambda: fleet.service.incidents())
     rem = remediation(fleet, fleet.service.incidents()[0]["incident_id"], required=1)
     token = fleet.service.create_user("dora", "approver")
@@ -133,7 +139,8 @@ async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp
     assert code == 2 and "must be signed" in out
     code, out = await cli("remediation", "approve", rem["remediation_id"], "--key", str(tmp_path / "dora.key"))
     assert code == 0, out
-    assert await asyncio.wait_for(run, 20) is Outcome.REMEDIATED
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
     assert fleet.service.remediation(rem["remediation_id"])["approvals"] == [
         {"approver": "dora", "approved_at": fleet.service.remediation(rem["remediation_id"])["approvals"][0]["approved_at"],
          "signed": True}]

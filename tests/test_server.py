@@ -13,6 +13,7 @@ from recovery_agent.client import ServerClient, ServerRefused
 from recovery_agent.envelope import SigningKey, open_directive, seal, seal_bytes
 from recovery_agent.wire import (BootState, CrashKind, CrashSignature, Diagnostics, FileRecord,
                                  SystemInfo, utcnow)
+from recovery_server.app import METRICS
 from recovery_server.service import BadRequest, Conflict, Forbidden
 
 from .conftest import FAST_RETRY
@@ -173,18 +174,22 @@ async def test_m_of_n_needs_distinct_approvers(fleet, device):
 
 
 async def test_long_poll_wakes_on_approval(fleet, device):
+    """With the periodic re-read off, only the approval's wake-up can end the poll before its
+    60 s: the answer must come well before that."""
     import asyncio
-    import time
+
+    from .test_agent_flow import wait_for
+    fleet.poll_tick_s = 3600
+    await fleet.restart()
     _, receipt = await report(fleet, "dev-1", device)
     rem = fleet.service.create_remediation(
         fleet.user("alice"), title="q", incident_id=receipt.incident_id,
         actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
-    started = time.monotonic()
-    waiting = asyncio.create_task(poll(fleet, receipt, wait=20))
-    await asyncio.sleep(0.3)
+    waiting = asyncio.create_task(poll(fleet, receipt, wait=60))
+    metrics = fleet.server.app[METRICS]
+    await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
     fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
-    assert (await waiting).status == "directive"
-    assert time.monotonic() - started < 10
+    assert (await asyncio.wait_for(waiting, 30)).status == "directive"
 
 
 async def test_fix_for_other_content_is_not_served(fleet, device):
