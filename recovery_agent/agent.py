@@ -32,14 +32,18 @@ from typing import Callable
 from . import __version__, inventory
 from .bootenv import BootEnv
 from .clock import Clock, SystemClock
-from .client import ServerClient, ServerRefused, ServerUnreachable
+from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .detect import detect
-from .envelope import (EnvelopeError, SigningKey, Verified, atomic_write, canonical_json, key_id,
-                       open_directive, payload_sha256, public_from_b64, seal, seal_bytes)
+from .protocol.envelope import (
+    EnvelopeError, Verified, canonical_json, open_directive, payload_sha256, seal, seal_bytes,
+)
+from .protocol.keys import SigningKey, atomic_write, key_id, public_from_b64
 from .remediate import RemediationError, apply_directive, recover_journals
 from .settings import AgentSettings
-from .wire import (BootRecord, BootState, CrashKind, Diagnostics, DiagnosticsReceipt, Directive,
-                   Health, Result, SystemInfo, utcnow)
+from .protocol.wire import (
+    BootRecord, BootState, CrashKind, Diagnostics, DiagnosticsReceipt, Directive, Health, Result,
+    SystemInfo, utcnow,
+)
 
 log = logging.getLogger("recovery_agent")
 
@@ -117,7 +121,7 @@ class RecoveryAgent:
             return Outcome.CLOUD_DISABLED
 
         deadline = self.clock.monotonic() + s.time_to_reboot_s
-        async with ServerClient(s.server_url) as client:
+        async with DeviceClient(s.server_url) as client:
             sent = await self.report(client, diagnostics_base, deadline)
             if sent is not None:
                 receipt, payload_sha = sent
@@ -159,7 +163,7 @@ class RecoveryAgent:
             "recent_changes": inventory.recent_changes([*drivers, *channel_files]),
         }
 
-    async def report(self, client: ServerClient, base: dict,
+    async def report(self, client: DeviceClient, base: dict,
                      deadline: float) -> tuple[DiagnosticsReceipt, str] | None:
         """Send signed diagnostics; on network trouble keep trying until the deadline."""
         tl = self.timeline
@@ -189,7 +193,7 @@ class RecoveryAgent:
         tl.add("report", "could not reach the server before the time to reboot")
         return None
 
-    async def wait_and_apply(self, client: ServerClient, receipt: DiagnosticsReceipt,
+    async def wait_and_apply(self, client: DeviceClient, receipt: DiagnosticsReceipt,
                              payload_sha: str, deadline: float) -> Outcome | None:
         s, tl = self.s, self.timeline
         tl.add("wait", f"waiting for a directive (retry every {s.retry_interval_s:.0f}s, "
@@ -232,7 +236,7 @@ class RecoveryAgent:
             if pause > 0:
                 await self.clock.sleep(pause)
 
-    async def apply(self, client: ServerClient, verified: Verified[Directive]) -> Outcome:
+    async def apply(self, client: DeviceClient, verified: Verified[Directive]) -> Outcome:
         d, tl = verified.message, self.timeline
         tl.add("verify", f"directive {d.directive_id} verified: remediation {d.remediation_id} "
                          f"({d.remediation_title}), {len(d.actions)} action(s)")
@@ -257,7 +261,7 @@ class RecoveryAgent:
         tl.add("done", "remediation applied: rebooting into the OS")
         return Outcome.REMEDIATED
 
-    async def _send_result(self, client: ServerClient, result: Result) -> None:
+    async def _send_result(self, client: DeviceClient, result: Result) -> None:
         try:
             await client.send_result(seal_bytes(result, self.key))
             self.timeline.add("result", f"result '{result.outcome}' reported")
@@ -282,7 +286,7 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
     key = SigningKey.load(settings.device_key)
     health = Health(device_id=settings.device_id, directive_id=directive_id or None,
                     boot_id=boot_id, kernel_version=kernel_version, created_at=utcnow())
-    async with ServerClient(settings.server_url) as client:
+    async with DeviceClient(settings.server_url) as client:
         answer = await client.send_health(seal_bytes(health, key))
     if directive_id:
         os.replace(state, state.with_name("confirmed-directive"))

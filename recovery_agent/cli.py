@@ -22,11 +22,13 @@ from pathlib import Path
 from . import __version__
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
 from .bootenv import BootEnvError, BootEnv
-from .client import ServerClient, ServerRefused, ServerUnreachable
-from .envelope import SigningKey, public_b64, seal_bytes
+from .protocol.client import DeviceClient
+from .protocol.errors import ProtocolError
+from .protocol.envelope import seal_bytes
+from .protocol.keys import SigningKey, public_b64
 from .remediate import RemediationError, undo
 from .settings import AgentSettings, SettingsError
-from .wire import Enrollment, utcnow
+from .protocol.wire import Enrollment, utcnow
 
 DEFAULT_CONFIG = "/etc/recovery/agent.json"
 
@@ -55,7 +57,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                      enrollment_token=args.token, hostname=socket.gethostname(), created_at=utcnow())
 
     async def go() -> dict:
-        async with ServerClient(s.server_url) as client:
+        async with DeviceClient(s.server_url) as client:
             return await client.enroll(seal_bytes(msg, key))
 
     answer = asyncio.run(go())
@@ -132,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except (SettingsError, BootEnvError, RemediationError, ServerRefused, ServerUnreachable,
-            FileNotFoundError) as exc:
+    except (SettingsError, BootEnvError, RemediationError, ProtocolError, FileNotFoundError) as exc:
         print(f"recovery-agent: {exc}", file=sys.stderr)
         return int(Outcome.ERROR)
 

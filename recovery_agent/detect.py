@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .wire import CrashKind, CrashSignature
+from .protocol.wire import CrashKind, CrashSignature
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .wire import FileRecord, SystemInfo
+from .protocol.wire import FileRecord, SystemInfo
 
 log = logging.getLogger(__name__)
 

@@ -39,16 +39,9 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from recovery_agent.wire import (
-    Action,
-    ActionResult,
-    Directive,
-    DisableDriver,
-    PathRuleError,
-    QuarantineFile,
-    RestoreFile,
-    check_relative_path,
-    utcnow,
+from recovery_agent.protocol.wire import (
+    Action, ActionResult, Directive, DisableDriver, PathRuleError, QuarantineFile, RestoreFile,
+    check_relative_path, utcnow,
 )
 
 STATE_DIR = "var/lib/recovery"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .envelope import public_from_b64
-from .wire import DeviceId
+from .protocol.keys import public_from_b64
+from .protocol.wire import DeviceId
 
 
 class SettingsError(Exception):

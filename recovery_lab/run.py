@@ -32,9 +32,10 @@ from typing import Any, Callable
 
 from aiohttp import ClientSession, web
 
-from recovery_agent.client import ServerClient
-from recovery_agent.envelope import SigningKey, public_b64, seal_bytes
-from recovery_agent.wire import Enrollment, utcnow
+from recovery_agent.protocol.client import DeviceClient
+from recovery_agent.protocol.envelope import seal_bytes
+from recovery_agent.protocol.keys import SigningKey, public_b64
+from recovery_agent.protocol.wire import Enrollment, utcnow
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService, User
 from recovery_server.store import Store
@@ -187,7 +188,7 @@ class _Lab:
         key = SigningKey.generate()
         msg = Enrollment(device_id=device_id, public_key=public_b64(key.public),
                          enrollment_token=self.enroll_token, hostname=device_id, created_at=utcnow())
-        async with ServerClient(self.url) as c:
+        async with DeviceClient(self.url) as c:
             await c.enroll(seal_bytes(msg, key))
         return key
 

@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recovery_agent.client import RetryPolicy, ServerClient, ServerRefused, ServerUnreachable
-from recovery_agent.envelope import SigningKey, actions_digest, public_b64, seal
-from recovery_agent.wire import PathRuleError, RemediationApproval, check_relative_path, utcnow
+from recovery_agent.protocol.admin import AdminClient
+from recovery_agent.protocol.client import RetryPolicy, ServerRefused, ServerUnreachable
+from recovery_agent.protocol.envelope import actions_digest, seal
+from recovery_agent.protocol.keys import KeyFileError, SigningKey, public_b64
+from recovery_agent.protocol.wire import PathRuleError, RemediationApproval, check_relative_path, utcnow
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -72,8 +74,8 @@ async def _run(args: argparse.Namespace) -> Any:
     token = args.token or (Path(args.token_file).read_text().strip() if args.token_file else None) \
         or os.environ.get("RECOVERY_TOKEN")
     retry = RetryPolicy(attempts=3, max_delay_s=10)
-    async with ServerClient(args.server, retry=retry) as c:
-        call = lambda method, path, body=None: c.admin(method, path, token or "", body)  # noqa: E731
+    async with AdminClient(args.server, token, retry=retry) as c:
+        call = c.call
         cmd = args.cmd
         if cmd == "whoami":
             return await call("GET", "/whoami"), None
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnreachable as exc:
         print(f"recovery-admin: {exc}", file=sys.stderr)
         return 3
+    except KeyFileError as exc:
+        print(f"recovery-admin: {exc}", file=sys.stderr)
+        return 2
     if args.cmd == "audit" and args.acmd == "verify" and not args.json:
         print(f"audit log: {data['entries']} entries, head {data['head']}")
         for problem in data["problems"]:

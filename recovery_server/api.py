@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from recovery_agent.wire import Action, Challenge, DiagnosticsReceipt, DirectivePoll, Identifier
+from recovery_agent.protocol.wire import Action, Challenge, DiagnosticsReceipt, DirectivePoll, Identifier
 
 from .rollout import RolloutPlan
 

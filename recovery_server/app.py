@@ -21,8 +21,9 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from recovery_agent import __version__
-from recovery_agent.envelope import MalformedEnvelope, public_b64, strict_json_loads
+from recovery_agent.protocol.version import __version__
+from recovery_agent.protocol.envelope import MalformedEnvelope, strict_json_loads
+from recovery_agent.protocol.keys import public_b64
 
 from . import api, dashboard, metrics
 from .rollout import RolloutPlan

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from recovery_agent.wire import Diagnostics, FileRecord
+from recovery_agent.protocol.wire import Diagnostics, FileRecord
 
 
 @dataclass

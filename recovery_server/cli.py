@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from recovery_agent.envelope import SigningKey
+from recovery_agent.protocol.keys import KeyFileError, SigningKey
 
 from .app import make_app
 from .service import RecoveryService, ServiceError
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ServiceError, StoreError) as exc:
+    except (ServiceError, StoreError, KeyFileError) as exc:
         print(f"recovery-server: {exc}", file=sys.stderr)
         return 2
 

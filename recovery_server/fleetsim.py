@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from recovery_agent import envelope
-from recovery_agent.envelope import SigningKey, public_b64, seal_bytes
-from recovery_agent.wire import (BootState, CrashKind, CrashSignature, Diagnostics, FileRecord, Health,
-                                 Result, SystemInfo, utcnow)
+from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol.envelope import seal_bytes
+from recovery_agent.protocol.keys import SigningKey, public_b64
+from recovery_agent.protocol.wire import (
+    BootState, CrashKind, CrashSignature, Diagnostics, FileRecord, Health, Result, SystemInfo, utcnow,
+)
 
 from .service import RecoveryService
 
@@ -57,7 +59,7 @@ class FleetSim:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
     def enroll_all(self, enrollment_token: str) -> None:
-        from recovery_agent.wire import Enrollment
+        from recovery_agent.protocol.wire import Enrollment
 
         def go() -> None:
             for i in range(self.size):

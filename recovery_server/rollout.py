@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from recovery_agent.wire import DeviceId
+from recovery_agent.protocol.wire import DeviceId
 
 BUCKETS = 10_000
 

@@ -29,10 +29,13 @@ from typing import Any, Callable, Iterator, Mapping
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import TypeAdapter, ValidationError
 
-from recovery_agent import envelope
-from recovery_agent.envelope import EnvelopeError, SigningKey
-from recovery_agent.wire import (Action, Challenge, Diagnostics, DiagnosticsReceipt, Directive,
-                                 DirectivePoll, Health, QuarantineFile, RemediationApproval, Result)
+from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol.envelope import EnvelopeError
+from recovery_agent.protocol.keys import SigningKey
+from recovery_agent.protocol.wire import (
+    Action, Challenge, Diagnostics, DiagnosticsReceipt, Directive, DirectivePoll, Health, QuarantineFile,
+    RemediationApproval, Result,
+)
 
 from . import catalog
 from .rollout import RolloutPlan, WaveCounts, decide, wave_of
@@ -104,7 +107,7 @@ class _DeviceKeyring(Mapping[str, Ed25519PublicKey]):
         row = self._store.one("SELECT public_key FROM devices WHERE key_id = ?", kid)
         if row is None:
             raise KeyError(kid)
-        return envelope.public_from_b64(row["public_key"])
+        return keys.public_from_b64(row["public_key"])
 
     def __contains__(self, kid: object) -> bool:
         return isinstance(kid, str) and self._store.one(
@@ -455,10 +458,10 @@ class RecoveryService:
         """A person registers their own Ed25519 key; from then on their approvals must be
         signed with it, and devices that pin it can check those signatures themselves."""
         try:
-            pub = envelope.public_from_b64(public_key)
+            pub = keys.public_from_b64(public_key)
         except ValueError as exc:
             raise BadRequest(f"public_key: {exc}") from None
-        kid = envelope.key_id(pub)
+        kid = keys.key_id(pub)
         with self.store.tx() as tx:
             row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
             if row["public_key"] and row["public_key"] != public_key:
@@ -520,9 +523,9 @@ class RecoveryService:
         if signed is None:
             raise Forbidden(f"{user.name} has a registered key, so approvals must be signed with it: "
                             f"recovery-admin remediation approve {rem['remediation_id']} --key YOUR_KEY")
-        pub = envelope.public_from_b64(row["public_key"])
+        pub = keys.public_from_b64(row["public_key"])
         try:
-            v = envelope.open_envelope(signed, RemediationApproval, {envelope.key_id(pub): pub})
+            v = envelope.open_envelope(signed, RemediationApproval, {keys.key_id(pub): pub})
         except EnvelopeError as exc:
             raise BadRequest(f"signed approval: {exc}") from None
         a = v.message

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recovery_agent.envelope import SigningKey  # noqa: E402
+from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 from recovery_server.fleetsim import BAD_PATH, BAD_SHA, FleetSim  # noqa: E402
 from recovery_server.service import RecoveryService, User  # noqa: E402
 from recovery_server.store import Store  # noqa: E402

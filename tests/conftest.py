@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, settings
 
 from .clock import ManualClock
 
-from recovery_agent.client import RetryPolicy, ServerClient
-from recovery_agent.envelope import SigningKey, public_b64, seal_bytes
+from recovery_agent.protocol.client import RetryPolicy, DeviceClient
+from recovery_agent.protocol.envelope import seal_bytes
+from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.settings import AgentSettings
-from recovery_agent.wire import Enrollment, utcnow
+from recovery_agent.protocol.wire import Enrollment, utcnow
 from recovery_lab.demo import make_machine_dir
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService, ServiceSettings, User
@@ -137,7 +138,7 @@ class Fleet:
     async def enroll(self, device_id: str, key: SigningKey) -> dict:
         msg = Enrollment(device_id=device_id, public_key=public_b64(key.public),
                          enrollment_token=self.enrollment_token, created_at=utcnow())
-        async with ServerClient(self.url, retry=FAST_RETRY) as c:
+        async with DeviceClient(self.url, retry=FAST_RETRY) as c:
             return await c.enroll(seal_bytes(msg, key))
 
     def approve_suggested(self, incident_id: str, author: str = "alice", approver: str = "bob") -> str:

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from recovery_agent.agent import Outcome, RecoveryAgent, report_health
 from recovery_agent.bootenv import BootEnv
-from recovery_agent.envelope import SigningKey
+from recovery_agent.protocol.keys import SigningKey
 from recovery_lab.demo import BAD, CHANNELS, GOOD
 
 from .clock import ManualClock

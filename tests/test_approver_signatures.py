@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.agent import Outcome, RecoveryAgent
-from recovery_agent.envelope import SigningKey, actions_digest, public_b64, seal
-from recovery_agent.wire import RemediationApproval, utcnow
+from recovery_agent.protocol.envelope import actions_digest, seal
+from recovery_agent.protocol.keys import SigningKey, public_b64
+from recovery_agent.protocol.wire import RemediationApproval, utcnow
 from recovery_lab.demo import BAD, CHANNELS
 from recovery_server.service import BadRequest, Forbidden
 

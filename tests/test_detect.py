@@ -15,7 +15,7 @@ from recovery_agent.detect import (
     parse_crash,
     read_pstore,
 )
-from recovery_agent.wire import CrashKind
+from recovery_agent.protocol.wire import CrashKind
 
 DATA = Path(__file__).parent / "data" / "panic"
 CHANNEL_FILE = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"

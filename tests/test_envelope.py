@@ -8,12 +8,15 @@ from datetime import timedelta
 
 import pytest
 
-from recovery_agent import envelope
-from recovery_agent.envelope import (BadSignature, DirectiveRejected, MalformedEnvelope, SigningKey,
-                                     UnknownKey, WrongPayloadType, open_directive, open_envelope, pae,
-                                     seal, seal_bytes)
-from recovery_agent.wire import (BootState, CrashKind, CrashSignature, Diagnostics, Directive,
-                                 QuarantineFile, SystemInfo, utcnow)
+from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol.envelope import (
+    BadSignature, DirectiveRejected, MalformedEnvelope, UnknownKey, WrongPayloadType, open_directive,
+    open_envelope, pae, seal, seal_bytes,
+)
+from recovery_agent.protocol.keys import SigningKey
+from recovery_agent.protocol.wire import (
+    BootState, CrashKind, CrashSignature, Diagnostics, Directive, QuarantineFile, SystemInfo, utcnow,
+)
 
 SHA = "a" * 64
 
@@ -53,7 +56,7 @@ def test_round_trip_gives_typed_message_and_key(key):
 
 def test_key_id_is_sha256_of_raw_public_key(key):
     import hashlib
-    assert key.key_id == hashlib.sha256(envelope.public_raw(key.public)).hexdigest()
+    assert key.key_id == hashlib.sha256(keys.public_raw(key.public)).hexdigest()
 
 
 def test_signature_covers_pae_of_type_and_payload(key):
@@ -166,4 +169,4 @@ def test_key_files_round_trip(tmp_path, key):
     key.save(tmp_path / "k")
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
     assert SigningKey.load(tmp_path / "k").key_id == key.key_id
-    assert envelope.key_id(envelope.load_public_key(tmp_path / "k.pub")) == key.key_id
+    assert keys.key_id(keys.load_public_key(tmp_path / "k.pub")) == key.key_id

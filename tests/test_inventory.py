@@ -18,7 +18,7 @@ from recovery_agent.inventory import (
     kernel_version,
     recent_changes,
 )
-from recovery_agent.wire import FileRecord
+from recovery_agent.protocol.wire import FileRecord
 
 KVER = "6.1.0-27-amd64"
 

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from recovery_agent.client import RetryPolicy, ServerClient
-from recovery_agent.envelope import SigningKey, open_directive, public_b64, seal_bytes
-from recovery_agent.wire import (BootState, Diagnostics, Enrollment, FileRecord, Health, Result,
-                                 SystemInfo, utcnow)
+from recovery_agent.protocol.admin import AdminClient
+from recovery_agent.protocol.client import RetryPolicy, DeviceClient
+from recovery_agent.protocol.envelope import open_directive, seal_bytes
+from recovery_agent.protocol.keys import SigningKey, public_b64
+from recovery_agent.protocol.wire import (
+    BootState, Diagnostics, Enrollment, FileRecord, Health, Result, SystemInfo, utcnow,
+)
 from recovery_server.fleetsim import BAD_PATH, BAD_SHA, CRASH
 from recovery_server.store import Store
 
@@ -66,11 +69,12 @@ async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
     rng = random.Random(7)
     try:
         admin = (tmp_path / "admin.token").read_text().strip()
-        async with ServerClient(urls[0], retry=RETRY) as a, ServerClient(urls[1], retry=RETRY) as b:
+        async with DeviceClient(urls[0], retry=RETRY) as a, DeviceClient(urls[1], retry=RETRY) as b, \
+                AdminClient(urls[0], retry=RETRY) as admin_a, AdminClient(urls[1], retry=RETRY) as admin_b:
             clients = [a, b]
-            enroll_token = (await a.admin("POST", "/enrollment-tokens", admin, {"label": "t"}))["token"]
-            ops = (await b.admin("POST", "/users", admin, {"name": "oscar", "role": "operator"}))["token"]
-            appr = (await a.admin("POST", "/users", admin, {"name": "bea", "role": "approver"}))["token"]
+            enroll_token = (await admin_a.call("POST", "/enrollment-tokens", token=admin, body={"label": "t"}))["token"]
+            ops = (await admin_b.call("POST", "/users", token=admin, body={"name": "oscar", "role": "operator"}))["token"]
+            appr = (await admin_a.call("POST", "/users", token=admin, body={"name": "bea", "role": "approver"}))["token"]
 
             devices = [(f"pg-{i:03d}", SigningKey.generate()) for i in range(120)]
 
@@ -88,14 +92,14 @@ async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
 
             reports = await asyncio.gather(*(report(i, d, k) for i, (d, k) in enumerate(devices)))
             incident = reports[0][3].incident_id
-            rem = await a.admin("POST", "/remediations", ops, {
+            rem = await admin_a.call("POST", "/remediations", token=ops, body={
                 "title": "q", "incident_id": incident,
                 "actions": [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}]})
-            await b.admin("POST", f"/remediations/{rem['remediation_id']}/rollout", ops, {
+            await admin_b.call("POST", f"/remediations/{rem['remediation_id']}/rollout", token=ops, body={
                 "waves": [{"name": "canary", "devices": [d for d, _ in devices[:10]]},
                           {"name": "30%", "percent": 30}, {"name": "100%", "percent": 100}],
                 "min_devices": 10, "min_success_rate": 0.8, "halt_failure_rate": 0.5, "halt_min_devices": 10})
-            await a.admin("POST", f"/remediations/{rem['remediation_id']}/approve", appr)
+            await admin_a.call("POST", f"/remediations/{rem['remediation_id']}/approve", token=appr)
 
             served: dict[str, str] = {}
 
@@ -121,7 +125,7 @@ async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
                     await asyncio.sleep(0.2)
 
             await asyncio.gather(*(device_loop(*r[:3], r[3]) for r in reports))
-            rollouts = await a.admin("GET", "/rollouts", admin)
+            rollouts = await admin_a.call("GET", "/rollouts", token=admin)
     finally:
         for proc, _ in procs:
             proc.terminate()

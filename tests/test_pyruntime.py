@@ -113,8 +113,9 @@ def test_runs_the_agent_under_chroot(runtime: RuntimeArtifact) -> None:
     """No host file is visible under chroot: this is the runtime on its own."""
     code = """
 import sys
-from recovery_agent.envelope import SigningKey, seal_bytes
-from recovery_agent.wire import Enrollment, utcnow
+from recovery_agent.protocol.envelope import seal_bytes
+from recovery_agent.protocol.keys import SigningKey
+from recovery_agent.protocol.wire import Enrollment, utcnow
 import recovery_agent.agent, recovery_agent.cli, aiohttp, tenacity
 key = SigningKey.generate()
 msg = Enrollment(device_id="dev-1", public_key="A" * 43 + "=", enrollment_token="enr_" + "x" * 16,

@@ -26,7 +26,7 @@ from recovery_agent.remediate import (
     recover_journals,
     undo,
 )
-from recovery_agent.wire import Directive, DisableDriver, QuarantineFile, RestoreFile
+from recovery_agent.protocol.wire import Directive, DisableDriver, QuarantineFile, RestoreFile
 
 from .conftest import tree_snapshot
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recovery_agent.envelope import SigningKey
+from recovery_agent.protocol.keys import SigningKey
 from recovery_server.fleetsim import BAD_PATH, BAD_SHA, FleetSim
 from recovery_server.rollout import RolloutPlan, WaveCounts, decide, wave_of
 from recovery_server.service import BadRequest, Conflict, Forbidden, RecoveryService, User

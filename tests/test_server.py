@@ -9,10 +9,13 @@ import json
 import aiohttp
 import pytest
 
-from recovery_agent.client import ServerClient, ServerRefused
-from recovery_agent.envelope import SigningKey, open_directive, seal, seal_bytes
-from recovery_agent.wire import (BootState, CrashKind, CrashSignature, Diagnostics, FileRecord,
-                                 SystemInfo, utcnow)
+from recovery_agent.protocol.admin import AdminClient
+from recovery_agent.protocol.client import DeviceClient, ServerRefused
+from recovery_agent.protocol.envelope import open_directive, seal, seal_bytes
+from recovery_agent.protocol.keys import SigningKey
+from recovery_agent.protocol.wire import (
+    BootState, CrashKind, CrashSignature, Diagnostics, FileRecord, SystemInfo, utcnow,
+)
 from recovery_server.app import METRICS
 from recovery_server.service import BadRequest, Conflict, Forbidden
 
@@ -28,7 +31,7 @@ def crash() -> CrashSignature:
 
 
 async def report(fleet, device: str, key: SigningKey, *, sha: str = BAD_SHA, nonce: str | None = None):
-    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         ch = await c.challenge(device)
         d = Diagnostics(device_id=device, server_nonce=nonce or ch.nonce, agent_nonce="a" * 32,
                         created_at=utcnow(), agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
@@ -39,7 +42,7 @@ async def report(fleet, device: str, key: SigningKey, *, sha: str = BAD_SHA, non
 
 
 async def poll(fleet, receipt, wait: float = 0):
-    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         return await c.poll_directive(receipt, wait_s=wait)
 
 
@@ -51,12 +54,12 @@ async def device(fleet):
 
 
 async def test_enrollment_needs_a_valid_token(fleet):
-    from recovery_agent.envelope import public_b64
-    from recovery_agent.wire import Enrollment
+    from recovery_agent.protocol.keys import public_b64
+    from recovery_agent.protocol.wire import Enrollment
     key = SigningKey.generate()
     msg = Enrollment(device_id="dev-x", public_key=public_b64(key.public),
                      enrollment_token="enr_not-a-real-token-at-all", created_at=utcnow())
-    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         with pytest.raises(ServerRefused, match="enrollment token not valid") as e:
             await c.enroll(seal_bytes(msg, key))
     assert e.value.status == 401
@@ -70,12 +73,12 @@ async def test_enrollment_with_another_key_for_same_device_is_refused(fleet, dev
 
 
 async def test_enrollment_signed_by_another_key_than_it_names_is_refused(fleet):
-    from recovery_agent.envelope import public_b64
-    from recovery_agent.wire import Enrollment
+    from recovery_agent.protocol.keys import public_b64
+    from recovery_agent.protocol.wire import Enrollment
     named, signer = SigningKey.generate(), SigningKey.generate()
     msg = Enrollment(device_id="dev-x", public_key=public_b64(named.public),
                      enrollment_token=fleet.enrollment_token, created_at=utcnow())
-    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         with pytest.raises(ServerRefused, match="no signature by a trusted key"):
             await c.enroll(seal_bytes(msg, signer))
     assert fleet.count("devices") == 0
@@ -95,7 +98,7 @@ async def test_diagnostics_open_an_incident_clustered_by_signature(fleet, device
 async def test_replayed_diagnostics_are_refused_and_change_nothing(fleet, device):
     raw, _ = await report(fleet, "dev-1", device)
     before = (fleet.count("reports"), fleet.count("events"))
-    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         with pytest.raises(ServerRefused, match="already used: a replayed report") as e:
             await c.send_diagnostics(raw)
     assert e.value.status == 409
@@ -125,7 +128,7 @@ async def test_diagnostics_signed_by_another_enrolled_device_are_refused(fleet, 
 
 
 async def test_tampered_diagnostics_are_refused(fleet, device):
-    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         ch = await c.challenge("dev-1")
         d = Diagnostics(device_id="dev-1", server_nonce=ch.nonce, agent_nonce="a" * 32, created_at=utcnow(),
                         agent_version="t", boot=BootState(boot_count=2, boot_limit=2), crash=crash(),
@@ -310,15 +313,15 @@ ROLE_MATRIX = [
 async def test_each_role_gets_exactly_what_it_may(fleet, method, path, body, lowest):
     from recovery_server.service import ROLES
     tokens = {role: fleet.service.create_user(f"p-{role}", role) for role in ROLES}
-    async with ServerClient(fleet.url, retry=FAST_RETRY) as c:
+    async with AdminClient(fleet.url, retry=FAST_RETRY) as c:
         for role in ROLES:
             allowed = ROLES.index(role) >= ROLES.index(lowest)
             payload = dict(body, name=f"newbie-{role}") if path == "/users" else body
             if allowed:
-                await c.admin(method, path, tokens[role], payload)
+                await c.call(method, path, payload, token=tokens[role])
             else:
                 with pytest.raises(ServerRefused, match=f"p-{role} is {role}; this needs the {lowest} role") as e:
-                    await c.admin(method, path, tokens[role], payload)
+                    await c.call(method, path, payload, token=tokens[role])
                 assert e.value.status == 403
 
 

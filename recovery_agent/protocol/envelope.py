@@ -11,7 +11,7 @@ over PAE(type, payload), then the payload type, then strict JSON and the pydanti
 payload. Code elsewhere receives a ``Verified`` message or an ``EnvelopeError``; it never sees
 unverified data.
 
-Keys are Ed25519; a key id is the sha256 of the raw 32-byte public key, in hex.
+Keys (``keys.py``) are Ed25519; a key id is the sha256 of the raw 32-byte public key, in hex.
 """
 
 from __future__ import annotations
@@ -19,18 +19,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime
 from typing import Any, Generic, Mapping, TypeVar
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from datetime import datetime
-
+from .errors import ProtocolError
+from .keys import SigningKey, key_id, public_from_b64
 from .wire import Directive, Enrollment, RemediationApproval, SignedMessage
 
 MAX_ENVELOPE_BYTES = 1 << 20
@@ -41,7 +39,7 @@ M = TypeVar("M", bound=SignedMessage)
 # --------------------------------------------------------------------------- errors
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(ProtocolError):
     """Base: an envelope was refused. The message says why and what to do."""
 
 
@@ -92,97 +90,6 @@ def strict_json_loads(data: bytes | str) -> Any:
 
 def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-# --------------------------------------------------------------------------- keys
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    return hashlib.sha256(public_raw(public_key)).hexdigest()
-
-
-def public_raw(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def public_b64(public_key: Ed25519PublicKey) -> str:
-    return base64.b64encode(public_raw(public_key)).decode()
-
-
-def public_from_b64(text: str) -> Ed25519PublicKey:
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except ValueError:
-        raise ValueError("public key is not valid base64: copy the whole .pub file") from None
-    if len(raw) != 32:
-        raise ValueError(f"public key is {len(raw)} bytes, expected 32 (a raw Ed25519 key)")
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    private: Ed25519PrivateKey
-
-    @classmethod
-    def generate(cls) -> "SigningKey":
-        return cls(Ed25519PrivateKey.generate())
-
-    @property
-    def public(self) -> Ed25519PublicKey:
-        return self.private.public_key()
-
-    @property
-    def key_id(self) -> str:
-        return key_id(self.public)
-
-    def private_pem(self) -> bytes:
-        return self.private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
-
-    def save(self, path: Path) -> None:
-        """Write the private key (PEM, mode 0600) and ``<path>.pub`` (raw base64)."""
-        atomic_write(path, self.private_pem(), mode=0o600)
-        atomic_write(Path(str(path) + ".pub"), (public_b64(self.public) + "\n").encode(), mode=0o644)
-
-    @classmethod
-    def load(cls, path: Path) -> "SigningKey":
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no key at {path}: create one with `recovery-agent keygen {path}` "
-                "or `recovery-server init`") from None
-        key = serialization.load_pem_private_key(data, password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 private key")
-        return cls(key)
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        return public_from_b64(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no public key at {path}: copy the signer's .pub file there") from None
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a file so a crash leaves either the old or the new content, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------- envelopes

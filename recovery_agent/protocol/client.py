@@ -1,4 +1,6 @@
-"""The agent's one HTTP client for the recovery server.
+"""HTTP clients for the recovery server: the one transport with its retry rules, and the
+device API on it (``DeviceClient``); the admin API's client (``admin.AdminClient``) uses the
+same transport.
 
 Transient trouble (connection refused or reset, timeouts, 5xx, 429) is retried with tenacity:
 exponential backoff with full jitter, bounded in attempts and total time, because a recovery
@@ -18,16 +20,17 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_af
                       stop_after_delay, wait_random_exponential)
 
 from .envelope import strict_json_loads
+from .errors import ProtocolError
 from .wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
-log = logging.getLogger("recovery_agent.client")
+log = logging.getLogger("recovery_agent.protocol.client")
 
 
-class ServerUnreachable(Exception):
+class ServerUnreachable(ProtocolError):
     """Raised when the server could not be reached within the retry budget."""
 
 
-class ServerRefused(Exception):
+class ServerRefused(ProtocolError):
     """Raised when the server answered 4xx: this request will not succeed as it is."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -53,7 +56,10 @@ def _log_retry(state: RetryCallState) -> None:
     log.warning("server not answering (attempt %d): %s; retrying", state.attempt_number, exc)
 
 
-class ServerClient:
+class HttpClient:
+    """One session to one server, every request under the same retry policy. Use as
+    ``async with``; subclasses name the API's calls."""
+
     def __init__(self, base_url: str, *, retry: RetryPolicy | None = None,
                  session: aiohttp.ClientSession | None = None, timeout_s: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -62,7 +68,7 @@ class ServerClient:
         self._own_session = session is None
         self._timeout_s = timeout_s
 
-    async def __aenter__(self) -> "ServerClient":
+    async def __aenter__(self):  # type: ignore[no-untyped-def]  # returns the subclass
         if self._session is None:
             self._session = aiohttp.ClientSession()
         return self
@@ -74,7 +80,7 @@ class ServerClient:
     async def _request(self, method: str, path: str, *, data: bytes | None = None,
                        json_body: Any = None, token: str | None = None, params: dict | None = None,
                        timeout_s: float | None = None) -> Any:
-        assert self._session is not None, "use `async with ServerClient(...)`"
+        assert self._session is not None, f"use `async with {type(self).__name__}(...)`"
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -114,7 +120,10 @@ class ServerClient:
                 "network, and the server URL (recovery-admin --server, or server_url in the "
                 "agent settings)") from None
 
-    # ---------------------------------------------------------------- device API
+
+
+class DeviceClient(HttpClient):
+    """The device API: what a recovery agent (and the OS's health report) calls."""
 
     async def server_key(self) -> dict[str, str]:
         return await self._request("GET", "/v1/server-key")
@@ -140,8 +149,3 @@ class ServerClient:
 
     async def send_health(self, envelope: bytes) -> dict[str, Any]:
         return await self._request("POST", "/v1/health", data=envelope)
-
-    # ---------------------------------------------------------------- admin API
-
-    async def admin(self, method: str, path: str, token: str, body: Any = None) -> Any:
-        return await self._request(method, "/v1/admin" + path, json_body=body, token=token)
