@@ -17,33 +17,45 @@ instead of looping. The exit code tells the recovery environment's init what to 
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from . import __version__, inventory
 from .bootenv import BootEnv
 from .clock import Clock, SystemClock
-from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .detect import detect
+from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import (
-    EnvelopeError, Verified, canonical_json, open_directive, payload_sha256, seal, seal_bytes,
+    EnvelopeError,
+    Verified,
+    canonical_json,
+    open_directive,
+    payload_sha256,
+    seal,
+    seal_bytes,
 )
 from .protocol.keys import SigningKey, atomic_write, key_id, public_from_b64
+from .protocol.wire import (
+    BootRecord,
+    BootState,
+    CrashKind,
+    Diagnostics,
+    DiagnosticsReceipt,
+    Directive,
+    Health,
+    Result,
+    SystemInfo,
+    utcnow,
+)
 from .remediate import RemediationError, apply_directive, recover_journals
 from .settings import AgentSettings
-from .protocol.wire import (
-    BootRecord, BootState, CrashKind, Diagnostics, DiagnosticsReceipt, Directive, Health, Result,
-    SystemInfo, utcnow,
-)
 
 log = logging.getLogger("recovery_agent")
 
@@ -56,12 +68,12 @@ LAST_DIRECTIVE = STATE_DIR / "last-directive"
 class Outcome(enum.IntEnum):
     """The agent's exit code: what the recovery environment does next."""
 
-    REMEDIATED = 0        # fix applied: reboot into the OS
-    ERROR = 1             # the agent itself failed: reboot into the OS
-    NO_REMEDIATION = 10   # no fix arrived in time: reboot and let the OS try again
-    CLOUD_DISABLED = 11   # cloud remediation is off: reboot
+    REMEDIATED = 0  # fix applied: reboot into the OS
+    ERROR = 1  # the agent itself failed: reboot into the OS
+    NO_REMEDIATION = 10  # no fix arrived in time: reboot and let the OS try again
+    CLOUD_DISABLED = 11  # cloud remediation is off: reboot
     REMEDIATION_FAILED = 13  # a fix arrived but could not be applied (nothing changed)
-    NEEDS_MANUAL = 12     # out of attempts: stay here, a person must look
+    NEEDS_MANUAL = 12  # out of attempts: stay here, a person must look
 
 
 @dataclass
@@ -82,8 +94,9 @@ class Timeline:
 
 
 class RecoveryAgent:
-    def __init__(self, settings: AgentSettings, *, timeline: Timeline | None = None,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self, settings: AgentSettings, *, timeline: Timeline | None = None, clock: Clock | None = None
+    ) -> None:
         self.s = settings
         self.timeline = timeline or Timeline()
         # Every wait of the loop goes through this clock (tests drive it; see clock.py).
@@ -106,14 +119,20 @@ class RecoveryAgent:
         env.set("recovery_attempts", str(attempts))
         env.write(s.grubenv)
         boot_count = env.boot_count
-        tl.add("detect", f"boot_count={boot_count} (limit {s.boot_limit}), recovery attempt "
-                         f"{attempts} of {s.max_recovery_attempts}")
+        tl.add(
+            "detect",
+            f"boot_count={boot_count} (limit {s.boot_limit}), recovery attempt "
+            f"{attempts} of {s.max_recovery_attempts}",
+        )
 
         diagnostics_base = self.collect(boot_count, attempts)
         crash = diagnostics_base["crash"]
-        tl.add("detect", f"{crash.kind.value}: {crash.title}"
-               + (f" [module {crash.guilty_module}]" if crash.guilty_module else "")
-               + (f" channel file {crash.channel_file}" if crash.channel_file else ""))
+        tl.add(
+            "detect",
+            f"{crash.kind.value}: {crash.title}"
+            + (f" [module {crash.guilty_module}]" if crash.guilty_module else "")
+            + (f" channel file {crash.channel_file}" if crash.channel_file else ""),
+        )
 
         if not s.cloud_remediation:
             tl.add("done", "cloud remediation is off: rebooting to try the OS again")
@@ -130,8 +149,11 @@ class RecoveryAgent:
                     return outcome
 
         if attempts >= s.max_recovery_attempts:
-            tl.add("done", f"no remediation after {attempts} recovery attempts: this machine "
-                           "needs manual recovery; not rebooting into the failing OS again")
+            tl.add(
+                "done",
+                f"no remediation after {attempts} recovery attempts: this machine "
+                "needs manual recovery; not rebooting into the failing OS again",
+            )
             return Outcome.NEEDS_MANUAL
         tl.add("done", "no remediation before the time to reboot: rebooting to try the OS again")
         self._reset_boot_count()
@@ -139,11 +161,17 @@ class RecoveryAgent:
 
     def collect(self, boot_count: int, attempts: int) -> dict:
         s = self.s
-        crash = detect(s.pstore_dir, s.boot_log, boot_count=boot_count, boot_limit=s.boot_limit,
-                       boot_progress=s.boot_progress)
+        crash = detect(
+            s.pstore_dir,
+            s.boot_log,
+            boot_count=boot_count,
+            boot_limit=s.boot_limit,
+            boot_progress=s.boot_progress,
+        )
         outcome = _BOOT_OUTCOME.get(crash.kind, "crashed")
-        history = [BootRecord(index=i, outcome=outcome, detail=crash.title[:512])
-                   for i in range(max(boot_count, 1))]
+        history = [
+            BootRecord(index=i, outcome=outcome, detail=crash.title[:512]) for i in range(max(boot_count, 1))
+        ]
         try:
             channel_files = inventory.collect_channel_files(s.os_root)
             drivers = inventory.collect_drivers(s.os_root)
@@ -154,30 +182,42 @@ class RecoveryAgent:
             self.timeline.add("collect", f"no inventory: {exc}")
             channel_files, drivers, driver_store, system = [], [], [], SystemInfo()
         return {
-            "device_id": s.device_id, "agent_version": __version__,
-            "boot": BootState(boot_count=boot_count, boot_limit=s.boot_limit,
-                              recovery_attempts=attempts,
-                              max_recovery_attempts=s.max_recovery_attempts, history=history),
-            "crash": crash, "system": system,
-            "drivers": drivers, "channel_files": channel_files, "driver_store": driver_store,
+            "device_id": s.device_id,
+            "agent_version": __version__,
+            "boot": BootState(
+                boot_count=boot_count,
+                boot_limit=s.boot_limit,
+                recovery_attempts=attempts,
+                max_recovery_attempts=s.max_recovery_attempts,
+                history=history,
+            ),
+            "crash": crash,
+            "system": system,
+            "drivers": drivers,
+            "channel_files": channel_files,
+            "driver_store": driver_store,
             "recent_changes": inventory.recent_changes([*drivers, *channel_files]),
         }
 
-    async def report(self, client: DeviceClient, base: dict,
-                     deadline: float) -> tuple[DiagnosticsReceipt, str] | None:
+    async def report(
+        self, client: DeviceClient, base: dict, deadline: float
+    ) -> tuple[DiagnosticsReceipt, str] | None:
         """Send signed diagnostics; on network trouble keep trying until the deadline."""
         tl = self.timeline
         while self.clock.monotonic() < deadline:
             try:
                 challenge = await client.challenge(self.s.device_id)
                 self.agent_nonce = secrets.token_urlsafe(24)
-                diagnostics = Diagnostics(server_nonce=challenge.nonce, agent_nonce=self.agent_nonce,
-                                          created_at=utcnow(), **base)
+                diagnostics = Diagnostics(
+                    server_nonce=challenge.nonce, agent_nonce=self.agent_nonce, created_at=utcnow(), **base
+                )
                 sealed = seal(diagnostics, self.key)
                 receipt = await client.send_diagnostics(canonical_json(sealed))
             except ServerUnreachable as exc:
                 tl.add("report", f"{exc}; trying again in {self.s.retry_interval_s:.0f}s")
-                await self.clock.sleep(max(0.0, min(self.s.retry_interval_s, deadline - self.clock.monotonic())))
+                await self.clock.sleep(
+                    max(0.0, min(self.s.retry_interval_s, deadline - self.clock.monotonic()))
+                )
                 continue
             except ServerRefused as exc:
                 tl.add("report", f"the server refused the diagnostics: {exc.message}")
@@ -185,19 +225,27 @@ class RecoveryAgent:
             # Bind directives to what this agent sent, not to what the server says it got.
             payload_sha = payload_sha256(sealed)
             if receipt.diagnostics_sha256 != payload_sha:
-                tl.add("report", "the server's receipt names other diagnostics than the ones sent; "
-                                 "a directive for them would be refused")
-            tl.add("report", f"diagnostics accepted: report {receipt.report_id}, incident "
-                             f"{receipt.incident_id}")
+                tl.add(
+                    "report",
+                    "the server's receipt names other diagnostics than the ones sent; "
+                    "a directive for them would be refused",
+                )
+            tl.add(
+                "report", f"diagnostics accepted: report {receipt.report_id}, incident {receipt.incident_id}"
+            )
             return receipt, payload_sha
         tl.add("report", "could not reach the server before the time to reboot")
         return None
 
-    async def wait_and_apply(self, client: DeviceClient, receipt: DiagnosticsReceipt,
-                             payload_sha: str, deadline: float) -> Outcome | None:
+    async def wait_and_apply(
+        self, client: DeviceClient, receipt: DiagnosticsReceipt, payload_sha: str, deadline: float
+    ) -> Outcome | None:
         s, tl = self.s, self.timeline
-        tl.add("wait", f"waiting for a directive (retry every {s.retry_interval_s:.0f}s, "
-                       f"reboot after {s.time_to_reboot_s:.0f}s)")
+        tl.add(
+            "wait",
+            f"waiting for a directive (retry every {s.retry_interval_s:.0f}s, "
+            f"reboot after {s.time_to_reboot_s:.0f}s)",
+        )
         while True:
             started = self.clock.monotonic()
             remaining = deadline - started
@@ -214,9 +262,15 @@ class RecoveryAgent:
             if poll is not None and poll.status == "directive":
                 try:
                     verified = open_directive(
-                        poll.envelope, self.server_keyring, device_id=s.device_id,
-                        agent_nonce=self.agent_nonce, diagnostics_sha256=payload_sha, now=self.clock.now(),
-                        approver_keyring=self.approver_keyring, approver_threshold=s.approver_threshold)
+                        poll.envelope,
+                        self.server_keyring,
+                        device_id=s.device_id,
+                        agent_nonce=self.agent_nonce,
+                        diagnostics_sha256=payload_sha,
+                        now=self.clock.now(),
+                        approver_keyring=self.approver_keyring,
+                        approver_threshold=s.approver_threshold,
+                    )
                 except EnvelopeError as exc:
                     tl.add("verify", f"directive REJECTED: {exc}")
                 else:
@@ -238,15 +292,25 @@ class RecoveryAgent:
 
     async def apply(self, client: DeviceClient, verified: Verified[Directive]) -> Outcome:
         d, tl = verified.message, self.timeline
-        tl.add("verify", f"directive {d.directive_id} verified: remediation {d.remediation_id} "
-                         f"({d.remediation_title}), {len(d.actions)} action(s)")
+        tl.add(
+            "verify",
+            f"directive {d.directive_id} verified: remediation {d.remediation_id} "
+            f"({d.remediation_title}), {len(d.actions)} action(s)",
+        )
         try:
             results = apply_directive(self.s.os_root, d)
         except RemediationError as exc:
             tl.add("apply", f"refused, nothing changed: {exc}")
-            await self._send_result(client, Result(device_id=self.s.device_id, directive_id=d.directive_id,
-                                                   outcome="failed", error=str(exc)[:4096],
-                                                   created_at=utcnow()))
+            await self._send_result(
+                client,
+                Result(
+                    device_id=self.s.device_id,
+                    directive_id=d.directive_id,
+                    outcome="failed",
+                    error=str(exc)[:4096],
+                    created_at=utcnow(),
+                ),
+            )
             return Outcome.REMEDIATION_FAILED
         for r in results:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
@@ -255,9 +319,17 @@ class RecoveryAgent:
         state = self.s.os_root / LAST_DIRECTIVE
         state.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(state, f"{d.directive_id}\n".encode())
-        await self._send_result(client, Result(device_id=self.s.device_id, directive_id=d.directive_id,
-                                               outcome="applied", actions=results,
-                                               boot_count_reset=True, created_at=utcnow()))
+        await self._send_result(
+            client,
+            Result(
+                device_id=self.s.device_id,
+                directive_id=d.directive_id,
+                outcome="applied",
+                actions=results,
+                boot_count_reset=True,
+                created_at=utcnow(),
+            ),
+        )
         tl.add("done", "remediation applied: rebooting into the OS")
         return Outcome.REMEDIATED
 
@@ -284,8 +356,13 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
     state = settings.os_root / LAST_DIRECTIVE
     directive_id = state.read_text().strip() if state.exists() else None
     key = SigningKey.load(settings.device_key)
-    health = Health(device_id=settings.device_id, directive_id=directive_id or None,
-                    boot_id=boot_id, kernel_version=kernel_version, created_at=utcnow())
+    health = Health(
+        device_id=settings.device_id,
+        directive_id=directive_id or None,
+        boot_id=boot_id,
+        kernel_version=kernel_version,
+        created_at=utcnow(),
+    )
     async with DeviceClient(settings.server_url) as client:
         answer = await client.send_health(seal_bytes(health, key))
     if directive_id:

@@ -95,19 +95,21 @@ class BootEnv(Mapping[str, str]):
         """Parse a block; ``where`` names it in errors (usually the file's path)."""
         if len(data) != ENVBLK_SIZE:
             raise BootEnvError(
-                f"grubenv at {where} is {len(data)} bytes, expected {ENVBLK_SIZE}: "
-                f"{_REBUILD_HINT}")
+                f"grubenv at {where} is {len(data)} bytes, expected {ENVBLK_SIZE}: {_REBUILD_HINT}"
+            )
         if not data.startswith(ENVBLK_SIGNATURE):
             raise BootEnvError(
                 f"grubenv at {where} does not start with {ENVBLK_SIGNATURE!r}: it is not a GRUB "
-                f"environment block; {_REBUILD_HINT}")
-        body = data[len(ENVBLK_SIGNATURE):]
+                f"environment block; {_REBUILD_HINT}"
+            )
+        body = data[len(ENVBLK_SIGNATURE) :]
         # GRUB finds the free space by walking back over '#' to a newline (envblk.c).
         end = len(body.rstrip(b"#"))
-        if end and body[end - 1:end] != b"\n":
+        if end and body[end - 1 : end] != b"\n":
             raise BootEnvError(
                 f"grubenv at {where} has no newline before its '#' padding (byte "
-                f"{len(ENVBLK_SIGNATURE) + end}): the block is damaged; {_REBUILD_HINT}")
+                f"{len(ENVBLK_SIGNATURE) + end}): the block is damaged; {_REBUILD_HINT}"
+            )
         return cls(cls._parse_lines(body[:end], where))
 
     @staticmethod
@@ -116,7 +118,7 @@ class BootEnv(Mapping[str, str]):
         pos = 0
         offset = len(ENVBLK_SIGNATURE)
         while pos < len(body):
-            if body[pos:pos + 1] == b"#":
+            if body[pos : pos + 1] == b"#":
                 nl = body.index(b"\n", pos)
                 lines.append(_Line(None, _decode(body[pos:nl])))
                 pos = nl + 1
@@ -127,7 +129,8 @@ class BootEnv(Mapping[str, str]):
                 line = body[pos:nl]
                 raise BootEnvError(
                     f"grubenv at {where}: malformed line {line!r} at byte {offset + pos} "
-                    f"(expected name=value); {_REBUILD_HINT}")
+                    f"(expected name=value); {_REBUILD_HINT}"
+                )
             name = _decode(body[pos:eq])
             value = bytearray()
             i = eq + 1
@@ -135,7 +138,8 @@ class BootEnv(Mapping[str, str]):
                 if i >= len(body):
                     raise BootEnvError(
                         f"grubenv at {where}: the value of {name!r} is not ended by a newline; "
-                        f"{_REBUILD_HINT}")
+                        f"{_REBUILD_HINT}"
+                    )
                 c = body[i]
                 if c == 0x5C and i + 1 < len(body):  # backslash: the next byte is literal
                     value.append(body[i + 1])
@@ -183,7 +187,8 @@ class BootEnv(Mapping[str, str]):
         if not _NAME_RE.match(name):
             raise BootEnvError(
                 f"grubenv variable name {name!r} is not usable from grub.cfg: use letters, "
-                f"digits and '_' only")
+                f"digits and '_' only"
+            )
         text = str(value)
         for line in self._lines:
             if line.name == name:
@@ -235,7 +240,8 @@ class BootEnv(Mapping[str, str]):
         if len(content) > ENVBLK_SIZE:
             raise BootEnvError(
                 f"grubenv content is {len(content)} bytes, {len(content) - ENVBLK_SIZE} bytes "
-                f"over the {ENVBLK_SIZE}-byte block: shorten or unset variables")
+                f"over the {ENVBLK_SIZE}-byte block: shorten or unset variables"
+            )
         return content + b"#" * (ENVBLK_SIZE - len(content))
 
     def write(self, path: str | os.PathLike[str]) -> None:
@@ -247,13 +253,14 @@ class BootEnv(Mapping[str, str]):
         except FileNotFoundError:
             raise BootEnvError(
                 f"grubenv at {path} does not exist: it is made once when the image is built "
-                f"({_REBUILD_HINT}), never by the agent") from None
+                f"({_REBUILD_HINT}), never by the agent"
+            ) from None
         with f:
             size = os.fstat(f.fileno()).st_size
             if size != ENVBLK_SIZE:
                 raise BootEnvError(
-                    f"grubenv at {path} is {size} bytes, expected {ENVBLK_SIZE}: "
-                    f"{_REBUILD_HINT}")
+                    f"grubenv at {path} is {size} bytes, expected {ENVBLK_SIZE}: {_REBUILD_HINT}"
+                )
             f.seek(0)
             f.write(data)
             f.flush()
@@ -267,7 +274,8 @@ class BootEnv(Mapping[str, str]):
         except FileExistsError:
             raise BootEnvError(
                 f"grubenv at {path} already exists: update it with BootEnv.write, or remove "
-                f"it first if you are building a new image") from None
+                f"it first if you are building a new image"
+            ) from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

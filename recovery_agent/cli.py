@@ -1,11 +1,11 @@
 """``recovery-agent``: the device side.
 
-  keygen PATH          make a device key (PATH, 0600) and PATH.pub
-  enroll --token T     enroll this device's key with the server (while healthy)
-  run                  the recovery loop (in the recovery environment); exit code = Outcome
-  health               the OS's health check passed: reset counters, report a good boot
-  inspect              print the diagnostics the agent would send, without sending them
-  undo DIRECTIVE_ID    put back what a directive changed
+keygen PATH          make a device key (PATH, 0600) and PATH.pub
+enroll --token T     enroll this device's key with the server (while healthy)
+run                  the recovery loop (in the recovery environment); exit code = Outcome
+health               the OS's health check passed: reset counters, report a good boot
+inspect              print the diagnostics the agent would send, without sending them
+undo DIRECTIVE_ID    put back what a directive changed
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pathlib import Path
 
 from . import __version__
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
-from .bootenv import BootEnvError, BootEnv
+from .bootenv import BootEnv, BootEnvError
 from .protocol.client import DeviceClient
-from .protocol.errors import ProtocolError
 from .protocol.envelope import seal_bytes
+from .protocol.errors import ProtocolError
 from .protocol.keys import SigningKey, public_b64
+from .protocol.wire import Enrollment, utcnow
 from .remediate import RemediationError, undo
 from .settings import AgentSettings, SettingsError
-from .protocol.wire import Enrollment, utcnow
 
 DEFAULT_CONFIG = "/etc/recovery/agent.json"
 
@@ -53,8 +53,13 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if not s.device_key.exists():
         SigningKey.generate().save(s.device_key)
     key = SigningKey.load(s.device_key)
-    msg = Enrollment(device_id=s.device_id, public_key=public_b64(key.public),
-                     enrollment_token=args.token, hostname=socket.gethostname(), created_at=utcnow())
+    msg = Enrollment(
+        device_id=s.device_id,
+        public_key=public_b64(key.public),
+        enrollment_token=args.token,
+        hostname=socket.gethostname(),
+        created_at=utcnow(),
+    )
 
     async def go() -> dict:
         async with DeviceClient(s.server_url) as client:
@@ -93,9 +98,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     agent = RecoveryAgent(s)
     env = BootEnv.read(s.grubenv)
     base = agent.collect(env.boot_count, 0)
-    print(json.dumps({k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else
-                          [x.model_dump(mode="json") for x in v] if isinstance(v, list) else v)
-                      for k, v in base.items()}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: (
+                    v.model_dump(mode="json")
+                    if hasattr(v, "model_dump")
+                    else [x.model_dump(mode="json") for x in v]
+                    if isinstance(v, list)
+                    else v
+                )
+                for k, v in base.items()
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -107,8 +124,12 @@ def cmd_undo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="recovery-agent", description="Quick Machine Recovery agent",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="recovery-agent",
+        description="Quick Machine Recovery agent",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--version", action="version", version=__version__)
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent settings (default {DEFAULT_CONFIG})")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -130,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("directive_id")
     u.set_defaults(fn=cmd_undo)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         return args.fn(args)
     except (SettingsError, BootEnvError, RemediationError, ProtocolError, FileNotFoundError) as exc:

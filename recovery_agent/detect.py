@@ -48,13 +48,15 @@ _TIMESTAMP_RE = re.compile(r"\[\s*\d+\.\d+\]")
 _FRAME_RE = re.compile(
     r"^\s*(?:\[<[0-9a-f]+>\]\s*)?(?P<unreliable>\?\s+)?"
     r"(?P<func>[A-Za-z_][A-Za-z0-9_.]*)\+0x[0-9a-f]+/0x[0-9a-f]+"
-    r"(?:\s+\[(?P<module>[A-Za-z0-9_-]+)\])?")
+    r"(?:\s+\[(?P<module>[A-Za-z0-9_-]+)\])?"
+)
 # "RIP: 0010:sensor_parse_channel+0x11d/0xf68 [sensor]" (x86) or "pc : foo+0x1/0x2 [m]"
 # (arm64). "RIP: 0033:" is user space; "RIP: 0010:0xffff..." has no symbol.
 _RIP_RE = re.compile(
     r"^\s*(?:RIP: 0010:|pc\s*:\s*)(?:\[<[0-9a-f]+>\]\s*)?"
     r"(?P<func>[A-Za-z_][A-Za-z0-9_.]*)\+0x[0-9a-f]+/0x[0-9a-f]+"
-    r"(?:\s+\[(?P<module>[A-Za-z0-9_-]+)\])?")
+    r"(?:\s+\[(?P<module>[A-Za-z0-9_-]+)\])?"
+)
 _CALL_TRACE_RE = re.compile(r"^\s*(?:Call Trace:|Call trace:|Backtrace:)")
 _BOOT_BANNER_RE = re.compile(r"^Linux version \d")
 _CHANNEL_FILE_RE = re.compile(r"loading channel file (?P<path>/?\S+)")
@@ -65,34 +67,103 @@ _END_TRACE_RE = re.compile(r"---\[ end trace")
 _FUNC_SUFFIX_RE = re.compile(r"(?:\.(?:cold|isra|constprop|part|lto_priv|llvm)(?:\.\d+)?)+$")
 
 # Frames that say how the kernel reported or reached the crash, never what crashed.
-_GENERIC_FRAMES = re.compile("^(?:" + "|".join([
-    # reporting the crash
-    r"_{0,2}dump_stack\w*", r"show_stack\w*", r"show_trace\w*", r"dump_backtrace\w*",
-    r"print_\w*stall\w*", r"panic\w*", r"__warn\w*", r"warn_slowpath\w*", r"report_bug",
-    r"handle_bug", r"fixup_bug", r"do_error_trap", r"do_trap\w*", r"do_int3\w*", r"exc_\w+",
-    r"asm_exc_\w+", r"_{0,2}die(?:_\w+)?", r"oops_\w+", r"do_exit", r"make_task_dead",
-    r"page_fault_oops", r"kernelmode_fixup_or_oops", r"_{0,2}bad_area\w*",
-    r"do_user_addr_fault", r"do_kern_addr_fault", r"handle_page_fault", r"fixup_exception",
-    # how the code was reached: module loading, syscalls, kernel threads, boot
-    r"do_one_initcall", r"do_init_module", r"load_module", r"__do_sys_\w+", r"__se_sys_\w+",
-    r"__x64_sys_\w+", r"__ia32_sys_\w+", r"do_syscall_\w+", r"entry_SYSCALL_\w+",
-    r"syscall_exit\w*", r"exit_to_user_mode\w*", r"kernel_init\w*", r"ret_from_fork\w*",
-    r"kthread", r"worker_thread", r"process_one_work", r"start_kernel", r"x86_64_start_\w+",
-    r"secondary_startup_\w+", r"cpu_startup_entry", r"do_idle", r"rest_init",
-    # scheduler and sleeping locks: where a hung task waits, not why
-    r"_{0,2}schedule\w*", r"io_schedule\w*", r"preempt_schedule\w*", r"_{0,2}wait_for_\w+",
-    r"_{0,2}wait_event\w*", r"__wait_\w+", r"msleep\w*", r"usleep\w*", r"_{0,2}mutex_lock\w*",
-    r"rwsem_down_\w+", r"down(?:_\w+)?", r"_{0,2}up_\w+", r"\w*spin_lock\w*",
-    r"\w*spin_unlock\w*",
-    # timer, watchdog and NMI plumbing around a lockup or stall report
-    r"watchdog_\w+", r"softlockup_\w+", r"_{0,2}hrtimer_\w+", r"tick_\w+",
-    r"update_process_times", r"_{0,2}sysvec_\w+", r"asm_sysvec_\w+", r"_{0,2}irq_exit\w*",
-    r"__do_softirq", r"handle_softirqs", r"rcu_\w+", r"_{0,2}nmi_\w+", r"arch_trigger_\w+",
-    r"trigger_\w*backtrace\w*", r"_{0,2}smp_call_function\w*", r"flush_smp_call_function\w*",
-    # string and memory helpers, sanitizers: the caller is the interesting one
-    r"_{0,2}(?:mem|str)(?:cpy|set|cmp|move|len|ncpy|ncmp|nlen|chr|rchr|scpy|lcpy)\w*",
-    r"_{0,2}kasan\w*", r"__asan\w*", r"__sanitizer\w*", r"__ubsan\w*",
-]) + ")$")
+_GENERIC_FRAMES = re.compile(
+    "^(?:"
+    + "|".join(
+        [
+            # reporting the crash
+            r"_{0,2}dump_stack\w*",
+            r"show_stack\w*",
+            r"show_trace\w*",
+            r"dump_backtrace\w*",
+            r"print_\w*stall\w*",
+            r"panic\w*",
+            r"__warn\w*",
+            r"warn_slowpath\w*",
+            r"report_bug",
+            r"handle_bug",
+            r"fixup_bug",
+            r"do_error_trap",
+            r"do_trap\w*",
+            r"do_int3\w*",
+            r"exc_\w+",
+            r"asm_exc_\w+",
+            r"_{0,2}die(?:_\w+)?",
+            r"oops_\w+",
+            r"do_exit",
+            r"make_task_dead",
+            r"page_fault_oops",
+            r"kernelmode_fixup_or_oops",
+            r"_{0,2}bad_area\w*",
+            r"do_user_addr_fault",
+            r"do_kern_addr_fault",
+            r"handle_page_fault",
+            r"fixup_exception",
+            # how the code was reached: module loading, syscalls, kernel threads, boot
+            r"do_one_initcall",
+            r"do_init_module",
+            r"load_module",
+            r"__do_sys_\w+",
+            r"__se_sys_\w+",
+            r"__x64_sys_\w+",
+            r"__ia32_sys_\w+",
+            r"do_syscall_\w+",
+            r"entry_SYSCALL_\w+",
+            r"syscall_exit\w*",
+            r"exit_to_user_mode\w*",
+            r"kernel_init\w*",
+            r"ret_from_fork\w*",
+            r"kthread",
+            r"worker_thread",
+            r"process_one_work",
+            r"start_kernel",
+            r"x86_64_start_\w+",
+            r"secondary_startup_\w+",
+            r"cpu_startup_entry",
+            r"do_idle",
+            r"rest_init",
+            # scheduler and sleeping locks: where a hung task waits, not why
+            r"_{0,2}schedule\w*",
+            r"io_schedule\w*",
+            r"preempt_schedule\w*",
+            r"_{0,2}wait_for_\w+",
+            r"_{0,2}wait_event\w*",
+            r"__wait_\w+",
+            r"msleep\w*",
+            r"usleep\w*",
+            r"_{0,2}mutex_lock\w*",
+            r"rwsem_down_\w+",
+            r"down(?:_\w+)?",
+            r"_{0,2}up_\w+",
+            r"\w*spin_lock\w*",
+            r"\w*spin_unlock\w*",
+            # timer, watchdog and NMI plumbing around a lockup or stall report
+            r"watchdog_\w+",
+            r"softlockup_\w+",
+            r"_{0,2}hrtimer_\w+",
+            r"tick_\w+",
+            r"update_process_times",
+            r"_{0,2}sysvec_\w+",
+            r"asm_sysvec_\w+",
+            r"_{0,2}irq_exit\w*",
+            r"__do_softirq",
+            r"handle_softirqs",
+            r"rcu_\w+",
+            r"_{0,2}nmi_\w+",
+            r"arch_trigger_\w+",
+            r"trigger_\w*backtrace\w*",
+            r"_{0,2}smp_call_function\w*",
+            r"flush_smp_call_function\w*",
+            # string and memory helpers, sanitizers: the caller is the interesting one
+            r"_{0,2}(?:mem|str)(?:cpy|set|cmp|move|len|ncpy|ncmp|nlen|chr|rchr|scpy|lcpy)\w*",
+            r"_{0,2}kasan\w*",
+            r"__asan\w*",
+            r"__sanitizer\w*",
+            r"__ubsan\w*",
+        ]
+    )
+    + ")$"
+)
 
 
 @dataclass(frozen=True)
@@ -116,50 +187,85 @@ def _panic_title(m: re.Match[str], frame: str | None) -> str:
 
 _HANG_PANIC = re.compile(r"softlockup|hard ?lockup|hung_task|rcu|watchdog", re.IGNORECASE)
 
-_SOFT_LOCKUP = _ReportType(re.compile(r"BUG: soft lockup"), _in("BUG: soft lockup"),
-                           CrashKind.HANG)
-_RCU_STALL = _ReportType(re.compile(r"INFO: rcu_\w+ (?:self-)?detected(?: expedited)? stalls?"),
-                         _in("INFO: rcu detected stall"), CrashKind.HANG)
+_SOFT_LOCKUP = _ReportType(re.compile(r"BUG: soft lockup"), _in("BUG: soft lockup"), CrashKind.HANG)
+_RCU_STALL = _ReportType(
+    re.compile(r"INFO: rcu_\w+ (?:self-)?detected(?: expedited)? stalls?"),
+    _in("INFO: rcu detected stall"),
+    CrashKind.HANG,
+)
 
 # Order matters only when two patterns match the same line: the first one wins.
 _REPORT_TYPES: tuple[_ReportType, ...] = (
     _SOFT_LOCKUP,
-    _ReportType(re.compile(r"(?:watchdog: |NMI watchdog: )(?:BUG: )?(?:Watchdog detected )?"
-                           r"hard LOCKUP", re.IGNORECASE),
-                _in("BUG: hard lockup"), CrashKind.HANG),
-    _ReportType(re.compile(r"INFO: task \S+ blocked for more than \d+ seconds"),
-                _in("INFO: task hung"), CrashKind.HANG),
+    _ReportType(
+        re.compile(
+            r"(?:watchdog: |NMI watchdog: )(?:BUG: )?(?:Watchdog detected )?"
+            r"hard LOCKUP",
+            re.IGNORECASE,
+        ),
+        _in("BUG: hard lockup"),
+        CrashKind.HANG,
+    ),
+    _ReportType(
+        re.compile(r"INFO: task \S+ blocked for more than \d+ seconds"),
+        _in("INFO: task hung"),
+        CrashKind.HANG,
+    ),
     _RCU_STALL,
-    _ReportType(re.compile(r"softdog: Initiating system reboot"),
-                lambda m, f: "boot hung: watchdog reset the machine", CrashKind.HANG, False),
-    _ReportType(re.compile(r"BUG: kernel NULL pointer dereference"),
-                _in("BUG: kernel NULL pointer dereference")),
-    _ReportType(re.compile(r"BUG: unable to handle page fault"),
-                _in("BUG: unable to handle page fault")),
-    _ReportType(re.compile(r"BUG: unable to handle kernel (?P<what>paging request|NULL pointer "
-                           r"dereference)"),
-                lambda m, f: _in(f"BUG: unable to handle kernel {m.group('what')}")(m, f)),
-    _ReportType(re.compile(r"Unable to handle kernel (?P<what>paging request|NULL pointer "
-                           r"dereference|access to user memory)"),
-                lambda m, f: _in(f"Unable to handle kernel {m.group('what')}")(m, f)),
+    _ReportType(
+        re.compile(r"softdog: Initiating system reboot"),
+        lambda m, f: "boot hung: watchdog reset the machine",
+        CrashKind.HANG,
+        False,
+    ),
+    _ReportType(
+        re.compile(r"BUG: kernel NULL pointer dereference"), _in("BUG: kernel NULL pointer dereference")
+    ),
+    _ReportType(re.compile(r"BUG: unable to handle page fault"), _in("BUG: unable to handle page fault")),
+    _ReportType(
+        re.compile(
+            r"BUG: unable to handle kernel (?P<what>paging request|NULL pointer "
+            r"dereference)"
+        ),
+        lambda m, f: _in(f"BUG: unable to handle kernel {m.group('what')}")(m, f),
+    ),
+    _ReportType(
+        re.compile(
+            r"Unable to handle kernel (?P<what>paging request|NULL pointer "
+            r"dereference|access to user memory)"
+        ),
+        lambda m, f: _in(f"Unable to handle kernel {m.group('what')}")(m, f),
+    ),
     _ReportType(re.compile(r"kernel BUG at \S+"), _in("kernel BUG")),
-    _ReportType(re.compile(r"\b(?P<trap>general protection fault|divide error|invalid opcode|"
-                           r"stack segment|double fault|alignment check|int3)"
-                           r"(?:,|: [0-9a-f]{4} \[#)"),
-                lambda m, f: _in(m.group("trap"))(m, f)),
-    _ReportType(re.compile(r"BUG: (?P<what>KASAN: [a-z-]+|KFENCE: [a-z-]+|"
-                           r"scheduling while atomic|sleeping function called "
-                           r"from invalid context|Bad page state|Bad rss-counter state|"
-                           r"stack guard page was hit|using \w+\(\) in preemptible)"),
-                lambda m, f: _in(f"BUG: {m.group('what')}")(m, f)),
-    _ReportType(re.compile(r"(?<!end )Kernel panic - not syncing: ?(?P<msg>Attempted to kill "
-                           r"init!.*)$"),
-                lambda m, f: "kernel panic: Attempted to kill init!", CrashKind.INIT_DIED,
-                False),
+    _ReportType(
+        re.compile(
+            r"\b(?P<trap>general protection fault|divide error|invalid opcode|"
+            r"stack segment|double fault|alignment check|int3)"
+            r"(?:,|: [0-9a-f]{4} \[#)"
+        ),
+        lambda m, f: _in(m.group("trap"))(m, f),
+    ),
+    _ReportType(
+        re.compile(
+            r"BUG: (?P<what>KASAN: [a-z-]+|KFENCE: [a-z-]+|"
+            r"scheduling while atomic|sleeping function called "
+            r"from invalid context|Bad page state|Bad rss-counter state|"
+            r"stack guard page was hit|using \w+\(\) in preemptible)"
+        ),
+        lambda m, f: _in(f"BUG: {m.group('what')}")(m, f),
+    ),
+    _ReportType(
+        re.compile(
+            r"(?<!end )Kernel panic - not syncing: ?(?P<msg>Attempted to kill "
+            r"init!.*)$"
+        ),
+        lambda m, f: "kernel panic: Attempted to kill init!",
+        CrashKind.INIT_DIED,
+        False,
+    ),
     _ReportType(re.compile(r"\bOops: [0-9a-fx]+ \[#\d+\]"), _in("Oops")),
     _ReportType(_PANIC_RE, _panic_title, CrashKind.KERNEL_PANIC, False),
-    _ReportType(re.compile(r"\bWARNING: CPU: \d+ PID: \d+ at "), _in("WARNING"),
-                weak=True),
+    _ReportType(re.compile(r"\bWARNING: CPU: \d+ PID: \d+ at "), _in("WARNING"), weak=True),
 )
 
 
@@ -181,13 +287,16 @@ def normalise_title(text: str) -> str:
     ``comm:pid`` tags, CPU numbers, numbers; keep words such as ``ext4`` or ``rcu_preempt``."""
     text = _TIMESTAMP_RE.sub("", text)
     text = re.sub(r"\+0x[0-9a-f]+/0x[0-9a-f]+", "", text)
-    text = re.sub(r"\s*\[[^\]\s]+:\d+\]", "", text)             # [insmod:63]
+    text = re.sub(r"\s*\[[^\]\s]+:\d+\]", "", text)  # [insmod:63]
     text = re.sub(r"CPU#?\s*\d+", "CPU", text)
-    text = re.sub(r"\s*\([^()]*\d[^()]*\)", "", text)           # (0,0), (error -2)
-    text = re.sub(r"\b\w+=\S*\d\S*", "", text)                  # exitcode=0x0000000b
-    text = re.sub(r"(?<![\w.])-?(?:0x[0-9a-fA-F]+|[0-9a-f]{8,}|"
-                  r"\d+(?:\.\d+)?(?:s|ms|us|ns|[KMG]i?B|kB|[KMG]|%)?)(?![\w])", "",
-                  text)
+    text = re.sub(r"\s*\([^()]*\d[^()]*\)", "", text)  # (0,0), (error -2)
+    text = re.sub(r"\b\w+=\S*\d\S*", "", text)  # exitcode=0x0000000b
+    text = re.sub(
+        r"(?<![\w.])-?(?:0x[0-9a-fA-F]+|[0-9a-f]{8,}|"
+        r"\d+(?:\.\d+)?(?:s|ms|us|ns|[KMG]i?B|kB|[KMG]|%)?)(?![\w])",
+        "",
+        text,
+    )
     text = re.sub(r"\s+", " ", text).strip()
     return text.rstrip(" ,:;-")
 
@@ -299,8 +408,9 @@ def _frame_lines(stripped: list[str], report: _Report) -> list[str]:
     out: list[str] = []
     for j in range(report.index, len(stripped)):
         line = stripped[j]
-        if j > report.index and (_END_TRACE_RE.search(line) or _PANIC_RE.search(line)
-                                 or report.type.start.search(line)):
+        if j > report.index and (
+            _END_TRACE_RE.search(line) or _PANIC_RE.search(line) or report.type.start.search(line)
+        ):
             break
         out.append(line)
     return out
@@ -323,14 +433,20 @@ def parse_crash(text: str, source: str = "") -> CrashSignature | None:
     if report is None:
         return None
 
-    panics = report.type.start is _PANIC_RE or report.type.kind is CrashKind.INIT_DIED or any(
-        _PANIC_RE.search(line) for line in stripped[report.index + 1:])
+    panics = (
+        report.type.start is _PANIC_RE
+        or report.type.kind is CrashKind.INIT_DIED
+        or any(_PANIC_RE.search(line) for line in stripped[report.index + 1 :])
+    )
     if report.type.kind is not None:
         kind = report.type.kind
     else:
         kind = CrashKind.KERNEL_PANIC if panics else CrashKind.OOPS
-    if kind is CrashKind.KERNEL_PANIC and report.type.start is _PANIC_RE and _HANG_PANIC.search(
-            report.match.group("msg")):
+    if (
+        kind is CrashKind.KERNEL_PANIC
+        and report.type.start is _PANIC_RE
+        and _HANG_PANIC.search(report.match.group("msg"))
+    ):
         kind = CrashKind.HANG  # e.g. "softlockup: hung tasks" with the report itself lost
 
     frame: str | None = None
@@ -340,7 +456,7 @@ def parse_crash(text: str, source: str = "") -> CrashSignature | None:
     title = report.type.title(report.match, frame)
 
     channel_file: str | None = None
-    for line in reversed(stripped[:report.index]):
+    for line in reversed(stripped[: report.index]):
         m = _CHANNEL_FILE_RE.search(line)
         if m:
             channel_file = m.group("path").lstrip("/")
@@ -371,17 +487,17 @@ _DUMP_HEADER_RE = re.compile(r"^(?P<reason>[A-Za-z]+)#(?P<count>\d+) Part(?P<par
 class PstoreRecord:
     """One crash text from pstore: a dmesg dump (parts already joined) or a console log."""
 
-    name: str          # file name, or "dmesg-ramoops-1+dmesg-ramoops-0" for joined parts
-    type: str          # "dmesg" or "console"
+    name: str  # file name, or "dmesg-ramoops-1+dmesg-ramoops-0" for joined parts
+    type: str  # "dmesg" or "console"
     mtime: float
     text: str
-    reason: str = ""   # "Panic", "Oops", ... from the dump header
+    reason: str = ""  # "Panic", "Oops", ... from the dump header
 
 
 @dataclass
 class PstoreScan:
-    records: list[PstoreRecord] = field(default_factory=list)   # newest first
-    notes: list[str] = field(default_factory=list)              # what was skipped and why
+    records: list[PstoreRecord] = field(default_factory=list)  # newest first
+    notes: list[str] = field(default_factory=list)  # what was skipped and why
 
 
 def _read_text(path: Path, limit: int | None = None) -> str:
@@ -401,8 +517,10 @@ def read_pstore(pstore_dir: Path) -> PstoreScan:
     try:
         entries = sorted(pstore_dir.iterdir())
     except FileNotFoundError:
-        scan.notes.append(f"pstore directory {pstore_dir} does not exist: mount pstore there "
-                          f"(mount -t pstore pstore {pstore_dir})")
+        scan.notes.append(
+            f"pstore directory {pstore_dir} does not exist: mount pstore there "
+            f"(mount -t pstore pstore {pstore_dir})"
+        )
         return scan
     except NotADirectoryError:
         scan.notes.append(f"pstore path {pstore_dir} is not a directory")
@@ -413,7 +531,8 @@ def read_pstore(pstore_dir: Path) -> PstoreScan:
         if path.name.endswith(".enc.z"):
             scan.notes.append(
                 f"skipped {path.name}: the kernel could not decompress this pstore record "
-                f"(check the pstore compression algorithm is built into this kernel)")
+                f"(check the pstore compression algorithm is built into this kernel)"
+            )
             continue
         m = _RECORD_NAME_RE.match(path.name)
         if m is None:
@@ -441,12 +560,12 @@ def read_pstore(pstore_dir: Path) -> PstoreScan:
         # Part1 is the newest end of the log; the highest part number is its oldest start.
         parts.sort(reverse=True)
         name = "+".join(p[1] for p in parts)
-        scan.records.append(PstoreRecord(name, "dmesg", mtime,
-                                         "".join(p[2] for p in parts), reason))
+        scan.records.append(PstoreRecord(name, "dmesg", mtime, "".join(p[2] for p in parts), reason))
 
     reason_rank = {"Panic": 2, "Oops": 1}
-    scan.records.sort(key=lambda r: (r.type == "dmesg", r.mtime, reason_rank.get(r.reason, 0),
-                                     r.name), reverse=True)
+    scan.records.sort(
+        key=lambda r: (r.type == "dmesg", r.mtime, reason_rank.get(r.reason, 0), r.name), reverse=True
+    )
     return scan
 
 
@@ -481,7 +600,7 @@ def stopped_step(progress_text: str) -> str | None:
     if not starts:
         return None
     open_steps: list[str] = []
-    for line in lines[starts[-1] + 1:]:
+    for line in lines[starts[-1] + 1 :]:
         event = line.split(" ", 1)[-1].strip()
         if event == "boot complete":
             return None
@@ -494,14 +613,23 @@ def stopped_step(progress_text: str) -> str | None:
 
 def _hang_in_step(step: str, detail: str) -> CrashSignature:
     m = _MODULE_STEP_RE.match(step)
-    return CrashSignature(kind=CrashKind.HANG, title=f"boot hung: {step}",
-                          guilty_module=m.group("module") if m else None,
-                          source="boot progress log", excerpt=detail)
+    return CrashSignature(
+        kind=CrashKind.HANG,
+        title=f"boot hung: {step}",
+        guilty_module=m.group("module") if m else None,
+        source="boot progress log",
+        excerpt=detail,
+    )
 
 
-def detect(pstore_dir: Path | None, boot_log: Path | None = None, boot_count: int = 0,
-           boot_limit: int = 2, watchdog_reset: bool = False,
-           boot_progress: Path | None = None) -> CrashSignature:
+def detect(
+    pstore_dir: Path | None,
+    boot_log: Path | None = None,
+    boot_count: int = 0,
+    boot_limit: int = 2,
+    watchdog_reset: bool = False,
+    boot_progress: Path | None = None,
+) -> CrashSignature:
     """Classify the last failed boots from pstore records and an optional boot log.
 
     Sources are tried in order: pstore dumps (newest first), pstore console logs, the boot
@@ -548,9 +676,14 @@ def detect(pstore_dir: Path | None, boot_log: Path | None = None, boot_count: in
         if step:
             return _hang_in_step(step, detail)
     if watchdog_reset:
-        return CrashSignature(kind=CrashKind.HANG, title="boot hung: watchdog reset the machine",
-                              source="watchdog", excerpt=detail)
+        return CrashSignature(
+            kind=CrashKind.HANG,
+            title="boot hung: watchdog reset the machine",
+            source="watchdog",
+            excerpt=detail,
+        )
     if boot_count > 0:
-        return CrashSignature(kind=CrashKind.UNKNOWN, title=_failed_title(boot_count),
-                              source="grubenv", excerpt=detail)
+        return CrashSignature(
+            kind=CrashKind.UNKNOWN, title=_failed_title(boot_count), source="grubenv", excerpt=detail
+        )
     return CrashSignature(kind=CrashKind.NONE, title="no boot failure", excerpt=detail)

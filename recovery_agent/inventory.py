@@ -54,10 +54,13 @@ def _check_root(os_root: Path) -> Path:
         st = os.stat(os_root)
     except FileNotFoundError:
         raise InventoryError(
-            f"OS root {os_root} does not exist: mount the OS partition there first") from None
+            f"OS root {os_root} does not exist: mount the OS partition there first"
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise InventoryError(f"OS root {os_root} is not a directory: mount the OS partition "
-                             f"on an empty directory and pass that")
+        raise InventoryError(
+            f"OS root {os_root} is not a directory: mount the OS partition "
+            f"on an empty directory and pass that"
+        )
     return Path(os_root)
 
 
@@ -120,13 +123,13 @@ def _modinfo_version(f: BinaryIO, size: int) -> str | None:
     if section is not None:
         for entry in section.split(b"\x00"):
             if entry.startswith(b"version="):
-                return _clean_version(entry[len(b"version="):])
+                return _clean_version(entry[len(b"version=") :])
         return None
     at = data.find(b"\x00version=")
     if at < 0:
         return None
     end = data.find(b"\x00", at + 1)
-    return _clean_version(data[at + len(b"\x00version="):end if end >= 0 else None])
+    return _clean_version(data[at + len(b"\x00version=") : end if end >= 0 else None])
 
 
 def _clean_version(raw: bytes) -> str | None:
@@ -144,11 +147,11 @@ def _elf_section(data: bytes, name: bytes) -> bytes | None:
         return None
     try:
         if ei_class == 2:
-            shoff, = struct.unpack_from(endian + "Q", data, 0x28)
+            (shoff,) = struct.unpack_from(endian + "Q", data, 0x28)
             shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", data, 0x3A)
             sh_fmt, name_at, off_at = endian + "IIQQQQ", 0, 4
         else:
-            shoff, = struct.unpack_from(endian + "I", data, 0x20)
+            (shoff,) = struct.unpack_from(endian + "I", data, 0x20)
             shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", data, 0x2E)
             sh_fmt, name_at, off_at = endian + "IIIIII", 0, 4
 
@@ -159,21 +162,22 @@ def _elf_section(data: bytes, name: bytes) -> bytes | None:
         if shnum == 0 or shstrndx >= shnum:
             return None
         _, str_off, str_size = header(shstrndx)
-        strtab = data[str_off:str_off + str_size]
+        strtab = data[str_off : str_off + str_size]
         for i in range(shnum):
             sh_name, sh_off, sh_size = header(i)
             end = strtab.find(b"\x00", sh_name)
             if strtab[sh_name:end] == name:
                 if sh_off + sh_size > len(data):
                     return None
-                return data[sh_off:sh_off + sh_size]
+                return data[sh_off : sh_off + sh_size]
     except struct.error:
         return None
     return None
 
 
-def file_record(os_root: Path, path: str | Path, *, module_version: bool = False,
-                version: str | None = None) -> FileRecord | None:
+def file_record(
+    os_root: Path, path: str | Path, *, module_version: bool = False, version: str | None = None
+) -> FileRecord | None:
     """Describe one regular file under ``os_root``: relative path, size, mtime, sha256 and,
     for kernel modules, the ``version=`` from ``.modinfo``. None if it is not a regular file
     or cannot be read (a warning is logged)."""
@@ -197,8 +201,13 @@ def file_record(os_root: Path, path: str | Path, *, module_version: bool = False
         except OSError as e:
             log.warning("cannot read %s in the OS root: %s", rel, e.strerror)
             return None
-    return FileRecord(path=rel, size=st.st_size, mtime=st.st_mtime, sha256=digest.hexdigest(),
-                      version=version[:_VERSION_MAX] if version else None)
+    return FileRecord(
+        path=rel,
+        size=st.st_size,
+        mtime=st.st_mtime,
+        sha256=digest.hexdigest(),
+        version=version[:_VERSION_MAX] if version else None,
+    )
 
 
 # --------------------------------------------------------------------------- system
@@ -239,7 +248,8 @@ def _os_release(root: Path) -> str:
                     value = value[1:-1]
                 values[key] = value
         name = values.get("PRETTY_NAME") or " ".join(
-            v for v in (values.get("NAME"), values.get("VERSION")) if v)
+            v for v in (values.get("NAME"), values.get("VERSION")) if v
+        )
         if name:
             return name[:256]
     return ""
@@ -258,8 +268,11 @@ def kernel_version(os_root: Path) -> str:
             return max(candidates, key=_version_key)[:128]
     boot = _real_dir(root, "boot")
     if boot is not None:
-        kernels = [e.name[len("vmlinuz-"):] for e in _scandir(boot)
-                   if e.name.startswith("vmlinuz-") and e.is_file(follow_symlinks=False)]
+        kernels = [
+            e.name[len("vmlinuz-") :]
+            for e in _scandir(boot)
+            if e.name.startswith("vmlinuz-") and e.is_file(follow_symlinks=False)
+        ]
         if kernels:
             return max(kernels, key=_version_key)[:128]
     return ""
@@ -269,8 +282,11 @@ def collect_system(os_root: Path) -> SystemInfo:
     """OS name (``PRETTY_NAME``), kernel version and hostname of the OS root."""
     root = _check_root(Path(os_root))
     hostname = (_read_small(root / "etc/hostname") or "").strip().splitlines()
-    return SystemInfo(os_release=_os_release(root), kernel_version=kernel_version(root),
-                      hostname=(hostname[0].strip() if hostname else "")[:255])
+    return SystemInfo(
+        os_release=_os_release(root),
+        kernel_version=kernel_version(root),
+        hostname=(hostname[0].strip() if hostname else "")[:255],
+    )
 
 
 # --------------------------------------------------------------------------- drivers
@@ -313,8 +329,11 @@ def collect_driver_store(os_root: Path) -> list[FileRecord]:
     for driver in _subdirs(store):
         for version in _subdirs(Path(driver.path)):
             for entry in _scandir(Path(version.path)):
-                if (entry.is_file(follow_symlinks=False) and _is_module(entry.name)
-                        and entry.name.split(".ko")[0] == driver.name):
+                if (
+                    entry.is_file(follow_symlinks=False)
+                    and _is_module(entry.name)
+                    and entry.name.split(".ko")[0] == driver.name
+                ):
                     rec = file_record(root, entry.path, version=version.name)
                     if rec is not None:
                         records.append(rec)
@@ -340,4 +359,4 @@ def recent_changes(records: Iterable[FileRecord], limit: int = 10) -> list[FileR
     """The ``limit`` most recently modified files, newest first (ties by path)."""
     ordered = sorted(records, key=lambda r: r.path)
     ordered.sort(key=lambda r: r.mtime, reverse=True)
-    return ordered[:max(limit, 0)]
+    return ordered[: max(limit, 0)]

@@ -40,8 +40,15 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from recovery_agent.protocol.wire import (
-    Action, ActionResult, Directive, DisableDriver, PathRuleError, QuarantineFile, RestoreFile,
-    check_relative_path, utcnow,
+    Action,
+    ActionResult,
+    Directive,
+    DisableDriver,
+    PathRuleError,
+    QuarantineFile,
+    RestoreFile,
+    check_relative_path,
+    utcnow,
 )
 
 STATE_DIR = "var/lib/recovery"
@@ -50,11 +57,11 @@ JOURNAL_DIR = f"{STATE_DIR}/journal"
 MODPROBE_DIR = "etc/modprobe.d"
 MANIFEST_NAME = "manifest.json"
 
-_STATE_DIR_MODE = 0o700      # quarantined files may be sensitive; only root reads them
-_SYSTEM_DIR_MODE = 0o755     # etc/modprobe.d, if we have to create it, is an ordinary system dir
+_STATE_DIR_MODE = 0o700  # quarantined files may be sensitive; only root reads them
+_SYSTEM_DIR_MODE = 0o755  # etc/modprobe.d, if we have to create it, is an ordinary system dir
 _DEFAULT_FILE_MODE = 0o644
 _CHUNK = 1 << 20
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")      # wire.Identifier; also a safe file name
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # wire.Identifier; also a safe file name
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # wire.ModuleName
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -199,10 +206,15 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
 
 
 def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISLNK, "a symlink"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return kind
     return "of an unknown file type"
@@ -229,11 +241,15 @@ class OSRoot:
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
-            raise MissingFile(f"OS root {self.path} does not exist: mount the OS partition "
-                              f"there or point the agent at the right directory") from exc
+            raise MissingFile(
+                f"OS root {self.path} does not exist: mount the OS partition "
+                f"there or point the agent at the right directory"
+            ) from exc
         except NotADirectoryError as exc:
-            raise PathRejected(f"OS root {self.path} is not a directory: point the agent at the "
-                               f"directory where the OS partition is mounted") from exc
+            raise PathRejected(
+                f"OS root {self.path} is not a directory: point the agent at the "
+                f"directory where the OS partition is mounted"
+            ) from exc
         self.dev = os.fstat(self.fd).st_dev
         self.mount_id = _mount_id(self.fd)
 
@@ -258,7 +274,8 @@ class OSRoot:
         if st.st_dev != self.dev or (mount_id is not None and mount_id != self.mount_id):
             raise PathRejected(
                 f"{shown} is on another mount than the OS root {self.path}: the agent only "
-                f"changes files on the OS partition itself; name the file on that partition")
+                f"changes files on the OS partition itself; name the file on that partition"
+            )
         return st
 
     def _reject(self, dir_fd: int, part: str, shown: str, relpath: str) -> PathRejected:
@@ -270,20 +287,26 @@ class OSRoot:
                 target = "?"
             return PathRejected(
                 f"{relpath}: component {shown} is a symlink (to {target}): the agent never "
-                f"follows symlinks in the OS root; name the real path in the remediation")
+                f"follows symlinks in the OS root; name the real path in the remediation"
+            )
         kind = _kind(st.st_mode) if st is not None else "not a directory"
-        return PathRejected(f"{relpath}: component {shown} is {kind}, not a directory: "
-                            f"check the path against the device's diagnostics")
+        return PathRejected(
+            f"{relpath}: component {shown} is {kind}, not a directory: "
+            f"check the path against the device's diagnostics"
+        )
 
-    def _open_dir_in(self, dir_fd: int, part: str, shown: str, relpath: str, *, create: bool,
-                     mode: int) -> int:
+    def _open_dir_in(
+        self, dir_fd: int, part: str, shown: str, relpath: str, *, create: bool, mode: int
+    ) -> int:
         created = False
         try:
             fd = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
         except FileNotFoundError as exc:
             if not create:
-                raise MissingFile(f"{relpath}: directory {shown} does not exist: check the path "
-                                  f"against the device's diagnostics") from exc
+                raise MissingFile(
+                    f"{relpath}: directory {shown} does not exist: check the path "
+                    f"against the device's diagnostics"
+                ) from exc
             try:
                 os.mkdir(part, mode, dir_fd=dir_fd)
                 created = True
@@ -318,8 +341,7 @@ class OSRoot:
         return fd
 
     @contextmanager
-    def open_dir(self, relpath: str, *, create: bool = False,
-                 mode: int = _STATE_DIR_MODE) -> Iterator[int]:
+    def open_dir(self, relpath: str, *, create: bool = False, mode: int = _STATE_DIR_MODE) -> Iterator[int]:
         """An fd on the directory ``relpath``; ``create`` makes missing parts (state dirs only)."""
         fd = self._walk(relpath, _split(relpath), create=create, mode=mode)
         try:
@@ -328,8 +350,9 @@ class OSRoot:
             os.close(fd)
 
     @contextmanager
-    def open_parent(self, relpath: str, *, create: bool = False,
-                    mode: int = _STATE_DIR_MODE) -> Iterator[tuple[int, str]]:
+    def open_parent(
+        self, relpath: str, *, create: bool = False, mode: int = _STATE_DIR_MODE
+    ) -> Iterator[tuple[int, str]]:
         """``(dir_fd, name)``: an fd on the directory holding ``relpath``, and its last part."""
         parts = _split(relpath)
         fd = self._walk(relpath, parts[:-1], create=create, mode=mode)
@@ -350,30 +373,35 @@ class OSRoot:
         """A read-only fd on the regular file ``name`` in the open directory ``dir_fd``."""
         before = _lstat(dir_fd, name)
         if before is None:
-            raise MissingFile(f"{relpath}: no such file: check the path against the device's "
-                              f"diagnostics (was it already removed or renamed?)")
+            raise MissingFile(
+                f"{relpath}: no such file: check the path against the device's "
+                f"diagnostics (was it already removed or renamed?)"
+            )
         if stat.S_ISLNK(before.st_mode):
             try:
                 target = os.readlink(name, dir_fd=dir_fd)
             except OSError:
                 target = "?"
-            raise PathRejected(f"{relpath} is a symlink (to {target}): the agent never follows "
-                               f"symlinks; name the real file")
+            raise PathRejected(
+                f"{relpath} is a symlink (to {target}): the agent never follows symlinks; name the real file"
+            )
         if not stat.S_ISREG(before.st_mode):
-            raise PathRejected(f"{relpath} is {_kind(before.st_mode)}: the action needs a regular "
-                               f"file; check the path against the device's diagnostics")
+            raise PathRejected(
+                f"{relpath} is {_kind(before.st_mode)}: the action needs a regular "
+                f"file; check the path against the device's diagnostics"
+            )
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PathRejected(f"{relpath} became a symlink while being opened: run the agent "
-                                   f"again; if it persists, something is tampering with the disk"
-                                   ) from exc
+                raise PathRejected(
+                    f"{relpath} became a symlink while being opened: run the agent "
+                    f"again; if it persists, something is tampering with the disk"
+                ) from exc
             raise
         try:
             st = self._check_mount(fd, relpath)
-            if (st.st_ino, st.st_dev) != (before.st_ino, before.st_dev) or \
-                    not stat.S_ISREG(st.st_mode):
+            if (st.st_ino, st.st_dev) != (before.st_ino, before.st_dev) or not stat.S_ISREG(st.st_mode):
                 raise PathRejected(f"{relpath} changed while being opened: run the agent again")
             yield fd
         finally:
@@ -411,7 +439,7 @@ def _write_atomic(dir_fd: int, name: str, data: bytes, mode: int) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
@@ -431,8 +459,7 @@ def _remove_stale(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _read_model(root: OSRoot, dir_fd: int, name: str, relpath: str,
-                model: type[_M]) -> _M | None:
+def _read_model(root: OSRoot, dir_fd: int, name: str, relpath: str, model: type[_M]) -> _M | None:
     if _lstat(dir_fd, name) is None:
         return None
     with root.open_file_in(dir_fd, name, relpath) as fd:
@@ -443,14 +470,17 @@ def _read_model(root: OSRoot, dir_fd: int, name: str, relpath: str,
         raise JournalError(
             f"{relpath} is not a valid {model.__name__} ({exc.error_count()} errors, first: "
             f"{exc.errors()[0]['msg']}): move it aside to inspect it; the agent cannot tell what "
-            f"was applied without it") from exc
+            f"was applied without it"
+        ) from exc
 
 
 def _check_id(directive_id: str) -> str:
     if not isinstance(directive_id, str) or not _ID_RE.match(directive_id):
-        raise JournalError(f"directive id {directive_id!r} is not a valid identifier (letters, "
-                           f"digits, _ and -, at most 64): copy it from list_quarantine or the "
-                           f"server's directive")
+        raise JournalError(
+            f"directive id {directive_id!r} is not a valid identifier (letters, "
+            f"digits, _ and -, at most 64): copy it from list_quarantine or the "
+            f"server's directive"
+        )
     return directive_id
 
 
@@ -461,8 +491,9 @@ def _journal_relpath(directive_id: str) -> str:
 def _read_journal(root: OSRoot, directive_id: str) -> IntentJournal | None:
     try:
         with root.open_dir(JOURNAL_DIR) as jfd:
-            return _read_model(root, jfd, f"{directive_id}.json",
-                               _journal_relpath(directive_id), IntentJournal)
+            return _read_model(
+                root, jfd, f"{directive_id}.json", _journal_relpath(directive_id), IntentJournal
+            )
     except MissingFile:
         return None
 
@@ -470,8 +501,9 @@ def _read_journal(root: OSRoot, directive_id: str) -> IntentJournal | None:
 def _write_journal(root: OSRoot, journal: IntentJournal) -> None:
     journal.updated_at = utcnow()
     with root.open_dir(JOURNAL_DIR, create=True) as jfd:
-        _write_atomic(jfd, f"{journal.directive_id}.json",
-                      journal.model_dump_json(indent=2).encode() + b"\n", 0o600)
+        _write_atomic(
+            jfd, f"{journal.directive_id}.json", journal.model_dump_json(indent=2).encode() + b"\n", 0o600
+        )
 
 
 def modprobe_conf_path(module: str) -> str:
@@ -489,11 +521,15 @@ def _target(action: Action) -> str:
         return action.path
     if isinstance(action, DisableDriver):
         if not isinstance(action.name, str) or not _MODULE_RE.match(action.name):
-            raise PathRejected(f"module name {action.name!r} is not a kernel module name "
-                               f"(letters, digits, _ and -): fix the remediation")
+            raise PathRejected(
+                f"module name {action.name!r} is not a kernel module name "
+                f"(letters, digits, _ and -): fix the remediation"
+            )
         return modprobe_conf_path(action.name)
-    raise RemediationError(f"action type {getattr(action, 'type', action)!r} is unknown to this "
-                           f"agent: update the agent or remove the action from the remediation")
+    raise RemediationError(
+        f"action type {getattr(action, 'type', action)!r} is unknown to this "
+        f"agent: update the agent or remove the action from the remediation"
+    )
 
 
 def _slot(index: int, name: str) -> str:
@@ -542,23 +578,22 @@ class _Remediation:
     def qfd(self, *, create: bool) -> int | None:
         if self._qfd is None:
             try:
-                self._qfd = self.root._walk(self.qdir, _split(self.qdir), create=create,
-                                            mode=_STATE_DIR_MODE)
+                self._qfd = self.root._walk(self.qdir, _split(self.qdir), create=create, mode=_STATE_DIR_MODE)
             except MissingFile:
                 return None
         return self._qfd
 
     def _manifest(self, qfd: int) -> QuarantineManifest:
-        manifest = _read_model(self.root, qfd, MANIFEST_NAME, f"{self.qdir}/{MANIFEST_NAME}",
-                               QuarantineManifest)
+        manifest = _read_model(
+            self.root, qfd, MANIFEST_NAME, f"{self.qdir}/{MANIFEST_NAME}", QuarantineManifest
+        )
         return manifest or QuarantineManifest(directive_id=self.directive_id)
 
     def _record(self, qfd: int, entry: QuarantineEntry) -> None:
         manifest = self._manifest(qfd)
         manifest.entries = [e for e in manifest.entries if e.stored_name != entry.stored_name]
         manifest.entries.append(entry)
-        _write_atomic(qfd, MANIFEST_NAME, manifest.model_dump_json(indent=2).encode() + b"\n",
-                      0o600)
+        _write_atomic(qfd, MANIFEST_NAME, manifest.model_dump_json(indent=2).encode() + b"\n", 0o600)
 
     def _entry(self, qfd: int, slot: str) -> QuarantineEntry | None:
         return next((e for e in self._manifest(qfd).entries if e.stored_name == slot), None)
@@ -570,15 +605,32 @@ class _Remediation:
         with self.root.open_file_in(qfd, slot, f"{self.qdir}/{slot}") as fd:
             return sha256_fd(fd)
 
-    def _new_entry(self, st: os.stat_result, digest: str, relpath: str, slot: str, index: int,
-                   role: Literal["quarantined", "replaced", "undone"]) -> QuarantineEntry:
+    def _new_entry(
+        self,
+        st: os.stat_result,
+        digest: str,
+        relpath: str,
+        slot: str,
+        index: int,
+        role: Literal["quarantined", "replaced", "undone"],
+    ) -> QuarantineEntry:
         return QuarantineEntry(
-            action_index=index, role=role, original_path=relpath, stored_name=slot,
-            sha256=digest, size=st.st_size, mode=stat.S_IMODE(st.st_mode), mtime=st.st_mtime,
-            uid=st.st_uid, gid=st.st_gid, quarantined_at=utcnow())
+            action_index=index,
+            role=role,
+            original_path=relpath,
+            stored_name=slot,
+            sha256=digest,
+            size=st.st_size,
+            mode=stat.S_IMODE(st.st_mode),
+            mtime=st.st_mtime,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            quarantined_at=utcnow(),
+        )
 
-    def _ensure_recorded(self, slot: str, relpath: str, index: int, digest: str,
-                         role: Literal["quarantined", "replaced"]) -> None:
+    def _ensure_recorded(
+        self, slot: str, relpath: str, index: int, digest: str, role: Literal["quarantined", "replaced"]
+    ) -> None:
         # A power loss between the rename and the manifest write leaves the file in quarantine
         # but unlisted; rename keeps its metadata, so the entry can be rebuilt from it.
         qfd = self.qfd(create=True)
@@ -587,15 +639,24 @@ class _Remediation:
             st = os.stat(slot, dir_fd=qfd, follow_symlinks=False)
             self._record(qfd, self._new_entry(st, digest, relpath, slot, index, role))
 
-    def _move_to_quarantine(self, dir_fd: int, name: str, fd: int, digest: str, relpath: str,
-                            slot: str, index: int,
-                            role: Literal["quarantined", "replaced", "undone"]) -> None:
+    def _move_to_quarantine(
+        self,
+        dir_fd: int,
+        name: str,
+        fd: int,
+        digest: str,
+        relpath: str,
+        slot: str,
+        index: int,
+        role: Literal["quarantined", "replaced", "undone"],
+    ) -> None:
         qfd = self.qfd(create=True)
         assert qfd is not None
         if _lstat(qfd, slot) is not None:
             raise RemediationError(
                 f"{self.qdir}/{slot} already exists: the quarantine of directive "
-                f"{self.directive_id} was changed by hand; inspect it, then undo the directive")
+                f"{self.directive_id} was changed by hand; inspect it, then undo the directive"
+            )
         st = os.fstat(fd)
         try:
             os.rename(name, slot, src_dir_fd=dir_fd, dst_dir_fd=qfd)
@@ -604,15 +665,18 @@ class _Remediation:
                 raise RemediationError(
                     f"cannot move {relpath} to {self.qdir}: they are on different mounts; the "
                     f"quarantine must be on the OS partition itself (no bind mount on "
-                    f"{STATE_DIR})") from exc
+                    f"{STATE_DIR})"
+                ) from exc
             raise
         moved = os.stat(slot, dir_fd=qfd, follow_symlinks=False)
         if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
             # The name was swapped for another file between hashing and renaming: give back what
             # we took rather than keep a file nobody checked.
             os.rename(slot, name, src_dir_fd=qfd, dst_dir_fd=dir_fd)
-            raise RemediationError(f"{relpath} was replaced while being quarantined: run the "
-                                   f"agent again; if it persists, something is writing there")
+            raise RemediationError(
+                f"{relpath} was replaced while being quarantined: run the "
+                f"agent again; if it persists, something is writing there"
+            )
         os.fsync(qfd)
         os.fsync(dir_fd)
         self._record(qfd, self._new_entry(st, digest, relpath, slot, index, role))
@@ -646,30 +710,35 @@ class _Remediation:
             if held == action.sha256:
                 if not dry_run:
                     self._ensure_recorded(slot, action.path, index, held, "quarantined")
-                return _Outcome("already_applied",
-                                f"{action.path} is already quarantined as {self.qdir}/{slot}")
+                return _Outcome(
+                    "already_applied", f"{action.path} is already quarantined as {self.qdir}/{slot}"
+                )
             if held is not None:
                 raise RemediationError(
                     f"{self.qdir}/{slot} holds a file with sha256 {held}, not {action.sha256}: "
-                    f"the quarantine was changed by hand; inspect it, then undo the directive")
+                    f"the quarantine was changed by hand; inspect it, then undo the directive"
+                )
             with self.root.open_file_in(dir_fd, name, action.path) as fd:
                 actual = sha256_fd(fd)
                 if actual != action.sha256:
                     raise HashMismatch(
-                        action.path, action.sha256, actual,
+                        action.path,
+                        action.sha256,
+                        actual,
                         "this device's file is not the one the remediation targets; leave it and "
-                        "ask for a remediation matching the content in the diagnostics")
+                        "ask for a remediation matching the content in the diagnostics",
+                    )
                 links = os.fstat(fd).st_nlink
                 if links > 1:
                     # Moving one name would leave the same bad content loadable by the others.
                     raise PathRejected(
                         f"{action.path} has {links} hard links: quarantining this name would leave "
                         f"the content reachable through the others; find them (find / -samefile) "
-                        f"and quarantine every name in one remediation")
+                        f"and quarantine every name in one remediation"
+                    )
                 if dry_run:
                     return _Outcome("apply", f"will quarantine {action.path}")
-                self._move_to_quarantine(dir_fd, name, fd, actual, action.path, slot, index,
-                                         "quarantined")
+                self._move_to_quarantine(dir_fd, name, fd, actual, action.path, slot, index, "quarantined")
         return _Outcome("applied", f"moved {action.path} to {self.qdir}/{slot}")
 
     def _restore(self, index: int, action: RestoreFile, *, dry_run: bool) -> _Outcome:
@@ -685,30 +754,48 @@ class _Remediation:
                             _remove_stale(dir_fd, tmp)
                             if held is not None:
                                 self._ensure_recorded(slot, action.path, index, held, "replaced")
-                        return _Outcome("already_applied", f"{action.path} already has the "
-                                        f"driver store's content ({action.sha256[:12]}…)")
+                        return _Outcome(
+                            "already_applied",
+                            f"{action.path} already has the driver store's content ({action.sha256[:12]}…)",
+                        )
                 if held is not None:
                     raise RemediationError(
                         f"{action.path} exists but its previous version is already in "
                         f"{self.qdir}/{slot}: something wrote {action.path} since; inspect both, "
-                        f"then undo the directive")
+                        f"then undo the directive"
+                    )
             with self.root.open_file(action.source) as src:
                 actual = sha256_fd(src)
                 if actual != action.sha256:
                     raise HashMismatch(
-                        action.source, action.sha256, actual,
+                        action.source,
+                        action.sha256,
+                        actual,
                         "the driver store's copy is damaged or not the version the remediation "
-                        "names; repair the driver store or fix the remediation")
+                        "names; repair the driver store or fix the remediation",
+                    )
                 if dry_run:
                     return _Outcome("apply", f"will replace {action.path} with {action.source}")
                 if held is not None:
                     self._ensure_recorded(slot, action.path, index, held, "replaced")
                 self._install_copy(dir_fd, name, tmp, src, action, index, slot, current)
-        return _Outcome("applied", f"replaced {action.path} with {action.source}"
-                        + (f"; the previous file is {self.qdir}/{slot}" if current else ""))
+        return _Outcome(
+            "applied",
+            f"replaced {action.path} with {action.source}"
+            + (f"; the previous file is {self.qdir}/{slot}" if current else ""),
+        )
 
-    def _install_copy(self, dir_fd: int, name: str, tmp: str, src: int, action: RestoreFile,
-                      index: int, slot: str, current: os.stat_result | None) -> None:
+    def _install_copy(
+        self,
+        dir_fd: int,
+        name: str,
+        tmp: str,
+        src: int,
+        action: RestoreFile,
+        index: int,
+        slot: str,
+        current: os.stat_result | None,
+    ) -> None:
         # The new file takes the old one's mode and owner, so e.g. a root-only module stays so.
         original: os.stat_result | QuarantineEntry | None = current
         qfd = self.qfd(create=False)
@@ -731,11 +818,15 @@ class _Remediation:
                     digest.update(chunk)
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(out, view):]
+                        view = view[os.write(out, view) :]
                 if digest.hexdigest() != action.sha256:
-                    raise HashMismatch(action.source, action.sha256, digest.hexdigest(),
-                                       "the driver store's copy changed while being copied; "
-                                       "check the disk, then run the agent again")
+                    raise HashMismatch(
+                        action.source,
+                        action.sha256,
+                        digest.hexdigest(),
+                        "the driver store's copy changed while being copied; "
+                        "check the disk, then run the agent again",
+                    )
                 os.fchmod(out, mode)
                 st = os.fstat(out)
                 if (uid, gid) != (-1, -1) and (st.st_uid, st.st_gid) != (uid, gid):
@@ -748,11 +839,14 @@ class _Remediation:
                 os.close(out)
             if current is not None:
                 with self.root.open_file_in(dir_fd, name, action.path) as fd:
-                    self._move_to_quarantine(dir_fd, name, fd, sha256_fd(fd), action.path, slot,
-                                             index, "replaced")
+                    self._move_to_quarantine(
+                        dir_fd, name, fd, sha256_fd(fd), action.path, slot, index, "replaced"
+                    )
             if _lstat(dir_fd, name) is not None:
-                raise RemediationError(f"{action.path} reappeared while being replaced: run the "
-                                       f"agent again; if it persists, something is writing there")
+                raise RemediationError(
+                    f"{action.path} reappeared while being replaced: run the "
+                    f"agent again; if it persists, something is writing there"
+                )
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             _remove_stale(dir_fd, tmp)
@@ -775,12 +869,12 @@ class _Remediation:
                             held = self._held_hash(slot)
                             if held is not None:
                                 self._ensure_recorded(slot, relpath, index, held, "replaced")
-                        return _Outcome("already_applied", f"{relpath} already disables "
-                                        f"{action.name}")
+                        return _Outcome("already_applied", f"{relpath} already disables {action.name}")
                     if dry_run:
                         return _Outcome("apply", f"will replace {relpath}")
-                    self._move_to_quarantine(dir_fd, name, fd, sha256_fd(fd), relpath, slot,
-                                             index, "replaced")
+                    self._move_to_quarantine(
+                        dir_fd, name, fd, sha256_fd(fd), relpath, slot, index, "replaced"
+                    )
             if dry_run:
                 return _Outcome("apply", f"will write {relpath}")
             _write_atomic(dir_fd, name, content, _DEFAULT_FILE_MODE)
@@ -796,24 +890,28 @@ class _Remediation:
             target = _target(action)
             _split(target)
             if target == STATE_DIR or target.startswith(STATE_DIR + "/"):
-                raise PathRejected(f"action {index}: {target} is inside the agent's own state "
-                                   f"({STATE_DIR}): a remediation may not touch it")
+                raise PathRejected(
+                    f"action {index}: {target} is inside the agent's own state "
+                    f"({STATE_DIR}): a remediation may not touch it"
+                )
             if target in targets:
-                raise RemediationError(f"actions {targets[target]} and {index} both change "
-                                       f"{target}: fix the remediation so each file is named once")
+                raise RemediationError(
+                    f"actions {targets[target]} and {index} both change "
+                    f"{target}: fix the remediation so each file is named once"
+                )
             targets[target] = index
         for index, action in steps:
             if isinstance(action, RestoreFile) and action.source in targets:
                 raise RemediationError(
                     f"action {index} restores from {action.source}, which action "
-                    f"{targets[action.source]} changes: fix the remediation")
+                    f"{targets[action.source]} changes: fix the remediation"
+                )
         # Walked now so that a symlinked or foreign-mounted state folder fails before any change.
         self.root.missing_dirs(self.qdir)
         self.root.missing_dirs(JOURNAL_DIR)
         return [self.step(index, action, dry_run=True) for index, action in steps]
 
-    def run(self, journal: IntentJournal,
-            on_step: Callable[[int], None] | None) -> list[ActionResult]:
+    def run(self, journal: IntentJournal, on_step: Callable[[int], None] | None) -> list[ActionResult]:
         """Run the journal's planned steps in order, recording each; on a step's failure roll
         back what was done and raise."""
         for step in journal.steps:
@@ -826,7 +924,8 @@ class _Remediation:
                 undone = "; ".join(lines) if lines else "nothing had been changed"
                 raise RemediationError(
                     f"directive {journal.directive_id}: step {step.index} ({step.action.type}) "
-                    f"failed: {exc} -- rolled back: {undone}") from exc
+                    f"failed: {exc} -- rolled back: {undone}"
+                ) from exc
             step.status = "done"
             step.result = "already_applied" if outcome.status == "already_applied" else "applied"
             step.detail = outcome.detail
@@ -839,8 +938,12 @@ class _Remediation:
         if journal.state != "applied":
             journal.state = "applied"
             _write_journal(self.root, journal)
-        return [ActionResult(index=s.index, type=s.action.type, status=s.result or "applied",
-                             detail=s.detail[:2048]) for s in journal.steps]
+        return [
+            ActionResult(
+                index=s.index, type=s.action.type, status=s.result or "applied", detail=s.detail[:2048]
+            )
+            for s in journal.steps
+        ]
 
     def roll_back(self, journal: IntentJournal) -> list[str]:
         """Undo the journal's steps, last first. The journal says "rolling_back" first, so a power
@@ -881,8 +984,11 @@ class _Remediation:
         raise RemediationError(f"step {step.index}: unknown action {action!r}")
 
     def _blocked(self, index: int, slot: str, relpath: str) -> tuple[str, bool]:
-        return (f"step {index}: left {self.qdir}/{slot} in quarantine because {relpath} exists "
-                f"again: move that file aside and run undo again", False)
+        return (
+            f"step {index}: left {self.qdir}/{slot} in quarantine because {relpath} exists "
+            f"again: move that file aside and run undo again",
+            False,
+        )
 
     def _undo_quarantine(self, index: int, action: QuarantineFile) -> tuple[str, bool]:
         qfd = self.qfd(create=False)
@@ -908,22 +1014,20 @@ class _Remediation:
                     if digest != action.sha256:
                         if held:
                             return self._blocked(index, slot, action.path)
-                        return (f"step {index}: {action.path} was never replaced; nothing to "
-                                f"undo", True)
+                        return (f"step {index}: {action.path} was never replaced; nothing to undo", True)
                     # Our copy of the store file goes to quarantine too: nothing is ever deleted.
-                    self._move_to_quarantine(dir_fd, name, fd, digest, action.path,
-                                             _undone_slot(index, name), index, "undone")
+                    self._move_to_quarantine(
+                        dir_fd, name, fd, digest, action.path, _undone_slot(index, name), index, "undone"
+                    )
                     moved_ours = True
             if held:
                 self._move_back(slot, dir_fd, name)
                 return f"step {index}: put the previous {action.path} back", True
         if moved_ours:
-            return (f"step {index}: moved the restored {action.path} aside (there was no file "
-                    f"before)", True)
+            return (f"step {index}: moved the restored {action.path} aside (there was no file before)", True)
         return f"step {index}: {action.path} was never replaced; nothing to undo", True
 
-    def _undo_disable(self, index: int, action: DisableDriver,
-                      creates: list[str]) -> tuple[str, bool]:
+    def _undo_disable(self, index: int, action: DisableDriver, creates: list[str]) -> tuple[str, bool]:
         relpath = _target(action)
         try:
             with self.root.open_dir(MODPROBE_DIR) as dir_fd:
@@ -958,8 +1062,9 @@ class _Remediation:
 # --------------------------------------------------------------------------- public API
 
 
-def apply_directive(os_root: Path | str, directive: Directive, *,
-                    on_step: Callable[[int], None] | None = None) -> list[ActionResult]:
+def apply_directive(
+    os_root: Path | str, directive: Directive, *, on_step: Callable[[int], None] | None = None
+) -> list[ActionResult]:
     """Apply a verified directive to the OS root: preflight, journal, steps (see the module
     docstring). ``on_step(i)`` runs after step ``i`` and its journal update are durable.
 
@@ -971,26 +1076,44 @@ def apply_directive(os_root: Path | str, directive: Directive, *,
         journal = _read_journal(root, directive_id)
         if journal is not None:
             if journal.state in ("applied", "purged"):
-                return [ActionResult(index=s.index, type=s.action.type, status="already_applied",
-                                     detail=f"directive {directive_id} was applied before "
-                                            f"({journal.state} {journal.updated_at.isoformat()})")
-                        for s in journal.steps]
+                return [
+                    ActionResult(
+                        index=s.index,
+                        type=s.action.type,
+                        status="already_applied",
+                        detail=f"directive {directive_id} was applied before "
+                        f"({journal.state} {journal.updated_at.isoformat()})",
+                    )
+                    for s in journal.steps
+                ]
             if journal.state in ("applying", "rolling_back"):
                 raise JournalError(
                     f"directive {directive_id} has an unfinished {journal.state[:-3]} in "
                     f"{_journal_relpath(directive_id)}: run recover_journals first (the agent "
-                    f"does at start)")
+                    f"does at start)"
+                )
             raise JournalError(
                 f"directive {directive_id} was rolled back on this machine: ask the server for a "
-                f"new directive if it should be applied again")
+                f"new directive if it should be applied again"
+            )
         outcomes = remediation.preflight(list(enumerate(actions)))
         now = utcnow()
         journal = IntentJournal(
-            directive_id=directive_id, remediation_id=directive.remediation_id, state="applying",
-            created_at=now, updated_at=now,
-            steps=[JournalStep(index=i, action=a, creates=o.creates,
-                               plan="already_applied" if o.status == "already_applied" else "apply")
-                   for i, (a, o) in enumerate(zip(actions, outcomes, strict=True))])
+            directive_id=directive_id,
+            remediation_id=directive.remediation_id,
+            state="applying",
+            created_at=now,
+            updated_at=now,
+            steps=[
+                JournalStep(
+                    index=i,
+                    action=a,
+                    creates=o.creates,
+                    plan="already_applied" if o.status == "already_applied" else "apply",
+                )
+                for i, (a, o) in enumerate(zip(actions, outcomes, strict=True))
+            ],
+        )
         # The first change to the disk: from here on, a power loss is recovered from the journal.
         _write_journal(root, journal)
         return remediation.run(journal, on_step)
@@ -1027,19 +1150,24 @@ def _recover_one(root: OSRoot, journal: IntentJournal) -> str:
     with _Remediation(root, directive_id) as remediation:
         if journal.state == "rolling_back":
             undone = remediation.roll_back(journal)
-            verdict = "finished" if journal.state == "rolled_back" else \
-                "still incomplete, retried at next start"
-            return (f"directive {directive_id}: interrupted roll back {verdict}: "
-                    + "; ".join(undone))
+            verdict = (
+                "finished" if journal.state == "rolled_back" else "still incomplete, retried at next start"
+            )
+            return f"directive {directive_id}: interrupted roll back {verdict}: " + "; ".join(undone)
         remaining = [s for s in journal.steps if s.status == "planned"]
         try:
             remediation.preflight([(s.index, s.action) for s in remaining])
         except RemediationError as exc:
             undone = remediation.roll_back(journal)
-            verdict = "rolled back" if journal.state == "rolled_back" else \
-                "roll back incomplete, retried at next start"
-            return (f"directive {directive_id}: interrupted apply {verdict}, because a remaining "
-                    f"step no longer applies ({exc}): " + "; ".join(undone))
+            verdict = (
+                "rolled back"
+                if journal.state == "rolled_back"
+                else "roll back incomplete, retried at next start"
+            )
+            return (
+                f"directive {directive_id}: interrupted apply {verdict}, because a remaining "
+                f"step no longer applies ({exc}): " + "; ".join(undone)
+            )
         try:
             remediation.run(journal, None)
         except RemediationError as exc:
@@ -1055,19 +1183,22 @@ def undo(os_root: Path | str, directive_id: str) -> list[str]:
     with OSRoot(os_root) as root, _Remediation(root, directive_id) as remediation:
         journal = _read_journal(root, directive_id)
         if journal is None:
-            raise JournalError(f"no journal {_journal_relpath(directive_id)}: directive "
-                               f"{directive_id} was never applied to this OS root; check the id "
-                               f"with list_quarantine")
+            raise JournalError(
+                f"no journal {_journal_relpath(directive_id)}: directive "
+                f"{directive_id} was never applied to this OS root; check the id "
+                f"with list_quarantine"
+            )
         if journal.state == "rolled_back":
             return [f"directive {directive_id} is already rolled back; nothing changed"]
         if journal.state == "purged":
-            raise JournalError(f"directive {directive_id} was purged after a good boot: its "
-                               f"quarantine is gone, so it cannot be undone; ask for a "
-                               f"remediation that reverses it")
+            raise JournalError(
+                f"directive {directive_id} was purged after a good boot: its "
+                f"quarantine is gone, so it cannot be undone; ask for a "
+                f"remediation that reverses it"
+            )
         lines = remediation.roll_back(journal)
         if journal.state != "rolled_back":
-            raise RemediationError(f"directive {directive_id}: undo incomplete: "
-                                   + "; ".join(lines))
+            raise RemediationError(f"directive {directive_id}: undo incomplete: " + "; ".join(lines))
         return lines
 
 
@@ -1078,20 +1209,25 @@ def purge(os_root: Path | str, directive_id: str) -> None:
     with OSRoot(os_root) as root:
         journal = _read_journal(root, directive_id)
         if journal is None:
-            raise JournalError(f"no journal {_journal_relpath(directive_id)}: nothing to purge "
-                               f"for directive {directive_id}; check the id with list_quarantine")
+            raise JournalError(
+                f"no journal {_journal_relpath(directive_id)}: nothing to purge "
+                f"for directive {directive_id}; check the id with list_quarantine"
+            )
         if journal.state == "purged":
             return
         if journal.state in ("applying", "rolling_back"):
-            raise JournalError(f"directive {directive_id} is still {journal.state}: run "
-                               f"recover_journals first, and purge only after a good boot")
+            raise JournalError(
+                f"directive {directive_id} is still {journal.state}: run "
+                f"recover_journals first, and purge only after a good boot"
+            )
         try:
             with root.open_dir(QUARANTINE_DIR) as qroot:
                 st = _lstat(qroot, directive_id)
                 if st is not None:
                     if not stat.S_ISDIR(st.st_mode):
-                        raise PathRejected(f"{QUARANTINE_DIR}/{directive_id} is "
-                                           f"{_kind(st.st_mode)}: remove it by hand")
+                        raise PathRejected(
+                            f"{QUARANTINE_DIR}/{directive_id} is {_kind(st.st_mode)}: remove it by hand"
+                        )
                     # fd-relative and symlink-safe (shutil.rmtree.avoids_symlink_attacks).
                     shutil.rmtree(directive_id, dir_fd=qroot)
                     os.fsync(qroot)
@@ -1124,7 +1260,10 @@ def list_quarantine(os_root: Path | str) -> list[dict]:
                     continue
                 for entry in remediation._manifest(qfd).entries:
                     row = entry.model_dump(mode="json")
-                    row.update(directive_id=directive_id, journal_state=state,
-                               present=_lstat(qfd, entry.stored_name) is not None)
+                    row.update(
+                        directive_id=directive_id,
+                        journal_state=state,
+                        present=_lstat(qfd, entry.stored_name) is not None,
+                    )
                     found.append(row)
     return found

@@ -62,13 +62,14 @@ class AgentSettings(BaseModel):
         return self.time_to_reboot_min * self.seconds_per_minute
 
     @classmethod
-    def load(cls, path: Path | str) -> "AgentSettings":
+    def load(cls, path: Path | str) -> AgentSettings:
         path = Path(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise SettingsError(f"no agent settings at {path}: write one (see docs/recovery-loop.md) "
-                                "or pass --config") from None
+            raise SettingsError(
+                f"no agent settings at {path}: write one (see docs/recovery-loop.md) or pass --config"
+            ) from None
         try:
             settings = cls.model_validate_json(text)
         except ValidationError as exc:
@@ -80,14 +81,22 @@ class AgentSettings(BaseModel):
         except ValueError as exc:
             raise SettingsError(f"a public key in {path}: {exc}") from None
         if settings.approver_threshold > len(settings.approver_keys):
-            raise SettingsError(f"{path}: approver_threshold {settings.approver_threshold} is more than "
-                                f"the {len(settings.approver_keys)} approver_keys given")
+            raise SettingsError(
+                f"{path}: approver_threshold {settings.approver_threshold} is more than "
+                f"the {len(settings.approver_keys)} approver_keys given"
+            )
         base = path.resolve().parent
 
         def rel(p: Path | None) -> Path | None:
             return None if p is None else (p if p.is_absolute() else base / p)
 
-        return settings.model_copy(update={
-            "device_key": rel(settings.device_key), "os_root": rel(settings.os_root),
-            "grubenv": rel(settings.grubenv), "pstore_dir": rel(settings.pstore_dir),
-            "boot_log": rel(settings.boot_log), "boot_progress": rel(settings.boot_progress)})
+        return settings.model_copy(
+            update={
+                "device_key": rel(settings.device_key),
+                "os_root": rel(settings.os_root),
+                "grubenv": rel(settings.grubenv),
+                "pstore_dir": rel(settings.pstore_dir),
+                "boot_log": rel(settings.boot_log),
+                "boot_progress": rel(settings.boot_progress),
+            }
+        )

@@ -64,11 +64,29 @@ RECOVERY_UUID = "51a2c0de-0003-4000-8000-000000000003"
 RECOVERY_HASH_SEED = "51a2c0de-0003-4000-8000-0000000000a3"
 
 # Partition sizes in MiB: (name, MBR type, size).
-PARTITIONS = [("esp", disk.TYPE_FAT16_LBA, 32), ("os", disk.TYPE_LINUX, 192),
-              ("recovery", disk.TYPE_LINUX, 192)]
+PARTITIONS = [
+    ("esp", disk.TYPE_FAT16_LBA, 32),
+    ("os", disk.TYPE_LINUX, 192),
+    ("recovery", disk.TYPE_LINUX, 192),
+]
 
-GRUB_MODULES = ["biosdisk", "part_msdos", "fat", "ext2", "normal", "linux", "loadenv", "test",
-                "echo", "configfile", "serial", "terminal", "boot", "reboot", "halt"]
+GRUB_MODULES = [
+    "biosdisk",
+    "part_msdos",
+    "fat",
+    "ext2",
+    "normal",
+    "linux",
+    "loadenv",
+    "test",
+    "echo",
+    "configfile",
+    "serial",
+    "terminal",
+    "boot",
+    "reboot",
+    "halt",
+]
 GRUB_PREFIX = "(hd0,msdos1)/grub"
 GRUB_DIR = Path("/usr/lib/grub/i386-pc")
 
@@ -79,10 +97,27 @@ BOOT_LIMIT = 2
 # crc32c_generic before it.
 MODULES_ROOT_DISK = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]
 MODULES_NET = ["failover", "net_failover", "virtio_net"]
-MODULES_OS = MODULES_ROOT_DISK + ["vfat", "nls_cp437", "nls_ascii", "reed_solomon", "ramoops",
-                                  "pvpanic-mmio", "pvpanic-pci", "i6300esb", *MODULES_NET]
-MODULES_RECOVERY = MODULES_ROOT_DISK + ["vfat", "nls_cp437", "nls_ascii", "reed_solomon",
-                                        "ramoops", "pvpanic-mmio", "pvpanic-pci", *MODULES_NET]
+MODULES_OS = MODULES_ROOT_DISK + [
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "reed_solomon",
+    "ramoops",
+    "pvpanic-mmio",
+    "pvpanic-pci",
+    "i6300esb",
+    *MODULES_NET,
+]
+MODULES_RECOVERY = MODULES_ROOT_DISK + [
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "reed_solomon",
+    "ramoops",
+    "pvpanic-mmio",
+    "pvpanic-pci",
+    *MODULES_NET,
+]
 
 # What the OS and the recovery environment need to run the agent, besides the runtime tree:
 # the launcher (/usr/bin/recovery-agent) and udhcpc's event script.
@@ -117,6 +152,7 @@ class BuildError(Exception):
 
 # --------------------------------------------------------------------------- cache
 
+
 def default_cache_dir() -> Path:
     """``$QMR_CACHE``, else ``.cache/qmr`` in the repository checkout (git-ignored)."""
     env = os.environ.get("QMR_CACHE")
@@ -146,8 +182,7 @@ class Cache:
     root: Path
     log: Log = print
 
-    def stage(self, name: str, inputs: dict, build: Callable[[Path], None],
-              label: str = "") -> Path:
+    def stage(self, name: str, inputs: dict, build: Callable[[Path], None], label: str = "") -> Path:
         """The output directory of stage ``name`` for ``inputs``; ``build(tmpdir)`` fills it
         if it is not in the cache yet. The stage's code (``build``'s source) is an input too,
         so editing a stage rebuilds it."""
@@ -188,6 +223,7 @@ def _files_hash(paths: Iterable[Path]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _set_mtimes(root: Path) -> None:
     """Every file, directory and symlink under ``root`` (and root) gets mtime EPOCH."""
@@ -257,8 +293,10 @@ def _install_agent(root: Path, runtime: RuntimeArtifact) -> None:
 def _agent_inputs(runtime: RuntimeArtifact) -> dict:
     """Cache-key inputs for a stage that holds the agent: the runtime's key (which covers
     its packages, wheels and the agent's sources) and the launcher and udhcpc script."""
-    return {"pyruntime": runtime.key,
-            "agent_files": _files_hash(recipe for recipe, _ in AGENT_FILES.values())}
+    return {
+        "pyruntime": runtime.key,
+        "agent_files": _files_hash(recipe for recipe, _ in AGENT_FILES.values()),
+    }
 
 
 def _newc_initramfs(root: Path, out: Path) -> None:
@@ -267,16 +305,19 @@ def _newc_initramfs(root: Path, out: Path) -> None:
     _set_mtimes(root)
     names = ["."] + sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     raw = out.with_suffix(".cpio")
-    run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0", "--reproducible"], cwd=root,
-        input=("\n".join(names) + "\n").encode(), stdout_to=raw)
+    run(
+        ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0", "--reproducible"],
+        cwd=root,
+        input=("\n".join(names) + "\n").encode(),
+        stdout_to=raw,
+    )
     with open(raw, "rb") as f, open(out, "wb") as g:
         with gzip.GzipFile(filename="", mode="wb", fileobj=g, compresslevel=9, mtime=0) as z:
             shutil.copyfileobj(f, z)
     raw.unlink()
 
 
-def _mkfs_ext4(root: Path, out: Path, size_mib: int, uuid: str, hash_seed: str,
-               label: str) -> None:
+def _mkfs_ext4(root: Path, out: Path, size_mib: int, uuid: str, hash_seed: str, label: str) -> None:
     """An ext4 image of directory ``root``, reproducible: fixed UUID, hash seed, timestamps.
 
     ``mkfs.ext4 -d`` copies each inode's ctime from the host file, which cannot be set, so
@@ -287,9 +328,23 @@ def _mkfs_ext4(root: Path, out: Path, size_mib: int, uuid: str, hash_seed: str,
     with open(out, "wb") as f:
         f.truncate(size_mib * disk.MIB)
     env = {"E2FSPROGS_FAKE_TIME": str(EPOCH), "SOURCE_DATE_EPOCH": str(EPOCH)}
-    run(["mkfs.ext4", "-q", "-F", "-L", label, "-U", uuid,
-         "-E", f"hash_seed={hash_seed},root_owner=0:0,lazy_itable_init=0,nodiscard",
-         "-d", root, out], env=env)
+    run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            label,
+            "-U",
+            uuid,
+            "-E",
+            f"hash_seed={hash_seed},root_owner=0:0,lazy_itable_init=0,nodiscard",
+            "-d",
+            root,
+            out,
+        ],
+        env=env,
+    )
     # atime too: reading a directory while copying it updates its atime (relatime).
     cmds = []
     for path in ["/", "/lost+found"] + [f"/{p.relative_to(root)}" for p in sorted(root.rglob("*"))]:
@@ -301,6 +356,7 @@ def _mkfs_ext4(root: Path, out: Path, size_mib: int, uuid: str, hash_seed: str,
 
 
 # --------------------------------------------------------------------------- kernel
+
 
 @dataclass(frozen=True)
 class KernelPackages:
@@ -323,8 +379,7 @@ def resolve_kernel() -> KernelPackages:
         raise BuildError(f"apt-cache depends {KERNEL_META} names no kernel: run apt-get update")
     release = m.group(1)
     abi = release.removesuffix("-amd64")
-    names = [f"linux-image-{release}", f"linux-headers-{release}",
-             f"linux-headers-{abi}-common", KBUILD]
+    names = [f"linux-image-{release}", f"linux-headers-{release}", f"linux-headers-{abi}-common", KBUILD]
     versions = {}
     for name in names:
         policy = run(["apt-cache", "policy", name])
@@ -339,29 +394,36 @@ def stage_kernel(cache: Cache, kernel: KernelPackages) -> Path:
     def build(out: Path) -> None:
         debs = out / "debs"
         debs.mkdir()
-        run(["apt-get", "download", "-q", *[f"{n}={v}" for n, v in kernel.versions.items()]],
-            cwd=debs)
+        run(["apt-get", "download", "-q", *[f"{n}={v}" for n, v in kernel.versions.items()]], cwd=debs)
         root = out / "root"
         for deb in sorted(debs.glob("*.deb")):
             package = run(["dpkg-deb", "-f", deb, "Package"]).strip()
             version = run(["dpkg-deb", "-f", deb, "Version"]).strip()
             if kernel.versions.get(package) != version:
-                raise BuildError(f"downloaded {deb.name} is {package} {version}, expected "
-                                 f"{kernel.versions.get(package)}")
+                raise BuildError(
+                    f"downloaded {deb.name} is {package} {version}, expected {kernel.versions.get(package)}"
+                )
             run(["dpkg-deb", "-x", deb, root])
         # NOTES.md pitfall 1: the flavour headers' Makefile includes the common headers by
         # absolute path; point it at the unpacked copy.
         makefile = root / "usr/src" / f"linux-headers-{kernel.release}" / "Makefile"
         text = makefile.read_text()
-        fixed = re.sub(r"^include /usr/src/(linux-headers-[^/]*-common)/Makefile",
-                       r"include $(CURDIR)/../\1/Makefile", text, flags=re.M)
+        fixed = re.sub(
+            r"^include /usr/src/(linux-headers-[^/]*-common)/Makefile",
+            r"include $(CURDIR)/../\1/Makefile",
+            text,
+            flags=re.M,
+        )
         if fixed == text:
-            raise BuildError(f"{makefile.name} of linux-headers-{kernel.release} has no "
-                             f"absolute include to fix: check NOTES.md pitfall 1")
+            raise BuildError(
+                f"{makefile.name} of linux-headers-{kernel.release} has no "
+                f"absolute include to fix: check NOTES.md pitfall 1"
+            )
         makefile.write_text(fixed)
         run(["depmod", "-b", root, kernel.release])
-        (out / "kernel.json").write_text(json.dumps(
-            {"release": kernel.release, "packages": kernel.versions}, indent=2) + "\n")
+        (out / "kernel.json").write_text(
+            json.dumps({"release": kernel.release, "packages": kernel.versions}, indent=2) + "\n"
+        )
 
     return cache.stage("kernel", {"packages": kernel.versions}, build, kernel.release)
 
@@ -403,6 +465,7 @@ def _install_modules(kernel_root: Path, release: str, names: list[str], dest: Pa
 
 # --------------------------------------------------------------------------- sensor
 
+
 def stage_sensor(cache: Cache, kernel_dir: Path, kernel: KernelPackages) -> Path:
     sources = [IMAGES / "sensor" / "sensor.c", IMAGES / "sensor" / "Makefile"]
 
@@ -414,8 +477,7 @@ def stage_sensor(cache: Cache, kernel_dir: Path, kernel: KernelPackages) -> Path
             for src in sources:
                 shutil.copy(src, work / src.name)
             # Map build paths away so the module's bytes do not depend on the cache location.
-            kcflags = (f"{flags} -ffile-prefix-map={work}=sensor "
-                       f"-ffile-prefix-map={kernel_dir / 'root'}=")
+            kcflags = f"{flags} -ffile-prefix-map={work}=sensor -ffile-prefix-map={kernel_dir / 'root'}="
             run(["make", "-C", work, f"KDIR={headers}", f"KCFLAGS={kcflags.strip()}"])
             ko = out / version / "sensor.ko"
             ko.parent.mkdir()
@@ -424,15 +486,26 @@ def stage_sensor(cache: Cache, kernel_dir: Path, kernel: KernelPackages) -> Path
             run(["strip", "--strip-debug", ko])
         shutil.rmtree(out / "build")
 
-    inputs = {"kernel": kernel.versions, "sources": _files_hash(sources),
-              "variants": SENSOR_VARIANTS, "gcc": package_version("gcc-12")}
+    inputs = {
+        "kernel": kernel.versions,
+        "sources": _files_hash(sources),
+        "variants": SENSOR_VARIANTS,
+        "gcc": package_version("gcc-12"),
+    }
     return cache.stage("sensor", inputs, build, kernel.release)
 
 
 # --------------------------------------------------------------------------- initramfs
 
-def _initramfs_root(root: Path, kernel_dir: Path, kernel: KernelPackages, modules: list[str],
-                    init: Path, runtime: RuntimeArtifact | None = None) -> None:
+
+def _initramfs_root(
+    root: Path,
+    kernel_dir: Path,
+    kernel: KernelPackages,
+    modules: list[str],
+    init: Path,
+    runtime: RuntimeArtifact | None = None,
+) -> None:
     for d in ("proc", "sys", "dev", "tmp", "run", "newroot"):
         (root / d).mkdir(parents=True, exist_ok=True)
     _install_busybox(root)
@@ -442,13 +515,19 @@ def _initramfs_root(root: Path, kernel_dir: Path, kernel: KernelPackages, module
         _install_agent(root, runtime)
     _write(root / "init", init.read_bytes(), 0o755)
     _write(root / "lib" / "qmr.sh", (IMAGES / "os" / "lib.sh").read_bytes())
-    order = _install_modules(kernel_dir / "root", kernel.release, modules,
-                             root / "lib/modules" / kernel.release)
+    order = _install_modules(
+        kernel_dir / "root", kernel.release, modules, root / "lib/modules" / kernel.release
+    )
     _write(root / "lib/modules/qmr-modules.list", "\n".join(order) + "\n")
 
 
-def stage_initramfs(cache: Cache, kernel_dir: Path, kernel: KernelPackages,
-                    flavour: str, runtime: RuntimeArtifact | None = None) -> Path:
+def stage_initramfs(
+    cache: Cache,
+    kernel_dir: Path,
+    kernel: KernelPackages,
+    flavour: str,
+    runtime: RuntimeArtifact | None = None,
+) -> Path:
     """``flavour`` "os" (mounts p2 and switch_roots) or "recovery" (is the whole recovery
     environment: needs ``runtime``, the Python runtime the agent runs on)."""
     init = IMAGES / ("os/initramfs-init" if flavour == "os" else "recovery/init")
@@ -463,31 +542,43 @@ def stage_initramfs(cache: Cache, kernel_dir: Path, kernel: KernelPackages,
         _newc_initramfs(root, out / "initrd.img")
         shutil.rmtree(root)
 
-    inputs = {"kernel": kernel.versions, "flavour": flavour, "modules": modules,
-              "files": _files_hash([init, IMAGES / "os" / "lib.sh"]),
-              "busybox": package_version("busybox-static"), "epoch": EPOCH}
+    inputs = {
+        "kernel": kernel.versions,
+        "flavour": flavour,
+        "modules": modules,
+        "files": _files_hash([init, IMAGES / "os" / "lib.sh"]),
+        "busybox": package_version("busybox-static"),
+        "epoch": EPOCH,
+    }
     if runtime is not None:
         inputs |= _agent_inputs(runtime)
     return cache.stage(f"initramfs-{flavour}", inputs, build, kernel.release)
 
 
-def stage_recovery(cache: Cache, kernel_dir: Path, kernel: KernelPackages,
-                   initramfs_dir: Path) -> Path:
+def stage_recovery(cache: Cache, kernel_dir: Path, kernel: KernelPackages, initramfs_dir: Path) -> Path:
     def build(out: Path) -> None:
         root = out / "root"
-        _write(root / "boot" / "vmlinuz",
-               (kernel_dir / "root/boot" / f"vmlinuz-{kernel.release}").read_bytes())
+        _write(
+            root / "boot" / "vmlinuz", (kernel_dir / "root/boot" / f"vmlinuz-{kernel.release}").read_bytes()
+        )
         _write(root / "boot" / "initrd.img", (initramfs_dir / "initrd.img").read_bytes())
-        _mkfs_ext4(root, out / "recovery.ext4", PARTITIONS[2][2], RECOVERY_UUID,
-                   RECOVERY_HASH_SEED, "qmr-recovery")
+        _mkfs_ext4(
+            root, out / "recovery.ext4", PARTITIONS[2][2], RECOVERY_UUID, RECOVERY_HASH_SEED, "qmr-recovery"
+        )
         shutil.rmtree(root)
 
-    inputs = {"kernel": kernel.versions, "initramfs": initramfs_dir.name, "epoch": EPOCH,
-              "e2fsprogs": package_version("e2fsprogs"), "size": PARTITIONS[2][2]}
+    inputs = {
+        "kernel": kernel.versions,
+        "initramfs": initramfs_dir.name,
+        "epoch": EPOCH,
+        "e2fsprogs": package_version("e2fsprogs"),
+        "size": PARTITIONS[2][2],
+    }
     return cache.stage("recovery", inputs, build, kernel.release)
 
 
 # --------------------------------------------------------------------------- ESP and GRUB
+
 
 def grubenv_initial() -> bytes:
     return BootEnv.new({"boot_count": 0, "boot_limit": BOOT_LIMIT}).to_bytes()
@@ -506,25 +597,27 @@ def stage_esp(cache: Cache) -> Path:
         env = {"SOURCE_DATE_EPOCH": str(EPOCH), "MTOOLS_SKIP_CHECK": "1"}
         # No volume label (-n): mkfs.fat stamps the label's directory entry with the current
         # time. mmd would too; mcopy -s -m copies the directory with its fixed mtime.
-        run(["mkfs.fat", "-C", "-F", "16", "-i", ESP_VOLUME_ID, image,
-             str(PARTITIONS[0][2] * 1024)], env=env)
+        run(["mkfs.fat", "-C", "-F", "16", "-i", ESP_VOLUME_ID, image, str(PARTITIONS[0][2] * 1024)], env=env)
         run(["mcopy", "-s", "-m", "-i", image, files / "grub", "::"], env=env)
         shutil.rmtree(files)
 
-    inputs = {"grub.cfg": sha256_path(grub_cfg), "grubenv": sha256_bytes(grubenv_initial()),
-              "dosfstools": package_version("dosfstools"), "mtools": package_version("mtools"),
-              "epoch": EPOCH, "size": PARTITIONS[0][2]}
+    inputs = {
+        "grub.cfg": sha256_path(grub_cfg),
+        "grubenv": sha256_bytes(grubenv_initial()),
+        "dosfstools": package_version("dosfstools"),
+        "mtools": package_version("mtools"),
+        "epoch": EPOCH,
+        "size": PARTITIONS[0][2],
+    }
     return cache.stage("esp", inputs, build)
 
 
 def stage_grub(cache: Cache) -> Path:
     def build(out: Path) -> None:
         shutil.copy(GRUB_DIR / "boot.img", out / "boot.img")
-        run(["grub-mkimage", "-O", "i386-pc", "-o", out / "core.img", "-p", GRUB_PREFIX,
-             *GRUB_MODULES])
+        run(["grub-mkimage", "-O", "i386-pc", "-o", out / "core.img", "-p", GRUB_PREFIX, *GRUB_MODULES])
 
-    inputs = {"grub-pc-bin": package_version("grub-pc-bin"), "modules": GRUB_MODULES,
-              "prefix": GRUB_PREFIX}
+    inputs = {"grub-pc-bin": package_version("grub-pc-bin"), "modules": GRUB_MODULES, "prefix": GRUB_PREFIX}
     return cache.stage("grub", inputs, build)
 
 
@@ -553,10 +646,28 @@ def _source_bytes(source: str, sensor_dir: Path) -> bytes:
     raise ScenarioError(f"unknown source {source!r}")
 
 
-def _os_root(root: Path, kernel_dir: Path, kernel: KernelPackages, sensor_dir: Path,
-             initramfs_dir: Path, runtime: RuntimeArtifact) -> None:
-    for d in ("proc", "sys", "dev", "run", "tmp", "mnt/esp", "mnt/os", "seed", "root",
-              "boot/efi", "var/lib/sensor/channels", "etc/init.d"):
+def _os_root(
+    root: Path,
+    kernel_dir: Path,
+    kernel: KernelPackages,
+    sensor_dir: Path,
+    initramfs_dir: Path,
+    runtime: RuntimeArtifact,
+) -> None:
+    for d in (
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "mnt/esp",
+        "mnt/os",
+        "seed",
+        "root",
+        "boot/efi",
+        "var/lib/sensor/channels",
+        "etc/init.d",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "tmp", 0o1777)
     _install_busybox(root, skip={"sbin/init"})
@@ -564,28 +675,27 @@ def _os_root(root: Path, kernel_dir: Path, kernel: KernelPackages, sensor_dir: P
     _write(root / "sbin" / "init", (IMAGES / "os" / "init").read_bytes(), 0o755)
     _write(root / "sbin" / "health-check", (IMAGES / "os" / "health-check").read_bytes(), 0o755)
     _write(root / "lib" / "qmr.sh", (IMAGES / "os" / "lib.sh").read_bytes())
-    _write(root / "etc" / "init.d" / "S10-early", (IMAGES / "os" / "S10-early").read_bytes(),
-           0o755)
+    _write(root / "etc" / "init.d" / "S10-early", (IMAGES / "os" / "S10-early").read_bytes(), 0o755)
     _write(root / "etc" / "early.conf", "# early boot settings: name=value\nconsole=ttyS0\n")
-    _write(root / "etc" / "sensor" / "sensor.conf",
-           "# sensor driver module options, one a line (e.g. hang=1)\n")
+    _write(
+        root / "etc" / "sensor" / "sensor.conf", "# sensor driver module options, one a line (e.g. hang=1)\n"
+    )
     _write(root / "etc" / "os-release", OS_RELEASE)
     _write(root / "etc" / "hostname", "qmr-lab\n")
-    _write(root / "boot" / "vmlinuz",
-           (kernel_dir / "root/boot" / f"vmlinuz-{kernel.release}").read_bytes())
+    _write(root / "boot" / "vmlinuz", (kernel_dir / "root/boot" / f"vmlinuz-{kernel.release}").read_bytes())
     _write(root / "boot" / "initrd.img", (initramfs_dir / "initrd.img").read_bytes())
     moddir = root / "lib/modules" / kernel.release
     order = _install_modules(kernel_dir / "root", kernel.release, MODULES_OS, moddir)
     _write(moddir / "qmr-modules.list", "\n".join(order) + "\n")
     _write(moddir / "extra" / "sensor.ko", (sensor_dir / "1.0" / "sensor.ko").read_bytes())
-    _write(root / "var/lib/driver-store/sensor/1.0/sensor.ko",
-           (sensor_dir / "1.0" / "sensor.ko").read_bytes())
+    _write(
+        root / "var/lib/driver-store/sensor/1.0/sensor.ko", (sensor_dir / "1.0" / "sensor.ko").read_bytes()
+    )
     for name, source in BASE_CHANNELS.items():
         _write(root / "var/lib/sensor/channels" / name, _source_bytes(source, sensor_dir))
 
 
-def apply_scenario(root: Path, scenario: Scenario, sensor_dir: Path,
-                   kernel_release: str) -> None:
+def apply_scenario(root: Path, scenario: Scenario, sensor_dir: Path, kernel_release: str) -> None:
     """Apply the scenario's file changes and kernel arguments to an OS root directory.
     ``{kernel_release}`` in a path stands for the image's kernel release (``uname -r``)."""
     where = scenario.source_path or scenario.name
@@ -594,14 +704,21 @@ def apply_scenario(root: Path, scenario: Scenario, sensor_dir: Path,
         exists = target.exists() or target.is_symlink()
         field_name = f"files[{i}]"
         if change.action == "add" and exists:
-            raise ScenarioError(f"{where}: field {field_name}: {change.path} already exists in "
-                                f"the image: use action = \"replace\"")
+            raise ScenarioError(
+                f"{where}: field {field_name}: {change.path} already exists in "
+                f'the image: use action = "replace"'
+            )
         if change.action in ("replace", "corrupt", "remove") and not exists:
-            raise ScenarioError(f"{where}: field {field_name}: {change.path} is not in the "
-                                f"image: use action = \"add\", or fix the path")
+            raise ScenarioError(
+                f"{where}: field {field_name}: {change.path} is not in the "
+                f'image: use action = "add", or fix the path'
+            )
         if change.action in ("add", "replace"):
-            data = (change.content.encode() if change.content is not None
-                    else _source_bytes(change.source or "", sensor_dir))
+            data = (
+                change.content.encode()
+                if change.content is not None
+                else _source_bytes(change.source or "", sensor_dir)
+            )
             _write(target, data, change.file_mode)
         elif change.action == "corrupt":
             # Deterministic damage: invert the first 64 bytes (the header of most formats).
@@ -612,13 +729,21 @@ def apply_scenario(root: Path, scenario: Scenario, sensor_dir: Path,
         else:
             target.unlink()
     args = " ".join(scenario.kernel_args)
-    _write(root / "boot" / "cmdline.cfg",
-           f"# kernel arguments of scenario {scenario.name} (sourced by grub.cfg)\n"
-           f"set qmr_os_args=\"{args}\"\n")
+    _write(
+        root / "boot" / "cmdline.cfg",
+        f'# kernel arguments of scenario {scenario.name} (sourced by grub.cfg)\nset qmr_os_args="{args}"\n',
+    )
 
 
-def stage_os(cache: Cache, scenario: Scenario, kernel_dir: Path, kernel: KernelPackages,
-             sensor_dir: Path, initramfs_dir: Path, runtime: RuntimeArtifact) -> Path:
+def stage_os(
+    cache: Cache,
+    scenario: Scenario,
+    kernel_dir: Path,
+    kernel: KernelPackages,
+    sensor_dir: Path,
+    initramfs_dir: Path,
+    runtime: RuntimeArtifact,
+) -> Path:
     recipe = [IMAGES / "os" / n for n in ("init", "health-check", "lib.sh", "S10-early")]
     recipe.append(IMAGES / "sensor" / "mkchannel.py")
 
@@ -629,16 +754,24 @@ def stage_os(cache: Cache, scenario: Scenario, kernel_dir: Path, kernel: KernelP
         _mkfs_ext4(root, out / "os.ext4", PARTITIONS[1][2], OS_UUID, OS_HASH_SEED, "qmr-os")
         shutil.rmtree(root)
 
-    inputs = {"kernel": kernel.versions, "sensor": sensor_dir.name,
-              "initramfs": initramfs_dir.name, "files": _files_hash(recipe),
-              "scenario": scenario.source_sha256, "scenario_name": scenario.name,
-              "busybox": package_version("busybox-static"),
-              "e2fsprogs": package_version("e2fsprogs"), "epoch": EPOCH,
-              "size": PARTITIONS[1][2], **_agent_inputs(runtime)}
+    inputs = {
+        "kernel": kernel.versions,
+        "sensor": sensor_dir.name,
+        "initramfs": initramfs_dir.name,
+        "files": _files_hash(recipe),
+        "scenario": scenario.source_sha256,
+        "scenario_name": scenario.name,
+        "busybox": package_version("busybox-static"),
+        "e2fsprogs": package_version("e2fsprogs"),
+        "epoch": EPOCH,
+        "size": PARTITIONS[1][2],
+        **_agent_inputs(runtime),
+    }
     return cache.stage("os", inputs, build, scenario.name)
 
 
 # --------------------------------------------------------------------------- disk
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -653,12 +786,16 @@ class Artifact:
     expect: dict = field(default_factory=dict)
 
 
-def stage_disk(cache: Cache, scenario: Scenario, kernel: KernelPackages, parts_dirs: dict[str, Path],
-               grub_dir: Path) -> Path:
+def stage_disk(
+    cache: Cache, scenario: Scenario, kernel: KernelPackages, parts_dirs: dict[str, Path], grub_dir: Path
+) -> Path:
     def build(out: Path) -> None:
         parts = disk.layout(PARTITIONS)
-        images = {1: parts_dirs["esp"] / "esp.fat", 2: parts_dirs["os"] / "os.ext4",
-                  3: parts_dirs["recovery"] / "recovery.ext4"}
+        images = {
+            1: parts_dirs["esp"] / "esp.fat",
+            2: parts_dirs["os"] / "os.ext4",
+            3: parts_dirs["recovery"] / "recovery.ext4",
+        }
         image = out / "disk.img"
         disk.assemble(image, parts, images, grub_dir / "boot.img", grub_dir / "core.img")
         manifest = {
@@ -666,35 +803,56 @@ def stage_disk(cache: Cache, scenario: Scenario, kernel: KernelPackages, parts_d
             "scenario_sha256": scenario.source_sha256,
             "expect": scenario.expect.model_dump(),
             "kernel": {"release": kernel.release, "packages": kernel.versions},
-            "tools": {p: package_version(p) for p in
-                      ("busybox-static", "grub-pc-bin", "e2fsprogs", "dosfstools", "mtools",
-                       "gcc-12")},
+            "tools": {
+                p: package_version(p)
+                for p in ("busybox-static", "grub-pc-bin", "e2fsprogs", "dosfstools", "mtools", "gcc-12")
+            },
             "partitions": [
-                {"number": p.number, "name": p.name, "type": f"0x{p.type_id:02x}",
-                 "start_sector": p.start, "sectors": p.sectors,
-                 "sha256": disk.sha256_file(image, p.offset, p.size)} for p in parts],
-            "disk": {"file": image.name, "size": image.stat().st_size,
-                     "sha256": disk.sha256_file(image)},
+                {
+                    "number": p.number,
+                    "name": p.name,
+                    "type": f"0x{p.type_id:02x}",
+                    "start_sector": p.start,
+                    "sectors": p.sectors,
+                    "sha256": disk.sha256_file(image, p.offset, p.size),
+                }
+                for p in parts
+            ],
+            "disk": {"file": image.name, "size": image.stat().st_size, "sha256": disk.sha256_file(image)},
             "stages": {name: d.name for name, d in sorted(parts_dirs.items())} | {"grub": grub_dir.name},
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    inputs = {name: d.name for name, d in parts_dirs.items()} | {"grub": grub_dir.name,
-                                                                 "layout": PARTITIONS}
+    inputs = {name: d.name for name, d in parts_dirs.items()} | {"grub": grub_dir.name, "layout": PARTITIONS}
     return cache.stage("disk", inputs, build, scenario.name)
 
 
-REQUIRED_TOOLS = ("apt-cache", "apt-get", "dpkg-deb", "dpkg-query", "depmod", "make", "gcc-12",
-                  "strip", "cpio", "mkfs.ext4", "debugfs", "mkfs.fat", "mcopy",
-                  "grub-mkimage", str(GRUB_DIR / "boot.img"), FILES_BUSYBOX)
+REQUIRED_TOOLS = (
+    "apt-cache",
+    "apt-get",
+    "dpkg-deb",
+    "dpkg-query",
+    "depmod",
+    "make",
+    "gcc-12",
+    "strip",
+    "cpio",
+    "mkfs.ext4",
+    "debugfs",
+    "mkfs.fat",
+    "mcopy",
+    "grub-mkimage",
+    str(GRUB_DIR / "boot.img"),
+    FILES_BUSYBOX,
+)
 
 
-def build_images(scenarios: list[str] | None = None, cache_dir: Path | None = None,
-                 log: Log = print) -> list[Artifact]:
+def build_images(
+    scenarios: list[str] | None = None, cache_dir: Path | None = None, log: Log = print
+) -> list[Artifact]:
     """Build the images of ``scenarios`` (names or .toml paths; default: every file in
     images/scenarios) and return one :class:`Artifact` each."""
-    paths = ([find_scenario(s, IMAGES) for s in scenarios] if scenarios
-             else all_scenarios(IMAGES))
+    paths = [find_scenario(s, IMAGES) for s in scenarios] if scenarios else all_scenarios(IMAGES)
     loaded = [load_scenario(p) for p in paths]  # validate all before building anything
     require(*REQUIRED_TOOLS)
     cache = Cache((cache_dir or default_cache_dir()).resolve(), log)
@@ -710,16 +868,22 @@ def build_images(scenarios: list[str] | None = None, cache_dir: Path | None = No
     grub_dir = stage_grub(cache)
     artifacts = []
     for scenario in loaded:
-        os_dir = stage_os(cache, scenario, kernel_dir, kernel, sensor_dir, initramfs_os,
-                          runtime)
-        disk_dir = stage_disk(cache, scenario, kernel,
-                              {"esp": esp_dir, "os": os_dir, "recovery": recovery_dir}, grub_dir)
+        os_dir = stage_os(cache, scenario, kernel_dir, kernel, sensor_dir, initramfs_os, runtime)
+        disk_dir = stage_disk(
+            cache, scenario, kernel, {"esp": esp_dir, "os": os_dir, "recovery": recovery_dir}, grub_dir
+        )
         manifest = json.loads((disk_dir / "manifest.json").read_text())
-        artifacts.append(Artifact(
-            scenario=scenario.name, image=disk_dir / "disk.img",
-            manifest=disk_dir / "manifest.json", size=manifest["disk"]["size"],
-            sha256=manifest["disk"]["sha256"], kernel_release=kernel.release,
-            expect=manifest["expect"]))
+        artifacts.append(
+            Artifact(
+                scenario=scenario.name,
+                image=disk_dir / "disk.img",
+                manifest=disk_dir / "manifest.json",
+                size=manifest["disk"]["size"],
+                sha256=manifest["disk"]["sha256"],
+                kernel_release=kernel.release,
+                expect=manifest["expect"],
+            )
+        )
     return artifacts
 
 

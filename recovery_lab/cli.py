@@ -1,9 +1,9 @@
 """``recovery-lab``: run the recovery loop in the lab.
 
-  demo     the whole loop on this machine, with a directory standing in for the VM's disks
-  build    the disk images of the scenarios in images/scenarios (cached; see images/README.md)
-  boot     boot one scenario's disk image in QEMU and print the timeline of what happened
-  run      the whole recovery loop in QEMU: server, failed boots, agent, approval, fix, healthy boot
+demo     the whole loop on this machine, with a directory standing in for the VM's disks
+build    the disk images of the scenarios in images/scenarios (cached; see images/README.md)
+boot     boot one scenario's disk image in QEMU and print the timeline of what happened
+run      the whole recovery loop in QEMU: server, failed boots, agent, approval, fix, healthy boot
 """
 
 from __future__ import annotations
@@ -19,16 +19,25 @@ from .tools import ToolError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="recovery-lab", description="Quick Machine Recovery lab",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="recovery-lab",
+        description="Quick Machine Recovery lab",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the recovery loop without a VM (server, agent, two admins)")
     d.add_argument("--workdir", type=Path, help="keep everything here (default: a new temp dir)")
     b = sub.add_parser("build", help="build (or take from the cache) the scenarios' disk images")
-    b.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help="scenario names or .toml files (default: all in images/scenarios)")
-    b.add_argument("--cache", type=Path,
-                   help="cache directory (default: $QMR_CACHE, else .cache/qmr in the checkout)")
+    b.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help="scenario names or .toml files (default: all in images/scenarios)",
+    )
+    b.add_argument(
+        "--cache", type=Path, help="cache directory (default: $QMR_CACHE, else .cache/qmr in the checkout)"
+    )
     _add_boot_parser(sub)
     _add_run_parser(sub)
     args = p.parse_args(argv)
@@ -67,18 +76,32 @@ def _build(scenarios: list[str], cache: Path | None) -> int:
 
 def _add_boot_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("boot", help="boot a scenario's disk image in QEMU and print its timeline")
-    b.add_argument("scenario", metavar="SCENARIO",
-                   help="scenario name or .toml file (its image is built or taken from the cache)")
+    b.add_argument(
+        "scenario",
+        metavar="SCENARIO",
+        help="scenario name or .toml file (its image is built or taken from the cache)",
+    )
     b.add_argument("--image", type=Path, help="boot this disk image instead of building one")
-    b.add_argument("--timeout", type=float, default=300.0,
-                   help="stop the VM after this many seconds (default 300)")
-    b.add_argument("--keep", action="store_true",
-                   help="keep the run directory (console.log, events.jsonl, ...) even on success")
+    b.add_argument(
+        "--timeout", type=float, default=300.0, help="stop the VM after this many seconds (default 300)"
+    )
+    b.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the run directory (console.log, events.jsonl, ...) even on success",
+    )
     b.add_argument("--run-dir", type=Path, help="put the run directory here")
-    b.add_argument("--stop-on", metavar="REGEX",
-                   help="stop once the console matches REGEX (default: run until power-off)")
-    b.add_argument("--accel", default="tcg", choices=["tcg", "kvm"],
-                   help="QEMU accelerator (default tcg; kvm only where /dev/kvm works)")
+    b.add_argument(
+        "--stop-on",
+        metavar="REGEX",
+        help="stop once the console matches REGEX (default: run until power-off)",
+    )
+    b.add_argument(
+        "--accel",
+        default="tcg",
+        choices=["tcg", "kvm"],
+        help="QEMU accelerator (default tcg; kvm only where /dev/kvm works)",
+    )
     b.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -100,8 +123,14 @@ def _boot(args: argparse.Namespace) -> int:
             except (BuildError, ScenarioError, ToolError) as exc:
                 print(f"recovery-lab boot: {exc}", file=sys.stderr)
                 return 1
-        report = boot_scenario(image, timeout=args.timeout, keep_logs=args.keep,
-                               run_dir=args.run_dir, stop_on=args.stop_on, accel=args.accel)
+        report = boot_scenario(
+            image,
+            timeout=args.timeout,
+            keep_logs=args.keep,
+            run_dir=args.run_dir,
+            stop_on=args.stop_on,
+            accel=args.accel,
+        )
     except (QemuError, ToolError, FileNotFoundError) as exc:
         print(f"recovery-lab boot: {exc}", file=sys.stderr)
         return 1
@@ -115,20 +144,37 @@ def _boot(args: argparse.Namespace) -> int:
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="the whole recovery loop in QEMU, with a recovery server")
     r.add_argument("scenario", metavar="SCENARIO", help="scenario name or .toml file")
-    r.add_argument("--auto-approve", action="store_true",
-                   help="the lab writes and approves the catalog's fix as two lab people "
-                        "(default: wait for a person with recovery-admin)")
+    r.add_argument(
+        "--auto-approve",
+        action="store_true",
+        help="the lab writes and approves the catalog's fix as two lab people "
+        "(default: wait for a person with recovery-admin)",
+    )
     r.add_argument("--report", type=Path, help="write the JSON report here")
     r.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     r.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
     r.add_argument("--keep", action="store_true", help="keep the VM's disk overlay too")
     r.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
-    r.add_argument("--retry-interval", type=int, default=5, metavar="MIN",
-                   help="QMR retry interval, in lab minutes of one second (default 5)")
-    r.add_argument("--time-to-reboot", type=int, default=90, metavar="MIN",
-                   help="QMR time to reboot, in lab minutes of one second (default 90)")
-    r.add_argument("--max-attempts", type=int, default=3,
-                   help="recovery attempts before the device needs a person (default 3)")
+    r.add_argument(
+        "--retry-interval",
+        type=int,
+        default=5,
+        metavar="MIN",
+        help="QMR retry interval, in lab minutes of one second (default 5)",
+    )
+    r.add_argument(
+        "--time-to-reboot",
+        type=int,
+        default=90,
+        metavar="MIN",
+        help="QMR time to reboot, in lab minutes of one second (default 90)",
+    )
+    r.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="recovery attempts before the device needs a person (default 3)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -140,11 +186,18 @@ def _run(args: argparse.Namespace) -> int:
     from .run import RunOptions, render, run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    opts = RunOptions(scenario=args.scenario, auto_approve=args.auto_approve, timeout_s=args.timeout,
-                      workdir=args.workdir, keep=args.keep, accel=args.accel,
-                      retry_interval_min=args.retry_interval, time_to_reboot_min=args.time_to_reboot,
-                      max_recovery_attempts=args.max_attempts,
-                      log=lambda line: print(line, flush=True))
+    opts = RunOptions(
+        scenario=args.scenario,
+        auto_approve=args.auto_approve,
+        timeout_s=args.timeout,
+        workdir=args.workdir,
+        keep=args.keep,
+        accel=args.accel,
+        retry_interval_min=args.retry_interval,
+        time_to_reboot_min=args.time_to_reboot,
+        max_recovery_attempts=args.max_attempts,
+        log=lambda line: print(line, flush=True),
+    )
     try:
         report = run(opts)
     except (BuildError, ScenarioError, ToolError, QemuError, FileNotFoundError) as exc:

@@ -49,8 +49,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_machine_dir(m: Path, *, bad_channel_file: bool = True,
-                     panic_log: Path | None = REAL_PANIC_LOG, boot_count: int = 2) -> Path:
+def make_machine_dir(
+    m: Path, *, bad_channel_file: bool = True, panic_log: Path | None = REAL_PANIC_LOG, boot_count: int = 2
+) -> Path:
     """Lay out a directory like a broken machine's disks: ``esp/grub/grubenv`` (GRUB counted
     ``boot_count`` failed boots), ``os/`` (the OS root with the sensor's channel files, one of
     them malformed), ``pstore/`` (the panic log the kernel left)."""
@@ -88,10 +89,11 @@ class Demo:
             print(f"[+{t:6.2f}s] {who:<7} {text}", flush=True)
 
     def run(self, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                           env={**os.environ, **(env or {})})
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
         if check and p.returncode != 0:
-            raise DemoError(f"{' '.join(cmd[:3])}… failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+            raise DemoError(
+                f"{' '.join(cmd[:3])}… failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}"
+            )
         return p
 
     def admin(self, token: str, *args: str) -> Any:
@@ -107,13 +109,32 @@ class Demo:
         data = self.work / "server"
         if data.exists():
             shutil.rmtree(data)
-        self.run(_bin("recovery-server"), "--data", str(data), "init", "--token-file", str(self.work / "admin.token"))
+        self.run(
+            _bin("recovery-server"),
+            "--data",
+            str(data),
+            "init",
+            "--token-file",
+            str(self.work / "admin.token"),
+        )
         admin_token = (self.work / "admin.token").read_text().strip()
         port_file = self.work / "port"
         port_file.unlink(missing_ok=True)
-        server = subprocess.Popen([_bin("recovery-server"), "--data", str(data), "serve", "--port", "0",
-                                   "--port-file", str(port_file), "--quiet"],
-                                  stdout=subprocess.DEVNULL, stderr=open(self.work / "server.log", "w"))
+        server = subprocess.Popen(
+            [
+                _bin("recovery-server"),
+                "--data",
+                str(data),
+                "serve",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--quiet",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.work / "server.log", "w"),
+        )
         agent: subprocess.Popen | None = None
         try:
             deadline = time.monotonic() + 20
@@ -134,11 +155,17 @@ class Demo:
             good_before = {n: sha256(os_root / CHANNELS / n) for n in GOOD}
             bad_sha = sha256(os_root / CHANNELS / BAD)
             settings = {
-                "device_id": DEVICE, "server_url": self.url,
+                "device_id": DEVICE,
+                "server_url": self.url,
                 "server_public_key": (data / "server.key.pub").read_text().strip(),
-                "device_key": "device.key", "os_root": "../os", "grubenv": "../esp/grub/grubenv",
-                "pstore_dir": "../pstore", "seconds_per_minute": 1, "retry_interval_min": 2,
-                "time_to_reboot_min": 120, "long_poll_s": 10,
+                "device_key": "device.key",
+                "os_root": "../os",
+                "grubenv": "../esp/grub/grubenv",
+                "pstore_dir": "../pstore",
+                "seconds_per_minute": 1,
+                "retry_interval_min": 2,
+                "time_to_reboot_min": 120,
+                "long_poll_s": 10,
             }
             (m / "recovery").mkdir()
             config = m / "recovery/agent.json"
@@ -149,19 +176,40 @@ class Demo:
             self.say("device", "boot 1: sensor.ko crashed (general protection fault) -> panic -> reboot")
             self.say("device", "boot 2: same crash; GRUB's boot_count reached 2 -> recovery entry")
 
-            agent = subprocess.Popen([_bin("recovery-agent"), "--config", str(config), "run"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            agent = subprocess.Popen(
+                [_bin("recovery-agent"), "--config", str(config), "run"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             reader = threading.Thread(target=self._follow_agent, args=(agent,), daemon=True)
             reader.start()
             incident = self._wait_for_incident(admin_token, agent)
-            self.say("server", f"incident {incident['incident_id']}: {incident['title']} "
-                               f"(module {incident['guilty_module']}, file {incident['channel_file']})")
+            self.say(
+                "server",
+                f"incident {incident['incident_id']}: {incident['title']} "
+                f"(module {incident['guilty_module']}, file {incident['channel_file']})",
+            )
 
-            rem = self.admin(alice, "remediation", "create", "--incident", incident["incident_id"], "--suggested")
-            self.say("admin", f"alice proposes {rem['remediation_id']}: {rem['actions'][0]['type']} "
-                              f"{rem['actions'][0]['path']} sha256 {rem['actions'][0]['sha256'][:12]}…")
-            refused = self.run(_bin("recovery-admin"), "--server", self.url, "--token", alice,
-                               "remediation", "approve", rem["remediation_id"], check=False)
+            rem = self.admin(
+                alice, "remediation", "create", "--incident", incident["incident_id"], "--suggested"
+            )
+            self.say(
+                "admin",
+                f"alice proposes {rem['remediation_id']}: {rem['actions'][0]['type']} "
+                f"{rem['actions'][0]['path']} sha256 {rem['actions'][0]['sha256'][:12]}…",
+            )
+            refused = self.run(
+                _bin("recovery-admin"),
+                "--server",
+                self.url,
+                "--token",
+                alice,
+                "remediation",
+                "approve",
+                rem["remediation_id"],
+                check=False,
+            )
             self.say("admin", f"alice tries to approve her own fix: refused ({refused.stderr.strip()[:70]}…)")
             self.say("admin", f"bob approves {rem['remediation_id']}")
             self.admin(bob, "remediation", "approve", rem["remediation_id"])
@@ -169,7 +217,9 @@ class Demo:
             agent.wait(timeout=90)
             reader.join(timeout=5)
             if agent.returncode != 0:
-                raise DemoError(f"the agent ended with exit {agent.returncode}: see {self.work / 'agent.log'}")
+                raise DemoError(
+                    f"the agent ended with exit {agent.returncode}: see {self.work / 'agent.log'}"
+                )
 
             env = BootEnv.read(m / "esp/grub/grubenv")
             self.say("device", f"reboot: grubenv boot_count={env.get('boot_count')}; GRUB boots the OS")
@@ -207,8 +257,9 @@ class Demo:
             time.sleep(0.3)
         raise DemoError("no incident reached the server within 60 s: see agent.log")
 
-    def _check(self, token: str, m: Path, good_before: dict[str, str], bad_sha: str,
-               incident: dict[str, Any]) -> dict[str, Any]:
+    def _check(
+        self, token: str, m: Path, good_before: dict[str, str], bad_sha: str, incident: dict[str, Any]
+    ) -> dict[str, Any]:
         os_root = m / "os"
         quarantined = list((os_root / "var/lib/recovery/quarantine").glob("*/*"))
         manifests = [p for p in quarantined if p.name == "manifest.json"]
@@ -217,13 +268,16 @@ class Demo:
             "bad channel file gone from the channel folder": not (os_root / CHANNELS / BAD).exists(),
             "bad channel file in quarantine, same content": any(sha256(p) == bad_sha for p in files),
             "quarantine manifest written": bool(manifests) and BAD in manifests[0].read_text(),
-            "good channel files untouched": all(sha256(os_root / CHANNELS / n) == h for n, h in good_before.items()),
+            "good channel files untouched": all(
+                sha256(os_root / CHANNELS / n) == h for n, h in good_before.items()
+            ),
             "boot_count reset to 0": BootEnv.read(m / "esp/grub/grubenv").get("boot_count") == "0",
         }
         devices = self.admin(token, "devices")
         events = self.admin(token, "events")
         checks["server: result 'applied' recorded"] = any(
-            e["kind"] == "result.received" and '"applied"' in e["detail"] for e in events)
+            e["kind"] == "result.received" and '"applied"' in e["detail"] for e in events
+        )
         checks["server: device healthy again"] = devices[0]["state"] == "healthy"
         print("\nServer timeline (recovery-admin events):")
         for e in events:
@@ -232,13 +286,20 @@ class Demo:
         for name, ok in checks.items():
             print(f"  [{'ok' if ok else 'FAIL'}] {name}")
         if not all(checks.values()):
-            raise DemoError("the demo ended in the wrong state: " +
-                            ", ".join(n for n, ok in checks.items() if not ok))
+            raise DemoError(
+                "the demo ended in the wrong state: " + ", ".join(n for n, ok in checks.items() if not ok)
+            )
         total = time.monotonic() - self.started
-        print(f"\nRecovered {DEVICE} from incident {incident['incident_id']} in {total:.1f} s. "
-              f"Everything is under {self.work}")
-        return {"recovered": True, "checks": checks, "incident": incident["incident_id"],
-                "seconds": round(total, 2)}
+        print(
+            f"\nRecovered {DEVICE} from incident {incident['incident_id']} in {total:.1f} s. "
+            f"Everything is under {self.work}"
+        )
+        return {
+            "recovered": True,
+            "checks": checks,
+            "incident": incident["incident_id"],
+            "seconds": round(total, 2),
+        }
 
 
 def run_demo(work: Path | None = None, verbose: bool = True) -> dict[str, Any]:

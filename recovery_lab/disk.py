@@ -83,10 +83,9 @@ def mbr_table(parts: Sequence[Partition], signature: int = DISK_SIGNATURE) -> by
     if len(parts) > 4:
         raise DiskError(f"an MBR holds 4 primary partitions, not {len(parts)}")
     ordered = sorted(parts, key=lambda p: p.start)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if a.start + a.sectors > b.start:
-            raise DiskError(f"partition {a.number} ({a.name}) overlaps partition {b.number} "
-                            f"({b.name})")
+            raise DiskError(f"partition {a.number} ({a.name}) overlaps partition {b.number} ({b.name})")
     if ordered and ordered[0].start < 1:
         raise DiskError("a partition cannot start at sector 0 (the MBR)")
     entries = b""
@@ -97,8 +96,15 @@ def mbr_table(parts: Sequence[Partition], signature: int = DISK_SIGNATURE) -> by
             continue
         if p.start + p.sectors > 0xFFFFFFFF:
             raise DiskError(f"partition {p.number} ends past 2 TiB: MBR cannot address it")
-        entries += struct.pack("<B3sB3sII", 0x80 if p.bootable else 0, _chs(p.start),
-                               p.type_id, _chs(p.start + p.sectors - 1), p.start, p.sectors)
+        entries += struct.pack(
+            "<B3sB3sII",
+            0x80 if p.bootable else 0,
+            _chs(p.start),
+            p.type_id,
+            _chs(p.start + p.sectors - 1),
+            p.start,
+            p.sectors,
+        )
     return struct.pack("<IH", signature, 0) + entries + b"\x55\xaa"
 
 
@@ -108,7 +114,7 @@ def parse_mbr(sector0: bytes) -> list[Partition]:
         raise DiskError("no MBR signature 0x55AA")
     parts = []
     for i in range(4):
-        e = sector0[446 + 16 * i: 446 + 16 * (i + 1)]
+        e = sector0[446 + 16 * i : 446 + 16 * (i + 1)]
         status, _, type_id, _, start, sectors = struct.unpack("<B3sB3sII", e)
         if type_id:
             parts.append(Partition(i + 1, f"p{i + 1}", type_id, start, sectors, status == 0x80))
@@ -126,23 +132,25 @@ def _copy_sparse(src: Path, dst_fd: int, offset: int, limit: int) -> None:
     with open(src, "rb") as f:
         pos = 0
         while chunk := f.read(block):
-            if chunk != zero[:len(chunk)]:
+            if chunk != zero[: len(chunk)]:
                 os.pwrite(dst_fd, chunk, offset + pos)
             pos += len(chunk)
 
 
-def assemble(out: Path, parts: Sequence[Partition], images: dict[int, Path],
-             boot_img: Path, core_img: Path) -> None:
+def assemble(
+    out: Path, parts: Sequence[Partition], images: dict[int, Path], boot_img: Path, core_img: Path
+) -> None:
     """Write a raw disk image: MBR (boot.img code + table), core.img at sector 1, and each
     partition image at its offset."""
     boot = boot_img.read_bytes()
     if len(boot) != SECTOR:
-        raise DiskError(f"{boot_img} is {len(boot)} bytes, expected {SECTOR}: "
-                        f"reinstall grub-pc-bin")
+        raise DiskError(f"{boot_img} is {len(boot)} bytes, expected {SECTOR}: reinstall grub-pc-bin")
     core_limit = (min(p.start for p in parts) - 1) * SECTOR
     if core_img.stat().st_size > core_limit:
-        raise DiskError(f"core.img is {core_img.stat().st_size} bytes and does not fit in the "
-                        f"{core_limit} bytes before the first partition: embed fewer modules")
+        raise DiskError(
+            f"core.img is {core_img.stat().st_size} bytes and does not fit in the "
+            f"{core_limit} bytes before the first partition: embed fewer modules"
+        )
     tmp = out.with_name(out.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -36,11 +36,15 @@ def problems(report: BootReport, expect: Expect) -> list[str]:
         out.append(f"{report.watchdog_fires} watchdog resets, expected {expect.resets}")
     for p in panics:
         if expect.panic_module and p.data.get("guilty_module") != expect.panic_module:
-            out.append(f"panic at {p.seconds:.1f}s blames module {p.data.get('guilty_module')!r}, "
-                       f"expected {expect.panic_module!r}")
+            out.append(
+                f"panic at {p.seconds:.1f}s blames module {p.data.get('guilty_module')!r}, "
+                f"expected {expect.panic_module!r}"
+            )
         if expect.panic_function and p.data.get("guilty_frame") != expect.panic_function:
-            out.append(f"panic at {p.seconds:.1f}s blames {p.data.get('guilty_frame')!r}, "
-                       f"expected {expect.panic_function!r}")
+            out.append(
+                f"panic at {p.seconds:.1f}s blames {p.data.get('guilty_frame')!r}, "
+                f"expected {expect.panic_function!r}"
+            )
     text = report.console_text
     if expect.panic_reason and f"Kernel panic - not syncing: {expect.panic_reason}" not in text:
         out.append(f"no 'Kernel panic - not syncing: {expect.panic_reason}' on the console")

@@ -3,8 +3,8 @@
 A run's writes live in its qcow2 overlay; ``DiskImage`` flattens it to a raw file (sparse,
 so a 400 MiB disk costs what was written), finds the partitions from the MBR, and reads:
 files on the FAT ESP through mtools (``grub/grubenv``), and files and folders on the ext4 OS
-and recovery partitions through debugfs, both at the partition's offset in the file. No loop device, no root needed, nothing is written
-to the image.
+and recovery partitions through debugfs, both at the partition's offset in the file. No loop
+device, no root needed, nothing is written to the image.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class DiskImage:
         with open(self.raw, "rb") as f:
             self.partitions = {p.number: p for p in parse_mbr(f.read(SECTOR))}
 
-    def __enter__(self) -> "DiskImage":
+    def __enter__(self) -> DiskImage:
         return self
 
     def __exit__(self, *exc: object) -> None:

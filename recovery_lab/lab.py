@@ -20,9 +20,10 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .qemu import BootTimeout, MachineConfig, QemuExited, QemuVM
 from .timeline import EntryKind, Timeline, build_timeline
@@ -71,35 +72,45 @@ class BootReport:
             watchdog_fires=timeline.count(EntryKind.WATCHDOG),
             guest_panicked=timeline.count(EntryKind.GUEST_PANICKED),
             entries_chosen=[str(e.data.get("entry", "?")) for e in grub],
-            reached_recovery=bool(timeline.of_kind(EntryKind.RECOVERY_BEGIN)) or any(
-                e.data.get("entry") == "recovery" for e in grub),
+            reached_recovery=bool(timeline.of_kind(EntryKind.RECOVERY_BEGIN))
+            or any(e.data.get("entry") == "recovery" for e in grub),
             healthy=bool(timeline.of_kind(EntryKind.HEALTHY)),
             pstore_records=[str(e.data.get("record")) for e in timeline.of_kind(EntryKind.PSTORE)],
             shutdown_reason=str(shutdowns[-1].data.get("reason")) if shutdowns else None,
-            **kw)
+            **kw,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "outcome": self.outcome, "seconds": round(self.seconds, 2),
+            "outcome": self.outcome,
+            "seconds": round(self.seconds, 2),
             "exit_status": self.exit_status,
             "run_dir": str(self.run_dir) if self.run_dir else None,
-            "boots": self.boots, "panics": self.panics, "resets": self.resets,
-            "watchdog_fires": self.watchdog_fires, "guest_panicked": self.guest_panicked,
-            "entries_chosen": self.entries_chosen, "reached_recovery": self.reached_recovery,
-            "healthy": self.healthy, "pstore_records": self.pstore_records,
-            "shutdown_reason": self.shutdown_reason, "timeline": self.timeline.to_json(),
+            "boots": self.boots,
+            "panics": self.panics,
+            "resets": self.resets,
+            "watchdog_fires": self.watchdog_fires,
+            "guest_panicked": self.guest_panicked,
+            "entries_chosen": self.entries_chosen,
+            "reached_recovery": self.reached_recovery,
+            "healthy": self.healthy,
+            "pstore_records": self.pstore_records,
+            "shutdown_reason": self.shutdown_reason,
+            "timeline": self.timeline.to_json(),
         }
 
     def render(self) -> str:
-        lines = [self.timeline.render(), "",
-                 f"outcome: {self.outcome} after {self.seconds:.1f} s "
-                 f"(QEMU exit status {self.exit_status})",
-                 f"boots: {self.boots}, resets: {self.resets}, "
-                 f"watchdog fires: {self.watchdog_fires}, pvpanic: {self.guest_panicked}",
-                 f"GRUB entries: {' -> '.join(self.entries_chosen) or '(no GRUB markers)'}",
-                 f"panics: {'; '.join(self.panics) or 'none'}",
-                 f"reached recovery: {'yes' if self.reached_recovery else 'no'}, "
-                 f"healthy: {'yes' if self.healthy else 'no'}"]
+        lines = [
+            self.timeline.render(),
+            "",
+            f"outcome: {self.outcome} after {self.seconds:.1f} s (QEMU exit status {self.exit_status})",
+            f"boots: {self.boots}, resets: {self.resets}, "
+            f"watchdog fires: {self.watchdog_fires}, pvpanic: {self.guest_panicked}",
+            f"GRUB entries: {' -> '.join(self.entries_chosen) or '(no GRUB markers)'}",
+            f"panics: {'; '.join(self.panics) or 'none'}",
+            f"reached recovery: {'yes' if self.reached_recovery else 'no'}, "
+            f"healthy: {'yes' if self.healthy else 'no'}",
+        ]
         if self.pstore_records:
             lines.append(f"pstore records seen in recovery: {', '.join(self.pstore_records)}")
         if self.run_dir:
@@ -107,10 +118,16 @@ class BootReport:
         return "\n".join(lines)
 
 
-async def follow_boot(config: MachineConfig, *, timeout: float = DEFAULT_TIMEOUT_S,
-                      keep_logs: bool = False, run_dir: Path | None = None,
-                      stop_on: str | None = None, name: str = "qmr",
-                      on_line: Callable[[float, str], None] | None = None) -> BootReport:
+async def follow_boot(
+    config: MachineConfig,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    keep_logs: bool = False,
+    run_dir: Path | None = None,
+    stop_on: str | None = None,
+    name: str = "qmr",
+    on_line: Callable[[float, str], None] | None = None,
+) -> BootReport:
     """Run ``config`` until the guest powers off, ``stop_on`` (a regex) appears on the
     console, or ``timeout`` seconds pass; return the report. The run directory is kept if
     ``keep_logs`` or the run timed out. ``on_line(seconds, line)`` sees every console line as
@@ -150,10 +167,14 @@ async def follow_boot(config: MachineConfig, *, timeout: float = DEFAULT_TIMEOUT
     timeline = build_timeline(vm.console.timed_lines(), vm.events.events)
     failed = outcome in ("timed-out", "qemu-exited")
     kept = keep_logs or failed
-    report = BootReport.from_timeline(timeline, outcome=outcome, seconds=vm.seconds(),
-                                      exit_status=vm.returncode,
-                                      run_dir=vm.run_dir if kept else None,
-                                      console_text=vm.console.text())
+    report = BootReport.from_timeline(
+        timeline,
+        outcome=outcome,
+        seconds=vm.seconds(),
+        exit_status=vm.returncode,
+        run_dir=vm.run_dir if kept else None,
+        console_text=vm.console.text(),
+    )
     if kept:
         (vm.run_dir / "timeline.json").write_text(json.dumps(timeline.to_json(), indent=1))
         (vm.run_dir / "report.json").write_text(json.dumps(report.to_json(), indent=1))
@@ -161,17 +182,25 @@ async def follow_boot(config: MachineConfig, *, timeout: float = DEFAULT_TIMEOUT
     return report
 
 
-def boot_scenario(image_path: Path, *, timeout: float = DEFAULT_TIMEOUT_S,
-                  keep_logs: bool = False, run_dir: Path | None = None,
-                  stop_on: str | None = None, accel: str = "tcg",
-                  memory_mb: int = 512) -> BootReport:
+def boot_scenario(
+    image_path: Path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    keep_logs: bool = False,
+    run_dir: Path | None = None,
+    stop_on: str | None = None,
+    accel: str = "tcg",
+    memory_mb: int = 512,
+) -> BootReport:
     """Boot the disk image ``image_path`` (never written: the run uses an overlay), follow it
     through its reboots and report. Synchronous; see :func:`follow_boot`."""
     image = Path(image_path)
     if not image.is_file():
-        raise FileNotFoundError(f"disk image {image} does not exist: build it with "
-                                f"recovery-lab build")
+        raise FileNotFoundError(f"disk image {image} does not exist: build it with recovery-lab build")
     fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
     config = MachineConfig(disk=image, disk_format=fmt, accel=accel, memory_mb=memory_mb)
-    return asyncio.run(follow_boot(config, timeout=timeout, keep_logs=keep_logs,
-                                   run_dir=run_dir, stop_on=stop_on, name=image.stem))
+    return asyncio.run(
+        follow_boot(
+            config, timeout=timeout, keep_logs=keep_logs, run_dir=run_dir, stop_on=stop_on, name=image.stem
+        )
+    )

@@ -68,8 +68,18 @@ DEBIAN_PYTHON = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-s
 # Every package a needed shared library may come from. The build fails, naming the package, if
 # ldd finds one outside this list: the list is part of the cache key, so a library's security
 # update rebuilds the runtime.
-DEBIAN_LIBRARIES = ("libc6", "libgcc-s1", "zlib1g", "libexpat1", "libssl3", "libffi8",
-                    "libbz2-1.0", "liblzma5", "libuuid1", "libcrypt1")
+DEBIAN_LIBRARIES = (
+    "libc6",
+    "libgcc-s1",
+    "zlib1g",
+    "libexpat1",
+    "libssl3",
+    "libffi8",
+    "libbz2-1.0",
+    "liblzma5",
+    "libuuid1",
+    "libcrypt1",
+)
 
 # The agent's runtime dependencies (pyproject.toml); their own dependencies come along.
 WHEEL_REQUIREMENTS = ("aiohttp", "cryptography", "pydantic", "tenacity")
@@ -88,32 +98,134 @@ PRUNE_WHEEL_PREFIXES = ("cffi/", "pycparser/", "multidict/_testcapi.")
 # must stay. ctypes and multiprocessing stay (stdlib code reaches them lazily; small).
 PRUNE_STDLIB = (
     # tests, IDE, GUI, docs, packaging tools
-    "test", "idlelib", "tkinter", "turtledemo", "turtle.py", "lib2to3", "ensurepip", "venv",
-    "pydoc.py", "pydoc_data", "doctest.py", "distutils", "_distutils_system_mod.py",
-    "__phello__", "__hello__.py", "antigravity.py", "this.py", "EXTERNALLY-MANAGED",
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "turtle.py",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "pydoc.py",
+    "pydoc_data",
+    "doctest.py",
+    "distutils",
+    "_distutils_system_mod.py",
+    "__phello__",
+    "__hello__.py",
+    "antigravity.py",
+    "this.py",
+    "EXTERNALLY-MANAGED",
     "sitecustomize.py",  # a symlink to /etc/python3.11, for apport
-    "_pydecimal.py", "_aix_support.py", "_osx_support.py", "_bootsubprocess.py",
+    "_pydecimal.py",
+    "_aix_support.py",
+    "_osx_support.py",
+    "_bootsubprocess.py",
     # databases, terminals, audio, old network protocols, servers
-    "sqlite3", "dbm", "curses", "wsgiref", "xmlrpc", "msilib", "unittest",
-    "imaplib.py", "nntplib.py", "poplib.py", "smtplib.py", "smtpd.py", "telnetlib.py",
-    "ftplib.py", "mailbox.py", "mailcap.py", "cgi.py", "cgitb.py", "asyncore.py", "asynchat.py",
-    "aifc.py", "sunau.py", "wave.py", "chunk.py", "sndhdr.py", "imghdr.py", "audioop.py",
-    "pdb.py", "profile.py", "cProfile.py", "pstats.py", "trace.py", "tabnanny.py", "pyclbr.py",
-    "xdrlib.py", "nis.py", "crypt.py", "pipes.py", "uu.py",
+    "sqlite3",
+    "dbm",
+    "curses",
+    "wsgiref",
+    "xmlrpc",
+    "msilib",
+    "unittest",
+    "imaplib.py",
+    "nntplib.py",
+    "poplib.py",
+    "smtplib.py",
+    "smtpd.py",
+    "telnetlib.py",
+    "ftplib.py",
+    "mailbox.py",
+    "mailcap.py",
+    "cgi.py",
+    "cgitb.py",
+    "asyncore.py",
+    "asynchat.py",
+    "aifc.py",
+    "sunau.py",
+    "wave.py",
+    "chunk.py",
+    "sndhdr.py",
+    "imghdr.py",
+    "audioop.py",
+    "pdb.py",
+    "profile.py",
+    "cProfile.py",
+    "pstats.py",
+    "trace.py",
+    "tabnanny.py",
+    "pyclbr.py",
+    "xdrlib.py",
+    "nis.py",
+    "crypt.py",
+    "pipes.py",
+    "uu.py",
     # CJK codecs (their C halves are pruned below)
-    *(f"encodings/{name}.py" for name in (
-        "big5", "big5hkscs", "cp932", "cp949", "cp950", "euc_jis_2004", "euc_jisx0213",
-        "euc_jp", "euc_kr", "gb18030", "gb2312", "gbk", "hz", "iso2022_jp", "iso2022_jp_1",
-        "iso2022_jp_2", "iso2022_jp_2004", "iso2022_jp_3", "iso2022_jp_ext", "iso2022_kr",
-        "johab", "shift_jis", "shift_jis_2004", "shift_jisx0213")),
+    *(
+        f"encodings/{name}.py"
+        for name in (
+            "big5",
+            "big5hkscs",
+            "cp932",
+            "cp949",
+            "cp950",
+            "euc_jis_2004",
+            "euc_jisx0213",
+            "euc_jp",
+            "euc_kr",
+            "gb18030",
+            "gb2312",
+            "gbk",
+            "hz",
+            "iso2022_jp",
+            "iso2022_jp_1",
+            "iso2022_jp_2",
+            "iso2022_jp_2004",
+            "iso2022_jp_3",
+            "iso2022_jp_ext",
+            "iso2022_kr",
+            "johab",
+            "shift_jis",
+            "shift_jis_2004",
+            "shift_jisx0213",
+        )
+    ),
     # C extensions: tests, databases, terminals, audio, CJK codecs
-    *(f"lib-dynload/{name}.cpython-311-{MULTIARCH}.so" for name in (
-        "_testbuffer", "_testcapi", "_testclinic", "_testimportmultiple", "_testinternalcapi",
-        "_testmultiphase", "_xxsubinterpreters", "_xxtestfuzz", "xxlimited", "xxlimited_35",
-        "_ctypes_test", "_sqlite3", "_dbm", "_gdbm", "_curses", "_curses_panel", "readline",
-        "nis", "ossaudiodev", "audioop", "_crypt", "_lsprof",
-        "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "_codecs_jp", "_codecs_kr",
-        "_codecs_tw", "_multibytecodec")),
+    *(
+        f"lib-dynload/{name}.cpython-311-{MULTIARCH}.so"
+        for name in (
+            "_testbuffer",
+            "_testcapi",
+            "_testclinic",
+            "_testimportmultiple",
+            "_testinternalcapi",
+            "_testmultiphase",
+            "_xxsubinterpreters",
+            "_xxtestfuzz",
+            "xxlimited",
+            "xxlimited_35",
+            "_ctypes_test",
+            "_sqlite3",
+            "_dbm",
+            "_gdbm",
+            "_curses",
+            "_curses_panel",
+            "readline",
+            "nis",
+            "ossaudiodev",
+            "audioop",
+            "_crypt",
+            "_lsprof",
+            "_codecs_cn",
+            "_codecs_hk",
+            "_codecs_iso2022",
+            "_codecs_jp",
+            "_codecs_kr",
+            "_codecs_tw",
+            "_multibytecodec",
+        )
+    ),
 )
 
 # What the runtime must be able to import (the check, under chroot).
@@ -147,6 +259,7 @@ class RuntimeArtifact:
 
 # --------------------------------------------------------------------------- public API
 
+
 def build_python_runtime(cache_dir: Path, *, progress: Progress = print) -> RuntimeArtifact:
     """Build (or reuse from ``cache_dir``) the runtime tree; see the module docstring."""
     cache = Path(cache_dir) / "pyruntime"
@@ -170,8 +283,9 @@ def build_python_runtime(cache_dir: Path, *, progress: Progress = print) -> Runt
     out = cache / f"tree-{key}"
     if (out / "manifest.json").is_file():
         artifact = _artifact(out / "root", key, cached=True)
-        progress(f"[pyruntime] cached ({out.name}: {artifact.size_bytes / 1e6:.1f} MB, "
-                 f"{artifact.files} files)")
+        progress(
+            f"[pyruntime] cached ({out.name}: {artifact.size_bytes / 1e6:.1f} MB, {artifact.files} files)"
+        )
         return artifact
 
     tmp = cache / f"tree-{key}.tmp"
@@ -201,22 +315,32 @@ def build_python_runtime(cache_dir: Path, *, progress: Progress = print) -> Runt
     _set_mtimes(root)
     size, files = _measure(root)
     manifest = {
-        "key": key, "inputs": inputs, "python": PYTHON, "libraries": libraries,
-        "pruned": pruned, "stripped_bytes": stripped, "size_bytes": size, "files": files,
-        "dropped_source_bytes": source_bytes, "import_check_s_host": import_s,
+        "key": key,
+        "inputs": inputs,
+        "python": PYTHON,
+        "libraries": libraries,
+        "pruned": pruned,
+        "stripped_bytes": stripped,
+        "size_bytes": size,
+        "files": files,
+        "dropped_source_bytes": source_bytes,
+        "import_check_s_host": import_s,
         "modules_at_import": modules,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    progress(f"[pyruntime] built {out.name} in {step.total():.1f}s: {size / 1e6:.1f} MB, "
-             f"{files} files, {len(modules)} modules imported by the agent "
-             f"in {import_s:.2f}s (host)")
+    progress(
+        f"[pyruntime] built {out.name} in {step.total():.1f}s: {size / 1e6:.1f} MB, "
+        f"{files} files, {len(modules)} modules imported by the agent "
+        f"in {import_s:.2f}s (host)"
+    )
     return _artifact(out / "root", key, cached=False)
 
 
 # --------------------------------------------------------------------------- steps
+
 
 class _Steps:
     """``with step("name"):`` prints the step and its duration; errors name the step."""
@@ -261,8 +385,10 @@ def _candidate_versions(packages: tuple[str, ...]) -> dict[str, str]:
                 found[current] = version
     missing = [p for p in packages if p not in found]
     if missing:
-        raise RuntimeBuildError(f"no candidate version for {', '.join(missing)}: run "
-                                "apt-get update (Debian 12 bookworm sources are needed)")
+        raise RuntimeBuildError(
+            f"no candidate version for {', '.join(missing)}: run "
+            "apt-get update (Debian 12 bookworm sources are needed)"
+        )
     return found
 
 
@@ -275,8 +401,10 @@ def _installed_pins() -> dict[str, str]:
             pins[re.sub(r"[-_.]+", "-", name).lower()] = dist.version
     missing = [r for r in WHEEL_REQUIREMENTS if r not in pins]
     if missing:
-        raise RuntimeBuildError(f"{', '.join(missing)} not installed in {sys.prefix}: "
-                                "install the project (pip install -e .) first")
+        raise RuntimeBuildError(
+            f"{', '.join(missing)} not installed in {sys.prefix}: "
+            "install the project (pip install -e .) first"
+        )
     return pins
 
 
@@ -287,14 +415,16 @@ def _glibc(libc6_version: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _download_wheels(cache: Path, pins: dict[str, str], glibc: tuple[int, int],
-                     progress: Progress) -> list[Path]:
+def _download_wheels(
+    cache: Path, pins: dict[str, str], glibc: tuple[int, int], progress: Progress
+) -> list[Path]:
     """The wheels of WHEEL_REQUIREMENTS and their dependencies, each at the version installed
     here (a constraints file pins them all). Platforms: every manylinux tag the tree's glibc
     runs, newest first, so pip picks what pip on that Debian would."""
     major, minor = glibc
-    platforms = [f"manylinux_{major}_{m}_{ARCH.replace('amd64', 'x86_64')}"
-                 for m in range(minor, 16, -1)] + ["manylinux2014_x86_64"]
+    platforms = [f"manylinux_{major}_{m}_{ARCH.replace('amd64', 'x86_64')}" for m in range(minor, 16, -1)] + [
+        "manylinux2014_x86_64"
+    ]
     wanted = [f"{r}=={pins[r]}" for r in WHEEL_REQUIREMENTS]
     tag = hashlib.sha256(json.dumps([pins, platforms]).encode()).hexdigest()[:16]
     dest = cache / tag
@@ -306,10 +436,26 @@ def _download_wheels(cache: Path, pins: dict[str, str], glibc: tuple[int, int],
     dest.mkdir(parents=True)
     constraints = dest / "constraints.txt"
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(pins.items())))
-    cmd: list[str] = [sys.executable, "-m", "pip", "download", "--quiet", "--no-cache-dir",
-                      "--disable-pip-version-check", "--only-binary=:all:",
-                      "--implementation", "cp", "--python-version", PYTHON_VERSION,
-                      "--abi", "cp311", "-c", str(constraints), "-d", str(dest)]
+    cmd: list[str] = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        PYTHON_VERSION,
+        "--abi",
+        "cp311",
+        "-c",
+        str(constraints),
+        "-d",
+        str(dest),
+    ]
     for platform in platforms:
         cmd += ["--platform", platform]
     progress(f"[pyruntime] pip download {' '.join(wanted)} (+ dependencies)")
@@ -338,8 +484,7 @@ def _unpack_deb(debs: Path, package: str, version: str) -> Path:
         tools.run(["apt-get", "download", f"{package}={version}"], cwd=debs)
         deb = _deb_path(debs, package, version)
         if deb is None:
-            raise RuntimeBuildError(f"apt-get download {package}={version} left no .deb in "
-                                    f"{debs}")
+            raise RuntimeBuildError(f"apt-get download {package}={version} left no .deb in {debs}")
     unpacked = debs / (deb.name[:-4] + ".d")
     if not unpacked.is_dir():
         tmp = unpacked.with_suffix(".tmp")
@@ -352,7 +497,7 @@ def _unpack_deb(debs: Path, package: str, version: str) -> Path:
 
 def _copy_python(unpacked: dict[str, Path], root: Path) -> None:
     """The interpreter and the stdlib; no docs, no /etc (sitecustomize is pruned)."""
-    for package, tree in unpacked.items():
+    for tree in unpacked.values():
         for rel in (PYTHON, STDLIB):
             src = tree / rel
             if src.is_file():
@@ -360,8 +505,7 @@ def _copy_python(unpacked: dict[str, Path], root: Path) -> None:
             elif src.is_dir():
                 shutil.copytree(src, root / rel, symlinks=True, dirs_exist_ok=True)
     if not (root / PYTHON).is_file():
-        raise RuntimeBuildError(f"{PYTHON} is not in {', '.join(unpacked)}: "
-                                "has Debian renamed its packages?")
+        raise RuntimeBuildError(f"{PYTHON} is not in {', '.join(unpacked)}: has Debian renamed its packages?")
 
 
 def _prune_stdlib(stdlib: Path) -> list[str]:
@@ -465,7 +609,8 @@ def _add_libraries(root: Path, debs: Path, versions: dict[str, str]) -> dict[str
             raise RuntimeBuildError(
                 f"{path} (needed by {needed[path]}) comes from Debian package {package}, which "
                 f"is not in DEBIAN_LIBRARIES: add it there, or prune what needs it "
-                f"(recovery_lab/pyruntime.py)")
+                f"(recovery_lab/pyruntime.py)"
+            )
         by_package.setdefault(package, []).append(path)
     copied: dict[str, list[str]] = {}
     for package, paths in sorted(by_package.items()):
@@ -473,8 +618,10 @@ def _add_libraries(root: Path, debs: Path, versions: dict[str, str]) -> dict[str
         for path in paths:
             src = _find_in_package(tree, path)
             if src is None:
-                raise RuntimeBuildError(f"{path} is not in {package} {versions[package]} "
-                                        "(the host's copy is from another version?)")
+                raise RuntimeBuildError(
+                    f"{path} is not in {package} {versions[package]} "
+                    "(the host's copy is from another version?)"
+                )
             rel = src.relative_to(tree)
             # Keep the path the loader asked for (e.g. lib64/ld-linux-x86-64.so.2 is a
             # symlink in libc6): a regular file there, no symlink chains.
@@ -526,8 +673,9 @@ def _dpkg_owner(path: str) -> str:
             continue
         package = out.split(":", 1)[0].strip()
         return package.split(",")[0].strip()
-    raise RuntimeBuildError(f"no Debian package owns {path} (dpkg -S): is it a library "
-                            "installed outside apt (e.g. /usr/local)?")
+    raise RuntimeBuildError(
+        f"no Debian package owns {path} (dpkg -S): is it a library installed outside apt (e.g. /usr/local)?"
+    )
 
 
 def _chroot(root: Path, *argv: str) -> str:
@@ -555,8 +703,10 @@ def _check_linking(root: Path) -> None:
         if missing:
             problems.append(f"{rel}: {', '.join(missing)}")
     if problems:
-        raise RuntimeBuildError("shared libraries missing from the runtime (add their "
-                                "packages to DEBIAN_LIBRARIES): " + "; ".join(problems))
+        raise RuntimeBuildError(
+            "shared libraries missing from the runtime (add their "
+            "packages to DEBIAN_LIBRARIES): " + "; ".join(problems)
+        )
 
 
 def _compile(root: Path) -> int:
@@ -566,8 +716,18 @@ def _compile(root: Path) -> int:
     number of source bytes dropped."""
     python = "/" + PYTHON
     # -B: the compiling interpreter must not leave caches of the modules it runs itself.
-    common = [python, "-I", "-B", "-m", "compileall", "-q", "-j", "1",
-              "--invalidation-mode", "unchecked-hash"]
+    common = [
+        python,
+        "-I",
+        "-B",
+        "-m",
+        "compileall",
+        "-q",
+        "-j",
+        "1",
+        "--invalidation-mode",
+        "unchecked-hash",
+    ]
     # -b: legacy locations (foo.pyc beside foo.py), which import uses once foo.py is gone.
     _chroot(root, *common, "-b", "-x", "/recovery_agent/", "/" + STDLIB, "/" + SITE)
     _chroot(root, *common, "/" + SITE + "/recovery_agent")
@@ -591,25 +751,30 @@ def _compile(root: Path) -> int:
 def _check_import(root: Path) -> tuple[float, list[str]]:
     """The tree's interpreter, isolated (-I) under chroot, imports the agent. Returns the
     seconds the import took and the modules it loaded."""
-    code = ("import sys, time, json; sys.dont_write_bytecode = True; "
-            "t = time.perf_counter(); " + IMPORT_CHECK + "; "
-            "d = time.perf_counter() - t; "
-            "bad = [p for p in sys.path if p and not p.startswith('/usr/lib/python3')]; "
-            "print(json.dumps({'s': d, 'modules': sorted(sys.modules), 'path': sys.path, "
-            "'prefix': sys.prefix, 'bad': bad}))")
+    code = (
+        "import sys, time, json; sys.dont_write_bytecode = True; "
+        "t = time.perf_counter(); " + IMPORT_CHECK + "; "
+        "d = time.perf_counter() - t; "
+        "bad = [p for p in sys.path if p and not p.startswith('/usr/lib/python3')]; "
+        "print(json.dumps({'s': d, 'modules': sorted(sys.modules), 'path': sys.path, "
+        "'prefix': sys.prefix, 'bad': bad}))"
+    )
     try:
         out = _chroot(root, "/" + PYTHON, "-I", "-c", code)
     except tools.ToolFailed as exc:
-        raise RuntimeBuildError(f"the runtime cannot import the agent under chroot "
-                                f"(something needed was pruned?):\n{exc}") from exc
+        raise RuntimeBuildError(
+            f"the runtime cannot import the agent under chroot (something needed was pruned?):\n{exc}"
+        ) from exc
     result = json.loads(out.strip().splitlines()[-1])
     if result["prefix"] != "/usr" or result["bad"]:
-        raise RuntimeBuildError(f"unexpected sys.prefix {result['prefix']} or sys.path "
-                                f"{result['path']} in the runtime")
+        raise RuntimeBuildError(
+            f"unexpected sys.prefix {result['prefix']} or sys.path {result['path']} in the runtime"
+        )
     return result["s"], result["modules"]
 
 
 # --------------------------------------------------------------------------- files
+
 
 def _copy_file(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)

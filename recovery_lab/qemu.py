@@ -111,8 +111,7 @@ class BootTimeout(QemuError):
         self.timeout = timeout
         self.console_tail = list(console_tail)
         tail = "\n".join("    " + ln for ln in console_tail) or "    (no console output)"
-        super().__init__(f"timed out after {timeout:g} s waiting for {awaited}; "
-                         f"last console lines:\n{tail}")
+        super().__init__(f"timed out after {timeout:g} s waiting for {awaited}; last console lines:\n{tail}")
 
 
 class QemuExited(QemuError):
@@ -124,8 +123,9 @@ class QemuExited(QemuError):
         self.returncode = returncode
         self.console_tail = list(console_tail)
         tail = "\n".join("    " + ln for ln in console_tail) or "    (no console output)"
-        super().__init__(f"QEMU exited (status {returncode}) while waiting for {awaited}; "
-                         f"last console lines:\n{tail}")
+        super().__init__(
+            f"QEMU exited (status {returncode}) while waiting for {awaited}; last console lines:\n{tail}"
+        )
 
 
 # --------------------------------------------------------------------------- configuration
@@ -169,11 +169,9 @@ class MachineConfig:
     def validate(self) -> None:
         if self.disk is None and self.kernel is None:
             raise ValueError("MachineConfig needs a disk image or a kernel to boot")
-        for what, path in (("disk image", self.disk), ("kernel", self.kernel),
-                           ("initrd", self.initrd)):
+        for what, path in (("disk image", self.disk), ("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"{what} {path} does not exist: build it first "
-                                        f"(recovery-lab build)")
+                raise FileNotFoundError(f"{what} {path} does not exist: build it first (recovery-lab build)")
         if self.memory_mb < 256:
             raise ValueError(f"memory_mb={self.memory_mb}: ramoops at 0x7f00000 needs >= 256 MB")
 
@@ -300,8 +298,9 @@ class Console:
         """Call ``hook(line)`` for every complete line from now on."""
         self._hooks.append(hook)
 
-    async def wait_for(self, pattern: str | re.Pattern[str], timeout: float, *,
-                       since: int | None = None) -> re.Match[str]:
+    async def wait_for(
+        self, pattern: str | re.Pattern[str], timeout: float, *, since: int | None = None
+    ) -> re.Match[str]:
         """Wait until ``pattern`` matches the console text at or after ``since`` (default: the
         cursor) and return the match; the cursor moves to the match's end. Raises
         :class:`BootTimeout`, or the reason the console closed (e.g. :class:`QemuExited`)."""
@@ -316,7 +315,7 @@ class Console:
             self._waiters.append(waiter)
             try:
                 m = await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BootTimeout(f"console /{rx.pattern}/", timeout, self.tail()) from None
             except QemuExited as exc:
                 raise QemuExited(f"console /{rx.pattern}/", exc.returncode, self.tail()) from None
@@ -341,7 +340,7 @@ class ConsoleFollower:
 
     def start(self) -> None:
         self.path.touch(exist_ok=True)
-        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in stop()
+        self._file = open(self.path, "rb")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="console-follower")
 
     def _drain(self) -> None:
@@ -383,8 +382,12 @@ class QemuEvent:
     qemu_time: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": self.name, "seconds": round(self.seconds, 3), "data": self.data,
-                "qemu_time": self.qemu_time}
+        return {
+            "event": self.name,
+            "seconds": round(self.seconds, 3),
+            "data": self.data,
+            "qemu_time": self.qemu_time,
+        }
 
 
 @dataclass
@@ -395,8 +398,7 @@ class _EventWaiter:
     future: asyncio.Future[QemuEvent]
 
     def matches(self, ev: QemuEvent) -> bool:
-        return (self.name is None or ev.name == self.name) and (
-            self.predicate is None or self.predicate(ev))
+        return (self.name is None or ev.name == self.name) and (self.predicate is None or self.predicate(ev))
 
 
 class EventLog:
@@ -413,9 +415,12 @@ class EventLog:
     def record(self, msg: dict[str, Any], now: float | None = None) -> QemuEvent:
         ts = msg.get("timestamp") or {}
         qemu_time = (ts["seconds"] + ts["microseconds"] / 1e6) if "seconds" in ts else None
-        ev = QemuEvent(name=str(msg["event"]), data=dict(msg.get("data") or {}),
-                       seconds=(now if now is not None else time.monotonic()) - self.t0,
-                       qemu_time=qemu_time)
+        ev = QemuEvent(
+            name=str(msg["event"]),
+            data=dict(msg.get("data") or {}),
+            seconds=(now if now is not None else time.monotonic()) - self.t0,
+            qemu_time=qemu_time,
+        )
         self.events.append(ev)
         if self._jsonl is not None:
             with open(self._jsonl, "a", encoding="utf-8") as f:
@@ -436,10 +441,15 @@ class EventLog:
     def named(self, name: str) -> list[QemuEvent]:
         return [e for e in self.events if e.name == name]
 
-    async def wait(self, name: str | None, timeout: float, *,
-                   predicate: Callable[[QemuEvent], bool] | None = None,
-                   since: int | None = None,
-                   console_tail: Callable[[], list[str]] = list) -> QemuEvent:
+    async def wait(
+        self,
+        name: str | None,
+        timeout: float,
+        *,
+        predicate: Callable[[QemuEvent], bool] | None = None,
+        since: int | None = None,
+        console_tail: Callable[[], list[str]] = list,
+    ) -> QemuEvent:
         start = self.cursor if since is None else since
         probe = _EventWaiter(name, predicate, start, asyncio.get_running_loop().create_future())
         for i in range(start, len(self.events)):
@@ -452,7 +462,7 @@ class EventLog:
         self._waiters.append(probe)
         try:
             ev = await asyncio.wait_for(asyncio.shield(probe.future), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BootTimeout(awaited, timeout, console_tail()) from None
         except QemuExited as exc:
             raise QemuExited(awaited, exc.returncode, console_tail()) from None
@@ -466,13 +476,36 @@ class EventLog:
 # --------------------------------------------------------------------------- the VM
 
 
-def build_command(cfg: MachineConfig, *, qmp_fd: int, console_path: Path,
-                  disk_path: Path | None, drive_paths: Sequence[Path]) -> list[str]:
+def build_command(
+    cfg: MachineConfig,
+    *,
+    qmp_fd: int,
+    console_path: Path,
+    disk_path: Path | None,
+    drive_paths: Sequence[Path],
+) -> list[str]:
     """The QEMU command line for ``cfg`` (pure: no files are touched)."""
-    cmd = [QEMU_BINARY, "-S", "-nodefaults", "-display", "none",
-           "-accel", cfg.accel, "-m", str(cfg.memory_mb), "-smp", str(cfg.smp),
-           "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
-           "-chardev", f"file,id=con0,path={console_path}", "-serial", "chardev:con0"]
+    cmd = [
+        QEMU_BINARY,
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-accel",
+        cfg.accel,
+        "-m",
+        str(cfg.memory_mb),
+        "-smp",
+        str(cfg.smp),
+        "-chardev",
+        f"socket,id=qmp,fd={qmp_fd}",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"file,id=con0,path={console_path}",
+        "-serial",
+        "chardev:con0",
+    ]
     actions = ["reboot=reset", "shutdown=poweroff"]
     if cfg.pvpanic:
         cmd += ["-device", "pvpanic"]
@@ -500,31 +533,46 @@ def build_command(cfg: MachineConfig, *, qmp_fd: int, console_path: Path,
         cmd += ["-drive", spec]
     if cfg.forward_port is not None:
         p = cfg.forward_port
-        cmd += ["-netdev", f"user,id=n0,restrict=on,"
-                f"guestfwd=tcp:{cfg.forward_guest_ip}:{p}-tcp:127.0.0.1:{p}",
-                "-device", "virtio-net-pci,netdev=n0"]
+        cmd += [
+            "-netdev",
+            f"user,id=n0,restrict=on,guestfwd=tcp:{cfg.forward_guest_ip}:{p}-tcp:127.0.0.1:{p}",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]
     cmd += cfg.extra_args
     return cmd
 
 
 def make_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
     """A qcow2 overlay whose backing file is ``base``: the guest writes go to the overlay."""
-    tools.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(Path(base).resolve()),
-               "-F", base_format, str(overlay)])
+    tools.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(Path(base).resolve()),
+            "-F",
+            base_format,
+            str(overlay),
+        ]
+    )
 
 
 class QemuVM:
     """A QEMU process with its QMP connection (``qmp``), console (``console``) and events
     (``events``). Use ``async with QemuVM(cfg) as vm:`` or ``start()``/``stop()``."""
 
-    def __init__(self, config: MachineConfig, *, run_dir: Path | None = None,
-                 keep: bool = False, name: str = "qmr") -> None:
+    def __init__(
+        self, config: MachineConfig, *, run_dir: Path | None = None, keep: bool = False, name: str = "qmr"
+    ) -> None:
         self.config = config
         self.name = name
         self.keep = keep
         self._own_run_dir = run_dir is None
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(
-            tempfile.mkdtemp(prefix=f"{name}-run-"))
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix=f"{name}-run-"))
         self.t0 = time.monotonic()
         self.console = Console(clock=self.seconds)
         self.events = EventLog(self.t0)
@@ -567,16 +615,16 @@ class QemuVM:
     async def start(self) -> None:
         cfg = self.config
         if tools.which(QEMU_BINARY) is None:
-            raise QemuMissing(f"{QEMU_BINARY} not found: install {QEMU_PACKAGE} "
-                              f"(apt-get install {QEMU_PACKAGE})")
+            raise QemuMissing(
+                f"{QEMU_BINARY} not found: install {QEMU_PACKAGE} (apt-get install {QEMU_PACKAGE})"
+            )
         cfg.validate()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         disk_path: Path | None = None
         try:
             if cfg.disk is not None:
                 if tools.which("qemu-img") is None:
-                    raise QemuMissing("qemu-img not found: install qemu-utils "
-                                      "(apt-get install qemu-utils)")
+                    raise QemuMissing("qemu-img not found: install qemu-utils (apt-get install qemu-utils)")
                 make_overlay(cfg.disk, self.overlay_path, cfg.disk_format)
                 disk_path = self.overlay_path
             drive_paths = []
@@ -592,20 +640,30 @@ class QemuVM:
             raise QemuFailedToStart(f"could not make the disk overlay: {exc}", [], "") from exc
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.cmdline = build_command(cfg, qmp_fd=theirs.fileno(), console_path=self.console_path,
-                                     disk_path=disk_path, drive_paths=drive_paths)
+        self.cmdline = build_command(
+            cfg,
+            qmp_fd=theirs.fileno(),
+            console_path=self.console_path,
+            disk_path=disk_path,
+            drive_paths=drive_paths,
+        )
         (self.run_dir / "cmdline.txt").write_text(shlex.join(self.cmdline) + "\n")
-        self._stderr_file = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._stderr_file = open(self.stderr_path, "wb")
         self.t0 = time.monotonic()
         self.events = EventLog(self.t0, self.run_dir / "events.jsonl")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.cmdline, stdin=asyncio.subprocess.DEVNULL, stdout=self._stderr_file,
-                stderr=self._stderr_file, pass_fds=(theirs.fileno(),))
+                *self.cmdline,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=self._stderr_file,
+                stderr=self._stderr_file,
+                pass_fds=(theirs.fileno(),),
+            )
         except FileNotFoundError as exc:
             ours.close()
-            raise QemuMissing(f"{QEMU_BINARY} not found: install {QEMU_PACKAGE} "
-                              f"(apt-get install {QEMU_PACKAGE})") from exc
+            raise QemuMissing(
+                f"{QEMU_BINARY} not found: install {QEMU_PACKAGE} (apt-get install {QEMU_PACKAGE})"
+            ) from exc
         finally:
             theirs.close()
         log.info("started QEMU pid %d in %s", self._proc.pid, self.run_dir)
@@ -614,20 +672,22 @@ class QemuVM:
         self.qmp.register_listener(self._listener)
         try:
             await asyncio.wait_for(self.qmp.connect(ours), CONNECT_TIMEOUT_S)
-        except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
             ours.close()
             await self._abort()
-            raise QemuFailedToStart(f"QEMU did not answer QMP ({type(exc).__name__}: {exc})",
-                                    self.cmdline, self._stderr_tail()) from exc
+            raise QemuFailedToStart(
+                f"QEMU did not answer QMP ({type(exc).__name__}: {exc})", self.cmdline, self._stderr_tail()
+            ) from exc
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(), name="qmp-events")
         self._follower = ConsoleFollower(self.console_path, self.console)
         self._follower.start()
         try:
             await asyncio.wait_for(self.qmp.execute("cont"), CONNECT_TIMEOUT_S)
-        except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
             await self._abort()
-            raise QemuFailedToStart(f"QMP cont failed ({type(exc).__name__}: {exc})",
-                                    self.cmdline, self._stderr_tail()) from exc
+            raise QemuFailedToStart(
+                f"QMP cont failed ({type(exc).__name__}: {exc})", self.cmdline, self._stderr_tail()
+            ) from exc
 
     async def _abort(self) -> None:
         self.failed = True
@@ -664,28 +724,34 @@ class QemuVM:
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
-    async def wait_event(self, name: str | None, timeout: float, *,
-                         predicate: Callable[[QemuEvent], bool] | None = None,
-                         since: int | None = None) -> QemuEvent:
+    async def wait_event(
+        self,
+        name: str | None,
+        timeout: float,
+        *,
+        predicate: Callable[[QemuEvent], bool] | None = None,
+        since: int | None = None,
+    ) -> QemuEvent:
         """The next QMP event named ``name`` (any, if None) for which ``predicate`` holds,
         after the cursor (or from index ``since``). Raises :class:`BootTimeout` or
         :class:`QemuExited`."""
-        return await self.events.wait(name, timeout, predicate=predicate, since=since,
-                                      console_tail=self.console.tail)
+        return await self.events.wait(
+            name, timeout, predicate=predicate, since=since, console_tail=self.console.tail
+        )
 
     async def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit by itself (the guest powered off); its exit status."""
         assert self._proc is not None and self._reaper is not None
         try:
             await asyncio.wait_for(asyncio.shield(self._reaper), timeout)
-        except asyncio.TimeoutError:
-            raise BootTimeout("the guest to power off (QEMU to exit)", timeout,
-                              self.console.tail()) from None
+        except TimeoutError:
+            raise BootTimeout("the guest to power off (QEMU to exit)", timeout, self.console.tail()) from None
         assert self.returncode is not None
         return self.returncode
 
-    async def execute(self, cmd: str, arguments: dict[str, Any] | None = None,
-                      timeout: float = 10.0) -> object:
+    async def execute(
+        self, cmd: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0
+    ) -> object:
         """A QMP command, bounded."""
         return await asyncio.wait_for(self.qmp.execute(cmd, arguments), timeout)
 
@@ -709,12 +775,15 @@ class QemuVM:
         if proc is not None and proc.returncode is None and self.qmp.runstate.name == "RUNNING":
             try:
                 await asyncio.wait_for(self.qmp.execute("quit"), QUIT_TIMEOUT_S)
-            except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, QMPError, OSError, EOFError) as exc:
                 # ExecInterruptedError/EOF: QEMU hung up while answering; that is a quit.
                 log.debug("quit: %s: %s", type(exc).__name__, exc)
         if proc is not None:
-            for sig, wait_s in ((None, QUIT_TIMEOUT_S), (signal.SIGTERM, TERM_TIMEOUT_S),
-                                (signal.SIGKILL, KILL_TIMEOUT_S)):
+            for sig, wait_s in (
+                (None, QUIT_TIMEOUT_S),
+                (signal.SIGTERM, TERM_TIMEOUT_S),
+                (signal.SIGKILL, KILL_TIMEOUT_S),
+            ):
                 if proc.returncode is not None:
                     break
                 if sig is not None:
@@ -769,13 +838,24 @@ class QemuVM:
 def qemu_version() -> str:
     """``qemu-system-x86_64 --version``'s first line (for reports and manifests)."""
     if tools.which(QEMU_BINARY) is None:
-        raise QemuMissing(f"{QEMU_BINARY} not found: install {QEMU_PACKAGE} "
-                          f"(apt-get install {QEMU_PACKAGE})")
+        raise QemuMissing(f"{QEMU_BINARY} not found: install {QEMU_PACKAGE} (apt-get install {QEMU_PACKAGE})")
     return tools.run([QEMU_BINARY, "--version"]).splitlines()[0]
 
 
 __all__ = [
-    "BootTimeout", "Console", "ConsoleFollower", "ConsoleLine", "Drive", "EventLog", "MachineConfig",
-    "QemuEvent", "QemuExited", "QemuFailedToStart", "QemuMissing", "QemuVM", "build_command",
-    "make_overlay", "qemu_version",
+    "BootTimeout",
+    "Console",
+    "ConsoleFollower",
+    "ConsoleLine",
+    "Drive",
+    "EventLog",
+    "MachineConfig",
+    "QemuEvent",
+    "QemuExited",
+    "QemuFailedToStart",
+    "QemuMissing",
+    "QemuVM",
+    "build_command",
+    "make_overlay",
+    "qemu_version",
 ]

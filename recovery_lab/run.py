@@ -26,9 +26,10 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import ClientSession, web
 
@@ -50,8 +51,10 @@ from .timeline import EntryKind
 CHANNELS = "var/lib/sensor/channels"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
-_PROGRESS = re.compile(r"QMR-(GRUB|HEALTH|RECOVERY-AGENT|AGENT|NEEDS|UNHEALTHY)|^\[agent \+|"
-                       r"^\[[ \d.]+\] (Kernel panic - not syncing|RIP: 0010|watchdog: BUG)")
+_PROGRESS = re.compile(
+    r"QMR-(GRUB|HEALTH|RECOVERY-AGENT|AGENT|NEEDS|UNHEALTHY)|^\[agent \+|"
+    r"^\[[ \d.]+\] (Kernel panic - not syncing|RIP: 0010|watchdog: BUG)"
+)
 QUARANTINE = "var/lib/recovery/quarantine"
 
 
@@ -100,12 +103,20 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "scenario": self.scenario, "recovered": self.recovered, "boots": self.boots,
+            "scenario": self.scenario,
+            "recovered": self.recovered,
+            "boots": self.boots,
             "phases": [p.to_json() for p in self.phases],
-            "time_to_recovery_s": None if self.time_to_recovery_s is None else round(self.time_to_recovery_s, 2),
-            "server_incident": self.server_incident, "outcome": self.outcome,
-            "device": self.device, "disk": self.disk, "server_events": self.events,
-            "vm": self.boot.to_json() if self.boot else None, "workdir": self.workdir,
+            "time_to_recovery_s": None
+            if self.time_to_recovery_s is None
+            else round(self.time_to_recovery_s, 2),
+            "server_incident": self.server_incident,
+            "outcome": self.outcome,
+            "device": self.device,
+            "disk": self.disk,
+            "server_events": self.events,
+            "vm": self.boot.to_json() if self.boot else None,
+            "workdir": self.workdir,
         }
 
 
@@ -150,24 +161,37 @@ class _Lab:
 
     async def _start_tampering_proxy(self) -> None:
         """Between the VM and the server: flips one byte of every directive's payload."""
+
         async def forward(request: web.Request) -> web.Response:
             async with ClientSession() as s:
-                headers = {k: v for k, v in request.headers.items()
-                           if k.lower() in ("authorization", "content-type")}
-                async with s.request(request.method, self.url + request.path_qs, headers=headers,
-                                     data=await request.read()) as r:
+                headers = {
+                    k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")
+                }
+                async with s.request(
+                    request.method, self.url + request.path_qs, headers=headers, data=await request.read()
+                ) as r:
                     body = await r.read()
                     if request.path.endswith("/directive") and r.status == 200:
                         answer = json.loads(body)
                         if answer.get("status") == "directive":
                             import base64
+
                             payload = bytearray(base64.b64decode(answer["envelope"]["payload"]))
                             i = payload.find(b"C-00000291")
                             payload[i + 9] = ord("0") if payload[i + 9] != ord("0") else ord("1")
                             answer["envelope"]["payload"] = base64.b64encode(bytes(payload)).decode()
                             body = json.dumps(answer).encode()
-                            self.seen.append((self.now(), {"kind": "lab.directive_tampered", "subject": "",
-                                                           "actor": "proxy", "detail": ""}))
+                            self.seen.append(
+                                (
+                                    self.now(),
+                                    {
+                                        "kind": "lab.directive_tampered",
+                                        "subject": "",
+                                        "actor": "proxy",
+                                        "detail": "",
+                                    },
+                                )
+                            )
                     return web.Response(body=body, status=r.status, content_type="application/json")
 
         app = web.Application()
@@ -186,8 +210,13 @@ class _Lab:
 
     async def enroll(self, device_id: str) -> SigningKey:
         key = SigningKey.generate()
-        msg = Enrollment(device_id=device_id, public_key=public_b64(key.public),
-                         enrollment_token=self.enroll_token, hostname=device_id, created_at=utcnow())
+        msg = Enrollment(
+            device_id=device_id,
+            public_key=public_b64(key.public),
+            enrollment_token=self.enroll_token,
+            hostname=device_id,
+            created_at=utcnow(),
+        )
         async with DeviceClient(self.url) as c:
             await c.enroll(seal_bytes(msg, key))
         return key
@@ -224,14 +253,20 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                     continue
                 if not opts.auto_approve:
                     admin = f"recovery-admin --server {lab.url} --token-file"
-                    say(f"[lab +{lab.now():6.1f}s] the catalog proposes: {proposal['title']}. Waiting for "
+                    say(
+                        f"[lab +{lab.now():6.1f}s] the catalog proposes: {proposal['title']}. Waiting for "
                         f"people (or rerun with --auto-approve):\n"
                         f"    {admin} {lab.work / 'lab-operator.token'} remediation create "
                         f"--incident {incident} --suggested\n"
-                        f"    {admin} {lab.work / 'lab-approver.token'} remediation approve REMEDIATION_ID")
+                        f"    {admin} {lab.work / 'lab-approver.token'} remediation approve REMEDIATION_ID"
+                    )
                     continue
-                rem = lab.service.create_remediation(User("lab-operator", "operator"), title=proposal["title"],
-                                                     actions=proposal["actions"], incident_id=incident)
+                rem = lab.service.create_remediation(
+                    User("lab-operator", "operator"),
+                    title=proposal["title"],
+                    actions=proposal["actions"],
+                    incident_id=incident,
+                )
                 lab.service.approve(User("lab-approver", "approver"), rem["remediation_id"])
         await asyncio.sleep(0.2)
 
@@ -250,22 +285,35 @@ async def run_async(opts: RunOptions) -> RunReport:
     device_id = f"lab-{opts.scenario}"[:64]
     try:
         key = await lab.enroll(device_id)
-        say(f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
-            f"device {device_id} enrolled")
+        say(
+            f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
+            f"device {device_id} enrolled"
+        )
         settings = {
-            "device_id": device_id, "server_url": f"http://10.0.2.100:{lab.guest_port}",
-            "server_public_key": public_b64(lab.key.public), "device_key": "device.key",
-            "os_root": "/mnt/os", "grubenv": "/mnt/esp/grub/grubenv", "pstore_dir": "/sys/fs/pstore",
+            "device_id": device_id,
+            "server_url": f"http://10.0.2.100:{lab.guest_port}",
+            "server_public_key": public_b64(lab.key.public),
+            "device_key": "device.key",
+            "os_root": "/mnt/os",
+            "grubenv": "/mnt/esp/grub/grubenv",
+            "pstore_dir": "/sys/fs/pstore",
             "boot_progress": "/mnt/os/var/log/boot-progress.log",
-            "seconds_per_minute": opts.seconds_per_minute, "retry_interval_min": opts.retry_interval_min,
+            "seconds_per_minute": opts.seconds_per_minute,
+            "retry_interval_min": opts.retry_interval_min,
             "time_to_reboot_min": opts.time_to_reboot_min,
-            "max_recovery_attempts": opts.max_recovery_attempts, "long_poll_s": 10,
+            "max_recovery_attempts": opts.max_recovery_attempts,
+            "long_poll_s": 10,
         }
         key_pem = key.private_pem()
-        seed = make_seed_disk(work / "seed.img", {"agent.json": json.dumps(settings, indent=1).encode(),
-                                                  "device.key": key_pem})
-        config = MachineConfig(disk=artifact.image, accel=opts.accel, forward_port=lab.guest_port,
-                               extra_drives=[Drive(seed, "raw", "virtio", readonly=True)])
+        seed = make_seed_disk(
+            work / "seed.img", {"agent.json": json.dumps(settings, indent=1).encode(), "device.key": key_pem}
+        )
+        config = MachineConfig(
+            disk=artifact.image,
+            accel=opts.accel,
+            forward_port=lab.guest_port,
+            extra_drives=[Drive(seed, "raw", "virtio", readonly=True)],
+        )
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch(lab, opts, done))
         say(f"[lab +{lab.now():6.1f}s] booting {artifact.image.name} under {opts.accel}")
@@ -277,8 +325,14 @@ async def run_async(opts: RunOptions) -> RunReport:
                 say(f"[vm  +{lab.now():6.1f}s] {line[:160]}")
 
         try:
-            boot = await follow_boot(config, timeout=opts.timeout_s, keep_logs=True,
-                                     run_dir=work / "vm", name=opts.scenario, on_line=progress)
+            boot = await follow_boot(
+                config,
+                timeout=opts.timeout_s,
+                keep_logs=True,
+                run_dir=work / "vm",
+                name=opts.scenario,
+                on_line=progress,
+            )
         finally:
             done.set()
             await watcher
@@ -293,10 +347,11 @@ async def run_async(opts: RunOptions) -> RunReport:
     return report
 
 
-def _judge(lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, device_id: str,
-           work: Path) -> RunReport:
+def _judge(
+    lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, device_id: str, work: Path
+) -> RunReport:
     svc = lab.service
-    t = lambda seconds: vm_started + seconds  # VM time -> run time  # noqa: E731
+    t = lambda seconds: vm_started + seconds  # VM time -> run time
     grub = boot.timeline.of_kind(EntryKind.GRUB_ENTRY)
     first_recovery = next((e for e in grub if e.data.get("entry") == "recovery"), None)
     phases: list[Phase] = []
@@ -323,8 +378,19 @@ def _judge(lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, dev
     incident = None
     if incidents:
         inc = incidents[0]
-        incident = {k: inc[k] for k in ("incident_id", "kind", "title", "guilty_module", "guilty_frame",
-                                        "channel_file", "report_count", "devices")}
+        incident = {
+            k: inc[k]
+            for k in (
+                "incident_id",
+                "kind",
+                "title",
+                "guilty_module",
+                "guilty_frame",
+                "channel_file",
+                "report_count",
+                "devices",
+            )
+        }
         incident["results"] = results
     disk: dict[str, Any] = {}
     overlays = list((work / "vm").glob("*.qcow2"))
@@ -333,37 +399,58 @@ def _judge(lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, dev
             env = d.grubenv()
             disk["grubenv"] = dict(env)
             disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNELS))
-            disk["quarantine"] = {folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE}/{folder}"))
-                                  for folder in d.ext4_listdir(OS, QUARANTINE)}
-            manifests = {folder: d.ext4_file(OS, f"{QUARANTINE}/{folder}/manifest.json")
-                         for folder in disk["quarantine"]}
+            disk["quarantine"] = {
+                folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE}/{folder}"))
+                for folder in d.ext4_listdir(OS, QUARANTINE)
+            }
+            manifests = {
+                folder: d.ext4_file(OS, f"{QUARANTINE}/{folder}/manifest.json")
+                for folder in disk["quarantine"]
+            }
             disk["manifests"] = {k: json.loads(v) for k, v in manifests.items() if v}
     report = RunReport(
-        scenario=opts.scenario, recovered=recovered, boots=boot.boots, phases=phases,
-        time_to_recovery_s=(health if recovered else None), server_incident=incident,
-        outcome=boot.outcome, device=devices.get(device_id, {}),
-        events=[{"at_s": round(s, 2), "kind": e["kind"], "subject": e.get("subject"),
-                 "detail": e.get("detail")} for s, e in lab.seen],
-        disk=disk, boot=boot, workdir=str(work))
+        scenario=opts.scenario,
+        recovered=recovered,
+        boots=boot.boots,
+        phases=phases,
+        time_to_recovery_s=(health if recovered else None),
+        server_incident=incident,
+        outcome=boot.outcome,
+        device=devices.get(device_id, {}),
+        events=[
+            {"at_s": round(s, 2), "kind": e["kind"], "subject": e.get("subject"), "detail": e.get("detail")}
+            for s, e in lab.seen
+        ],
+        disk=disk,
+        boot=boot,
+        workdir=str(work),
+    )
     return report
 
 
 def render(report: RunReport) -> str:
-    lines = ["", f"Scenario {report.scenario}: {'RECOVERED' if report.recovered else 'not recovered'} "
-                 f"({report.outcome}, {report.boots} boots)"]
+    lines = [
+        "",
+        f"Scenario {report.scenario}: {'RECOVERED' if report.recovered else 'not recovered'} "
+        f"({report.outcome}, {report.boots} boots)",
+    ]
     for p in report.phases:
         lines.append(f"  {p.name:<40} at {p.start:7.1f}s  took {p.end - p.start:6.1f}s")
     if report.time_to_recovery_s is not None:
         lines.append(f"  time to recovery: {report.time_to_recovery_s:.1f}s")
     if report.server_incident:
         i = report.server_incident
-        lines.append(f"  incident {i['incident_id']}: {i['title']} (module {i['guilty_module']}, "
-                     f"file {i['channel_file']}); results: {[r['outcome'] for r in i['results']]}")
+        lines.append(
+            f"  incident {i['incident_id']}: {i['title']} (module {i['guilty_module']}, "
+            f"file {i['channel_file']}); results: {[r['outcome'] for r in i['results']]}"
+        )
     if report.device:
         lines.append(f"  device {report.device.get('device_id')}: {report.device.get('state')}")
     if report.disk:
-        lines.append(f"  disk: boot_count={report.disk['grubenv'].get('boot_count')}, channel files "
-                     f"{report.disk['channel_files']}, quarantine {report.disk['quarantine']}")
+        lines.append(
+            f"  disk: boot_count={report.disk['grubenv'].get('boot_count')}, channel files "
+            f"{report.disk['channel_files']}, quarantine {report.disk['quarantine']}"
+        )
     lines.append(f"  everything is in {report.workdir}")
     return "\n".join(lines)
 

@@ -36,10 +36,10 @@ _HINTS: dict[str, str] = {
     "action": "use one of add, replace, corrupt, remove",
     "source": "use one of " + ", ".join(SOURCES),
     "path": "give a path inside the OS root without a leading '/' or '..', "
-            "e.g. var/lib/sensor/channels/C-00000291-00000000-00000032.sys",
+    "e.g. var/lib/sensor/channels/C-00000291-00000000-00000032.sys",
     "kernel_args": "give a list of plain words such as \"sensor.hang=1\" (no quotes, spaces or '$')",
-    "ends_in": "use \"healthy\" or \"recovery\"",
-    "mode": "give an octal string such as \"0644\" or \"0755\"",
+    "ends_in": 'use "healthy" or "recovery"',
+    "mode": 'give an octal string such as "0644" or "0755"',
 }
 
 
@@ -173,7 +173,8 @@ def load_scenario(path: str | Path) -> Scenario:
         data.pop(key, None)
     try:
         scenario = Scenario.model_validate(
-            {**data, "source_path": str(path), "source_sha256": hashlib.sha256(raw).hexdigest()})
+            {**data, "source_path": str(path), "source_sha256": hashlib.sha256(raw).hexdigest()}
+        )
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -182,8 +183,10 @@ def load_scenario(path: str | Path) -> Scenario:
             problems.append(f"{path}: field {_field_name(loc)}: {msg}: {_hint(loc, err['type'])}")
         raise ScenarioError("\n".join(problems)) from None
     if scenario.name != path.stem:
-        raise ScenarioError(f"{path}: field name: {scenario.name!r} differs from the file name: "
-                            f"rename the file to {scenario.name}.toml or set name = {path.stem!r}")
+        raise ScenarioError(
+            f"{path}: field name: {scenario.name!r} differs from the file name: "
+            f"rename the file to {scenario.name}.toml or set name = {path.stem!r}"
+        )
     return scenario
 
 
@@ -198,8 +201,9 @@ def find_scenario(name_or_path: str, images: Path) -> Path:
     path = scenarios_dir(images) / f"{name_or_path}.toml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in scenarios_dir(images).glob("*.toml")))
-        raise ScenarioError(f"no scenario {name_or_path!r}: use one of {known}, "
-                            f"or give the path of a .toml file")
+        raise ScenarioError(
+            f"no scenario {name_or_path!r}: use one of {known}, or give the path of a .toml file"
+        )
     return path
 
 

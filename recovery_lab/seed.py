@@ -34,12 +34,12 @@ def make_seed_disk(out: Path, files: dict[str, bytes]) -> Path:
     out = Path(out)
     for name in files:
         if not _NAME_RE.match(name):
-            raise ValueError(f"seed disk file name {name!r}: use letters, digits, '.', '_', '-'"
-                             " (no folders)")
+            raise ValueError(f"seed disk file name {name!r}: use letters, digits, '.', '_', '-' (no folders)")
     total = sum(len(data) for data in files.values())
     if total > (SEED_SIZE_KIB - 256) * 1024:
-        raise ValueError(f"seed disk files are {total} bytes: more than a "
-                         f"{SEED_SIZE_KIB // 1024} MiB seed disk holds")
+        raise ValueError(
+            f"seed disk files are {total} bytes: more than a {SEED_SIZE_KIB // 1024} MiB seed disk holds"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.unlink()

@@ -86,8 +86,13 @@ class TimelineEntry:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 3), "kind": self.kind.value,
-                "detail": self.detail, "boot": self.boot, "data": self.data}
+        return {
+            "seconds": round(self.seconds, 3),
+            "kind": self.kind.value,
+            "detail": self.detail,
+            "boot": self.boot,
+            "data": self.data,
+        }
 
 
 @dataclass
@@ -109,8 +114,9 @@ class Timeline:
     def render(self) -> str:
         """One line per entry: seconds, boot, kind, detail."""
         width = max((len(e.kind.value) for e in self.entries), default=4)
-        return "\n".join(f"{e.seconds:8.2f}s  boot {e.boot:<2} {e.kind.value:<{width}}  {e.detail}"
-                         for e in self.entries)
+        return "\n".join(
+            f"{e.seconds:8.2f}s  boot {e.boot:<2} {e.kind.value:<{width}}  {e.detail}" for e in self.entries
+        )
 
 
 def parse_markers(rest: str) -> dict[str, str]:
@@ -144,8 +150,7 @@ def _quoted_lines(lines: Sequence[ConsoleLine]) -> set[int]:
     return quoted
 
 
-def _console_entries(lines: Sequence[ConsoleLine]
-                     ) -> tuple[list[tuple[int, TimelineEntry]], list[_Boot]]:
+def _console_entries(lines: Sequence[ConsoleLine]) -> tuple[list[tuple[int, TimelineEntry]], list[_Boot]]:
     """Marker and boot entries, each with the index of its console line."""
     entries: list[tuple[int, TimelineEntry]] = []
     boots: list[_Boot] = []
@@ -175,32 +180,47 @@ def _console_entries(lines: Sequence[ConsoleLine]
             if boots and boots[-1].announced_by_grub and not boots[-1].banner_seen:
                 boots[-1].banner_seen = True
             else:
-                boots.append(_Boot(len(boots) + 1, i, line.seconds, announced_by_grub=False,
-                                   banner_seen=True))
-                add(i, EntryKind.BOOT, f"boot {len(boots)} started (Linux {m.group('version')})",
-                    {"kernel": m.group("version")})
+                boots.append(
+                    _Boot(len(boots) + 1, i, line.seconds, announced_by_grub=False, banner_seen=True)
+                )
+                add(
+                    i,
+                    EntryKind.BOOT,
+                    f"boot {len(boots)} started (Linux {m.group('version')})",
+                    {"kernel": m.group("version")},
+                )
         elif m := _HEALTHY_RE.search(text):
-            add(i, EntryKind.HEALTHY, m.group("rest").strip() or "healthy",
-                parse_markers(m.group("rest")))
+            add(i, EntryKind.HEALTHY, m.group("rest").strip() or "healthy", parse_markers(m.group("rest")))
         elif m := _RECOVERY_BEGIN_RE.search(text):
-            add(i, EntryKind.RECOVERY_BEGIN, m.group("rest").strip() or "recovery environment",
-                parse_markers(m.group("rest")))
+            add(
+                i,
+                EntryKind.RECOVERY_BEGIN,
+                m.group("rest").strip() or "recovery environment",
+                parse_markers(m.group("rest")),
+            )
         elif m := _PSTORE_RE.search(text):
             add(i, EntryKind.PSTORE, m.group("name"), {"record": m.group("name")})
             last_pstore = len(entries) - 1
             pstore_text[last_pstore] = []
         elif m := _RECOVERY_END_RE.search(text):
-            add(i, EntryKind.RECOVERY_END, m.group("rest").strip() or "recovery done",
-                parse_markers(m.group("rest")))
+            add(
+                i,
+                EntryKind.RECOVERY_END,
+                m.group("rest").strip() or "recovery done",
+                parse_markers(m.group("rest")),
+            )
         elif m := _AGENT_RE.search(text):
-            add(i, EntryKind.AGENT, f"{m.group('phase')}: {m.group('text').strip()}",
-                {"phase": m.group("phase")})
+            add(
+                i,
+                EntryKind.AGENT,
+                f"{m.group('phase')}: {m.group('text').strip()}",
+                {"phase": m.group("phase")},
+            )
         elif m := _AGENT_EXIT_RE.search(text):
             add(i, EntryKind.AGENT_EXIT, f"agent exit {m.group('code')}", {"code": int(m.group("code"))})
         elif m := _HEALTH_REPORTED_RE.search(text):
             ok = m.group("rest") == "ED"
-            add(i, EntryKind.HEALTH_REPORT, "reported to the server" if ok else m.group(0),
-                {"ok": ok})
+            add(i, EntryKind.HEALTH_REPORT, "reported to the server" if ok else m.group(0), {"ok": ok})
     for k, text_lines in pstore_text.items():
         sig = parse_crash("\n".join(text_lines), source=entries[k][1].detail)
         if sig is not None:
@@ -209,8 +229,7 @@ def _console_entries(lines: Sequence[ConsoleLine]
     return entries, boots
 
 
-def _crash_entries(lines: Sequence[ConsoleLine], boots: list[_Boot]
-                   ) -> list[tuple[int, TimelineEntry]]:
+def _crash_entries(lines: Sequence[ConsoleLine], boots: list[_Boot]) -> list[tuple[int, TimelineEntry]]:
     """One ``panic`` entry per boot whose console text holds an oops or panic."""
     entries: list[tuple[int, TimelineEntry]] = []
     quoted = _quoted_lines(lines)
@@ -230,14 +249,27 @@ def _crash_entries(lines: Sequence[ConsoleLine], boots: list[_Boot]
         at = next((j for j, ln in enumerate(chunk) if _PANIC_LINE_RE.search(ln.text)), None)
         if at is None:
             first = sig.excerpt.splitlines()[0].strip() if sig.excerpt else ""
-            at = next((j for j, ln in enumerate(chunk) if first and first in ln.text),
-                      len(chunk) - 1)
+            at = next((j for j, ln in enumerate(chunk) if first and first in ln.text), len(chunk) - 1)
         where = f" [{sig.guilty_module}]" if sig.guilty_module else ""
-        entries.append((index[at], TimelineEntry(
-            chunk[at].seconds, EntryKind.PANIC, f"{sig.kind.value}: {sig.title}{where}", number,
-            data={"kind": sig.kind.value, "title": sig.title, "guilty_module": sig.guilty_module,
-                  "guilty_frame": sig.guilty_frame, "channel_file": sig.channel_file,
-                  "signature_id": sig.id})))
+        entries.append(
+            (
+                index[at],
+                TimelineEntry(
+                    chunk[at].seconds,
+                    EntryKind.PANIC,
+                    f"{sig.kind.value}: {sig.title}{where}",
+                    number,
+                    data={
+                        "kind": sig.kind.value,
+                        "title": sig.title,
+                        "guilty_module": sig.guilty_module,
+                        "guilty_frame": sig.guilty_frame,
+                        "channel_file": sig.channel_file,
+                        "signature_id": sig.id,
+                    },
+                ),
+            )
+        )
     return entries
 
 
@@ -251,22 +283,49 @@ def _event_entries(events: Iterable[QemuEvent]) -> list[TimelineEntry]:
                 last_reset.data["last_seconds"] = ev.seconds
                 continue
             reason = ev.data.get("reason", "")
-            last_reset = TimelineEntry(ev.seconds, EntryKind.RESET, reason or "reset", 0,
-                                       data={"reason": reason, "guest": ev.data.get("guest"),
-                                             "events": 1, "last_seconds": ev.seconds})
+            last_reset = TimelineEntry(
+                ev.seconds,
+                EntryKind.RESET,
+                reason or "reset",
+                0,
+                data={
+                    "reason": reason,
+                    "guest": ev.data.get("guest"),
+                    "events": 1,
+                    "last_seconds": ev.seconds,
+                },
+            )
             entries.append(last_reset)
         elif ev.name == "WATCHDOG":
-            entries.append(TimelineEntry(ev.seconds, EntryKind.WATCHDOG,
-                                         f"watchdog fired, action={ev.data.get('action')}", 0,
-                                         data=dict(ev.data)))
+            entries.append(
+                TimelineEntry(
+                    ev.seconds,
+                    EntryKind.WATCHDOG,
+                    f"watchdog fired, action={ev.data.get('action')}",
+                    0,
+                    data=dict(ev.data),
+                )
+            )
         elif ev.name == "GUEST_PANICKED":
-            entries.append(TimelineEntry(ev.seconds, EntryKind.GUEST_PANICKED,
-                                         f"pvpanic, action={ev.data.get('action')}", 0,
-                                         data=dict(ev.data)))
+            entries.append(
+                TimelineEntry(
+                    ev.seconds,
+                    EntryKind.GUEST_PANICKED,
+                    f"pvpanic, action={ev.data.get('action')}",
+                    0,
+                    data=dict(ev.data),
+                )
+            )
         elif ev.name == "SHUTDOWN":
-            entries.append(TimelineEntry(ev.seconds, EntryKind.SHUTDOWN,
-                                         str(ev.data.get("reason", "shutdown")), 0,
-                                         data=dict(ev.data)))
+            entries.append(
+                TimelineEntry(
+                    ev.seconds,
+                    EntryKind.SHUTDOWN,
+                    str(ev.data.get("reason", "shutdown")),
+                    0,
+                    data=dict(ev.data),
+                )
+            )
         elif ev.name in ("STOP", "RESUME") and ev.seconds > _START_GRACE_S:
             kind = EntryKind.STOP if ev.name == "STOP" else EntryKind.RESUME
             entries.append(TimelineEntry(ev.seconds, kind, ev.name.lower(), 0, data=dict(ev.data)))
@@ -292,8 +351,14 @@ def build_timeline(lines: Sequence[ConsoleLine], events: Iterable[QemuEvent]) ->
     for e in entries:
         if e.kind is EntryKind.BOOT:
             boot = e.boot
-        elif e.kind in (EntryKind.RESET, EntryKind.WATCHDOG, EntryKind.GUEST_PANICKED,
-                        EntryKind.SHUTDOWN, EntryKind.STOP, EntryKind.RESUME):
+        elif e.kind in (
+            EntryKind.RESET,
+            EntryKind.WATCHDOG,
+            EntryKind.GUEST_PANICKED,
+            EntryKind.SHUTDOWN,
+            EntryKind.STOP,
+            EntryKind.RESUME,
+        ):
             e.boot = boot
     return Timeline(entries)
 
@@ -307,8 +372,9 @@ def load_events(path: Path) -> list[QemuEvent]:
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             rec = json.loads(line)
-            events.append(QemuEvent(rec["event"], rec.get("data") or {}, float(rec["seconds"]),
-                                    rec.get("qemu_time")))
+            events.append(
+                QemuEvent(rec["event"], rec.get("data") or {}, float(rec["seconds"]), rec.get("qemu_time"))
+            )
     return events
 
 
@@ -323,8 +389,9 @@ def recorded_timeline(console_text: str, events: Sequence[QemuEvent]) -> Timelin
     lines = untimed_lines(console_text)
     _, boots = _console_entries(lines)
     resets = [e.seconds for e in _event_entries(events) if e.kind is EntryKind.RESET]
-    starts = {b.start_line: (resets[b.number - 2] if 2 <= b.number <= len(resets) + 1 else None)
-              for b in boots}
+    starts = {
+        b.start_line: (resets[b.number - 2] if 2 <= b.number <= len(resets) + 1 else None) for b in boots
+    }
     base = 0.0
     timed = []
     for i, ln in enumerate(lines):

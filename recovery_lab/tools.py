@@ -111,15 +111,27 @@ def require(*tools: str) -> None:
         if not present:
             missing.append(missing_message(tool))
     if missing:
-        packages = sorted({(PACKAGES.get(t) or FILES.get(t) or t) for t in tools
-                           if (Path(t).exists() if t.startswith("/") else which(t)) is None})
-        raise ToolMissing("; ".join(missing) + (
-            f" (all at once: apt-get install {' '.join(packages)})" if len(missing) > 1 else ""))
+        packages = sorted(
+            {
+                (PACKAGES.get(t) or FILES.get(t) or t)
+                for t in tools
+                if (Path(t).exists() if t.startswith("/") else which(t)) is None
+            }
+        )
+        raise ToolMissing(
+            "; ".join(missing)
+            + (f" (all at once: apt-get install {' '.join(packages)})" if len(missing) > 1 else "")
+        )
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None, input: bytes | None = None,
-        stdout_to: str | os.PathLike[str] | None = None) -> str:
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    stdout_to: str | os.PathLike[str] | None = None,
+) -> str:
     """Run ``cmd`` and return its standard output as text.
 
     ``env`` is added to (not substituted for) the current environment. ``stdout_to`` sends
@@ -136,9 +148,15 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: str | os.PathLike[str] | 
     full_env.setdefault("LC_ALL", "C")
     out_file = open(stdout_to, "wb") if stdout_to is not None else None
     try:
-        proc = subprocess.run([exe, *argv[1:]], cwd=cwd, env=full_env, input=input,
-                              stdout=out_file if out_file else subprocess.PIPE,
-                              stderr=subprocess.PIPE, check=False)
+        proc = subprocess.run(
+            [exe, *argv[1:]],
+            cwd=cwd,
+            env=full_env,
+            input=input,
+            stdout=out_file if out_file else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
     finally:
         if out_file:
             out_file.close()
@@ -153,5 +171,4 @@ def package_version(package: str) -> str:
     try:
         return run(["dpkg-query", "-W", "-f=${Version}", package]).strip()
     except ToolFailed:
-        raise ToolMissing(f"package {package} is not installed: "
-                          f"{_install_hint(package)}") from None
+        raise ToolMissing(f"package {package} is not installed: {_install_hint(package)}") from None

@@ -26,8 +26,8 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
         return "(none)"
     cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 
@@ -41,8 +41,14 @@ def _actions_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
             parts = spec.split(":")
             if len(parts) != 3:
                 raise SystemExit("--restore takes PATH:SOURCE:SHA256")
-            actions.append({"type": "restore_file", "path": check_relative_path(parts[0]),
-                            "source": check_relative_path(parts[1]), "sha256": parts[2]})
+            actions.append(
+                {
+                    "type": "restore_file",
+                    "path": check_relative_path(parts[0]),
+                    "source": check_relative_path(parts[1]),
+                    "sha256": parts[2],
+                }
+            )
     except PathRuleError as exc:
         raise SystemExit(f"recovery-admin: {exc}") from None
     for name in args.disable_driver or []:
@@ -64,15 +70,21 @@ async def _signed_approval(call, args: argparse.Namespace) -> dict[str, Any]:
     print(f"signing approval of {rem['remediation_id']} ({rem['title']}):", file=sys.stderr)
     for a in rem["actions"]:
         print(f"  {json.dumps(a, sort_keys=True)}", file=sys.stderr)
-    approval = RemediationApproval(remediation_id=rem["remediation_id"],
-                                   actions_sha256=actions_digest(rem["actions"]), approver=me,
-                                   approved_at=utcnow())
+    approval = RemediationApproval(
+        remediation_id=rem["remediation_id"],
+        actions_sha256=actions_digest(rem["actions"]),
+        approver=me,
+        approved_at=utcnow(),
+    )
     return seal(approval, key)
 
 
 async def _run(args: argparse.Namespace) -> Any:
-    token = args.token or (Path(args.token_file).read_text().strip() if args.token_file else None) \
+    token = (
+        args.token
+        or (Path(args.token_file).read_text().strip() if args.token_file else None)
         or os.environ.get("RECOVERY_TOKEN")
+    )
     retry = RetryPolicy(attempts=3, max_delay_s=10)
     async with AdminClient(args.server, token, retry=retry) as c:
         call = c.call
@@ -80,7 +92,13 @@ async def _run(args: argparse.Namespace) -> Any:
         if cmd == "whoami":
             return await call("GET", "/whoami"), None
         if cmd == "devices":
-            return await call("GET", "/devices"), ["device_id", "state", "recovery_attempts", "last_seen", "hostname"]
+            return await call("GET", "/devices"), [
+                "device_id",
+                "state",
+                "recovery_attempts",
+                "last_seen",
+                "hostname",
+            ]
         if cmd == "incidents":
             if args.incident_id:
                 return await call("GET", f"/incidents/{args.incident_id}"), None
@@ -106,22 +124,38 @@ async def _run(args: argparse.Namespace) -> Any:
                     actions = s["actions"] + actions
                     title = title or s["title"]
                 if not actions:
-                    raise SystemExit("recovery-admin: give at least one action (--quarantine, "
-                                     "--restore, --disable-driver, --actions-file or --suggested)")
-                return await call("POST", "/remediations", {
-                    "title": title or "remediation", "incident_id": args.incident,
-                    "actions": actions, "required_approvals": args.approvals}), None
+                    raise SystemExit(
+                        "recovery-admin: give at least one action (--quarantine, "
+                        "--restore, --disable-driver, --actions-file or --suggested)"
+                    )
+                return await call(
+                    "POST",
+                    "/remediations",
+                    {
+                        "title": title or "remediation",
+                        "incident_id": args.incident,
+                        "actions": actions,
+                        "required_approvals": args.approvals,
+                    },
+                ), None
             if args.rcmd == "approve" and args.key:
-                return await call("POST", f"/remediations/{args.remediation_id}/approve",
-                                  {"signed": await _signed_approval(call, args)}), None
+                return await call(
+                    "POST",
+                    f"/remediations/{args.remediation_id}/approve",
+                    {"signed": await _signed_approval(call, args)},
+                ), None
             if args.rcmd in ("approve", "revoke"):
                 return await call("POST", f"/remediations/{args.remediation_id}/{args.rcmd}"), None
         if cmd == "rollout":
             if args.rocmd == "create":
-                plan: dict[str, Any] = {"waves": [], "min_devices": args.min_devices,
-                                        "min_success_rate": args.min_success_rate, "soak_s": args.soak,
-                                        "halt_failure_rate": args.halt_failure_rate,
-                                        "halt_min_devices": args.halt_min_devices}
+                plan: dict[str, Any] = {
+                    "waves": [],
+                    "min_devices": args.min_devices,
+                    "min_success_rate": args.min_success_rate,
+                    "soak_s": args.soak,
+                    "halt_failure_rate": args.halt_failure_rate,
+                    "halt_min_devices": args.halt_min_devices,
+                }
                 if args.canary:
                     plan["waves"].append({"name": "canary", "devices": args.canary.split(",")})
                 for pct in args.percent or [10, 100]:
@@ -162,7 +196,15 @@ async def _run(args: argparse.Namespace) -> Any:
             cmd = "events"
         if cmd == "events":
             q = f"?after={args.after}" + (f"&device={args.device}" if args.device else "")
-            return await call("GET", "/events" + q), ["seq", "at", "kind", "actor", "device_id", "subject", "detail"]
+            return await call("GET", "/events" + q), [
+                "seq",
+                "at",
+                "kind",
+                "actor",
+                "device_id",
+                "subject",
+                "detail",
+            ]
     raise SystemExit(f"recovery-admin: unknown command {cmd}")
 
 
@@ -195,15 +237,22 @@ def main(argv: list[str] | None = None) -> int:
         a = rs.add_parser(name)
         a.add_argument("remediation_id")
         if name == "approve":
-            a.add_argument("--key", help="sign the approval with your own key (required once you "
-                                         "registered one with `recovery-admin key create`)")
+            a.add_argument(
+                "--key",
+                help="sign the approval with your own key (required once you "
+                "registered one with `recovery-admin key create`)",
+            )
     ro = sub.add_parser("rollout", help="staged rollout of a remediation")
     rosub = ro.add_subparsers(dest="rocmd", required=True)
     rc = rosub.add_parser("create", help="set the waves before the remediation is served")
     rc.add_argument("remediation_id")
     rc.add_argument("--canary", help="comma-separated device ids for the first wave")
-    rc.add_argument("--percent", type=float, action="append",
-                    help="a percentage wave (repeat, growing, last 100); default 10 then 100")
+    rc.add_argument(
+        "--percent",
+        type=float,
+        action="append",
+        help="a percentage wave (repeat, growing, last 100); default 10 then 100",
+    )
     rc.add_argument("--min-devices", type=int, default=1, help="finished devices before promotion")
     rc.add_argument("--min-success-rate", type=float, default=0.95)
     rc.add_argument("--soak", type=float, default=0, help="seconds a wave runs before promotion")

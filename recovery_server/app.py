@@ -15,15 +15,16 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from recovery_agent.protocol.version import __version__
 from recovery_agent.protocol.envelope import MalformedEnvelope, strict_json_loads
 from recovery_agent.protocol.keys import public_b64
+from recovery_agent.protocol.version import __version__
 
 from . import api, dashboard, metrics
 from .rollout import RolloutPlan
@@ -152,7 +153,7 @@ async def directive(request: web.Request) -> web.Response:
         gauge.long_polls_waiting += 1
         try:
             await asyncio.wait_for(changed.wait(), timeout=min(tick, remaining))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             gauge.long_polls_waiting -= 1
@@ -201,9 +202,13 @@ async def list_remediations(request: web.Request) -> web.Response:
 async def create_remediation(request: web.Request) -> web.Response:
     user = _user(request)
     body = await _parse(request, api.RemediationRequest)
-    rem = _svc(request).create_remediation(user, title=body.title, actions=body.actions,
-                                           incident_id=body.incident_id,
-                                           required_approvals=body.required_approvals)
+    rem = _svc(request).create_remediation(
+        user,
+        title=body.title,
+        actions=body.actions,
+        incident_id=body.incident_id,
+        required_approvals=body.required_approvals,
+    )
     return web.json_response(rem, status=201)
 
 
@@ -269,8 +274,9 @@ async def get_rollout(request: web.Request) -> web.Response:
 
 async def rollout_action(request: web.Request) -> web.Response:
     action = request.path.rsplit("/", 1)[1]  # the route names it: pause, resume or revoke
-    return web.json_response(_svc(request).set_rollout_state(
-        _user(request), request.match_info["rollout_id"], action))
+    return web.json_response(
+        _svc(request).set_rollout_state(_user(request), request.match_info["rollout_id"], action)
+    )
 
 
 # ---------------------------------------------------------------- operations
@@ -282,8 +288,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics_text(request: web.Request) -> web.Response:
     text = metrics.render(_svc(request), request.app[METRICS])
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(
+        text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
+    )
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -292,9 +299,18 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def _static(text: str, content_type: str) -> Handler:
     async def serve(request: web.Request) -> web.Response:
-        return web.Response(text=text, content_type=content_type, charset="utf-8",
-                            headers={"Content-Security-Policy": dashboard.CSP, "X-Frame-Options": "DENY",
-                                     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+        return web.Response(
+            text=text,
+            content_type=content_type,
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": dashboard.CSP,
+                "X-Frame-Options": "DENY",
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
+
     return serve
 
 
@@ -311,15 +327,15 @@ class Route:
     path: str
     handler: Handler
     summary: str
-    auth: str = "none"                 # none | admin | poll
-    body: str | None = None            # a schema name in api.SCHEMAS
+    auth: str = "none"  # none | admin | poll
+    body: str | None = None  # a schema name in api.SCHEMAS
     body_required: bool = True
-    response: str | None = None        # a schema name in api.SCHEMAS
+    response: str | None = None  # a schema name in api.SCHEMAS
     status: int = 200
     errors: tuple[int, ...] = ()
-    query: tuple[tuple[str, str, str], ...] = ()   # (name, type, description)
+    query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
     content: str = "application/json"
-    hidden: bool = False               # served, but not part of the API document
+    hidden: bool = False  # served, but not part of the API document
 
 
 _ADMIN = (401, 403)
@@ -331,63 +347,242 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/dashboard.js", dashboard_js, "The dashboard", hidden=True),
     Route("GET", "/dashboard.css", dashboard_css, "The dashboard", hidden=True),
     Route("GET", "/v1/server-key", server_key, "The directive signing key to pin", response="ServerKey"),
-    Route("POST", "/v1/enroll", enroll, "Enroll a device key (self-signed, with an enrollment token)",
-          body="Envelope", response="EnrollAnswer", errors=(400, 401, 409, 413)),
-    Route("POST", "/v1/challenge", challenge, "A one-time nonce for the next diagnostics",
-          body="ChallengeRequest", response="Challenge", errors=(400, 404, 413)),
-    Route("POST", "/v1/diagnostics", diagnostics, "Signed diagnostics from a recovery environment",
-          body="Envelope", response="DiagnosticsReceipt", errors=(400, 401, 409, 413)),
-    Route("GET", "/v1/reports/{report_id}/directive", directive, "Long poll for a signed directive",
-          auth="poll", response="DirectivePoll", errors=(400, 401, 404),
-          query=(("wait", "number", "seconds to wait for an answer, 0 to 60"),)),
-    Route("POST", "/v1/results", result, "Signed result of applying a directive",
-          body="Envelope", response="Recorded", errors=(400, 401, 404, 413)),
-    Route("POST", "/v1/health", health, "Signed report of a healthy boot",
-          body="Envelope", response="Recorded", errors=(400, 401, 413)),
+    Route(
+        "POST",
+        "/v1/enroll",
+        enroll,
+        "Enroll a device key (self-signed, with an enrollment token)",
+        body="Envelope",
+        response="EnrollAnswer",
+        errors=(400, 401, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/challenge",
+        challenge,
+        "A one-time nonce for the next diagnostics",
+        body="ChallengeRequest",
+        response="Challenge",
+        errors=(400, 404, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/diagnostics",
+        diagnostics,
+        "Signed diagnostics from a recovery environment",
+        body="Envelope",
+        response="DiagnosticsReceipt",
+        errors=(400, 401, 409, 413),
+    ),
+    Route(
+        "GET",
+        "/v1/reports/{report_id}/directive",
+        directive,
+        "Long poll for a signed directive",
+        auth="poll",
+        response="DirectivePoll",
+        errors=(400, 401, 404),
+        query=(("wait", "number", "seconds to wait for an answer, 0 to 60"),),
+    ),
+    Route(
+        "POST",
+        "/v1/results",
+        result,
+        "Signed result of applying a directive",
+        body="Envelope",
+        response="Recorded",
+        errors=(400, 401, 404, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/health",
+        health,
+        "Signed report of a healthy boot",
+        body="Envelope",
+        response="Recorded",
+        errors=(400, 401, 413),
+    ),
     Route("GET", "/v1/admin/whoami", whoami, "The caller", auth="admin", response="Whoami", errors=(401,)),
     Route("GET", "/v1/admin/devices", list_devices, "Devices", auth="admin", response="List", errors=_ADMIN),
-    Route("GET", "/v1/admin/incidents", list_incidents, "Incidents", auth="admin", response="List",
-          errors=_ADMIN),
-    Route("GET", "/v1/admin/incidents/{incident_id}", get_incident, "One incident with its reports",
-          auth="admin", response="Object", errors=(*_ADMIN, 404)),
-    Route("GET", "/v1/admin/incidents/{incident_id}/suggestion", suggest, "A proposed fix",
-          auth="admin", response="Object", errors=(*_ADMIN, 404)),
-    Route("GET", "/v1/admin/remediations", list_remediations, "Remediations", auth="admin",
-          response="List", errors=_ADMIN),
-    Route("POST", "/v1/admin/remediations", create_remediation, "Write a remediation (operator)",
-          auth="admin", body="RemediationRequest", response="Object", status=201,
-          errors=(400, *_ADMIN, 404, 413)),
-    Route("POST", "/v1/admin/remediations/{remediation_id}/approve", approve, "Approve (not the author)",
-          auth="admin", body="ApproveRequest", body_required=False, response="Object",
-          errors=(400, *_ADMIN, 404, 409, 413)),
-    Route("POST", "/v1/admin/me/key", register_key, "Register your own approval key",
-          auth="admin", body="RegisterKeyRequest", response="KeyAnswer", errors=(400, 401, 409, 413)),
-    Route("POST", "/v1/admin/remediations/{remediation_id}/revoke", revoke, "Revoke", auth="admin",
-          response="Object", errors=(*_ADMIN, 404)),
-    Route("POST", "/v1/admin/remediations/{remediation_id}/rollout", create_rollout,
-          "Set a staged rollout (operator)", auth="admin", body="RolloutPlan", response="Object",
-          status=201, errors=(400, *_ADMIN, 404, 409, 413)),
-    Route("GET", "/v1/admin/rollouts", list_rollouts, "Rollouts with per-wave progress", auth="admin",
-          response="List", errors=_ADMIN),
-    Route("GET", "/v1/admin/rollouts/{rollout_id}", get_rollout, "One rollout", auth="admin",
-          response="Object", errors=(*_ADMIN, 404)),
-    Route("POST", "/v1/admin/rollouts/{rollout_id}/pause", rollout_action, "Pause (operator)",
-          auth="admin", response="Object", errors=(400, *_ADMIN, 404, 409)),
-    Route("POST", "/v1/admin/rollouts/{rollout_id}/resume", rollout_action, "Resume (approver)",
-          auth="admin", response="Object", errors=(400, *_ADMIN, 404, 409)),
-    Route("POST", "/v1/admin/rollouts/{rollout_id}/revoke", rollout_action, "Revoke (approver)",
-          auth="admin", response="Object", errors=(400, *_ADMIN, 404, 409)),
-    Route("POST", "/v1/admin/users", create_user, "Add a person (admin)", auth="admin",
-          body="UserRequest", response="UserAnswer", status=201, errors=(400, *_ADMIN, 409, 413)),
-    Route("POST", "/v1/admin/enrollment-tokens", create_enrollment_token, "A fleet enrollment token (admin)",
-          auth="admin", body="EnrollmentTokenRequest", body_required=False, response="TokenAnswer", status=201,
-          errors=(400, *_ADMIN, 413)),
-    Route("GET", "/v1/admin/events", list_events, "The audit log", auth="admin", response="List",
-          errors=(400, *_ADMIN), query=(("device", "string", "only this device"),
-                                        ("after", "integer", "entries after this sequence number"))),
-    Route("GET", "/v1/admin/audit/verify", audit_verify, "Check the audit log's hash chain",
-          auth="admin", response="AuditVerify", errors=(400, *_ADMIN),
-          query=(("expect_head", "string", "a head SEQ:HASH recorded elsewhere"),)),
+    Route(
+        "GET",
+        "/v1/admin/incidents",
+        list_incidents,
+        "Incidents",
+        auth="admin",
+        response="List",
+        errors=_ADMIN,
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents/{incident_id}",
+        get_incident,
+        "One incident with its reports",
+        auth="admin",
+        response="Object",
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents/{incident_id}/suggestion",
+        suggest,
+        "A proposed fix",
+        auth="admin",
+        response="Object",
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/remediations",
+        list_remediations,
+        "Remediations",
+        auth="admin",
+        response="List",
+        errors=_ADMIN,
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations",
+        create_remediation,
+        "Write a remediation (operator)",
+        auth="admin",
+        body="RemediationRequest",
+        response="Object",
+        status=201,
+        errors=(400, *_ADMIN, 404, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations/{remediation_id}/approve",
+        approve,
+        "Approve (not the author)",
+        auth="admin",
+        body="ApproveRequest",
+        body_required=False,
+        response="Object",
+        errors=(400, *_ADMIN, 404, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/me/key",
+        register_key,
+        "Register your own approval key",
+        auth="admin",
+        body="RegisterKeyRequest",
+        response="KeyAnswer",
+        errors=(400, 401, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations/{remediation_id}/revoke",
+        revoke,
+        "Revoke",
+        auth="admin",
+        response="Object",
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations/{remediation_id}/rollout",
+        create_rollout,
+        "Set a staged rollout (operator)",
+        auth="admin",
+        body="RolloutPlan",
+        response="Object",
+        status=201,
+        errors=(400, *_ADMIN, 404, 409, 413),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/rollouts",
+        list_rollouts,
+        "Rollouts with per-wave progress",
+        auth="admin",
+        response="List",
+        errors=_ADMIN,
+    ),
+    Route(
+        "GET",
+        "/v1/admin/rollouts/{rollout_id}",
+        get_rollout,
+        "One rollout",
+        auth="admin",
+        response="Object",
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/rollouts/{rollout_id}/pause",
+        rollout_action,
+        "Pause (operator)",
+        auth="admin",
+        response="Object",
+        errors=(400, *_ADMIN, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/rollouts/{rollout_id}/resume",
+        rollout_action,
+        "Resume (approver)",
+        auth="admin",
+        response="Object",
+        errors=(400, *_ADMIN, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/rollouts/{rollout_id}/revoke",
+        rollout_action,
+        "Revoke (approver)",
+        auth="admin",
+        response="Object",
+        errors=(400, *_ADMIN, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/users",
+        create_user,
+        "Add a person (admin)",
+        auth="admin",
+        body="UserRequest",
+        response="UserAnswer",
+        status=201,
+        errors=(400, *_ADMIN, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/enrollment-tokens",
+        create_enrollment_token,
+        "A fleet enrollment token (admin)",
+        auth="admin",
+        body="EnrollmentTokenRequest",
+        body_required=False,
+        response="TokenAnswer",
+        status=201,
+        errors=(400, *_ADMIN, 413),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/events",
+        list_events,
+        "The audit log",
+        auth="admin",
+        response="List",
+        errors=(400, *_ADMIN),
+        query=(
+            ("device", "string", "only this device"),
+            ("after", "integer", "entries after this sequence number"),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/audit/verify",
+        audit_verify,
+        "Check the audit log's hash chain",
+        auth="admin",
+        response="AuditVerify",
+        errors=(400, *_ADMIN),
+        query=(("expect_head", "string", "a head SEQ:HASH recorded elsewhere"),),
+    ),
 )
 
 

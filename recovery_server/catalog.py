@@ -19,8 +19,9 @@ manual recovery when their attempts run out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from recovery_agent.protocol.wire import Diagnostics, FileRecord
 
@@ -46,8 +47,10 @@ def propose(incident: dict[str, Any], reports: Iterable[Diagnostics]) -> Proposa
         for sha in contents:
             p.actions.append({"type": "quarantine_file", "path": channel_file, "sha256": sha})
         p.title = f"Quarantine {channel_file.rsplit('/', 1)[-1]}"
-        p.why.append(f"{module or 'the driver'} crashed while loading {channel_file}; "
-                     f"{len(contents)} distinct content(s) reported for it")
+        p.why.append(
+            f"{module or 'the driver'} crashed while loading {channel_file}; "
+            f"{len(contents)} distinct content(s) reported for it"
+        )
         return p
     if module:
         restores: dict[tuple[str, str, str], str] = {}
@@ -55,15 +58,19 @@ def propose(incident: dict[str, Any], reports: Iterable[Diagnostics]) -> Proposa
             active = [f for f in d.drivers if _module_of(f) == module]
             stored = [f for f in d.driver_store if _module_of(f) == module]
             for a in active:
-                other = sorted((s for s in stored if s.version != a.version and s.sha256 != a.sha256),
-                               key=lambda s: s.version or "", reverse=True)
+                other = sorted(
+                    (s for s in stored if s.version != a.version and s.sha256 != a.sha256),
+                    key=lambda s: s.version or "",
+                    reverse=True,
+                )
                 if other:
                     s = other[0]
                     restores[(a.path, s.path, s.sha256)] = f"{a.version or '?'} -> {s.version or '?'}"
         for (path, source, sha), change in sorted(restores.items()):
             p.actions.append({"type": "restore_file", "path": path, "source": source, "sha256": sha})
-            p.why.append(f"{module} {change}: the crash is in {module}; the driver store holds "
-                         f"another version")
+            p.why.append(
+                f"{module} {change}: the crash is in {module}; the driver store holds another version"
+            )
         if p.actions:
             p.title = f"Roll {module} back to the stored version"
             return p

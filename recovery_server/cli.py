@@ -34,8 +34,9 @@ def open_service(args: argparse.Namespace) -> RecoveryService:
     data = Path(args.data)
     key_path = data / "server.key"
     if not key_path.exists():
-        raise SystemExit(f"recovery-server: no server key in {data}: run "
-                         f"`recovery-server --data {data} init` first")
+        raise SystemExit(
+            f"recovery-server: no server key in {data}: run `recovery-server --data {data} init` first"
+        )
     return RecoveryService(store=_store(args), server_key=SigningKey.load(key_path))
 
 
@@ -79,6 +80,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Offline: read the database directly, not through a server that might lie."""
     from .store import verify_audit
+
     result = verify_audit(_store(args), args.expect_head)
     print(f"audit log: {result['entries']} entries, head {result['head']}")
     for problem in result["problems"]:
@@ -116,9 +118,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="recovery-server", description=__doc__.splitlines()[0])
     p.add_argument("--data", default=DEFAULT_DATA, help="data directory (env RECOVERY_DATA)")
-    p.add_argument("--database", default=os.environ.get("RECOVERY_DATABASE"),
-                   help="postgresql://... to share one database between server processes "
-                        "(env RECOVERY_DATABASE; default: SQLite in the data directory)")
+    p.add_argument(
+        "--database",
+        default=os.environ.get("RECOVERY_DATABASE"),
+        help="postgresql://... to share one database between server processes "
+        "(env RECOVERY_DATABASE; default: SQLite in the data directory)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="create the server key, the database and the first admin")
     i.add_argument("--admin", default="admin", help="name of the first admin user")

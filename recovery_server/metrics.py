@@ -44,7 +44,7 @@ def _labels(**kv: object) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in kv.items()) + "}"
 
 
-def render(service: "RecoveryService", http: HttpMetrics) -> str:
+def render(service: RecoveryService, http: HttpMetrics) -> str:
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -54,39 +54,81 @@ def render(service: "RecoveryService", http: HttpMetrics) -> str:
             out.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
 
     db = service.store
-    family("qmr_devices", "gauge", "Enrolled devices by state.",
-           [(_labels(state=r[0]), r[1]) for r in db.all("SELECT state, count(*) FROM devices GROUP BY state")])
-    family("qmr_incidents", "gauge", "Incidents (reports clustered by crash signature) by kind.",
-           [(_labels(kind=r[0]), r[1]) for r in db.all("SELECT kind, count(*) FROM incidents GROUP BY kind")])
-    family("qmr_reports_total", "counter", "Diagnostics reports accepted.",
-           [("", db.one("SELECT count(*) FROM reports")[0])])
-    family("qmr_remediations", "gauge", "Remediations by status.",
-           [(_labels(status=r[0]), r[1]) for r in
-            db.all("SELECT status, count(*) FROM remediations GROUP BY status")])
-    family("qmr_directives_total", "counter", "Directives issued, by their outcome so far.",
-           [(_labels(outcome=r[0]), r[1]) for r in
-            db.all("SELECT outcome, count(*) FROM directives GROUP BY outcome")])
+    family(
+        "qmr_devices",
+        "gauge",
+        "Enrolled devices by state.",
+        [(_labels(state=r[0]), r[1]) for r in db.all("SELECT state, count(*) FROM devices GROUP BY state")],
+    )
+    family(
+        "qmr_incidents",
+        "gauge",
+        "Incidents (reports clustered by crash signature) by kind.",
+        [(_labels(kind=r[0]), r[1]) for r in db.all("SELECT kind, count(*) FROM incidents GROUP BY kind")],
+    )
+    family(
+        "qmr_reports_total",
+        "counter",
+        "Diagnostics reports accepted.",
+        [("", db.one("SELECT count(*) FROM reports")[0])],
+    )
+    family(
+        "qmr_remediations",
+        "gauge",
+        "Remediations by status.",
+        [
+            (_labels(status=r[0]), r[1])
+            for r in db.all("SELECT status, count(*) FROM remediations GROUP BY status")
+        ],
+    )
+    family(
+        "qmr_directives_total",
+        "counter",
+        "Directives issued, by their outcome so far.",
+        [
+            (_labels(outcome=r[0]), r[1])
+            for r in db.all("SELECT outcome, count(*) FROM directives GROUP BY outcome")
+        ],
+    )
     rollouts = db.all("SELECT rollout_id, state, current_wave FROM rollouts")
-    family("qmr_rollout_wave", "gauge", "Index of the wave a rollout has reached.",
-           [(_labels(rollout=r[0], state=r[1]), r[2]) for r in rollouts])
-    family("qmr_audit_entries", "gauge", "Entries in the hash-chained audit log.",
-           [("", db.one("SELECT count(*) FROM events")[0])])
+    family(
+        "qmr_rollout_wave",
+        "gauge",
+        "Index of the wave a rollout has reached.",
+        [(_labels(rollout=r[0], state=r[1]), r[2]) for r in rollouts],
+    )
+    family(
+        "qmr_audit_entries",
+        "gauge",
+        "Entries in the hash-chained audit log.",
+        [("", db.one("SELECT count(*) FROM events")[0])],
+    )
 
-    family("qmr_long_polls_waiting", "gauge", "Directive long polls waiting in this process.",
-           [("", http.long_polls_waiting)])
+    family(
+        "qmr_long_polls_waiting",
+        "gauge",
+        "Directive long polls waiting in this process.",
+        [("", http.long_polls_waiting)],
+    )
 
     with http._lock:
         requests = sorted(http.requests.items())
         buckets = sorted((k, list(v)) for k, v in http.buckets.items())
         sums = dict(http.sums)
-    family("qmr_http_requests_total", "counter", "HTTP requests served by this process.",
-           [(_labels(method=m, route=r, status=s), n) for (m, r, s), n in requests])
+    family(
+        "qmr_http_requests_total",
+        "counter",
+        "HTTP requests served by this process.",
+        [(_labels(method=m, route=r, status=s), n) for (m, r, s), n in requests],
+    )
     out.append("# HELP qmr_http_request_duration_seconds Time to answer, by route (long polls included).")
     out.append("# TYPE qmr_http_request_duration_seconds histogram")
     for (m, r), counts in buckets:
-        for bound, n in zip(_BUCKETS, counts):
+        for bound, n in zip(_BUCKETS, counts, strict=False):
             out.append(f"qmr_http_request_duration_seconds_bucket{_labels(method=m, route=r, le=bound)} {n}")
-        out.append(f"qmr_http_request_duration_seconds_bucket{_labels(method=m, route=r, le='+Inf')} {counts[-1]}")
+        out.append(
+            f"qmr_http_request_duration_seconds_bucket{_labels(method=m, route=r, le='+Inf')} {counts[-1]}"
+        )
         out.append(f"qmr_http_request_duration_seconds_sum{_labels(method=m, route=r)} {sums[(m, r)]:.6f}")
         out.append(f"qmr_http_request_duration_seconds_count{_labels(method=m, route=r)} {counts[-1]}")
     return "\n".join(out) + "\n"

@@ -42,7 +42,7 @@ class Wave(BaseModel):
     percent: float | None = Field(default=None, gt=0, le=100)
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "Wave":
+    def _one_rule(self) -> Wave:
         if bool(self.devices) == (self.percent is not None):
             raise ValueError(f"wave {self.name!r}: give either devices (a canary list) or percent")
         return self
@@ -59,7 +59,7 @@ class RolloutPlan(BaseModel):
     halt_min_devices: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
-    def _growing(self) -> "RolloutPlan":
+    def _growing(self) -> RolloutPlan:
         last = 0.0
         for w in self.waves:
             if w.percent is not None:
@@ -114,9 +114,12 @@ def decide(plan: RolloutPlan, current_wave: int, counts: WaveCounts, soaked_s: f
     if counts.finished >= plan.halt_min_devices and counts.finished:
         failure_rate = counts.failed / counts.finished
         if failure_rate > plan.halt_failure_rate:
-            return Decision("halt", f"wave {plan.waves[current_wave].name!r}: {counts.failed} of "
-                                    f"{counts.finished} devices failed ({failure_rate:.0%} > "
-                                    f"{plan.halt_failure_rate:.0%})")
+            return Decision(
+                "halt",
+                f"wave {plan.waves[current_wave].name!r}: {counts.failed} of "
+                f"{counts.finished} devices failed ({failure_rate:.0%} > "
+                f"{plan.halt_failure_rate:.0%})",
+            )
     if counts.finished < plan.min_devices:
         return Decision("hold", f"{counts.finished} of {plan.min_devices} devices finished")
     success_rate = counts.succeeded / counts.finished
@@ -128,5 +131,6 @@ def decide(plan: RolloutPlan, current_wave: int, counts: WaveCounts, soaked_s: f
         if counts.pending == 0:
             return Decision("complete", "the last wave passed its gate")
         return Decision("hold", f"last wave: {counts.pending} devices pending")
-    return Decision("promote", f"gate passed: {counts.succeeded}/{counts.finished} succeeded, "
-                               f"soaked {soaked_s:.0f} s")
+    return Decision(
+        "promote", f"gate passed: {counts.succeeded}/{counts.finished} succeeded, soaked {soaked_s:.0f} s"
+    )

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recovery_agent.protocol.keys import SigningKey  # noqa: E402
-from recovery_server.fleetsim import BAD_PATH, BAD_SHA, FleetSim  # noqa: E402
-from recovery_server.service import RecoveryService, User  # noqa: E402
-from recovery_server.store import Store  # noqa: E402
+from recovery_agent.protocol.keys import SigningKey
+from recovery_server.fleetsim import BAD_PATH, BAD_SHA, FleetSim
+from recovery_server.service import RecoveryService, User
+from recovery_server.store import Store
 
 
 def main() -> int:
@@ -30,7 +30,11 @@ def main() -> int:
     ap.add_argument("--store", default="sqlite", help="sqlite (a temp file), a path, or a PostgreSQL URL")
     ap.add_argument("--failure-rate", type=float, default=0.02)
     args = ap.parse_args()
-    url = str(Path(tempfile.mkdtemp(prefix="qmr-bench-")) / "fleet.db") if args.store == "sqlite" else args.store
+    url = (
+        str(Path(tempfile.mkdtemp(prefix="qmr-bench-")) / "fleet.db")
+        if args.store == "sqlite"
+        else args.store
+    )
     svc = RecoveryService(store=Store(url), server_key=SigningKey.generate())
     for name, role in (("admin", "admin"), ("oscar", "operator"), ("bob", "approver")):
         svc.create_user(name, role)
@@ -39,20 +43,40 @@ def main() -> int:
     sim.enroll_all(svc.create_enrollment_token(User("admin", "admin")))
     sim.crash_all()
     inc = svc.incidents()[0]["incident_id"]
-    rem = svc.create_remediation(User("oscar", "operator"), title="q", incident_id=inc,
-                                 actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
-    ro = svc.create_rollout(User("oscar", "operator"), rem["remediation_id"], {
-        "waves": [{"name": "canary", "devices": [d.device_id for d in sim.devices[:50]]},
-                  {"name": "10%", "percent": 10}, {"name": "100%", "percent": 100}],
-        "min_devices": 40, "min_success_rate": 0.9, "halt_failure_rate": 0.2, "halt_min_devices": 40})
+    rem = svc.create_remediation(
+        User("oscar", "operator"),
+        title="q",
+        incident_id=inc,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
+    ro = svc.create_rollout(
+        User("oscar", "operator"),
+        rem["remediation_id"],
+        {
+            "waves": [
+                {"name": "canary", "devices": [d.device_id for d in sim.devices[:50]]},
+                {"name": "10%", "percent": 10},
+                {"name": "100%", "percent": 100},
+            ],
+            "min_devices": 40,
+            "min_success_rate": 0.9,
+            "halt_failure_rate": 0.2,
+            "halt_min_devices": 40,
+        },
+    )
     svc.approve(User("bob", "approver"), rem["remediation_id"])
     rounds = sim.run(lambda wave: args.failure_rate)
     total = time.perf_counter() - t0
     status = svc.rollout(ro["rollout_id"])
-    print(f"store: {svc.store.dialect} ({'temp file' if args.store == 'sqlite' else args.store.split('@')[-1]})")
+    print(
+        f"store: {svc.store.dialect} ({'temp file' if args.store == 'sqlite' else args.store.split('@')[-1]})"
+    )
     print(f"devices: {args.devices}, rounds: {rounds}, rollout: {status['state']}")
     for w in status["waves"]:
-        print(f"  wave {w['name']:<7} served {w['served']:>6}  succeeded {w['succeeded']:>6}  failed {w['failed']:>5}")
+        print(
+            f"  wave {w['name']:<7} served {w['served']:>6}  succeeded {w['succeeded']:>6}  "
+            f"failed {w['failed']:>5}"
+        )
     for step, seconds in sim.timings.items():
         print(f"  {step:<8} {seconds:7.2f} s")
     requests = args.devices * 6  # enroll, challenge, diagnostics, poll, result, health

@@ -111,18 +111,42 @@ def stage(runtime_root: Path, work: Path) -> Path:
 
 def pack(root: Path, out: Path) -> Path:
     names = ["."] + sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    tools.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0", "--reproducible"],
-              cwd=root, input=("\n".join(names) + "\n").encode(), stdout_to=out)
+    tools.run(
+        ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0", "--reproducible"],
+        cwd=root,
+        input=("\n".join(names) + "\n").encode(),
+        stdout_to=out,
+    )
     return out
 
 
 def boot(vmlinuz: Path, initrd: Path, importtime: bool, log: Path) -> dict[str, float | str]:
     append = "console=ttyS0 panic=-1" + (" qmr.importtime" if importtime else "")
     started = time.monotonic()
-    out = tools.run(["timeout", str(BOOT_TIMEOUT_S), "qemu-system-x86_64", "-accel", "tcg",
-                     "-m", "512", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults",
-                     "-serial", "stdio", "-kernel", vmlinuz, "-initrd", initrd,
-                     "-append", append])
+    out = tools.run(
+        [
+            "timeout",
+            str(BOOT_TIMEOUT_S),
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-kernel",
+            vmlinuz,
+            "-initrd",
+            initrd,
+            "-append",
+            append,
+        ]
+    )
     wall = time.monotonic() - started
     log.write_text(out)
     result: dict[str, float | str] = {"wall": wall}
@@ -145,13 +169,16 @@ def boot(vmlinuz: Path, initrd: Path, importtime: bool, log: Path) -> dict[str, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path,
-                        default=Path(os.environ.get("QMR_CACHE", REPO / ".cache/qmr")))
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("QMR_CACHE", REPO / ".cache/qmr")))
     parser.add_argument("--kernel", help="a vmlinuz (default: the first in the cache)")
-    parser.add_argument("--compress", default="gzip,xz,zstd,lz4",
-                        help="comma-separated, of " + ", ".join(COMPRESSORS))
-    parser.add_argument("--importtime", action="store_true",
-                        help="also print the slowest imports (-X importtime) of the first boot")
+    parser.add_argument(
+        "--compress", default="gzip,xz,zstd,lz4", help="comma-separated, of " + ", ".join(COMPRESSORS)
+    )
+    parser.add_argument(
+        "--importtime",
+        action="store_true",
+        help="also print the slowest imports (-X importtime) of the first boot",
+    )
     parser.add_argument("--no-boot", action="store_true", help="only build and pack")
     args = parser.parse_args()
 
@@ -164,8 +191,10 @@ def main() -> int:
         work = Path(tmp)
         root = stage(runtime.root, work)
         cpio = pack(root, work / "initramfs.cpio")
-        print(f"runtime tree: {runtime.size_bytes / 1e6:.1f} MB in {runtime.files} files; "
-              f"cpio with busybox and /init: {cpio.stat().st_size / 1e6:.1f} MB")
+        print(
+            f"runtime tree: {runtime.size_bytes / 1e6:.1f} MB in {runtime.files} files; "
+            f"cpio with busybox and /init: {cpio.stat().st_size / 1e6:.1f} MB"
+        )
         first = True
         for method in args.compress.split(","):
             option, cmd = COMPRESSORS[method]
@@ -176,8 +205,7 @@ def main() -> int:
             t0 = time.monotonic()
             tools.run([*cmd, cpio], stdout_to=out)
             pack_s = time.monotonic() - t0
-            row: dict[str, float | str] = {"method": method, "size": out.stat().st_size,
-                                           "pack_s": pack_s}
+            row: dict[str, float | str] = {"method": method, "size": out.stat().st_size, "pack_s": pack_s}
             if not args.no_boot:
                 log = args.cache / f"bench-boot-{method}.log"
                 row.update(boot(vmlinuz, out, args.importtime and first, log))
@@ -185,17 +213,22 @@ def main() -> int:
             rows.append(row)
             print(_row(row), flush=True)
     print()
-    print("Run /init, py+import (interpreter start-up and the import) and total (at the end of "
-          "the import) are\nguest uptime; pre-kernel is QEMU, firmware and kernel "
-          "decompression (host wall - uptime).")
-    print(f"{'method':6} {'initramfs':>10} {'pack':>6} {'Run /init':>10} {'py+import':>10} "
-          f"{'import':>7} {'total':>7} {'pre-kernel':>10} {'qemu wall':>10}")
+    print(
+        "Run /init, py+import (interpreter start-up and the import) and total (at the end of "
+        "the import) are\nguest uptime; pre-kernel is QEMU, firmware and kernel "
+        "decompression (host wall - uptime)."
+    )
+    print(
+        f"{'method':6} {'initramfs':>10} {'pack':>6} {'Run /init':>10} {'py+import':>10} "
+        f"{'import':>7} {'total':>7} {'pre-kernel':>10} {'qemu wall':>10}"
+    )
     for row in rows:
         print(_row(row))
     for row in rows:
         if "importtime" in row:
-            print(f"\nslowest imports ({row['method']} boot, -X importtime, "
-                  "self us | cumulative us | module):")
+            print(
+                f"\nslowest imports ({row['method']} boot, -X importtime, self us | cumulative us | module):"
+            )
             print(row["importtime"])
     return 0
 
@@ -206,9 +239,11 @@ def _row(row: dict[str, float | str]) -> str:
         return f"{v:.2f}{unit}" if isinstance(v, float) else "-"
 
     py = (row["python-done"] - row["init"]) if "python-done" in row and "init" in row else None
-    return (f"{row['method']:6} {int(row['size']) / 1e6:>8.1f}MB {f('pack_s'):>6} "
-            f"{f('run_init'):>10} {(f'{py:.2f}s' if py is not None else '-'):>10} "
-            f"{f('import'):>7} {f('python-done'):>7} {f('pre_kernel'):>10} {f('wall'):>10}")
+    return (
+        f"{row['method']:6} {int(row['size']) / 1e6:>8.1f}MB {f('pack_s'):>6} "
+        f"{f('run_init'):>10} {(f'{py:.2f}s' if py is not None else '-'):>10} "
+        f"{f('import'):>7} {f('python-done'):>7} {f('pre_kernel'):>10} {f('wall'):>10}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ at once, so a deadline minutes away in agent time passes in a few real steps.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 
 class ManualClock:
     def __init__(self, wall_start: datetime | None = None) -> None:
         self.t = 0.0
-        self.wall_start = wall_start or datetime.now(timezone.utc)
+        self.wall_start = wall_start or datetime.now(UTC)
         self.free = False
         self.sleepers = 0
         self._changed = asyncio.Condition()

@@ -16,23 +16,22 @@ import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, settings
 
-from .clock import ManualClock
-
-from recovery_agent.protocol.client import RetryPolicy, DeviceClient
+from recovery_agent.protocol.client import DeviceClient, RetryPolicy
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
-from recovery_agent.settings import AgentSettings
 from recovery_agent.protocol.wire import Enrollment, utcnow
+from recovery_agent.settings import AgentSettings
 from recovery_lab.demo import make_machine_dir
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService, ServiceSettings, User
 from recovery_server.store import Store
 
+from .clock import ManualClock
+
 # Hypothesis judges each example against a wall-clock deadline by default: a slow or busy
 # machine would fail tests for it. No profile here has one; "ci" also prints the seed to rerun.
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                          print_blob=True)
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 FAST_RETRY = RetryPolicy(attempts=2, max_delay_s=2, backoff_max_s=0.1, backoff_multiplier_s=0.01)
@@ -67,10 +66,12 @@ def postgres_schema():
     base = os.environ.get("QMR_TEST_POSTGRES")
     if not base:
         if os.environ.get("CI"):
-            pytest.fail("QMR_TEST_POSTGRES is not set: run the tests with scripts/test.sh, "
-                        "which starts PostgreSQL")
+            pytest.fail(
+                "QMR_TEST_POSTGRES is not set: run the tests with scripts/test.sh, which starts PostgreSQL"
+            )
         pytest.skip("no PostgreSQL: scripts/test.sh starts one and sets QMR_TEST_POSTGRES")
     import psycopg
+
     schema = "t_" + secrets.token_hex(6)
     with psycopg.connect(base, autocommit=True) as c:
         c.execute(f"CREATE SCHEMA {schema}")
@@ -104,7 +105,9 @@ class Fleet:
     async def start(self) -> None:
         self.store = Store(self.store_url)
         self.service = RecoveryService(store=self.store, server_key=self.key, settings=self.settings)
-        self.server = TestServer(make_app(self.service, poll_tick_s=self.poll_tick_s), host="127.0.0.1", port=self.port or None)
+        self.server = TestServer(
+            make_app(self.service, poll_tick_s=self.poll_tick_s), host="127.0.0.1", port=self.port or None
+        )
         await self.server.start_server()
         self.port = self.server.port
         if not self.store.one("SELECT 1 FROM users"):
@@ -136,15 +139,20 @@ class Fleet:
         return self.store.one(f"SELECT count(*) FROM {table}")[0]
 
     async def enroll(self, device_id: str, key: SigningKey) -> dict:
-        msg = Enrollment(device_id=device_id, public_key=public_b64(key.public),
-                         enrollment_token=self.enrollment_token, created_at=utcnow())
+        msg = Enrollment(
+            device_id=device_id,
+            public_key=public_b64(key.public),
+            enrollment_token=self.enrollment_token,
+            created_at=utcnow(),
+        )
         async with DeviceClient(self.url, retry=FAST_RETRY) as c:
             return await c.enroll(seal_bytes(msg, key))
 
     def approve_suggested(self, incident_id: str, author: str = "alice", approver: str = "bob") -> str:
         s = self.service.suggest_actions(self.user(author), incident_id)
-        rem = self.service.create_remediation(self.user(author), title=s["title"], actions=s["actions"],
-                                              incident_id=incident_id)
+        rem = self.service.create_remediation(
+            self.user(author), title=s["title"], actions=s["actions"], incident_id=incident_id
+        )
         self.service.approve(self.user(approver), rem["remediation_id"])
         return rem["remediation_id"]
 
@@ -168,18 +176,25 @@ def machine(tmp_path: Path) -> Path:
     return make_machine_dir(tmp_path / "machine")
 
 
-async def enrolled_settings(fleet: Fleet, machine: Path, device_id: str = "dev-0001",
-                            **overrides) -> AgentSettings:
+async def enrolled_settings(
+    fleet: Fleet, machine: Path, device_id: str = "dev-0001", **overrides
+) -> AgentSettings:
     """Write agent.json for ``machine`` (fast lab timing), make and enroll its device key."""
     key = SigningKey.generate()
     (machine / "recovery").mkdir(exist_ok=True)
     key.save(machine / "recovery/device.key")
     await fleet.enroll(device_id, key)
     settings = {
-        "device_id": device_id, "server_url": fleet.url,
-        "server_public_key": public_b64(fleet.key.public), "device_key": "device.key",
-        "os_root": "../os", "grubenv": "../esp/grub/grubenv", "pstore_dir": "../pstore",
-        "seconds_per_minute": 0.05, "retry_interval_min": 2, "time_to_reboot_min": 60,
+        "device_id": device_id,
+        "server_url": fleet.url,
+        "server_public_key": public_b64(fleet.key.public),
+        "device_key": "device.key",
+        "os_root": "../os",
+        "grubenv": "../esp/grub/grubenv",
+        "pstore_dir": "../pstore",
+        "seconds_per_minute": 0.05,
+        "retry_interval_min": 2,
+        "time_to_reboot_min": 60,
         "long_poll_s": 1,
     }
     settings.update(overrides)

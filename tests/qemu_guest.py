@@ -27,15 +27,23 @@ INIT = REPO / "tests/data/guest/init.sh"
 CACHE = REPO / ".cache/qmr"
 # Modules /init loads, relative to lib/modules/<version>/kernel.
 MODULES = [
-    "lib/reed_solomon/reed_solomon.ko", "fs/pstore/ramoops.ko",
-    "drivers/misc/pvpanic/pvpanic.ko", "drivers/misc/pvpanic/pvpanic-mmio.ko",
-    "drivers/watchdog/watchdog.ko", "drivers/watchdog/i6300esb.ko",
-    "drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_pci_legacy_dev.ko", "drivers/virtio/virtio_pci_modern_dev.ko",
-    "drivers/virtio/virtio_pci.ko", "drivers/block/virtio_blk.ko",
+    "lib/reed_solomon/reed_solomon.ko",
+    "fs/pstore/ramoops.ko",
+    "drivers/misc/pvpanic/pvpanic.ko",
+    "drivers/misc/pvpanic/pvpanic-mmio.ko",
+    "drivers/watchdog/watchdog.ko",
+    "drivers/watchdog/i6300esb.ko",
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
 ]
-RAMOOPS = ("memmap=1M$0x7f00000 ramoops.mem_address=0x7f00000 ramoops.mem_size=0x100000 "
-           "ramoops.record_size=0x20000 ramoops.console_size=0x20000")
+RAMOOPS = (
+    "memmap=1M$0x7f00000 ramoops.mem_address=0x7f00000 ramoops.mem_size=0x100000 "
+    "ramoops.record_size=0x20000 ramoops.console_size=0x20000"
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,9 @@ def find_kernel() -> tuple[Path, Path, str]:
     kroot = work / "kroot"
     deb_dir.mkdir(parents=True, exist_ok=True)
     depends = tools.run(["apt-cache", "depends", "linux-image-amd64"])
-    versions = [ln.split("linux-image-", 1)[1].strip() for ln in depends.splitlines()
-                if "Depends: linux-image-" in ln]
+    versions = [
+        ln.split("linux-image-", 1)[1].strip() for ln in depends.splitlines() if "Depends: linux-image-" in ln
+    ]
     if not versions:
         raise RuntimeError("apt-cache knows no linux-image-amd64 dependency: run apt-get update")
     version = versions[0]
@@ -109,8 +118,12 @@ def build_harness_guest() -> HarnessGuest:
             shutil.copy2(kmods / m, root / "lib/modules" / Path(m).name)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         cpio = out / "initrd.cpio"
-        tools.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root,
-                  input=("\n".join(["."] + files) + "\n").encode(), stdout_to=cpio)
+        tools.run(
+            ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
+            cwd=root,
+            input=("\n".join(["."] + files) + "\n").encode(),
+            stdout_to=cpio,
+        )
         tools.run(["gzip", "-9", "-n", "-f", str(cpio)])
         (out / "initrd.cpio.gz").rename(initrd)
         shutil.rmtree(root)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
@@ -63,11 +63,17 @@ async def test_channel_file_incident_is_recovered_after_approval(fleet, machine,
 
 async def test_altered_directive_is_rejected_inside_and_nothing_changes(fleet, machine, clock):
     """A proxy between agent and server rewrites the directive's action path."""
+
     async def proxy(request: web.Request) -> web.Response:
         async with ClientSession() as s:
-            async with s.request(request.method, fleet.url + request.path_qs, headers={
-                    k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")},
-                    data=await request.read()) as r:
+            async with s.request(
+                request.method,
+                fleet.url + request.path_qs,
+                headers={
+                    k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")
+                },
+                data=await request.read(),
+            ) as r:
                 body = await r.read()
                 if request.path.endswith("/directive") and r.status == 200:
                     answer = json.loads(body)
@@ -84,8 +90,9 @@ async def test_altered_directive_is_rejected_inside_and_nothing_changes(fleet, m
     mitm = TestServer(app, host="127.0.0.1")
     await mitm.start_server()
     try:
-        settings = await enrolled_settings(fleet, machine, server_url=f"http://127.0.0.1:{mitm.port}",
-                                           time_to_reboot_min=40)
+        settings = await enrolled_settings(
+            fleet, machine, server_url=f"http://127.0.0.1:{mitm.port}", time_to_reboot_min=40
+        )
         before = tree_snapshot(machine / "os")
         run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
         await wait_for(lambda: fleet.service.incidents())
@@ -102,7 +109,7 @@ async def test_expired_directive_is_rejected(fleet, machine):
     settings = await enrolled_settings(fleet, machine, time_to_reboot_min=30)
     before = tree_snapshot(machine / "os")
     # The device's clock is two hours ahead; the directive lives one hour.
-    clock = ManualClock(wall_start=datetime.now(timezone.utc) + timedelta(hours=2))
+    clock = ManualClock(wall_start=datetime.now(UTC) + timedelta(hours=2))
     agent = RecoveryAgent(settings, clock=clock)
     lines: list[str] = []
     agent.timeline.sink = lines.append
@@ -135,9 +142,11 @@ async def test_directive_signed_by_another_key_is_rejected(fleet, machine, clock
 
 async def test_unknown_crash_retries_then_asks_for_a_person(fleet, tmp_path, clock):
     from recovery_lab.demo import make_machine_dir
+
     machine = make_machine_dir(tmp_path / "m", bad_channel_file=False, panic_log=None)
-    settings = await enrolled_settings(fleet, machine, time_to_reboot_min=20, retry_interval_min=4,
-                                       max_recovery_attempts=2)
+    settings = await enrolled_settings(
+        fleet, machine, time_to_reboot_min=20, retry_interval_min=4, max_recovery_attempts=2
+    )
     await clock.release()  # no fix will come: let the agent's time run out
     agent = RecoveryAgent(settings, clock=clock)
     assert await asyncio.wait_for(agent.run(), 60) is Outcome.NO_REMEDIATION

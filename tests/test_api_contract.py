@@ -24,11 +24,24 @@ def populate(fleet) -> dict:
     sim.crash_all()
     inc = fleet.service.incidents()[0]["incident_id"]
     s = fleet.service.suggest_actions(fleet.user("oscar"), inc)
-    rem = fleet.service.create_remediation(fleet.user("oscar"), title="quarantine 291",
-                                           actions=[{"type": "quarantine_file", "path": "var/lib/x", "sha256": "a" * 64}]
-                                           if not s["actions"] else s["actions"], incident_id=inc)
-    ro = fleet.service.create_rollout(fleet.user("oscar"), rem["remediation_id"], {
-        "waves": [{"name": "canary", "devices": [sim.devices[0].device_id]}, {"name": "all", "percent": 100}]})
+    rem = fleet.service.create_remediation(
+        fleet.user("oscar"),
+        title="quarantine 291",
+        actions=[{"type": "quarantine_file", "path": "var/lib/x", "sha256": "a" * 64}]
+        if not s["actions"]
+        else s["actions"],
+        incident_id=inc,
+    )
+    ro = fleet.service.create_rollout(
+        fleet.user("oscar"),
+        rem["remediation_id"],
+        {
+            "waves": [
+                {"name": "canary", "devices": [sim.devices[0].device_id]},
+                {"name": "all", "percent": 100},
+            ]
+        },
+    )
     return {"incident": inc, "remediation": rem["remediation_id"], "rollout": ro["rollout_id"], "sim": sim}
 
 
@@ -41,19 +54,36 @@ async def test_api_conforms_to_its_openapi_document(fleet, tmp_path):
     # Real identifiers, so the fuzzer reaches past 404s into the handlers.
     config.write_text(f"""
 [parameters]
-incident_id = "{ids['incident']}"
-remediation_id = "{ids['remediation']}"
-rollout_id = "{ids['rollout']}"
-report_id = "{ids['sim'].devices[1].report.report_id}"
+incident_id = "{ids["incident"]}"
+remediation_id = "{ids["remediation"]}"
+rollout_id = "{ids["rollout"]}"
+report_id = "{ids["sim"].devices[1].report.report_id}"
 """)
-    cmd = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config), "run",
-           f"{fleet.url}/openapi.json", "-H", f"Authorization: Bearer {token}",
-           # Every check but positive_data_acceptance: a schema cannot say "base64 of a JSON
-           # document signed by an enrolled key", so valid-looking envelopes are rightly refused.
-           "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-           "--max-examples", "40", "--workers", "1", "--seed", "291", "--no-color"]
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+    cmd = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "--config-file",
+        str(config),
+        "run",
+        f"{fleet.url}/openapi.json",
+        "-H",
+        f"Authorization: Bearer {token}",
+        # Every check but positive_data_acceptance: a schema cannot say "base64 of a JSON
+        # document signed by an enrolled key", so valid-looking envelopes are rightly refused.
+        "--checks",
+        "all",
+        "--exclude-checks",
+        "positive_data_acceptance",
+        "--max-examples",
+        "40",
+        "--workers",
+        "1",
+        "--seed",
+        "291",
+        "--no-color",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 280)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-6000:]
@@ -63,6 +93,7 @@ report_id = "{ids['sim'].devices[1].report.report_id}"
 @SQLITE_ONLY
 async def test_openapi_document_describes_every_route(fleet):
     from recovery_server.app import ROUTES
+
     async with aiohttp.ClientSession() as s:
         async with s.get(fleet.url + "/openapi.json") as r:
             doc = await r.json()
@@ -73,8 +104,10 @@ async def test_openapi_document_describes_every_route(fleet):
     assert doc["paths"]["/v1/admin/devices"]["get"]["security"] == [{"adminToken": []}]
 
 
-_SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\})? -?[0-9.e+]+$|'
-                     r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})? \+Inf$')
+_SAMPLE = re.compile(
+    r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\})? -?[0-9.e+]+$|'
+    r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})? \+Inf$"
+)
 
 
 @SQLITE_ONLY

@@ -25,9 +25,15 @@ ADMIN_CLI = [sys.executable, "-m", "recovery_server.admin_cli"]
 
 
 def sign(key: SigningKey, rem: dict, approver: str, actions: list | None = None) -> dict:
-    return seal(RemediationApproval(remediation_id=rem["remediation_id"],
-                                    actions_sha256=actions_digest(actions or rem["actions"]),
-                                    approver=approver, approved_at=utcnow()), key)
+    return seal(
+        RemediationApproval(
+            remediation_id=rem["remediation_id"],
+            actions_sha256=actions_digest(actions or rem["actions"]),
+            approver=approver,
+            approved_at=utcnow(),
+        ),
+        key,
+    )
 
 
 @pytest.fixture
@@ -41,14 +47,25 @@ def keys(fleet):
 
 def remediation(fleet, incident_id: str, required: int = 2) -> dict:
     s = fleet.service.suggest_actions(fleet.user("oscar"), incident_id)
-    return fleet.service.create_remediation(fleet.user("oscar"), title=s["title"], actions=s["actions"],
-                                            incident_id=incident_id, required_approvals=required)
+    return fleet.service.create_remediation(
+        fleet.user("oscar"),
+        title=s["title"],
+        actions=s["actions"],
+        incident_id=incident_id,
+        required_approvals=required,
+    )
 
 
-async def pinned_agent(fleet, machine, keys, threshold: int, clock: ManualClock,
-                       **over) -> tuple[RecoveryAgent, list[str]]:
-    settings = await enrolled_settings(fleet, machine, approver_keys=[public_b64(k.public) for k in keys.values()],
-                                       approver_threshold=threshold, **over)
+async def pinned_agent(
+    fleet, machine, keys, threshold: int, clock: ManualClock, **over
+) -> tuple[RecoveryAgent, list[str]]:
+    settings = await enrolled_settings(
+        fleet,
+        machine,
+        approver_keys=[public_b64(k.public) for k in keys.values()],
+        approver_threshold=threshold,
+        **over,
+    )
     agent = RecoveryAgent(settings, clock=clock)
     lines: list[str] = []
     agent.timeline.sink = lines.append
@@ -64,7 +81,9 @@ async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(flee
         fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
     other = [{"type": "disable_driver", "name": "sensor"}]
     with pytest.raises(BadRequest, match="covers other actions"):
-        fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice", other))
+        fleet.service.approve(
+            fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice", other)
+        )
     with pytest.raises(BadRequest, match="does not verify|no signature by a trusted key"):
         fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["bob"], rem, "alice"))
     assert fleet.count("approvals") == 0
@@ -74,6 +93,7 @@ async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(flee
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
     envelope = json.loads(fleet.store.one("SELECT envelope FROM directives")["envelope"])
     import base64
+
     payload = json.loads(base64.b64decode(envelope["payload"]))
     assert len(payload["approvals"]) == 2
 
@@ -103,8 +123,11 @@ async def test_a_compromised_server_cannot_change_the_actions_people_signed(flee
     await wait_for(lambda: fleet.service.incidents())
     incident = fleet.service.incidents()[0]["incident_id"]
     rem = remediation(fleet, incident)
-    good = [f for f in fleet.service.incident(incident)["reports"][0]["diagnostics"]["channel_files"]
-            if f["path"] != f"{CHANNELS}/{BAD}"][0]
+    good = [
+        f
+        for f in fleet.service.incident(incident)["reports"][0]["diagnostics"]["channel_files"]
+        if f["path"] != f"{CHANNELS}/{BAD}"
+    ][0]
     evil = json.dumps([{"type": "quarantine_file", "path": good["path"], "sha256": good["sha256"]}])
     fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice"))
     signed_by_bob = sign(keys["bob"], rem, "bob")
@@ -112,7 +135,9 @@ async def test_a_compromised_server_cannot_change_the_actions_people_signed(flee
     # The attacker rewrites the approved remediation before any device was served.
     with fleet.store.tx() as tx:
         assert tx.one("SELECT count(*) FROM directives")[0] == 0
-        tx.execute("UPDATE remediations SET actions = ? WHERE remediation_id = ?", evil, rem["remediation_id"])
+        tx.execute(
+            "UPDATE remediations SET actions = ? WHERE remediation_id = ?", evil, rem["remediation_id"]
+        )
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("approval is for other actions" in ln for ln in lines)
@@ -129,8 +154,16 @@ async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp
 
     async def cli(*args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            *ADMIN_CLI, "--server", fleet.url, "--token", token, "--json", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            *ADMIN_CLI,
+            "--server",
+            fleet.url,
+            "--token",
+            token,
+            "--json",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode, out.decode()
 
@@ -138,11 +171,17 @@ async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp
     assert code == 0 and json.loads(out)["key_id"] == SigningKey.load(tmp_path / "dora.key").key_id
     code, out = await cli("remediation", "approve", rem["remediation_id"])
     assert code == 2 and "must be signed" in out
-    code, out = await cli("remediation", "approve", rem["remediation_id"], "--key", str(tmp_path / "dora.key"))
+    code, out = await cli(
+        "remediation", "approve", rem["remediation_id"], "--key", str(tmp_path / "dora.key")
+    )
     assert code == 0, out
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
     assert fleet.service.remediation(rem["remediation_id"])["approvals"] == [
-        {"approver": "dora", "approved_at": fleet.service.remediation(rem["remediation_id"])["approvals"][0]["approved_at"],
-         "signed": True}]
+        {
+            "approver": "dora",
+            "approved_at": fleet.service.remediation(rem["remediation_id"])["approvals"][0]["approved_at"],
+            "signed": True,
+        }
+    ]
     assert Path(tmp_path / "dora.key").stat().st_mode & 0o777 == 0o600

@@ -12,8 +12,12 @@ def _fill(fleet) -> None:
     admin = fleet.user("admin")
     fleet.service.create_enrollment_token(admin, "a")
     fleet.service.create_user("carol", "viewer", actor="admin")
-    fleet.service.create_remediation(fleet.user("alice"), title="t", incident_id=None,
-                                     actions=[{"type": "disable_driver", "name": "sensor"}])
+    fleet.service.create_remediation(
+        fleet.user("alice"),
+        title="t",
+        incident_id=None,
+        actions=[{"type": "disable_driver", "name": "sensor"}],
+    )
 
 
 async def test_intact_chain_verifies(fleet):
@@ -37,13 +41,17 @@ async def test_edited_entry_is_found(fleet):
 async def test_rehashed_edit_breaks_the_next_link(fleet):
     """An attacker who recomputes the edited entry's hash still breaks the chain after it."""
     from recovery_server.store import audit_hash
+
     _fill(fleet)
     row = fleet.store.one("SELECT * FROM events WHERE seq = 3")
     entry = {k: row[k] for k in ("seq", "at", "kind", "actor", "device_id", "subject", "detail")}
     entry["actor"] = "mallory"
     with fleet.store.tx() as tx:
-        tx.execute("UPDATE events SET actor = ?, hash = ? WHERE seq = 3", "mallory",
-                   audit_hash(row["prev_hash"], entry))
+        tx.execute(
+            "UPDATE events SET actor = ?, hash = ? WHERE seq = 3",
+            "mallory",
+            audit_hash(row["prev_hash"], entry),
+        )
     problems = verify_audit(fleet.store)["problems"]
     assert any("entry 4 does not follow" in p for p in problems)
 
@@ -69,8 +77,17 @@ async def test_entries_cut_off_the_end_are_found(fleet):
 async def test_admin_cli_verify_exits_nonzero_on_a_broken_chain(fleet, tmp_path):
     _fill(fleet)
     token = fleet.service.create_user("auditor", "viewer")
-    cmd = [sys.executable, "-m", "recovery_server.admin_cli", "--server", fleet.url, "--token", token,
-           "audit", "verify"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "recovery_server.admin_cli",
+        "--server",
+        fleet.url,
+        "--token",
+        token,
+        "audit",
+        "verify",
+    ]
     code, out = await run(cmd)
     assert code == 0 and "chain intact" in out
     with fleet.store.tx() as tx:
@@ -81,7 +98,8 @@ async def test_admin_cli_verify_exits_nonzero_on_a_broken_chain(fleet, tmp_path)
 
 async def run(cmd: list[str]) -> tuple[int, str]:
     """A real process; the server it talks to runs on this event loop, so do not block it."""
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode()

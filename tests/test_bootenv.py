@@ -100,8 +100,8 @@ def test_wrong_size(tmp_path: Path) -> None:
     with pytest.raises(BootEnvError) as err:
         BootEnv.read(path)
     assert str(err.value) == (
-        f"grubenv at {path} is 1000 bytes, expected 1024: rebuild the image with "
-        "recovery-lab build")
+        f"grubenv at {path} is 1000 bytes, expected 1024: rebuild the image with recovery-lab build"
+    )
 
 
 def test_write_refuses_wrong_size_and_does_not_touch_it(tmp_path: Path) -> None:
@@ -175,15 +175,15 @@ def test_comments_are_kept(tmp_path: Path) -> None:
 GRUB_EDITENV = shutil.which("grub-editenv")
 
 
-@pytest.mark.skipif(GRUB_EDITENV is None,
-                    reason="grub-editenv not installed (apt-get install grub-common)")
+@pytest.mark.skipif(GRUB_EDITENV is None, reason="grub-editenv not installed (apt-get install grub-common)")
 def test_compatible_with_grub_editenv(tmp_path: Path) -> None:
     assert GRUB_EDITENV is not None
     path = tmp_path / "grubenv"
 
     def editenv(*args: str) -> str:
-        return subprocess.run([GRUB_EDITENV, str(path), *args], check=True,
-                              capture_output=True, text=True).stdout
+        return subprocess.run(
+            [GRUB_EDITENV, str(path), *args], check=True, capture_output=True, text=True
+        ).stdout
 
     editenv("create")
     editenv("set", "boot_count=1", "a=x y", "b=back\\slash", "c=two\nlines")
@@ -200,8 +200,7 @@ def test_compatible_with_grub_editenv(tmp_path: Path) -> None:
     assert path.stat().st_size == ENVBLK_SIZE
 
     listed = editenv("list")
-    assert listed == ("boot_count=2\nb=back\\slash\nc=two\nlines\nrecovery_attempts=1\n"
-                      "d=more\\\nstuff\n")
+    assert listed == ("boot_count=2\nb=back\\slash\nc=two\nlines\nrecovery_attempts=1\nd=more\\\nstuff\n")
     # And GRUB's writer still accepts our block.
     editenv("set", "boot_ok=1")
     assert BootEnv.read(path)["boot_ok"] == "1"

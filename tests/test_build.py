@@ -40,10 +40,10 @@ def write(tmp_path: Path, text: str, name: str = "mine") -> Path:
 
 # ------------------------------------------------------------------ scenarios
 
+
 def test_shipped_scenarios_are_valid() -> None:
     names = {load_scenario(p).name for p in all_scenarios(IMAGES)}
-    assert names == {"healthy", "channel-file", "bad-driver", "boot-hang", "init-crash",
-                     "unknown"}
+    assert names == {"healthy", "channel-file", "bad-driver", "boot-hang", "init-crash", "unknown"}
 
 
 def test_valid_scenario(tmp_path: Path) -> None:
@@ -53,20 +53,22 @@ def test_valid_scenario(tmp_path: Path) -> None:
     assert len(s.source_sha256) == 64
 
 
-@pytest.mark.parametrize("old,new,field,fix", [
-    ('action = "add"', 'action = "delete"', "files[0].action", "add, replace, corrupt, remove"),
-    ('source = "channel:bad-291"', 'source = "channel:nope"', "files[0].source",
-     "channel:good-291"),
-    ('path = "var/', 'path = "/var/', "files[0].path", "without a leading '/'"),
-    ('path = "var/', 'path = "../var/', "files[0].path", "without a leading '/'"),
-    ('ends_in = "recovery"', 'ends_in = "reboot"', "expect.ends_in", '"healthy" or "recovery"'),
-    ('panics = 2', 'panics = 2\npanicz = 1', "expect.panicz", "remove it"),
-    ('description = "test"', 'description = "test"\nkernel_args = ["a=$x"]', "kernel_args",
-     "no quotes"),
-    ('source = "channel:bad-291"', '', "files[0]", "needs exactly one of source or content"),
-])
-def test_invalid_scenario_names_file_field_and_fix(tmp_path: Path, old: str, new: str,
-                                                   field: str, fix: str) -> None:
+@pytest.mark.parametrize(
+    "old,new,field,fix",
+    [
+        ('action = "add"', 'action = "delete"', "files[0].action", "add, replace, corrupt, remove"),
+        ('source = "channel:bad-291"', 'source = "channel:nope"', "files[0].source", "channel:good-291"),
+        ('path = "var/', 'path = "/var/', "files[0].path", "without a leading '/'"),
+        ('path = "var/', 'path = "../var/', "files[0].path", "without a leading '/'"),
+        ('ends_in = "recovery"', 'ends_in = "reboot"', "expect.ends_in", '"healthy" or "recovery"'),
+        ("panics = 2", "panics = 2\npanicz = 1", "expect.panicz", "remove it"),
+        ('description = "test"', 'description = "test"\nkernel_args = ["a=$x"]', "kernel_args", "no quotes"),
+        ('source = "channel:bad-291"', "", "files[0]", "needs exactly one of source or content"),
+    ],
+)
+def test_invalid_scenario_names_file_field_and_fix(
+    tmp_path: Path, old: str, new: str, field: str, fix: str
+) -> None:
     assert old in GOOD
     path = write(tmp_path, GOOD.replace(old, new))
     with pytest.raises(ScenarioError) as info:
@@ -112,7 +114,9 @@ def _root(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_apply_scenario(tmp_path: Path) -> None:
     root, sensor = _root(tmp_path)
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
 name = "mine"
 description = "x"
 kernel_args = ["sensor.hang=1", "softlockup_panic=1"]
@@ -137,7 +141,8 @@ content = "exit 1\\n"
 mode = "0755"
 [expect]
 ends_in = "recovery"
-""")
+""",
+    )
     build.apply_scenario(root, load_scenario(path), sensor, "6.1.0-1-amd64")
     bad = (root / "var/lib/sensor/channels/C-00000291-00000000-00000032.sys").read_bytes()
     assert len(bad) == 172 and bad[6] == 21 and bad[8] == 20
@@ -145,26 +150,31 @@ ends_in = "recovery"
     assert (root / "etc/early.conf").read_bytes() == bytes(c ^ 0xFF for c in b"a=b\n")
     assert not (root / "etc/gone").exists()
     assert (root / "etc/init.d/S20-x").stat().st_mode & 0o777 == 0o755
-    assert 'set qmr_os_args="sensor.hang=1 softlockup_panic=1"' in (
-        root / "boot/cmdline.cfg").read_text()
+    assert 'set qmr_os_args="sensor.hang=1 softlockup_panic=1"' in (root / "boot/cmdline.cfg").read_text()
 
 
-@pytest.mark.parametrize("action,path,fix", [
-    ("add", "etc/early.conf", 'use action = "replace"'),
-    ("remove", "etc/nothing", 'use action = "add", or fix the path'),
-])
-def test_apply_scenario_checks_existence(tmp_path: Path, action: str, path: str,
-                                         fix: str) -> None:
+@pytest.mark.parametrize(
+    "action,path,fix",
+    [
+        ("add", "etc/early.conf", 'use action = "replace"'),
+        ("remove", "etc/nothing", 'use action = "add", or fix the path'),
+    ],
+)
+def test_apply_scenario_checks_existence(tmp_path: Path, action: str, path: str, fix: str) -> None:
     root, sensor = _root(tmp_path)
     data = '\ncontent = "x"' if action == "add" else ""
-    f = write(tmp_path, f'name = "mine"\ndescription = "x"\n[[files]]\npath = "{path}"\n'
-                        f'action = "{action}"{data}\n[expect]\nends_in = "healthy"\n')
+    f = write(
+        tmp_path,
+        f'name = "mine"\ndescription = "x"\n[[files]]\npath = "{path}"\n'
+        f'action = "{action}"{data}\n[expect]\nends_in = "healthy"\n',
+    )
     with pytest.raises(ScenarioError, match="field files\\[0\\]") as info:
         build.apply_scenario(root, load_scenario(f), sensor, "6.1.0-1-amd64")
     assert fix in str(info.value)
 
 
 # ------------------------------------------------------------------ MBR
+
 
 def test_mbr_table_round_trip() -> None:
     parts = disk.layout(build.PARTITIONS)
@@ -174,7 +184,8 @@ def test_mbr_table_round_trip() -> None:
     sector0 = bytes(440) + table
     back = disk.parse_mbr(sector0)
     assert [(p.number, p.type_id, p.start, p.sectors, p.bootable) for p in back] == [
-        (p.number, p.type_id, p.start, p.sectors, p.bootable) for p in parts]
+        (p.number, p.type_id, p.start, p.sectors, p.bootable) for p in parts
+    ]
     assert int.from_bytes(sector0[440:444], "little") == disk.DISK_SIGNATURE
 
 
@@ -200,8 +211,8 @@ def test_assemble_places_everything(tmp_path: Path) -> None:
     assert len(data) == (2048 + 3 * 2048) * 512
     assert data[:440] == (bytes(range(256)) * 2)[:440]
     assert data[512:516] == b"CORE"
-    assert data[parts[0].offset:parts[0].offset + 4] == b"FAT!"
-    assert data[parts[1].offset + (1 << 20):parts[1].offset + (1 << 20) + 4] == b"EXT4"
+    assert data[parts[0].offset : parts[0].offset + 4] == b"FAT!"
+    assert data[parts[1].offset + (1 << 20) : parts[1].offset + (1 << 20) + 4] == b"EXT4"
     if shutil.which("sfdisk") or Path("/usr/sbin/sfdisk").exists():
         dump = run(["sfdisk", "--dump", out])
         assert "start=        2048, size=        2048, type=e, bootable" in dump
@@ -213,11 +224,13 @@ def test_core_img_must_fit(tmp_path: Path) -> None:
     (tmp_path / "boot.img").write_bytes(bytes(512))
     (tmp_path / "core.img").write_bytes(bytes(2048 * 512))
     with pytest.raises(disk.DiskError, match="does not fit"):
-        disk.assemble(tmp_path / "d", parts, {1: tmp_path / "p1"}, tmp_path / "boot.img",
-                      tmp_path / "core.img")
+        disk.assemble(
+            tmp_path / "d", parts, {1: tmp_path / "p1"}, tmp_path / "boot.img", tmp_path / "core.img"
+        )
 
 
 # ------------------------------------------------------------------ cache
+
 
 def test_cache_key_changes_with_any_input(tmp_path: Path) -> None:
     lines: list[str] = []
@@ -261,6 +274,7 @@ def test_cache_key_is_order_independent() -> None:
 
 # ------------------------------------------------------------------ tools
 
+
 def test_missing_tool_names_package() -> None:
     with pytest.raises(ToolMissing) as info:
         run(["mkfs.fat-not-here"])
@@ -269,8 +283,11 @@ def test_missing_tool_names_package() -> None:
 
 def test_missing_known_tool_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("recovery_lab.tools.which", lambda tool: None)
-    with pytest.raises(ToolMissing, match=r"mkfs.fat not found: install dosfstools "
-                                          r"\(apt-get install dosfstools\)"):
+    with pytest.raises(
+        ToolMissing,
+        match=r"mkfs.fat not found: install dosfstools "
+        r"\(apt-get install dosfstools\)",
+    ):
         run(["mkfs.fat", "-C", "x", "100"])
     with pytest.raises(ToolMissing, match="all at once: apt-get install dosfstools mtools"):
         require("mkfs.fat", "mcopy")
@@ -286,6 +303,7 @@ def test_failing_tool_shows_stderr_tail() -> None:
 
 # ------------------------------------------------------------------ modules
 
+
 def test_module_closure_orders_dependencies(tmp_path: Path) -> None:
     moddir = tmp_path / "lib/modules/6.1.0-1-amd64"
     moddir.mkdir(parents=True)
@@ -293,7 +311,8 @@ def test_module_closure_orders_dependencies(tmp_path: Path) -> None:
         "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n"
         "kernel/lib/crc16.ko:\nkernel/fs/mbcache.ko:\nkernel/fs/jbd2/jbd2.ko:\n"
         "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko: kernel/drivers/misc/pvpanic/pvpanic.ko\n"
-        "kernel/drivers/misc/pvpanic/pvpanic.ko:\n")
+        "kernel/drivers/misc/pvpanic/pvpanic.ko:\n"
+    )
     order = build.module_closure(tmp_path, "6.1.0-1-amd64", ["ext4", "pvpanic-mmio", "jbd2"])
     assert order.index("kernel/fs/ext4/ext4.ko") > order.index("kernel/fs/jbd2/jbd2.ko")
     assert order.index("kernel/fs/ext4/ext4.ko") > order.index("kernel/lib/crc16.ko")
@@ -305,14 +324,21 @@ def test_module_closure_orders_dependencies(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ guest grubenv writer
 
+
 @pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
 def test_guest_grubenv_reset_keeps_size_and_other_variables(tmp_path: Path) -> None:
     env = tmp_path / "grubenv"
     BootEnv.new({"boot_limit": 2, "boot_count": 12, "other": "x"}).create(env)
     before_inode = env.stat().st_ino
     script = f". {IMAGES / 'os' / 'lib.sh'}; qmr_grubenv_reset {env} && qmr_grubenv_get {env} boot_count"
-    out = subprocess.run(["/bin/busybox", "sh", "-c", script], capture_output=True, text=True,
-                         check=True, cwd=tmp_path, env={"PATH": "/bin:/usr/bin"})
+    out = subprocess.run(
+        ["/bin/busybox", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env={"PATH": "/bin:/usr/bin"},
+    )
     assert out.stdout.strip() == "0"
     assert env.stat().st_size == 1024 and env.stat().st_ino == before_inode
     assert dict(BootEnv.read(env)) == {"boot_limit": "2", "boot_count": "0", "other": "x"}

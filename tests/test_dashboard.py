@@ -25,14 +25,25 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail("Chromium is missing: scripts/setup.sh --test installs Debian's chromium and "
-                    "chromium-driver")
+        pytest.fail(
+            "Chromium is missing: scripts/setup.sh --test installs Debian's chromium and chromium-driver"
+        )
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="qmr-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
@@ -76,12 +87,20 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
         row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
         row.find_element(By.TAG_NAME, "button").click()
         wait.until(lambda d: "Approve: done" in d.find_element(By.ID, "status").text)
-        wait.until(lambda d: "approved" in d.find_element(
-            By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]').text)
+        wait.until(
+            lambda d: (
+                "approved"
+                in d.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]').text
+            )
+        )
         ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
         ro.find_element(By.XPATH, ".//button[text()='Pause']").click()
         wait.until(lambda d: "Pause: done" in d.find_element(By.ID, "status").text)
-        wait.until(lambda d: "paused" in d.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]').text)
+        wait.until(
+            lambda d: (
+                "paused" in d.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]').text
+            )
+        )
         seen["paused"] = fleet.service.rollout(ids["rollout"])["state"]
         ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
         ro.find_element(By.XPATH, ".//button[text()='Resume']").click()
@@ -98,7 +117,9 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     assert seen["paused"] == "paused"
     assert fleet.service.rollout(ids["rollout"])["state"] == "active"
     assert [e["kind"] for e in fleet.service.events() if e["kind"].startswith("rollout.")][-2:] == [
-        "rollout.pause", "rollout.resume"]
+        "rollout.pause",
+        "rollout.resume",
+    ]
     approvals = [e for e in fleet.service.events() if e["kind"] == "remediation.approval"]
     assert approvals[-1]["actor"] == "bea"
 
@@ -128,6 +149,7 @@ async def test_a_bad_token_is_refused_on_the_page(fleet, browser):
     def go():
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
+
         browser.get(fleet.url + "/")
         browser.find_element(By.ID, "token").send_keys("qmr_not-a-token")
         browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
@@ -141,15 +163,22 @@ async def test_a_bad_token_is_refused_on_the_page(fleet, browser):
 async def test_server_values_are_shown_as_text_not_html(fleet, browser):
     """A device id is attacker-controlled input: it must never become markup."""
     from recovery_server.fleetsim import FleetSim
+
     sim = FleetSim(fleet.service, 1)
     sim.enroll_all(fleet.enrollment_token)
     sim.crash_all()
-    fleet.service.create_remediation(fleet.user("oscar"), title='<img src=x onerror="window.pwned=1">',
-                                     actions=[{"type": "disable_driver", "name": "sensor"}], incident_id=None)
+    fleet.service.create_remediation(
+        fleet.user("oscar"),
+        title='<img src=x onerror="window.pwned=1">',
+        actions=[{"type": "disable_driver", "name": "sensor"}],
+        incident_id=None,
+    )
     token = fleet.service.create_user("bea", "approver")
 
     def actions(driver, wait, By):
         wait.until(lambda d: "<img" in d.find_element(By.ID, "remediations").text)
-        return driver.execute_script("return window.pwned === undefined && !document.querySelector('#remediations img')")
+        return driver.execute_script(
+            "return window.pwned === undefined && !document.querySelector('#remediations img')"
+        )
 
     assert await asyncio.to_thread(drive, browser, fleet.url, token, "escaping.png", actions) is True

@@ -32,11 +32,14 @@ def real(name: str) -> str:
 # --------------------------------------------------------------------------- real captures
 
 
-@pytest.mark.parametrize("name, kind", [
-    ("channel-file-console.txt", CrashKind.KERNEL_PANIC),
-    ("channel-file-pstore.txt", CrashKind.KERNEL_PANIC),     # "Panic#2 Part1" dump
-    ("channel-file-pstore-oops.txt", CrashKind.OOPS),        # "Oops#1 Part1" dump, before panic
-])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("channel-file-console.txt", CrashKind.KERNEL_PANIC),
+        ("channel-file-pstore.txt", CrashKind.KERNEL_PANIC),  # "Panic#2 Part1" dump
+        ("channel-file-pstore-oops.txt", CrashKind.OOPS),  # "Oops#1 Part1" dump, before panic
+    ],
+)
 def test_channel_file_crash(name: str, kind: CrashKind) -> None:
     sig = parse_crash(real(name), name)
     assert sig is not None
@@ -78,8 +81,7 @@ def test_null_pointer_dereference() -> None:
     assert sig.guilty_frame == "widget_read_rate"
     assert sig.guilty_module == "nullderef"
     assert sig.channel_file is None
-    assert sig.excerpt.splitlines()[-1].endswith(
-        "---[ end Kernel panic - not syncing: Fatal exception ]---")
+    assert sig.excerpt.splitlines()[-1].endswith("---[ end Kernel panic - not syncing: Fatal exception ]---")
 
 
 def test_init_died() -> None:
@@ -106,7 +108,7 @@ def test_soft_lockup() -> None:
     # Reset before the soft lockup detector fired: the RCU stall is all there is. Its first
     # stack is the RCU kthread's (generic); the guilty frame comes from the stalled CPU's RIP.
     if "rcu_preempt detected stalls" in text:
-        stall_only = parse_crash(text[:text.index("BUG: soft lockup")])
+        stall_only = parse_crash(text[: text.index("BUG: soft lockup")])
         assert stall_only is not None
         assert stall_only.kind is CrashKind.HANG
         assert stall_only.title == "INFO: rcu detected stall in sensor_init"
@@ -126,11 +128,14 @@ def _pstore(tmp_path: Path, files: dict[str, str], mtime: float = 1_700_000_000)
 
 
 def test_detect_from_pstore_prefers_the_panic_dump(tmp_path: Path) -> None:
-    pstore = _pstore(tmp_path, {
-        "dmesg-ramoops-0": real("channel-file-pstore-oops.txt"),
-        "dmesg-ramoops-1": real("channel-file-pstore.txt"),
-        "console-ramoops-0": real("channel-file-console.txt"),
-    })
+    pstore = _pstore(
+        tmp_path,
+        {
+            "dmesg-ramoops-0": real("channel-file-pstore-oops.txt"),
+            "dmesg-ramoops-1": real("channel-file-pstore.txt"),
+            "console-ramoops-0": real("channel-file-console.txt"),
+        },
+    )
     sig = detect(pstore, boot_count=2)
     assert sig.kind is CrashKind.KERNEL_PANIC
     assert sig.title == "general protection fault in sensor_parse_channel"
@@ -139,10 +144,13 @@ def test_detect_from_pstore_prefers_the_panic_dump(tmp_path: Path) -> None:
 
 
 def test_newest_dump_wins(tmp_path: Path) -> None:
-    pstore = _pstore(tmp_path, {
-        "dmesg-ramoops-0": real("null-deref-console.txt"),
-        "dmesg-ramoops-1": real("channel-file-pstore.txt"),
-    })
+    pstore = _pstore(
+        tmp_path,
+        {
+            "dmesg-ramoops-0": real("null-deref-console.txt"),
+            "dmesg-ramoops-1": real("channel-file-pstore.txt"),
+        },
+    )
     os.utime(pstore / "dmesg-ramoops-0", (1_800_000_000, 1_800_000_000))
     assert detect(pstore).guilty_module == "nullderef"
 
@@ -154,10 +162,13 @@ def test_multi_part_dump_is_joined(tmp_path: Path) -> None:
     assert header == "Panic#2 Part1"
     lines = body.splitlines(keepends=True)
     cut = next(i for i, line in enumerate(lines) if "general protection fault" in line) - 1
-    pstore = _pstore(tmp_path, {
-        "dmesg-ramoops-0": "Panic#2 Part1\n" + "".join(lines[cut:]),
-        "dmesg-ramoops-1": "Panic#2 Part2\n" + "".join(lines[:cut]),
-    })
+    pstore = _pstore(
+        tmp_path,
+        {
+            "dmesg-ramoops-0": "Panic#2 Part1\n" + "".join(lines[cut:]),
+            "dmesg-ramoops-1": "Panic#2 Part2\n" + "".join(lines[:cut]),
+        },
+    )
     records = read_pstore(pstore).records
     assert [r.name for r in records] == ["dmesg-ramoops-1+dmesg-ramoops-0"]
     sig = detect(pstore)
@@ -168,17 +179,19 @@ def test_multi_part_dump_is_joined(tmp_path: Path) -> None:
 def test_channel_file_taken_from_console_when_dump_lost_it(tmp_path: Path) -> None:
     text = real("channel-file-pstore.txt")
     kept = [line for line in text.splitlines(keepends=True) if "loading channel file" not in line]
-    pstore = _pstore(tmp_path, {
-        "dmesg-ramoops-0": "".join(kept),
-        "console-ramoops-0": real("channel-file-console.txt"),
-    })
+    pstore = _pstore(
+        tmp_path,
+        {
+            "dmesg-ramoops-0": "".join(kept),
+            "console-ramoops-0": real("channel-file-console.txt"),
+        },
+    )
     sig = detect(pstore)
     assert sig.source == "pstore:dmesg-ramoops-0"
     assert sig.channel_file == CHANNEL_FILE
 
 
-def test_compressed_record_skipped_with_note(tmp_path: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_compressed_record_skipped_with_note(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pstore = _pstore(tmp_path, {"dmesg-ramoops-0.enc.z": "\x78\x9c garbage"})
     scan = read_pstore(pstore)
     assert scan.records == []
@@ -373,7 +386,8 @@ def test_warning_only_when_nothing_worse() -> None:
 
 def test_panic_on_warn_blames_the_warning() -> None:
     text = WARNING_THEN_GPF.split("[    1.500000]")[0] + (
-        "[    1.000300] Kernel panic - not syncing: kernel: panic_on_warn set ...\n")
+        "[    1.000300] Kernel panic - not syncing: kernel: panic_on_warn set ...\n"
+    )
     sig = parse_crash(text)
     assert sig is not None
     assert sig.kind is CrashKind.KERNEL_PANIC
@@ -382,7 +396,7 @@ def test_panic_on_warn_blames_the_warning() -> None:
 
 def test_channel_file_from_an_earlier_boot_is_not_blamed() -> None:
     console = real("channel-file-console.txt")
-    earlier = console[:console.index("general protection fault")].rpartition("\n")[0] + "\n"
+    earlier = console[: console.index("general protection fault")].rpartition("\n")[0] + "\n"
     sig = parse_crash(earlier + real("null-deref-console.txt"))
     assert sig is not None
     assert sig.guilty_module == "nullderef"
@@ -403,21 +417,24 @@ def test_no_crash() -> None:
 
 
 def test_excerpt_capped() -> None:
-    text = KERNEL_BUG.replace("[    3.000700]  </TASK>",
-                              "\n".join(f"[    3.000700]  filler_{i}+0x1/0x2" for i in range(2000)))
+    text = KERNEL_BUG.replace(
+        "[    3.000700]  </TASK>", "\n".join(f"[    3.000700]  filler_{i}+0x1/0x2" for i in range(2000))
+    )
     sig = parse_crash(text)
     assert sig is not None
     assert len(sig.excerpt.encode()) <= EXCERPT_LIMIT
     assert sig.title == "kernel BUG in widget_check"
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("[    1.234567] soft lockup - CPU#0 stuck for 22s! [insmod:63]",
-     "soft lockup - CPU stuck for !"),
-    ("Attempted to kill init! exitcode=0x0000000b", "Attempted to kill init!"),
-    ("foo+0x11/0x70 at ffff888003c1e000 (error -2)", "foo at"),
-    ("ext4 rcu_preempt x86_64", "ext4 rcu_preempt x86_64"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("[    1.234567] soft lockup - CPU#0 stuck for 22s! [insmod:63]", "soft lockup - CPU stuck for !"),
+        ("Attempted to kill init! exitcode=0x0000000b", "Attempted to kill init!"),
+        ("foo+0x11/0x70 at ffff888003c1e000 (error -2)", "foo at"),
+        ("ext4 rcu_preempt x86_64", "ext4 rcu_preempt x86_64"),
+    ],
+)
 def test_normalise_title(raw: str, expected: str) -> None:
     assert normalise_title(raw) == expected
 
@@ -436,6 +453,7 @@ PROGRESS_HUNG = """\
 
 def test_stopped_step_names_the_step_the_last_boot_never_finished() -> None:
     from recovery_agent.detect import stopped_step
+
     assert stopped_step(PROGRESS_HUNG) == "load module sensor"
     assert stopped_step(PROGRESS_HUNG + "9.1 done load module sensor\n9.2 boot complete\n") is None
     assert stopped_step("") is None
@@ -449,6 +467,5 @@ def test_no_crash_record_and_a_stopped_step_is_a_hang_in_that_module(tmp_path: P
     assert sig.kind is CrashKind.HANG
     assert sig.title == "boot hung: load module sensor" and sig.guilty_module == "sensor"
     # A crash record wins over the progress log: the crash says more.
-    (tmp_path / "pstore" / "dmesg-ramoops-0").write_text(
-        (DATA / "channel-file-pstore.txt").read_text())
+    (tmp_path / "pstore" / "dmesg-ramoops-0").write_text((DATA / "channel-file-pstore.txt").read_text())
     assert detect(tmp_path / "pstore", boot_count=2, boot_progress=progress).kind is CrashKind.KERNEL_PANIC

@@ -8,33 +8,59 @@ from datetime import timedelta
 
 import pytest
 
-from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol import keys
 from recovery_agent.protocol.envelope import (
-    BadSignature, DirectiveRejected, MalformedEnvelope, UnknownKey, WrongPayloadType, open_directive,
-    open_envelope, pae, seal, seal_bytes,
+    BadSignature,
+    DirectiveRejected,
+    MalformedEnvelope,
+    UnknownKey,
+    WrongPayloadType,
+    open_directive,
+    open_envelope,
+    pae,
+    seal,
+    seal_bytes,
 )
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import (
-    BootState, CrashKind, CrashSignature, Diagnostics, Directive, QuarantineFile, SystemInfo, utcnow,
+    BootState,
+    CrashKind,
+    CrashSignature,
+    Diagnostics,
+    Directive,
+    QuarantineFile,
+    SystemInfo,
+    utcnow,
 )
 
 SHA = "a" * 64
 
 
 def diagnostics(device: str = "dev-1") -> Diagnostics:
-    return Diagnostics(device_id=device, server_nonce="n" * 32, agent_nonce="m" * 32,
-                       created_at=utcnow(), agent_version="0.1.0",
-                       boot=BootState(boot_count=2, boot_limit=2),
-                       crash=CrashSignature(kind=CrashKind.KERNEL_PANIC, title="general protection fault in f"),
-                       system=SystemInfo())
+    return Diagnostics(
+        device_id=device,
+        server_nonce="n" * 32,
+        agent_nonce="m" * 32,
+        created_at=utcnow(),
+        agent_version="0.1.0",
+        boot=BootState(boot_count=2, boot_limit=2),
+        crash=CrashSignature(kind=CrashKind.KERNEL_PANIC, title="general protection fault in f"),
+        system=SystemInfo(),
+    )
 
 
 def directive(device: str = "dev-1", ttl: timedelta = timedelta(hours=1)) -> Directive:
     now = utcnow()
-    return Directive(directive_id="dir-1", device_id=device, agent_nonce="m" * 32,
-                     diagnostics_sha256=SHA, remediation_id="rem-1", issued_at=now,
-                     expires_at=now + ttl,
-                     actions=[QuarantineFile(path="var/lib/sensor/channels/C-1.sys", sha256=SHA)])
+    return Directive(
+        directive_id="dir-1",
+        device_id=device,
+        agent_nonce="m" * 32,
+        diagnostics_sha256=SHA,
+        remediation_id="rem-1",
+        issued_at=now,
+        expires_at=now + ttl,
+        actions=[QuarantineFile(path="var/lib/sensor/channels/C-1.sys", sha256=SHA)],
+    )
 
 
 @pytest.fixture
@@ -56,6 +82,7 @@ def test_round_trip_gives_typed_message_and_key(key):
 
 def test_key_id_is_sha256_of_raw_public_key(key):
     import hashlib
+
     assert key.key_id == hashlib.sha256(keys.public_raw(key.public)).hexdigest()
 
 
@@ -98,8 +125,11 @@ def test_relabelled_payload_type_breaks_the_signature(key):
 def test_duplicate_keys_in_signed_payload_are_refused(key):
     payload = b'{"device_id":"dev-1","device_id":"dev-2"}'
     sig = key.private.sign(pae(Diagnostics.PAYLOAD_TYPE, payload))
-    env = {"payload": base64.b64encode(payload).decode(), "payloadType": Diagnostics.PAYLOAD_TYPE,
-           "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}]}
+    env = {
+        "payload": base64.b64encode(payload).decode(),
+        "payloadType": Diagnostics.PAYLOAD_TYPE,
+        "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}],
+    }
     with pytest.raises(MalformedEnvelope, match="duplicate JSON key 'device_id'"):
         open_envelope(json.dumps(env), Diagnostics, ring(key))
 
@@ -111,9 +141,18 @@ def test_duplicate_keys_in_envelope_are_refused(key):
         open_envelope(raw, Diagnostics, ring(key))
 
 
-@pytest.mark.parametrize("raw", [b"", b"[]", b"{}", b'{"payload": 1, "payloadType": "x", "signatures": []}',
-                                 b"NaN", b'{"payload": "!!", "payloadType": "x", "signatures": [{"sig": "x"}]}',
-                                 '{"payload": "\u00fa", "payloadType": "x", "signatures": [{"sig": "x"}]}'.encode()])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"[]",
+        b"{}",
+        b'{"payload": 1, "payloadType": "x", "signatures": []}',
+        b"NaN",
+        b'{"payload": "!!", "payloadType": "x", "signatures": [{"sig": "x"}]}',
+        '{"payload": "\u00fa", "payloadType": "x", "signatures": [{"sig": "x"}]}'.encode(),
+    ],
+)
 def test_garbage_is_malformed_not_a_crash(key, raw):
     with pytest.raises(MalformedEnvelope):
         open_envelope(raw, Diagnostics, ring(key))
@@ -122,8 +161,11 @@ def test_garbage_is_malformed_not_a_crash(key, raw):
 def test_signed_but_invalid_payload_is_refused(key):
     payload = b'{"device_id": "dev-1"}'
     sig = key.private.sign(pae(Diagnostics.PAYLOAD_TYPE, payload))
-    env = {"payload": base64.b64encode(payload).decode(), "payloadType": Diagnostics.PAYLOAD_TYPE,
-           "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}]}
+    env = {
+        "payload": base64.b64encode(payload).decode(),
+        "payloadType": Diagnostics.PAYLOAD_TYPE,
+        "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}],
+    }
     with pytest.raises(MalformedEnvelope, match="does not fit the protocol"):
         open_envelope(json.dumps(env), Diagnostics, ring(key))
 

@@ -40,8 +40,12 @@ def fake_module(modinfo: list[str], text: bytes = b"\x90" * 64) -> bytes:
     def sh(name: int, type_: int, off: int, size: int) -> bytes:
         return struct.pack("<IIQQQQIIQQ", name, type_, 0, 0, off, size, 0, 0, 1, 0)
 
-    sections = (sh(0, 0, 0, 0) + sh(1, 1, text_off, len(text))
-                + sh(7, 1, modinfo_off, len(modinfo_data)) + sh(16, 3, shstr_off, len(shstrtab)))
+    sections = (
+        sh(0, 0, 0, 0)
+        + sh(1, 1, text_off, len(text))
+        + sh(7, 1, modinfo_off, len(modinfo_data))
+        + sh(16, 3, shstr_off, len(shstrtab))
+    )
     data = ehdr + body
     return data + b"\x00" * (shoff - len(data)) + sections
 
@@ -58,15 +62,19 @@ def write(root: Path, rel: str, data: bytes | str, mtime: float | None = None) -
 @pytest.fixture
 def os_root(tmp_path: Path) -> Path:
     root = tmp_path / "os"
-    write(root, "usr/lib/os-release",
-          'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n')
+    write(
+        root, "usr/lib/os-release", 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
+    )
     (root / "etc").mkdir()
     os.symlink("../usr/lib/os-release", root / "etc/os-release")
     write(root, "etc/hostname", "lab-machine-7\n")
-    write(root, f"lib/modules/{KVER}/extra/sensor.ko",
-          fake_module(["version=1.1", "license=GPL", "srcversion=ABC", "name=sensor"]), 1000)
-    write(root, f"lib/modules/{KVER}/updates/dkms/other.ko",
-          fake_module(["license=GPL", "name=other"]), 1100)
+    write(
+        root,
+        f"lib/modules/{KVER}/extra/sensor.ko",
+        fake_module(["version=1.1", "license=GPL", "srcversion=ABC", "name=sensor"]),
+        1000,
+    )
+    write(root, f"lib/modules/{KVER}/updates/dkms/other.ko", fake_module(["license=GPL", "name=other"]), 1100)
     write(root, f"lib/modules/{KVER}/kernel/drivers/in_tree.ko", fake_module(["version=9"]))
     (root / "lib/modules/6.1.0-9-amd64").mkdir(parents=True)  # an older kernel, no extra/
     write(root, "var/lib/driver-store/sensor/1.0/sensor.ko", fake_module(["version=1.0"]), 500)
@@ -80,7 +88,7 @@ def os_root(tmp_path: Path) -> Path:
 def test_collect_system(os_root: Path) -> None:
     info = collect_system(os_root)
     assert info.os_release == "Debian GNU/Linux 12 (bookworm)"  # symlinked etc/os-release
-    assert info.kernel_version == KVER                          # the one with extra/
+    assert info.kernel_version == KVER  # the one with extra/
     assert info.hostname == "lab-machine-7"
 
 
@@ -138,8 +146,7 @@ def test_collect_channel_files(os_root: Path) -> None:
 
 
 def test_recent_changes(os_root: Path) -> None:
-    records = (collect_drivers(os_root) + collect_driver_store(os_root)
-               + collect_channel_files(os_root))
+    records = collect_drivers(os_root) + collect_driver_store(os_root) + collect_channel_files(os_root)
     recent = recent_changes(records, limit=3)
     assert [r.path for r in recent] == [
         "var/lib/sensor/channels/C-00000291-00000000-00000032.sys",
@@ -160,8 +167,7 @@ def test_symlinks_and_special_files_are_never_followed(tmp_path: Path) -> None:
     os.mkfifo(channels / "C-00000002-fifo.sys")  # would block a reader that opened it
     (channels / "C-00000003-dir.sys").mkdir()
     write(root, "var/lib/sensor/channels/C-00000004-real.sys", b"real")
-    assert [c.path for c in collect_channel_files(root)] == [
-        "var/lib/sensor/channels/C-00000004-real.sys"]
+    assert [c.path for c in collect_channel_files(root)] == ["var/lib/sensor/channels/C-00000004-real.sys"]
 
     # A symlinked directory on the way is not entered either.
     (tmp_path / "elsewhere/extra").mkdir(parents=True)

@@ -14,11 +14,18 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.protocol.admin import AdminClient
-from recovery_agent.protocol.client import RetryPolicy, DeviceClient
+from recovery_agent.protocol.client import DeviceClient, RetryPolicy
 from recovery_agent.protocol.envelope import open_directive, seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import (
-    BootState, Diagnostics, Enrollment, FileRecord, Health, Result, SystemInfo, utcnow,
+    BootState,
+    Diagnostics,
+    Enrollment,
+    FileRecord,
+    Health,
+    Result,
+    SystemInfo,
+    utcnow,
 )
 from recovery_server.fleetsim import BAD_PATH, BAD_SHA, CRASH
 from recovery_server.store import Store
@@ -36,8 +43,9 @@ def pg_url():
 
 
 async def _cli(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     return out.decode()
@@ -46,9 +54,20 @@ async def _cli(*args: str) -> str:
 async def _serve(data: Path, url: str, name: str) -> tuple[asyncio.subprocess.Process, str]:
     port_file = data / f"{name}.port"
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "recovery-server"), "--data", str(data), "--database", url, "serve", "--port", "0",
-        "--port-file", str(port_file), "--quiet", stdout=asyncio.subprocess.DEVNULL,
-        stderr=open(data / f"{name}.log", "w"))
+        str(BIN / "recovery-server"),
+        "--data",
+        str(data),
+        "--database",
+        url,
+        "serve",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--quiet",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=open(data / f"{name}.log", "w"),
+    )
     for _ in range(200):
         if port_file.exists() and port_file.read_text().strip():
             return proc, f"http://127.0.0.1:{port_file.read_text().strip()}"
@@ -60,8 +79,16 @@ async def _serve(data: Path, url: str, name: str) -> tuple[asyncio.subprocess.Pr
 @pytest.mark.timeout(300)
 async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
     data = tmp_path / "server"
-    await _cli(str(BIN / "recovery-server"), "--data", str(data), "--database", pg_url, "init",
-               "--token-file", str(tmp_path / "admin.token"))
+    await _cli(
+        str(BIN / "recovery-server"),
+        "--data",
+        str(data),
+        "--database",
+        pg_url,
+        "init",
+        "--token-file",
+        str(tmp_path / "admin.token"),
+    )
     procs = [await _serve(data, pg_url, "a"), await _serve(data, pg_url, "b")]
     urls = [u for _, u in procs]
     server_key = SigningKey.load(data / "server.key")
@@ -69,36 +96,81 @@ async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
     rng = random.Random(7)
     try:
         admin = (tmp_path / "admin.token").read_text().strip()
-        async with DeviceClient(urls[0], retry=RETRY) as a, DeviceClient(urls[1], retry=RETRY) as b, \
-                AdminClient(urls[0], retry=RETRY) as admin_a, AdminClient(urls[1], retry=RETRY) as admin_b:
+        async with (
+            DeviceClient(urls[0], retry=RETRY) as a,
+            DeviceClient(urls[1], retry=RETRY) as b,
+            AdminClient(urls[0], retry=RETRY) as admin_a,
+            AdminClient(urls[1], retry=RETRY) as admin_b,
+        ):
             clients = [a, b]
-            enroll_token = (await admin_a.call("POST", "/enrollment-tokens", token=admin, body={"label": "t"}))["token"]
-            ops = (await admin_b.call("POST", "/users", token=admin, body={"name": "oscar", "role": "operator"}))["token"]
-            appr = (await admin_a.call("POST", "/users", token=admin, body={"name": "bea", "role": "approver"}))["token"]
+            enroll_token = (
+                await admin_a.call("POST", "/enrollment-tokens", token=admin, body={"label": "t"})
+            )["token"]
+            ops = (
+                await admin_b.call("POST", "/users", token=admin, body={"name": "oscar", "role": "operator"})
+            )["token"]
+            appr = (
+                await admin_a.call("POST", "/users", token=admin, body={"name": "bea", "role": "approver"})
+            )["token"]
 
             devices = [(f"pg-{i:03d}", SigningKey.generate()) for i in range(120)]
 
             async def report(i: int, device_id: str, key: SigningKey):
                 c = clients[i % 2]
-                await c.enroll(seal_bytes(Enrollment(device_id=device_id, public_key=public_b64(key.public),
-                                                     enrollment_token=enroll_token, created_at=utcnow()), key))
+                await c.enroll(
+                    seal_bytes(
+                        Enrollment(
+                            device_id=device_id,
+                            public_key=public_b64(key.public),
+                            enrollment_token=enroll_token,
+                            created_at=utcnow(),
+                        ),
+                        key,
+                    )
+                )
                 ch = await clients[(i + 1) % 2].challenge(device_id)
                 nonce = secrets.token_urlsafe(24)
-                d = Diagnostics(device_id=device_id, server_nonce=ch.nonce, agent_nonce=nonce,
-                                created_at=utcnow(), agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
-                                crash=CRASH, system=SystemInfo(),
-                                channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)])
+                d = Diagnostics(
+                    device_id=device_id,
+                    server_nonce=ch.nonce,
+                    agent_nonce=nonce,
+                    created_at=utcnow(),
+                    agent_version="t",
+                    boot=BootState(boot_count=2, boot_limit=2),
+                    crash=CRASH,
+                    system=SystemInfo(),
+                    channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)],
+                )
                 return device_id, key, nonce, await c.send_diagnostics(seal_bytes(d, key))
 
             reports = await asyncio.gather(*(report(i, d, k) for i, (d, k) in enumerate(devices)))
             incident = reports[0][3].incident_id
-            rem = await admin_a.call("POST", "/remediations", token=ops, body={
-                "title": "q", "incident_id": incident,
-                "actions": [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}]})
-            await admin_b.call("POST", f"/remediations/{rem['remediation_id']}/rollout", token=ops, body={
-                "waves": [{"name": "canary", "devices": [d for d, _ in devices[:10]]},
-                          {"name": "30%", "percent": 30}, {"name": "100%", "percent": 100}],
-                "min_devices": 10, "min_success_rate": 0.8, "halt_failure_rate": 0.5, "halt_min_devices": 10})
+            rem = await admin_a.call(
+                "POST",
+                "/remediations",
+                token=ops,
+                body={
+                    "title": "q",
+                    "incident_id": incident,
+                    "actions": [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+                },
+            )
+            await admin_b.call(
+                "POST",
+                f"/remediations/{rem['remediation_id']}/rollout",
+                token=ops,
+                body={
+                    "waves": [
+                        {"name": "canary", "devices": [d for d, _ in devices[:10]]},
+                        {"name": "30%", "percent": 30},
+                        {"name": "100%", "percent": 100},
+                    ],
+                    "min_devices": 10,
+                    "min_success_rate": 0.8,
+                    "halt_failure_rate": 0.5,
+                    "halt_min_devices": 10,
+                },
+            )
             await admin_a.call("POST", f"/remediations/{rem['remediation_id']}/approve", token=appr)
 
             served: dict[str, str] = {}
@@ -109,18 +181,43 @@ async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
                     answers = await asyncio.gather(*(c.poll_directive(receipt, wait_s=0.5) for c in clients))
                     got = [x for x in answers if x.status == "directive"]
                     if got:
-                        ids = {open_directive(x.envelope, ring, device_id=device_id, agent_nonce=nonce,
-                                              diagnostics_sha256=receipt.diagnostics_sha256,
-                                              now=utcnow()).message.directive_id for x in got}
+                        ids = {
+                            open_directive(
+                                x.envelope,
+                                ring,
+                                device_id=device_id,
+                                agent_nonce=nonce,
+                                diagnostics_sha256=receipt.diagnostics_sha256,
+                                now=utcnow(),
+                            ).message.directive_id
+                            for x in got
+                        }
                         assert len(ids) == 1, f"{device_id} got two directives: {ids}"
                         did = ids.pop()
                         served[device_id] = did
                         c = rng.choice(clients)
-                        await c.send_result(seal_bytes(Result(device_id=device_id, directive_id=did,
-                                                              outcome="applied", created_at=utcnow()), key))
-                        await rng.choice(clients).send_health(seal_bytes(Health(
-                            device_id=device_id, directive_id=did, boot_id=secrets.token_hex(4),
-                            created_at=utcnow()), key))
+                        await c.send_result(
+                            seal_bytes(
+                                Result(
+                                    device_id=device_id,
+                                    directive_id=did,
+                                    outcome="applied",
+                                    created_at=utcnow(),
+                                ),
+                                key,
+                            )
+                        )
+                        await rng.choice(clients).send_health(
+                            seal_bytes(
+                                Health(
+                                    device_id=device_id,
+                                    directive_id=did,
+                                    boot_id=secrets.token_hex(4),
+                                    created_at=utcnow(),
+                                ),
+                                key,
+                            )
+                        )
                         return
                     await asyncio.sleep(0.2)
 

@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 
 from recovery_lab import tools
-from recovery_lab.pyruntime import (EPOCH, PYTHON, SITE, STDLIB, RuntimeArtifact,
-                                    RuntimeBuildError, build_python_runtime)
+from recovery_lab.pyruntime import (
+    EPOCH,
+    PYTHON,
+    SITE,
+    STDLIB,
+    RuntimeArtifact,
+    RuntimeBuildError,
+    build_python_runtime,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("QMR_CACHE", REPO / ".cache/qmr"))
@@ -26,8 +33,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def _network_failure(exc: BaseException) -> bool:
     cause = exc.__cause__
-    return isinstance(cause, tools.ToolFailed) and (
-        cause.cmd[0] == "apt-get" or "pip" in cause.cmd[:4])
+    return isinstance(cause, tools.ToolFailed) and (cause.cmd[0] == "apt-get" or "pip" in cause.cmd[:4])
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,12 @@ def runtime() -> RuntimeArtifact:
 def _chroot_python(root: Path, code: str) -> subprocess.CompletedProcess[str]:
     chroot = tools.which("chroot")
     assert chroot
-    return subprocess.run(["env", "-i", chroot, str(root), "/" + PYTHON, "-I", "-c", code],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["env", "-i", chroot, str(root), "/" + PYTHON, "-I", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_tree_holds_interpreter_agent_and_dependencies(runtime: RuntimeArtifact) -> None:
@@ -54,8 +64,16 @@ def test_tree_holds_interpreter_agent_and_dependencies(runtime: RuntimeArtifact)
     assert runtime.python == PYTHON and (root / PYTHON).is_file()
     assert (root / "lib64/ld-linux-x86-64.so.2").is_file()
     site = root / SITE
-    for package in ("aiohttp", "cryptography", "pydantic", "pydantic_core", "tenacity",
-                    "multidict", "yarl", "_cffi_backend.cpython-311-x86_64-linux-gnu.so"):
+    for package in (
+        "aiohttp",
+        "cryptography",
+        "pydantic",
+        "pydantic_core",
+        "tenacity",
+        "multidict",
+        "yarl",
+        "_cffi_backend.cpython-311-x86_64-linux-gnu.so",
+    ):
         assert (site / package).exists(), package
     assert (site / "recovery_agent/agent.py").is_file()  # the agent keeps its sources
     assert (site / "recovery_agent/__pycache__").is_dir()
@@ -67,8 +85,18 @@ def test_tree_holds_interpreter_agent_and_dependencies(runtime: RuntimeArtifact)
 def test_pruned_and_no_host_configuration(runtime: RuntimeArtifact) -> None:
     root = runtime.root
     stdlib = root / STDLIB
-    for gone in ("test", "tkinter", "idlelib", "ensurepip", "lib2to3", "pydoc_data",
-                 "distutils", "sqlite3", "unittest", "sitecustomize.py"):
+    for gone in (
+        "test",
+        "tkinter",
+        "idlelib",
+        "ensurepip",
+        "lib2to3",
+        "pydoc_data",
+        "distutils",
+        "sqlite3",
+        "unittest",
+        "sitecustomize.py",
+    ):
         assert not (stdlib / gone).exists() and not (stdlib / gone).is_symlink(), gone
     assert not list(root.rglob("distutils-precedence.pth"))
     assert not list(root.rglob("pyvenv.cfg"))
@@ -97,8 +125,10 @@ def test_no_build_machine_path_in_any_file(runtime: RuntimeArtifact) -> None:
 
 
 def test_pycs_are_unchecked_hash_based(runtime: RuntimeArtifact) -> None:
-    pycs = [runtime.root / STDLIB / "os.pyc",
-            next((runtime.root / SITE / "recovery_agent/__pycache__").glob("agent.*.pyc"))]
+    pycs = [
+        runtime.root / STDLIB / "os.pyc",
+        next((runtime.root / SITE / "recovery_agent/__pycache__").glob("agent.*.pyc")),
+    ]
     for pyc in pycs:
         flags = struct.unpack("<I", pyc.read_bytes()[4:8])[0]
         assert flags == 0b01, (pyc, flags)  # hash-based, check_source off
@@ -126,8 +156,10 @@ print(sys.prefix, sys.path[-1], key.key_id[:8], len(seal_bytes(msg, key)) > 0)
     assert proc.returncode == 0, proc.stderr
     prefix, last_path, _, sealed = proc.stdout.split()
     assert prefix == "/usr" and last_path == "/usr/lib/python3/dist-packages" and sealed == "True"
-    cli = _chroot_python(runtime.root, "import sys; sys.argv = ['recovery-agent', '--help']; "
-                                       "from recovery_agent.cli import main; main()")
+    cli = _chroot_python(
+        runtime.root,
+        "import sys; sys.argv = ['recovery-agent', '--help']; from recovery_agent.cli import main; main()",
+    )
     assert cli.returncode == 0 and "enroll" in cli.stdout, cli.stderr
 
 

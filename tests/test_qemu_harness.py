@@ -50,13 +50,13 @@ def gone(pid: int) -> bool:
 
 
 def config(guest: HarnessGuest, mode: str, disk: Path | None = None, **kw) -> MachineConfig:
-    return MachineConfig(kernel=guest.kernel, initrd=guest.initrd, append=guest.append(mode),
-                         disk=disk, **kw)
+    return MachineConfig(kernel=guest.kernel, initrd=guest.initrd, append=guest.append(mode), disk=disk, **kw)
 
 
 @pytest.mark.timeout(90)
-async def test_split_line_poweroff_and_untouched_base_image(guest: HarnessGuest, base_disk: Path,
-                                                            tmp_path: Path) -> None:
+async def test_split_line_poweroff_and_untouched_base_image(
+    guest: HarnessGuest, base_disk: Path, tmp_path: Path
+) -> None:
     before = sha256(base_disk)
     chunks: list[bytes] = []
     vm = QemuVM(config(guest, "split", base_disk), run_dir=tmp_path / "run", keep=True)
@@ -84,8 +84,9 @@ async def test_split_line_poweroff_and_untouched_base_image(guest: HarnessGuest,
 
 
 @pytest.mark.timeout(120)
-async def test_panic_gives_guest_panicked_then_reset_then_next_boot(guest: HarnessGuest,
-                                                                    base_disk: Path) -> None:
+async def test_panic_gives_guest_panicked_then_reset_then_next_boot(
+    guest: HarnessGuest, base_disk: Path
+) -> None:
     before = sha256(base_disk)
     async with QemuVM(config(guest, "panic", base_disk)) as vm:
         panicked = await vm.wait_event("GUEST_PANICKED", 60)
@@ -140,8 +141,9 @@ async def test_teardown_quits_a_running_guest(guest: HarnessGuest) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_teardown_kills_a_qemu_that_does_not_answer(guest: HarnessGuest,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_teardown_kills_a_qemu_that_does_not_answer(
+    guest: HarnessGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("QUIT_TIMEOUT_S", "TERM_TIMEOUT_S", "KILL_TIMEOUT_S"):
         monkeypatch.setattr(qemu_mod, name, 1.0)
     vm = QemuVM(config(guest, "idle"))
@@ -155,8 +157,7 @@ async def test_teardown_kills_a_qemu_that_does_not_answer(guest: HarnessGuest,
 
 @pytest.mark.timeout(30)
 async def test_bad_option_fails_to_start_with_qemu_s_words(guest: HarnessGuest, tmp_path: Path) -> None:
-    vm = QemuVM(config(guest, "idle", extra_args=["-device", "no-such-device"]),
-                run_dir=tmp_path / "run")
+    vm = QemuVM(config(guest, "idle", extra_args=["-device", "no-such-device"]), run_dir=tmp_path / "run")
     with pytest.raises(QemuFailedToStart, match="no-such-device"):
         async with vm:
             pass

@@ -62,8 +62,15 @@ async def test_bad_driver_is_recovered_by_restoring_the_stored_version(tmp_path)
 
 @pytest.mark.timeout(900)
 async def test_unknown_crash_retries_reboots_and_then_asks_for_a_person(tmp_path):
-    o = opts("unknown", tmp_path, auto_approve=True, timeout_s=800, retry_interval_min=4,
-             time_to_reboot_min=12, max_recovery_attempts=2)
+    o = opts(
+        "unknown",
+        tmp_path,
+        auto_approve=True,
+        timeout_s=800,
+        retry_interval_min=4,
+        time_to_reboot_min=12,
+        max_recovery_attempts=2,
+    )
     report = await run_async(o)
     assert not report.recovered
     assert report.device["state"] == "needs_manual"
@@ -80,8 +87,15 @@ async def test_unknown_crash_retries_reboots_and_then_asks_for_a_person(tmp_path
 
 @pytest.mark.timeout(900)
 async def test_altered_directive_is_rejected_inside_the_vm_and_nothing_changes(tmp_path):
-    o = opts("channel-file", tmp_path, auto_approve=True, timeout_s=800, tamper_directives=True,
-             time_to_reboot_min=30, max_recovery_attempts=1)
+    o = opts(
+        "channel-file",
+        tmp_path,
+        auto_approve=True,
+        timeout_s=800,
+        tamper_directives=True,
+        time_to_reboot_min=30,
+        max_recovery_attempts=1,
+    )
     report = await run_async(o)
     assert not report.recovered
     console = report.boot.console_text
@@ -97,8 +111,10 @@ async def test_altered_directive_is_rejected_inside_the_vm_and_nothing_changes(t
 def same_files(tmp_path, paths: list[str]) -> bool:
     """The files on the run's OS partition are byte for byte those of the base image."""
     from recovery_lab.build import build_image
-    base = build_image(json.loads((tmp_path / "run" / "report.json").read_text())["scenario"],
-                       log=lambda line: None).image
+
+    base = build_image(
+        json.loads((tmp_path / "run" / "report.json").read_text())["scenario"], log=lambda line: None
+    ).image
     overlay = next((tmp_path / "run" / "vm").glob("*.qcow2"))
     with DiskImage(base) as before, DiskImage(overlay) as after:
         for path in paths:

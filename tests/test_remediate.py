@@ -7,12 +7,13 @@ import hashlib
 import json
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from recovery_agent import remediate
+from recovery_agent.protocol.wire import Directive, DisableDriver, QuarantineFile, RestoreFile
 from recovery_agent.remediate import (
     HashMismatch,
     JournalError,
@@ -26,14 +27,15 @@ from recovery_agent.remediate import (
     recover_journals,
     undo,
 )
-from recovery_agent.protocol.wire import Directive, DisableDriver, QuarantineFile, RestoreFile
 
 from .conftest import tree_snapshot
 
 CHANNELS = "var/lib/sensor/channels"
 BAD_CHANNEL = f"{CHANNELS}/C-00000291-00000000-00000032.sys"
-GOOD_CHANNELS = [f"{CHANNELS}/C-00000291-00000000-00000031.sys",
-                 f"{CHANNELS}/C-00000291-00000000-00000033.sys"]
+GOOD_CHANNELS = [
+    f"{CHANNELS}/C-00000291-00000000-00000031.sys",
+    f"{CHANNELS}/C-00000291-00000000-00000033.sys",
+]
 DRIVER = "lib/modules/6.1.0-test/extra/sensor.ko"
 STORE = "var/lib/driver-store/sensor/1.0/sensor.ko"
 
@@ -79,10 +81,17 @@ def build_root(root: Path) -> Path:
 
 
 def directive(*actions: object, directive_id: str = "dir-0001") -> Directive:
-    now = datetime.now(timezone.utc)
-    return Directive(directive_id=directive_id, device_id="vm-1", agent_nonce="n" * 22,
-                     diagnostics_sha256="0" * 64, remediation_id="rem-291",
-                     issued_at=now, expires_at=now + timedelta(hours=1), actions=list(actions))
+    now = datetime.now(UTC)
+    return Directive(
+        directive_id=directive_id,
+        device_id="vm-1",
+        agent_nonce="n" * 22,
+        diagnostics_sha256="0" * 64,
+        remediation_id="rem-291",
+        issued_at=now,
+        expires_at=now + timedelta(hours=1),
+        actions=list(actions),
+    )
 
 
 QUARANTINE_BAD = QuarantineFile(path=BAD_CHANNEL, sha256=sha(BAD))
@@ -102,6 +111,7 @@ def power_loss_after(step: int):
     def on_step(index: int) -> None:
         if index == step:
             raise PowerLoss(index)
+
     return on_step
 
 
@@ -119,8 +129,7 @@ def rejected(root: Path, d: Directive, error: type[RemediationError], *fragments
 
 
 def test_dotdot_is_rejected(root: Path) -> None:
-    action = QuarantineFile.model_construct(path=f"{CHANNELS}/../../../../etc/passwd",
-                                            sha256=sha(BAD))
+    action = QuarantineFile.model_construct(path=f"{CHANNELS}/../../../../etc/passwd", sha256=sha(BAD))
     rejected(root, directive(action), PathRejected, "'..'", "etc/passwd")
 
 
@@ -173,8 +182,7 @@ def test_a_file_with_other_hard_links_is_not_quarantined(root: Path) -> None:
 
 def test_restore_source_with_wrong_hash_is_rejected(root: Path) -> None:
     write(root, STORE, b"corrupted store copy\n", 0o444)
-    rejected(root, directive(RESTORE_DRIVER), HashMismatch, STORE, sha(DRIVER_V1),
-             "driver store")
+    rejected(root, directive(RESTORE_DRIVER), HashMismatch, STORE, sha(DRIVER_V1), "driver store")
 
 
 def test_missing_file_is_rejected(root: Path) -> None:
@@ -184,8 +192,7 @@ def test_missing_file_is_rejected(root: Path) -> None:
 
 def test_second_action_failing_preflight_blocks_the_first(root: Path) -> None:
     wrong = QuarantineFile(path=GOOD_CHANNELS[0], sha256=sha(BAD))
-    rejected(root, directive(QUARANTINE_BAD, RESTORE_DRIVER, wrong), HashMismatch,
-             GOOD_CHANNELS[0])
+    rejected(root, directive(QUARANTINE_BAD, RESTORE_DRIVER, wrong), HashMismatch, GOOD_CHANNELS[0])
     assert (root / BAD_CHANNEL).read_bytes() == BAD
 
 
@@ -207,15 +214,18 @@ def test_open_parent_walks_and_rejects(root: Path) -> None:
             with os_root.open_parent("var/lib/link/channels/x"):
                 pass
         assert os_root.missing_dirs("var/lib/recovery/journal") == [
-            "var/lib/recovery", "var/lib/recovery/journal"]
+            "var/lib/recovery",
+            "var/lib/recovery/journal",
+        ]
 
 
 def test_mount_crossing_is_rejected(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A real mount needs privileges; pretend var/lib/sensor is one by its mount id.
     sensor_ino = (root / "var/lib/sensor").stat().st_ino
     real = remediate._mount_id
-    monkeypatch.setattr(remediate, "_mount_id",
-                        lambda fd: 999 if os.fstat(fd).st_ino == sensor_ino else real(fd))
+    monkeypatch.setattr(
+        remediate, "_mount_id", lambda fd: 999 if os.fstat(fd).st_ino == sensor_ino else real(fd)
+    )
     rejected(root, directive(QUARANTINE_BAD), PathRejected, "var/lib/sensor", "another mount")
 
 
@@ -292,8 +302,9 @@ def test_reapply_is_idempotent(root: Path) -> None:
     (root / remediate.JOURNAL_DIR / "dir-0001.json").unlink()
     again = apply_directive(root, d)
     assert [r.status for r in again] == ["already_applied"] * 3
-    assert {k: v for k, v in snapshot(root).items() if "journal" not in k} == \
-        {k: v for k, v in applied.items() if "journal" not in k}
+    assert {k: v for k, v in snapshot(root).items() if "journal" not in k} == {
+        k: v for k, v in applied.items() if "journal" not in k
+    }
 
 
 # --------------------------------------------------------------------------- power loss
@@ -326,16 +337,16 @@ def test_power_loss_after_step_0_rolls_forward(root: Path, tmp_path: Path) -> No
 def test_power_loss_with_a_step_that_no_longer_applies_rolls_back(root: Path) -> None:
     original = snapshot(root)
     with pytest.raises(PowerLoss):
-        apply_directive(root, directive(QUARANTINE_BAD, RESTORE_DRIVER),
-                        on_step=power_loss_after(0))
+        apply_directive(root, directive(QUARANTINE_BAD, RESTORE_DRIVER), on_step=power_loss_after(0))
     # Meanwhile the driver store copy went bad: step 1 can no longer preflight.
     write(root, STORE, b"damaged\n", 0o444)
     lines = recover_journals(root)
     assert len(lines) == 1 and "rolled back" in lines[0] and STORE in lines[0]
     expected = dict(original)
     expected[STORE] = ("file", sha(b"damaged\n"), 0o444)
-    assert snapshot(root, include_state=False) == \
-        {k: v for k, v in expected.items() if not k.startswith(remediate.STATE_DIR)}
+    assert snapshot(root, include_state=False) == {
+        k: v for k, v in expected.items() if not k.startswith(remediate.STATE_DIR)
+    }
     assert journal(root)["state"] == "rolled_back"
     assert recover_journals(root) == []
     with pytest.raises(JournalError, match="rolled back"):
@@ -346,8 +357,7 @@ def test_power_loss_inside_a_restore_is_rolled_forward(root: Path) -> None:
     # Died after the old driver went to quarantine, before the new one was renamed in; a
     # half-written temp file is left over.
     with pytest.raises(PowerLoss):
-        apply_directive(root, directive(QUARANTINE_BAD, RESTORE_DRIVER),
-                        on_step=power_loss_after(0))
+        apply_directive(root, directive(QUARANTINE_BAD, RESTORE_DRIVER), on_step=power_loss_after(0))
     qdir = root / remediate.QUARANTINE_DIR / "dir-0001"
     os.rename(root / DRIVER, qdir / "1-sensor.ko")
     write(root, str(Path(DRIVER).parent / ".recovery-dir-0001-1.tmp"), b"\x7fELF sen")
@@ -372,8 +382,9 @@ def test_step_failing_after_preflight_rolls_back_what_was_done(root: Path) -> No
     assert isinstance(caught.value.__cause__, HashMismatch)
     current = snapshot(root, include_state=False)
     assert current.pop(STORE)[1] == sha(b"changed underneath\n")
-    assert current == {k: v for k, v in original.items()
-                       if k != STORE and not k.startswith(remediate.STATE_DIR)}
+    assert current == {
+        k: v for k, v in original.items() if k != STORE and not k.startswith(remediate.STATE_DIR)
+    }
     assert journal(root)["state"] == "rolled_back"
 
 
@@ -429,12 +440,15 @@ def test_power_loss_during_roll_back_is_finished_not_rolled_forward(root: Path) 
     state = json.loads(path.read_text())
     state["state"] = "rolling_back"
     path.write_text(json.dumps(state))
-    os.rename(root / remediate.QUARANTINE_DIR / "dir-0001" / "0-C-00000291-00000000-00000032.sys",
-              root / BAD_CHANNEL)
+    os.rename(
+        root / remediate.QUARANTINE_DIR / "dir-0001" / "0-C-00000291-00000000-00000032.sys",
+        root / BAD_CHANNEL,
+    )
     [line] = recover_journals(root)
     assert "roll back finished" in line
-    assert snapshot(root, include_state=False) == \
-        {k: v for k, v in original.items() if not k.startswith(remediate.STATE_DIR)}
+    assert snapshot(root, include_state=False) == {
+        k: v for k, v in original.items() if not k.startswith(remediate.STATE_DIR)
+    }
     assert journal(root)["state"] == "rolled_back"
 
 

@@ -22,19 +22,32 @@ ACTIONS = [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}]
 
 
 def plan(**over) -> RolloutPlan:
-    base = {"waves": [{"name": "canary", "devices": ["d1", "d2"]}, {"name": "10%", "percent": 10},
-                      {"name": "100%", "percent": 100}], "min_devices": 2, "min_success_rate": 0.9,
-            "halt_failure_rate": 0.2, "halt_min_devices": 2}
+    base = {
+        "waves": [
+            {"name": "canary", "devices": ["d1", "d2"]},
+            {"name": "10%", "percent": 10},
+            {"name": "100%", "percent": 100},
+        ],
+        "min_devices": 2,
+        "min_success_rate": 0.9,
+        "halt_failure_rate": 0.2,
+        "halt_min_devices": 2,
+    }
     base.update(over)
     return RolloutPlan.model_validate(base)
 
 
-@pytest.mark.parametrize("waves, message", [
-    ([{"name": "a", "percent": 50}], "last wave must be percent 100"),
-    ([{"name": "a", "percent": 50}, {"name": "b", "percent": 20}, {"name": "c", "percent": 100}],
-     "percentages must grow"),
-    ([{"name": "a", "percent": 5, "devices": ["x"]}, {"name": "b", "percent": 100}], "either devices"),
-])
+@pytest.mark.parametrize(
+    "waves, message",
+    [
+        ([{"name": "a", "percent": 50}], "last wave must be percent 100"),
+        (
+            [{"name": "a", "percent": 50}, {"name": "b", "percent": 20}, {"name": "c", "percent": 100}],
+            "percentages must grow",
+        ),
+        ([{"name": "a", "percent": 5, "devices": ["x"]}, {"name": "b", "percent": 100}], "either devices"),
+    ],
+)
 def test_bad_plans_are_refused_with_the_reason(waves, message):
     with pytest.raises(ValueError, match=message):
         RolloutPlan.model_validate({"waves": waves})
@@ -81,17 +94,24 @@ def fleet_of(svc, n: int) -> FleetSim:
 
 def remediation(svc) -> str:
     inc = svc.incidents()[0]["incident_id"]
-    return svc.create_remediation(User("oscar", "operator"), title="q", actions=ACTIONS,
-                                  incident_id=inc)["remediation_id"]
+    return svc.create_remediation(User("oscar", "operator"), title="q", actions=ACTIONS, incident_id=inc)[
+        "remediation_id"
+    ]
 
 
 def test_only_the_canary_is_served_until_its_gate_passes(svc):
     sim = fleet_of(svc, 40)
     rid = remediation(svc)
     canary = [d.device_id for d in sim.devices[:3]]
-    ro = svc.create_rollout(User("oscar", "operator"), rid, {
-        "waves": [{"name": "canary", "devices": canary}, {"name": "100%", "percent": 100}],
-        "min_devices": 3, "soak_s": 3600})
+    ro = svc.create_rollout(
+        User("oscar", "operator"),
+        rid,
+        {
+            "waves": [{"name": "canary", "devices": canary}, {"name": "100%", "percent": 100}],
+            "min_devices": 3,
+            "soak_s": 3600,
+        },
+    )
     svc.approve(User("bob", "approver"), rid)
     assert sim.round(lambda w: 0.0) == 3
     assert sorted(d.device_id for d in sim.devices if d.done) == sorted(canary)
@@ -150,8 +170,11 @@ def test_pause_resume_revoke(svc):
 def test_a_device_that_crashes_again_counts_as_a_failure(svc):
     sim = fleet_of(svc, 2)
     rid = remediation(svc)
-    ro = svc.create_rollout(User("oscar", "operator"), rid, {
-        "waves": [{"name": "all", "percent": 100}], "min_devices": 5, "halt_min_devices": 1})
+    ro = svc.create_rollout(
+        User("oscar", "operator"),
+        rid,
+        {"waves": [{"name": "all", "percent": 100}], "min_devices": 5, "halt_min_devices": 1},
+    )
     svc.approve(User("bob", "approver"), rid)
     dev = sim.devices[0]
     assert svc.poll(dev.report.report_id, dev.report.poll_token).status == "directive"
@@ -189,10 +212,21 @@ def big_fleet_factory():
 
 def staged(svc, sim) -> str:
     rid = remediation(svc)
-    ro = svc.create_rollout(User("oscar", "operator"), rid, {
-        "waves": [{"name": "canary", "devices": [d.device_id for d in sim.devices[:50]]},
-                  {"name": "10%", "percent": 10}, {"name": "100%", "percent": 100}],
-        "min_devices": 40, "min_success_rate": 0.9, "halt_failure_rate": 0.2, "halt_min_devices": 40})
+    ro = svc.create_rollout(
+        User("oscar", "operator"),
+        rid,
+        {
+            "waves": [
+                {"name": "canary", "devices": [d.device_id for d in sim.devices[:50]]},
+                {"name": "10%", "percent": 10},
+                {"name": "100%", "percent": 100},
+            ],
+            "min_devices": 40,
+            "min_success_rate": 0.9,
+            "halt_failure_rate": 0.2,
+            "halt_min_devices": 40,
+        },
+    )
     svc.approve(User("bob", "approver"), rid)
     return ro["rollout_id"]
 

@@ -10,9 +10,10 @@ import pytest
 from recovery_lab.seed import SEED_LABEL, SEED_SIZE_KIB, make_seed_disk
 from recovery_lab.tools import run
 
-pytestmark = pytest.mark.skipif(not (shutil.which("mkfs.fat") or shutil.which("/sbin/mkfs.fat"))
-                                or not shutil.which("mcopy"),
-                                reason="needs dosfstools and mtools")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("mkfs.fat") or shutil.which("/sbin/mkfs.fat")) or not shutil.which("mcopy"),
+    reason="needs dosfstools and mtools",
+)
 
 ENV = {"MTOOLS_SKIP_CHECK": "1"}
 
@@ -23,10 +24,12 @@ def test_seed_disk_holds_the_files_and_the_label(tmp_path):
     out = make_seed_disk(tmp_path / "seed.img", {"agent.json": settings, "device.key": key})
     assert out == tmp_path / "seed.img"
     assert out.stat().st_size == SEED_SIZE_KIB * 1024
-    assert out.read_bytes()[0x2B:0x2B + 11] == SEED_LABEL.ljust(11).encode()  # FAT12/16 BPB label
+    assert out.read_bytes()[0x2B : 0x2B + 11] == SEED_LABEL.ljust(11).encode()  # FAT12/16 BPB label
     listing = run(["mdir", "-b", "-i", out, "::"], env=ENV)
-    assert sorted(line.strip().removeprefix("::/") for line in listing.splitlines() if line.strip()) \
-        == ["agent.json", "device.key"]
+    assert sorted(line.strip().removeprefix("::/") for line in listing.splitlines() if line.strip()) == [
+        "agent.json",
+        "device.key",
+    ]
     for name, data in (("agent.json", settings), ("device.key", key)):
         copy = tmp_path / f"out-{name}"
         run(["mcopy", "-n", "-i", out, f"::{name}", copy], env=ENV)
@@ -36,7 +39,7 @@ def test_seed_disk_holds_the_files_and_the_label(tmp_path):
 def test_seed_disk_is_replaced_not_appended(tmp_path):
     out = tmp_path / "seed.img"
     make_seed_disk(out, {"agent.json": b"{}", "old.txt": b"x"})
-    make_seed_disk(out, {"agent.json": b"{\"a\": 1}"})
+    make_seed_disk(out, {"agent.json": b'{"a": 1}'})
     listing = run(["mdir", "-b", "-i", out, "::"], env=ENV)
     assert "old.txt" not in listing
 

@@ -14,7 +14,13 @@ from recovery_agent.protocol.client import DeviceClient, ServerRefused
 from recovery_agent.protocol.envelope import open_directive, seal, seal_bytes
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import (
-    BootState, CrashKind, CrashSignature, Diagnostics, FileRecord, SystemInfo, utcnow,
+    BootState,
+    CrashKind,
+    CrashSignature,
+    Diagnostics,
+    FileRecord,
+    SystemInfo,
+    utcnow,
 )
 from recovery_server.app import METRICS
 from recovery_server.service import BadRequest, Conflict, Forbidden
@@ -26,17 +32,28 @@ BAD_SHA = "b" * 64
 
 
 def crash() -> CrashSignature:
-    return CrashSignature(kind=CrashKind.KERNEL_PANIC, title="general protection fault in sensor_parse_channel",
-                          guilty_module="sensor", channel_file=BAD_PATH)
+    return CrashSignature(
+        kind=CrashKind.KERNEL_PANIC,
+        title="general protection fault in sensor_parse_channel",
+        guilty_module="sensor",
+        channel_file=BAD_PATH,
+    )
 
 
 async def report(fleet, device: str, key: SigningKey, *, sha: str = BAD_SHA, nonce: str | None = None):
     async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         ch = await c.challenge(device)
-        d = Diagnostics(device_id=device, server_nonce=nonce or ch.nonce, agent_nonce="a" * 32,
-                        created_at=utcnow(), agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
-                        crash=crash(), system=SystemInfo(),
-                        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=sha)])
+        d = Diagnostics(
+            device_id=device,
+            server_nonce=nonce or ch.nonce,
+            agent_nonce="a" * 32,
+            created_at=utcnow(),
+            agent_version="t",
+            boot=BootState(boot_count=2, boot_limit=2),
+            crash=crash(),
+            system=SystemInfo(),
+            channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=sha)],
+        )
         raw = seal_bytes(d, key)
         return raw, await c.send_diagnostics(raw)
 
@@ -56,9 +73,14 @@ async def device(fleet):
 async def test_enrollment_needs_a_valid_token(fleet):
     from recovery_agent.protocol.keys import public_b64
     from recovery_agent.protocol.wire import Enrollment
+
     key = SigningKey.generate()
-    msg = Enrollment(device_id="dev-x", public_key=public_b64(key.public),
-                     enrollment_token="enr_not-a-real-token-at-all", created_at=utcnow())
+    msg = Enrollment(
+        device_id="dev-x",
+        public_key=public_b64(key.public),
+        enrollment_token="enr_not-a-real-token-at-all",
+        created_at=utcnow(),
+    )
     async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         with pytest.raises(ServerRefused, match="enrollment token not valid") as e:
             await c.enroll(seal_bytes(msg, key))
@@ -75,9 +97,14 @@ async def test_enrollment_with_another_key_for_same_device_is_refused(fleet, dev
 async def test_enrollment_signed_by_another_key_than_it_names_is_refused(fleet):
     from recovery_agent.protocol.keys import public_b64
     from recovery_agent.protocol.wire import Enrollment
+
     named, signer = SigningKey.generate(), SigningKey.generate()
-    msg = Enrollment(device_id="dev-x", public_key=public_b64(named.public),
-                     enrollment_token=fleet.enrollment_token, created_at=utcnow())
+    msg = Enrollment(
+        device_id="dev-x",
+        public_key=public_b64(named.public),
+        enrollment_token=fleet.enrollment_token,
+        created_at=utcnow(),
+    )
     async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         with pytest.raises(ServerRefused, match="no signature by a trusted key"):
             await c.enroll(seal_bytes(msg, signer))
@@ -130,9 +157,16 @@ async def test_diagnostics_signed_by_another_enrolled_device_are_refused(fleet, 
 async def test_tampered_diagnostics_are_refused(fleet, device):
     async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         ch = await c.challenge("dev-1")
-        d = Diagnostics(device_id="dev-1", server_nonce=ch.nonce, agent_nonce="a" * 32, created_at=utcnow(),
-                        agent_version="t", boot=BootState(boot_count=2, boot_limit=2), crash=crash(),
-                        system=SystemInfo())
+        d = Diagnostics(
+            device_id="dev-1",
+            server_nonce=ch.nonce,
+            agent_nonce="a" * 32,
+            created_at=utcnow(),
+            agent_version="t",
+            boot=BootState(boot_count=2, boot_limit=2),
+            crash=crash(),
+            system=SystemInfo(),
+        )
         env = seal(d, device)
         payload = base64.b64decode(env["payload"]).replace(b'"boot_count":2', b'"boot_count":0')
         env["payload"] = base64.b64encode(payload).decode()
@@ -146,8 +180,11 @@ async def test_tampered_diagnostics_are_refused(fleet, device):
 async def test_unapproved_remediation_is_never_served(fleet, device):
     _, receipt = await report(fleet, "dev-1", device)
     rem = fleet.service.create_remediation(
-        fleet.user("alice"), title="quarantine", incident_id=receipt.incident_id,
-        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+        fleet.user("alice"),
+        title="quarantine",
+        incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
     assert (await poll(fleet, receipt, wait=1.2)).status == "pending"
     with pytest.raises(Forbidden, match="alice wrote .* cannot approve it"):
         fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
@@ -158,16 +195,26 @@ async def test_unapproved_remediation_is_never_served(fleet, device):
     fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
     answer = await poll(fleet, receipt)
     assert answer.status == "directive"
-    v = open_directive(answer.envelope, {fleet.key.key_id: fleet.key.public}, device_id="dev-1",
-                       agent_nonce="a" * 32, diagnostics_sha256=receipt.diagnostics_sha256, now=utcnow())
+    v = open_directive(
+        answer.envelope,
+        {fleet.key.key_id: fleet.key.public},
+        device_id="dev-1",
+        agent_nonce="a" * 32,
+        diagnostics_sha256=receipt.diagnostics_sha256,
+        now=utcnow(),
+    )
     assert v.message.actions[0].path == BAD_PATH
 
 
 async def test_m_of_n_needs_distinct_approvers(fleet, device):
     _, receipt = await report(fleet, "dev-1", device)
     rem = fleet.service.create_remediation(
-        fleet.user("oscar"), title="q", incident_id=receipt.incident_id, required_approvals=2,
-        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+        fleet.user("oscar"),
+        title="q",
+        incident_id=receipt.incident_id,
+        required_approvals=2,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
     fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
     with pytest.raises(Conflict, match="already approved"):
         fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
@@ -182,12 +229,16 @@ async def test_long_poll_wakes_on_approval(fleet, device):
     import asyncio
 
     from .test_agent_flow import wait_for
+
     fleet.poll_tick_s = 3600
     await fleet.restart()
     _, receipt = await report(fleet, "dev-1", device)
     rem = fleet.service.create_remediation(
-        fleet.user("alice"), title="q", incident_id=receipt.incident_id,
-        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+        fleet.user("alice"),
+        title="q",
+        incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
     waiting = asyncio.create_task(poll(fleet, receipt, wait=60))
     metrics = fleet.server.app[METRICS]
     await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
@@ -200,8 +251,11 @@ async def test_fix_for_other_content_is_not_served(fleet, device):
     same name): a quarantine of the bad content is not for it."""
     _, receipt = await report(fleet, "dev-1", device, sha="c" * 64)
     rem = fleet.service.create_remediation(
-        fleet.user("alice"), title="q", incident_id=receipt.incident_id,
-        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+        fleet.user("alice"),
+        title="q",
+        incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
     fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
     assert (await poll(fleet, receipt)).status == "none"
     assert fleet.count("directives") == 0
@@ -209,23 +263,38 @@ async def test_fix_for_other_content_is_not_served(fleet, device):
 
 async def test_viewer_cannot_write_and_scripts_cannot_be_expressed(fleet):
     with pytest.raises(Forbidden):
-        fleet.service.create_remediation(fleet.user("victor"), title="x", incident_id=None,
-                                         actions=[{"type": "disable_driver", "name": "sensor"}])
+        fleet.service.create_remediation(
+            fleet.user("victor"),
+            title="x",
+            incident_id=None,
+            actions=[{"type": "disable_driver", "name": "sensor"}],
+        )
     with pytest.raises(BadRequest, match="(?s)do not fit the protocol.*run_script"):
-        fleet.service.create_remediation(fleet.user("alice"), title="x", incident_id=None,
-                                         actions=[{"type": "run_script", "script": "rm -rf /"}])
+        fleet.service.create_remediation(
+            fleet.user("alice"),
+            title="x",
+            incident_id=None,
+            actions=[{"type": "run_script", "script": "rm -rf /"}],
+        )
     with pytest.raises(BadRequest, match="'..' component"):
-        fleet.service.create_remediation(fleet.user("alice"), title="x", incident_id=None,
-                                         actions=[{"type": "quarantine_file", "path": "var/../../etc/passwd",
-                                                   "sha256": BAD_SHA}])
+        fleet.service.create_remediation(
+            fleet.user("alice"),
+            title="x",
+            incident_id=None,
+            actions=[{"type": "quarantine_file", "path": "var/../../etc/passwd", "sha256": BAD_SHA}],
+        )
     assert fleet.count("remediations") == 0
 
 
 async def test_restart_mid_flow_loses_nothing(fleet, device):
     _, receipt = await report(fleet, "dev-1", device)
     rem = fleet.service.create_remediation(
-        fleet.user("oscar"), title="q", incident_id=receipt.incident_id, required_approvals=2,
-        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+        fleet.user("oscar"),
+        title="q",
+        incident_id=receipt.incident_id,
+        required_approvals=2,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
     fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
     await fleet.restart()
     assert [d["device_id"] for d in fleet.service.devices()] == ["dev-1"]
@@ -252,6 +321,7 @@ async def test_admin_api_needs_a_token_and_reports_errors_as_json(fleet):
 
 async def test_schema_version_is_recorded_and_newer_refused(store_url):
     from recovery_server.store import SCHEMA_VERSION, Store, StoreError
+
     s = Store(store_url)
     assert s.one("SELECT value FROM schema_meta WHERE key = 'version'")[0] == str(SCHEMA_VERSION)
     with s.tx() as tx:
@@ -263,47 +333,76 @@ async def test_schema_version_is_recorded_and_newer_refused(store_url):
 
 def test_unreachable_postgres_is_a_clear_error():
     from recovery_server.store import Store, StoreError
-    with pytest.raises(StoreError, match=r"cannot connect to PostgreSQL at postgresql://u:\*\*\*@127.0.0.1:1/x"):
+
+    with pytest.raises(
+        StoreError, match=r"cannot connect to PostgreSQL at postgresql://u:\*\*\*@127.0.0.1:1/x"
+    ):
         Store("postgresql://u:secret@127.0.0.1:1/x?connect_timeout=2")
 
 
 def test_catalog_proposes_a_driver_rollback_when_the_crash_is_in_a_newer_driver():
     from recovery_server.catalog import propose
+
     driver = "lib/modules/6.1.0-56-amd64/extra/sensor.ko"
     store_v1 = "var/lib/driver-store/sensor/1.0/sensor.ko"
-    d = Diagnostics(device_id="d", server_nonce="n" * 32, agent_nonce="a" * 32, created_at=utcnow(),
-                    agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
-                    crash=CrashSignature(kind=CrashKind.KERNEL_PANIC, title="BUG: kernel NULL pointer "
-                                         "dereference in sensor_v2_init_tables", guilty_module="sensor"),
-                    system=SystemInfo(),
-                    drivers=[FileRecord(path=driver, size=1, mtime=0, sha256="2" * 64, version="2.0")],
-                    driver_store=[FileRecord(path=store_v1, size=1, mtime=0, sha256="1" * 64, version="1.0")])
+    d = Diagnostics(
+        device_id="d",
+        server_nonce="n" * 32,
+        agent_nonce="a" * 32,
+        created_at=utcnow(),
+        agent_version="t",
+        boot=BootState(boot_count=2, boot_limit=2),
+        crash=CrashSignature(
+            kind=CrashKind.KERNEL_PANIC,
+            title="BUG: kernel NULL pointer dereference in sensor_v2_init_tables",
+            guilty_module="sensor",
+        ),
+        system=SystemInfo(),
+        drivers=[FileRecord(path=driver, size=1, mtime=0, sha256="2" * 64, version="2.0")],
+        driver_store=[FileRecord(path=store_v1, size=1, mtime=0, sha256="1" * 64, version="1.0")],
+    )
     p = propose({"channel_file": None, "guilty_module": "sensor"}, [d])
     assert p.actions == [{"type": "restore_file", "path": driver, "source": store_v1, "sha256": "1" * 64}]
     # The same version in the store is no fix; a crash in no module has no known fix.
-    same = d.model_copy(update={"driver_store": [FileRecord(path=store_v1, size=1, mtime=0, sha256="2" * 64,
-                                                            version="2.0")]})
+    same = d.model_copy(
+        update={"driver_store": [FileRecord(path=store_v1, size=1, mtime=0, sha256="2" * 64, version="2.0")]}
+    )
     assert propose({"channel_file": None, "guilty_module": "sensor"}, [same]).actions == []
     assert "no known fix" in propose({"channel_file": None, "guilty_module": None}, [d]).why[0]
 
 
 def test_catalog_disables_a_driver_that_hangs_the_boot_when_no_other_version_is_stored():
     from recovery_server.catalog import propose
-    d = Diagnostics(device_id="d", server_nonce="n" * 32, agent_nonce="a" * 32, created_at=utcnow(),
-                    agent_version="t", boot=BootState(boot_count=2, boot_limit=2),
-                    crash=CrashSignature(kind=CrashKind.HANG, title="boot hung: load module sensor",
-                                         guilty_module="sensor"), system=SystemInfo())
+
+    d = Diagnostics(
+        device_id="d",
+        server_nonce="n" * 32,
+        agent_nonce="a" * 32,
+        created_at=utcnow(),
+        agent_version="t",
+        boot=BootState(boot_count=2, boot_limit=2),
+        crash=CrashSignature(
+            kind=CrashKind.HANG, title="boot hung: load module sensor", guilty_module="sensor"
+        ),
+        system=SystemInfo(),
+    )
     p = propose({"kind": "hang", "channel_file": None, "guilty_module": "sensor"}, [d])
     assert p.actions == [{"type": "disable_driver", "name": "sensor"}]
-    assert propose({"kind": "kernel_panic", "channel_file": None, "guilty_module": "sensor"}, [d]).actions == []
+    assert (
+        propose({"kind": "kernel_panic", "channel_file": None, "guilty_module": "sensor"}, [d]).actions == []
+    )
 
 
 ROLE_MATRIX = [
     # (method, path, body, lowest role allowed)
     ("GET", "/devices", None, "viewer"),
     ("GET", "/audit/verify", None, "viewer"),
-    ("POST", "/remediations", {"title": "t", "actions": [{"type": "disable_driver", "name": "sensor"}]},
-     "operator"),
+    (
+        "POST",
+        "/remediations",
+        {"title": "t", "actions": [{"type": "disable_driver", "name": "sensor"}]},
+        "operator",
+    ),
     ("POST", "/users", {"name": "newbie", "role": "viewer"}, "admin"),
     ("POST", "/enrollment-tokens", {"label": "x"}, "admin"),
 ]
@@ -312,6 +411,7 @@ ROLE_MATRIX = [
 @pytest.mark.parametrize("method, path, body, lowest", ROLE_MATRIX)
 async def test_each_role_gets_exactly_what_it_may(fleet, method, path, body, lowest):
     from recovery_server.service import ROLES
+
     tokens = {role: fleet.service.create_user(f"p-{role}", role) for role in ROLES}
     async with AdminClient(fleet.url, retry=FAST_RETRY) as c:
         for role in ROLES:
@@ -320,7 +420,9 @@ async def test_each_role_gets_exactly_what_it_may(fleet, method, path, body, low
             if allowed:
                 await c.call(method, path, payload, token=tokens[role])
             else:
-                with pytest.raises(ServerRefused, match=f"p-{role} is {role}; this needs the {lowest} role") as e:
+                with pytest.raises(
+                    ServerRefused, match=f"p-{role} is {role}; this needs the {lowest} role"
+                ) as e:
                     await c.call(method, path, payload, token=tokens[role])
                 assert e.value.status == 403
 
@@ -328,8 +430,11 @@ async def test_each_role_gets_exactly_what_it_may(fleet, method, path, body, low
 async def test_approval_needs_the_approver_role_and_not_the_authorship(fleet, device):
     _, receipt = await report(fleet, "dev-1", device)
     rem = fleet.service.create_remediation(
-        fleet.user("admin"), title="q", incident_id=receipt.incident_id,
-        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}])
+        fleet.user("admin"),
+        title="q",
+        incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
     with pytest.raises(Forbidden, match="admin wrote"):
         fleet.service.approve(fleet.user("admin"), rem["remediation_id"])
     assert fleet.service.approve(fleet.user("alice"), rem["remediation_id"])["status"] == "approved"
@@ -337,7 +442,9 @@ async def test_approval_needs_the_approver_role_and_not_the_authorship(fleet, de
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
     import sqlite3
+
     from recovery_server import store as store_mod
+
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
     for statement in store_mod._SCHEMA.replace("AUTOINCREMENT_", "AUTOINCREMENT").split(";"):

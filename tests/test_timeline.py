@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from recovery_lab.lab import BootReport
-from recovery_lab.qemu import (BootTimeout, Console, ConsoleLine, EventLog, MachineConfig, QemuEvent,
-                               QemuExited, build_command)
+from recovery_lab.qemu import (
+    BootTimeout,
+    Console,
+    ConsoleLine,
+    EventLog,
+    MachineConfig,
+    QemuEvent,
+    QemuExited,
+    build_command,
+)
 from recovery_lab.timeline import EntryKind, build_timeline, load_events, recorded_timeline
 
 DATA = Path(__file__).parent / "data/panic"
@@ -94,20 +102,24 @@ async def test_event_log_waits_with_cursor_and_predicate(tmp_path: Path) -> None
     log.record({"event": "SHUTDOWN", "data": {"guest": False, "reason": "host-qmp-quit"}}, now=1)
     await asyncio.sleep(0)
     assert not waiter.done()
-    log.record({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"},
-                "timestamp": {"seconds": 10, "microseconds": 500000}}, now=2)
+    log.record(
+        {
+            "event": "SHUTDOWN",
+            "data": {"guest": True, "reason": "guest-shutdown"},
+            "timestamp": {"seconds": 10, "microseconds": 500000},
+        },
+        now=2,
+    )
     got = await waiter
     assert got.data["reason"] == "guest-shutdown" and got.qemu_time == 10.5
     with pytest.raises(BootTimeout, match="QMP event RESET"):
         await log.wait("RESET", 0.05)
-    assert [e.name for e in load_events(tmp_path / "events.jsonl")] == ["RESUME", "SHUTDOWN",
-                                                                        "SHUTDOWN"]
+    assert [e.name for e in load_events(tmp_path / "events.jsonl")] == ["RESUME", "SHUTDOWN", "SHUTDOWN"]
 
 
 def test_command_line_has_the_chosen_flags(tmp_path: Path) -> None:
     cfg = MachineConfig(kernel=tmp_path / "vmlinuz", forward_port=8080)
-    cmd = build_command(cfg, qmp_fd=7, console_path=tmp_path / "console.log", disk_path=None,
-                        drive_paths=[])
+    cmd = build_command(cfg, qmp_fd=7, console_path=tmp_path / "console.log", disk_path=None, drive_paths=[])
     joined = " ".join(cmd)
     assert "-S" in cmd and "-accel tcg" in joined and "-m 512" in joined
     assert "socket,id=qmp,fd=7" in joined and "-mon chardev=qmp,mode=control" in joined
@@ -125,10 +137,13 @@ def channel_file_run() -> tuple[list[ConsoleLine], list[QemuEvent]]:
     lines: list[ConsoleLine] = []
     lines += timed("QMR-GRUB entry=os boot_count=1\n" + CHANNEL_FILE, start=3.0)
     lines += timed("QMR-GRUB entry=os boot_count=2\n" + CHANNEL_FILE, start=17.0)
-    recovery = ("QMR-GRUB entry=recovery boot_count=2\n"
-                "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org)\n"
-                "QMR-RECOVERY-BEGIN\nQMR-PSTORE dmesg-ramoops-1\n" + PSTORE_PANIC +
-                "\nQMR-RECOVERY boot_count=2\nQMR-RECOVERY-END\n")
+    recovery = (
+        "QMR-GRUB entry=recovery boot_count=2\n"
+        "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org)\n"
+        "QMR-RECOVERY-BEGIN\nQMR-PSTORE dmesg-ramoops-1\n"
+        + PSTORE_PANIC
+        + "\nQMR-RECOVERY boot_count=2\nQMR-RECOVERY-END\n"
+    )
     lines += timed(recovery, start=31.0, step=0.001)
     events = [ev("RESUME", 0.02), ev("GUEST_PANICKED", 9.3, action="run")]
     events += [ev("RESET", 14.29 + i * 0.01, guest=True, reason="guest-reset") for i in range(5)]
@@ -142,9 +157,23 @@ def test_timeline_of_the_channel_file_loop() -> None:
     lines, events = channel_file_run()
     t = build_timeline(lines, events)
     assert t.kinds() == [
-        "boot", "grub_entry", "panic", "guest_panicked", "reset",
-        "boot", "grub_entry", "panic", "guest_panicked", "reset",
-        "boot", "grub_entry", "recovery_begin", "pstore", "recovery_end", "shutdown"]
+        "boot",
+        "grub_entry",
+        "panic",
+        "guest_panicked",
+        "reset",
+        "boot",
+        "grub_entry",
+        "panic",
+        "guest_panicked",
+        "reset",
+        "boot",
+        "grub_entry",
+        "recovery_begin",
+        "pstore",
+        "recovery_end",
+        "shutdown",
+    ]
     panics = t.of_kind(EntryKind.PANIC)
     assert [p.data["title"] for p in panics] == ["general protection fault in sensor_parse_channel"] * 2
     assert panics[0].data["guilty_module"] == "sensor" and panics[0].boot == 1
@@ -156,8 +185,7 @@ def test_timeline_of_the_channel_file_loop() -> None:
     json.dumps(t.to_json())  # serialisable
     assert "entry=recovery boot_count=2" in t.render()
 
-    report = BootReport.from_timeline(t, outcome="powered-off", seconds=38.2, exit_status=0,
-                                      run_dir=None)
+    report = BootReport.from_timeline(t, outcome="powered-off", seconds=38.2, exit_status=0, run_dir=None)
     assert (report.boots, report.resets, report.guest_panicked) == (3, 2, 2)
     assert report.entries_chosen == ["os", "os", "recovery"]
     assert report.reached_recovery and not report.healthy
@@ -168,24 +196,32 @@ def test_timeline_of_the_channel_file_loop() -> None:
 
 def test_boots_without_grub_markers_start_at_the_kernel_banner() -> None:
     lines = timed(CHANNEL_FILE, 1.0) + timed(CHANNEL_FILE, 10.0)
-    t = build_timeline(lines, [ev("RESET", 8.0, guest=True, reason="guest-reset"),
-                               ev("WATCHDOG", 20.0, action="reset"),
-                               ev("RESET", 20.0, guest=True, reason="guest-reset")])
+    t = build_timeline(
+        lines,
+        [
+            ev("RESET", 8.0, guest=True, reason="guest-reset"),
+            ev("WATCHDOG", 20.0, action="reset"),
+            ev("RESET", 20.0, guest=True, reason="guest-reset"),
+        ],
+    )
     assert t.kinds() == ["boot", "panic", "reset", "boot", "panic", "watchdog", "reset"]
     assert t.of_kind(EntryKind.BOOT)[1].detail == "boot 2 started (Linux 6.1.0-56-amd64)"
 
 
 def test_hang_and_healthy_markers() -> None:
     hang = (DATA / "sensor-hang-console.txt").read_text()
-    t = build_timeline(timed("QMR-GRUB entry=os boot_count=1\n" + hang, 1.0)
-                       + timed("QMR-GRUB entry=os boot_count=1\nQMR-HEALTHY boot_count=0", 40.0),
-                       [ev("WATCHDOG", 30.0, action="reset")])
+    t = build_timeline(
+        timed("QMR-GRUB entry=os boot_count=1\n" + hang, 1.0)
+        + timed("QMR-GRUB entry=os boot_count=1\nQMR-HEALTHY boot_count=0", 40.0),
+        [ev("WATCHDOG", 30.0, action="reset")],
+    )
     kinds = [(e.kind.value, e.data.get("kind")) for e in t.entries if e.kind is EntryKind.PANIC]
     assert kinds == [("panic", "hang")]
     healthy = t.of_kind(EntryKind.HEALTHY)
     assert healthy[0].boot == 2 and healthy[0].data == {"boot_count": "0"}
-    assert not BootReport.from_timeline(t, outcome="powered-off", seconds=1, exit_status=0,
-                                        run_dir=None).reached_recovery
+    assert not BootReport.from_timeline(
+        t, outcome="powered-off", seconds=1, exit_status=0, run_dir=None
+    ).reached_recovery
 
 
 def test_recorded_timeline_places_boots_after_their_resets() -> None:
@@ -199,19 +235,24 @@ def test_recorded_timeline_places_boots_after_their_resets() -> None:
 
 
 def test_agent_lines_exit_and_health_report_are_entries():
-    text = "\n".join([
-        "QMR-GRUB entry=recovery boot_count=2",
-        "QMR-RECOVERY-BEGIN",
-        "QMR-RECOVERY boot_count=2",
-        "QMR-RECOVERY-AGENT start",
-        "[agent +   0.41s] detect    kernel_panic: general protection fault in sensor_parse_channel",
-        "[agent +   1.02s] apply     action 0 quarantine_file: applied",
-        "QMR-AGENT exit=0",
-        "QMR-RECOVERY-END",
-        "QMR-GRUB entry=os boot_count=1",
-        "QMR-HEALTHY boot_count=0",
-        "QMR-HEALTH-REPORTED",
-    ]) + "\n"
+    text = (
+        "\n".join(
+            [
+                "QMR-GRUB entry=recovery boot_count=2",
+                "QMR-RECOVERY-BEGIN",
+                "QMR-RECOVERY boot_count=2",
+                "QMR-RECOVERY-AGENT start",
+                "[agent +   0.41s] detect    kernel_panic: general protection fault in sensor_parse_channel",
+                "[agent +   1.02s] apply     action 0 quarantine_file: applied",
+                "QMR-AGENT exit=0",
+                "QMR-RECOVERY-END",
+                "QMR-GRUB entry=os boot_count=1",
+                "QMR-HEALTHY boot_count=0",
+                "QMR-HEALTH-REPORTED",
+            ]
+        )
+        + "\n"
+    )
     tl = recorded_timeline(text, [])
     agent = tl.of_kind(EntryKind.AGENT)
     assert [e.data["phase"] for e in agent] == ["detect", "apply"]

@@ -6,6 +6,7 @@
 
 Standard library only.
 """
+
 from __future__ import annotations
 
 import argparse

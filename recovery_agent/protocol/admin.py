@@ -16,5 +16,6 @@ class AdminClient(HttpClient):
     async def call(self, method: str, path: str, body: Any = None, *, token: str | None = None) -> Any:
         """``method`` on ``/v1/admin`` + ``path`` with this person's token (or ``token``, for a
         caller acting for several people); the answer's JSON."""
-        return await self._request(method, "/v1/admin" + path, json_body=body,
-                                   token=token or self.token or "")
+        return await self._request(
+            method, "/v1/admin" + path, json_body=body, token=token or self.token or ""
+        )

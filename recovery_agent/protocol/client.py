@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt,
-                      stop_after_delay, wait_random_exponential)
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from .envelope import strict_json_loads
 from .errors import ProtocolError
@@ -60,8 +66,14 @@ class HttpClient:
     """One session to one server, every request under the same retry policy. Use as
     ``async with``; subclasses name the API's calls."""
 
-    def __init__(self, base_url: str, *, retry: RetryPolicy | None = None,
-                 session: aiohttp.ClientSession | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        retry: RetryPolicy | None = None,
+        session: aiohttp.ClientSession | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._session = session
@@ -77,9 +89,17 @@ class HttpClient:
         if self._own_session and self._session is not None:
             await self._session.close()
 
-    async def _request(self, method: str, path: str, *, data: bytes | None = None,
-                       json_body: Any = None, token: str | None = None, params: dict | None = None,
-                       timeout_s: float | None = None) -> Any:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes | None = None,
+        json_body: Any = None,
+        token: str | None = None,
+        params: dict | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
         assert self._session is not None, f"use `async with {type(self).__name__}(...)`"
         headers = {"Content-Type": "application/json"}
         if token:
@@ -89,9 +109,9 @@ class HttpClient:
 
         async def once() -> Any:
             try:
-                async with self._session.request(method, url, data=data, json=json_body,
-                                                 headers=headers, params=params,
-                                                 timeout=timeout) as resp:
+                async with self._session.request(
+                    method, url, data=data, json=json_body, headers=headers, params=params, timeout=timeout
+                ) as resp:
                     body = await resp.read()
                     if resp.status >= 500 or resp.status == 429:
                         raise _Transient(f"{resp.status} from {url}")
@@ -108,18 +128,20 @@ class HttpClient:
         p = self.retry
         try:
             async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
-                    wait=wait_random_exponential(multiplier=p.backoff_multiplier_s, max=p.backoff_max_s),
-                    stop=stop_after_attempt(p.attempts) | stop_after_delay(p.max_delay_s),
-                    before_sleep=_log_retry, reraise=True):
+                retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
+                wait=wait_random_exponential(multiplier=p.backoff_multiplier_s, max=p.backoff_max_s),
+                stop=stop_after_attempt(p.attempts) | stop_after_delay(p.max_delay_s),
+                before_sleep=_log_retry,
+                reraise=True,
+            ):
                 with attempt:
                     return await once()
         except _Transient as exc:
             raise ServerUnreachable(
                 f"{self.base_url} not reachable after {p.attempts} attempts ({exc}): check the "
                 "network, and the server URL (recovery-admin --server, or server_url in the "
-                "agent settings)") from None
-
+                "agent settings)"
+            ) from None
 
 
 class DeviceClient(HttpClient):
@@ -133,16 +155,24 @@ class DeviceClient(HttpClient):
 
     async def challenge(self, device_id: str) -> Challenge:
         return Challenge.model_validate(
-            await self._request("POST", "/v1/challenge", json_body={"device_id": device_id}))
+            await self._request("POST", "/v1/challenge", json_body={"device_id": device_id})
+        )
 
     async def send_diagnostics(self, envelope: bytes) -> DiagnosticsReceipt:
         return DiagnosticsReceipt.model_validate(
-            await self._request("POST", "/v1/diagnostics", data=envelope))
+            await self._request("POST", "/v1/diagnostics", data=envelope)
+        )
 
     async def poll_directive(self, receipt: DiagnosticsReceipt, wait_s: float) -> DirectivePoll:
-        return DirectivePoll.model_validate(await self._request(
-            "GET", f"/v1/reports/{receipt.report_id}/directive", token=receipt.poll_token,
-            params={"wait": f"{wait_s:.1f}"}, timeout_s=wait_s + 30))
+        return DirectivePoll.model_validate(
+            await self._request(
+                "GET",
+                f"/v1/reports/{receipt.report_id}/directive",
+                token=receipt.poll_token,
+                params={"wait": f"{wait_s:.1f}"},
+                timeout_s=wait_s + 30,
+            )
+        )
 
     async def send_result(self, envelope: bytes) -> dict[str, Any]:
         return await self._request("POST", "/v1/results", data=envelope)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, Mapping, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -69,7 +70,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if key in out:
             raise MalformedEnvelope(
                 f"duplicate JSON key {key!r}: a signed document must have one meaning; "
-                "the sender must emit each key once")
+                "the sender must emit each key once"
+            )
         out[key] = value
     return out
 
@@ -147,8 +149,9 @@ class Verified(Generic[M]):
         return hashlib.sha256(self.payload).hexdigest()
 
 
-def open_envelope(raw: bytes | str | Mapping[str, Any], model: type[M],
-                  keyring: Mapping[str, Ed25519PublicKey]) -> Verified[M]:
+def open_envelope(
+    raw: bytes | str | Mapping[str, Any], model: type[M], keyring: Mapping[str, Ed25519PublicKey]
+) -> Verified[M]:
     """Verify ``raw`` against ``keyring`` and return the typed message, or raise EnvelopeError.
 
     ``keyring`` maps key ids to the public keys trusted *for this message*: the device's own
@@ -162,7 +165,8 @@ def open_envelope(raw: bytes | str | Mapping[str, Any], model: type[M],
         env = strict_json_loads(raw)
     if not isinstance(env, dict) or set(env) != {"payload", "payloadType", "signatures"}:
         raise MalformedEnvelope(
-            "not a signed envelope: expected exactly the keys payload, payloadType, signatures")
+            "not a signed envelope: expected exactly the keys payload, payloadType, signatures"
+        )
     payload_type = env["payloadType"]
     if not isinstance(payload_type, str):
         raise MalformedEnvelope("payloadType must be a string")
@@ -184,19 +188,22 @@ def open_envelope(raw: bytes | str | Mapping[str, Any], model: type[M],
         except InvalidSignature:
             raise BadSignature(
                 f"signature by key {kid[:16]}… does not verify: the envelope was altered in "
-                "transit or signed with another key; nothing was applied") from None
+                "transit or signed with another key; nothing was applied"
+            ) from None
         signed_by = kid
         break
     if signed_by is None:
         named = ", ".join(str(e.get("keyid", "?"))[:16] for e in sigs if isinstance(e, dict))
         raise UnknownKey(
             f"no signature by a trusted key (signed by: {named or 'nobody'}): enroll the device, "
-            "or pin the right server key in the agent's settings")
+            "or pin the right server key in the agent's settings"
+        )
 
     if payload_type != model.PAYLOAD_TYPE:
         raise WrongPayloadType(
             f"expected a {model.PAYLOAD_TYPE} envelope, got {payload_type}: one kind of signed "
-            "message cannot stand in for another")
+            "message cannot stand in for another"
+        )
     obj = strict_json_loads(payload)
     try:
         message = model.model_validate(obj)
@@ -214,12 +221,14 @@ class DirectiveRejected(EnvelopeError):
 
 def actions_digest(actions: list[Any]) -> str:
     """sha256 of the canonical JSON of a remediation's actions: what approvers sign."""
-    return hashlib.sha256(canonical_json([a.model_dump(mode="json") if hasattr(a, "model_dump") else a
-                                          for a in actions])).hexdigest()
+    return hashlib.sha256(
+        canonical_json([a.model_dump(mode="json") if hasattr(a, "model_dump") else a for a in actions])
+    ).hexdigest()
 
 
-def verify_approvals(directive: Directive, approver_keyring: Mapping[str, Ed25519PublicKey],
-                     threshold: int) -> list[str]:
+def verify_approvals(
+    directive: Directive, approver_keyring: Mapping[str, Ed25519PublicKey], threshold: int
+) -> list[str]:
     """The key ids of distinct pinned approvers whose signed approval covers exactly this
     directive's remediation and actions; DirectiveRejected if fewer than ``threshold``."""
     if threshold <= 0:
@@ -242,14 +251,22 @@ def verify_approvals(directive: Directive, approver_keyring: Mapping[str, Ed2551
         why = f" ({'; '.join(problems)})" if problems else ""
         raise DirectiveRejected(
             f"directive {directive.directive_id} carries {len(signers)} valid approver signature(s) "
-            f"and this device requires {threshold}{why}: refused, nothing applied")
+            f"and this device requires {threshold}{why}: refused, nothing applied"
+        )
     return signers
 
 
-def open_directive(raw: bytes | str | Mapping[str, Any], keyring: Mapping[str, Ed25519PublicKey], *,
-                   device_id: str, agent_nonce: str, diagnostics_sha256: str,
-                   now: datetime, approver_keyring: Mapping[str, Ed25519PublicKey] | None = None,
-                   approver_threshold: int = 0) -> Verified[Directive]:
+def open_directive(
+    raw: bytes | str | Mapping[str, Any],
+    keyring: Mapping[str, Ed25519PublicKey],
+    *,
+    device_id: str,
+    agent_nonce: str,
+    diagnostics_sha256: str,
+    now: datetime,
+    approver_keyring: Mapping[str, Ed25519PublicKey] | None = None,
+    approver_threshold: int = 0,
+) -> Verified[Directive]:
     """Verify a directive and its binding: this device, the nonce this agent sent, the exact
     diagnostics it answers, not expired, and (if the device pins approver keys) signed by
     enough of those people. Only then may the agent act on it."""
@@ -258,19 +275,23 @@ def open_directive(raw: bytes | str | Mapping[str, Any], keyring: Mapping[str, E
     if d.device_id != device_id:
         raise DirectiveRejected(
             f"directive {d.directive_id} is for device {d.device_id!r}, not this device "
-            f"({device_id!r}): refused, nothing applied")
+            f"({device_id!r}): refused, nothing applied"
+        )
     if d.agent_nonce != agent_nonce:
         raise DirectiveRejected(
             f"directive {d.directive_id} answers another request (nonce mismatch): a replayed "
-            "or misrouted directive; refused, nothing applied")
+            "or misrouted directive; refused, nothing applied"
+        )
     if d.diagnostics_sha256 != diagnostics_sha256:
         raise DirectiveRejected(
             f"directive {d.directive_id} answers other diagnostics than the ones this agent "
-            "sent: refused, nothing applied")
+            "sent: refused, nothing applied"
+        )
     if now >= d.expires_at:
         raise DirectiveRejected(
             f"directive {d.directive_id} expired at {d.expires_at.isoformat()} (now "
-            f"{now.isoformat()}): ask the server for a fresh one; check the device clock")
+            f"{now.isoformat()}): ask the server for a fresh one; check the device clock"
+        )
     if d.issued_at > d.expires_at:
         raise DirectiveRejected(f"directive {d.directive_id} expires before it was issued")
     verify_approvals(d, approver_keyring or {}, approver_threshold)

@@ -24,8 +24,6 @@ class KeyFileError(ProtocolError):
     the file and how to make a good one."""
 
 
-
-
 def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(public_raw(public_key)).hexdigest()
 
@@ -53,7 +51,7 @@ class SigningKey:
     private: Ed25519PrivateKey
 
     @classmethod
-    def generate(cls) -> "SigningKey":
+    def generate(cls) -> SigningKey:
         return cls(Ed25519PrivateKey.generate())
 
     @property
@@ -66,8 +64,8 @@ class SigningKey:
 
     def private_pem(self) -> bytes:
         return self.private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def save(self, path: Path) -> None:
         """Write the private key (PEM, mode 0600) and ``<path>.pub`` (raw base64)."""
@@ -75,13 +73,13 @@ class SigningKey:
         atomic_write(Path(str(path) + ".pub"), (public_b64(self.public) + "\n").encode(), mode=0o644)
 
     @classmethod
-    def load(cls, path: Path | str) -> "SigningKey":
+    def load(cls, path: Path | str) -> SigningKey:
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
             raise KeyFileError(
-                f"no key at {path}: create one with `recovery-agent keygen {path}` "
-                "or `recovery-server init`") from None
+                f"no key at {path}: create one with `recovery-agent keygen {path}` or `recovery-server init`"
+            ) from None
         except OSError as exc:
             raise KeyFileError(f"cannot read the key {path}: {exc.strerror}") from None
         try:
@@ -92,7 +90,8 @@ class SigningKey:
             raise KeyFileError(
                 f"{path} is not an unencrypted Ed25519 private key (PEM): it is damaged or "
                 f"another kind of key; make a new one with `recovery-agent keygen {path} --force` "
-                "and enroll it again")
+                "and enroll it again"
+            )
         return cls(key)
 
 

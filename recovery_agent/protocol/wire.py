@@ -21,9 +21,9 @@ Remediation actions are declarative; there is no way to express a script.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -32,7 +32,7 @@ _PREFIX = "application/vnd.recovery."
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -55,7 +55,8 @@ def check_relative_path(path: str) -> str:
         raise PathRuleError(f"path {path!r} contains a NUL byte")
     if path.startswith("/"):
         raise PathRuleError(
-            f"path {path!r} is absolute: write it relative to the OS root (drop the leading /)")
+            f"path {path!r} is absolute: write it relative to the OS root (drop the leading /)"
+        )
     parts = path.split("/")
     for part in parts:
         if part in ("..", "."):
@@ -107,12 +108,12 @@ class Challenge(WireModel):
 
 
 class CrashKind(str, Enum):
-    KERNEL_PANIC = "kernel_panic"      # a panic with an oops behind it, or a bare panic
-    OOPS = "oops"                      # an oops that did not (or not yet) panic
-    HANG = "hang"                      # the watchdog reset the machine, or boot never finished
-    INIT_DIED = "init_died"            # "Attempted to kill init!"
-    UNKNOWN = "unknown"                # boots failed and nothing in the logs says why
-    NONE = "none"                      # nothing failed (test mode, or a healthy report)
+    KERNEL_PANIC = "kernel_panic"  # a panic with an oops behind it, or a bare panic
+    OOPS = "oops"  # an oops that did not (or not yet) panic
+    HANG = "hang"  # the watchdog reset the machine, or boot never finished
+    INIT_DIED = "init_died"  # "Attempted to kill init!"
+    UNKNOWN = "unknown"  # boots failed and nothing in the logs says why
+    NONE = "none"  # nothing failed (test mode, or a healthy report)
 
 
 class CrashSignature(WireModel):
@@ -222,7 +223,7 @@ class DisableDriver(WireModel):
     name: ModuleName
 
 
-Action = Annotated[Union[QuarantineFile, RestoreFile, DisableDriver], Field(discriminator="type")]
+Action = Annotated[QuarantineFile | RestoreFile | DisableDriver, Field(discriminator="type")]
 
 
 class Directive(SignedMessage):
@@ -298,5 +299,11 @@ class Health(SignedMessage):
     created_at: AwareDatetime
 
 
-SIGNED_MESSAGES: tuple[type[SignedMessage], ...] = (Enrollment, Diagnostics, Directive, Result, Health,
-                                                    RemediationApproval)
+SIGNED_MESSAGES: tuple[type[SignedMessage], ...] = (
+    Enrollment,
+    Diagnostics,
+    Directive,
+    Result,
+    Health,
+    RemediationApproval,
+)
