@@ -1,0 +1,31 @@
+"""Where things are on a machine's OS root, as the agent reads and writes them.
+
+Paths are relative to the OS root (the broken machine's root filesystem, mounted in the
+recovery environment), so one spelling serves the agent, the lab that builds the disks and the
+server's catalog. Nothing here touches a disk.
+"""
+
+from __future__ import annotations
+
+# The agent's own state on the OS disk: quarantined files, intent journals, the directive the
+# next healthy boot confirms, crash records archived after a good boot.
+STATE_DIR = "var/lib/recovery"
+QUARANTINE_DIR = f"{STATE_DIR}/quarantine"
+JOURNAL_DIR = f"{STATE_DIR}/journal"
+LAST_DIRECTIVE = f"{STATE_DIR}/last-directive"
+CONFIRMED_DIRECTIVE = f"{STATE_DIR}/confirmed-directive"
+PSTORE_ARCHIVE = f"{STATE_DIR}/pstore"
+
+# Kernel modules: lib/modules/<kernel release>/{extra,updates}/**.ko are out-of-tree drivers.
+MODULES_DIRS = ("lib/modules", "usr/lib/modules")
+DRIVER_SUBDIRS = ("extra", "updates")
+# Known-good driver versions kept on the OS disk: <driver>/<version>/<driver>.ko.
+DRIVER_STORE = "var/lib/driver-store"
+# Where disable_driver writes its modprobe.d entry.
+MODPROBE_DIR = "etc/modprobe.d"
+
+# The sensor's content files (the CrowdStrike shape): C-*.sys.
+CHANNEL_DIR = "var/lib/sensor/channels"
+
+# The OS's own log of its boot steps (images/os/lib.sh qmr_progress).
+BOOT_PROGRESS_LOG = "var/log/boot-progress.log"
