@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_fleet.py [--devices 10000] [--store sqlite|PATH|postgresql://...]
 
 Every device signs its enrollment, diagnostics, result and health with its own Ed25519 key
-and verifies its directive against the pinned server key (recovery_server/fleetsim.py).
+and verifies its directive against the pinned server key (tests/fleetsim.py).
 Prints the time of each step and the throughput; nothing is asserted (the tests do that).
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recovery_agent.protocol.keys import SigningKey
-from recovery_server.fleetsim import BAD_PATH, BAD_SHA, FleetSim
 from recovery_server.service import RecoveryService, User
 from recovery_server.store import Store
+from tests.fleetsim import BAD_PATH, BAD_SHA, FleetSim
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from recovery_server.fleetsim import FleetSim
+from .fleetsim import FleetSim
 
 SQLITE_ONLY = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 

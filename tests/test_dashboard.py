@@ -162,7 +162,7 @@ async def test_a_bad_token_is_refused_on_the_page(fleet, browser):
 @SQLITE_ONLY
 async def test_server_values_are_shown_as_text_not_html(fleet, browser):
     """A device id is attacker-controlled input: it must never become markup."""
-    from recovery_server.fleetsim import FleetSim
+    from .fleetsim import FleetSim
 
     sim = FleetSim(fleet.service, 1)
     sim.enroll_all(fleet.enrollment_token)

@@ -27,10 +27,10 @@ from recovery_agent.protocol.wire import (
     SystemInfo,
     utcnow,
 )
-from recovery_server.fleetsim import BAD_PATH, BAD_SHA, CRASH
 from recovery_server.store import Store
 
 from .conftest import postgres_schema
+from .fleetsim import BAD_PATH, BAD_SHA, CRASH
 
 RETRY = RetryPolicy(attempts=4, max_delay_s=10, backoff_max_s=0.5, backoff_multiplier_s=0.05)
 BIN = Path(sys.executable).parent

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.protocol.keys import SigningKey
-from recovery_server.fleetsim import BAD_PATH, BAD_SHA, FleetSim
 from recovery_server.rollout import RolloutPlan, WaveCounts, decide, wave_of
 from recovery_server.service import BadRequest, Conflict, Forbidden, RecoveryService, User
 from recovery_server.store import Store
+
+from .fleetsim import BAD_PATH, BAD_SHA, FleetSim
 
 ACTIONS = [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}]
 

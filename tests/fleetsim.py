@@ -29,8 +29,7 @@ from recovery_agent.protocol.wire import (
     SystemInfo,
     utcnow,
 )
-
-from .service import RecoveryService
+from recovery_server.service import RecoveryService
 
 BAD_PATH = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
 BAD_SHA = "7196ba4e48181a86c3ed8cd1d28e0e6e4ea0d8ab40c8ea2d80c2f0a2e5c4d8a1"
