@@ -19,6 +19,7 @@ from aiohttp import web
 
 from recovery_agent.protocol.keys import KeyFileError, SigningKey
 
+from . import audit
 from .app import make_app
 from .service import RecoveryService, ServiceError
 from .store import Store, StoreError
@@ -79,9 +80,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Offline: read the database directly, not through a server that might lie."""
-    from .store import verify_audit
-
-    result = verify_audit(_store(args), args.expect_head)
+    result = audit.verify_chain(_store(args), args.expect_head)
     print(f"audit log: {result['entries']} entries, head {result['head']}")
     for problem in result["problems"]:
         print(f"  PROBLEM: {problem}")

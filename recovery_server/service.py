@@ -46,9 +46,9 @@ from recovery_agent.protocol.wire import (
     Result,
 )
 
-from . import catalog
+from . import audit, catalog
 from .rollout import RolloutPlan, WaveCounts, decide, wave_of
-from .store import Store, verify_audit
+from .store import Store
 
 ROLES = ("viewer", "operator", "approver", "admin")
 _ACTIONS = TypeAdapter(list[Action])
@@ -173,7 +173,7 @@ class RecoveryService:
                 _sha(token),
                 iso(self.now()),
             )
-            tx.event(iso(self.now()), "user.created", actor, subject=name, detail={"role": role})
+            audit.record(tx, iso(self.now()), "user.created", actor, subject=name, detail={"role": role})
         return token
 
     def authenticate(self, token: str | None) -> User:
@@ -206,7 +206,7 @@ class RecoveryService:
                 iso(self.now()),
                 expires,
             )
-            tx.event(iso(self.now()), "enrollment_token.created", user.name, subject=label)
+            audit.record(tx, iso(self.now()), "enrollment_token.created", user.name, subject=label)
         return token
 
     # ------------------------------------------------------------------ device API
@@ -245,8 +245,8 @@ class RecoveryService:
                 e.hostname,
                 iso(now),
             )
-            tx.event(
-                iso(now), "device.enrolled", e.device_id, e.device_id, detail={"key_id": verified.key_id}
+            audit.record(
+                tx, iso(now), "device.enrolled", e.device_id, e.device_id, detail={"key_id": verified.key_id}
             )
         return {"device_id": e.device_id, "key_id": verified.key_id, "status": "enrolled"}
 
@@ -303,8 +303,14 @@ class RecoveryService:
                     iso(now),
                     iso(now),
                 )
-                tx.event(
-                    iso(now), "incident.opened", d.device_id, d.device_id, incident_id, {"title": sig.title}
+                audit.record(
+                    tx,
+                    iso(now),
+                    "incident.opened",
+                    d.device_id,
+                    d.device_id,
+                    incident_id,
+                    {"title": sig.title},
                 )
             tx.execute(
                 "UPDATE incidents SET last_seen = ?, report_count = report_count + 1 WHERE incident_id = ?",
@@ -335,7 +341,8 @@ class RecoveryService:
                 d.boot.recovery_attempts,
                 d.device_id,
             )
-            tx.event(
+            audit.record(
+                tx,
                 iso(now),
                 "diagnostics.received",
                 d.device_id,
@@ -349,7 +356,8 @@ class RecoveryService:
                 },
             )
             if state == "needs_manual":
-                tx.event(
+                audit.record(
+                    tx,
                     iso(now),
                     "device.needs_manual",
                     d.device_id,
@@ -475,7 +483,8 @@ class RecoveryService:
             json.dumps(env),
             wave,
         )
-        tx.event(
+        audit.record(
+            tx,
             iso(now),
             "directive.issued",
             "server",
@@ -497,7 +506,7 @@ class RecoveryService:
             now,
             directive_id,
         )
-        tx.event(now, f"directive.{outcome}", "server", d["device_id"], directive_id, {"why": why})
+        audit.record(tx, now, f"directive.{outcome}", "server", d["device_id"], directive_id, {"why": why})
         ro = tx.one("SELECT * FROM rollouts WHERE remediation_id = ?", d["remediation_id"])
         if ro is not None:
             self._evaluate(tx, ro)
@@ -526,7 +535,8 @@ class RecoveryService:
                 state,
                 r.device_id,
             )
-            tx.event(
+            audit.record(
+                tx,
                 iso(now),
                 "result.received",
                 r.device_id,
@@ -553,7 +563,8 @@ class RecoveryService:
                 iso(now),
                 h.device_id,
             )
-            tx.event(
+            audit.record(
+                tx,
                 iso(now),
                 "health.reported",
                 h.device_id,
@@ -614,7 +625,8 @@ class RecoveryService:
                 required_approvals,
                 iso(now),
             )
-            tx.event(
+            audit.record(
+                tx,
                 iso(now),
                 "remediation.created",
                 user.name,
@@ -655,8 +667,13 @@ class RecoveryService:
             if row["public_key"] and row["public_key"] != public_key:
                 raise Conflict(f"{user.name} has a key already; an admin must replace a person's key")
             tx.execute("UPDATE users SET public_key = ? WHERE name = ?", public_key, user.name)
-            tx.event(
-                iso(self.now()), "user.key_registered", user.name, subject=user.name, detail={"key_id": kid}
+            audit.record(
+                tx,
+                iso(self.now()),
+                "user.key_registered",
+                user.name,
+                subject=user.name,
+                detail={"key_id": kid},
             )
         return {"name": user.name, "key_id": kid}
 
@@ -701,7 +718,8 @@ class RecoveryService:
                 signed_json,
             )
             count = tx.one("SELECT count(*) FROM approvals WHERE remediation_id = ?", remediation_id)[0]
-            tx.event(
+            audit.record(
+                tx,
                 iso(now),
                 "remediation.approval",
                 user.name,
@@ -717,7 +735,7 @@ class RecoveryService:
                     iso(now),
                     remediation_id,
                 )
-                tx.event(iso(now), "remediation.approved", user.name, subject=remediation_id)
+                audit.record(tx, iso(now), "remediation.approved", user.name, subject=remediation_id)
         self.on_change()
         return self.remediation(remediation_id)
 
@@ -758,7 +776,7 @@ class RecoveryService:
                 raise NotFound(f"no remediation {remediation_id}")
             tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?", remediation_id)
             tx.execute("UPDATE rollouts SET state = 'revoked' WHERE remediation_id = ?", remediation_id)
-            tx.event(iso(self.now()), "remediation.revoked", user.name, subject=remediation_id)
+            audit.record(tx, iso(self.now()), "remediation.revoked", user.name, subject=remediation_id)
         self.on_change()
         return self.remediation(remediation_id)
 
@@ -817,7 +835,8 @@ class RecoveryService:
                 user.name,
                 now,
             )
-            tx.event(
+            audit.record(
+                tx,
                 now,
                 "rollout.created",
                 user.name,
@@ -868,7 +887,8 @@ class RecoveryService:
                 )
             else:
                 raise BadRequest(f"unknown rollout action {action!r}: pause, resume or revoke")
-            tx.event(
+            audit.record(
+                tx,
                 now,
                 f"rollout.{action}",
                 user.name,
@@ -907,7 +927,8 @@ class RecoveryService:
                 decision.reason,
                 ro["rollout_id"],
             )
-            tx.event(
+            audit.record(
+                tx,
                 now,
                 "rollout.promoted",
                 "server",
@@ -923,7 +944,8 @@ class RecoveryService:
                 decision.reason,
                 ro["rollout_id"],
             )
-            tx.event(
+            audit.record(
+                tx,
                 now,
                 f"rollout.{state}",
                 "server",
@@ -1053,7 +1075,7 @@ class RecoveryService:
         self.require(user, "viewer")
         if expect_head is not None and not re.fullmatch(r"[0-9]{1,18}:[0-9a-f]{64}", expect_head):
             raise BadRequest("expect_head must be SEQ:SHA256 as audit verify printed it")
-        return verify_audit(self.store, expect_head)
+        return audit.verify_chain(self.store, expect_head)
 
     def device_results(self, device_id: str) -> list[dict[str, Any]]:
         return [

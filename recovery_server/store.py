@@ -13,14 +13,12 @@ translates placeholders and the few DDL spellings that differ.
 Tables: users (admins with roles and token hashes), enrollment_tokens, devices, nonces
 (server challenges, each usable once), reports (diagnostics), incidents (reports clustered by
 crash signature), remediations and approvals, directives (signed, per device and report),
-results, health (good boots), events (the audit log: every admin and device action, each
-entry hash-chained to the one before; see ``audit_hash`` and ``verify_audit``).
+results, health (good boots), events (the audit log, hash-chained: ``audit.py`` writes and
+checks it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import sqlite3
 import threading
@@ -227,7 +225,7 @@ class Store:
                 db.execute("UPDATE schema_meta SET value = ? WHERE key = 'version'", str(step))
 
     @contextmanager
-    def tx(self) -> Iterator[_Tx]:
+    def tx(self) -> Iterator[Tx]:
         """One write transaction; writers queue up instead of failing."""
         with self._lock:
             if self.dialect == "sqlite":
@@ -236,7 +234,7 @@ class Store:
                 self._db.execute("BEGIN")
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
             try:
-                yield _Tx(self._db, self.dialect)
+                yield Tx(self._db, self.dialect)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -245,11 +243,11 @@ class Store:
 
     def one(self, sql: str, *args: Any) -> Any:
         with self._lock:
-            return _Tx(self._db, self.dialect).one(sql, *args)
+            return Tx(self._db, self.dialect).one(sql, *args)
 
     def all(self, sql: str, *args: Any) -> list[Any]:
         with self._lock:
-            return _Tx(self._db, self.dialect).all(sql, *args)
+            return Tx(self._db, self.dialect).all(sql, *args)
 
     def close(self) -> None:
         with self._lock:
@@ -334,7 +332,7 @@ def _pg_sql(sql: str) -> str:
     )
 
 
-class _Tx:
+class Tx:
     """The connection inside a transaction, with the same query helpers as the store."""
 
     def __init__(self, db, dialect: str) -> None:
@@ -357,88 +355,3 @@ class _Tx:
 
     def all(self, sql: str, *args: Any) -> list[Any]:
         return self.execute(sql, *args).fetchall()
-
-    def event(
-        self,
-        at: str,
-        kind: str,
-        actor: str,
-        device_id: str | None = None,
-        subject: str | None = None,
-        detail: Any = "",
-    ) -> None:
-        """Append to the audit log. Runs inside the write transaction, which every writer
-        holds exclusively, so reading the head and appending cannot interleave."""
-        if not isinstance(detail, str):
-            detail = json.dumps(detail, sort_keys=True)
-        head = self.one("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
-        entry = {
-            "seq": seq,
-            "at": at,
-            "kind": kind,
-            "actor": actor,
-            "device_id": device_id,
-            "subject": subject,
-            "detail": detail,
-        }
-        digest = audit_hash(prev, entry)
-        self.execute(
-            "INSERT INTO events(seq, at, kind, actor, device_id, subject, detail, prev_hash, hash) "
-            "VALUES (?,?,?,?,?,?,?,?,?)",
-            seq,
-            at,
-            kind,
-            actor,
-            device_id,
-            subject,
-            detail,
-            prev,
-            digest,
-        )
-        # The head also lives apart from the chain, so cutting entries off the end shows.
-        updated = self.execute("UPDATE schema_meta SET value = ? WHERE key = 'audit_head'", f"{seq}:{digest}")
-        if updated.rowcount == 0:
-            self.execute("INSERT INTO schema_meta VALUES ('audit_head', ?)", f"{seq}:{digest}")
-
-
-GENESIS_HASH = "0" * 64
-_AUDIT_FIELDS = ("seq", "at", "kind", "actor", "device_id", "subject", "detail")
-
-
-def audit_hash(prev_hash: str, entry: dict[str, Any]) -> str:
-    """sha256 over the previous entry's hash and this entry's fields (canonical JSON)."""
-    body = json.dumps({k: entry[k] for k in _AUDIT_FIELDS}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
-
-
-def verify_audit(store: Store, expect_head: str | None = None) -> dict[str, Any]:
-    """Walk the whole chain; report every entry that was edited, removed or reordered, and
-    entries cut off the end (against the recorded head, or ``expect_head`` kept elsewhere)."""
-    problems: list[str] = []
-    prev_seq, prev_hash = 0, GENESIS_HASH
-    count = 0
-    for row in store.all("SELECT * FROM events ORDER BY seq"):
-        count += 1
-        entry = {k: row[k] for k in _AUDIT_FIELDS}
-        if row["seq"] != prev_seq + 1:
-            problems.append(f"entries {prev_seq + 1}..{row['seq'] - 1} are missing (removed)")
-        if row["prev_hash"] != prev_hash:
-            problems.append(f"entry {row['seq']} does not follow the entry before it in the chain")
-        if audit_hash(row["prev_hash"], entry) != row["hash"]:
-            problems.append(
-                f"entry {row['seq']} ({row['kind']}) was edited: its hash does not match its content"
-            )
-        prev_seq, prev_hash = row["seq"], row["hash"]
-    head = f"{prev_seq}:{prev_hash}" if count else ""
-    recorded = store.one("SELECT value FROM schema_meta WHERE key = 'audit_head'")
-    for name, want in (("recorded head", recorded[0] if recorded else ""), ("expected head", expect_head)):
-        if want and want != head:
-            want_seq = int(want.split(":")[0])
-            if want_seq > prev_seq:
-                problems.append(
-                    f"entries {prev_seq + 1}..{want_seq} are missing at the end ({name} {want[:24]}…)"
-                )
-            else:
-                problems.append(f"the chain does not end where the {name} says ({want[:24]}…)")
-    return {"ok": not problems, "entries": count, "head": head, "problems": problems}

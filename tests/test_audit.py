@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from recovery_server.store import verify_audit
+from recovery_server.audit import verify_chain
 
 
 def _fill(fleet) -> None:
@@ -22,7 +22,7 @@ def _fill(fleet) -> None:
 
 async def test_intact_chain_verifies(fleet):
     _fill(fleet)
-    result = verify_audit(fleet.store)
+    result = verify_chain(fleet.store)
     assert result["ok"], result["problems"]
     assert result["entries"] == fleet.count("events") >= 8
     kinds = [e["kind"] for e in fleet.service.events()]
@@ -33,14 +33,14 @@ async def test_edited_entry_is_found(fleet):
     _fill(fleet)
     with fleet.store.tx() as tx:
         tx.execute("UPDATE events SET actor = 'mallory' WHERE seq = 3")
-    result = verify_audit(fleet.store)
+    result = verify_chain(fleet.store)
     assert not result["ok"]
     assert any("entry 3" in p and "edited" in p for p in result["problems"])
 
 
 async def test_rehashed_edit_breaks_the_next_link(fleet):
     """An attacker who recomputes the edited entry's hash still breaks the chain after it."""
-    from recovery_server.store import audit_hash
+    from recovery_server.audit import entry_hash
 
     _fill(fleet)
     row = fleet.store.one("SELECT * FROM events WHERE seq = 3")
@@ -50,9 +50,9 @@ async def test_rehashed_edit_breaks_the_next_link(fleet):
         tx.execute(
             "UPDATE events SET actor = ?, hash = ? WHERE seq = 3",
             "mallory",
-            audit_hash(row["prev_hash"], entry),
+            entry_hash(row["prev_hash"], entry),
         )
-    problems = verify_audit(fleet.store)["problems"]
+    problems = verify_chain(fleet.store)["problems"]
     assert any("entry 4 does not follow" in p for p in problems)
 
 
@@ -60,17 +60,17 @@ async def test_removed_entry_is_found(fleet):
     _fill(fleet)
     with fleet.store.tx() as tx:
         tx.execute("DELETE FROM events WHERE seq = 2")
-    problems = verify_audit(fleet.store)["problems"]
+    problems = verify_chain(fleet.store)["problems"]
     assert any("entries 2..2 are missing" in p for p in problems)
 
 
 async def test_entries_cut_off_the_end_are_found(fleet):
     _fill(fleet)
-    head = verify_audit(fleet.store)["head"]
+    head = verify_chain(fleet.store)["head"]
     last = int(head.split(":")[0])
     with fleet.store.tx() as tx:
         tx.execute("DELETE FROM events WHERE seq >= ?", last - 1)
-    problems = verify_audit(fleet.store, expect_head=head)["problems"]
+    problems = verify_chain(fleet.store, expect_head=head)["problems"]
     assert any(f"entries {last - 1}..{last} are missing at the end" in p for p in problems)
 
 

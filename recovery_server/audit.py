@@ -1,0 +1,110 @@
+"""The audit log: every admin and device action, one entry each, hash-chained so that an
+edited, removed or reordered entry shows.
+
+How it works:
+
+1. Every writer records its entry with ``record`` inside its own write transaction. Writers
+   hold the store's write lock exclusively, so reading the head and appending cannot
+   interleave, and the entry commits or rolls back with the change it describes.
+2. An entry's hash is the sha256 of the previous entry's hash and this entry's fields
+   (``entry_hash``); the first entry follows ``GENESIS_HASH``.
+3. The head (``SEQ:HASH`` of the last entry) is also kept apart from the chain, in
+   ``schema_meta``, so entries cut off the end show too; a head recorded elsewhere
+   (``expect_head``) catches someone who also rewrote that.
+4. ``verify_chain`` walks the whole chain and names every problem it finds.
+
+The table itself (``events``) is part of the store's schema (``store.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .store import Store, Tx
+
+GENESIS_HASH = "0" * 64
+_FIELDS = ("seq", "at", "kind", "actor", "device_id", "subject", "detail")
+
+
+def entry_hash(prev_hash: str, entry: dict[str, Any]) -> str:
+    """sha256 over the previous entry's hash and this entry's fields (canonical JSON)."""
+    body = json.dumps({k: entry[k] for k in _FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def record(
+    tx: Tx,
+    at: str,
+    kind: str,
+    actor: str,
+    device_id: str | None = None,
+    subject: str | None = None,
+    detail: Any = "",
+) -> None:
+    """Append one entry to the log, inside the caller's write transaction. ``detail`` is text,
+    or anything JSON can hold (kept as canonical JSON)."""
+    if not isinstance(detail, str):
+        detail = json.dumps(detail, sort_keys=True)
+    head = tx.one("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+    seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    entry = {
+        "seq": seq,
+        "at": at,
+        "kind": kind,
+        "actor": actor,
+        "device_id": device_id,
+        "subject": subject,
+        "detail": detail,
+    }
+    digest = entry_hash(prev, entry)
+    tx.execute(
+        "INSERT INTO events(seq, at, kind, actor, device_id, subject, detail, prev_hash, hash) "
+        "VALUES (?,?,?,?,?,?,?,?,?)",
+        seq,
+        at,
+        kind,
+        actor,
+        device_id,
+        subject,
+        detail,
+        prev,
+        digest,
+    )
+    # The head also lives apart from the chain, so cutting entries off the end shows.
+    updated = tx.execute("UPDATE schema_meta SET value = ? WHERE key = 'audit_head'", f"{seq}:{digest}")
+    if updated.rowcount == 0:
+        tx.execute("INSERT INTO schema_meta VALUES ('audit_head', ?)", f"{seq}:{digest}")
+
+
+def verify_chain(store: Store, expect_head: str | None = None) -> dict[str, Any]:
+    """Walk the whole chain; report every entry that was edited, removed or reordered, and
+    entries cut off the end (against the recorded head, or ``expect_head`` kept elsewhere)."""
+    problems: list[str] = []
+    prev_seq, prev_hash = 0, GENESIS_HASH
+    count = 0
+    for row in store.all("SELECT * FROM events ORDER BY seq"):
+        count += 1
+        entry = {k: row[k] for k in _FIELDS}
+        if row["seq"] != prev_seq + 1:
+            problems.append(f"entries {prev_seq + 1}..{row['seq'] - 1} are missing (removed)")
+        if row["prev_hash"] != prev_hash:
+            problems.append(f"entry {row['seq']} does not follow the entry before it in the chain")
+        if entry_hash(row["prev_hash"], entry) != row["hash"]:
+            problems.append(
+                f"entry {row['seq']} ({row['kind']}) was edited: its hash does not match its content"
+            )
+        prev_seq, prev_hash = row["seq"], row["hash"]
+    head = f"{prev_seq}:{prev_hash}" if count else ""
+    recorded = store.one("SELECT value FROM schema_meta WHERE key = 'audit_head'")
+    for name, want in (("recorded head", recorded[0] if recorded else ""), ("expected head", expect_head)):
+        if want and want != head:
+            want_seq = int(want.split(":")[0])
+            if want_seq > prev_seq:
+                problems.append(
+                    f"entries {prev_seq + 1}..{want_seq} are missing at the end ({name} {want[:24]}…)"
+                )
+            else:
+                problems.append(f"the chain does not end where the {name} says ({want[:24]}…)")
+    return {"ok": not problems, "entries": count, "head": head, "problems": problems}
