@@ -71,9 +71,6 @@ class RolloutPlan(BaseModel):
         return self
 
 
-DEFAULT_PLAN = {"waves": [{"name": "10%", "percent": 10}, {"name": "100%", "percent": 100}]}
-
-
 def bucket(rollout_id: str, device_id: str) -> int:
     digest = hashlib.sha256(f"{rollout_id}\n{device_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS

@@ -677,16 +677,6 @@ class RecoveryService:
             )
         return {"name": user.name, "key_id": kid}
 
-    def approval_payload(self, user: User, remediation_id: str) -> RemediationApproval:
-        """What an approver signs for this remediation (the CLI fetches it, checks it, signs)."""
-        rem = self.remediation(remediation_id)
-        return RemediationApproval(
-            remediation_id=remediation_id,
-            actions_sha256=envelope.actions_digest(rem["actions"]),
-            approver=user.name,
-            approved_at=self.now(),
-        )
-
     def approve(
         self, user: User, remediation_id: str, signed: dict[str, Any] | None = None
     ) -> dict[str, Any]:

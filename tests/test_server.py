@@ -447,7 +447,7 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
 
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
-    for statement in store_mod._SCHEMA.replace("AUTOINCREMENT_", "AUTOINCREMENT").split(";"):
+    for statement in store_mod._SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)
     db.execute("INSERT INTO schema_meta VALUES ('version', '1')")
