@@ -20,6 +20,20 @@ from recovery_agent.protocol.envelope import actions_digest, seal
 from recovery_agent.protocol.keys import KeyFileError, SigningKey, public_b64
 from recovery_agent.protocol.wire import PathRuleError, RemediationApproval, check_relative_path, utcnow
 
+from .errors import ServerError
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  audit verify: the audit log's hash chain is broken
+  2  refused or invalid input: usage, a bad action, token or key file, a request the
+     server refused
+  3  the server could not be reached"""
+
+
+class CommandError(ServerError):
+    """Raised when a command's own input cannot be used (an action spec, a token, actions or
+    key file); nothing was sent."""
+
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     if not rows:
@@ -40,7 +54,7 @@ def _actions_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
         for spec in args.restore or []:
             parts = spec.split(":")
             if len(parts) != 3:
-                raise SystemExit("--restore takes PATH:SOURCE:SHA256")
+                raise CommandError(f"--restore takes PATH:SOURCE:SHA256, not {spec!r}")
             actions.append(
                 {
                     "type": "restore_file",
@@ -50,11 +64,17 @@ def _actions_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
             )
     except PathRuleError as exc:
-        raise SystemExit(f"recovery-admin: {exc}") from None
+        raise CommandError(str(exc)) from None
     for name in args.disable_driver or []:
         actions.append({"type": "disable_driver", "name": name})
     if args.actions_file:
-        actions.extend(json.loads(Path(args.actions_file).read_text()))
+        try:
+            more = json.loads(Path(args.actions_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--actions-file {args.actions_file}: {exc}") from None
+        if not isinstance(more, list):
+            raise CommandError(f"--actions-file {args.actions_file}: expected a JSON list of actions")
+        actions.extend(more)
     return actions
 
 
@@ -66,7 +86,9 @@ async def _signed_approval(call, args: argparse.Namespace) -> dict[str, Any]:
     rems = {r["remediation_id"]: r for r in await call("GET", "/remediations")}
     rem = rems.get(args.remediation_id)
     if rem is None:
-        raise SystemExit(f"recovery-admin: no remediation {args.remediation_id}")
+        raise CommandError(
+            f"no remediation {args.remediation_id}: list them with recovery-admin remediation list"
+        )
     print(f"signing approval of {rem['remediation_id']} ({rem['title']}):", file=sys.stderr)
     for a in rem["actions"]:
         print(f"  {json.dumps(a, sort_keys=True)}", file=sys.stderr)
@@ -79,12 +101,17 @@ async def _signed_approval(call, args: argparse.Namespace) -> dict[str, Any]:
     return seal(approval, key)
 
 
+def _token_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise CommandError(f"cannot read the token file {path}: {exc.strerror}") from None
+
+
 async def _run(args: argparse.Namespace) -> Any:
-    token = (
-        args.token
-        or (Path(args.token_file).read_text().strip() if args.token_file else None)
-        or os.environ.get("RECOVERY_TOKEN")
-    )
+    token = args.token or _token_file(args.token_file) or os.environ.get("RECOVERY_TOKEN")
     retry = RetryPolicy(attempts=3, max_delay_s=10)
     async with AdminClient(args.server, token, retry=retry) as c:
         call = c.call
@@ -120,12 +147,12 @@ async def _run(args: argparse.Namespace) -> Any:
                 if args.suggested:
                     s = await call("GET", f"/incidents/{args.incident}/suggestion")
                     if not s["actions"]:
-                        raise SystemExit("recovery-admin: " + "; ".join(s["why"]))
+                        raise CommandError("; ".join(s["why"]))
                     actions = s["actions"] + actions
                     title = title or s["title"]
                 if not actions:
-                    raise SystemExit(
-                        "recovery-admin: give at least one action (--quarantine, "
+                    raise CommandError(
+                        "give at least one action (--quarantine, "
                         "--restore, --disable-driver, --actions-file or --suggested)"
                     )
                 return await call(
@@ -179,7 +206,7 @@ async def _run(args: argparse.Namespace) -> Any:
             key = SigningKey.generate()
             path = Path(args.path)
             if path.exists():
-                raise SystemExit(f"recovery-admin: {path} exists; not replacing a key")
+                raise CommandError(f"{path} exists; not replacing a key: name a new file")
             key.save(path)
             answer = await call("POST", "/me/key", {"public_key": public_b64(key.public)})
             answer["public_key"] = public_b64(key.public)
@@ -205,11 +232,16 @@ async def _run(args: argparse.Namespace) -> Any:
                 "subject",
                 "detail",
             ]
-    raise SystemExit(f"recovery-admin: unknown command {cmd}")
+    raise CommandError(f"unknown command {cmd}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="recovery-admin", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="recovery-admin",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--server", default=os.environ.get("RECOVERY_SERVER", "http://127.0.0.1:8080"))
     p.add_argument("--token", help="your admin token (or RECOVERY_TOKEN)")
     p.add_argument("--token-file", help="read your admin token from this file")
@@ -291,14 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnreachable as exc:
         print(f"recovery-admin: {exc}", file=sys.stderr)
         return 3
-    except KeyFileError as exc:
+    except (KeyFileError, CommandError) as exc:
         print(f"recovery-admin: {exc}", file=sys.stderr)
         return 2
-    if args.cmd == "audit" and args.acmd == "verify" and not args.json:
-        print(f"audit log: {data['entries']} entries, head {data['head']}")
-        for problem in data["problems"]:
-            print(f"  PROBLEM: {problem}")
-        print("chain intact" if data["ok"] else "chain BROKEN")
+    if args.cmd == "audit" and args.acmd == "verify":
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print(f"audit log: {data['entries']} entries, head {data['head']}")
+            for problem in data["problems"]:
+                print(f"  PROBLEM: {problem}")
+            print("chain intact" if data["ok"] else "chain BROKEN")
         return 0 if data["ok"] else 1
     if args.json or cols is None:
         print(json.dumps(data, indent=2))

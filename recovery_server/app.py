@@ -27,8 +27,9 @@ from recovery_agent.protocol.keys import public_b64
 from recovery_agent.protocol.version import __version__
 
 from . import api, dashboard, metrics
+from .errors import BadRequest, ServiceError, Unauthorized
 from .rollout import RolloutPlan
-from .service import BadRequest, RecoveryService, ServiceError, Unauthorized, User
+from .service import RecoveryService, User
 
 log = logging.getLogger("recovery_server")
 

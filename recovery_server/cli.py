@@ -21,8 +21,16 @@ from recovery_agent.protocol.keys import KeyFileError, SigningKey
 
 from . import audit
 from .app import make_app
-from .service import RecoveryService, ServiceError
-from .store import Store, StoreError
+from .errors import ServerError
+from .service import RecoveryService
+from .store import Store, StoreUnreachable
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  audit-verify: the audit log's hash chain is broken
+  2  refused or invalid input: usage, a data directory, server key or database that cannot
+     be used, a refused user name or role
+  3  the database server (PostgreSQL) could not be reached"""
 
 DEFAULT_DATA = os.environ.get("RECOVERY_DATA", "recovery-data")
 
@@ -31,14 +39,29 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.database or Path(args.data) / "recovery.db")
 
 
-def open_service(args: argparse.Namespace) -> RecoveryService:
-    data = Path(args.data)
+class DataDirError(ServerError):
+    """Raised when the data directory cannot be used: no server key yet, or a server key that
+    cannot be read or is not an Ed25519 private key."""
+
+
+def _server_key(data: Path) -> SigningKey:
     key_path = data / "server.key"
     if not key_path.exists():
-        raise SystemExit(
-            f"recovery-server: no server key in {data}: run `recovery-server --data {data} init` first"
-        )
-    return RecoveryService(store=_store(args), server_key=SigningKey.load(key_path))
+        raise DataDirError(f"no server key in {data}: run `recovery-server --data {data} init` first")
+    try:
+        return SigningKey.load(key_path)
+    except KeyFileError:
+        raise DataDirError(
+            f"{key_path} cannot be used as the server key: it is unreadable by this user, damaged, "
+            "or not an Ed25519 private key. Restore it from a backup; or move it away, run "
+            f"`recovery-server --data {data} init` for a new key and pin the new server.key.pub "
+            "in every recovery environment"
+        ) from None
+
+
+def open_service(args: argparse.Namespace) -> RecoveryService:
+    key = _server_key(Path(args.data))  # first: a wrong --data must not leave a new database
+    return RecoveryService(store=_store(args), server_key=key)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -47,8 +70,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     os.chmod(data, 0o700)
     key_path = data / "server.key"
     if key_path.exists():
+        key = _server_key(data)
         print(f"server key exists in {data}; keeping it", file=sys.stderr)
-        key = SigningKey.load(key_path)
     else:
         key = SigningKey.generate()
         key.save(key_path)
@@ -115,7 +138,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="recovery-server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="recovery-server",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", default=DEFAULT_DATA, help="data directory (env RECOVERY_DATA)")
     p.add_argument(
         "--database",
@@ -144,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)
     try:
-        return args.fn(args)
-    except (ServiceError, StoreError, KeyFileError) as exc:
+        return int(args.fn(args))
+    except StoreUnreachable as exc:
+        print(f"recovery-server: {exc}", file=sys.stderr)
+        return 3
+    except (ServerError, OSError) as exc:  # OSError: a data directory or port this user cannot use
         print(f"recovery-server: {exc}", file=sys.stderr)
         return 2
 

@@ -47,38 +47,12 @@ from recovery_agent.protocol.wire import (
 )
 
 from . import audit, catalog
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .rollout import RolloutPlan, WaveCounts, decide, wave_of
 from .store import Store
 
 ROLES = ("viewer", "operator", "approver", "admin")
 _ACTIONS = TypeAdapter(list[Action])
-
-
-class ServiceError(Exception):
-    """A refused request. ``status`` is the HTTP status; the message names the fix."""
-
-    status = 400
-    code = "bad_request"
-
-
-class BadRequest(ServiceError):
-    status, code = 400, "bad_request"
-
-
-class Unauthorized(ServiceError):
-    status, code = 401, "unauthorized"
-
-
-class Forbidden(ServiceError):
-    status, code = 403, "forbidden"
-
-
-class NotFound(ServiceError):
-    status, code = 404, "not_found"
-
-
-class Conflict(ServiceError):
-    status, code = 409, "conflict"
 
 
 def iso(t: datetime) -> str:

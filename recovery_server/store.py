@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import ServerError
+
 SCHEMA_VERSION = 2
 
 # Each version's changes over the one before, applied in order in one transaction; _SCHEMA
@@ -169,9 +171,14 @@ CREATE INDEX directives_device ON directives(device_id, outcome);
 """
 
 
-class StoreError(Exception):
-    """Raised when the database cannot be used as it is (newer schema, not a database, no
-    server at the URL, a missing driver)."""
+class StoreError(ServerError):
+    """Raised when the database cannot be used as it is (newer schema, not a database, a
+    missing driver)."""
+
+
+class StoreUnreachable(StoreError):
+    """Raised when the PostgreSQL server named by the URL does not answer or refuses the
+    connection."""
 
 
 _WRITE_LOCK_KEY = 0x514D52  # "QMR": the advisory lock every PostgreSQL writer takes first
@@ -304,7 +311,7 @@ def _connect_postgres(url: str):
     try:
         db = psycopg.connect(url, autocommit=True, row_factory=_pg_rows)
     except psycopg.Error as exc:
-        raise StoreError(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}".strip()) from None
+        raise StoreUnreachable(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}".strip()) from None
     return _PgConnection(db)
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.protocol.keys import SigningKey
+from recovery_server.errors import BadRequest, Conflict, Forbidden
 from recovery_server.rollout import RolloutPlan, WaveCounts, decide, wave_of
-from recovery_server.service import BadRequest, Conflict, Forbidden, RecoveryService, User
+from recovery_server.service import RecoveryService, User
 from recovery_server.store import Store
 
 from .fleetsim import BAD_PATH, BAD_SHA, FleetSim

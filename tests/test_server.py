@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -23,7 +25,7 @@ from recovery_agent.protocol.wire import (
     utcnow,
 )
 from recovery_server.app import METRICS
-from recovery_server.service import BadRequest, Conflict, Forbidden
+from recovery_server.errors import BadRequest, Conflict, Forbidden
 
 from .conftest import FAST_RETRY
 
@@ -459,3 +461,26 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     row = s.one("SELECT name, public_key FROM users")
     assert row["name"] == "old" and row["public_key"] is None, "data kept, new column added"
     s.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_missing_or_damaged_server_key_is_a_message_and_exit_2(tmp_path):
+    data = str(tmp_path / "data")
+    p = _cli("recovery_server.cli", "--data", data, "serve")
+    assert p.returncode == 2 and "no server key" in p.stderr and "init" in p.stderr
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/server.key").write_text("not a key\n")
+    for cmd in ("serve", "init"):
+        p = _cli("recovery_server.cli", "--data", data, cmd)
+        assert p.returncode == 2, p.stderr
+        assert "cannot be used as the server key" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("module", ["recovery_server.cli", "recovery_server.admin_cli"])
+def test_the_command_lines_list_their_exit_codes(module):
+    p = _cli(module, "--help")
+    assert p.returncode == 0
+    assert all(f"\n  {code}  " in p.stdout for code in "0123"), p.stdout
