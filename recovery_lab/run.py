@@ -37,8 +37,9 @@ from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import Enrollment, utcnow
+from recovery_server.access import User
 from recovery_server.app import make_app
-from recovery_server.service import RecoveryService, User
+from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
 from .build import build_image

@@ -27,9 +27,10 @@ from recovery_agent.protocol.keys import public_b64
 from recovery_agent.protocol.version import __version__
 
 from . import api, dashboard, metrics
+from .access import User
 from .errors import BadRequest, ServiceError, Unauthorized
 from .rollout import RolloutPlan
-from .service import RecoveryService, User
+from .service import RecoveryService
 
 log = logging.getLogger("recovery_server")
 

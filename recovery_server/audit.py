@@ -11,7 +11,9 @@ How it works:
 3. The head (``SEQ:HASH`` of the last entry) is also kept apart from the chain, in
    ``schema_meta``, so entries cut off the end show too; a head recorded elsewhere
    (``expect_head``) catches someone who also rewrote that.
-4. ``verify_chain`` walks the whole chain and names every problem it finds.
+4. ``verify_chain`` walks the whole chain and names every problem it finds; the offline
+   ``recovery-server audit-verify`` runs it on the database itself, ``AuditLog`` for people
+   on the admin API.
 
 The table itself (``events``) is part of the store's schema (``store.py``).
 """
@@ -20,8 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
+from .access import User, require
+from .errors import BadRequest
 from .store import Store, Tx
 
 GENESIS_HASH = "0" * 64
@@ -108,3 +113,25 @@ def verify_chain(store: Store, expect_head: str | None = None) -> dict[str, Any]
             else:
                 problems.append(f"the chain does not end where the {name} says ({want[:24]}…)")
     return {"ok": not problems, "entries": count, "head": head, "problems": problems}
+
+
+class AuditLog:
+    """The log as people read it on the admin API."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def entries(self, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+        if device_id:
+            rows = self._store.all(
+                "SELECT * FROM events WHERE device_id = ? AND seq > ? ORDER BY seq", device_id, after
+            )
+        else:
+            rows = self._store.all("SELECT * FROM events WHERE seq > ? ORDER BY seq", after)
+        return [dict(r) for r in rows]
+
+    def verify(self, user: User, expect_head: str | None = None) -> dict[str, Any]:
+        require(user, "viewer")
+        if expect_head is not None and not re.fullmatch(r"[0-9]{1,18}:[0-9a-f]{64}", expect_head):
+            raise BadRequest("expect_head must be SEQ:SHA256 as audit verify printed it")
+        return verify_chain(self._store, expect_head)

@@ -78,7 +78,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     svc = RecoveryService(store=_store(args), server_key=key)
     print(f"server key id: {key.key_id}")
     print(f"pin this public key in recovery environments: {key_path}.pub")
-    if not svc.store.one("SELECT 1 FROM users WHERE role = 'admin'"):
+    if not svc.has_admin():
         token = svc.create_user(args.admin, "admin")
         _emit_token(token, args.token_file, f"admin user {args.admin!r}")
     return 0

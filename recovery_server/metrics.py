@@ -70,7 +70,7 @@ def render(service: RecoveryService, http: HttpMetrics) -> str:
         "qmr_reports_total",
         "counter",
         "Diagnostics reports accepted.",
-        [("", db.one("SELECT count(*) FROM reports")[0])],
+        [("", db.scalar("SELECT count(*) FROM reports"))],
     )
     family(
         "qmr_remediations",
@@ -101,7 +101,7 @@ def render(service: RecoveryService, http: HttpMetrics) -> str:
         "qmr_audit_entries",
         "gauge",
         "Entries in the hash-chained audit log.",
-        [("", db.one("SELECT count(*) FROM events")[0])],
+        [("", db.scalar("SELECT count(*) FROM events"))],
     )
 
     family(

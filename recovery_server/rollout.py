@@ -18,18 +18,27 @@ Wave membership is a pure function of the rollout id and the device id (a sha256
 between waves. A percentage wave holds the devices whose bucket falls below it, so waves are
 cumulative: 10 % then 100 % means the 100 % wave adds the other 90 %.
 
-This module holds the rules as pure functions; ``service.py`` applies them in transactions.
+The rules are pure functions (``wave_of``, ``decide``); ``Rollouts`` applies them to the
+store, each change in one transaction: ``serving`` tells ``directives.py`` whether a device's
+wave is open, ``judge`` re-judges a rollout after each outcome, ``tick`` as time passes.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from recovery_agent.protocol.wire import DeviceId
+
+from . import audit
+from .access import User, require
+from .errors import BadRequest, Conflict, NotFound
+from .store import Reader, Row, Store, Tx, iso, new_id, parse_iso
 
 BUCKETS = 10_000
 
@@ -130,4 +139,252 @@ def decide(plan: RolloutPlan, current_wave: int, counts: WaveCounts, soaked_s: f
         return Decision("hold", f"last wave: {counts.pending} devices pending")
     return Decision(
         "promote", f"gate passed: {counts.succeeded}/{counts.finished} succeeded, soaked {soaked_s:.0f} s"
+    )
+
+
+# ---------------------------------------------------------------- on the store
+
+
+class Rollouts:
+    def __init__(self, store: Store, now: Callable[[], datetime], changed: Callable[[], None]) -> None:
+        self._store = store
+        self._now = now
+        self._changed = changed
+
+    def create(
+        self, user: User, remediation_id: str, plan: RolloutPlan | Mapping[str, Any]
+    ) -> dict[str, Any]:
+        require(user, "operator")
+        try:
+            parsed = plan if isinstance(plan, RolloutPlan) else RolloutPlan.model_validate(plan)
+        except ValidationError as exc:
+            raise BadRequest(f"rollout plan: {exc}") from None
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            rem = tx.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
+            if rem is None:
+                raise NotFound(f"no remediation {remediation_id}")
+            if rem["status"] == "revoked":
+                raise Conflict(f"{remediation_id} was revoked")
+            if tx.one("SELECT 1 FROM directives WHERE remediation_id = ?", remediation_id):
+                raise Conflict(
+                    f"{remediation_id} is already being served: a rollout must be set "
+                    "before the first directive"
+                )
+            if tx.one("SELECT 1 FROM rollouts WHERE remediation_id = ?", remediation_id):
+                raise Conflict(f"{remediation_id} has a rollout already")
+            rollout_id = new_id("ro")
+            tx.execute(
+                "INSERT INTO rollouts(rollout_id, remediation_id, plan, state, current_wave, "
+                "wave_started_at, created_by, created_at) VALUES (?,?,?,'active',0,?,?,?)",
+                rollout_id,
+                remediation_id,
+                parsed.model_dump_json(),
+                now,
+                user.name,
+                now,
+            )
+            audit.record(
+                tx,
+                now,
+                "rollout.created",
+                user.name,
+                subject=rollout_id,
+                detail={"remediation": remediation_id, "waves": [w.name for w in parsed.waves]},
+            )
+        return self.rollout(rollout_id)
+
+    def set_state(self, user: User, rollout_id: str, action: str) -> dict[str, Any]:
+        """pause (operator: stopping is always safe), resume and revoke (approver)."""
+        require(user, "operator" if action == "pause" else "approver")
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            ro = tx.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
+            if ro is None:
+                raise NotFound(f"no rollout {rollout_id}")
+            state = ro["state"]
+            if state in ("revoked", "completed"):
+                raise Conflict(f"rollout {rollout_id} is {state}")
+            if action == "pause":
+                if state != "active":
+                    raise Conflict(f"rollout {rollout_id} is {state}, not active")
+                tx.execute(
+                    "UPDATE rollouts SET state = 'paused', reason = ? WHERE rollout_id = ?",
+                    f"paused by {user.name}",
+                    rollout_id,
+                )
+            elif action == "resume":
+                if state not in ("paused", "halted"):
+                    raise Conflict(f"rollout {rollout_id} is {state}, not paused or halted")
+                # Resuming a halted wave is a person overriding the automatic halt for it.
+                tx.execute(
+                    "UPDATE rollouts SET state = 'active', reason = ?, halt_overridden = ? "
+                    "WHERE rollout_id = ?",
+                    f"resumed by {user.name}",
+                    1 if state == "halted" else ro["halt_overridden"],
+                    rollout_id,
+                )
+            elif action == "revoke":
+                tx.execute(
+                    "UPDATE rollouts SET state = 'revoked', reason = ? WHERE rollout_id = ?",
+                    f"revoked by {user.name}",
+                    rollout_id,
+                )
+                tx.execute(
+                    "UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?",
+                    ro["remediation_id"],
+                )
+            else:
+                raise BadRequest(f"unknown rollout action {action!r}: pause, resume or revoke")
+            audit.record(
+                tx,
+                now,
+                f"rollout.{action}",
+                user.name,
+                subject=rollout_id,
+                detail={"from": state, "wave": ro["current_wave"]},
+            )
+        self._changed()
+        return self.rollout(rollout_id)
+
+    def serving(
+        self, db: Reader, remediation_id: str, device_id: str
+    ) -> tuple[Literal["issue", "pending", "none"], int | None]:
+        """May the approved ``remediation_id`` be served to ``device_id`` now ('issue'), later
+        ('pending': its wave is not open, or the rollout is paused or halted) or never
+        ('none': revoked); and the device's wave, if the remediation has a rollout."""
+        ro = db.one("SELECT * FROM rollouts WHERE remediation_id = ?", remediation_id)
+        if ro is None:
+            return "issue", None
+        wave = wave_of(RolloutPlan.model_validate_json(ro["plan"]), ro["rollout_id"], device_id)
+        if ro["state"] == "completed":
+            return "issue", wave
+        if ro["state"] == "revoked":
+            return "none", wave
+        if ro["state"] != "active":
+            return "pending", wave  # paused or halted: wait; a person may resume it
+        return ("issue" if wave <= ro["current_wave"] else "pending"), wave
+
+    def judge(self, tx: Tx, remediation_id: str) -> None:
+        """Re-judge the rollout of ``remediation_id``, if it has one, after a device's outcome."""
+        ro = tx.one("SELECT * FROM rollouts WHERE remediation_id = ?", remediation_id)
+        if ro is not None:
+            self._evaluate(tx, ro)
+
+    def tick(self) -> None:
+        """Re-judge every active rollout (soak time passes without any device event)."""
+        for row in self._store.all("SELECT rollout_id FROM rollouts WHERE state = 'active'"):
+            with self._store.tx() as tx:
+                ro = tx.one("SELECT * FROM rollouts WHERE rollout_id = ?", row["rollout_id"])
+                if ro is not None:
+                    self._evaluate(tx, ro)
+
+    def _evaluate(self, tx: Tx, ro: Row) -> None:
+        if ro["state"] != "active":
+            return
+        status = tx.scalar("SELECT status FROM remediations WHERE remediation_id = ?", ro["remediation_id"])
+        if status != "approved":
+            return
+        plan = RolloutPlan.model_validate_json(ro["plan"])
+        counts = _wave_counts(tx, ro["remediation_id"], ro["current_wave"])
+        soaked = (self._now() - parse_iso(ro["wave_started_at"])).total_seconds()
+        decision = decide(plan, ro["current_wave"], counts, soaked)
+        if decision.action == "halt" and ro["halt_overridden"]:
+            return
+        now = iso(self._now())
+        if decision.action == "promote":
+            tx.execute(
+                "UPDATE rollouts SET current_wave = current_wave + 1, wave_started_at = ?, "
+                "halt_overridden = 0, reason = ? WHERE rollout_id = ?",
+                now,
+                decision.reason,
+                ro["rollout_id"],
+            )
+            audit.record(
+                tx,
+                now,
+                "rollout.promoted",
+                "server",
+                subject=ro["rollout_id"],
+                detail={"to_wave": plan.waves[ro["current_wave"] + 1].name, "why": decision.reason},
+            )
+            self._changed()
+        elif decision.action in ("halt", "complete"):
+            state = "halted" if decision.action == "halt" else "completed"
+            tx.execute(
+                "UPDATE rollouts SET state = ?, reason = ? WHERE rollout_id = ?",
+                state,
+                decision.reason,
+                ro["rollout_id"],
+            )
+            audit.record(
+                tx,
+                now,
+                f"rollout.{state}",
+                "server",
+                subject=ro["rollout_id"],
+                detail={"wave": plan.waves[ro["current_wave"]].name, "why": decision.reason},
+            )
+
+    # ---------------------------------------------------------------- views
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        ro = self._store.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
+        if ro is None:
+            raise NotFound(f"no rollout {rollout_id}")
+        plan = RolloutPlan.model_validate_json(ro["plan"])
+        out = {
+            k: ro[k]
+            for k in (
+                "rollout_id",
+                "remediation_id",
+                "state",
+                "current_wave",
+                "wave_started_at",
+                "reason",
+                "created_by",
+                "created_at",
+            )
+        }
+        out["plan"] = plan.model_dump()
+        if ro["state"] == "active":
+            counts = _wave_counts(self._store, ro["remediation_id"], ro["current_wave"])
+            soaked = (self._now() - parse_iso(ro["wave_started_at"])).total_seconds()
+            out["gate"] = decide(plan, ro["current_wave"], counts, soaked).reason
+        else:
+            out["gate"] = ""
+        waves = []
+        for i, w in enumerate(plan.waves):
+            c = _wave_counts(self._store, ro["remediation_id"], i)
+            waves.append(
+                {
+                    "name": w.name,
+                    "reached": i <= ro["current_wave"],
+                    "served": c.served,
+                    "succeeded": c.succeeded,
+                    "failed": c.failed,
+                    "pending": c.pending,
+                }
+            )
+        out["waves"] = waves
+        return out
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return [
+            self.rollout(r["rollout_id"])
+            for r in self._store.all("SELECT rollout_id FROM rollouts ORDER BY created_at")
+        ]
+
+
+def _wave_counts(db: Reader, remediation_id: str, wave: int) -> WaveCounts:
+    got = {
+        r[0]: r[1]
+        for r in db.all(
+            "SELECT outcome, count(*) FROM directives WHERE remediation_id = ? AND wave = ? GROUP BY outcome",
+            remediation_id,
+            wave,
+        )
+    }
+    return WaveCounts(
+        served=sum(got.values()), succeeded=got.get("succeeded", 0), failed=got.get("failed", 0)
     )

@@ -19,13 +19,16 @@ checks it).
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ServerError
 
@@ -173,12 +176,29 @@ CREATE INDEX directives_device ON directives(device_id, outcome);
 
 class StoreError(ServerError):
     """Raised when the database cannot be used as it is (newer schema, not a database, a
-    missing driver)."""
+    missing driver, a PostgreSQL server that refused the login or has no such database)."""
 
 
 class StoreUnreachable(StoreError):
-    """Raised when the PostgreSQL server named by the URL does not answer or refuses the
-    connection."""
+    """Raised when no PostgreSQL server answered at the URL's host and port."""
+
+
+class Row(Protocol):
+    """A result row, by column name or by position (``sqlite3.Row``, or ``_PgRow`` below)."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class Reader(Protocol):
+    """What reads the store: the store itself (outside a transaction) or a transaction."""
+
+    def one(self, sql: str, *args: Any) -> Row | None: ...
+
+    def all(self, sql: str, *args: Any) -> list[Row]: ...
+
+    def scalar(self, sql: str, *args: Any) -> Any: ...
 
 
 _WRITE_LOCK_KEY = 0x514D52  # "QMR": the advisory lock every PostgreSQL writer takes first
@@ -193,16 +213,16 @@ class Store:
     def __init__(self, location: str | Path) -> None:
         self._lock = threading.RLock()
         text = str(location)
+        self._db: _Connection
         if text.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
-            self.path = None
             self.url = text
             self._db = _connect_postgres(text)
         else:
             self.dialect = "sqlite"
-            self.path = Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)
-            self.url = f"sqlite:///{self.path}"
-            self._db = _connect_sqlite(self.path)
+            path = Path(text.removeprefix("sqlite:///"))
+            self.url = f"sqlite:///{path}"
+            self._db = _connect_sqlite(path)
         self.migrate()
 
     def migrate(self) -> None:
@@ -239,26 +259,47 @@ class Store:
                 self._db.execute("BEGIN IMMEDIATE")
             else:
                 self._db.execute("BEGIN")
-                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
+                self._db.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_KEY,))
             try:
-                yield Tx(self._db, self.dialect)
+                yield Tx(self._db)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             else:
                 self._db.execute("COMMIT")
 
-    def one(self, sql: str, *args: Any) -> Any:
+    def one(self, sql: str, *args: Any) -> Row | None:
         with self._lock:
-            return Tx(self._db, self.dialect).one(sql, *args)
+            return Tx(self._db).one(sql, *args)
 
-    def all(self, sql: str, *args: Any) -> list[Any]:
+    def all(self, sql: str, *args: Any) -> list[Row]:
         with self._lock:
-            return Tx(self._db, self.dialect).all(sql, *args)
+            return Tx(self._db).all(sql, *args)
+
+    def scalar(self, sql: str, *args: Any) -> Any:
+        with self._lock:
+            return Tx(self._db).scalar(sql, *args)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class _Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Connection(Protocol):
+    """What the store needs of a connection: sqlite3's, or ``_PgConnection`` below."""
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ..., /) -> _Cursor: ...
+
+    def close(self) -> None: ...
 
 
 def _connect_sqlite(path: Path) -> sqlite3.Connection:
@@ -277,12 +318,12 @@ def _connect_sqlite(path: Path) -> sqlite3.Connection:
     return db
 
 
-class _PgRow(tuple):
+class _PgRow(tuple[Any, ...]):
     """A row that answers by position and by column name, like sqlite3.Row."""
 
     _names: tuple[str, ...] = ()
 
-    def __getitem__(self, key):  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             try:
                 return tuple.__getitem__(self, self._names.index(key))
@@ -294,13 +335,13 @@ class _PgRow(tuple):
         return list(self._names)
 
 
-def _pg_rows(cursor):
+def _pg_rows(cursor: Any) -> Callable[[Any], _PgRow]:
     names = tuple(d.name for d in cursor.description or ())
     row_cls = type("Row", (_PgRow,), {"_names": names})
     return lambda values: row_cls(values)
 
 
-def _connect_postgres(url: str):
+def _connect_postgres(url: str) -> _PgConnection:
     try:
         import psycopg
     except ImportError:
@@ -311,7 +352,9 @@ def _connect_postgres(url: str):
     try:
         db = psycopg.connect(url, autocommit=True, row_factory=_pg_rows)
     except psycopg.Error as exc:
-        raise StoreUnreachable(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}".strip()) from None
+        # No SQLSTATE: no server answered. With one, a server answered and refused (login, database).
+        error = StoreUnreachable if exc.sqlstate is None else StoreError
+        raise error(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}".strip()) from None
     return _PgConnection(db)
 
 
@@ -322,28 +365,24 @@ def _redact(url: str) -> str:
 class _PgConnection:
     """psycopg with the sqlite3 calling convention the store uses: ``?`` placeholders."""
 
-    def __init__(self, db) -> None:
+    def __init__(self, db: Any) -> None:
         self._db = db
 
-    def execute(self, sql: str, args: tuple = ()):
-        return self._db.execute(_pg_sql(sql), args)
+    def execute(self, sql: str, args: tuple[Any, ...] = (), /) -> _Cursor:
+        cursor: _Cursor = self._db.execute(sql.replace("?", "%s"), args)
+        return cursor
 
     def close(self) -> None:
         self._db.close()
 
 
-def _pg_sql(sql: str) -> str:
-    return sql.replace("?", "%s")
-
-
 class Tx:
     """The connection inside a transaction, with the same query helpers as the store."""
 
-    def __init__(self, db, dialect: str) -> None:
+    def __init__(self, db: _Connection) -> None:
         self._db = db
-        self.dialect = dialect
 
-    def execute(self, sql: str, *args: Any):
+    def execute(self, sql: str, *args: Any) -> _Cursor:
         return self._db.execute(sql, args)
 
     def executescript_in_tx(self, script: str) -> None:
@@ -352,8 +391,36 @@ class Tx:
             if statement.strip():
                 self.execute(statement)
 
-    def one(self, sql: str, *args: Any) -> Any:
-        return self.execute(sql, *args).fetchone()
+    def one(self, sql: str, *args: Any) -> Row | None:
+        row: Row | None = self.execute(sql, *args).fetchone()
+        return row
 
-    def all(self, sql: str, *args: Any) -> list[Any]:
+    def all(self, sql: str, *args: Any) -> list[Row]:
         return self.execute(sql, *args).fetchall()
+
+    def scalar(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row (a count, one value), or None."""
+        row = self.one(sql, *args)
+        return None if row is None else row[0]
+
+
+# ---------------------------------------------------------------- how rows spell values
+
+
+def iso(t: datetime) -> str:
+    """A time as the store keeps it: UTC, to the second, ``2026-01-01T00:00:00Z``."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def token_sha256(token: str) -> str:
+    """Tokens (people's, enrollment, poll) are kept only as their sha256."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_id(prefix: str) -> str:
+    """A fresh row id such as ``rem-1a2b3c4d5e6f``."""
+    return f"{prefix}-{secrets.token_hex(6)}"

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recovery_agent.protocol.keys import SigningKey
-from recovery_server.service import RecoveryService, User
+from recovery_server.access import User
+from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 from tests.fleetsim import BAD_PATH, BAD_SHA, FleetSim
 

@@ -22,8 +22,9 @@ from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import Enrollment, utcnow
 from recovery_agent.settings import AgentSettings
 from recovery_lab.demo import make_machine_dir
+from recovery_server.access import User
 from recovery_server.app import make_app
-from recovery_server.service import RecoveryService, ServiceSettings, User
+from recovery_server.service import RecoveryService, ServiceSettings
 from recovery_server.store import Store
 
 from .clock import ManualClock

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.protocol.keys import SigningKey
+from recovery_server.access import User
 from recovery_server.errors import BadRequest, Conflict, Forbidden
 from recovery_server.rollout import RolloutPlan, WaveCounts, decide, wave_of
-from recovery_server.service import RecoveryService, User
+from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
 from .fleetsim import BAD_PATH, BAD_SHA, FleetSim

@@ -412,7 +412,7 @@ ROLE_MATRIX = [
 
 @pytest.mark.parametrize("method, path, body, lowest", ROLE_MATRIX)
 async def test_each_role_gets_exactly_what_it_may(fleet, method, path, body, lowest):
-    from recovery_server.service import ROLES
+    from recovery_server.access import ROLES
 
     tokens = {role: fleet.service.create_user(f"p-{role}", role) for role in ROLES}
     async with AdminClient(fleet.url, retry=FAST_RETRY) as c:

@@ -1,0 +1,273 @@
+"""Directives: the signed answer to one report, and what became of it.
+
+1. The device polls with the report's poll token (``poll``; the HTTP layer makes it a long
+   poll). A directive is due when the report's incident has an approved remediation
+   (``remediations.py``), the files that remediation names are on this device with the content
+   it reported, and the device's rollout wave has been reached (``rollout.py``).
+2. The directive is made once per report, inside one write transaction, so two pollers or two
+   server processes serve the same one. It is signed by the server key, bound to the device,
+   the agent's nonce, the hash of the diagnostics and an expiry, and carries the approvers'
+   own signatures.
+3. Its outcome is recorded once: failed when the agent reports it could not apply it or the
+   device reports a crash again; succeeded when the OS reports a healthy boot after it. Each
+   outcome lets the rollout re-judge its current wave.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import TypeAdapter
+
+from recovery_agent.protocol import envelope
+from recovery_agent.protocol.keys import SigningKey
+from recovery_agent.protocol.wire import (
+    Action,
+    Diagnostics,
+    Directive,
+    DirectivePoll,
+    Health,
+    QuarantineFile,
+    Result,
+)
+
+from . import audit
+from .devices import Devices
+from .errors import NotFound
+from .remediations import approved_remediation
+from .rollout import Rollouts
+from .store import Reader, Row, Store, Tx, iso, new_id, token_sha256
+
+_ACTIONS = TypeAdapter(list[Action])
+
+
+class Directives:
+    def __init__(
+        self,
+        store: Store,
+        now: Callable[[], datetime],
+        server_key: SigningKey,
+        ttl: timedelta,
+        devices: Devices,
+        rollouts: Rollouts,
+    ) -> None:
+        self._store = store
+        self._now = now
+        self._server_key = server_key
+        self._ttl = ttl
+        self._devices = devices
+        self._rollouts = rollouts
+
+    def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
+        """One look for a directive for this report; the HTTP layer repeats it (long poll).
+
+        Read-only until a directive is due; then, inside one write transaction, the remediation
+        and its rollout are read again so that two server processes agree on who is served."""
+        report = self._store.one("SELECT * FROM reports WHERE report_id = ?", report_id)
+        if report is None or not secrets.compare_digest(
+            report["poll_token_sha256"], token_sha256(poll_token)
+        ):
+            raise NotFound("no such report, or wrong poll token")
+        existing = self._store.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
+        if existing:
+            return DirectivePoll(status="directive", envelope=json.loads(existing["envelope"]))
+        verdict = self._due(self._store, report)
+        if verdict != "issue":
+            return DirectivePoll(status=verdict, retry_after_s=1)
+        with self._store.tx() as tx:
+            again = tx.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
+            if again:  # another poller or process won the race; serve theirs
+                return DirectivePoll(status="directive", envelope=json.loads(again["envelope"]))
+            verdict = self._due(tx, report)
+            if verdict != "issue":
+                return DirectivePoll(status=verdict, retry_after_s=1)
+            return self._issue(tx, report)
+
+    def _due(self, db: Reader, report: Row) -> Literal["issue", "pending", "none"]:
+        """Issue now, ask again later ('pending'), or no fix for this report ('none')."""
+        rem = approved_remediation(db, report["incident_id"])
+        if rem is None:
+            revoked = db.one(
+                "SELECT 1 FROM remediations WHERE incident_id = ? AND status = 'revoked'",
+                report["incident_id"],
+            )
+            pending = db.one(
+                "SELECT 1 FROM remediations WHERE incident_id = ? AND status = 'pending'",
+                report["incident_id"],
+            )
+            return "none" if revoked and not pending else "pending"
+        diagnostics = Diagnostics.model_validate_json(report["payload"])
+        if _not_on_device(_ACTIONS.validate_json(rem["actions"]), diagnostics):
+            return "none"
+        verdict, _ = self._rollouts.serving(db, rem["remediation_id"], report["device_id"])
+        return verdict
+
+    def _issue(self, tx: Tx, report: Row) -> DirectivePoll:
+        rem = approved_remediation(tx, report["incident_id"])
+        assert rem is not None, "_due found it in this transaction"
+        _, wave = self._rollouts.serving(tx, rem["remediation_id"], report["device_id"])
+        now = self._now()
+        approvals = [
+            json.loads(r["envelope"])
+            for r in tx.all(
+                "SELECT envelope FROM approvals WHERE remediation_id = ? AND envelope IS NOT NULL "
+                "ORDER BY approved_at, approver",
+                rem["remediation_id"],
+            )
+        ]
+        directive = Directive(
+            directive_id=new_id("dir"),
+            device_id=report["device_id"],
+            agent_nonce=report["agent_nonce"],
+            diagnostics_sha256=report["diagnostics_sha256"],
+            remediation_id=rem["remediation_id"],
+            remediation_title=rem["title"],
+            issued_at=now,
+            expires_at=now + self._ttl,
+            actions=_ACTIONS.validate_json(rem["actions"]),
+            approvals=approvals,
+        )
+        env = envelope.seal(directive, self._server_key)
+        tx.execute(
+            "INSERT INTO directives(directive_id, device_id, report_id, remediation_id, issued_at, "
+            "expires_at, envelope, wave) VALUES (?,?,?,?,?,?,?,?)",
+            directive.directive_id,
+            directive.device_id,
+            report["report_id"],
+            rem["remediation_id"],
+            iso(now),
+            iso(directive.expires_at),
+            json.dumps(env),
+            wave,
+        )
+        audit.record(
+            tx,
+            iso(now),
+            "directive.issued",
+            "server",
+            directive.device_id,
+            directive.directive_id,
+            {"remediation": rem["remediation_id"], "report": report["report_id"], "wave": wave},
+        )
+        return DirectivePoll(status="directive", envelope=env)
+
+    # ---------------------------------------------------------------- outcomes
+
+    def accept_result(self, raw: bytes) -> dict[str, Any]:
+        r = self._devices.open_message(raw, Result).message
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            d = tx.one("SELECT * FROM directives WHERE directive_id = ?", r.directive_id)
+            if d is None or d["device_id"] != r.device_id:
+                raise NotFound(f"no directive {r.directive_id} for device {r.device_id}")
+            if tx.one("SELECT 1 FROM results WHERE directive_id = ?", r.directive_id):
+                return {"status": "duplicate"}
+            tx.execute(
+                "INSERT INTO results VALUES (?,?,?,?,?)",
+                r.directive_id,
+                r.device_id,
+                r.outcome,
+                now,
+                r.model_dump_json(),
+            )
+            state = "remediated" if r.outcome == "applied" else "remediation_failed"
+            tx.execute(
+                "UPDATE devices SET last_seen = ?, state = ? WHERE device_id = ?", now, state, r.device_id
+            )
+            audit.record(
+                tx,
+                now,
+                "result.received",
+                r.device_id,
+                r.device_id,
+                r.directive_id,
+                {"outcome": r.outcome, "error": r.error, "actions": [a.status for a in r.actions]},
+            )
+            if r.outcome != "applied":
+                self._set_outcome(tx, r.directive_id, "failed", f"the agent reported {r.outcome}")
+        return {"status": "recorded"}
+
+    def accept_health(self, raw: bytes) -> dict[str, Any]:
+        h = self._devices.open_message(raw, Health).message
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            if tx.one("SELECT 1 FROM health WHERE device_id = ? AND boot_id = ?", h.device_id, h.boot_id):
+                return {"status": "duplicate"}
+            tx.execute("INSERT INTO health VALUES (?,?,?,?)", h.device_id, h.boot_id, h.directive_id, now)
+            tx.execute(
+                "UPDATE devices SET last_seen = ?, state = 'healthy', recovery_attempts = 0 "
+                "WHERE device_id = ?",
+                now,
+                h.device_id,
+            )
+            audit.record(
+                tx,
+                now,
+                "health.reported",
+                h.device_id,
+                h.device_id,
+                h.directive_id,
+                {"boot_id": h.boot_id, "kernel": h.kernel_version},
+            )
+            if h.directive_id:
+                d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
+                if d is not None and d["device_id"] == h.device_id:
+                    self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")
+        return {"status": "recorded"}
+
+    def fail_pending(self, tx: Tx, device_id: str, report_id: str, why: str) -> None:
+        """The device reported a crash again (``report_id``): every directive it was served
+        before and has no outcome yet did not work."""
+        for served in tx.all(
+            "SELECT directive_id FROM directives WHERE device_id = ? AND outcome = 'pending' "
+            "AND report_id <> ?",
+            device_id,
+            report_id,
+        ):
+            self._set_outcome(tx, served["directive_id"], "failed", why)
+
+    def _set_outcome(self, tx: Tx, directive_id: str, outcome: str, why: str) -> None:
+        """Record a served device's verdict once, and let its rollout react."""
+        d = tx.one("SELECT * FROM directives WHERE directive_id = ?", directive_id)
+        if d is None or d["outcome"] != "pending":
+            return
+        now = iso(self._now())
+        tx.execute(
+            "UPDATE directives SET outcome = ?, outcome_at = ? WHERE directive_id = ?",
+            outcome,
+            now,
+            directive_id,
+        )
+        audit.record(tx, now, f"directive.{outcome}", "server", d["device_id"], directive_id, {"why": why})
+        self._rollouts.judge(tx, d["remediation_id"])
+
+    # ---------------------------------------------------------------- views
+
+    def results(self, device_id: str) -> list[dict[str, Any]]:
+        return [
+            dict(r)
+            for r in self._store.all(
+                "SELECT directive_id, outcome, received_at FROM results WHERE device_id = ? "
+                "ORDER BY received_at",
+                device_id,
+            )
+        ]
+
+
+def _not_on_device(actions: list[Any], diagnostics: Diagnostics) -> list[str]:
+    """Quarantine targets that the device's inventory shows with other content, or not at all
+    in a folder it inventoried: the fix is not for this device (it may have the good file)."""
+    records = (*diagnostics.channel_files, *diagnostics.drivers)
+    have = {(f.path, f.sha256) for f in records}
+    folders = {f.path.rpartition("/")[0] for f in records}
+    return [
+        a.path
+        for a in actions
+        if isinstance(a, QuarantineFile)
+        and a.path.rpartition("/")[0] in folders
+        and (a.path, a.sha256) not in have
+    ]

@@ -1,0 +1,185 @@
+"""Reports and incidents: a device's signed diagnostics, and the crash they share with others.
+
+1. A report is a device's diagnostics, signed by its enrolled key and carrying a challenge
+   nonce it spends (``devices.py``).
+2. It joins the incident of its crash signature (``INC-`` and the signature id): the same bug
+   on many machines is one incident, with a report count, first and last seen, and devices.
+3. It records the device's state: recovering, or needs_manual on its agent's last attempt.
+4. A device that was served a directive and reports again did not recover: that directive
+   failed (``directives.py``), which its rollout counts.
+5. The receipt carries a poll token, kept only as its sha256, for the device's long poll.
+
+``suggest`` drafts a fix for an incident from its reports (``catalog.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
+
+from . import audit, catalog
+from .access import User, require
+from .devices import Devices
+from .directives import Directives
+from .errors import NotFound
+from .store import Row, Store, iso, new_id, token_sha256
+
+
+class Incidents:
+    def __init__(
+        self, store: Store, now: Callable[[], datetime], devices: Devices, directives: Directives
+    ) -> None:
+        self._store = store
+        self._now = now
+        self._devices = devices
+        self._directives = directives
+
+    def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
+        verified = self._devices.open_message(raw, Diagnostics)
+        d = verified.message
+        now = iso(self._now())
+        poll_token = secrets.token_urlsafe(24)
+        with self._store.tx() as tx:
+            self._devices.use_nonce(tx, d.device_id, d.server_nonce)
+            sig = d.crash
+            incident_id = "INC-" + sig.id[:12]
+            if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
+                tx.execute(
+                    "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,0)",
+                    incident_id,
+                    sig.id,
+                    sig.kind.value,
+                    sig.title,
+                    sig.guilty_module,
+                    sig.guilty_frame,
+                    sig.channel_file,
+                    now,
+                    now,
+                )
+                audit.record(
+                    tx, now, "incident.opened", d.device_id, d.device_id, incident_id, {"title": sig.title}
+                )
+            tx.execute(
+                "UPDATE incidents SET last_seen = ?, report_count = report_count + 1 WHERE incident_id = ?",
+                now,
+                incident_id,
+            )
+            report_id = new_id("rpt")
+            tx.execute(
+                "INSERT INTO reports VALUES (?,?,?,?,?,?,?,?,?)",
+                report_id,
+                d.device_id,
+                incident_id,
+                verified.payload_sha256,
+                d.agent_nonce,
+                token_sha256(poll_token),
+                now,
+                verified.payload.decode(),
+                raw.decode(),
+            )
+            # The agent's last attempt: unless a fix lands now, a person must recover it.
+            state = (
+                "needs_manual" if d.boot.recovery_attempts >= d.boot.max_recovery_attempts else "recovering"
+            )
+            tx.execute(
+                "UPDATE devices SET last_seen = ?, state = ?, recovery_attempts = ? WHERE device_id = ?",
+                now,
+                state,
+                d.boot.recovery_attempts,
+                d.device_id,
+            )
+            audit.record(
+                tx,
+                now,
+                "diagnostics.received",
+                d.device_id,
+                d.device_id,
+                report_id,
+                {
+                    "incident": incident_id,
+                    "title": sig.title,
+                    "boot_count": d.boot.boot_count,
+                    "recovery_attempts": d.boot.recovery_attempts,
+                },
+            )
+            if state == "needs_manual":
+                audit.record(
+                    tx,
+                    now,
+                    "device.needs_manual",
+                    d.device_id,
+                    d.device_id,
+                    report_id,
+                    {"recovery_attempts": d.boot.recovery_attempts},
+                )
+            # A device that was served a fix and is back in recovery: the fix did not work.
+            self._directives.fail_pending(
+                tx, d.device_id, report_id, f"the device failed to boot again ({sig.title})"
+            )
+        return DiagnosticsReceipt(
+            report_id=report_id,
+            incident_id=incident_id,
+            diagnostics_sha256=verified.payload_sha256,
+            poll_token=poll_token,
+        )
+
+    def suggest(self, user: User, incident_id: str) -> dict[str, Any]:
+        """A draft fix from the catalog of known fixes (catalog.py); a person still turns it
+        into a remediation and others approve it."""
+        require(user, "viewer")
+        inc = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
+        if inc is None:
+            raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
+        reports = (
+            Diagnostics.model_validate_json(r["payload"])
+            for r in self._store.all("SELECT payload FROM reports WHERE incident_id = ?", incident_id)
+        )
+        proposal = catalog.propose(dict(inc), reports)
+        return {
+            "incident_id": incident_id,
+            "title": proposal.title,
+            "actions": proposal.actions,
+            "why": proposal.why,
+        }
+
+    # ---------------------------------------------------------------- views
+
+    def incidents(self) -> list[dict[str, Any]]:
+        return [self._view(r) for r in self._store.all("SELECT * FROM incidents ORDER BY last_seen DESC")]
+
+    def incident(self, incident_id: str) -> dict[str, Any]:
+        row = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
+        if row is None:
+            raise NotFound(f"no incident {incident_id}")
+        item = self._view(row)
+        reports = self._store.all(
+            "SELECT report_id, device_id, received_at, payload FROM reports "
+            "WHERE incident_id = ? ORDER BY received_at",
+            incident_id,
+        )
+        item["reports"] = [
+            {
+                "report_id": r["report_id"],
+                "device_id": r["device_id"],
+                "received_at": r["received_at"],
+                "diagnostics": json.loads(r["payload"]),
+            }
+            for r in reports
+        ]
+        return item
+
+    def _view(self, row: Row) -> dict[str, Any]:
+        item = dict(row)
+        item["devices"] = [
+            d["device_id"]
+            for d in self._store.all(
+                "SELECT DISTINCT device_id FROM reports WHERE incident_id = ? ORDER BY device_id",
+                row["incident_id"],
+            )
+        ]
+        return item

@@ -1,0 +1,212 @@
+"""Remediations and their approvals: the fix people write for an incident, and who let it out.
+
+1. An operator writes a remediation: declarative actions only (``wire.Action``: quarantine a
+   file by content, restore a file from the driver store, disable a driver), never a script,
+   and how many approvals it needs.
+2. Approvers approve it; its author never counts. A person who registered a key
+   (``users.py``) must send their signed RemediationApproval of exactly these actions: the
+   server checks it, keeps it, and every directive made from the remediation carries it, so
+   devices that pin approver keys check the people's signatures themselves.
+3. With enough approvals it is approved: directives may be made from it (``directives.py``),
+   and a rollout set on it starts its first wave's soak time now.
+4. An approver may revoke it at any time; its rollout stops with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol.envelope import EnvelopeError
+from recovery_agent.protocol.wire import Action, RemediationApproval
+
+from . import audit
+from .access import User, require
+from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .store import Reader, Row, Store, Tx, iso, new_id
+
+_ACTIONS = TypeAdapter(list[Action])
+
+
+def approved_remediation(db: Reader, incident_id: str) -> Row | None:
+    """The newest approved remediation for the incident: the one devices are served."""
+    return db.one(
+        "SELECT * FROM remediations WHERE incident_id = ? AND status = 'approved' "
+        "ORDER BY created_at DESC LIMIT 1",
+        incident_id,
+    )
+
+
+class Remediations:
+    def __init__(self, store: Store, now: Callable[[], datetime], changed: Callable[[], None]) -> None:
+        self._store = store
+        self._now = now
+        self._changed = changed
+
+    def create(
+        self,
+        user: User,
+        *,
+        title: str,
+        actions: list[Any],
+        incident_id: str | None,
+        required_approvals: int = 1,
+    ) -> dict[str, Any]:
+        require(user, "operator")
+        try:
+            parsed = _ACTIONS.validate_python(actions)
+        except ValidationError as exc:
+            raise BadRequest(f"actions do not fit the protocol: {exc}") from None
+        if not parsed:
+            raise BadRequest("a remediation needs at least one action")
+        if not 1 <= required_approvals <= 16:
+            raise BadRequest("required_approvals must be 1 to 16")
+        if not title or len(title) > 256:
+            raise BadRequest("title must be 1 to 256 characters")
+        now = iso(self._now())
+        rid = new_id("rem")
+        with self._store.tx() as tx:
+            if incident_id and tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
+                raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
+            tx.execute(
+                "INSERT INTO remediations VALUES (?,?,?,?,?,?,'pending',?)",
+                rid,
+                incident_id,
+                title,
+                _ACTIONS.dump_json(parsed).decode(),
+                user.name,
+                required_approvals,
+                now,
+            )
+            audit.record(
+                tx,
+                now,
+                "remediation.created",
+                user.name,
+                subject=rid,
+                detail={"incident": incident_id, "title": title},
+            )
+        return self.remediation(rid)
+
+    def approve(
+        self, user: User, remediation_id: str, signed: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Count ``user``'s approval. A person with a registered key must send their signed
+        RemediationApproval of exactly these actions; the server checks it and keeps it, and
+        every directive made from the remediation carries it to the devices."""
+        require(user, "approver")
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            rem = tx.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
+            if rem is None:
+                raise NotFound(f"no remediation {remediation_id}")
+            if rem["status"] == "revoked":
+                raise Conflict(f"{remediation_id} was revoked; write a new one")
+            if rem["author"] == user.name:
+                raise Forbidden(
+                    f"{user.name} wrote {remediation_id} and cannot approve it: another approver must"
+                )
+            if tx.one(
+                "SELECT 1 FROM approvals WHERE remediation_id = ? AND approver = ?", remediation_id, user.name
+            ):
+                raise Conflict(f"{user.name} already approved {remediation_id}")
+            signed_json = _checked_signature(tx, user, rem, signed)
+            tx.execute(
+                "INSERT INTO approvals(remediation_id, approver, approved_at, envelope) VALUES (?,?,?,?)",
+                remediation_id,
+                user.name,
+                now,
+                signed_json,
+            )
+            count = tx.scalar("SELECT count(*) FROM approvals WHERE remediation_id = ?", remediation_id)
+            audit.record(
+                tx,
+                now,
+                "remediation.approval",
+                user.name,
+                subject=remediation_id,
+                detail={"approvals": count, "required": rem["required_approvals"]},
+            )
+            if count >= rem["required_approvals"] and rem["status"] == "pending":
+                tx.execute(
+                    "UPDATE remediations SET status = 'approved' WHERE remediation_id = ?", remediation_id
+                )
+                # A rollout set before the approval starts its first soak now, not when it was set.
+                tx.execute(
+                    "UPDATE rollouts SET wave_started_at = ? WHERE remediation_id = ?", now, remediation_id
+                )
+                audit.record(tx, now, "remediation.approved", user.name, subject=remediation_id)
+        self._changed()
+        return self.remediation(remediation_id)
+
+    def revoke(self, user: User, remediation_id: str) -> dict[str, Any]:
+        require(user, "approver")
+        with self._store.tx() as tx:
+            if tx.one("SELECT 1 FROM remediations WHERE remediation_id = ?", remediation_id) is None:
+                raise NotFound(f"no remediation {remediation_id}")
+            tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?", remediation_id)
+            tx.execute("UPDATE rollouts SET state = 'revoked' WHERE remediation_id = ?", remediation_id)
+            audit.record(tx, iso(self._now()), "remediation.revoked", user.name, subject=remediation_id)
+        self._changed()
+        return self.remediation(remediation_id)
+
+    # ---------------------------------------------------------------- views
+
+    def remediation(self, remediation_id: str) -> dict[str, Any]:
+        rem = self._store.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
+        if rem is None:
+            raise NotFound(f"no remediation {remediation_id}")
+        out = dict(rem)
+        out["actions"] = json.loads(rem["actions"])
+        out["approvals"] = [
+            {"approver": a["approver"], "approved_at": a["approved_at"], "signed": a["envelope"] is not None}
+            for a in self._store.all(
+                "SELECT approver, approved_at, envelope FROM approvals WHERE remediation_id = ? "
+                "ORDER BY approved_at",
+                remediation_id,
+            )
+        ]
+        return out
+
+    def remediations(self) -> list[dict[str, Any]]:
+        return [
+            self.remediation(r["remediation_id"])
+            for r in self._store.all("SELECT remediation_id FROM remediations ORDER BY created_at")
+        ]
+
+
+def _checked_signature(tx: Tx, user: User, rem: Row, signed: Mapping[str, Any] | None) -> str | None:
+    """The approver's signed RemediationApproval as it will be kept, or None for a person
+    with no registered key; refused unless it is theirs and covers exactly these actions."""
+    row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
+    if row is None or not row["public_key"]:
+        if signed is not None:
+            raise BadRequest(
+                f"{user.name} has no registered key to check this signature "
+                "against: recovery-admin key create first"
+            )
+        return None
+    if signed is None:
+        raise Forbidden(
+            f"{user.name} has a registered key, so approvals must be signed with it: "
+            f"recovery-admin remediation approve {rem['remediation_id']} --key YOUR_KEY"
+        )
+    pub = keys.public_from_b64(row["public_key"])
+    try:
+        v = envelope.open_envelope(signed, RemediationApproval, {keys.key_id(pub): pub})
+    except EnvelopeError as exc:
+        raise BadRequest(f"signed approval: {exc}") from None
+    a = v.message
+    if a.remediation_id != rem["remediation_id"] or a.approver != user.name:
+        raise BadRequest("signed approval names another remediation or person")
+    if a.actions_sha256 != envelope.actions_digest(json.loads(rem["actions"])):
+        raise BadRequest(
+            "signed approval covers other actions than this remediation's: "
+            "fetch it again and check what you sign"
+        )
+    return json.dumps(signed)

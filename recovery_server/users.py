@@ -1,0 +1,90 @@
+"""People and their tokens: who uses the admin API, and as whom.
+
+A person has a name, a role (``access.py``) and a token, shown once when made and kept only
+as its sha256; ``authenticate`` turns a token back into the person. A person may register
+their own Ed25519 key: from then on their approvals must be signed with it
+(``remediations.py`` checks them), and devices that pin the key check those signatures too.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from recovery_agent.protocol import keys
+
+from . import audit
+from .access import ROLES, User
+from .errors import BadRequest, Conflict, NotFound, Unauthorized
+from .store import Store, iso, token_sha256
+
+
+class Users:
+    def __init__(self, store: Store, now: Callable[[], datetime]) -> None:
+        self._store = store
+        self._now = now
+
+    def create(self, name: str, role: str, actor: str = "setup") -> str:
+        """Add a person; returns their token, which is not kept and cannot be shown again."""
+        if role not in ROLES:
+            raise BadRequest(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+        if (
+            not name
+            or len(name) > 64
+            or not name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        ):
+            raise BadRequest("user name must be 1 to 64 letters, digits, '.', '-' or '_'")
+        token = "qmr_" + secrets.token_urlsafe(32)
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            if tx.one("SELECT 1 FROM users WHERE name = ?", name):
+                raise Conflict(f"user {name!r} exists already")
+            tx.execute(
+                "INSERT INTO users(name, role, token_sha256, created_at) VALUES (?,?,?,?)",
+                name,
+                role,
+                token_sha256(token),
+                now,
+            )
+            audit.record(tx, now, "user.created", actor, subject=name, detail={"role": role})
+        return token
+
+    def has_admin(self) -> bool:
+        return self._store.one("SELECT 1 FROM users WHERE role = 'admin'") is not None
+
+    def authenticate(self, token: str | None) -> User:
+        if not token:
+            raise Unauthorized("no admin token: pass --token or set RECOVERY_TOKEN")
+        row = self._store.one("SELECT name, role FROM users WHERE token_sha256 = ?", token_sha256(token))
+        if row is None:
+            raise Unauthorized(
+                "admin token not recognised: ask an admin for a token (recovery-admin user NAME --role ROLE)"
+            )
+        return User(row["name"], row["role"])
+
+    def register_key(self, user: User, public_key: str) -> dict[str, Any]:
+        """A person registers their own Ed25519 key; from then on their approvals must be
+        signed with it, and devices that pin it can check those signatures themselves."""
+        try:
+            pub = keys.public_from_b64(public_key)
+        except ValueError as exc:
+            raise BadRequest(f"public_key: {exc}") from None
+        kid = keys.key_id(pub)
+        with self._store.tx() as tx:
+            row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
+            if row is None:
+                raise NotFound(f"no user {user.name}")
+            if row["public_key"] and row["public_key"] != public_key:
+                raise Conflict(f"{user.name} has a key already; an admin must replace a person's key")
+            tx.execute("UPDATE users SET public_key = ? WHERE name = ?", public_key, user.name)
+            audit.record(
+                tx,
+                iso(self._now()),
+                "user.key_registered",
+                user.name,
+                subject=user.name,
+                detail={"key_id": kid},
+            )
+        return {"name": user.name, "key_id": kid}
