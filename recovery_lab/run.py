@@ -37,7 +37,7 @@ from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import Enrollment, utcnow
-from recovery_server.access import User
+from recovery_server.access import User, console
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService
 from recovery_server.store import Store
@@ -140,14 +140,14 @@ class _Lab:
         self.key = SigningKey.generate()
         self.key.save(data / "server.key")
         self.service = RecoveryService(store=Store(data / "recovery.db"), server_key=self.key)
-        admin_token = self.service.create_user("admin", "admin")
+        admin_token = self.service.create_user(console("setup"), "admin", "admin")
         (self.work / "admin.token").write_text(admin_token + "\n")
         (self.work / "admin.token").chmod(0o600)
         # Two lab people: one writes a fix, the other approves it (the author never counts).
         # Their tokens are on disk too, so a person can act for them with recovery-admin.
         for name, role in (("lab-operator", "operator"), ("lab-approver", "approver")):
             path = self.work / f"{name}.token"
-            path.write_text(self.service.create_user(name, role) + "\n")
+            path.write_text(self.service.create_user(console("setup"), name, role) + "\n")
             path.chmod(0o600)
         self.enroll_token = self.service.create_enrollment_token(User("admin", "admin"), "lab")
         self.runner = web.AppRunner(make_app(self.service), access_log=None)
@@ -223,7 +223,7 @@ class _Lab:
         return key
 
     def poll_events(self) -> list[dict[str, Any]]:
-        new = self.service.events(after=self._last_seq)
+        new = self.service.events(console("lab"), after=self._last_seq)
         for e in new:
             self._last_seq = e["seq"]
             self.seen.append((self.now(), e))
@@ -372,10 +372,10 @@ def _judge(
     if result and health:
         phases.append(Phase("reboot to a healthy boot", result, health))
 
-    results = svc.device_results(device_id)
-    devices = {d["device_id"]: d for d in svc.devices()}
+    results = svc.device_results(console("lab"), device_id)
+    devices = {d["device_id"]: d for d in svc.devices(console("lab"))}
     recovered = bool(health and result and any(r["outcome"] == "applied" for r in results))
-    incidents = svc.incidents()
+    incidents = svc.incidents(console("lab"))
     incident = None
     if incidents:
         inc = incidents[0]

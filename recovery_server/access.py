@@ -1,16 +1,26 @@
-"""Who may do what on the recovery server: the roles and the person acting.
+"""Who may do what on the recovery server: the one place that decides.
 
-Roles are ordered, viewer < operator < approver < admin; a role may do everything the roles
-below it may.
+- Roles are ordered, viewer < operator < approver < admin; a role may do everything the
+  roles below it may.
+- A ``User`` is a person acting: on the admin API, known by their token
+  (``users.authenticate``), or at the server's console (``console``): whoever can read the
+  data directory holds the database and the signing key, so acts as an admin.
+- ``NEEDS`` is the table of which admin operation needs which role. Every admin method of
+  the service calls ``require(user, operation)`` first; the HTTP layer only says who is asking.
+- Whatever their role, the author of a remediation never counts as one of its approvers
+  (``require_not_author``): a fix needs a second pair of eyes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import Literal, get_args
 
 from .errors import Forbidden
 
-ROLES = ("viewer", "operator", "approver", "admin")
+Role = Literal["viewer", "operator", "approver", "admin"]
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 @dataclass(frozen=True)
@@ -18,12 +28,62 @@ class User:
     """A person acting on the admin API (or at the server's console)."""
 
     name: str
-    role: str
-
-    def can(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
+    role: Role
 
 
-def require(user: User, role: str) -> None:
-    if not user.can(role):
-        raise Forbidden(f"{user.name} is {user.role}; this needs the {role} role or higher")
+class Operation(Enum):
+    """What a person does through the admin API; the value says it in words."""
+
+    READ_FLEET = "see devices, incidents, suggested fixes, remediations and rollouts"
+    READ_AUDIT_LOG = "read and verify the audit log"
+    REGISTER_OWN_KEY = "register your own approval key"
+    WRITE_REMEDIATION = "write a remediation"
+    SET_ROLLOUT = "set a rollout"
+    PAUSE_ROLLOUT = "pause a rollout"
+    APPROVE_REMEDIATION = "approve a remediation"
+    REVOKE_REMEDIATION = "revoke a remediation"
+    RESUME_ROLLOUT = "resume a rollout"
+    REVOKE_ROLLOUT = "revoke a rollout"
+    ADD_USER = "add a person"
+    MAKE_ENROLLMENT_TOKEN = "make a fleet enrollment token"
+
+
+NEEDS: dict[Operation, Role] = {
+    Operation.READ_FLEET: "viewer",
+    Operation.READ_AUDIT_LOG: "viewer",
+    Operation.REGISTER_OWN_KEY: "viewer",
+    Operation.WRITE_REMEDIATION: "operator",
+    Operation.SET_ROLLOUT: "operator",
+    Operation.PAUSE_ROLLOUT: "operator",  # stopping is always safe
+    Operation.APPROVE_REMEDIATION: "approver",
+    Operation.REVOKE_REMEDIATION: "approver",
+    Operation.RESUME_ROLLOUT: "approver",  # resuming a halted wave overrides the automatic halt
+    Operation.REVOKE_ROLLOUT: "approver",
+    Operation.ADD_USER: "admin",
+    Operation.MAKE_ENROLLMENT_TOKEN: "admin",
+}
+
+
+def console(name: str) -> User:
+    """The person at the server's console (``recovery-server init``, ``user-add``, a lab or
+    test that runs the service in process), named ``name`` in the audit log."""
+    return User(name, "admin")
+
+
+def may(user: User, operation: Operation) -> bool:
+    return ROLES.index(user.role) >= ROLES.index(NEEDS[operation])
+
+
+def require(user: User, operation: Operation) -> None:
+    """Raise Forbidden unless ``user``'s role may do ``operation``."""
+    if not may(user, operation):
+        raise Forbidden(
+            f"{user.name} is {user.role}; this needs the {NEEDS[operation]} role or higher "
+            f"(to {operation.value})"
+        )
+
+
+def require_not_author(user: User, author: str, remediation_id: str) -> None:
+    """Raise Forbidden if ``user`` wrote the remediation they are about to approve."""
+    if user.name == author:
+        raise Forbidden(f"{user.name} wrote {remediation_id} and cannot approve it: another approver must")

@@ -91,12 +91,9 @@ def _bearer(request: web.Request) -> str | None:
     return auth[7:] if auth.startswith("Bearer ") else None
 
 
-def _user(request: web.Request, role: str | None = None) -> User:
-    svc = request.app[SERVICE]
-    user = svc.authenticate(_bearer(request))
-    if role:
-        svc.require(user, role)
-    return user
+def _user(request: web.Request) -> User:
+    """The person whose token the request carries; what they may do, the service decides."""
+    return request.app[SERVICE].authenticate(_bearer(request))
 
 
 def _svc(request: web.Request) -> RecoveryService:
@@ -178,18 +175,15 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    _user(request, "viewer")
-    return web.json_response(_svc(request).devices())
+    return web.json_response(_svc(request).devices(_user(request)))
 
 
 async def list_incidents(request: web.Request) -> web.Response:
-    _user(request, "viewer")
-    return web.json_response(_svc(request).incidents())
+    return web.json_response(_svc(request).incidents(_user(request)))
 
 
 async def get_incident(request: web.Request) -> web.Response:
-    _user(request, "viewer")
-    return web.json_response(_svc(request).incident(request.match_info["incident_id"]))
+    return web.json_response(_svc(request).incident(_user(request), request.match_info["incident_id"]))
 
 
 async def suggest(request: web.Request) -> web.Response:
@@ -197,8 +191,7 @@ async def suggest(request: web.Request) -> web.Response:
 
 
 async def list_remediations(request: web.Request) -> web.Response:
-    _user(request, "viewer")
-    return web.json_response(_svc(request).remediations())
+    return web.json_response(_svc(request).remediations(_user(request)))
 
 
 async def create_remediation(request: web.Request) -> web.Response:
@@ -232,9 +225,9 @@ async def revoke(request: web.Request) -> web.Response:
 
 
 async def create_user(request: web.Request) -> web.Response:
-    user = _user(request, "admin")
+    user = _user(request)
     body = await _parse(request, api.UserRequest)
-    token = _svc(request).create_user(body.name, body.role, actor=user.name)
+    token = _svc(request).create_user(user, body.name, body.role)
     return web.json_response({"name": body.name, "role": body.role, "token": token}, status=201)
 
 
@@ -246,11 +239,11 @@ async def create_enrollment_token(request: web.Request) -> web.Response:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    _user(request, "viewer")
+    user = _user(request)
     text = request.query.get("after", "0")
     if not text.isdigit() or len(text) > 18:
         raise BadRequest("after must be an event number (a whole number)")
-    return web.json_response(_svc(request).events(request.query.get("device"), int(text)))
+    return web.json_response(_svc(request).events(user, request.query.get("device"), int(text)))
 
 
 async def audit_verify(request: web.Request) -> web.Response:
@@ -265,13 +258,11 @@ async def create_rollout(request: web.Request) -> web.Response:
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
-    _user(request, "viewer")
-    return web.json_response(_svc(request).rollouts())
+    return web.json_response(_svc(request).rollouts(_user(request)))
 
 
 async def get_rollout(request: web.Request) -> web.Response:
-    _user(request, "viewer")
-    return web.json_response(_svc(request).rollout(request.match_info["rollout_id"]))
+    return web.json_response(_svc(request).rollout(_user(request), request.match_info["rollout_id"]))
 
 
 async def rollout_action(request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ import json
 import re
 from typing import Any
 
-from .access import User, require
+from .access import Operation, User, require
 from .errors import BadRequest
 from .store import Store, Tx
 
@@ -121,7 +121,8 @@ class AuditLog:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def entries(self, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+    def entries(self, user: User, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+        require(user, Operation.READ_AUDIT_LOG)
         if device_id:
             rows = self._store.all(
                 "SELECT * FROM events WHERE device_id = ? AND seq > ? ORDER BY seq", device_id, after
@@ -131,7 +132,7 @@ class AuditLog:
         return [dict(r) for r in rows]
 
     def verify(self, user: User, expect_head: str | None = None) -> dict[str, Any]:
-        require(user, "viewer")
+        require(user, Operation.READ_AUDIT_LOG)
         if expect_head is not None and not re.fullmatch(r"[0-9]{1,18}:[0-9a-f]{64}", expect_head):
             raise BadRequest("expect_head must be SEQ:SHA256 as audit verify printed it")
         return verify_chain(self._store, expect_head)

@@ -20,6 +20,7 @@ from aiohttp import web
 from recovery_agent.protocol.keys import KeyFileError, SigningKey
 
 from . import audit
+from .access import console
 from .app import make_app
 from .errors import ServerError
 from .service import RecoveryService
@@ -79,7 +80,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"server key id: {key.key_id}")
     print(f"pin this public key in recovery environments: {key_path}.pub")
     if not svc.has_admin():
-        token = svc.create_user(args.admin, "admin")
+        token = svc.create_user(console("setup"), args.admin, "admin")
         _emit_token(token, args.token_file, f"admin user {args.admin!r}")
     return 0
 
@@ -96,7 +97,7 @@ def _emit_token(token: str, token_file: str | None, what: str) -> None:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     svc = open_service(args)
-    token = svc.create_user(args.name, args.role, actor="recovery-server")
+    token = svc.create_user(console("recovery-server"), args.name, args.role)
     _emit_token(token, args.token_file, f"user {args.name!r} ({args.role})")
     return 0
 

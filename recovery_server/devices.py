@@ -24,7 +24,7 @@ from recovery_agent.protocol.envelope import EnvelopeError, Verified
 from recovery_agent.protocol.wire import Challenge, SignedMessage
 
 from . import audit
-from .access import User, require
+from .access import Operation, User, require
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
 from .store import Store, Tx, iso, parse_iso, token_sha256
 
@@ -66,7 +66,7 @@ class Devices:
     def create_enrollment_token(
         self, user: User, label: str = "fleet", valid_for: timedelta | None = None
     ) -> str:
-        require(user, "admin")
+        require(user, Operation.MAKE_ENROLLMENT_TOKEN)
         token = "enr_" + secrets.token_urlsafe(24)
         now = self._now()
         expires = iso(now + valid_for) if valid_for else None
@@ -166,7 +166,8 @@ class Devices:
 
     # ---------------------------------------------------------------- views
 
-    def devices(self) -> list[dict[str, Any]]:
+    def devices(self, user: User) -> list[dict[str, Any]]:
+        require(user, Operation.READ_FLEET)
         return [
             dict(r)
             for r in self._store.all(

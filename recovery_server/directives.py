@@ -36,6 +36,7 @@ from recovery_agent.protocol.wire import (
 )
 
 from . import audit
+from .access import Operation, User, require
 from .devices import Devices
 from .errors import NotFound
 from .remediations import approved_remediation
@@ -247,7 +248,8 @@ class Directives:
 
     # ---------------------------------------------------------------- views
 
-    def results(self, device_id: str) -> list[dict[str, Any]]:
+    def results(self, user: User, device_id: str) -> list[dict[str, Any]]:
+        require(user, Operation.READ_FLEET)
         return [
             dict(r)
             for r in self._store.all(

@@ -23,7 +23,7 @@ from typing import Any
 from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
 
 from . import audit, catalog
-from .access import User, require
+from .access import Operation, User, require
 from .devices import Devices
 from .directives import Directives
 from .errors import NotFound
@@ -131,7 +131,7 @@ class Incidents:
     def suggest(self, user: User, incident_id: str) -> dict[str, Any]:
         """A draft fix from the catalog of known fixes (catalog.py); a person still turns it
         into a remediation and others approve it."""
-        require(user, "viewer")
+        require(user, Operation.READ_FLEET)
         inc = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
         if inc is None:
             raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
@@ -149,10 +149,12 @@ class Incidents:
 
     # ---------------------------------------------------------------- views
 
-    def incidents(self) -> list[dict[str, Any]]:
+    def incidents(self, user: User) -> list[dict[str, Any]]:
+        require(user, Operation.READ_FLEET)
         return [self._view(r) for r in self._store.all("SELECT * FROM incidents ORDER BY last_seen DESC")]
 
-    def incident(self, incident_id: str) -> dict[str, Any]:
+    def incident(self, user: User, incident_id: str) -> dict[str, Any]:
+        require(user, Operation.READ_FLEET)
         row = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
         if row is None:
             raise NotFound(f"no incident {incident_id}")

@@ -26,7 +26,7 @@ from recovery_agent.protocol.envelope import EnvelopeError
 from recovery_agent.protocol.wire import Action, RemediationApproval
 
 from . import audit
-from .access import User, require
+from .access import Operation, User, require, require_not_author
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .store import Reader, Row, Store, Tx, iso, new_id
 
@@ -57,7 +57,7 @@ class Remediations:
         incident_id: str | None,
         required_approvals: int = 1,
     ) -> dict[str, Any]:
-        require(user, "operator")
+        require(user, Operation.WRITE_REMEDIATION)
         try:
             parsed = _ACTIONS.validate_python(actions)
         except ValidationError as exc:
@@ -91,7 +91,7 @@ class Remediations:
                 subject=rid,
                 detail={"incident": incident_id, "title": title},
             )
-        return self.remediation(rid)
+        return self._view(rid)
 
     def approve(
         self, user: User, remediation_id: str, signed: Mapping[str, Any] | None = None
@@ -99,7 +99,7 @@ class Remediations:
         """Count ``user``'s approval. A person with a registered key must send their signed
         RemediationApproval of exactly these actions; the server checks it and keeps it, and
         every directive made from the remediation carries it to the devices."""
-        require(user, "approver")
+        require(user, Operation.APPROVE_REMEDIATION)
         now = iso(self._now())
         with self._store.tx() as tx:
             rem = tx.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
@@ -107,10 +107,7 @@ class Remediations:
                 raise NotFound(f"no remediation {remediation_id}")
             if rem["status"] == "revoked":
                 raise Conflict(f"{remediation_id} was revoked; write a new one")
-            if rem["author"] == user.name:
-                raise Forbidden(
-                    f"{user.name} wrote {remediation_id} and cannot approve it: another approver must"
-                )
+            require_not_author(user, rem["author"], remediation_id)
             if tx.one(
                 "SELECT 1 FROM approvals WHERE remediation_id = ? AND approver = ?", remediation_id, user.name
             ):
@@ -142,10 +139,10 @@ class Remediations:
                 )
                 audit.record(tx, now, "remediation.approved", user.name, subject=remediation_id)
         self._changed()
-        return self.remediation(remediation_id)
+        return self._view(remediation_id)
 
     def revoke(self, user: User, remediation_id: str) -> dict[str, Any]:
-        require(user, "approver")
+        require(user, Operation.REVOKE_REMEDIATION)
         with self._store.tx() as tx:
             if tx.one("SELECT 1 FROM remediations WHERE remediation_id = ?", remediation_id) is None:
                 raise NotFound(f"no remediation {remediation_id}")
@@ -153,11 +150,22 @@ class Remediations:
             tx.execute("UPDATE rollouts SET state = 'revoked' WHERE remediation_id = ?", remediation_id)
             audit.record(tx, iso(self._now()), "remediation.revoked", user.name, subject=remediation_id)
         self._changed()
-        return self.remediation(remediation_id)
+        return self._view(remediation_id)
 
     # ---------------------------------------------------------------- views
 
-    def remediation(self, remediation_id: str) -> dict[str, Any]:
+    def remediation(self, user: User, remediation_id: str) -> dict[str, Any]:
+        require(user, Operation.READ_FLEET)
+        return self._view(remediation_id)
+
+    def remediations(self, user: User) -> list[dict[str, Any]]:
+        require(user, Operation.READ_FLEET)
+        return [
+            self._view(r["remediation_id"])
+            for r in self._store.all("SELECT remediation_id FROM remediations ORDER BY created_at")
+        ]
+
+    def _view(self, remediation_id: str) -> dict[str, Any]:
         rem = self._store.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
         if rem is None:
             raise NotFound(f"no remediation {remediation_id}")
@@ -172,12 +180,6 @@ class Remediations:
             )
         ]
         return out
-
-    def remediations(self) -> list[dict[str, Any]]:
-        return [
-            self.remediation(r["remediation_id"])
-            for r in self._store.all("SELECT remediation_id FROM remediations ORDER BY created_at")
-        ]
 
 
 def _checked_signature(tx: Tx, user: User, rem: Row, signed: Mapping[str, Any] | None) -> str | None:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from recovery_agent.protocol.wire import DeviceId
 
 from . import audit
-from .access import User, require
+from .access import Operation, User, require
 from .errors import BadRequest, Conflict, NotFound
 from .store import Reader, Row, Store, Tx, iso, new_id, parse_iso
 
@@ -144,6 +144,12 @@ def decide(plan: RolloutPlan, current_wave: int, counts: WaveCounts, soaked_s: f
 
 # ---------------------------------------------------------------- on the store
 
+_STATE_CHANGES = {
+    "pause": Operation.PAUSE_ROLLOUT,
+    "resume": Operation.RESUME_ROLLOUT,
+    "revoke": Operation.REVOKE_ROLLOUT,
+}
+
 
 class Rollouts:
     def __init__(self, store: Store, now: Callable[[], datetime], changed: Callable[[], None]) -> None:
@@ -154,7 +160,7 @@ class Rollouts:
     def create(
         self, user: User, remediation_id: str, plan: RolloutPlan | Mapping[str, Any]
     ) -> dict[str, Any]:
-        require(user, "operator")
+        require(user, Operation.SET_ROLLOUT)
         try:
             parsed = plan if isinstance(plan, RolloutPlan) else RolloutPlan.model_validate(plan)
         except ValidationError as exc:
@@ -192,11 +198,13 @@ class Rollouts:
                 subject=rollout_id,
                 detail={"remediation": remediation_id, "waves": [w.name for w in parsed.waves]},
             )
-        return self.rollout(rollout_id)
+        return self._view(rollout_id)
 
     def set_state(self, user: User, rollout_id: str, action: str) -> dict[str, Any]:
-        """pause (operator: stopping is always safe), resume and revoke (approver)."""
-        require(user, "operator" if action == "pause" else "approver")
+        """``action`` is pause, resume or revoke (access.py says who may)."""
+        if action not in _STATE_CHANGES:
+            raise BadRequest(f"unknown rollout action {action!r}: pause, resume or revoke")
+        require(user, _STATE_CHANGES[action])
         now = iso(self._now())
         with self._store.tx() as tx:
             ro = tx.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
@@ -234,8 +242,6 @@ class Rollouts:
                     "UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?",
                     ro["remediation_id"],
                 )
-            else:
-                raise BadRequest(f"unknown rollout action {action!r}: pause, resume or revoke")
             audit.record(
                 tx,
                 now,
@@ -245,7 +251,7 @@ class Rollouts:
                 detail={"from": state, "wave": ro["current_wave"]},
             )
         self._changed()
-        return self.rollout(rollout_id)
+        return self._view(rollout_id)
 
     def serving(
         self, db: Reader, remediation_id: str, device_id: str
@@ -328,7 +334,18 @@ class Rollouts:
 
     # ---------------------------------------------------------------- views
 
-    def rollout(self, rollout_id: str) -> dict[str, Any]:
+    def rollout(self, user: User, rollout_id: str) -> dict[str, Any]:
+        require(user, Operation.READ_FLEET)
+        return self._view(rollout_id)
+
+    def rollouts(self, user: User) -> list[dict[str, Any]]:
+        require(user, Operation.READ_FLEET)
+        return [
+            self._view(r["rollout_id"])
+            for r in self._store.all("SELECT rollout_id FROM rollouts ORDER BY created_at")
+        ]
+
+    def _view(self, rollout_id: str) -> dict[str, Any]:
         ro = self._store.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
         if ro is None:
             raise NotFound(f"no rollout {rollout_id}")
@@ -368,12 +385,6 @@ class Rollouts:
             )
         out["waves"] = waves
         return out
-
-    def rollouts(self) -> list[dict[str, Any]]:
-        return [
-            self.rollout(r["rollout_id"])
-            for r in self._store.all("SELECT rollout_id FROM rollouts ORDER BY created_at")
-        ]
 
 
 def _wave_counts(db: Reader, remediation_id: str, wave: int) -> WaveCounts:

@@ -14,7 +14,8 @@ and the OS reports its next healthy boot.
 
 Admin side (``users.py``, ``remediations.py``, ``rollout.py``): people with roles and
 per-person tokens; operators write remediations (declarative actions only) and set rollouts;
-approvers approve; the author never counts as an approver.
+approvers approve; the author never counts as an approver. Every admin method takes the
+person acting and asks ``access.py`` whether they may, first.
 
 Every change is one store transaction and leaves an entry in the audit log (``audit.py``).
 """
@@ -29,7 +30,7 @@ from typing import Any
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
-from .access import User, require
+from .access import User
 from .audit import AuditLog
 from .devices import Devices
 from .directives import Directives
@@ -74,18 +75,14 @@ class RecoveryService:
 
     # ---------------------------------------------------------------- people
 
-    def create_user(self, name: str, role: str, actor: str = "setup") -> str:
-        return self._users.create(name, role, actor)
+    def create_user(self, actor: User, name: str, role: str) -> str:
+        return self._users.create(actor, name, role)
 
     def has_admin(self) -> bool:
         return self._users.has_admin()
 
     def authenticate(self, token: str | None) -> User:
         return self._users.authenticate(token)
-
-    @staticmethod
-    def require(user: User, role: str) -> None:
-        require(user, role)
 
     def register_key(self, user: User, public_key: str) -> dict[str, Any]:
         return self._users.register_key(user, public_key)
@@ -115,19 +112,19 @@ class RecoveryService:
     def accept_health(self, raw: bytes) -> dict[str, Any]:
         return self._directives.accept_health(raw)
 
-    def devices(self) -> list[dict[str, Any]]:
-        return self._devices.devices()
+    def devices(self, user: User) -> list[dict[str, Any]]:
+        return self._devices.devices(user)
 
-    def device_results(self, device_id: str) -> list[dict[str, Any]]:
-        return self._directives.results(device_id)
+    def device_results(self, user: User, device_id: str) -> list[dict[str, Any]]:
+        return self._directives.results(user, device_id)
 
     # ---------------------------------------------------------------- incidents
 
-    def incidents(self) -> list[dict[str, Any]]:
-        return self._incidents.incidents()
+    def incidents(self, user: User) -> list[dict[str, Any]]:
+        return self._incidents.incidents(user)
 
-    def incident(self, incident_id: str) -> dict[str, Any]:
-        return self._incidents.incident(incident_id)
+    def incident(self, user: User, incident_id: str) -> dict[str, Any]:
+        return self._incidents.incident(user, incident_id)
 
     def suggest_actions(self, user: User, incident_id: str) -> dict[str, Any]:
         return self._incidents.suggest(user, incident_id)
@@ -155,11 +152,11 @@ class RecoveryService:
     def revoke(self, user: User, remediation_id: str) -> dict[str, Any]:
         return self._remediations.revoke(user, remediation_id)
 
-    def remediation(self, remediation_id: str) -> dict[str, Any]:
-        return self._remediations.remediation(remediation_id)
+    def remediation(self, user: User, remediation_id: str) -> dict[str, Any]:
+        return self._remediations.remediation(user, remediation_id)
 
-    def remediations(self) -> list[dict[str, Any]]:
-        return self._remediations.remediations()
+    def remediations(self, user: User) -> list[dict[str, Any]]:
+        return self._remediations.remediations(user)
 
     # ---------------------------------------------------------------- rollouts
 
@@ -174,16 +171,16 @@ class RecoveryService:
     def tick(self) -> None:
         self._rollouts.tick()
 
-    def rollout(self, rollout_id: str) -> dict[str, Any]:
-        return self._rollouts.rollout(rollout_id)
+    def rollout(self, user: User, rollout_id: str) -> dict[str, Any]:
+        return self._rollouts.rollout(user, rollout_id)
 
-    def rollouts(self) -> list[dict[str, Any]]:
-        return self._rollouts.rollouts()
+    def rollouts(self, user: User) -> list[dict[str, Any]]:
+        return self._rollouts.rollouts(user)
 
     # ---------------------------------------------------------------- audit log
 
-    def events(self, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
-        return self._audit.entries(device_id, after)
+    def events(self, user: User, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+        return self._audit.entries(user, device_id, after)
 
     def verify_audit(self, user: User, expect_head: str | None = None) -> dict[str, Any]:
         return self._audit.verify(user, expect_head)

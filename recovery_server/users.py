@@ -16,7 +16,7 @@ from typing import Any
 from recovery_agent.protocol import keys
 
 from . import audit
-from .access import ROLES, User
+from .access import ROLES, Operation, User, require
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
 from .store import Store, iso, token_sha256
 
@@ -26,8 +26,10 @@ class Users:
         self._store = store
         self._now = now
 
-    def create(self, name: str, role: str, actor: str = "setup") -> str:
-        """Add a person; returns their token, which is not kept and cannot be shown again."""
+    def create(self, actor: User, name: str, role: str) -> str:
+        """``actor`` adds a person; returns their token, which is not kept and cannot be shown
+        again."""
+        require(actor, Operation.ADD_USER)
         if role not in ROLES:
             raise BadRequest(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
         if (
@@ -48,7 +50,7 @@ class Users:
                 token_sha256(token),
                 now,
             )
-            audit.record(tx, now, "user.created", actor, subject=name, detail={"role": role})
+            audit.record(tx, now, "user.created", actor.name, subject=name, detail={"role": role})
         return token
 
     def has_admin(self) -> bool:
@@ -67,6 +69,7 @@ class Users:
     def register_key(self, user: User, public_key: str) -> dict[str, Any]:
         """A person registers their own Ed25519 key; from then on their approvals must be
         signed with it, and devices that pin it can check those signatures themselves."""
+        require(user, Operation.REGISTER_OWN_KEY)
         try:
             pub = keys.public_from_b64(public_key)
         except ValueError as exc:

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recovery_agent.protocol.keys import SigningKey
-from recovery_server.access import User
+from recovery_server.access import User, console
 from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 from tests.fleetsim import BAD_PATH, BAD_SHA, FleetSim
@@ -38,12 +38,12 @@ def main() -> int:
     )
     svc = RecoveryService(store=Store(url), server_key=SigningKey.generate())
     for name, role in (("admin", "admin"), ("oscar", "operator"), ("bob", "approver")):
-        svc.create_user(name, role)
+        svc.create_user(console("setup"), name, role)
     sim = FleetSim(svc, args.devices)
     t0 = time.perf_counter()
     sim.enroll_all(svc.create_enrollment_token(User("admin", "admin")))
     sim.crash_all()
-    inc = svc.incidents()[0]["incident_id"]
+    inc = svc.incidents(User("oscar", "operator"))[0]["incident_id"]
     rem = svc.create_remediation(
         User("oscar", "operator"),
         title="q",
@@ -68,7 +68,7 @@ def main() -> int:
     svc.approve(User("bob", "approver"), rem["remediation_id"])
     rounds = sim.run(lambda wave: args.failure_rate)
     total = time.perf_counter() - t0
-    status = svc.rollout(ro["rollout_id"])
+    status = svc.rollout(User("oscar", "operator"), ro["rollout_id"])
     print(
         f"store: {svc.store.dialect} ({'temp file' if args.store == 'sqlite' else args.store.split('@')[-1]})"
     )

@@ -22,7 +22,7 @@ from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import Enrollment, utcnow
 from recovery_agent.settings import AgentSettings
 from recovery_lab.demo import make_machine_dir
-from recovery_server.access import User
+from recovery_server.access import User, console
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService, ServiceSettings
 from recovery_server.store import Store
@@ -112,11 +112,14 @@ class Fleet:
         await self.server.start_server()
         self.port = self.server.port
         if not self.store.one("SELECT 1 FROM users"):
-            self.service.create_user("admin", "admin")
-            self.service.create_user("alice", "approver")
-            self.service.create_user("bob", "approver")
-            self.service.create_user("victor", "viewer")
-            self.service.create_user("oscar", "operator")
+            for name, role in (
+                ("admin", "admin"),
+                ("alice", "approver"),
+                ("bob", "approver"),
+                ("victor", "viewer"),
+                ("oscar", "operator"),
+            ):
+                self.service.create_user(console("setup"), name, role)
             self.enrollment_token = self.service.create_enrollment_token(self.user("admin"))
 
     async def stop(self) -> None:
@@ -135,6 +138,15 @@ class Fleet:
     def user(self, name: str) -> User:
         row = self.store.one("SELECT name, role FROM users WHERE name = ?", name)
         return User(row["name"], row["role"])
+
+    @property
+    def admin(self) -> User:
+        return self.user("admin")
+
+    @property
+    def viewer(self) -> User:
+        """Who reads the fleet's state in a test: victor, a viewer."""
+        return self.user("victor")
 
     def count(self, table: str) -> int:
         return self.store.one(f"SELECT count(*) FROM {table}")[0]

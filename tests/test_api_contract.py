@@ -22,7 +22,7 @@ def populate(fleet) -> dict:
     sim = FleetSim(fleet.service, 6)
     sim.enroll_all(fleet.enrollment_token)
     sim.crash_all()
-    inc = fleet.service.incidents()[0]["incident_id"]
+    inc = fleet.service.incidents(fleet.viewer)[0]["incident_id"]
     s = fleet.service.suggest_actions(fleet.user("oscar"), inc)
     rem = fleet.service.create_remediation(
         fleet.user("oscar"),
@@ -49,7 +49,7 @@ def populate(fleet) -> dict:
 @pytest.mark.timeout(300)
 async def test_api_conforms_to_its_openapi_document(fleet, tmp_path):
     ids = populate(fleet)
-    token = fleet.service.create_user("schemathesis", "admin")
+    token = fleet.service.create_user(fleet.admin, "schemathesis", "admin")
     config = tmp_path / "schemathesis.toml"
     # Real identifiers, so the fuzzer reaches past 404s into the handlers.
     config.write_text(f"""

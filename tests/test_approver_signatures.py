@@ -75,8 +75,8 @@ async def pinned_agent(
 async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(fleet, keys, machine, clock):
     agent, _ = await pinned_agent(fleet, machine, keys, 0, clock, time_to_reboot_min=20)
     run = asyncio.create_task(agent.run())
-    await wait_for(lambda: fleet.service.incidents())
-    rem = remediation(fleet, fleet.service.incidents()[0]["incident_id"])
+    await wait_for(lambda: fleet.service.incidents(fleet.viewer))
+    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0]["incident_id"])
     with pytest.raises(Forbidden, match="approvals must be signed"):
         fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
     other = [{"type": "disable_driver", "name": "sensor"}]
@@ -99,12 +99,12 @@ async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(flee
 
 
 async def test_device_pinning_two_approvers_refuses_a_fix_only_one_signed(fleet, keys, machine, clock):
-    fleet.service.create_user("carol", "approver")  # no key: her approval is not signed
+    fleet.service.create_user(fleet.admin, "carol", "approver")  # no key: her approval is not signed
     agent, lines = await pinned_agent(fleet, machine, keys, 2, clock, time_to_reboot_min=30)
     before = tree_snapshot(machine / "os")
     run = asyncio.create_task(agent.run())
-    await wait_for(lambda: fleet.service.incidents())
-    rem = remediation(fleet, fleet.service.incidents()[0]["incident_id"])
+    await wait_for(lambda: fleet.service.incidents(fleet.viewer))
+    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0]["incident_id"])
     fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice"))
     fleet.service.approve(fleet.user("carol"), rem["remediation_id"])
     await clock.release()
@@ -120,12 +120,12 @@ async def test_a_compromised_server_cannot_change_the_actions_people_signed(flee
     agent, lines = await pinned_agent(fleet, machine, keys, 2, clock, time_to_reboot_min=30)
     before = tree_snapshot(machine / "os")
     run = asyncio.create_task(agent.run())
-    await wait_for(lambda: fleet.service.incidents())
-    incident = fleet.service.incidents()[0]["incident_id"]
+    await wait_for(lambda: fleet.service.incidents(fleet.viewer))
+    incident = fleet.service.incidents(fleet.viewer)[0]["incident_id"]
     rem = remediation(fleet, incident)
     good = [
         f
-        for f in fleet.service.incident(incident)["reports"][0]["diagnostics"]["channel_files"]
+        for f in fleet.service.incident(fleet.viewer, incident)["reports"][0]["diagnostics"]["channel_files"]
         if f["path"] != f"{CHANNELS}/{BAD}"
     ][0]
     evil = json.dumps([{"type": "quarantine_file", "path": good["path"], "sha256": good["sha256"]}])
@@ -148,9 +148,9 @@ async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp
     """The agent's clock stands still while the CLI runs, however long that takes here."""
     agent_settings = await enrolled_settings(fleet, machine, time_to_reboot_min=30)
     run = asyncio.create_task(RecoveryAgent(agent_settings, clock=clock).run())
-    await wait_for(lambda: fleet.service.incidents())
-    rem = remediation(fleet, fleet.service.incidents()[0]["incident_id"], required=1)
-    token = fleet.service.create_user("dora", "approver")
+    await wait_for(lambda: fleet.service.incidents(fleet.viewer))
+    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0]["incident_id"], required=1)
+    token = fleet.service.create_user(fleet.admin, "dora", "approver")
 
     async def cli(*args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -177,10 +177,12 @@ async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp
     assert code == 0, out
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
-    assert fleet.service.remediation(rem["remediation_id"])["approvals"] == [
+    assert fleet.service.remediation(fleet.viewer, rem["remediation_id"])["approvals"] == [
         {
             "approver": "dora",
-            "approved_at": fleet.service.remediation(rem["remediation_id"])["approvals"][0]["approved_at"],
+            "approved_at": fleet.service.remediation(fleet.viewer, rem["remediation_id"])["approvals"][0][
+                "approved_at"
+            ],
             "signed": True,
         }
     ]

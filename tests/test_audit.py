@@ -11,7 +11,7 @@ from recovery_server.audit import verify_chain
 def _fill(fleet) -> None:
     admin = fleet.user("admin")
     fleet.service.create_enrollment_token(admin, "a")
-    fleet.service.create_user("carol", "viewer", actor="admin")
+    fleet.service.create_user(fleet.admin, "carol", "viewer")
     fleet.service.create_remediation(
         fleet.user("alice"),
         title="t",
@@ -25,7 +25,7 @@ async def test_intact_chain_verifies(fleet):
     result = verify_chain(fleet.store)
     assert result["ok"], result["problems"]
     assert result["entries"] == fleet.count("events") >= 8
-    kinds = [e["kind"] for e in fleet.service.events()]
+    kinds = [e["kind"] for e in fleet.service.events(fleet.viewer)]
     assert "user.created" in kinds and "remediation.created" in kinds
 
 
@@ -76,7 +76,7 @@ async def test_entries_cut_off_the_end_are_found(fleet):
 
 async def test_admin_cli_verify_exits_nonzero_on_a_broken_chain(fleet, tmp_path):
     _fill(fleet)
-    token = fleet.service.create_user("auditor", "viewer")
+    token = fleet.service.create_user(fleet.admin, "auditor", "viewer")
     cmd = [
         sys.executable,
         "-m",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.protocol.keys import SigningKey
-from recovery_server.access import User
+from recovery_server.access import User, console
 from recovery_server.errors import BadRequest, Conflict, Forbidden
 from recovery_server.rollout import RolloutPlan, WaveCounts, decide, wave_of
 from recovery_server.service import RecoveryService
@@ -19,6 +19,8 @@ from recovery_server.store import Store
 from .fleetsim import BAD_PATH, BAD_SHA, FleetSim
 
 ACTIONS = [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}]
+SETUP = console("setup")
+OSCAR = User("oscar", "operator")
 
 
 # ---------------------------------------------------------------- the rules
@@ -83,7 +85,7 @@ def test_decide():
 def svc(store_url):
     s = RecoveryService(store=Store(store_url), server_key=SigningKey.generate())
     for name, role in (("admin", "admin"), ("alice", "approver"), ("bob", "approver"), ("oscar", "operator")):
-        s.create_user(name, role)
+        s.create_user(SETUP, name, role)
     yield s
     s.store.close()
 
@@ -96,7 +98,7 @@ def fleet_of(svc, n: int) -> FleetSim:
 
 
 def remediation(svc) -> str:
-    inc = svc.incidents()[0]["incident_id"]
+    inc = svc.incidents(OSCAR)[0]["incident_id"]
     return svc.create_remediation(User("oscar", "operator"), title="q", actions=ACTIONS, incident_id=inc)[
         "remediation_id"
     ]
@@ -118,15 +120,15 @@ def test_only_the_canary_is_served_until_its_gate_passes(svc):
     svc.approve(User("bob", "approver"), rid)
     assert sim.round(lambda w: 0.0) == 3
     assert sorted(d.device_id for d in sim.devices if d.done) == sorted(canary)
-    status = svc.rollout(ro["rollout_id"])
+    status = svc.rollout(OSCAR, ro["rollout_id"])
     assert status["current_wave"] == 0 and status["gate"].startswith("soaking")
     assert sim.round(lambda w: 0.0) == 0, "soak time holds the next wave"
     an_hour_passes(svc)
-    assert svc.rollout(ro["rollout_id"])["current_wave"] == 1
+    assert svc.rollout(OSCAR, ro["rollout_id"])["current_wave"] == 1
     assert sim.run(lambda w: 0.0) and all(d.done for d in sim.devices)
-    assert svc.rollout(ro["rollout_id"])["state"] == "active", "the last wave soaks too"
+    assert svc.rollout(OSCAR, ro["rollout_id"])["state"] == "active", "the last wave soaks too"
     an_hour_passes(svc)
-    assert svc.rollout(ro["rollout_id"])["state"] == "completed"
+    assert svc.rollout(OSCAR, ro["rollout_id"])["state"] == "completed"
 
 
 def an_hour_passes(svc) -> None:
@@ -165,8 +167,8 @@ def test_pause_resume_revoke(svc):
     svc.set_rollout_state(User("alice", "approver"), rollout_id, "revoke")
     second = sim.devices[1]
     assert svc.poll(second.report.report_id, second.report.poll_token).status == "none"
-    assert svc.remediation(rid)["status"] == "revoked"
-    kinds = [e["kind"] for e in svc.events()]
+    assert svc.remediation(OSCAR, rid)["status"] == "revoked"
+    kinds = [e["kind"] for e in svc.events(OSCAR)]
     assert {"rollout.pause", "rollout.resume", "rollout.revoke"} <= set(kinds)
 
 
@@ -182,7 +184,7 @@ def test_a_device_that_crashes_again_counts_as_a_failure(svc):
     dev = sim.devices[0]
     assert svc.poll(dev.report.report_id, dev.report.poll_token).status == "directive"
     sim._report(dev)  # applied, rebooted, crashed again: back in recovery
-    status = svc.rollout(ro["rollout_id"])
+    status = svc.rollout(OSCAR, ro["rollout_id"])
     assert status["waves"][0]["failed"] == 1
     assert status["state"] == "halted" and "1 of 1 devices failed" in status["reason"]
 
@@ -204,7 +206,7 @@ def big_fleet_factory():
     def make():
         svc = RecoveryService(store=Store(fast_store_url()), server_key=SigningKey.generate())
         for name, role in (("admin", "admin"), ("bob", "approver"), ("oscar", "operator")):
-            svc.create_user(name, role)
+            svc.create_user(SETUP, name, role)
         made.append(svc)
         return svc, fleet_of(svc, 10_000)
 
@@ -239,12 +241,12 @@ def test_ten_thousand_devices_go_through_canary_ten_percent_and_everyone(big_fle
     svc, sim = big_fleet_factory()
     rollout_id = staged(svc, sim)
     sim.run(lambda wave: 0.02)
-    status = svc.rollout(rollout_id)
+    status = svc.rollout(OSCAR, rollout_id)
     assert status["state"] == "completed", status["reason"]
     served = [w["served"] for w in status["waves"]]
     assert sum(served) == 10_000 and served[0] == 50
     assert 800 < served[1] < 1200
-    promoted = [e for e in svc.events() if e["kind"] == "rollout.promoted"]
+    promoted = [e for e in svc.events(OSCAR) if e["kind"] == "rollout.promoted"]
     assert len(promoted) == 2
 
 
@@ -255,7 +257,7 @@ def test_rollout_halts_itself_at_the_wave_where_failures_cross_the_threshold(big
     svc, sim = big_fleet_factory()
     rollout_id = staged(svc, sim)
     sim.run(lambda wave: 0.0 if wave == 0 else 0.4)
-    status = svc.rollout(rollout_id)
+    status = svc.rollout(OSCAR, rollout_id)
     assert status["state"] == "halted"
     assert status["current_wave"] == 1 and "'10%'" in status["reason"]
     assert status["waves"][2]["served"] == 0
