@@ -140,16 +140,16 @@ class _Lab:
         self.key = SigningKey.generate()
         self.key.save(data / "server.key")
         self.service = RecoveryService(store=Store(data / "recovery.db"), server_key=self.key)
-        admin_token = self.service.create_user(console("setup"), "admin", "admin")
+        admin_token = self.service.create_user(console("setup"), "admin", "admin").token
         (self.work / "admin.token").write_text(admin_token + "\n")
         (self.work / "admin.token").chmod(0o600)
         # Two lab people: one writes a fix, the other approves it (the author never counts).
         # Their tokens are on disk too, so a person can act for them with recovery-admin.
         for name, role in (("lab-operator", "operator"), ("lab-approver", "approver")):
             path = self.work / f"{name}.token"
-            path.write_text(self.service.create_user(console("setup"), name, role) + "\n")
+            path.write_text(self.service.create_user(console("setup"), name, role).token + "\n")
             path.chmod(0o600)
-        self.enroll_token = self.service.create_enrollment_token(User("admin", "admin"), "lab")
+        self.enroll_token = self.service.create_enrollment_token(User("admin", "admin"), "lab").token
         self.runner = web.AppRunner(make_app(self.service), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -223,7 +223,7 @@ class _Lab:
         return key
 
     def poll_events(self) -> list[dict[str, Any]]:
-        new = self.service.events(console("lab"), after=self._last_seq)
+        new = [e.model_dump(mode="json") for e in self.service.events(console("lab"), after=self._last_seq)]
         for e in new:
             self._last_seq = e["seq"]
             self.seen.append((self.now(), e))
@@ -249,13 +249,13 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                     continue
                 handled.add(incident)
                 proposal = lab.service.suggest_actions(User("lab-operator", "operator"), incident)
-                if not proposal["actions"]:
-                    say(f"[lab +{lab.now():6.1f}s] catalog: {'; '.join(proposal['why'])}")
+                if not proposal.actions:
+                    say(f"[lab +{lab.now():6.1f}s] catalog: {'; '.join(proposal.why)}")
                     continue
                 if not opts.auto_approve:
                     admin = f"recovery-admin --server {lab.url} --token-file"
                     say(
-                        f"[lab +{lab.now():6.1f}s] the catalog proposes: {proposal['title']}. Waiting for "
+                        f"[lab +{lab.now():6.1f}s] the catalog proposes: {proposal.title}. Waiting for "
                         f"people (or rerun with --auto-approve):\n"
                         f"    {admin} {lab.work / 'lab-operator.token'} remediation create "
                         f"--incident {incident} --suggested\n"
@@ -264,11 +264,11 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                     continue
                 rem = lab.service.create_remediation(
                     User("lab-operator", "operator"),
-                    title=proposal["title"],
-                    actions=proposal["actions"],
+                    title=proposal.title,
+                    actions=proposal.actions,
                     incident_id=incident,
                 )
-                lab.service.approve(User("lab-approver", "approver"), rem["remediation_id"])
+                lab.service.approve(User("lab-approver", "approver"), rem.remediation_id)
         await asyncio.sleep(0.2)
 
 
@@ -372,10 +372,10 @@ def _judge(
     if result and health:
         phases.append(Phase("reboot to a healthy boot", result, health))
 
-    results = svc.device_results(console("lab"), device_id)
-    devices = {d["device_id"]: d for d in svc.devices(console("lab"))}
+    results = [r.model_dump(mode="json") for r in svc.device_results(console("lab"), device_id)]
+    devices = {d.device_id: d.model_dump(mode="json") for d in svc.devices(console("lab"))}
     recovered = bool(health and result and any(r["outcome"] == "applied" for r in results))
-    incidents = svc.incidents(console("lab"))
+    incidents = [i.model_dump(mode="json") for i in svc.incidents(console("lab"))]
     incident = None
     if incidents:
         inc = incidents[0]

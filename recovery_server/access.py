@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, get_args
+from typing import get_args
+
+from recovery_agent.protocol.admin import Role
 
 from .errors import Forbidden
 
-Role = Literal["viewer", "operator", "approver", "admin"]
-ROLES: tuple[Role, ...] = get_args(Role)
+ROLES: tuple[Role, ...] = get_args(Role)  # in order: each may do what those before it may
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,21 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from recovery_agent.protocol.admin import AdminClient
+from pydantic import BaseModel, ValidationError
+
+from recovery_agent.protocol.admin import AdminClient, Role, RolloutPlan
 from recovery_agent.protocol.client import RetryPolicy, ServerRefused, ServerUnreachable
 from recovery_agent.protocol.envelope import actions_digest, seal
-from recovery_agent.protocol.keys import KeyFileError, SigningKey, public_b64
+from recovery_agent.protocol.errors import ProtocolError
+from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import PathRuleError, RemediationApproval, check_relative_path, utcnow
 
+from .audit import describe
 from .errors import ServerError
 
 EXIT_CODES = """exit codes:
@@ -78,27 +84,154 @@ def _actions_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     return actions
 
 
-async def _signed_approval(call, args: argparse.Namespace) -> dict[str, Any]:
+async def _signed_approval(c: AdminClient, remediation_id: str, key_path: str) -> dict[str, Any]:
     """Sign what this person approves, computed here from the actions shown, not taken from
     the server: a compromised server cannot get a signature on other actions."""
-    key = SigningKey.load(Path(args.key))
-    me = (await call("GET", "/whoami"))["name"]
-    rems = {r["remediation_id"]: r for r in await call("GET", "/remediations")}
-    rem = rems.get(args.remediation_id)
+    key = SigningKey.load(Path(key_path))
+    me = await c.whoami()
+    rem = next((r for r in await c.remediations() if r.remediation_id == remediation_id), None)
     if rem is None:
-        raise CommandError(
-            f"no remediation {args.remediation_id}: list them with recovery-admin remediation list"
-        )
-    print(f"signing approval of {rem['remediation_id']} ({rem['title']}):", file=sys.stderr)
-    for a in rem["actions"]:
-        print(f"  {json.dumps(a, sort_keys=True)}", file=sys.stderr)
+        raise CommandError(f"no remediation {remediation_id}: list them with recovery-admin remediation list")
+    print(f"signing approval of {rem.remediation_id} ({rem.title}):", file=sys.stderr)
+    for action in rem.actions:
+        print(f"  {json.dumps(action.model_dump(mode='json'), sort_keys=True)}", file=sys.stderr)
     approval = RemediationApproval(
-        remediation_id=rem["remediation_id"],
-        actions_sha256=actions_digest(rem["actions"]),
-        approver=me,
+        remediation_id=rem.remediation_id,
+        actions_sha256=actions_digest(rem.actions),
+        approver=me.name,
         approved_at=utcnow(),
     )
     return seal(approval, key)
+
+
+@dataclass
+class Output:
+    """What a command prints: ``data`` as JSON (--json, or when there is no table), else
+    ``rows`` as a table of ``cols`` under an optional ``heading``; and its exit code."""
+
+    data: Any
+    rows: list[dict[str, Any]] | None = None
+    cols: list[str] = field(default_factory=list)
+    heading: str | None = None
+    text: str | None = None  # a readable form other than a table
+    code: int = 0
+
+
+def _plain(data: Any) -> Any:
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    if isinstance(data, list):
+        return [_plain(item) for item in data]
+    return data
+
+
+def _rows(items: Sequence[BaseModel]) -> list[dict[str, Any]]:
+    return [item.model_dump(mode="json") for item in items]
+
+
+async def _incidents(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.incident_id:
+        return Output(await c.incident(args.incident_id))
+    incidents = await c.incidents()
+    rows = [dict(r, devices=len(r["devices"])) for r in _rows(incidents)]
+    return Output(
+        incidents, rows, ["incident_id", "kind", "report_count", "devices", "guilty_module", "title"]
+    )
+
+
+async def _remediation(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.rcmd == "list":
+        rems = await c.remediations()
+        rows = [dict(r, approvals=f"{len(r['approvals'])}/{r['required_approvals']}") for r in _rows(rems)]
+        return Output(rems, rows, ["remediation_id", "status", "approvals", "author", "incident_id", "title"])
+    if args.rcmd == "create":
+        actions: list[Any] = _actions_from_args(args)
+        title = args.title
+        if args.suggested:
+            s = await c.suggestion(args.incident)
+            if not s.actions:
+                raise CommandError("; ".join(s.why))
+            actions = [a.model_dump(mode="json") for a in s.actions] + actions
+            title = title or s.title
+        if not actions:
+            raise CommandError(
+                "give at least one action (--quarantine, --restore, --disable-driver, "
+                "--actions-file or --suggested)"
+            )
+        return Output(
+            await c.create_remediation(title or "remediation", actions, args.incident, args.approvals)
+        )
+    if args.rcmd == "approve":
+        signed = await _signed_approval(c, args.remediation_id, args.key) if args.key else None
+        return Output(await c.approve(args.remediation_id, signed))
+    return Output(await c.revoke(args.remediation_id))
+
+
+async def _rollout(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.rocmd == "create":
+        waves: list[dict[str, Any]] = []
+        if args.canary:
+            waves.append({"name": "canary", "devices": args.canary.split(",")})
+        for pct in args.percent or [10, 100]:
+            waves.append({"name": f"{pct:g}%", "percent": pct})
+        plan = RolloutPlan.model_validate(
+            {
+                "waves": waves,
+                "min_devices": args.min_devices,
+                "min_success_rate": args.min_success_rate,
+                "soak_s": args.soak,
+                "halt_failure_rate": args.halt_failure_rate,
+                "halt_min_devices": args.halt_min_devices,
+            }
+        )
+        return Output(await c.create_rollout(args.remediation_id, plan))
+    if args.rocmd == "list":
+        rollouts = await c.rollouts()
+        rows = [
+            dict(
+                ro.model_dump(mode="json"),
+                wave=ro.plan.waves[ro.current_wave].name,
+                served=sum(w.served for w in ro.waves),
+                failed=sum(w.failed for w in ro.waves),
+            )
+            for ro in rollouts
+        ]
+        return Output(
+            rollouts, rows, ["rollout_id", "remediation_id", "state", "wave", "served", "failed", "reason"]
+        )
+    if args.rocmd == "show":
+        ro = await c.rollout(args.rollout_id)
+        return Output(
+            ro,
+            _rows(ro.waves),
+            ["name", "reached", "served", "succeeded", "failed", "pending"],
+            heading=f"{ro.rollout_id} for {ro.remediation_id}: {ro.state} ({ro.reason})",
+        )
+    return Output(await c.set_rollout_state(args.rollout_id, args.rocmd))
+
+
+async def _key(c: AdminClient, args: argparse.Namespace) -> Output:
+    path = Path(args.path)
+    if path.exists():
+        raise CommandError(f"{path} exists; not replacing a key: name a new file")
+    key = SigningKey.generate()
+    key.save(path)
+    registered = await c.register_key(public_b64(key.public))
+    return Output(
+        {
+            **registered.model_dump(mode="json"),
+            "public_key": public_b64(key.public),
+            "pin_in_agent_settings": "approver_keys",
+        }
+    )
+
+
+async def _audit(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.cmd == "audit" and args.acmd == "verify":
+        report = await c.verify_audit(args.expect_head)
+        return Output(report, text=describe(report), code=0 if report.ok else 1)
+    events = await c.events(args.after, args.device)
+    return Output(events, _rows(events), ["seq", "at", "kind", "actor", "device_id", "subject", "detail"])
 
 
 def _token_file(path: str | None) -> str | None:
@@ -110,128 +243,36 @@ def _token_file(path: str | None) -> str | None:
         raise CommandError(f"cannot read the token file {path}: {exc.strerror}") from None
 
 
-async def _run(args: argparse.Namespace) -> Any:
+async def _run(args: argparse.Namespace) -> Output:
     token = args.token or _token_file(args.token_file) or os.environ.get("RECOVERY_TOKEN")
     retry = RetryPolicy(attempts=3, max_delay_s=10)
     async with AdminClient(args.server, token, retry=retry) as c:
-        call = c.call
         cmd = args.cmd
         if cmd == "whoami":
-            return await call("GET", "/whoami"), None
+            return Output(await c.whoami())
         if cmd == "devices":
-            return await call("GET", "/devices"), [
-                "device_id",
-                "state",
-                "recovery_attempts",
-                "last_seen",
-                "hostname",
-            ]
+            devices = await c.devices()
+            return Output(
+                devices,
+                _rows(devices),
+                ["device_id", "state", "recovery_attempts", "last_seen", "hostname"],
+            )
         if cmd == "incidents":
-            if args.incident_id:
-                return await call("GET", f"/incidents/{args.incident_id}"), None
-            rows = await call("GET", "/incidents")
-            for r in rows:
-                r["devices"] = len(r["devices"])
-            return rows, ["incident_id", "kind", "report_count", "devices", "guilty_module", "title"]
+            return await _incidents(c, args)
         if cmd == "suggest":
-            return await call("GET", f"/incidents/{args.incident_id}/suggestion"), None
+            return Output(await c.suggestion(args.incident_id))
         if cmd == "remediation":
-            if args.rcmd == "list":
-                rows = await call("GET", "/remediations")
-                for r in rows:
-                    r["approvals"] = f"{len(r['approvals'])}/{r['required_approvals']}"
-                return rows, ["remediation_id", "status", "approvals", "author", "incident_id", "title"]
-            if args.rcmd == "create":
-                actions = _actions_from_args(args)
-                title = args.title
-                if args.suggested:
-                    s = await call("GET", f"/incidents/{args.incident}/suggestion")
-                    if not s["actions"]:
-                        raise CommandError("; ".join(s["why"]))
-                    actions = s["actions"] + actions
-                    title = title or s["title"]
-                if not actions:
-                    raise CommandError(
-                        "give at least one action (--quarantine, "
-                        "--restore, --disable-driver, --actions-file or --suggested)"
-                    )
-                return await call(
-                    "POST",
-                    "/remediations",
-                    {
-                        "title": title or "remediation",
-                        "incident_id": args.incident,
-                        "actions": actions,
-                        "required_approvals": args.approvals,
-                    },
-                ), None
-            if args.rcmd == "approve" and args.key:
-                return await call(
-                    "POST",
-                    f"/remediations/{args.remediation_id}/approve",
-                    {"signed": await _signed_approval(call, args)},
-                ), None
-            if args.rcmd in ("approve", "revoke"):
-                return await call("POST", f"/remediations/{args.remediation_id}/{args.rcmd}"), None
+            return await _remediation(c, args)
         if cmd == "rollout":
-            if args.rocmd == "create":
-                plan: dict[str, Any] = {
-                    "waves": [],
-                    "min_devices": args.min_devices,
-                    "min_success_rate": args.min_success_rate,
-                    "soak_s": args.soak,
-                    "halt_failure_rate": args.halt_failure_rate,
-                    "halt_min_devices": args.halt_min_devices,
-                }
-                if args.canary:
-                    plan["waves"].append({"name": "canary", "devices": args.canary.split(",")})
-                for pct in args.percent or [10, 100]:
-                    plan["waves"].append({"name": f"{pct:g}%", "percent": pct})
-                return await call("POST", f"/remediations/{args.remediation_id}/rollout", plan), None
-            if args.rocmd == "list":
-                rows = await call("GET", "/rollouts")
-                for r in rows:
-                    r["wave"] = r["plan"]["waves"][r["current_wave"]]["name"]
-                    r["served"] = sum(w["served"] for w in r["waves"])
-                    r["failed"] = sum(w["failed"] for w in r["waves"])
-                return rows, ["rollout_id", "remediation_id", "state", "wave", "served", "failed", "reason"]
-            if args.rocmd == "show":
-                ro = await call("GET", f"/rollouts/{args.rollout_id}")
-                if args.json:
-                    return ro, None
-                print(f"{ro['rollout_id']} for {ro['remediation_id']}: {ro['state']} ({ro['reason']})")
-                return ro["waves"], ["name", "reached", "served", "succeeded", "failed", "pending"]
-            return await call("POST", f"/rollouts/{args.rollout_id}/{args.rocmd}"), None
+            return await _rollout(c, args)
         if cmd == "key":
-            key = SigningKey.generate()
-            path = Path(args.path)
-            if path.exists():
-                raise CommandError(f"{path} exists; not replacing a key: name a new file")
-            key.save(path)
-            answer = await call("POST", "/me/key", {"public_key": public_b64(key.public)})
-            answer["public_key"] = public_b64(key.public)
-            answer["pin_in_agent_settings"] = "approver_keys"
-            return answer, None
+            return await _key(c, args)
         if cmd == "user":
-            return await call("POST", "/users", {"name": args.name, "role": args.role}), None
+            return Output(await c.create_user(args.name, args.role))
         if cmd == "enrollment-token":
-            return await call("POST", "/enrollment-tokens", {"label": args.label}), None
-        if cmd == "audit":
-            if args.acmd == "verify":
-                q = f"?expect_head={args.expect_head}" if args.expect_head else ""
-                return await call("GET", "/audit/verify" + q), None
-            cmd = "events"
-        if cmd == "events":
-            q = f"?after={args.after}" + (f"&device={args.device}" if args.device else "")
-            return await call("GET", "/events" + q), [
-                "seq",
-                "at",
-                "kind",
-                "actor",
-                "device_id",
-                "subject",
-                "detail",
-            ]
+            return Output(await c.create_enrollment_token(args.label))
+        if cmd in ("audit", "events"):
+            return await _audit(c, args)
     raise CommandError(f"unknown command {cmd}")
 
 
@@ -297,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("path")
     u = sub.add_parser("user", help="add a user (admin only); prints their token once")
     u.add_argument("name")
-    u.add_argument("--role", required=True, choices=["viewer", "operator", "approver", "admin"])
+    u.add_argument("--role", required=True, choices=get_args(Role))
     t = sub.add_parser("enrollment-token", help="make a fleet enrollment token (admin only)")
     t.add_argument("--label", default="fleet")
     e = sub.add_parser("events", help="the timeline")
@@ -316,30 +357,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args([a for a in argv if a != "--json"])
     args.json = want_json
     try:
-        data, cols = asyncio.run(_run(args))
+        out = asyncio.run(_run(args))
     except ServerRefused as exc:
         print(f"recovery-admin: {exc.message}", file=sys.stderr)
         return 2
     except ServerUnreachable as exc:
         print(f"recovery-admin: {exc}", file=sys.stderr)
         return 3
-    except (KeyFileError, CommandError) as exc:
+    except (ServerError, ProtocolError, ValidationError) as exc:  # bad input, key file, answer
         print(f"recovery-admin: {exc}", file=sys.stderr)
         return 2
-    if args.cmd == "audit" and args.acmd == "verify":
-        if args.json:
-            print(json.dumps(data, indent=2))
-        else:
-            print(f"audit log: {data['entries']} entries, head {data['head']}")
-            for problem in data["problems"]:
-                print(f"  PROBLEM: {problem}")
-            print("chain intact" if data["ok"] else "chain BROKEN")
-        return 0 if data["ok"] else 1
-    if args.json or cols is None:
-        print(json.dumps(data, indent=2))
+    if args.json or (out.rows is None and out.text is None):
+        print(json.dumps(_plain(out.data), indent=2))
+    elif out.text is not None:
+        print(out.text)
     else:
-        print(_table(data, cols))
-    return 0
+        if out.heading:
+            print(out.heading)
+        print(_table(out.rows or [], out.cols))
+    return out.code
 
 
 if __name__ == "__main__":

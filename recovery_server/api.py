@@ -1,93 +1,122 @@
-"""The shapes of the admin API's request bodies, and the OpenAPI document of the whole API.
+"""The HTTP API's contract: what a route is, how a handler reads a request and writes an
+answer, and the OpenAPI document made from the route table.
 
-The document is made from the route table in ``app.py`` and the pydantic models (the wire
-protocol's and the ones below), so what is served and what is described are the same thing.
-Schemathesis checks the live server against it in the tests.
+A route (``Route``) names its handler and the models of its body and its answer; the route
+tables (``device_api.py``, ``admin_api.py``, and ``app.py`` for operations) register every
+route with aiohttp and describe it here, so what is served and what is described cannot drift
+apart. Bodies are read into their model (``read_body``), answers written from theirs
+(``answer``). Schemathesis checks the live server against the document in the tests.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from recovery_agent.protocol.wire import Action, Challenge, DiagnosticsReceipt, DirectivePoll, Identifier
+from recovery_agent.protocol.envelope import MalformedEnvelope, strict_json_loads
 
-from .rollout import RolloutPlan
+from . import metrics
+from .access import User
+from .errors import BadRequest
+from .service import RecoveryService
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# What every handler reaches through its request's app.
+SERVICE = web.AppKey("service", RecoveryService)
+CHANGED = web.AppKey("changed", asyncio.Event)  # set and cleared at once: wakes the long polls
+METRICS = web.AppKey("metrics", metrics.HttpMetrics)
+POLL_TICK = web.AppKey("poll_tick_s", float)
 
 
-class _Request(BaseModel):
+@dataclass(frozen=True)
+class Route:
+    """One route: how aiohttp dispatches it and how the OpenAPI document describes it."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: str = "none"  # none | admin | poll
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    response: type[BaseModel] | str | None = None  # a model, or a name in _PLAIN
+    many: bool = False  # the answer is a list of ``response``
+    status: int = 200
+    errors: tuple[int, ...] = ()
+    query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
+    content: str = "application/json"
+    hidden: bool = False  # served, but not part of the API document
+
+
+def service(request: web.Request) -> RecoveryService:
+    return request.app[SERVICE]
+
+
+def bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:] if auth.startswith("Bearer ") else None
+
+
+def person(request: web.Request) -> User:
+    """The person whose token the request carries; what they may do, the service decides."""
+    return service(request).authenticate(bearer(request))
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: web.Request, model: type[M]) -> M:
+    """The JSON body as ``model`` (an empty body is ``{}``), or BadRequest naming the problem."""
+    raw = await request.read()
+    try:
+        return model.model_validate(strict_json_loads(raw or b"{}"))
+    except MalformedEnvelope as exc:
+        raise BadRequest(f"request body: {exc}") from None
+    except ValidationError as exc:
+        raise BadRequest(f"request body does not fit {model.__name__}: {exc}") from None
+
+
+def answer(obj: BaseModel | Sequence[BaseModel], status: int = 200) -> web.Response:
+    """A model, or a list of models, as the JSON answer."""
+    if isinstance(obj, BaseModel):
+        text = obj.model_dump_json()
+    else:
+        text = "[" + ",".join(item.model_dump_json() for item in obj) + "]"
+    return web.Response(text=text, content_type="application/json", status=status)
+
+
+def query_number(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
+    try:
+        value = float(request.query.get(name, default))
+    except ValueError:
+        raise BadRequest(f"{name} must be a number") from None
+    if not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number")
+    return min(max(value, lo), hi)
+
+
+class ChallengeRequest(BaseModel):
+    """The body of ``POST /v1/challenge`` (the agent sends it as plain JSON)."""
+
     model_config = ConfigDict(extra="forbid")
 
-
-class ChallengeRequest(_Request):
     device_id: str = Field(min_length=1, max_length=64)
 
 
-class RemediationRequest(_Request):
-    title: str = Field(min_length=1, max_length=256)
-    incident_id: Identifier | None = None
-    actions: list[Action] = Field(min_length=1, max_length=64)
-    required_approvals: int = Field(default=1, ge=1, le=16)
+# ---------------------------------------------------------------- the document
 
-
-class UserRequest(_Request):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    role: Literal["viewer", "operator", "approver", "admin"]
-
-
-class EnrollmentTokenRequest(_Request):
-    label: str = Field(default="fleet", min_length=1, max_length=64)
-
-
-class RegisterKeyRequest(_Request):
-    public_key: str = Field(pattern=r"^[A-Za-z0-9+/]{43}=$", description="raw Ed25519 key, base64")
-
-
-class Signature(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    keyid: str
-    sig: str
-
-
-class Envelope(BaseModel):
-    """A DSSE envelope: base64 payload, its type, and Ed25519 signatures over PAE(type, payload)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    payload: str
-    payloadType: str
-    signatures: list[Signature] = Field(min_length=1, max_length=8)
-
-
-class ApproveRequest(_Request):
-    signed: Envelope | None = Field(
-        default=None,
-        description="the approver's own signed RemediationApproval; required once they registered a key",
-    )
-
-
-_MODELS: dict[str, type[BaseModel]] = {
-    "ChallengeRequest": ChallengeRequest,
-    "RemediationRequest": RemediationRequest,
-    "UserRequest": UserRequest,
-    "EnrollmentTokenRequest": EnrollmentTokenRequest,
-    "Envelope": Envelope,
-    "Signature": Signature,
-    "ApproveRequest": ApproveRequest,
-    "RegisterKeyRequest": RegisterKeyRequest,
-    "Challenge": Challenge,
-    "DiagnosticsReceipt": DiagnosticsReceipt,
-    "DirectivePoll": DirectivePoll,
-    "RolloutPlan": RolloutPlan,
-}
-
+# Answers that have no model in the protocol package: the error shape and the device API's
+# small acknowledgements.
 _PLAIN: dict[str, dict[str, Any]] = {
     "Any": {},
-    "Object": {"type": "object"},
-    "List": {"type": "array", "items": {"type": "object"}},
     "Error": {
         "type": "object",
         "required": ["error", "code"],
@@ -117,36 +146,6 @@ _PLAIN: dict[str, dict[str, Any]] = {
         "required": ["status"],
         "properties": {"status": {"enum": ["recorded", "duplicate"]}},
     },
-    "Whoami": {
-        "type": "object",
-        "required": ["name", "role"],
-        "properties": {"name": {"type": "string"}, "role": {"type": "string"}},
-    },
-    "UserAnswer": {
-        "type": "object",
-        "required": ["name", "role", "token"],
-        "properties": {"name": {"type": "string"}, "role": {"type": "string"}, "token": {"type": "string"}},
-    },
-    "KeyAnswer": {
-        "type": "object",
-        "required": ["name", "key_id"],
-        "properties": {"name": {"type": "string"}, "key_id": {"type": "string"}},
-    },
-    "TokenAnswer": {
-        "type": "object",
-        "required": ["token", "label"],
-        "properties": {"token": {"type": "string"}, "label": {"type": "string"}},
-    },
-    "AuditVerify": {
-        "type": "object",
-        "required": ["ok", "entries", "head", "problems"],
-        "properties": {
-            "ok": {"type": "boolean"},
-            "entries": {"type": "integer"},
-            "head": {"type": "string"},
-            "problems": {"type": "array", "items": {"type": "string"}},
-        },
-    },
 }
 
 _STATUS_TEXT = {
@@ -163,10 +162,15 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def openapi_document(routes, version: str) -> dict[str, Any]:
-    _, defs = models_json_schema(
-        [(m, "validation") for m in _MODELS.values()], ref_template="#/components/schemas/{model}"
-    )
+def _schemas(routes: Sequence[Route]) -> dict[str, Any]:
+    """Every model the routes name: bodies as they are read, answers as they are written."""
+    models: dict[tuple[type[BaseModel], str], None] = {}
+    for r in routes:
+        if r.body is not None:
+            models[(r.body, "validation")] = None
+        if isinstance(r.response, type):
+            models[(r.response, "serialization")] = None
+    _, defs = models_json_schema(list(models), ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
     schemas.update(_PLAIN)
     # The action's "type" has a default in Python but is what tells actions apart on the wire.
@@ -177,6 +181,10 @@ def openapi_document(routes, version: str) -> dict[str, Any]:
         {"required": ["percent"], "properties": {"devices": {"maxItems": 0}}},
         {"required": ["devices"], "properties": {"devices": {"minItems": 1}, "percent": {"type": "null"}}},
     ]
+    return schemas
+
+
+def openapi_document(routes: Sequence[Route], version: str) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for r in routes:
         if r.hidden:
@@ -201,13 +209,18 @@ def openapi_document(routes, version: str) -> dict[str, Any]:
         if r.body:
             op["requestBody"] = {
                 "required": r.body_required,
-                "content": {"application/json": {"schema": _ref(r.body)}},
+                "content": {"application/json": {"schema": _ref(r.body.__name__)}},
             }
         if r.auth == "admin":
             op["security"] = [{"adminToken": []}]
         elif r.auth == "poll":
             op["security"] = [{"pollToken": []}]
-        ok_schema = _ref(r.response) if r.response else {"type": "string"}
+        if r.response is None:
+            ok_schema: dict[str, Any] = {"type": "string"}
+        else:
+            ok_schema = _ref(r.response if isinstance(r.response, str) else r.response.__name__)
+            if r.many:
+                ok_schema = {"type": "array", "items": ok_schema}
         responses: dict[str, Any] = {
             str(r.status): {"description": "OK", "content": {r.content: {"schema": ok_schema}}}
         }
@@ -227,7 +240,7 @@ def openapi_document(routes, version: str) -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": schemas,
+            "schemas": _schemas(routes),
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer", "description": "a person's token"},
                 "pollToken": {

@@ -25,6 +25,8 @@ import json
 import re
 from typing import Any
 
+from recovery_agent.protocol.admin import AuditEntry, AuditReport
+
 from .access import Operation, User, require
 from .errors import BadRequest
 from .store import Store, Tx
@@ -83,7 +85,7 @@ def record(
         tx.execute("INSERT INTO schema_meta VALUES ('audit_head', ?)", f"{seq}:{digest}")
 
 
-def verify_chain(store: Store, expect_head: str | None = None) -> dict[str, Any]:
+def verify_chain(store: Store, expect_head: str | None = None) -> AuditReport:
     """Walk the whole chain; report every entry that was edited, removed or reordered, and
     entries cut off the end (against the recorded head, or ``expect_head`` kept elsewhere)."""
     problems: list[str] = []
@@ -112,7 +114,15 @@ def verify_chain(store: Store, expect_head: str | None = None) -> dict[str, Any]
                 )
             else:
                 problems.append(f"the chain does not end where the {name} says ({want[:24]}…)")
-    return {"ok": not problems, "entries": count, "head": head, "problems": problems}
+    return AuditReport(ok=not problems, entries=count, head=head, problems=problems)
+
+
+def describe(report: AuditReport) -> str:
+    """The report as both command lines print it."""
+    lines = [f"audit log: {report.entries} entries, head {report.head}"]
+    lines += [f"  PROBLEM: {problem}" for problem in report.problems]
+    lines.append("chain intact" if report.ok else "chain BROKEN")
+    return "\n".join(lines)
 
 
 class AuditLog:
@@ -121,7 +131,7 @@ class AuditLog:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def entries(self, user: User, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+    def entries(self, user: User, device_id: str | None = None, after: int = 0) -> list[AuditEntry]:
         require(user, Operation.READ_AUDIT_LOG)
         if device_id:
             rows = self._store.all(
@@ -129,9 +139,9 @@ class AuditLog:
             )
         else:
             rows = self._store.all("SELECT * FROM events WHERE seq > ? ORDER BY seq", after)
-        return [dict(r) for r in rows]
+        return [AuditEntry.model_validate(dict(r)) for r in rows]
 
-    def verify(self, user: User, expect_head: str | None = None) -> dict[str, Any]:
+    def verify(self, user: User, expect_head: str | None = None) -> AuditReport:
         require(user, Operation.READ_AUDIT_LOG)
         if expect_head is not None and not re.fullmatch(r"[0-9]{1,18}:[0-9a-f]{64}", expect_head):
             raise BadRequest("expect_head must be SEQ:SHA256 as audit verify printed it")

@@ -20,7 +20,7 @@ from aiohttp import web
 from recovery_agent.protocol.keys import KeyFileError, SigningKey
 
 from . import audit
-from .access import console
+from .access import ROLES, console
 from .app import make_app
 from .errors import ServerError
 from .service import RecoveryService
@@ -80,8 +80,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"server key id: {key.key_id}")
     print(f"pin this public key in recovery environments: {key_path}.pub")
     if not svc.has_admin():
-        token = svc.create_user(console("setup"), args.admin, "admin")
-        _emit_token(token, args.token_file, f"admin user {args.admin!r}")
+        new = svc.create_user(console("setup"), args.admin, "admin")
+        _emit_token(new.token, args.token_file, f"admin user {args.admin!r}")
     return 0
 
 
@@ -97,19 +97,16 @@ def _emit_token(token: str, token_file: str | None, what: str) -> None:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     svc = open_service(args)
-    token = svc.create_user(console("recovery-server"), args.name, args.role)
-    _emit_token(token, args.token_file, f"user {args.name!r} ({args.role})")
+    new = svc.create_user(console("recovery-server"), args.name, args.role)
+    _emit_token(new.token, args.token_file, f"user {args.name!r} ({args.role})")
     return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Offline: read the database directly, not through a server that might lie."""
-    result = audit.verify_chain(_store(args), args.expect_head)
-    print(f"audit log: {result['entries']} entries, head {result['head']}")
-    for problem in result["problems"]:
-        print(f"  PROBLEM: {problem}")
-    print("chain intact" if result["ok"] else "chain BROKEN")
-    return 0 if result["ok"] else 1
+    report = audit.verify_chain(_store(args), args.expect_head)
+    print(audit.describe(report))
+    return 0 if report.ok else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -122,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
+        port = runner.addresses[0][1]  # the real port when --port 0
         print(f"recovery-server listening on http://{args.host}:{port}", flush=True)
         if args.port_file:
             Path(args.port_file).write_text(f"{port}\n")
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(fn=cmd_init)
     u = sub.add_parser("user-add", help="add a user directly in the database (offline)")
     u.add_argument("name")
-    u.add_argument("--role", required=True, choices=["viewer", "operator", "approver", "admin"])
+    u.add_argument("--role", required=True, choices=ROLES)
     u.add_argument("--token-file")
     u.set_defaults(fn=cmd_user_add)
     av = sub.add_parser("audit-verify", help="check the audit log's hash chain in the database")

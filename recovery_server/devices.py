@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol.admin import Device, EnrollmentToken
 from recovery_agent.protocol.envelope import EnvelopeError, Verified
 from recovery_agent.protocol.wire import Challenge, SignedMessage
 
@@ -65,7 +66,7 @@ class Devices:
 
     def create_enrollment_token(
         self, user: User, label: str = "fleet", valid_for: timedelta | None = None
-    ) -> str:
+    ) -> EnrollmentToken:
         require(user, Operation.MAKE_ENROLLMENT_TOKEN)
         token = "enr_" + secrets.token_urlsafe(24)
         now = self._now()
@@ -80,7 +81,7 @@ class Devices:
                 expires,
             )
             audit.record(tx, iso(now), "enrollment_token.created", user.name, subject=label)
-        return token
+        return EnrollmentToken(token=token, label=label)
 
     def enroll(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -166,10 +167,10 @@ class Devices:
 
     # ---------------------------------------------------------------- views
 
-    def devices(self, user: User) -> list[dict[str, Any]]:
+    def devices(self, user: User) -> list[Device]:
         require(user, Operation.READ_FLEET)
         return [
-            dict(r)
+            Device.model_validate(dict(r))
             for r in self._store.all(
                 "SELECT device_id, hostname, key_id, enrolled_at, last_seen, state, recovery_attempts "
                 "FROM devices ORDER BY device_id"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import TypeAdapter
+from pydantic import AwareDatetime, BaseModel, TypeAdapter
 
 from recovery_agent.protocol import envelope
 from recovery_agent.protocol.keys import SigningKey
@@ -44,6 +44,15 @@ from .rollout import Rollouts
 from .store import Reader, Row, Store, Tx, iso, new_id, token_sha256
 
 _ACTIONS = TypeAdapter(list[Action])
+
+
+class DeviceResult(BaseModel):
+    """What a device's agent reported for one directive (not on the admin API: the lab reads it
+    in process)."""
+
+    directive_id: str
+    outcome: Literal["applied", "failed", "rejected"]
+    received_at: AwareDatetime
 
 
 class Directives:
@@ -248,10 +257,10 @@ class Directives:
 
     # ---------------------------------------------------------------- views
 
-    def results(self, user: User, device_id: str) -> list[dict[str, Any]]:
+    def results(self, user: User, device_id: str) -> list[DeviceResult]:
         require(user, Operation.READ_FLEET)
         return [
-            dict(r)
+            DeviceResult.model_validate(dict(r))
             for r in self._store.all(
                 "SELECT directive_id, outcome, received_at FROM results WHERE device_id = ? "
                 "ORDER BY received_at",

@@ -14,12 +14,11 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
+from recovery_agent.protocol.admin import Incident, IncidentDetail, IncidentReport, Suggestion
 from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
 
 from . import audit, catalog
@@ -128,7 +127,7 @@ class Incidents:
             poll_token=poll_token,
         )
 
-    def suggest(self, user: User, incident_id: str) -> dict[str, Any]:
+    def suggest(self, user: User, incident_id: str) -> Suggestion:
         """A draft fix from the catalog of known fixes (catalog.py); a person still turns it
         into a remediation and others approve it."""
         require(user, Operation.READ_FLEET)
@@ -140,48 +139,47 @@ class Incidents:
             for r in self._store.all("SELECT payload FROM reports WHERE incident_id = ?", incident_id)
         )
         proposal = catalog.propose(dict(inc), reports)
-        return {
-            "incident_id": incident_id,
-            "title": proposal.title,
-            "actions": proposal.actions,
-            "why": proposal.why,
-        }
+        return Suggestion.model_validate(
+            {
+                "incident_id": incident_id,
+                "title": proposal.title,
+                "actions": proposal.actions,
+                "why": proposal.why,
+            }
+        )
 
     # ---------------------------------------------------------------- views
 
-    def incidents(self, user: User) -> list[dict[str, Any]]:
+    def incidents(self, user: User) -> list[Incident]:
         require(user, Operation.READ_FLEET)
         return [self._view(r) for r in self._store.all("SELECT * FROM incidents ORDER BY last_seen DESC")]
 
-    def incident(self, user: User, incident_id: str) -> dict[str, Any]:
+    def incident(self, user: User, incident_id: str) -> IncidentDetail:
         require(user, Operation.READ_FLEET)
         row = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
         if row is None:
             raise NotFound(f"no incident {incident_id}")
-        item = self._view(row)
-        reports = self._store.all(
-            "SELECT report_id, device_id, received_at, payload FROM reports "
-            "WHERE incident_id = ? ORDER BY received_at",
-            incident_id,
-        )
-        item["reports"] = [
-            {
-                "report_id": r["report_id"],
-                "device_id": r["device_id"],
-                "received_at": r["received_at"],
-                "diagnostics": json.loads(r["payload"]),
-            }
-            for r in reports
+        reports = [
+            IncidentReport(
+                report_id=r["report_id"],
+                device_id=r["device_id"],
+                received_at=r["received_at"],
+                diagnostics=Diagnostics.model_validate_json(r["payload"]),
+            )
+            for r in self._store.all(
+                "SELECT report_id, device_id, received_at, payload FROM reports "
+                "WHERE incident_id = ? ORDER BY received_at",
+                incident_id,
+            )
         ]
-        return item
+        return IncidentDetail.model_validate({**self._view(row).model_dump(), "reports": reports})
 
-    def _view(self, row: Row) -> dict[str, Any]:
-        item = dict(row)
-        item["devices"] = [
+    def _view(self, row: Row) -> Incident:
+        devices = [
             d["device_id"]
             for d in self._store.all(
                 "SELECT DISTINCT device_id FROM reports WHERE incident_id = ? ORDER BY device_id",
                 row["incident_id"],
             )
         ]
-        return item
+        return Incident.model_validate({**dict(row), "devices": devices})

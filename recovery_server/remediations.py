@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol.admin import Approval, Remediation
 from recovery_agent.protocol.envelope import EnvelopeError
 from recovery_agent.protocol.wire import Action, RemediationApproval
 
@@ -56,7 +57,7 @@ class Remediations:
         actions: list[Any],
         incident_id: str | None,
         required_approvals: int = 1,
-    ) -> dict[str, Any]:
+    ) -> Remediation:
         require(user, Operation.WRITE_REMEDIATION)
         try:
             parsed = _ACTIONS.validate_python(actions)
@@ -95,7 +96,7 @@ class Remediations:
 
     def approve(
         self, user: User, remediation_id: str, signed: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+    ) -> Remediation:
         """Count ``user``'s approval. A person with a registered key must send their signed
         RemediationApproval of exactly these actions; the server checks it and keeps it, and
         every directive made from the remediation carries it to the devices."""
@@ -141,7 +142,7 @@ class Remediations:
         self._changed()
         return self._view(remediation_id)
 
-    def revoke(self, user: User, remediation_id: str) -> dict[str, Any]:
+    def revoke(self, user: User, remediation_id: str) -> Remediation:
         require(user, Operation.REVOKE_REMEDIATION)
         with self._store.tx() as tx:
             if tx.one("SELECT 1 FROM remediations WHERE remediation_id = ?", remediation_id) is None:
@@ -154,32 +155,32 @@ class Remediations:
 
     # ---------------------------------------------------------------- views
 
-    def remediation(self, user: User, remediation_id: str) -> dict[str, Any]:
+    def remediation(self, user: User, remediation_id: str) -> Remediation:
         require(user, Operation.READ_FLEET)
         return self._view(remediation_id)
 
-    def remediations(self, user: User) -> list[dict[str, Any]]:
+    def remediations(self, user: User) -> list[Remediation]:
         require(user, Operation.READ_FLEET)
         return [
             self._view(r["remediation_id"])
             for r in self._store.all("SELECT remediation_id FROM remediations ORDER BY created_at")
         ]
 
-    def _view(self, remediation_id: str) -> dict[str, Any]:
+    def _view(self, remediation_id: str) -> Remediation:
         rem = self._store.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)
         if rem is None:
             raise NotFound(f"no remediation {remediation_id}")
-        out = dict(rem)
-        out["actions"] = json.loads(rem["actions"])
-        out["approvals"] = [
-            {"approver": a["approver"], "approved_at": a["approved_at"], "signed": a["envelope"] is not None}
+        approvals = [
+            Approval(approver=a["approver"], approved_at=a["approved_at"], signed=a["envelope"] is not None)
             for a in self._store.all(
                 "SELECT approver, approved_at, envelope FROM approvals WHERE remediation_id = ? "
                 "ORDER BY approved_at",
                 remediation_id,
             )
         ]
-        return out
+        return Remediation.model_validate(
+            {**dict(rem), "actions": _ACTIONS.validate_json(rem["actions"]), "approvals": approvals}
+        )
 
 
 def _checked_signature(tx: Tx, user: User, rem: Row, signed: Mapping[str, Any] | None) -> str | None:

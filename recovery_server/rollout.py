@@ -18,6 +18,7 @@ Wave membership is a pure function of the rollout id and the device id (a sha256
 between waves. A percentage wave holds the devices whose bucket falls below it, so waves are
 cumulative: 10 % then 100 % means the 100 % wave adds the other 90 %.
 
+The plan (``RolloutPlan``, its ``Wave``s) is part of the admin API (``protocol/admin.py``).
 The rules are pure functions (``wave_of``, ``decide``); ``Rollouts`` applies them to the
 store, each change in one transaction: ``serving`` tells ``directives.py`` whether a device's
 wave is open, ``judge`` re-judges a rollout after each outcome, ``tick`` as time passes.
@@ -31,9 +32,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from recovery_agent.protocol.wire import DeviceId
+from recovery_agent.protocol.admin import Rollout, RolloutPlan, WaveProgress
 
 from . import audit
 from .access import Operation, User, require
@@ -41,43 +42,6 @@ from .errors import BadRequest, Conflict, NotFound
 from .store import Reader, Row, Store, Tx, iso, new_id, parse_iso
 
 BUCKETS = 10_000
-
-
-class Wave(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, max_length=64)
-    devices: list[DeviceId] = Field(default=[], max_length=1000)
-    percent: float | None = Field(default=None, gt=0, le=100)
-
-    @model_validator(mode="after")
-    def _one_rule(self) -> Wave:
-        if bool(self.devices) == (self.percent is not None):
-            raise ValueError(f"wave {self.name!r}: give either devices (a canary list) or percent")
-        return self
-
-
-class RolloutPlan(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    waves: list[Wave] = Field(min_length=1, max_length=16)
-    min_devices: int = Field(default=1, ge=1)
-    min_success_rate: float = Field(default=0.95, ge=0, le=1)
-    soak_s: float = Field(default=0, ge=0)
-    halt_failure_rate: float = Field(default=0.2, ge=0, le=1)
-    halt_min_devices: int = Field(default=1, ge=1)
-
-    @model_validator(mode="after")
-    def _growing(self) -> RolloutPlan:
-        last = 0.0
-        for w in self.waves:
-            if w.percent is not None:
-                if w.percent <= last:
-                    raise ValueError(f"wave {w.name!r}: percentages must grow ({w.percent} after {last})")
-                last = w.percent
-        if self.waves[-1].percent != 100:
-            raise ValueError("the last wave must be percent 100, or some devices are never reached")
-        return self
 
 
 def bucket(rollout_id: str, device_id: str) -> int:
@@ -157,9 +121,7 @@ class Rollouts:
         self._now = now
         self._changed = changed
 
-    def create(
-        self, user: User, remediation_id: str, plan: RolloutPlan | Mapping[str, Any]
-    ) -> dict[str, Any]:
+    def create(self, user: User, remediation_id: str, plan: RolloutPlan | Mapping[str, Any]) -> Rollout:
         require(user, Operation.SET_ROLLOUT)
         try:
             parsed = plan if isinstance(plan, RolloutPlan) else RolloutPlan.model_validate(plan)
@@ -200,7 +162,7 @@ class Rollouts:
             )
         return self._view(rollout_id)
 
-    def set_state(self, user: User, rollout_id: str, action: str) -> dict[str, Any]:
+    def set_state(self, user: User, rollout_id: str, action: str) -> Rollout:
         """``action`` is pause, resume or revoke (access.py says who may)."""
         if action not in _STATE_CHANGES:
             raise BadRequest(f"unknown rollout action {action!r}: pause, resume or revoke")
@@ -334,57 +296,41 @@ class Rollouts:
 
     # ---------------------------------------------------------------- views
 
-    def rollout(self, user: User, rollout_id: str) -> dict[str, Any]:
+    def rollout(self, user: User, rollout_id: str) -> Rollout:
         require(user, Operation.READ_FLEET)
         return self._view(rollout_id)
 
-    def rollouts(self, user: User) -> list[dict[str, Any]]:
+    def rollouts(self, user: User) -> list[Rollout]:
         require(user, Operation.READ_FLEET)
         return [
             self._view(r["rollout_id"])
             for r in self._store.all("SELECT rollout_id FROM rollouts ORDER BY created_at")
         ]
 
-    def _view(self, rollout_id: str) -> dict[str, Any]:
+    def _view(self, rollout_id: str) -> Rollout:
         ro = self._store.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
         if ro is None:
             raise NotFound(f"no rollout {rollout_id}")
         plan = RolloutPlan.model_validate_json(ro["plan"])
-        out = {
-            k: ro[k]
-            for k in (
-                "rollout_id",
-                "remediation_id",
-                "state",
-                "current_wave",
-                "wave_started_at",
-                "reason",
-                "created_by",
-                "created_at",
-            )
-        }
-        out["plan"] = plan.model_dump()
+        gate = ""
         if ro["state"] == "active":
             counts = _wave_counts(self._store, ro["remediation_id"], ro["current_wave"])
             soaked = (self._now() - parse_iso(ro["wave_started_at"])).total_seconds()
-            out["gate"] = decide(plan, ro["current_wave"], counts, soaked).reason
-        else:
-            out["gate"] = ""
+            gate = decide(plan, ro["current_wave"], counts, soaked).reason
         waves = []
         for i, w in enumerate(plan.waves):
             c = _wave_counts(self._store, ro["remediation_id"], i)
             waves.append(
-                {
-                    "name": w.name,
-                    "reached": i <= ro["current_wave"],
-                    "served": c.served,
-                    "succeeded": c.succeeded,
-                    "failed": c.failed,
-                    "pending": c.pending,
-                }
+                WaveProgress(
+                    name=w.name,
+                    reached=i <= ro["current_wave"],
+                    served=c.served,
+                    succeeded=c.succeeded,
+                    failed=c.failed,
+                    pending=c.pending,
+                )
             )
-        out["waves"] = waves
-        return out
+        return Rollout.model_validate({**dict(ro), "plan": plan, "gate": gate, "waves": waves})
 
 
 def _wave_counts(db: Reader, remediation_id: str, wave: int) -> WaveCounts:

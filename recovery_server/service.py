@@ -27,28 +27,47 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from recovery_agent.protocol.admin import (
+    AuditEntry,
+    AuditReport,
+    Device,
+    EnrollmentToken,
+    Incident,
+    IncidentDetail,
+    NewUser,
+    RegisteredKey,
+    Remediation,
+    Rollout,
+    RolloutPlan,
+    Suggestion,
+)
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
 from .access import User
 from .audit import AuditLog
 from .devices import Devices
-from .directives import Directives
+from .directives import DeviceResult, Directives
 from .incidents import Incidents
 from .remediations import Remediations
-from .rollout import RolloutPlan, Rollouts
+from .rollout import Rollouts
 from .store import Store
 from .users import Users
 
 
 @dataclass
 class ServiceSettings:
+    """How long a challenge nonce and a signed directive stay valid."""
+
     nonce_ttl: timedelta = timedelta(minutes=10)
     directive_ttl: timedelta = timedelta(hours=1)
 
 
 @dataclass
 class RecoveryService:
+    """The server's rules, one method per thing the device and admin APIs do; each delegates to
+    its concept module. Admin methods take the person acting first."""
+
     store: Store
     server_key: SigningKey
     settings: ServiceSettings = field(default_factory=ServiceSettings)
@@ -75,7 +94,7 @@ class RecoveryService:
 
     # ---------------------------------------------------------------- people
 
-    def create_user(self, actor: User, name: str, role: str) -> str:
+    def create_user(self, actor: User, name: str, role: str) -> NewUser:
         return self._users.create(actor, name, role)
 
     def has_admin(self) -> bool:
@@ -84,14 +103,14 @@ class RecoveryService:
     def authenticate(self, token: str | None) -> User:
         return self._users.authenticate(token)
 
-    def register_key(self, user: User, public_key: str) -> dict[str, Any]:
+    def register_key(self, user: User, public_key: str) -> RegisteredKey:
         return self._users.register_key(user, public_key)
 
     # ---------------------------------------------------------------- devices
 
     def create_enrollment_token(
         self, user: User, label: str = "fleet", valid_for: timedelta | None = None
-    ) -> str:
+    ) -> EnrollmentToken:
         return self._devices.create_enrollment_token(user, label, valid_for)
 
     def enroll(self, raw: bytes) -> dict[str, Any]:
@@ -112,21 +131,21 @@ class RecoveryService:
     def accept_health(self, raw: bytes) -> dict[str, Any]:
         return self._directives.accept_health(raw)
 
-    def devices(self, user: User) -> list[dict[str, Any]]:
+    def devices(self, user: User) -> list[Device]:
         return self._devices.devices(user)
 
-    def device_results(self, user: User, device_id: str) -> list[dict[str, Any]]:
+    def device_results(self, user: User, device_id: str) -> list[DeviceResult]:
         return self._directives.results(user, device_id)
 
     # ---------------------------------------------------------------- incidents
 
-    def incidents(self, user: User) -> list[dict[str, Any]]:
+    def incidents(self, user: User) -> list[Incident]:
         return self._incidents.incidents(user)
 
-    def incident(self, user: User, incident_id: str) -> dict[str, Any]:
+    def incident(self, user: User, incident_id: str) -> IncidentDetail:
         return self._incidents.incident(user, incident_id)
 
-    def suggest_actions(self, user: User, incident_id: str) -> dict[str, Any]:
+    def suggest_actions(self, user: User, incident_id: str) -> Suggestion:
         return self._incidents.suggest(user, incident_id)
 
     # ---------------------------------------------------------------- remediations
@@ -139,48 +158,48 @@ class RecoveryService:
         actions: list[Any],
         incident_id: str | None,
         required_approvals: int = 1,
-    ) -> dict[str, Any]:
+    ) -> Remediation:
         return self._remediations.create(
             user, title=title, actions=actions, incident_id=incident_id, required_approvals=required_approvals
         )
 
     def approve(
         self, user: User, remediation_id: str, signed: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+    ) -> Remediation:
         return self._remediations.approve(user, remediation_id, signed)
 
-    def revoke(self, user: User, remediation_id: str) -> dict[str, Any]:
+    def revoke(self, user: User, remediation_id: str) -> Remediation:
         return self._remediations.revoke(user, remediation_id)
 
-    def remediation(self, user: User, remediation_id: str) -> dict[str, Any]:
+    def remediation(self, user: User, remediation_id: str) -> Remediation:
         return self._remediations.remediation(user, remediation_id)
 
-    def remediations(self, user: User) -> list[dict[str, Any]]:
+    def remediations(self, user: User) -> list[Remediation]:
         return self._remediations.remediations(user)
 
     # ---------------------------------------------------------------- rollouts
 
     def create_rollout(
         self, user: User, remediation_id: str, plan: RolloutPlan | Mapping[str, Any]
-    ) -> dict[str, Any]:
+    ) -> Rollout:
         return self._rollouts.create(user, remediation_id, plan)
 
-    def set_rollout_state(self, user: User, rollout_id: str, action: str) -> dict[str, Any]:
+    def set_rollout_state(self, user: User, rollout_id: str, action: str) -> Rollout:
         return self._rollouts.set_state(user, rollout_id, action)
 
     def tick(self) -> None:
         self._rollouts.tick()
 
-    def rollout(self, user: User, rollout_id: str) -> dict[str, Any]:
+    def rollout(self, user: User, rollout_id: str) -> Rollout:
         return self._rollouts.rollout(user, rollout_id)
 
-    def rollouts(self, user: User) -> list[dict[str, Any]]:
+    def rollouts(self, user: User) -> list[Rollout]:
         return self._rollouts.rollouts(user)
 
     # ---------------------------------------------------------------- audit log
 
-    def events(self, user: User, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+    def events(self, user: User, device_id: str | None = None, after: int = 0) -> list[AuditEntry]:
         return self._audit.entries(user, device_id, after)
 
-    def verify_audit(self, user: User, expect_head: str | None = None) -> dict[str, Any]:
+    def verify_audit(self, user: User, expect_head: str | None = None) -> AuditReport:
         return self._audit.verify(user, expect_head)

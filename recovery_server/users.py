@@ -11,9 +11,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from recovery_agent.protocol import keys
+from recovery_agent.protocol.admin import NewUser, RegisteredKey
 
 from . import audit
 from .access import ROLES, Operation, User, require
@@ -26,9 +26,9 @@ class Users:
         self._store = store
         self._now = now
 
-    def create(self, actor: User, name: str, role: str) -> str:
-        """``actor`` adds a person; returns their token, which is not kept and cannot be shown
-        again."""
+    def create(self, actor: User, name: str, role: str) -> NewUser:
+        """``actor`` adds a person; the answer carries their token, which is not kept and
+        cannot be shown again."""
         require(actor, Operation.ADD_USER)
         if role not in ROLES:
             raise BadRequest(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
@@ -51,7 +51,7 @@ class Users:
                 now,
             )
             audit.record(tx, now, "user.created", actor.name, subject=name, detail={"role": role})
-        return token
+        return NewUser.model_validate({"name": name, "role": role, "token": token})
 
     def has_admin(self) -> bool:
         return self._store.one("SELECT 1 FROM users WHERE role = 'admin'") is not None
@@ -66,7 +66,7 @@ class Users:
             )
         return User(row["name"], row["role"])
 
-    def register_key(self, user: User, public_key: str) -> dict[str, Any]:
+    def register_key(self, user: User, public_key: str) -> RegisteredKey:
         """A person registers their own Ed25519 key; from then on their approvals must be
         signed with it, and devices that pin it can check those signatures themselves."""
         require(user, Operation.REGISTER_OWN_KEY)
@@ -90,4 +90,4 @@ class Users:
                 subject=user.name,
                 detail={"key_id": kid},
             )
-        return {"name": user.name, "key_id": kid}
+        return RegisteredKey(name=user.name, key_id=kid)

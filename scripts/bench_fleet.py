@@ -41,9 +41,9 @@ def main() -> int:
         svc.create_user(console("setup"), name, role)
     sim = FleetSim(svc, args.devices)
     t0 = time.perf_counter()
-    sim.enroll_all(svc.create_enrollment_token(User("admin", "admin")))
+    sim.enroll_all(svc.create_enrollment_token(User("admin", "admin")).token)
     sim.crash_all()
-    inc = svc.incidents(User("oscar", "operator"))[0]["incident_id"]
+    inc = svc.incidents(User("oscar", "operator"))[0].incident_id
     rem = svc.create_remediation(
         User("oscar", "operator"),
         title="q",
@@ -52,7 +52,7 @@ def main() -> int:
     )
     ro = svc.create_rollout(
         User("oscar", "operator"),
-        rem["remediation_id"],
+        rem.remediation_id,
         {
             "waves": [
                 {"name": "canary", "devices": [d.device_id for d in sim.devices[:50]]},
@@ -65,19 +65,16 @@ def main() -> int:
             "halt_min_devices": 40,
         },
     )
-    svc.approve(User("bob", "approver"), rem["remediation_id"])
+    svc.approve(User("bob", "approver"), rem.remediation_id)
     rounds = sim.run(lambda wave: args.failure_rate)
     total = time.perf_counter() - t0
-    status = svc.rollout(User("oscar", "operator"), ro["rollout_id"])
+    status = svc.rollout(User("oscar", "operator"), ro.rollout_id)
     print(
         f"store: {svc.store.dialect} ({'temp file' if args.store == 'sqlite' else args.store.split('@')[-1]})"
     )
-    print(f"devices: {args.devices}, rounds: {rounds}, rollout: {status['state']}")
-    for w in status["waves"]:
-        print(
-            f"  wave {w['name']:<7} served {w['served']:>6}  succeeded {w['succeeded']:>6}  "
-            f"failed {w['failed']:>5}"
-        )
+    print(f"devices: {args.devices}, rounds: {rounds}, rollout: {status.state}")
+    for w in status.waves:
+        print(f"  wave {w.name:<7} served {w.served:>6}  succeeded {w.succeeded:>6}  failed {w.failed:>5}")
     for step, seconds in sim.timings.items():
         print(f"  {step:<8} {seconds:7.2f} s")
     requests = args.devices * 6  # enroll, challenge, diagnostics, poll, result, health

@@ -120,7 +120,7 @@ class Fleet:
                 ("oscar", "operator"),
             ):
                 self.service.create_user(console("setup"), name, role)
-            self.enrollment_token = self.service.create_enrollment_token(self.user("admin"))
+            self.enrollment_token = self.service.create_enrollment_token(self.user("admin")).token
 
     async def stop(self) -> None:
         await self.server.close()
@@ -164,10 +164,10 @@ class Fleet:
     def approve_suggested(self, incident_id: str, author: str = "alice", approver: str = "bob") -> str:
         s = self.service.suggest_actions(self.user(author), incident_id)
         rem = self.service.create_remediation(
-            self.user(author), title=s["title"], actions=s["actions"], incident_id=incident_id
+            self.user(author), title=s.title, actions=s.actions, incident_id=incident_id
         )
-        self.service.approve(self.user(approver), rem["remediation_id"])
-        return rem["remediation_id"]
+        self.service.approve(self.user(approver), rem.remediation_id)
+        return rem.remediation_id
 
 
 @pytest.fixture

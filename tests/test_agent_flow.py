@@ -38,9 +38,9 @@ async def test_channel_file_incident_is_recovered_after_approval(fleet, machine,
     run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
     incident = fleet.service.incidents(fleet.viewer)[0]
-    assert incident["title"] == "general protection fault in sensor_parse_channel"
-    assert incident["channel_file"] == f"{CHANNELS}/{BAD}"
-    fleet.approve_suggested(incident["incident_id"])
+    assert incident.title == "general protection fault in sensor_parse_channel"
+    assert incident.channel_file == f"{CHANNELS}/{BAD}"
+    fleet.approve_suggested(incident.incident_id)
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
 
@@ -52,10 +52,10 @@ async def test_channel_file_incident_is_recovered_after_approval(fleet, machine,
     assert BAD in json.dumps(manifest)
     assert grub(machine).boot_count == 0
     [result] = fleet.service.device_results(fleet.viewer, "dev-0001")
-    assert result["outcome"] == "applied"
+    assert result.outcome == "applied"
 
     await report_health(settings, boot_id="boot-3")
-    assert fleet.service.devices(fleet.viewer)[0]["state"] == "healthy"
+    assert fleet.service.devices(fleet.viewer)[0].state == "healthy"
     assert not list((machine / "pstore").iterdir()), "the good boot archives the crash records"
     assert list((os_root / "var/lib/recovery/pstore").glob("*/dmesg-ramoops-0"))
     assert grub(machine).get("recovery_attempts") == "0"
@@ -96,7 +96,7 @@ async def test_altered_directive_is_rejected_inside_and_nothing_changes(fleet, m
         before = tree_snapshot(machine / "os")
         run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
         await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-        fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0]["incident_id"])
+        fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0].incident_id)
         await clock.release()
         assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     finally:
@@ -115,7 +115,7 @@ async def test_expired_directive_is_rejected(fleet, machine):
     agent.timeline.sink = lines.append
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-    fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0]["incident_id"])
+    fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0].incident_id)
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("REJECTED" in line and "expired" in line for line in lines)
@@ -133,7 +133,7 @@ async def test_directive_signed_by_another_key_is_rejected(fleet, machine, clock
     before = tree_snapshot(machine / "os")
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-    fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0]["incident_id"])
+    fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0].incident_id)
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("no signature by a trusted key" in line for line in lines)
@@ -153,7 +153,7 @@ async def test_unknown_crash_retries_then_asks_for_a_person(fleet, tmp_path, clo
     assert grub(machine).boot_count == 0, "the OS gets another try"
     assert grub(machine).get("recovery_attempts") == "1"
     incident = fleet.service.incidents(fleet.viewer)[0]
-    assert incident["kind"] == "unknown"
+    assert incident.kind == "unknown"
 
     BootEnv.read(machine / "esp/grub/grubenv")  # the OS failed twice again:
     env = grub(machine)
@@ -163,8 +163,8 @@ async def test_unknown_crash_retries_then_asks_for_a_person(fleet, tmp_path, clo
     assert await asyncio.wait_for(agent2.run(), 60) is Outcome.NEEDS_MANUAL
     assert grub(machine).boot_count == 2, "stays in recovery rather than loop"
     device = fleet.service.devices(fleet.viewer)[0]
-    assert device["state"] == "needs_manual"
-    assert any(e["kind"] == "device.needs_manual" for e in fleet.service.events(fleet.viewer))
+    assert device.state == "needs_manual"
+    assert any(e.kind == "device.needs_manual" for e in fleet.service.events(fleet.viewer))
 
 
 async def test_cloud_remediation_off_sends_nothing(fleet, machine):
@@ -178,7 +178,7 @@ async def test_server_restart_while_the_agent_waits(fleet, machine, clock):
     settings = await enrolled_settings(fleet, machine)
     run = asyncio.create_task(RecoveryAgent(settings, clock=clock).run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-    incident_id = fleet.service.incidents(fleet.viewer)[0]["incident_id"]
+    incident_id = fleet.service.incidents(fleet.viewer)[0].incident_id
     await fleet.restart()
     fleet.approve_suggested(incident_id)
     await clock.release()
@@ -194,6 +194,6 @@ async def test_agent_waits_for_a_late_server(fleet, machine, clock):
     await asyncio.sleep(1.0)
     await fleet.start()
     await wait_for(lambda: fleet.service.incidents(fleet.viewer), timeout=20)
-    fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0]["incident_id"])
+    fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0].incident_id)
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED

@@ -22,19 +22,19 @@ def populate(fleet) -> dict:
     sim = FleetSim(fleet.service, 6)
     sim.enroll_all(fleet.enrollment_token)
     sim.crash_all()
-    inc = fleet.service.incidents(fleet.viewer)[0]["incident_id"]
+    inc = fleet.service.incidents(fleet.viewer)[0].incident_id
     s = fleet.service.suggest_actions(fleet.user("oscar"), inc)
     rem = fleet.service.create_remediation(
         fleet.user("oscar"),
         title="quarantine 291",
         actions=[{"type": "quarantine_file", "path": "var/lib/x", "sha256": "a" * 64}]
-        if not s["actions"]
-        else s["actions"],
+        if not s.actions
+        else s.actions,
         incident_id=inc,
     )
     ro = fleet.service.create_rollout(
         fleet.user("oscar"),
-        rem["remediation_id"],
+        rem.remediation_id,
         {
             "waves": [
                 {"name": "canary", "devices": [sim.devices[0].device_id]},
@@ -42,14 +42,14 @@ def populate(fleet) -> dict:
             ]
         },
     )
-    return {"incident": inc, "remediation": rem["remediation_id"], "rollout": ro["rollout_id"], "sim": sim}
+    return {"incident": inc, "remediation": rem.remediation_id, "rollout": ro.rollout_id, "sim": sim}
 
 
 @SQLITE_ONLY
 @pytest.mark.timeout(300)
 async def test_api_conforms_to_its_openapi_document(fleet, tmp_path):
     ids = populate(fleet)
-    token = fleet.service.create_user(fleet.admin, "schemathesis", "admin")
+    token = fleet.service.create_user(fleet.admin, "schemathesis", "admin").token
     config = tmp_path / "schemathesis.toml"
     # Real identifiers, so the fuzzer reaches past 404s into the handlers.
     config.write_text(f"""

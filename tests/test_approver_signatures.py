@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.agent import Outcome, RecoveryAgent
+from recovery_agent.protocol.admin import Remediation
 from recovery_agent.protocol.envelope import actions_digest, seal
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import RemediationApproval, utcnow
@@ -24,11 +25,11 @@ from .test_agent_flow import wait_for
 ADMIN_CLI = [sys.executable, "-m", "recovery_server.admin_cli"]
 
 
-def sign(key: SigningKey, rem: dict, approver: str, actions: list | None = None) -> dict:
+def sign(key: SigningKey, rem: Remediation, approver: str, actions: list | None = None) -> dict:
     return seal(
         RemediationApproval(
-            remediation_id=rem["remediation_id"],
-            actions_sha256=actions_digest(actions or rem["actions"]),
+            remediation_id=rem.remediation_id,
+            actions_sha256=actions_digest(actions or rem.actions),
             approver=approver,
             approved_at=utcnow(),
         ),
@@ -45,12 +46,12 @@ def keys(fleet):
     return out
 
 
-def remediation(fleet, incident_id: str, required: int = 2) -> dict:
+def remediation(fleet, incident_id: str, required: int = 2) -> Remediation:
     s = fleet.service.suggest_actions(fleet.user("oscar"), incident_id)
     return fleet.service.create_remediation(
         fleet.user("oscar"),
-        title=s["title"],
-        actions=s["actions"],
+        title=s.title,
+        actions=s.actions,
         incident_id=incident_id,
         required_approvals=required,
     )
@@ -76,19 +77,19 @@ async def test_a_person_with_a_key_must_sign_and_sign_exactly_these_actions(flee
     agent, _ = await pinned_agent(fleet, machine, keys, 0, clock, time_to_reboot_min=20)
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0]["incident_id"])
+    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0].incident_id)
     with pytest.raises(Forbidden, match="approvals must be signed"):
-        fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+        fleet.service.approve(fleet.user("alice"), rem.remediation_id)
     other = [{"type": "disable_driver", "name": "sensor"}]
     with pytest.raises(BadRequest, match="covers other actions"):
         fleet.service.approve(
-            fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice", other)
+            fleet.user("alice"), rem.remediation_id, sign(keys["alice"], rem, "alice", other)
         )
     with pytest.raises(BadRequest, match="does not verify|no signature by a trusted key"):
-        fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["bob"], rem, "alice"))
+        fleet.service.approve(fleet.user("alice"), rem.remediation_id, sign(keys["bob"], rem, "alice"))
     assert fleet.count("approvals") == 0
-    fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice"))
-    fleet.service.approve(fleet.user("bob"), rem["remediation_id"], sign(keys["bob"], rem, "bob"))
+    fleet.service.approve(fleet.user("alice"), rem.remediation_id, sign(keys["alice"], rem, "alice"))
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id, sign(keys["bob"], rem, "bob"))
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
     envelope = json.loads(fleet.store.one("SELECT envelope FROM directives")["envelope"])
@@ -104,9 +105,9 @@ async def test_device_pinning_two_approvers_refuses_a_fix_only_one_signed(fleet,
     before = tree_snapshot(machine / "os")
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0]["incident_id"])
-    fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice"))
-    fleet.service.approve(fleet.user("carol"), rem["remediation_id"])
+    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0].incident_id)
+    fleet.service.approve(fleet.user("alice"), rem.remediation_id, sign(keys["alice"], rem, "alice"))
+    fleet.service.approve(fleet.user("carol"), rem.remediation_id)
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("carries 1 valid approver signature(s) and this device requires 2" in ln for ln in lines)
@@ -121,23 +122,21 @@ async def test_a_compromised_server_cannot_change_the_actions_people_signed(flee
     before = tree_snapshot(machine / "os")
     run = asyncio.create_task(agent.run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-    incident = fleet.service.incidents(fleet.viewer)[0]["incident_id"]
+    incident = fleet.service.incidents(fleet.viewer)[0].incident_id
     rem = remediation(fleet, incident)
     good = [
         f
-        for f in fleet.service.incident(fleet.viewer, incident)["reports"][0]["diagnostics"]["channel_files"]
-        if f["path"] != f"{CHANNELS}/{BAD}"
+        for f in fleet.service.incident(fleet.viewer, incident).reports[0].diagnostics.channel_files
+        if f.path != f"{CHANNELS}/{BAD}"
     ][0]
-    evil = json.dumps([{"type": "quarantine_file", "path": good["path"], "sha256": good["sha256"]}])
-    fleet.service.approve(fleet.user("alice"), rem["remediation_id"], sign(keys["alice"], rem, "alice"))
+    evil = json.dumps([{"type": "quarantine_file", "path": good.path, "sha256": good.sha256}])
+    fleet.service.approve(fleet.user("alice"), rem.remediation_id, sign(keys["alice"], rem, "alice"))
     signed_by_bob = sign(keys["bob"], rem, "bob")
-    fleet.service.approve(fleet.user("bob"), rem["remediation_id"], signed_by_bob)
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id, signed_by_bob)
     # The attacker rewrites the approved remediation before any device was served.
     with fleet.store.tx() as tx:
         assert tx.one("SELECT count(*) FROM directives")[0] == 0
-        tx.execute(
-            "UPDATE remediations SET actions = ? WHERE remediation_id = ?", evil, rem["remediation_id"]
-        )
+        tx.execute("UPDATE remediations SET actions = ? WHERE remediation_id = ?", evil, rem.remediation_id)
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.NO_REMEDIATION
     assert any("approval is for other actions" in ln for ln in lines)
@@ -149,8 +148,8 @@ async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp
     agent_settings = await enrolled_settings(fleet, machine, time_to_reboot_min=30)
     run = asyncio.create_task(RecoveryAgent(agent_settings, clock=clock).run())
     await wait_for(lambda: fleet.service.incidents(fleet.viewer))
-    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0]["incident_id"], required=1)
-    token = fleet.service.create_user(fleet.admin, "dora", "approver")
+    rem = remediation(fleet, fleet.service.incidents(fleet.viewer)[0].incident_id, required=1)
+    token = fleet.service.create_user(fleet.admin, "dora", "approver").token
 
     async def cli(*args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -169,21 +168,12 @@ async def test_admin_cli_makes_a_key_and_signs_what_it_shows(fleet, machine, tmp
 
     code, out = await cli("key", str(tmp_path / "dora.key"))
     assert code == 0 and json.loads(out)["key_id"] == SigningKey.load(tmp_path / "dora.key").key_id
-    code, out = await cli("remediation", "approve", rem["remediation_id"])
+    code, out = await cli("remediation", "approve", rem.remediation_id)
     assert code == 2 and "must be signed" in out
-    code, out = await cli(
-        "remediation", "approve", rem["remediation_id"], "--key", str(tmp_path / "dora.key")
-    )
+    code, out = await cli("remediation", "approve", rem.remediation_id, "--key", str(tmp_path / "dora.key"))
     assert code == 0, out
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
-    assert fleet.service.remediation(fleet.viewer, rem["remediation_id"])["approvals"] == [
-        {
-            "approver": "dora",
-            "approved_at": fleet.service.remediation(fleet.viewer, rem["remediation_id"])["approvals"][0][
-                "approved_at"
-            ],
-            "signed": True,
-        }
-    ]
+    approvals = fleet.service.remediation(fleet.viewer, rem.remediation_id).approvals
+    assert [(a.approver, a.signed) for a in approvals] == [("dora", True)]
     assert Path(tmp_path / "dora.key").stat().st_mode & 0o777 == 0o600

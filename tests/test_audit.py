@@ -23,9 +23,9 @@ def _fill(fleet) -> None:
 async def test_intact_chain_verifies(fleet):
     _fill(fleet)
     result = verify_chain(fleet.store)
-    assert result["ok"], result["problems"]
-    assert result["entries"] == fleet.count("events") >= 8
-    kinds = [e["kind"] for e in fleet.service.events(fleet.viewer)]
+    assert result.ok, result.problems
+    assert result.entries == fleet.count("events") >= 8
+    kinds = [e.kind for e in fleet.service.events(fleet.viewer)]
     assert "user.created" in kinds and "remediation.created" in kinds
 
 
@@ -34,8 +34,8 @@ async def test_edited_entry_is_found(fleet):
     with fleet.store.tx() as tx:
         tx.execute("UPDATE events SET actor = 'mallory' WHERE seq = 3")
     result = verify_chain(fleet.store)
-    assert not result["ok"]
-    assert any("entry 3" in p and "edited" in p for p in result["problems"])
+    assert not result.ok
+    assert any("entry 3" in p and "edited" in p for p in result.problems)
 
 
 async def test_rehashed_edit_breaks_the_next_link(fleet):
@@ -52,7 +52,7 @@ async def test_rehashed_edit_breaks_the_next_link(fleet):
             "mallory",
             entry_hash(row["prev_hash"], entry),
         )
-    problems = verify_chain(fleet.store)["problems"]
+    problems = verify_chain(fleet.store).problems
     assert any("entry 4 does not follow" in p for p in problems)
 
 
@@ -60,23 +60,23 @@ async def test_removed_entry_is_found(fleet):
     _fill(fleet)
     with fleet.store.tx() as tx:
         tx.execute("DELETE FROM events WHERE seq = 2")
-    problems = verify_chain(fleet.store)["problems"]
+    problems = verify_chain(fleet.store).problems
     assert any("entries 2..2 are missing" in p for p in problems)
 
 
 async def test_entries_cut_off_the_end_are_found(fleet):
     _fill(fleet)
-    head = verify_chain(fleet.store)["head"]
+    head = verify_chain(fleet.store).head
     last = int(head.split(":")[0])
     with fleet.store.tx() as tx:
         tx.execute("DELETE FROM events WHERE seq >= ?", last - 1)
-    problems = verify_chain(fleet.store, expect_head=head)["problems"]
+    problems = verify_chain(fleet.store, expect_head=head).problems
     assert any(f"entries {last - 1}..{last} are missing at the end" in p for p in problems)
 
 
 async def test_admin_cli_verify_exits_nonzero_on_a_broken_chain(fleet, tmp_path):
     _fill(fleet)
-    token = fleet.service.create_user(fleet.admin, "auditor", "viewer")
+    token = fleet.service.create_user(fleet.admin, "auditor", "viewer").token
     cmd = [
         sys.executable,
         "-m",

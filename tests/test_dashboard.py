@@ -75,7 +75,7 @@ def drive(driver, url: str, token: str, shot: str, actions):
 @pytest.mark.timeout(180)
 async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     ids = populate(fleet)
-    token = fleet.service.create_user(fleet.admin, "bea", "approver")
+    token = fleet.service.create_user(fleet.admin, "bea", "approver").token
 
     def actions(driver, wait, By):
         seen = {
@@ -101,7 +101,7 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
                 "paused" in d.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]').text
             )
         )
-        seen["paused"] = fleet.service.rollout(fleet.viewer, ids["rollout"])["state"]
+        seen["paused"] = fleet.service.rollout(fleet.viewer, ids["rollout"]).state
         ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
         ro.find_element(By.XPATH, ".//button[text()='Resume']").click()
         wait.until(lambda d: "Resume: done" in d.find_element(By.ID, "status").text)
@@ -113,24 +113,22 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     assert seen["devices"] == 6
     assert "hash chain intact" in seen["audit"]
     rem = fleet.service.remediation(fleet.viewer, ids["remediation"])
-    assert rem["status"] == "approved" and [a["approver"] for a in rem["approvals"]] == ["bea"]
+    assert rem.status == "approved" and [a.approver for a in rem.approvals] == ["bea"]
     assert seen["paused"] == "paused"
-    assert fleet.service.rollout(fleet.viewer, ids["rollout"])["state"] == "active"
-    assert [e["kind"] for e in fleet.service.events(fleet.viewer) if e["kind"].startswith("rollout.")][
-        -2:
-    ] == [
+    assert fleet.service.rollout(fleet.viewer, ids["rollout"]).state == "active"
+    assert [e.kind for e in fleet.service.events(fleet.viewer) if e.kind.startswith("rollout.")][-2:] == [
         "rollout.pause",
         "rollout.resume",
     ]
-    approvals = [e for e in fleet.service.events(fleet.viewer) if e["kind"] == "remediation.approval"]
-    assert approvals[-1]["actor"] == "bea"
+    approvals = [e for e in fleet.service.events(fleet.viewer) if e.kind == "remediation.approval"]
+    assert approvals[-1].actor == "bea"
 
 
 @SQLITE_ONLY
 @pytest.mark.timeout(180)
 async def test_a_viewer_sees_but_cannot_approve(fleet, browser):
     ids = populate(fleet)
-    token = fleet.service.create_user(fleet.admin, "vic", "viewer")
+    token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
 
     def actions(driver, wait, By):
         row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
@@ -140,7 +138,7 @@ async def test_a_viewer_sees_but_cannot_approve(fleet, browser):
 
     status = await asyncio.to_thread(drive, browser, fleet.url, token, "viewer.png", actions)
     assert "vic is viewer" in status
-    assert fleet.service.remediation(fleet.viewer, ids["remediation"])["status"] == "pending"
+    assert fleet.service.remediation(fleet.viewer, ids["remediation"]).status == "pending"
 
 
 @SQLITE_ONLY
@@ -175,7 +173,7 @@ async def test_server_values_are_shown_as_text_not_html(fleet, browser):
         actions=[{"type": "disable_driver", "name": "sensor"}],
         incident_id=None,
     )
-    token = fleet.service.create_user(fleet.admin, "bea", "approver")
+    token = fleet.service.create_user(fleet.admin, "bea", "approver").token
 
     def actions(driver, wait, By):
         wait.until(lambda d: "<img" in d.find_element(By.ID, "remediations").text)

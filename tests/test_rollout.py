@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from recovery_agent.protocol.admin import RolloutPlan
 from recovery_agent.protocol.keys import SigningKey
 from recovery_server.access import User, console
 from recovery_server.errors import BadRequest, Conflict, Forbidden
-from recovery_server.rollout import RolloutPlan, WaveCounts, decide, wave_of
+from recovery_server.rollout import WaveCounts, decide, wave_of
 from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
@@ -92,16 +93,14 @@ def svc(store_url):
 
 def fleet_of(svc, n: int) -> FleetSim:
     sim = FleetSim(svc, n)
-    sim.enroll_all(svc.create_enrollment_token(User("admin", "admin")))
+    sim.enroll_all(svc.create_enrollment_token(User("admin", "admin")).token)
     sim.crash_all()
     return sim
 
 
 def remediation(svc) -> str:
-    inc = svc.incidents(OSCAR)[0]["incident_id"]
-    return svc.create_remediation(User("oscar", "operator"), title="q", actions=ACTIONS, incident_id=inc)[
-        "remediation_id"
-    ]
+    inc = svc.incidents(OSCAR)[0].incident_id
+    return svc.create_remediation(OSCAR, title="q", actions=ACTIONS, incident_id=inc).remediation_id
 
 
 def test_only_the_canary_is_served_until_its_gate_passes(svc):
@@ -120,15 +119,15 @@ def test_only_the_canary_is_served_until_its_gate_passes(svc):
     svc.approve(User("bob", "approver"), rid)
     assert sim.round(lambda w: 0.0) == 3
     assert sorted(d.device_id for d in sim.devices if d.done) == sorted(canary)
-    status = svc.rollout(OSCAR, ro["rollout_id"])
-    assert status["current_wave"] == 0 and status["gate"].startswith("soaking")
+    status = svc.rollout(OSCAR, ro.rollout_id)
+    assert status.current_wave == 0 and status.gate.startswith("soaking")
     assert sim.round(lambda w: 0.0) == 0, "soak time holds the next wave"
     an_hour_passes(svc)
-    assert svc.rollout(OSCAR, ro["rollout_id"])["current_wave"] == 1
+    assert svc.rollout(OSCAR, ro.rollout_id).current_wave == 1
     assert sim.run(lambda w: 0.0) and all(d.done for d in sim.devices)
-    assert svc.rollout(OSCAR, ro["rollout_id"])["state"] == "active", "the last wave soaks too"
+    assert svc.rollout(OSCAR, ro.rollout_id).state == "active", "the last wave soaks too"
     an_hour_passes(svc)
-    assert svc.rollout(OSCAR, ro["rollout_id"])["state"] == "completed"
+    assert svc.rollout(OSCAR, ro.rollout_id).state == "completed"
 
 
 def an_hour_passes(svc) -> None:
@@ -152,7 +151,7 @@ def test_pause_resume_revoke(svc):
     sim = fleet_of(svc, 30)
     rid = remediation(svc)
     ro = svc.create_rollout(User("oscar", "operator"), rid, {"waves": [{"name": "all", "percent": 100}]})
-    rollout_id = ro["rollout_id"]
+    rollout_id = ro.rollout_id
     with pytest.raises(Forbidden):
         svc.set_rollout_state(User("victor", "viewer"), rollout_id, "pause")
     svc.set_rollout_state(User("oscar", "operator"), rollout_id, "pause")
@@ -167,8 +166,8 @@ def test_pause_resume_revoke(svc):
     svc.set_rollout_state(User("alice", "approver"), rollout_id, "revoke")
     second = sim.devices[1]
     assert svc.poll(second.report.report_id, second.report.poll_token).status == "none"
-    assert svc.remediation(OSCAR, rid)["status"] == "revoked"
-    kinds = [e["kind"] for e in svc.events(OSCAR)]
+    assert svc.remediation(OSCAR, rid).status == "revoked"
+    kinds = [e.kind for e in svc.events(OSCAR)]
     assert {"rollout.pause", "rollout.resume", "rollout.revoke"} <= set(kinds)
 
 
@@ -184,9 +183,9 @@ def test_a_device_that_crashes_again_counts_as_a_failure(svc):
     dev = sim.devices[0]
     assert svc.poll(dev.report.report_id, dev.report.poll_token).status == "directive"
     sim._report(dev)  # applied, rebooted, crashed again: back in recovery
-    status = svc.rollout(OSCAR, ro["rollout_id"])
-    assert status["waves"][0]["failed"] == 1
-    assert status["state"] == "halted" and "1 of 1 devices failed" in status["reason"]
+    status = svc.rollout(OSCAR, ro.rollout_id)
+    assert status.waves[0].failed == 1
+    assert status.state == "halted" and "1 of 1 devices failed" in status.reason
 
 
 # ---------------------------------------------------------------- 10,000 devices
@@ -233,7 +232,7 @@ def staged(svc, sim) -> str:
         },
     )
     svc.approve(User("bob", "approver"), rid)
-    return ro["rollout_id"]
+    return ro.rollout_id
 
 
 @pytest.mark.timeout(600)
@@ -242,11 +241,11 @@ def test_ten_thousand_devices_go_through_canary_ten_percent_and_everyone(big_fle
     rollout_id = staged(svc, sim)
     sim.run(lambda wave: 0.02)
     status = svc.rollout(OSCAR, rollout_id)
-    assert status["state"] == "completed", status["reason"]
-    served = [w["served"] for w in status["waves"]]
+    assert status.state == "completed", status.reason
+    served = [w.served for w in status.waves]
     assert sum(served) == 10_000 and served[0] == 50
     assert 800 < served[1] < 1200
-    promoted = [e for e in svc.events(OSCAR) if e["kind"] == "rollout.promoted"]
+    promoted = [e for e in svc.events(OSCAR) if e.kind == "rollout.promoted"]
     assert len(promoted) == 2
 
 
@@ -258,13 +257,13 @@ def test_rollout_halts_itself_at_the_wave_where_failures_cross_the_threshold(big
     rollout_id = staged(svc, sim)
     sim.run(lambda wave: 0.0 if wave == 0 else 0.4)
     status = svc.rollout(OSCAR, rollout_id)
-    assert status["state"] == "halted"
-    assert status["current_wave"] == 1 and "'10%'" in status["reason"]
-    assert status["waves"][2]["served"] == 0
+    assert status.state == "halted"
+    assert status.current_wave == 1 and "'10%'" in status.reason
+    assert status.waves[2].served == 0
     directive_waves = {r[0] for r in svc.store.all("SELECT DISTINCT wave FROM directives")}
     assert directive_waves <= {0, 1}
     unserved = [d for d in sim.devices if not d.done]
-    p = RolloutPlan.model_validate(status["plan"])
+    p = status.plan
     unserved_waves = [wave_of(p, rollout_id, d.device_id) for d in unserved]
     assert set(unserved_waves) <= {1, 2}, "the halt also stops the rest of its own wave"
     assert unserved_waves.count(2) == sum(1 for d in sim.devices if wave_of(p, rollout_id, d.device_id) == 2)

@@ -120,8 +120,8 @@ async def test_diagnostics_open_an_incident_clustered_by_signature(fleet, device
     _, r2 = await report(fleet, "dev-2", other)
     assert r1.incident_id == r2.incident_id
     inc = fleet.service.incidents(fleet.viewer)
-    assert len(inc) == 1 and inc[0]["report_count"] == 2 and inc[0]["devices"] == ["dev-1", "dev-2"]
-    assert inc[0]["guilty_module"] == "sensor" and inc[0]["channel_file"] == BAD_PATH
+    assert len(inc) == 1 and inc[0].report_count == 2 and inc[0].devices == ["dev-1", "dev-2"]
+    assert inc[0].guilty_module == "sensor" and inc[0].channel_file == BAD_PATH
 
 
 async def test_replayed_diagnostics_are_refused_and_change_nothing(fleet, device):
@@ -189,12 +189,12 @@ async def test_unapproved_remediation_is_never_served(fleet, device):
     )
     assert (await poll(fleet, receipt, wait=1.2)).status == "pending"
     with pytest.raises(Forbidden, match="alice wrote .* cannot approve it"):
-        fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+        fleet.service.approve(fleet.user("alice"), rem.remediation_id)
     with pytest.raises(Forbidden, match="needs the approver role"):
-        fleet.service.approve(fleet.user("oscar"), rem["remediation_id"])
+        fleet.service.approve(fleet.user("oscar"), rem.remediation_id)
     assert (await poll(fleet, receipt)).status == "pending"
     assert fleet.count("directives") == 0
-    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id)
     answer = await poll(fleet, receipt)
     assert answer.status == "directive"
     v = open_directive(
@@ -217,11 +217,11 @@ async def test_m_of_n_needs_distinct_approvers(fleet, device):
         required_approvals=2,
         actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
     )
-    fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+    fleet.service.approve(fleet.user("alice"), rem.remediation_id)
     with pytest.raises(Conflict, match="already approved"):
-        fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+        fleet.service.approve(fleet.user("alice"), rem.remediation_id)
     assert (await poll(fleet, receipt)).status == "pending"
-    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id)
     assert (await poll(fleet, receipt)).status == "directive"
 
 
@@ -244,7 +244,7 @@ async def test_long_poll_wakes_on_approval(fleet, device):
     waiting = asyncio.create_task(poll(fleet, receipt, wait=60))
     metrics = fleet.server.app[METRICS]
     await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
-    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id)
     assert (await asyncio.wait_for(waiting, 30)).status == "directive"
 
 
@@ -258,7 +258,7 @@ async def test_fix_for_other_content_is_not_served(fleet, device):
         incident_id=receipt.incident_id,
         actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
     )
-    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id)
     assert (await poll(fleet, receipt)).status == "none"
     assert fleet.count("directives") == 0
 
@@ -297,14 +297,14 @@ async def test_restart_mid_flow_loses_nothing(fleet, device):
         required_approvals=2,
         actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
     )
-    fleet.service.approve(fleet.user("bob"), rem["remediation_id"])
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id)
     await fleet.restart()
-    assert [d["device_id"] for d in fleet.service.devices(fleet.viewer)] == ["dev-1"]
-    assert fleet.service.incidents(fleet.viewer)[0]["incident_id"] == receipt.incident_id
-    assert [
-        a["approver"] for a in fleet.service.remediation(fleet.viewer, rem["remediation_id"])["approvals"]
-    ] == ["bob"]
-    fleet.service.approve(fleet.user("alice"), rem["remediation_id"])
+    assert [d.device_id for d in fleet.service.devices(fleet.viewer)] == ["dev-1"]
+    assert fleet.service.incidents(fleet.viewer)[0].incident_id == receipt.incident_id
+    assert [a.approver for a in fleet.service.remediation(fleet.viewer, rem.remediation_id).approvals] == [
+        "bob"
+    ]
+    fleet.service.approve(fleet.user("alice"), rem.remediation_id)
     assert (await poll(fleet, receipt)).status == "directive"
     await fleet.restart()
     again = await poll(fleet, receipt)  # the same signed directive, not a second one
@@ -453,14 +453,14 @@ async def test_each_role_gets_exactly_what_it_may(fleet, device, method, path, b
         actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
     )
     ro = fleet.service.create_rollout(
-        fleet.user("oscar"), rem["remediation_id"], {"waves": [{"name": "all", "percent": 100}]}
+        fleet.user("oscar"), rem.remediation_id, {"waves": [{"name": "all", "percent": 100}]}
     )
     ids = {
         "incident_id": receipt.incident_id,
-        "remediation_id": rem["remediation_id"],
-        "rollout_id": ro["rollout_id"],
+        "remediation_id": rem.remediation_id,
+        "rollout_id": ro.rollout_id,
     }
-    tokens = {role: fleet.service.create_user(fleet.admin, f"p-{role}", role) for role in ROLES}
+    tokens = {role: fleet.service.create_user(fleet.admin, f"p-{role}", role).token for role in ROLES}
     async with AdminClient(fleet.url, retry=FAST_RETRY) as c:
         for role in ROLES:
             payload = dict(body, name=f"newbie-{role}") if path == "/users" else body
@@ -487,8 +487,8 @@ async def test_approval_needs_the_approver_role_and_not_the_authorship(fleet, de
         actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
     )
     with pytest.raises(Forbidden, match="admin wrote"):
-        fleet.service.approve(fleet.user("admin"), rem["remediation_id"])
-    assert fleet.service.approve(fleet.user("alice"), rem["remediation_id"])["status"] == "approved"
+        fleet.service.approve(fleet.user("admin"), rem.remediation_id)
+    assert fleet.service.approve(fleet.user("alice"), rem.remediation_id).status == "approved"
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
@@ -533,3 +533,39 @@ def test_the_command_lines_list_their_exit_codes(module):
     p = _cli(module, "--help")
     assert p.returncode == 0
     assert all(f"\n  {code}  " in p.stdout for code in "0123"), p.stdout
+
+
+async def test_the_admin_client_reads_every_answer_into_its_model(fleet, device):
+    """The typed client against the live server: each answer fits the model the server
+    describes it with, so recovery-admin, the lab and the tests share one definition."""
+    from recovery_agent.protocol.admin import RolloutPlan
+
+    _, receipt = await report(fleet, "dev-1", device)
+    admin = fleet.service.create_user(fleet.admin, "ada", "admin").token
+    async with AdminClient(fleet.url, admin, retry=FAST_RETRY) as c:
+        assert (await c.whoami()).role == "admin"
+        oscar = await c.create_user("otto", "operator")
+        bea = await c.create_user("bea", "approver")
+        assert (await c.create_enrollment_token("lab")).label == "lab"
+        [dev] = await c.devices()
+        assert dev.device_id == "dev-1" and dev.state == "recovering"
+        [inc] = await c.incidents()
+        detail = await c.incident(inc.incident_id)
+        assert detail.reports[0].diagnostics.channel_files[0].sha256 == BAD_SHA
+        suggestion = await c.suggestion(inc.incident_id)
+        assert suggestion.actions and suggestion.actions[0].path == BAD_PATH
+    async with AdminClient(fleet.url, oscar.token, retry=FAST_RETRY) as c:
+        rem = await c.create_remediation(suggestion.title, suggestion.actions, inc.incident_id)
+        plan = RolloutPlan.model_validate({"waves": [{"name": "all", "percent": 100}]})
+        ro = await c.create_rollout(rem.remediation_id, plan)
+        assert (await c.set_rollout_state(ro.rollout_id, "pause")).state == "paused"
+    async with AdminClient(fleet.url, bea.token, retry=FAST_RETRY) as c:
+        assert (await c.approve(rem.remediation_id)).status == "approved"
+        assert (await c.set_rollout_state(ro.rollout_id, "resume")).state == "active"
+        [listed] = await c.rollouts()
+        assert listed.plan == plan and [w.name for w in listed.waves] == ["all"]
+        assert [r.remediation_id for r in await c.remediations()] == [rem.remediation_id]
+        kinds = [e.kind for e in await c.events(device="dev-1")]
+        assert kinds[:2] == ["device.enrolled", "incident.opened"]
+        assert (await c.verify_audit()).ok
+        assert (await c.revoke(rem.remediation_id)).status == "revoked"

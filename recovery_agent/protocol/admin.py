@@ -1,21 +1,417 @@
-"""The admin API's client, for ``recovery-admin``, the lab and the tests: a person's token on
-the same transport (and retry rules) as the device client."""
+"""The admin API (``/v1/admin``): its messages and its client, shared by the server (which
+answers with these models and describes them in its OpenAPI document), ``recovery-admin``,
+the lab and the tests.
+
+- Requests (``*Request``, ``RolloutPlan``) forbid unknown fields: a typo is refused, not
+  ignored.
+- Answers (``Incident``, ``Remediation``, ``Rollout``, ``AuditEntry``...) are the server's read
+  views. They ignore fields they do not know, so an older client still reads a newer server.
+- ``AdminClient`` has one typed method per route and returns these models; a person's token
+  rides on the same transport (and retry rules) as the device client's.
+
+Times are UTC; identifiers are the server's (``INC-``, ``rem-``, ``ro-``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from .client import HttpClient
+from .errors import ProtocolError
+from .wire import Action, CrashKind, DeviceId, Diagnostics, Identifier
+
+Role = Literal["viewer", "operator", "approver", "admin"]
+DeviceState = Literal["healthy", "recovering", "needs_manual", "remediated", "remediation_failed"]
+RemediationStatus = Literal["pending", "approved", "revoked"]
+RolloutState = Literal["active", "paused", "halted", "completed", "revoked"]
+RolloutAction = Literal["pause", "resume", "revoke"]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RemediationRequest(_Request):
+    title: str = Field(min_length=1, max_length=256)
+    incident_id: Identifier | None = None
+    actions: list[Action] = Field(min_length=1, max_length=64)
+    required_approvals: int = Field(default=1, ge=1, le=16)
+
+
+class UserRequest(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    role: Role
+
+
+class EnrollmentTokenRequest(_Request):
+    label: str = Field(default="fleet", min_length=1, max_length=64)
+
+
+class RegisterKeyRequest(_Request):
+    public_key: str = Field(pattern=r"^[A-Za-z0-9+/]{43}=$", description="raw Ed25519 key, base64")
+
+
+class Signature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keyid: str
+    sig: str
+
+
+class Envelope(BaseModel):
+    """A DSSE envelope: base64 payload, its type, and Ed25519 signatures over PAE(type, payload)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payload: str
+    payloadType: str
+    signatures: list[Signature] = Field(min_length=1, max_length=8)
+
+
+class ApproveRequest(_Request):
+    signed: Envelope | None = Field(
+        default=None,
+        description="the approver's own signed RemediationApproval; required once they registered a key",
+    )
+
+
+class Wave(BaseModel):
+    """One wave of a rollout: a canary list of devices, or a percentage of the fleet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    devices: list[DeviceId] = Field(default=[], max_length=1000)
+    percent: float | None = Field(default=None, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Wave:
+        if bool(self.devices) == (self.percent is not None):
+            raise ValueError(f"wave {self.name!r}: give either devices (a canary list) or percent")
+        return self
+
+
+class RolloutPlan(BaseModel):
+    """The waves of a staged rollout and the gate between them (the server's rollout.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    waves: list[Wave] = Field(min_length=1, max_length=16)
+    min_devices: int = Field(default=1, ge=1)
+    min_success_rate: float = Field(default=0.95, ge=0, le=1)
+    soak_s: float = Field(default=0, ge=0)
+    halt_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    halt_min_devices: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _growing(self) -> RolloutPlan:
+        last = 0.0
+        for w in self.waves:
+            if w.percent is not None:
+                if w.percent <= last:
+                    raise ValueError(f"wave {w.name!r}: percentages must grow ({w.percent} after {last})")
+                last = w.percent
+        if self.waves[-1].percent != 100:
+            raise ValueError("the last wave must be percent 100, or some devices are never reached")
+        return self
+
+
+# --------------------------------------------------------------------------- answers
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Whoami(_Answer):
+    name: str
+    role: Role
+
+
+class NewUser(_Answer):
+    """A person just added; ``token`` is shown this once and kept only as its hash."""
+
+    name: str
+    role: Role
+    token: str
+
+
+class RegisteredKey(_Answer):
+    name: str
+    key_id: str
+
+
+class EnrollmentToken(_Answer):
+    """A fleet enrollment token, shown this once and kept only as its hash."""
+
+    token: str
+    label: str
+
+
+class Device(_Answer):
+    device_id: str
+    hostname: str
+    key_id: str
+    enrolled_at: AwareDatetime
+    last_seen: AwareDatetime | None
+    state: DeviceState
+    recovery_attempts: int
+
+
+class Incident(_Answer):
+    """Reports clustered by crash signature."""
+
+    incident_id: str
+    signature_id: str
+    kind: CrashKind
+    title: str
+    guilty_module: str | None
+    guilty_frame: str | None
+    channel_file: str | None
+    first_seen: AwareDatetime
+    last_seen: AwareDatetime
+    report_count: int
+    devices: list[str]
+
+
+class IncidentReport(_Answer):
+    report_id: str
+    device_id: str
+    received_at: AwareDatetime
+    diagnostics: Diagnostics
+
+
+class IncidentDetail(Incident):
+    reports: list[IncidentReport]
+
+
+class Suggestion(_Answer):
+    """A draft fix from the server's catalog of known fixes; ``why`` says how it was found,
+    or why there is none (then ``actions`` is empty)."""
+
+    incident_id: str
+    title: str
+    actions: list[Action]
+    why: list[str]
+
+
+class Approval(_Answer):
+    approver: str
+    approved_at: AwareDatetime
+    signed: bool
+
+
+class Remediation(_Answer):
+    remediation_id: str
+    incident_id: str | None
+    title: str
+    actions: list[Action]
+    author: str
+    required_approvals: int
+    status: RemediationStatus
+    created_at: AwareDatetime
+    approvals: list[Approval]
+
+
+class WaveProgress(_Answer):
+    name: str
+    reached: bool
+    served: int
+    succeeded: int
+    failed: int
+    pending: int
+
+
+class Rollout(_Answer):
+    rollout_id: str
+    remediation_id: str
+    state: RolloutState
+    current_wave: int
+    wave_started_at: AwareDatetime
+    reason: str
+    created_by: str
+    created_at: AwareDatetime
+    plan: RolloutPlan
+    gate: str = Field(description="what the current wave's gate waits for; empty unless active")
+    waves: list[WaveProgress]
+
+
+class AuditEntry(_Answer):
+    """One entry of the hash-chained audit log; ``detail`` is JSON text, or empty."""
+
+    seq: int
+    at: AwareDatetime
+    kind: str
+    actor: str
+    device_id: str | None
+    subject: str | None
+    detail: str
+    prev_hash: str
+    hash: str
+
+
+class AuditReport(_Answer):
+    """The audit log's hash chain checked: ``head`` is ``SEQ:HASH`` of its last entry."""
+
+    ok: bool
+    entries: int
+    head: str
+    problems: list[str]
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class UnexpectedAnswer(ProtocolError):
+    """Raised when the server's answer does not fit the admin API's model for it (a server
+    of another version, or not a recovery server at all)."""
+
+
+A = TypeVar("A", bound=BaseModel)
+
+
+def _parse(model: type[A], answer: object, what: str) -> A:
+    try:
+        return model.model_validate(answer)
+    except ValidationError as exc:
+        raise UnexpectedAnswer(f"the answer to {what} does not fit {model.__name__}: {exc}") from None
+
+
+def _parse_list(model: type[A], answer: object, what: str) -> list[A]:
+    try:
+        return TypeAdapter(list[model]).validate_python(answer)  # type: ignore[valid-type]
+    except ValidationError as exc:
+        raise UnexpectedAnswer(
+            f"the answer to {what} does not fit a list of {model.__name__}: {exc}"
+        ) from None
 
 
 class AdminClient(HttpClient):
+    """The admin API for one person (``token``). ``call`` reaches any route with any token,
+    for callers acting for several people; the typed methods use this person's token."""
+
     def __init__(self, base_url: str, token: str | None = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self.token = token
 
-    async def call(self, method: str, path: str, body: Any = None, *, token: str | None = None) -> Any:
-        """``method`` on ``/v1/admin`` + ``path`` with this person's token (or ``token``, for a
-        caller acting for several people); the answer's JSON."""
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        """``method`` on ``/v1/admin`` + ``path`` with this person's token (or ``token``); the
+        answer's JSON."""
         return await self._request(
-            method, "/v1/admin" + path, json_body=body, token=token or self.token or ""
+            method, "/v1/admin" + path, json_body=body, token=token or self.token or "", params=params
         )
+
+    async def _get(self, model: type[A], path: str, params: dict[str, str] | None = None) -> A:
+        return _parse(model, await self.call("GET", path, params=params), f"GET {path}")
+
+    async def _get_list(self, model: type[A], path: str, params: dict[str, str] | None = None) -> list[A]:
+        return _parse_list(model, await self.call("GET", path, params=params), f"GET {path}")
+
+    async def _post(self, model: type[A], path: str, body: BaseModel | None = None) -> A:
+        json_body = body.model_dump(mode="json") if body is not None else None
+        return _parse(model, await self.call("POST", path, json_body), f"POST {path}")
+
+    # ---------------------------------------------------------------- people
+
+    async def whoami(self) -> Whoami:
+        return await self._get(Whoami, "/whoami")
+
+    async def create_user(self, name: str, role: Role) -> NewUser:
+        return await self._post(NewUser, "/users", UserRequest(name=name, role=role))
+
+    async def register_key(self, public_key: str) -> RegisteredKey:
+        return await self._post(RegisteredKey, "/me/key", RegisterKeyRequest(public_key=public_key))
+
+    async def create_enrollment_token(self, label: str = "fleet") -> EnrollmentToken:
+        return await self._post(EnrollmentToken, "/enrollment-tokens", EnrollmentTokenRequest(label=label))
+
+    # ---------------------------------------------------------------- the fleet
+
+    async def devices(self) -> list[Device]:
+        return await self._get_list(Device, "/devices")
+
+    async def incidents(self) -> list[Incident]:
+        return await self._get_list(Incident, "/incidents")
+
+    async def incident(self, incident_id: str) -> IncidentDetail:
+        return await self._get(IncidentDetail, f"/incidents/{incident_id}")
+
+    async def suggestion(self, incident_id: str) -> Suggestion:
+        return await self._get(Suggestion, f"/incidents/{incident_id}/suggestion")
+
+    # ---------------------------------------------------------------- remediations
+
+    async def remediations(self) -> list[Remediation]:
+        return await self._get_list(Remediation, "/remediations")
+
+    async def create_remediation(
+        self,
+        title: str,
+        actions: list[Any],
+        incident_id: str | None = None,
+        required_approvals: int = 1,
+    ) -> Remediation:
+        request = RemediationRequest.model_validate(
+            {
+                "title": title,
+                "actions": actions,
+                "incident_id": incident_id,
+                "required_approvals": required_approvals,
+            }
+        )
+        return await self._post(Remediation, "/remediations", request)
+
+    async def approve(self, remediation_id: str, signed: Mapping[str, Any] | None = None) -> Remediation:
+        """Approve; ``signed`` is this person's sealed RemediationApproval (required once they
+        registered a key)."""
+        body = ApproveRequest.model_validate({"signed": signed}) if signed is not None else None
+        return await self._post(Remediation, f"/remediations/{remediation_id}/approve", body)
+
+    async def revoke(self, remediation_id: str) -> Remediation:
+        return await self._post(Remediation, f"/remediations/{remediation_id}/revoke")
+
+    # ---------------------------------------------------------------- rollouts
+
+    async def create_rollout(self, remediation_id: str, plan: RolloutPlan) -> Rollout:
+        return await self._post(Rollout, f"/remediations/{remediation_id}/rollout", plan)
+
+    async def rollouts(self) -> list[Rollout]:
+        return await self._get_list(Rollout, "/rollouts")
+
+    async def rollout(self, rollout_id: str) -> Rollout:
+        return await self._get(Rollout, f"/rollouts/{rollout_id}")
+
+    async def set_rollout_state(self, rollout_id: str, action: RolloutAction) -> Rollout:
+        return await self._post(Rollout, f"/rollouts/{rollout_id}/{action}")
+
+    # ---------------------------------------------------------------- audit log
+
+    async def events(self, after: int = 0, device: str | None = None) -> list[AuditEntry]:
+        params = {"after": str(after)} | ({"device": device} if device else {})
+        return await self._get_list(AuditEntry, "/events", params)
+
+    async def verify_audit(self, expect_head: str | None = None) -> AuditReport:
+        params = {"expect_head": expect_head} if expect_head else None
+        return await self._get(AuditReport, "/audit/verify", params)

@@ -1,0 +1,323 @@
+"""The admin API under ``/v1/admin``: a person's Bearer token, their request read into its
+model, one call to the service (which asks ``access.py`` whether they may), the answer
+written from its model. The models are the protocol's (``recovery_agent.protocol.admin``),
+shared with ``recovery-admin`` and the tests.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from recovery_agent.protocol.admin import (
+    ApproveRequest,
+    AuditEntry,
+    AuditReport,
+    Device,
+    EnrollmentToken,
+    EnrollmentTokenRequest,
+    Incident,
+    IncidentDetail,
+    NewUser,
+    RegisteredKey,
+    RegisterKeyRequest,
+    Remediation,
+    RemediationRequest,
+    Rollout,
+    RolloutPlan,
+    Suggestion,
+    UserRequest,
+    Whoami,
+)
+
+from .api import Route, answer, person, read_body, service
+from .errors import BadRequest
+
+
+async def whoami(request: web.Request) -> web.Response:
+    user = person(request)
+    return answer(Whoami(name=user.name, role=user.role))
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    return answer(service(request).devices(person(request)))
+
+
+async def list_incidents(request: web.Request) -> web.Response:
+    return answer(service(request).incidents(person(request)))
+
+
+async def get_incident(request: web.Request) -> web.Response:
+    return answer(service(request).incident(person(request), request.match_info["incident_id"]))
+
+
+async def suggest(request: web.Request) -> web.Response:
+    return answer(service(request).suggest_actions(person(request), request.match_info["incident_id"]))
+
+
+async def list_remediations(request: web.Request) -> web.Response:
+    return answer(service(request).remediations(person(request)))
+
+
+async def create_remediation(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, RemediationRequest)
+    rem = service(request).create_remediation(
+        user,
+        title=body.title,
+        actions=body.actions,
+        incident_id=body.incident_id,
+        required_approvals=body.required_approvals,
+    )
+    return answer(rem, status=201)
+
+
+async def approve(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, ApproveRequest)
+    signed = body.signed.model_dump() if body.signed else None
+    return answer(service(request).approve(user, request.match_info["remediation_id"], signed))
+
+
+async def register_key(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, RegisterKeyRequest)
+    return answer(service(request).register_key(user, body.public_key))
+
+
+async def revoke(request: web.Request) -> web.Response:
+    return answer(service(request).revoke(person(request), request.match_info["remediation_id"]))
+
+
+async def create_user(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, UserRequest)
+    return answer(service(request).create_user(user, body.name, body.role), status=201)
+
+
+async def create_enrollment_token(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, EnrollmentTokenRequest)
+    return answer(service(request).create_enrollment_token(user, body.label), status=201)
+
+
+async def list_events(request: web.Request) -> web.Response:
+    user = person(request)
+    text = request.query.get("after", "0")
+    if not text.isdigit() or len(text) > 18:
+        raise BadRequest("after must be an event number (a whole number)")
+    return answer(service(request).events(user, request.query.get("device"), int(text)))
+
+
+async def audit_verify(request: web.Request) -> web.Response:
+    return answer(service(request).verify_audit(person(request), request.query.get("expect_head")))
+
+
+async def create_rollout(request: web.Request) -> web.Response:
+    user = person(request)
+    plan = await read_body(request, RolloutPlan)
+    return answer(
+        service(request).create_rollout(user, request.match_info["remediation_id"], plan), status=201
+    )
+
+
+async def list_rollouts(request: web.Request) -> web.Response:
+    return answer(service(request).rollouts(person(request)))
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    return answer(service(request).rollout(person(request), request.match_info["rollout_id"]))
+
+
+async def rollout_action(request: web.Request) -> web.Response:
+    action = request.path.rsplit("/", 1)[1]  # the route names it: pause, resume or revoke
+    return answer(
+        service(request).set_rollout_state(person(request), request.match_info["rollout_id"], action)
+    )
+
+
+_ADMIN = (401, 403)
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/admin/whoami", whoami, "The caller", auth="admin", response=Whoami, errors=(401,)),
+    Route(
+        "GET",
+        "/v1/admin/devices",
+        list_devices,
+        "Devices",
+        auth="admin",
+        response=Device,
+        many=True,
+        errors=_ADMIN,
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents",
+        list_incidents,
+        "Incidents",
+        auth="admin",
+        response=Incident,
+        many=True,
+        errors=_ADMIN,
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents/{incident_id}",
+        get_incident,
+        "One incident with its reports",
+        auth="admin",
+        response=IncidentDetail,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents/{incident_id}/suggestion",
+        suggest,
+        "A proposed fix",
+        auth="admin",
+        response=Suggestion,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/remediations",
+        list_remediations,
+        "Remediations",
+        auth="admin",
+        response=Remediation,
+        many=True,
+        errors=_ADMIN,
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations",
+        create_remediation,
+        "Write a remediation (operator)",
+        auth="admin",
+        body=RemediationRequest,
+        response=Remediation,
+        status=201,
+        errors=(400, *_ADMIN, 404, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations/{remediation_id}/approve",
+        approve,
+        "Approve (not the author)",
+        auth="admin",
+        body=ApproveRequest,
+        body_required=False,
+        response=Remediation,
+        errors=(400, *_ADMIN, 404, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/me/key",
+        register_key,
+        "Register your own approval key",
+        auth="admin",
+        body=RegisterKeyRequest,
+        response=RegisteredKey,
+        errors=(400, 401, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations/{remediation_id}/revoke",
+        revoke,
+        "Revoke",
+        auth="admin",
+        response=Remediation,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/remediations/{remediation_id}/rollout",
+        create_rollout,
+        "Set a staged rollout (operator)",
+        auth="admin",
+        body=RolloutPlan,
+        response=Rollout,
+        status=201,
+        errors=(400, *_ADMIN, 404, 409, 413),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/rollouts",
+        list_rollouts,
+        "Rollouts with per-wave progress",
+        auth="admin",
+        response=Rollout,
+        many=True,
+        errors=_ADMIN,
+    ),
+    Route(
+        "GET",
+        "/v1/admin/rollouts/{rollout_id}",
+        get_rollout,
+        "One rollout",
+        auth="admin",
+        response=Rollout,
+        errors=(*_ADMIN, 404),
+    ),
+    *(
+        Route(
+            "POST",
+            f"/v1/admin/rollouts/{{rollout_id}}/{action}",
+            rollout_action,
+            summary,
+            auth="admin",
+            response=Rollout,
+            errors=(400, *_ADMIN, 404, 409),
+        )
+        for action, summary in (
+            ("pause", "Pause (operator)"),
+            ("resume", "Resume (approver)"),
+            ("revoke", "Revoke (approver)"),
+        )
+    ),
+    Route(
+        "POST",
+        "/v1/admin/users",
+        create_user,
+        "Add a person (admin)",
+        auth="admin",
+        body=UserRequest,
+        response=NewUser,
+        status=201,
+        errors=(400, *_ADMIN, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/enrollment-tokens",
+        create_enrollment_token,
+        "A fleet enrollment token (admin)",
+        auth="admin",
+        body=EnrollmentTokenRequest,
+        body_required=False,
+        response=EnrollmentToken,
+        status=201,
+        errors=(400, *_ADMIN, 413),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/events",
+        list_events,
+        "The audit log",
+        auth="admin",
+        response=AuditEntry,
+        many=True,
+        errors=(400, *_ADMIN),
+        query=(
+            ("device", "string", "only this device"),
+            ("after", "integer", "entries after this sequence number"),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/audit/verify",
+        audit_verify,
+        "Check the audit log's hash chain",
+        auth="admin",
+        response=AuditReport,
+        errors=(400, *_ADMIN),
+        query=(("expect_head", "string", "a head SEQ:HASH recorded elsewhere"),),
+    ),
+)

@@ -1,0 +1,143 @@
+"""The device API under ``/v1``: what recovery agents (and the OS's health report) call.
+
+Every message but the challenge request is a signed envelope that the service opens; the
+handlers pass the raw bytes through. A directive is fetched by long poll: the handler looks,
+and if nothing is due yet waits for a change in this process (an approval, a promoted wave)
+or a short tick (another server process may have approved), until the agent's ``wait`` runs
+out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from recovery_agent.protocol.admin import Envelope
+from recovery_agent.protocol.keys import public_b64
+from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
+
+from .api import (
+    CHANGED,
+    METRICS,
+    POLL_TICK,
+    ChallengeRequest,
+    Route,
+    answer,
+    bearer,
+    query_number,
+    read_body,
+    service,
+)
+from .errors import Unauthorized
+
+MAX_POLL_S = 60.0
+
+
+async def server_key(request: web.Request) -> web.Response:
+    key = service(request).server_key
+    return web.json_response({"public_key": public_b64(key.public), "key_id": key.key_id})
+
+
+async def enroll(request: web.Request) -> web.Response:
+    return web.json_response(service(request).enroll(await request.read()))
+
+
+async def challenge(request: web.Request) -> web.Response:
+    body = await read_body(request, ChallengeRequest)
+    return answer(service(request).challenge(body.device_id))
+
+
+async def diagnostics(request: web.Request) -> web.Response:
+    return answer(service(request).accept_diagnostics(await request.read()))
+
+
+async def directive(request: web.Request) -> web.Response:
+    svc = service(request)
+    token = bearer(request)
+    if not token:
+        raise Unauthorized("no poll token: send the poll_token of the diagnostics receipt as a Bearer token")
+    wait = query_number(request, "wait", 0, 0, MAX_POLL_S)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    changed, tick, gauge = request.app[CHANGED], request.app[POLL_TICK], request.app[METRICS]
+    while True:
+        poll = svc.poll(request.match_info["report_id"], token)
+        remaining = deadline - loop.time()
+        if poll.status != "pending" or remaining <= 0:
+            return answer(poll)
+        gauge.long_polls_waiting += 1
+        try:
+            await asyncio.wait_for(changed.wait(), timeout=min(tick, remaining))
+        except TimeoutError:
+            pass
+        finally:
+            gauge.long_polls_waiting -= 1
+
+
+async def result(request: web.Request) -> web.Response:
+    return web.json_response(service(request).accept_result(await request.read()))
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response(service(request).accept_health(await request.read()))
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/server-key", server_key, "The directive signing key to pin", response="ServerKey"),
+    Route(
+        "POST",
+        "/v1/enroll",
+        enroll,
+        "Enroll a device key (self-signed, with an enrollment token)",
+        body=Envelope,
+        response="EnrollAnswer",
+        errors=(400, 401, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/challenge",
+        challenge,
+        "A one-time nonce for the next diagnostics",
+        body=ChallengeRequest,
+        response=Challenge,
+        errors=(400, 404, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/diagnostics",
+        diagnostics,
+        "Signed diagnostics from a recovery environment",
+        body=Envelope,
+        response=DiagnosticsReceipt,
+        errors=(400, 401, 409, 413),
+    ),
+    Route(
+        "GET",
+        "/v1/reports/{report_id}/directive",
+        directive,
+        "Long poll for a signed directive",
+        auth="poll",
+        response=DirectivePoll,
+        errors=(400, 401, 404),
+        query=(("wait", "number", "seconds to wait for an answer, 0 to 60"),),
+    ),
+    Route(
+        "POST",
+        "/v1/results",
+        result,
+        "Signed result of applying a directive",
+        body=Envelope,
+        response="Recorded",
+        errors=(400, 401, 404, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/health",
+        health,
+        "Signed report of a healthy boot",
+        body=Envelope,
+        response="Recorded",
+        errors=(400, 401, 413),
+    ),
+)
