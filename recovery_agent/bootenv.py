@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import AgentError
+
 ENVBLK_SIZE = 1024
 ENVBLK_SIGNATURE = b"# GRUB Environment Block\n"
 
@@ -44,7 +46,7 @@ _NUMBER_RE = re.compile(r"^[0-9]+$")
 _REBUILD_HINT = "rebuild the image with recovery-lab build"
 
 
-class BootEnvError(Exception):
+class BootEnvError(AgentError):
     """Raised when a grubenv file cannot be read or written safely: wrong size, no GRUB
     header, a malformed line, or new content that would not fit in 1024 bytes."""
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import AgentError
 from .protocol.wire import FileRecord, SystemInfo
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _VERSION_MAX = 64
 _MODINFO_LIMIT = 64 * 1024 * 1024  # larger .ko files are not scanned for a version
 
 
-class InventoryError(Exception):
+class InventoryError(AgentError):
     """Raised when the OS root itself cannot be read (not mounted, not a directory)."""
 
 

@@ -51,6 +51,8 @@ from recovery_agent.protocol.wire import (
     utcnow,
 )
 
+from .errors import RemediationError
+
 STATE_DIR = "var/lib/recovery"
 QUARANTINE_DIR = f"{STATE_DIR}/quarantine"
 JOURNAL_DIR = f"{STATE_DIR}/journal"
@@ -72,12 +74,6 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class RemediationError(Exception):
-    """Raised when a directive cannot be applied, undone or purged; the message names the thing
-    and the fix. Raised by preflight, nothing on disk has changed; raised by a step, what the
-    directive had done is rolled back first (the message says so)."""
 
 
 class PathRejected(RemediationError):
