@@ -31,6 +31,7 @@ from . import __version__, inventory
 from .bootenv import BootEnv
 from .clock import Clock, SystemClock
 from .detect import detect
+from .errors import RemediationError
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import (
     EnvelopeError,
@@ -54,7 +55,7 @@ from .protocol.wire import (
     SystemInfo,
     utcnow,
 )
-from .remediate import RemediationError, apply_directive, recover_journals
+from .remediate import apply_directive, recover_journals
 from .settings import AgentSettings
 
 log = logging.getLogger("recovery_agent")

@@ -22,12 +22,13 @@ from pathlib import Path
 from . import __version__
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
 from .bootenv import BootEnv, BootEnvError
+from .errors import RemediationError
 from .protocol.client import DeviceClient
 from .protocol.envelope import seal_bytes
 from .protocol.errors import ProtocolError
 from .protocol.keys import SigningKey, public_b64
 from .protocol.wire import Enrollment, utcnow
-from .remediate import RemediationError, undo
+from .remediate import undo
 from .settings import AgentSettings, SettingsError
 
 DEFAULT_CONFIG = "/etc/recovery/agent.json"

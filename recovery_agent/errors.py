@@ -7,8 +7,9 @@ traceback). The errors themselves live with the concept they belong to:
 - ``settings.SettingsError``: the settings file is missing or invalid;
 - ``bootenv.BootEnvError``: GRUB's environment block cannot be read or written safely;
 - ``inventory.InventoryError``: the OS root cannot be read at all;
-- ``RemediationError`` and its kinds (``remediate.PathRejected``, ``MissingFile``,
-  ``HashMismatch``, ``JournalError``): a change to the OS disk the agent will not make.
+- ``RemediationError`` (here, because the OS root walk, the journal and the remediation all
+  raise it) and its kinds: ``osroot.PathRejected``, ``osroot.MissingFile``,
+  ``journal.JournalError``, ``actions.HashMismatch``.
 
 The protocol package keeps its own root, ``protocol.errors.ProtocolError`` (key files,
 envelopes, the server's answers): it is imported by the server too and imports nothing here.
