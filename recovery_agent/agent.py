@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-from . import __version__, inventory
+from . import __version__, inventory, state
 from .bootenv import BootEnv
 from .clock import Clock, SystemClock
 from .detect import detect
-from .errors import RemediationError
+from .errors import AgentError, RemediationError
+from .layout import LAST_DIRECTIVE
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import (
     EnvelopeError,
@@ -42,7 +41,7 @@ from .protocol.envelope import (
     seal,
     seal_bytes,
 )
-from .protocol.keys import SigningKey, atomic_write, key_id, public_from_b64
+from .protocol.keys import SigningKey, key_id, public_from_b64
 from .protocol.wire import (
     BootRecord,
     BootState,
@@ -60,10 +59,8 @@ from .settings import AgentSettings
 
 log = logging.getLogger("recovery_agent")
 
-STATE_DIR = Path("var/lib/recovery")
 # What the boots GRUB counted ended in, by the kind of crash found (the rest crashed).
 _BOOT_OUTCOME = {CrashKind.HANG: "hung", CrashKind.UNKNOWN: "unknown", CrashKind.NONE: "unknown"}
-LAST_DIRECTIVE = STATE_DIR / "last-directive"
 
 
 class Outcome(enum.IntEnum):
@@ -317,9 +314,11 @@ class RecoveryAgent:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
         self._reset_boot_count()
         tl.add("apply", "boot_count reset to 0")
-        state = self.s.os_root / LAST_DIRECTIVE
-        state.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(state, f"{d.directive_id}\n".encode())
+        try:
+            state.record_applied(self.s.os_root, d.directive_id)
+        except (AgentError, OSError) as exc:
+            # The fix is on the disk; only the next healthy boot's confirmation of it is lost.
+            tl.add("apply", f"could not record {LAST_DIRECTIVE}: {exc}")
         await self._send_result(
             client,
             Result(
@@ -348,42 +347,34 @@ class RecoveryAgent:
         BootEnv.read(self.s.grubenv).reset_boot_count(self.s.grubenv)
 
 
-async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict:
-    """Run by the OS once its health check passed: reset the counters, tell the server."""
+async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict[str, Any]:
+    """Run by the OS once its health check passed: reset the counters, tell the server (naming
+    the directive applied since the last good boot), then confirm that directive and archive
+    the crash records (``state``). Trouble with the agent's state files on the OS disk is
+    logged, not raised: the good boot is reported all the same."""
     env = BootEnv.read(settings.grubenv)
     env.set("boot_count", "0")
     env.set("recovery_attempts", "0")
     env.write(settings.grubenv)
-    state = settings.os_root / LAST_DIRECTIVE
-    directive_id = state.read_text().strip() if state.exists() else None
+    try:
+        directive_id = state.last_directive(settings.os_root)
+    except AgentError as exc:
+        log.warning("%s; reporting the good boot without a directive", exc)
+        directive_id = None
     key = SigningKey.load(settings.device_key)
     health = Health(
         device_id=settings.device_id,
-        directive_id=directive_id or None,
+        directive_id=directive_id,
         boot_id=boot_id,
         kernel_version=kernel_version,
         created_at=utcnow(),
     )
     async with DeviceClient(settings.server_url) as client:
         answer = await client.send_health(seal_bytes(health, key))
-    if directive_id:
-        os.replace(state, state.with_name("confirmed-directive"))
-    archive_pstore(settings.pstore_dir, settings.os_root)
+    try:
+        if directive_id:
+            state.confirm_last_directive(settings.os_root)
+        state.archive_pstore(settings.pstore_dir, settings.os_root)
+    except (AgentError, OSError) as exc:
+        log.warning("the good boot was reported, but: %s", exc)
     return answer
-
-
-def archive_pstore(pstore_dir: Path | None, os_root: Path) -> int:
-    """Move crash records into the OS root once the OS booted well (as systemd-pstore does):
-    that frees the ramoops slots, so the next recovery reports only new crashes. The recovery
-    environment never does this: it writes the OS disk only to apply a verified directive."""
-    if pstore_dir is None or not pstore_dir.is_dir():
-        return 0
-    records = sorted(p for p in pstore_dir.iterdir() if p.is_file())
-    if not records:
-        return 0
-    dest = os_root / STATE_DIR / "pstore" / utcnow().strftime("%Y%m%dT%H%M%SZ")
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in records:
-        shutil.copy2(p, dest / p.name)
-        p.unlink()
-    return len(records)
