@@ -76,15 +76,14 @@ class Outcome(enum.IntEnum):
 
 @dataclass
 class Timeline:
-    """What the agent did, with times, for the console and for the lab's report."""
+    """What the agent did, with times: one line per step to the log and to ``sink`` (the
+    console, from which the lab's report is made)."""
 
     started: float = field(default_factory=time.monotonic)
-    entries: list[tuple[float, str, str]] = field(default_factory=list)
     sink: Callable[[str], None] | None = None
 
     def add(self, phase: str, text: str) -> None:
         t = time.monotonic() - self.started
-        self.entries.append((t, phase, text))
         line = f"[agent +{t:7.2f}s] {phase:<9} {text}"
         log.info(line)
         if self.sink:

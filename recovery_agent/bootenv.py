@@ -37,7 +37,6 @@ ENVBLK_SIGNATURE = b"# GRUB Environment Block\n"
 BOOT_COUNT = "boot_count"
 BOOT_LIMIT = "boot_limit"
 RECOVERY_ATTEMPTS = "recovery_attempts"
-BOOT_OK = "boot_ok"
 DEFAULT_BOOT_LIMIT = 2
 
 # GRUB itself accepts any name without '=' or a newline; a script can only use these.

@@ -27,7 +27,6 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-PROTOCOL_VERSION = 1
 _PREFIX = "application/vnd.recovery."
 
 
@@ -297,13 +296,3 @@ class Health(SignedMessage):
     boot_id: Annotated[str, StringConstraints(max_length=64)]
     kernel_version: Annotated[str, StringConstraints(max_length=128)] = ""
     created_at: AwareDatetime
-
-
-SIGNED_MESSAGES: tuple[type[SignedMessage], ...] = (
-    Enrollment,
-    Diagnostics,
-    Directive,
-    Result,
-    Health,
-    RemediationApproval,
-)
