@@ -64,14 +64,30 @@ _BOOT_OUTCOME = {CrashKind.HANG: "hung", CrashKind.UNKNOWN: "unknown", CrashKind
 
 
 class Outcome(enum.IntEnum):
-    """The agent's exit code: what the recovery environment does next."""
+    """The agent's exit code: what the recovery environment does next. Its init
+    (images/recovery/init) keeps the machine in recovery on 12 and reboots on any other code,
+    so a failure of any kind is ``ERROR`` (1)."""
 
-    REMEDIATED = 0  # fix applied: reboot into the OS
-    ERROR = 1  # the agent itself failed: reboot into the OS
-    NO_REMEDIATION = 10  # no fix arrived in time: reboot and let the OS try again
-    CLOUD_DISABLED = 11  # cloud remediation is off: reboot
-    REMEDIATION_FAILED = 13  # a fix arrived but could not be applied (nothing changed)
-    NEEDS_MANUAL = 12  # out of attempts: stay here, a person must look
+    REMEDIATED = 0
+    ERROR = 1
+    NO_REMEDIATION = 10
+    CLOUD_DISABLED = 11
+    NEEDS_MANUAL = 12
+    REMEDIATION_FAILED = 13
+
+    @property
+    def meaning(self) -> str:
+        return _OUTCOME_MEANINGS[self]
+
+
+_OUTCOME_MEANINGS = {
+    Outcome.REMEDIATED: "fix applied: reboot into the OS",
+    Outcome.ERROR: "the agent itself failed (settings, key, disk): reboot into the OS",
+    Outcome.NO_REMEDIATION: "no fix arrived in time: reboot and let the OS try again",
+    Outcome.CLOUD_DISABLED: "cloud remediation is off: reboot",
+    Outcome.NEEDS_MANUAL: "out of attempts: stay here, a person must look",
+    Outcome.REMEDIATION_FAILED: "a fix arrived but could not be applied (nothing changed): reboot",
+}
 
 
 @dataclass
