@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -240,7 +240,7 @@ class Directive(SignedMessage):
     reboot: bool = True
     # The approvers' own signed approvals (RemediationApproval envelopes) of these actions.
     # A device that pins approver keys needs enough of them: the server alone cannot make one.
-    approvals: list[dict] = Field(default=[], max_length=16)
+    approvals: list[dict[str, Any]] = Field(default=[], max_length=16)
 
 
 class RemediationApproval(SignedMessage):
@@ -260,7 +260,7 @@ class DirectivePoll(WireModel):
     will not have one for this report), or ``directive`` with the signed envelope."""
 
     status: Literal["pending", "none", "directive"]
-    envelope: dict | None = None
+    envelope: dict[str, Any] | None = None
     retry_after_s: float = 0
 
 
