@@ -22,8 +22,11 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from . import __version__, inventory, state
 from .bootenv import BootEnv
@@ -46,9 +49,11 @@ from .protocol.wire import (
     BootRecord,
     BootState,
     CrashKind,
+    CrashSignature,
     Diagnostics,
     DiagnosticsReceipt,
     Directive,
+    FileRecord,
     Health,
     Result,
     SystemInfo,
@@ -60,7 +65,11 @@ from .settings import AgentSettings
 log = logging.getLogger("recovery_agent")
 
 # What the boots GRUB counted ended in, by the kind of crash found (the rest crashed).
-_BOOT_OUTCOME = {CrashKind.HANG: "hung", CrashKind.UNKNOWN: "unknown", CrashKind.NONE: "unknown"}
+_BOOT_OUTCOME: dict[CrashKind, Literal["crashed", "hung", "healthy", "unknown"]] = {
+    CrashKind.HANG: "hung",
+    CrashKind.UNKNOWN: "unknown",
+    CrashKind.NONE: "unknown",
+}
 
 
 class Outcome(enum.IntEnum):
@@ -88,6 +97,51 @@ _OUTCOME_MEANINGS = {
     Outcome.NEEDS_MANUAL: "out of attempts: stay here, a person must look",
     Outcome.REMEDIATION_FAILED: "a fix arrived but could not be applied (nothing changed): reboot",
 }
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the detect and collect steps found: the diagnostics but for the nonces and the
+    time, which only the report step knows."""
+
+    device_id: str
+    agent_version: str
+    boot: BootState
+    crash: CrashSignature
+    system: SystemInfo
+    drivers: list[FileRecord]
+    channel_files: list[FileRecord]
+    driver_store: list[FileRecord]
+    recent_changes: list[FileRecord]
+
+    def diagnostics(self, *, server_nonce: str, agent_nonce: str, created_at: datetime) -> Diagnostics:
+        return Diagnostics(
+            server_nonce=server_nonce,
+            agent_nonce=agent_nonce,
+            created_at=created_at,
+            device_id=self.device_id,
+            agent_version=self.agent_version,
+            boot=self.boot,
+            crash=self.crash,
+            system=self.system,
+            drivers=self.drivers,
+            channel_files=self.channel_files,
+            driver_store=self.driver_store,
+            recent_changes=self.recent_changes,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The findings as JSON values (what ``recovery-agent inspect`` prints)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, BaseModel):
+                out[f.name] = value.model_dump(mode="json")
+            elif isinstance(value, list):
+                out[f.name] = [v.model_dump(mode="json") for v in value]
+            else:
+                out[f.name] = value
+        return out
 
 
 @dataclass
@@ -138,8 +192,8 @@ class RecoveryAgent:
             f"{attempts} of {s.max_recovery_attempts}",
         )
 
-        diagnostics_base = self.collect(boot_count, attempts)
-        crash = diagnostics_base["crash"]
+        findings = self.collect(boot_count, attempts)
+        crash = findings.crash
         tl.add(
             "detect",
             f"{crash.kind.value}: {crash.title}"
@@ -154,7 +208,7 @@ class RecoveryAgent:
 
         deadline = self.clock.monotonic() + s.time_to_reboot_s
         async with DeviceClient(s.server_url) as client:
-            sent = await self.report(client, diagnostics_base, deadline)
+            sent = await self.report(client, findings, deadline)
             if sent is not None:
                 receipt, payload_sha = sent
                 outcome = await self.wait_and_apply(client, receipt, payload_sha, deadline)
@@ -172,7 +226,8 @@ class RecoveryAgent:
         self._reset_boot_count()
         return Outcome.NO_REMEDIATION
 
-    def collect(self, boot_count: int, attempts: int) -> dict:
+    def collect(self, boot_count: int, attempts: int) -> Findings:
+        """The detect and collect steps: what the diagnostics will say."""
         s = self.s
         crash = detect(
             s.pstore_dir,
@@ -194,26 +249,26 @@ class RecoveryAgent:
             # Report the crash anyway: the server can still cluster it and a person can look.
             self.timeline.add("collect", f"no inventory: {exc}")
             channel_files, drivers, driver_store, system = [], [], [], SystemInfo()
-        return {
-            "device_id": s.device_id,
-            "agent_version": __version__,
-            "boot": BootState(
+        return Findings(
+            device_id=s.device_id,
+            agent_version=__version__,
+            boot=BootState(
                 boot_count=boot_count,
                 boot_limit=s.boot_limit,
                 recovery_attempts=attempts,
                 max_recovery_attempts=s.max_recovery_attempts,
                 history=history,
             ),
-            "crash": crash,
-            "system": system,
-            "drivers": drivers,
-            "channel_files": channel_files,
-            "driver_store": driver_store,
-            "recent_changes": inventory.recent_changes([*drivers, *channel_files]),
-        }
+            crash=crash,
+            system=system,
+            drivers=drivers,
+            channel_files=channel_files,
+            driver_store=driver_store,
+            recent_changes=inventory.recent_changes([*drivers, *channel_files]),
+        )
 
     async def report(
-        self, client: DeviceClient, base: dict, deadline: float
+        self, client: DeviceClient, findings: Findings, deadline: float
     ) -> tuple[DiagnosticsReceipt, str] | None:
         """Send signed diagnostics; on network trouble keep trying until the deadline."""
         tl = self.timeline
@@ -221,8 +276,8 @@ class RecoveryAgent:
             try:
                 challenge = await client.challenge(self.s.device_id)
                 self.agent_nonce = secrets.token_urlsafe(24)
-                diagnostics = Diagnostics(
-                    server_nonce=challenge.nonce, agent_nonce=self.agent_nonce, created_at=utcnow(), **base
+                diagnostics = findings.diagnostics(
+                    server_nonce=challenge.nonce, agent_nonce=self.agent_nonce, created_at=utcnow()
                 )
                 sealed = seal(diagnostics, self.key)
                 receipt = await client.send_diagnostics(canonical_json(sealed))
@@ -275,7 +330,7 @@ class RecoveryAgent:
             if poll is not None and poll.status == "directive":
                 try:
                     verified = open_directive(
-                        poll.envelope,
+                        poll.envelope if poll.envelope is not None else {},  # refused as malformed
                         self.server_keyring,
                         device_id=s.device_id,
                         agent_nonce=self.agent_nonce,

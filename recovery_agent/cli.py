@@ -154,22 +154,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     s = AgentSettings.load(args.config)
     agent = RecoveryAgent(s)
     env = BootEnv.read(s.grubenv)
-    base = agent.collect(env.boot_count, 0)
-    print(
-        json.dumps(
-            {
-                k: (
-                    v.model_dump(mode="json")
-                    if hasattr(v, "model_dump")
-                    else [x.model_dump(mode="json") for x in v]
-                    if isinstance(v, list)
-                    else v
-                )
-                for k, v in base.items()
-            },
-            indent=2,
-        )
-    )
+    findings = agent.collect(env.boot_count, 0)
+    print(json.dumps(findings.as_json(), indent=2))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from recovery_agent.cli import main
 from recovery_agent.layout import CONFIRMED_DIRECTIVE, QUARANTINE_DIR
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.remediate import apply_directive
+from recovery_lab.demo import make_machine_dir
 
 from .test_remediate import BAD_CHANNEL, QUARANTINE_BAD, build_root, directive, journal
 
@@ -163,3 +164,14 @@ def test_undo_from_the_command_line(
     assert main(["--config", str(applied), "undo", "dir-0001"]) == 0
     assert "moved" in capsys.readouterr().out
     assert (tmp_path / "os" / BAD_CHANNEL).exists()
+
+
+def test_inspect_prints_the_findings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine = make_machine_dir(tmp_path)
+    config = settings_file(machine, pstore_dir="../pstore")
+    SigningKey.generate().save(machine / "recovery/device.key")
+    assert main(["--config", str(config), "inspect"]) == 0
+    findings = json.loads(capsys.readouterr().out)
+    assert findings["device_id"] == "dev-0001"
+    assert findings["crash"]["title"] == "general protection fault in sensor_parse_channel"
+    assert any(f["path"].endswith(".sys") for f in findings["channel_files"])
