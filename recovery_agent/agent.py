@@ -1,18 +1,25 @@
 """The recovery loop, as the recovery environment runs it after repeated failed boots.
 
-1. **settle**: finish or roll back a remediation that a power loss interrupted (journal).
+1. **settle**: finish or roll back a remediation that a power loss interrupted (``remediate``).
 2. **detect**: GRUB's boot count, pstore crash records and the OS boot log give a crash
-   signature (what crashed, in which module, on which channel file).
-3. **collect**: OS and kernel versions, drivers and channel files with size, mtime, sha256.
+   signature (what crashed, in which module, on which channel file) (``detect``).
+3. **collect**: OS and kernel versions, drivers and channel files with size, mtime, sha256
+   (``inventory``); with the signature, the ``Findings`` the diagnostics are made of.
 4. **report**: a challenge from the server, then diagnostics signed by the device key.
 5. **wait**: long-poll for a directive; with auto remediation, keep asking at the retry
    interval until the time to reboot has passed.
 6. **apply**: only a directive signed by the pinned server key, for this device, this nonce,
-   these diagnostics and not expired; then reset ``boot_count``, report the result, reboot.
+   these diagnostics and not expired (``protocol.envelope``); then reset ``boot_count``,
+   record the directive for the next healthy boot to confirm (``state``), report the result,
+   reboot.
 
 Without a fix the agent resets ``boot_count`` so the OS gets another try; after
 ``max_recovery_attempts`` visits it stops and says the machine needs a person (exit 12)
-instead of looping. The exit code tells the recovery environment's init what to do next.
+instead of looping. The exit code (``Outcome``) tells the recovery environment's init what
+to do next.
+
+Back in the OS, once its health check passed, ``report_health`` resets the counters, reports
+the good boot naming the directive, confirms it and archives the crash records (``state``).
 """
 
 from __future__ import annotations
