@@ -9,7 +9,8 @@ traceback). The errors themselves live with the concept they belong to:
 - ``inventory.InventoryError``: the OS root cannot be read at all;
 - ``RemediationError`` (here, because the OS root walk, the journal and the remediation all
   raise it) and its kinds: ``osroot.PathRejected``, ``osroot.MissingFile``,
-  ``journal.JournalError``, ``actions.HashMismatch``.
+  ``journal.JournalError``, ``actions.HashMismatch``, ``state.NotConfirmed``;
+- ``cli.UsageError``: a command's arguments are not valid.
 
 The protocol package keeps its own root, ``protocol.errors.ProtocolError`` (key files,
 envelopes, the server's answers): it is imported by the server too and imports nothing here.
