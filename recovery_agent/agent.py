@@ -1,36 +1,46 @@
 """The recovery loop, as the recovery environment runs it after repeated failed boots.
 
-1. **settle**: finish or roll back a remediation that a power loss interrupted (journal).
+1. **settle**: finish or roll back a remediation that a power loss interrupted (``remediate``).
 2. **detect**: GRUB's boot count, pstore crash records and the OS boot log give a crash
-   signature (what crashed, in which module, on which channel file).
-3. **collect**: OS and kernel versions, drivers and channel files with size, mtime, sha256.
+   signature (what crashed, in which module, on which channel file) (``detect``).
+3. **collect**: OS and kernel versions, drivers and channel files with size, mtime, sha256
+   (``inventory``); with the signature, the ``Findings`` the diagnostics are made of.
 4. **report**: a challenge from the server, then diagnostics signed by the device key.
 5. **wait**: long-poll for a directive; with auto remediation, keep asking at the retry
    interval until the time to reboot has passed.
 6. **apply**: only a directive signed by the pinned server key, for this device, this nonce,
-   these diagnostics and not expired; then reset ``boot_count``, report the result, reboot.
+   these diagnostics and not expired (``protocol.envelope``); then reset ``boot_count``,
+   record the directive for the next healthy boot to confirm (``state``), report the result,
+   reboot.
 
 Without a fix the agent resets ``boot_count`` so the OS gets another try; after
 ``max_recovery_attempts`` visits it stops and says the machine needs a person (exit 12)
-instead of looping. The exit code tells the recovery environment's init what to do next.
+instead of looping. The exit code (``Outcome``) tells the recovery environment's init what
+to do next.
+
+Back in the OS, once its health check passed, ``report_health`` resets the counters, reports
+the good boot naming the directive, confirms it and archives the crash records (``state``).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any, Literal
 
-from . import __version__, inventory
+from pydantic import BaseModel
+
+from . import __version__, inventory, state
 from .bootenv import BootEnv
 from .clock import Clock, SystemClock
 from .detect import detect
+from .errors import AgentError, RemediationError
+from .layout import LAST_DIRECTIVE
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import (
     EnvelopeError,
@@ -41,52 +51,116 @@ from .protocol.envelope import (
     seal,
     seal_bytes,
 )
-from .protocol.keys import SigningKey, atomic_write, key_id, public_from_b64
+from .protocol.keys import SigningKey, key_id, public_from_b64
 from .protocol.wire import (
     BootRecord,
     BootState,
     CrashKind,
+    CrashSignature,
     Diagnostics,
     DiagnosticsReceipt,
     Directive,
+    FileRecord,
     Health,
     Result,
     SystemInfo,
     utcnow,
 )
-from .remediate import RemediationError, apply_directive, recover_journals
+from .remediate import apply_directive, recover_journals
 from .settings import AgentSettings
 
 log = logging.getLogger("recovery_agent")
 
-STATE_DIR = Path("var/lib/recovery")
 # What the boots GRUB counted ended in, by the kind of crash found (the rest crashed).
-_BOOT_OUTCOME = {CrashKind.HANG: "hung", CrashKind.UNKNOWN: "unknown", CrashKind.NONE: "unknown"}
-LAST_DIRECTIVE = STATE_DIR / "last-directive"
+_BOOT_OUTCOME: dict[CrashKind, Literal["crashed", "hung", "healthy", "unknown"]] = {
+    CrashKind.HANG: "hung",
+    CrashKind.UNKNOWN: "unknown",
+    CrashKind.NONE: "unknown",
+}
 
 
 class Outcome(enum.IntEnum):
-    """The agent's exit code: what the recovery environment does next."""
+    """The agent's exit code: what the recovery environment does next. Its init
+    (images/recovery/init) keeps the machine in recovery on 12 and reboots on any other code,
+    so a failure of any kind is ``ERROR`` (1)."""
 
-    REMEDIATED = 0  # fix applied: reboot into the OS
-    ERROR = 1  # the agent itself failed: reboot into the OS
-    NO_REMEDIATION = 10  # no fix arrived in time: reboot and let the OS try again
-    CLOUD_DISABLED = 11  # cloud remediation is off: reboot
-    REMEDIATION_FAILED = 13  # a fix arrived but could not be applied (nothing changed)
-    NEEDS_MANUAL = 12  # out of attempts: stay here, a person must look
+    REMEDIATED = 0
+    ERROR = 1
+    NO_REMEDIATION = 10
+    CLOUD_DISABLED = 11
+    NEEDS_MANUAL = 12
+    REMEDIATION_FAILED = 13
+
+    @property
+    def meaning(self) -> str:
+        return _OUTCOME_MEANINGS[self]
+
+
+_OUTCOME_MEANINGS = {
+    Outcome.REMEDIATED: "fix applied: reboot into the OS",
+    Outcome.ERROR: "the agent itself failed (settings, key, disk): reboot into the OS",
+    Outcome.NO_REMEDIATION: "no fix arrived in time: reboot and let the OS try again",
+    Outcome.CLOUD_DISABLED: "cloud remediation is off: reboot",
+    Outcome.NEEDS_MANUAL: "out of attempts: stay here, a person must look",
+    Outcome.REMEDIATION_FAILED: "a fix arrived but could not be applied (nothing changed): reboot",
+}
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the detect and collect steps found: the diagnostics but for the nonces and the
+    time, which only the report step knows."""
+
+    device_id: str
+    agent_version: str
+    boot: BootState
+    crash: CrashSignature
+    system: SystemInfo
+    drivers: list[FileRecord]
+    channel_files: list[FileRecord]
+    driver_store: list[FileRecord]
+    recent_changes: list[FileRecord]
+
+    def diagnostics(self, *, server_nonce: str, agent_nonce: str, created_at: datetime) -> Diagnostics:
+        return Diagnostics(
+            server_nonce=server_nonce,
+            agent_nonce=agent_nonce,
+            created_at=created_at,
+            device_id=self.device_id,
+            agent_version=self.agent_version,
+            boot=self.boot,
+            crash=self.crash,
+            system=self.system,
+            drivers=self.drivers,
+            channel_files=self.channel_files,
+            driver_store=self.driver_store,
+            recent_changes=self.recent_changes,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The findings as JSON values (what ``recovery-agent inspect`` prints)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, BaseModel):
+                out[f.name] = value.model_dump(mode="json")
+            elif isinstance(value, list):
+                out[f.name] = [v.model_dump(mode="json") for v in value]
+            else:
+                out[f.name] = value
+        return out
 
 
 @dataclass
 class Timeline:
-    """What the agent did, with times, for the console and for the lab's report."""
+    """What the agent did, with times: one line per step to the log and to ``sink`` (the
+    console, from which the lab's report is made)."""
 
     started: float = field(default_factory=time.monotonic)
-    entries: list[tuple[float, str, str]] = field(default_factory=list)
     sink: Callable[[str], None] | None = None
 
     def add(self, phase: str, text: str) -> None:
         t = time.monotonic() - self.started
-        self.entries.append((t, phase, text))
         line = f"[agent +{t:7.2f}s] {phase:<9} {text}"
         log.info(line)
         if self.sink:
@@ -125,8 +199,8 @@ class RecoveryAgent:
             f"{attempts} of {s.max_recovery_attempts}",
         )
 
-        diagnostics_base = self.collect(boot_count, attempts)
-        crash = diagnostics_base["crash"]
+        findings = self.collect(boot_count, attempts)
+        crash = findings.crash
         tl.add(
             "detect",
             f"{crash.kind.value}: {crash.title}"
@@ -141,7 +215,7 @@ class RecoveryAgent:
 
         deadline = self.clock.monotonic() + s.time_to_reboot_s
         async with DeviceClient(s.server_url) as client:
-            sent = await self.report(client, diagnostics_base, deadline)
+            sent = await self.report(client, findings, deadline)
             if sent is not None:
                 receipt, payload_sha = sent
                 outcome = await self.wait_and_apply(client, receipt, payload_sha, deadline)
@@ -159,7 +233,8 @@ class RecoveryAgent:
         self._reset_boot_count()
         return Outcome.NO_REMEDIATION
 
-    def collect(self, boot_count: int, attempts: int) -> dict:
+    def collect(self, boot_count: int, attempts: int) -> Findings:
+        """The detect and collect steps: what the diagnostics will say."""
         s = self.s
         crash = detect(
             s.pstore_dir,
@@ -181,26 +256,26 @@ class RecoveryAgent:
             # Report the crash anyway: the server can still cluster it and a person can look.
             self.timeline.add("collect", f"no inventory: {exc}")
             channel_files, drivers, driver_store, system = [], [], [], SystemInfo()
-        return {
-            "device_id": s.device_id,
-            "agent_version": __version__,
-            "boot": BootState(
+        return Findings(
+            device_id=s.device_id,
+            agent_version=__version__,
+            boot=BootState(
                 boot_count=boot_count,
                 boot_limit=s.boot_limit,
                 recovery_attempts=attempts,
                 max_recovery_attempts=s.max_recovery_attempts,
                 history=history,
             ),
-            "crash": crash,
-            "system": system,
-            "drivers": drivers,
-            "channel_files": channel_files,
-            "driver_store": driver_store,
-            "recent_changes": inventory.recent_changes([*drivers, *channel_files]),
-        }
+            crash=crash,
+            system=system,
+            drivers=drivers,
+            channel_files=channel_files,
+            driver_store=driver_store,
+            recent_changes=inventory.recent_changes([*drivers, *channel_files]),
+        )
 
     async def report(
-        self, client: DeviceClient, base: dict, deadline: float
+        self, client: DeviceClient, findings: Findings, deadline: float
     ) -> tuple[DiagnosticsReceipt, str] | None:
         """Send signed diagnostics; on network trouble keep trying until the deadline."""
         tl = self.timeline
@@ -208,8 +283,8 @@ class RecoveryAgent:
             try:
                 challenge = await client.challenge(self.s.device_id)
                 self.agent_nonce = secrets.token_urlsafe(24)
-                diagnostics = Diagnostics(
-                    server_nonce=challenge.nonce, agent_nonce=self.agent_nonce, created_at=utcnow(), **base
+                diagnostics = findings.diagnostics(
+                    server_nonce=challenge.nonce, agent_nonce=self.agent_nonce, created_at=utcnow()
                 )
                 sealed = seal(diagnostics, self.key)
                 receipt = await client.send_diagnostics(canonical_json(sealed))
@@ -262,7 +337,7 @@ class RecoveryAgent:
             if poll is not None and poll.status == "directive":
                 try:
                     verified = open_directive(
-                        poll.envelope,
+                        poll.envelope if poll.envelope is not None else {},  # refused as malformed
                         self.server_keyring,
                         device_id=s.device_id,
                         agent_nonce=self.agent_nonce,
@@ -316,9 +391,11 @@ class RecoveryAgent:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
         self._reset_boot_count()
         tl.add("apply", "boot_count reset to 0")
-        state = self.s.os_root / LAST_DIRECTIVE
-        state.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(state, f"{d.directive_id}\n".encode())
+        try:
+            state.record_applied(self.s.os_root, d.directive_id)
+        except (AgentError, OSError) as exc:
+            # The fix is on the disk; only the next healthy boot's confirmation of it is lost.
+            tl.add("apply", f"could not record {LAST_DIRECTIVE}: {exc}")
         await self._send_result(
             client,
             Result(
@@ -347,42 +424,34 @@ class RecoveryAgent:
         BootEnv.read(self.s.grubenv).reset_boot_count(self.s.grubenv)
 
 
-async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict:
-    """Run by the OS once its health check passed: reset the counters, tell the server."""
+async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict[str, Any]:
+    """Run by the OS once its health check passed: reset the counters, tell the server (naming
+    the directive applied since the last good boot), then confirm that directive and archive
+    the crash records (``state``). Trouble with the agent's state files on the OS disk is
+    logged, not raised: the good boot is reported all the same."""
     env = BootEnv.read(settings.grubenv)
     env.set("boot_count", "0")
     env.set("recovery_attempts", "0")
     env.write(settings.grubenv)
-    state = settings.os_root / LAST_DIRECTIVE
-    directive_id = state.read_text().strip() if state.exists() else None
+    try:
+        directive_id = state.last_directive(settings.os_root)
+    except AgentError as exc:
+        log.warning("%s; reporting the good boot without a directive", exc)
+        directive_id = None
     key = SigningKey.load(settings.device_key)
     health = Health(
         device_id=settings.device_id,
-        directive_id=directive_id or None,
+        directive_id=directive_id,
         boot_id=boot_id,
         kernel_version=kernel_version,
         created_at=utcnow(),
     )
     async with DeviceClient(settings.server_url) as client:
         answer = await client.send_health(seal_bytes(health, key))
-    if directive_id:
-        os.replace(state, state.with_name("confirmed-directive"))
-    archive_pstore(settings.pstore_dir, settings.os_root)
+    try:
+        if directive_id:
+            state.confirm_last_directive(settings.os_root)
+        state.archive_pstore(settings.pstore_dir, settings.os_root)
+    except (AgentError, OSError) as exc:
+        log.warning("the good boot was reported, but: %s", exc)
     return answer
-
-
-def archive_pstore(pstore_dir: Path | None, os_root: Path) -> int:
-    """Move crash records into the OS root once the OS booted well (as systemd-pstore does):
-    that frees the ramoops slots, so the next recovery reports only new crashes. The recovery
-    environment never does this: it writes the OS disk only to apply a verified directive."""
-    if pstore_dir is None or not pstore_dir.is_dir():
-        return 0
-    records = sorted(p for p in pstore_dir.iterdir() if p.is_file())
-    if not records:
-        return 0
-    dest = os_root / STATE_DIR / "pstore" / utcnow().strftime("%Y%m%dT%H%M%SZ")
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in records:
-        shutil.copy2(p, dest / p.name)
-        p.unlink()
-    return len(records)

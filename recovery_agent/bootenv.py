@@ -29,13 +29,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import AgentError
+
 ENVBLK_SIZE = 1024
 ENVBLK_SIGNATURE = b"# GRUB Environment Block\n"
 
 BOOT_COUNT = "boot_count"
 BOOT_LIMIT = "boot_limit"
 RECOVERY_ATTEMPTS = "recovery_attempts"
-BOOT_OK = "boot_ok"
 DEFAULT_BOOT_LIMIT = 2
 
 # GRUB itself accepts any name without '=' or a newline; a script can only use these.
@@ -44,7 +45,7 @@ _NUMBER_RE = re.compile(r"^[0-9]+$")
 _REBUILD_HINT = "rebuild the image with recovery-lab build"
 
 
-class BootEnvError(Exception):
+class BootEnvError(AgentError):
     """Raised when a grubenv file cannot be read or written safely: wrong size, no GRUB
     header, a malformed line, or new content that would not fit in 1024 bytes."""
 

@@ -1,11 +1,14 @@
 """``recovery-agent``: the device side.
 
-keygen PATH          make a device key (PATH, 0600) and PATH.pub
-enroll --token T     enroll this device's key with the server (while healthy)
-run                  the recovery loop (in the recovery environment); exit code = Outcome
-health               the OS's health check passed: reset counters, report a good boot
-inspect              print the diagnostics the agent would send, without sending them
-undo DIRECTIVE_ID    put back what a directive changed
+keygen PATH                       make a device key (PATH, 0600) and PATH.pub
+enroll --token T                  enroll this device's key with the server (while healthy)
+run                               the recovery loop (in the recovery environment); exit code = outcome
+health                            the OS's health check passed: reset counters, report a good boot
+inspect                           print the diagnostics the agent would send, without sending them
+undo DIRECTIVE_ID                 put back what a directive changed
+quarantine list                   the files remediations took off this machine, directive by directive
+quarantine purge DIRECTIVE_ID     delete a directive's quarantine once a healthy boot confirmed it
+                                  (--force: without that confirmation)
 """
 
 from __future__ import annotations
@@ -16,21 +19,69 @@ import json
 import logging
 import socket
 import sys
+import traceback
 import uuid
 from pathlib import Path
+from typing import Any
 
-from . import __version__
+from pydantic import ValidationError
+
+from . import __version__, state
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
 from .bootenv import BootEnv, BootEnvError
-from .protocol.client import DeviceClient
+from .errors import AgentError
+from .journal import JournalError
+from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import seal_bytes
 from .protocol.errors import ProtocolError
-from .protocol.keys import SigningKey, public_b64
+from .protocol.keys import KeyFileError, SigningKey, public_b64
 from .protocol.wire import Enrollment, utcnow
-from .remediate import RemediationError, undo
+from .remediate import list_quarantine, undo
 from .settings import AgentSettings, SettingsError
 
 DEFAULT_CONFIG = "/etc/recovery/agent.json"
+
+# The exit-code convention of the project's command lines, for every command but `run`.
+EXIT_OK = 0
+EXIT_FAILED = 1  # the agent itself failed
+EXIT_REFUSED = 2  # refused or invalid input: usage, settings, a key file, a request refused
+EXIT_UNREACHABLE = 3  # the server could not be reached
+
+
+class UsageError(AgentError):
+    """Raised when a command's arguments are not valid (beyond what argparse checks)."""
+
+
+# Invalid input rather than a failure of the agent: the message says what to fix.
+_REFUSALS = (
+    UsageError,
+    SettingsError,
+    KeyFileError,
+    BootEnvError,
+    JournalError,
+    state.NotConfirmed,
+    ServerRefused,
+)
+
+
+def _run_exit_codes() -> str:
+    outcomes = "\n".join(f"  {int(o):>2}  {o.name:<19} {o.meaning}" for o in sorted(Outcome))
+    return (
+        "exit codes of `run` (the recovery environment's init acts on them: 12 keeps the\n"
+        f"machine in recovery, any other code reboots it):\n{outcomes}\n"
+    )
+
+
+def _exit_codes() -> str:
+    return (
+        f"{_run_exit_codes()}\n"
+        "exit codes of the other commands:\n"
+        f"  {EXIT_OK}  success\n"
+        f"  {EXIT_FAILED}  the agent itself failed\n"
+        f"  {EXIT_REFUSED}  refused or invalid input: usage, the settings or key file, a directive that\n"
+        "     does not apply (unknown, or not confirmed for purge), a request the server refused\n"
+        f"  {EXIT_UNREACHABLE}  the server could not be reached\n"
+    )
 
 
 def _print(line: str) -> None:
@@ -41,11 +92,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         print(f"recovery-agent: {path} exists; keeping it (use --force to replace)", file=sys.stderr)
-        return 0
+        return EXIT_OK
     key = SigningKey.generate()
     key.save(path)
     print(f"device key {key.key_id} written to {path} and {path}.pub")
-    return 0
+    return EXIT_OK
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -53,21 +104,27 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if not s.device_key.exists():
         SigningKey.generate().save(s.device_key)
     key = SigningKey.load(s.device_key)
-    msg = Enrollment(
-        device_id=s.device_id,
-        public_key=public_b64(key.public),
-        enrollment_token=args.token,
-        hostname=socket.gethostname(),
-        created_at=utcnow(),
-    )
+    try:
+        msg = Enrollment(
+            device_id=s.device_id,
+            public_key=public_b64(key.public),
+            enrollment_token=args.token,
+            hostname=socket.gethostname()[:255],
+            created_at=utcnow(),
+        )
+    except ValidationError as exc:
+        raise UsageError(
+            f"--token is not an enrollment token ({exc.errors()[0]['msg']}): copy the whole token "
+            f"`recovery-admin enrollment-token` printed"
+        ) from None
 
-    async def go() -> dict:
+    async def go() -> dict[str, Any]:
         async with DeviceClient(s.server_url) as client:
             return await client.enroll(seal_bytes(msg, key))
 
     answer = asyncio.run(go())
     print(f"device {answer['device_id']}: {answer['status']} (key {answer['key_id'][:16]}…)")
-    return 0
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -83,7 +140,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     boot_id = args.boot_id or _boot_id()
     answer = asyncio.run(report_health(s, boot_id, args.kernel or ""))
     print(f"health reported for boot {boot_id}: {answer['status']}")
-    return 0
+    return EXIT_OK
 
 
 def _boot_id() -> str:
@@ -97,38 +154,52 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     s = AgentSettings.load(args.config)
     agent = RecoveryAgent(s)
     env = BootEnv.read(s.grubenv)
-    base = agent.collect(env.boot_count, 0)
-    print(
-        json.dumps(
-            {
-                k: (
-                    v.model_dump(mode="json")
-                    if hasattr(v, "model_dump")
-                    else [x.model_dump(mode="json") for x in v]
-                    if isinstance(v, list)
-                    else v
-                )
-                for k, v in base.items()
-            },
-            indent=2,
-        )
-    )
-    return 0
+    findings = agent.collect(env.boot_count, 0)
+    print(json.dumps(findings.as_json(), indent=2))
+    return EXIT_OK
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
     s = AgentSettings.load(args.config)
     for line in undo(s.os_root, args.directive_id):
         print(line)
-    return 0
+    return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    s = AgentSettings.load(args.config)
+    files = list_quarantine(s.os_root)
+    if not files:
+        print(f"no quarantined files on {s.os_root}")
+        return EXIT_OK
+    confirmed = state.confirmed_directive(s.os_root)
+    for f in files:
+        e = f.entry
+        notes = [f"held as {e.stored_name}" if f.present else f"MISSING {e.stored_name}"]
+        if e.restored_at is not None:
+            notes.append(f"restored {e.restored_at.isoformat()}")
+        if f.directive_id == confirmed:
+            notes.append("confirmed by a healthy boot")
+        print(
+            f"{f.directive_id}  {f.journal_state:<12} {e.role:<11} {e.original_path}  "
+            f"sha256 {e.sha256[:16]}…  {e.size} bytes  {e.quarantined_at.isoformat()}  ({'; '.join(notes)})"
+        )
+    return EXIT_OK
+
+
+def cmd_quarantine_purge(args: argparse.Namespace) -> int:
+    s = AgentSettings.load(args.config)
+    state.purge_quarantine(s.os_root, args.directive_id, force=args.force)
+    print(f"purged the quarantine of directive {args.directive_id}; its journal is kept (state purged)")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recovery-agent",
         description="Quick Machine Recovery agent",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog=f"{__doc__}\n{_exit_codes()}",
     )
     p.add_argument("--version", action="version", version=__version__)
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent settings (default {DEFAULT_CONFIG})")
@@ -141,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("enroll", help="enroll the device key (while healthy)")
     e.add_argument("--token", required=True, help="the fleet enrollment token")
     e.set_defaults(fn=cmd_enroll)
-    sub.add_parser("run", help="run the recovery loop").set_defaults(fn=cmd_run)
+    sub.add_parser(
+        "run",
+        help="run the recovery loop",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_run_exit_codes(),
+    ).set_defaults(fn=cmd_run)
     h = sub.add_parser("health", help="report a healthy boot")
     h.add_argument("--boot-id")
     h.add_argument("--kernel")
@@ -150,16 +226,42 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("undo", help="put back what a directive changed")
     u.add_argument("directive_id")
     u.set_defaults(fn=cmd_undo)
-    args = p.parse_args(argv)
+    q = sub.add_parser("quarantine", help="list or purge the files remediations took off this machine")
+    qsub = q.add_subparsers(dest="quarantine_cmd", required=True)
+    qsub.add_parser("list", help="every quarantined file, directive by directive").set_defaults(
+        fn=cmd_quarantine_list
+    )
+    qp = qsub.add_parser(
+        "purge",
+        help="delete a directive's quarantine (only once a healthy boot confirmed the directive)",
+    )
+    qp.add_argument("directive_id")
+    qp.add_argument(
+        "--force", action="store_true", help="purge even though no healthy boot confirmed the directive"
+    )
+    qp.set_defaults(fn=cmd_quarantine_purge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        return args.fn(args)
-    except (SettingsError, BootEnvError, RemediationError, ProtocolError, FileNotFoundError) as exc:
+        code: int = args.fn(args)
+        return code
+    except (AgentError, ProtocolError, OSError) as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"recovery-agent: {exc}", file=sys.stderr)
-        return int(Outcome.ERROR)
+        if args.fn is cmd_run:
+            # The recovery environment's init knows only the outcomes: any failure is ERROR.
+            return int(Outcome.ERROR)
+        if isinstance(exc, ServerUnreachable):
+            return EXIT_UNREACHABLE
+        return EXIT_REFUSED if isinstance(exc, _REFUSALS) else EXIT_FAILED
 
 
 if __name__ == "__main__":

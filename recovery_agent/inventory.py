@@ -17,7 +17,6 @@ be read is left out with a warning rather than stopping the report. Merged-/usr 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -27,22 +26,20 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from .digest import sha256_fd
+from .errors import AgentError
+from .layout import CHANNEL_DIR, DRIVER_STORE, DRIVER_SUBDIRS, HOSTNAME_FILE, MODULES_DIRS, OS_RELEASE_FILES
 from .protocol.wire import FileRecord, SystemInfo
 
 log = logging.getLogger(__name__)
 
-HASH_CHUNK = 1024 * 1024
-MODULES_DIRS = ("lib/modules", "usr/lib/modules")
-DRIVER_SUBDIRS = ("extra", "updates")
-DRIVER_STORE = "var/lib/driver-store"
-CHANNEL_DIR = "var/lib/sensor/channels"
 CHANNEL_FILE_RE = re.compile(r"^C-.*\.sys$")
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 _VERSION_MAX = 64
 _MODINFO_LIMIT = 64 * 1024 * 1024  # larger .ko files are not scanned for a version
 
 
-class InventoryError(Exception):
+class InventoryError(AgentError):
     """Raised when the OS root itself cannot be read (not mounted, not a directory)."""
 
 
@@ -193,9 +190,7 @@ def file_record(
         if not stat.S_ISREG(st.st_mode):
             return None
         try:
-            digest = hashlib.sha256()
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
+            digest = sha256_fd(f.fileno())
             if module_version and version is None and rel.endswith(".ko"):
                 version = _modinfo_version(f, st.st_size)
         except OSError as e:
@@ -205,7 +200,7 @@ def file_record(
         path=rel,
         size=st.st_size,
         mtime=st.st_mtime,
-        sha256=digest.hexdigest(),
+        sha256=digest,
         version=version[:_VERSION_MAX] if version else None,
     )
 
@@ -233,9 +228,7 @@ def _read_small(path: Path, limit: int = 64 * 1024) -> str | None:
 
 
 def _os_release(root: Path) -> str:
-    # etc/os-release is often a symlink to ../usr/lib/os-release; the spec's fallback path
-    # lets us read it without following the link.
-    for rel in ("etc/os-release", "usr/lib/os-release"):
+    for rel in OS_RELEASE_FILES:  # the fallback instead of following a symlink
         text = _read_small(root / rel)
         if text is None:
             continue
@@ -281,7 +274,7 @@ def kernel_version(os_root: Path) -> str:
 def collect_system(os_root: Path) -> SystemInfo:
     """OS name (``PRETTY_NAME``), kernel version and hostname of the OS root."""
     root = _check_root(Path(os_root))
-    hostname = (_read_small(root / "etc/hostname") or "").strip().splitlines()
+    hostname = (_read_small(root / HOSTNAME_FILE) or "").strip().splitlines()
     return SystemInfo(
         os_release=_os_release(root),
         kernel_version=kernel_version(root),

@@ -27,5 +27,10 @@ MODPROBE_DIR = "etc/modprobe.d"
 # The sensor's content files (the CrowdStrike shape): C-*.sys.
 CHANNEL_DIR = "var/lib/sensor/channels"
 
+# What the OS says about itself. etc/os-release is often a symlink to ../usr/lib/os-release;
+# the spec's fallback path lets the agent read it without following the link.
+OS_RELEASE_FILES = ("etc/os-release", "usr/lib/os-release")
+HOSTNAME_FILE = "etc/hostname"
+
 # The OS's own log of its boot steps (images/os/lib.sh qmr_progress).
 BOOT_PROGRESS_LOG = "var/log/boot-progress.log"

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import AgentError
 from .protocol.keys import public_from_b64
 from .protocol.wire import DeviceId
 
 
-class SettingsError(Exception):
+class SettingsError(AgentError):
     """Raised when the settings file is missing or does not validate."""
 
 

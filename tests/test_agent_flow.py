@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from recovery_agent.agent import Outcome, RecoveryAgent, report_health
 from recovery_agent.bootenv import BootEnv
+from recovery_agent.layout import CONFIRMED_DIRECTIVE, LAST_DIRECTIVE, PSTORE_ARCHIVE, STATE_DIR
 from recovery_agent.protocol.keys import SigningKey
 from recovery_lab.demo import BAD, CHANNELS, GOOD
 
@@ -54,8 +55,13 @@ async def test_channel_file_incident_is_recovered_after_approval(fleet, machine,
     [result] = fleet.service.device_results(fleet.viewer, "dev-0001")
     assert result.outcome == "applied"
 
+    directive_id = (os_root / LAST_DIRECTIVE).read_text().strip()
+    assert directive_id == result.directive_id
+
     await report_health(settings, boot_id="boot-3")
     assert fleet.service.devices(fleet.viewer)[0].state == "healthy"
+    assert not (os_root / LAST_DIRECTIVE).exists()
+    assert (os_root / CONFIRMED_DIRECTIVE).read_text().strip() == directive_id
     assert not list((machine / "pstore").iterdir()), "the good boot archives the crash records"
     assert list((os_root / "var/lib/recovery/pstore").glob("*/dmesg-ramoops-0"))
     assert grub(machine).get("recovery_attempts") == "0"
@@ -197,3 +203,34 @@ async def test_agent_waits_for_a_late_server(fleet, machine, clock):
     fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0].incident_id)
     await clock.release()
     assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
+
+
+async def test_planted_symlinks_in_the_agent_state_are_not_followed(fleet, machine, clock, tmp_path):
+    """A symlink at last-directive's temp name (recovery environment) and at the pstore archive
+    (the OS's health step): the fix is applied and the good boot reported, and nothing outside
+    the OS root changes."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me\n")
+    state_dir = machine / "os" / STATE_DIR
+    state_dir.mkdir(parents=True)
+    (state_dir / ".last-directive.tmp").symlink_to(outside / "precious")
+    (machine / "os" / PSTORE_ARCHIVE).symlink_to(outside)
+    before = tree_snapshot(outside)
+
+    settings = await enrolled_settings(fleet, machine)
+    agent = RecoveryAgent(settings, clock=clock)
+    lines: list[str] = []
+    agent.timeline.sink = lines.append
+    run = asyncio.create_task(agent.run())
+    await wait_for(lambda: fleet.service.incidents(fleet.viewer))
+    fleet.approve_suggested(fleet.service.incidents(fleet.viewer)[0].incident_id)
+    await clock.release()
+    assert await asyncio.wait_for(run, 60) is Outcome.REMEDIATED
+    assert any(f"could not record {LAST_DIRECTIVE}" in line and "symlink" in line for line in lines)
+    assert not (machine / "os" / LAST_DIRECTIVE).exists()
+
+    await report_health(settings, boot_id="boot-3")
+    assert fleet.service.devices(fleet.viewer)[0].state == "healthy"
+    assert list((machine / "pstore").iterdir()), "records stay in pstore when they cannot be archived"
+    assert tree_snapshot(outside) == before

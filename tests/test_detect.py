@@ -1,4 +1,5 @@
-"""detect: crash signatures from real Debian 12 (Linux 6.1) panics and hand-written snippets."""
+"""crashreport and detect: crash signatures from real Debian 12 (Linux 6.1) panics and
+hand-written snippets."""
 
 from __future__ import annotations
 
@@ -8,13 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recovery_agent.detect import (
-    EXCERPT_LIMIT,
-    detect,
-    normalise_title,
-    parse_crash,
-    read_pstore,
-)
+from recovery_agent.crashreport import EXCERPT_LIMIT, normalise_title, parse_crash
+from recovery_agent.detect import detect, read_pstore, stopped_step
 from recovery_agent.protocol.wire import CrashKind
 
 DATA = Path(__file__).parent / "data" / "panic"
@@ -452,8 +448,6 @@ PROGRESS_HUNG = """\
 
 
 def test_stopped_step_names_the_step_the_last_boot_never_finished() -> None:
-    from recovery_agent.detect import stopped_step
-
     assert stopped_step(PROGRESS_HUNG) == "load module sensor"
     assert stopped_step(PROGRESS_HUNG + "9.1 done load module sensor\n9.2 boot complete\n") is None
     assert stopped_step("") is None

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from recovery_agent import remediate
+from recovery_agent import osroot
+from recovery_agent.actions import HashMismatch
+from recovery_agent.digest import sha256_fd
+from recovery_agent.errors import RemediationError
+from recovery_agent.journal import JournalError
+from recovery_agent.layout import JOURNAL_DIR, QUARANTINE_DIR, STATE_DIR
+from recovery_agent.osroot import MissingFile, OSRoot, PathRejected
 from recovery_agent.protocol.wire import Directive, DisableDriver, QuarantineFile, RestoreFile
 from recovery_agent.remediate import (
-    HashMismatch,
-    JournalError,
-    MissingFile,
-    OSRoot,
-    PathRejected,
-    RemediationError,
     apply_directive,
     list_quarantine,
     purge,
@@ -52,7 +52,7 @@ def sha(data: bytes) -> str:
 
 def snapshot(root: Path, *, include_state: bool = True) -> dict[str, tuple]:
     """path -> (type, sha256 or link target, mode), symlinks not followed."""
-    return tree_snapshot(root, exclude=None if include_state else remediate.STATE_DIR)
+    return tree_snapshot(root, exclude=None if include_state else STATE_DIR)
 
 
 def write(root: Path, rel: str, data: bytes, mode: int = 0o644) -> Path:
@@ -100,7 +100,7 @@ DISABLE_SENSOR = DisableDriver(name="sensor")
 
 
 def journal(root: Path, directive_id: str = "dir-0001") -> dict:
-    return json.loads((root / remediate.JOURNAL_DIR / f"{directive_id}.json").read_text())
+    return json.loads((root / JOURNAL_DIR / f"{directive_id}.json").read_text())
 
 
 class PowerLoss(Exception):
@@ -125,7 +125,7 @@ def rejected(root: Path, d: Directive, error: type[RemediationError], *fragments
     for fragment in fragments:
         assert fragment in str(caught.value)
     assert snapshot(root) == before
-    assert not (root / remediate.STATE_DIR).exists()
+    assert not (root / STATE_DIR).exists()
 
 
 def test_dotdot_is_rejected(root: Path) -> None:
@@ -208,7 +208,7 @@ def test_open_parent_walks_and_rejects(root: Path) -> None:
             assert name == "C-00000291-00000000-00000032.sys"
             assert os.stat(name, dir_fd=dir_fd).st_size == len(BAD)
         with os_root.open_file(BAD_CHANNEL) as fd:
-            assert remediate.sha256_fd(fd) == sha(BAD)
+            assert sha256_fd(fd) == sha(BAD)
         (root / "var/lib/link").symlink_to("sensor")
         with pytest.raises(PathRejected, match="component var/lib/link is a symlink"):
             with os_root.open_parent("var/lib/link/channels/x"):
@@ -222,10 +222,8 @@ def test_open_parent_walks_and_rejects(root: Path) -> None:
 def test_mount_crossing_is_rejected(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A real mount needs privileges; pretend var/lib/sensor is one by its mount id.
     sensor_ino = (root / "var/lib/sensor").stat().st_ino
-    real = remediate._mount_id
-    monkeypatch.setattr(
-        remediate, "_mount_id", lambda fd: 999 if os.fstat(fd).st_ino == sensor_ino else real(fd)
-    )
+    real = osroot.mount_id
+    monkeypatch.setattr(osroot, "mount_id", lambda fd: 999 if os.fstat(fd).st_ino == sensor_ino else real(fd))
     rejected(root, directive(QUARANTINE_BAD), PathRejected, "var/lib/sensor", "another mount")
 
 
@@ -240,7 +238,7 @@ def test_quarantine_moves_only_the_bad_channel_file(root: Path) -> None:
     after = snapshot(root)
     for good in GOOD_CHANNELS:
         assert after[good] == before[good]
-    qdir = root / remediate.QUARANTINE_DIR / "dir-0001"
+    qdir = root / QUARANTINE_DIR / "dir-0001"
     stored = qdir / "0-C-00000291-00000000-00000032.sys"
     assert stored.read_bytes() == BAD
     assert stat.S_IMODE(qdir.stat().st_mode) == 0o700
@@ -256,8 +254,8 @@ def test_quarantine_moves_only_the_bad_channel_file(root: Path) -> None:
     assert journal(root)["state"] == "applied"
     assert journal(root)["steps"][0]["status"] == "done"
     [row] = list_quarantine(root)
-    assert row["directive_id"] == "dir-0001" and row["present"] is True
-    assert row["journal_state"] == "applied"
+    assert row.directive_id == "dir-0001" and row.present is True
+    assert row.journal_state == "applied" and row.entry.original_path == BAD_CHANNEL
 
 
 def test_restore_file_replaces_the_driver_and_quarantines_the_old_one(root: Path) -> None:
@@ -266,10 +264,10 @@ def test_restore_file_replaces_the_driver_and_quarantines_the_old_one(root: Path
     assert (root / DRIVER).read_bytes() == DRIVER_V1
     assert stat.S_IMODE((root / DRIVER).stat().st_mode) == 0o640  # the original's mode
     assert (root / STORE).read_bytes() == DRIVER_V1
-    old = root / remediate.QUARANTINE_DIR / "dir-0001" / "0-sensor.ko"
+    old = root / QUARANTINE_DIR / "dir-0001" / "0-sensor.ko"
     assert old.read_bytes() == DRIVER_V2
     [row] = list_quarantine(root)
-    assert row["role"] == "replaced" and row["original_path"] == DRIVER
+    assert row.entry.role == "replaced" and row.entry.original_path == DRIVER
     assert not list((root / DRIVER).parent.glob(".recovery-*"))  # no temp file left
 
 
@@ -299,7 +297,7 @@ def test_reapply_is_idempotent(root: Path) -> None:
     assert snapshot(root) == applied
 
     # Without the journal, each step still finds its own work done.
-    (root / remediate.JOURNAL_DIR / "dir-0001.json").unlink()
+    (root / JOURNAL_DIR / "dir-0001.json").unlink()
     again = apply_directive(root, d)
     assert [r.status for r in again] == ["already_applied"] * 3
     assert {k: v for k, v in snapshot(root).items() if "journal" not in k} == {
@@ -345,7 +343,7 @@ def test_power_loss_with_a_step_that_no_longer_applies_rolls_back(root: Path) ->
     expected = dict(original)
     expected[STORE] = ("file", sha(b"damaged\n"), 0o444)
     assert snapshot(root, include_state=False) == {
-        k: v for k, v in expected.items() if not k.startswith(remediate.STATE_DIR)
+        k: v for k, v in expected.items() if not k.startswith(STATE_DIR)
     }
     assert journal(root)["state"] == "rolled_back"
     assert recover_journals(root) == []
@@ -358,7 +356,7 @@ def test_power_loss_inside_a_restore_is_rolled_forward(root: Path) -> None:
     # half-written temp file is left over.
     with pytest.raises(PowerLoss):
         apply_directive(root, directive(QUARANTINE_BAD, RESTORE_DRIVER), on_step=power_loss_after(0))
-    qdir = root / remediate.QUARANTINE_DIR / "dir-0001"
+    qdir = root / QUARANTINE_DIR / "dir-0001"
     os.rename(root / DRIVER, qdir / "1-sensor.ko")
     write(root, str(Path(DRIVER).parent / ".recovery-dir-0001-1.tmp"), b"\x7fELF sen")
     [line] = recover_journals(root)
@@ -366,7 +364,7 @@ def test_power_loss_inside_a_restore_is_rolled_forward(root: Path) -> None:
     assert (root / DRIVER).read_bytes() == DRIVER_V1
     assert stat.S_IMODE((root / DRIVER).stat().st_mode) == 0o640
     assert not list((root / DRIVER).parent.glob(".recovery-*"))
-    roles = {r["stored_name"]: r["role"] for r in list_quarantine(root)}
+    roles = {r.entry.stored_name: r.entry.role for r in list_quarantine(root)}
     assert roles == {"0-C-00000291-00000000-00000032.sys": "quarantined", "1-sensor.ko": "replaced"}
 
 
@@ -382,9 +380,7 @@ def test_step_failing_after_preflight_rolls_back_what_was_done(root: Path) -> No
     assert isinstance(caught.value.__cause__, HashMismatch)
     current = snapshot(root, include_state=False)
     assert current.pop(STORE)[1] == sha(b"changed underneath\n")
-    assert current == {
-        k: v for k, v in original.items() if k != STORE and not k.startswith(remediate.STATE_DIR)
-    }
+    assert current == {k: v for k, v in original.items() if k != STORE and not k.startswith(STATE_DIR)}
     assert journal(root)["state"] == "rolled_back"
 
 
@@ -410,7 +406,7 @@ def test_undo_puts_back_replaced_files_and_removes_new_ones(root: Path) -> None:
     assert (root / DRIVER).read_bytes() == DRIVER_V1
     undo(root, "dir-0001")
     assert snapshot(root, include_state=False) == original
-    roles = sorted(r["role"] for r in list_quarantine(root))
+    roles = sorted(r.entry.role for r in list_quarantine(root))
     assert roles == ["replaced", "undone"]  # the restored driver was moved aside, not deleted
 
 
@@ -436,18 +432,18 @@ def test_power_loss_during_roll_back_is_finished_not_rolled_forward(root: Path) 
     with pytest.raises(PowerLoss):
         apply_directive(root, d, on_step=power_loss_after(0))
     # A roll back began (journal "rolling_back") and moved step 0's file back, then power went.
-    path = root / remediate.JOURNAL_DIR / "dir-0001.json"
+    path = root / JOURNAL_DIR / "dir-0001.json"
     state = json.loads(path.read_text())
     state["state"] = "rolling_back"
     path.write_text(json.dumps(state))
     os.rename(
-        root / remediate.QUARANTINE_DIR / "dir-0001" / "0-C-00000291-00000000-00000032.sys",
+        root / QUARANTINE_DIR / "dir-0001" / "0-C-00000291-00000000-00000032.sys",
         root / BAD_CHANNEL,
     )
     [line] = recover_journals(root)
     assert "roll back finished" in line
     assert snapshot(root, include_state=False) == {
-        k: v for k, v in original.items() if not k.startswith(remediate.STATE_DIR)
+        k: v for k, v in original.items() if not k.startswith(STATE_DIR)
     }
     assert journal(root)["state"] == "rolled_back"
 
@@ -466,7 +462,7 @@ def test_purge_deletes_the_quarantine(root: Path) -> None:
     apply_directive(root, d)
     applied = snapshot(root, include_state=False)
     purge(root, "dir-0001")
-    assert not (root / remediate.QUARANTINE_DIR / "dir-0001").exists()
+    assert not (root / QUARANTINE_DIR / "dir-0001").exists()
     assert list_quarantine(root) == []
     assert journal(root)["state"] == "purged"
     assert snapshot(root, include_state=False) == applied
@@ -477,7 +473,7 @@ def test_purge_deletes_the_quarantine(root: Path) -> None:
 
 
 def test_corrupt_journal_is_reported(root: Path) -> None:
-    write(root, f"{remediate.JOURNAL_DIR}/dir-0001.json", b"{not json", 0o600)
+    write(root, f"{JOURNAL_DIR}/dir-0001.json", b"{not json", 0o600)
     [line] = recover_journals(root)
     assert "dir-0001" in line and "not a valid IntentJournal" in line
     with pytest.raises(JournalError, match="move it aside"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from tenacity import (
@@ -43,6 +43,11 @@ class ServerRefused(ProtocolError):
         super().__init__(f"server refused ({status}): {message}")
         self.status = status
         self.message = message
+
+
+class UnexpectedAnswer(ProtocolError):
+    """Raised when the server's answer is not the JSON object its API promises: the URL may
+    not point at a recovery server."""
 
 
 class _Transient(Exception):
@@ -80,7 +85,7 @@ class HttpClient:
         self._own_session = session is None
         self._timeout_s = timeout_s
 
-    async def __aenter__(self):  # type: ignore[no-untyped-def]  # returns the subclass
+    async def __aenter__(self) -> Self:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         return self
@@ -97,10 +102,11 @@ class HttpClient:
         data: bytes | None = None,
         json_body: Any = None,
         token: str | None = None,
-        params: dict | None = None,
+        params: dict[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> Any:
         assert self._session is not None, f"use `async with {type(self).__name__}(...)`"
+        session = self._session
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -109,7 +115,7 @@ class HttpClient:
 
         async def once() -> Any:
             try:
-                async with self._session.request(
+                async with session.request(
                     method, url, data=data, json=json_body, headers=headers, params=params, timeout=timeout
                 ) as resp:
                     body = await resp.read()
@@ -144,14 +150,23 @@ class HttpClient:
             ) from None
 
 
+def _object(answer: Any, what: str) -> dict[str, Any]:
+    if not isinstance(answer, dict):
+        raise UnexpectedAnswer(
+            f"the answer to {what} is not a JSON object: check that the server URL points at a "
+            "recovery server"
+        )
+    return answer
+
+
 class DeviceClient(HttpClient):
     """The device API: what a recovery agent (and the OS's health report) calls."""
 
     async def server_key(self) -> dict[str, str]:
-        return await self._request("GET", "/v1/server-key")
+        return _object(await self._request("GET", "/v1/server-key"), "GET /v1/server-key")
 
     async def enroll(self, envelope: bytes) -> dict[str, Any]:
-        return await self._request("POST", "/v1/enroll", data=envelope)
+        return _object(await self._request("POST", "/v1/enroll", data=envelope), "POST /v1/enroll")
 
     async def challenge(self, device_id: str) -> Challenge:
         return Challenge.model_validate(
@@ -175,7 +190,7 @@ class DeviceClient(HttpClient):
         )
 
     async def send_result(self, envelope: bytes) -> dict[str, Any]:
-        return await self._request("POST", "/v1/results", data=envelope)
+        return _object(await self._request("POST", "/v1/results", data=envelope), "POST /v1/results")
 
     async def send_health(self, envelope: bytes) -> dict[str, Any]:
-        return await self._request("POST", "/v1/health", data=envelope)
+        return _object(await self._request("POST", "/v1/health", data=envelope), "POST /v1/health")

@@ -180,7 +180,7 @@ def open_envelope(
         if not isinstance(entry, dict) or set(entry) - {"keyid", "sig"} or "sig" not in entry:
             raise MalformedEnvelope("each signature must be {keyid, sig}")
         kid = entry.get("keyid")
-        if kid not in keyring:
+        if not isinstance(kid, str) or kid not in keyring:
             continue
         sig = _unb64(entry["sig"], "signature")
         try:

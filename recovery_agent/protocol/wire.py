@@ -23,11 +23,10 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-PROTOCOL_VERSION = 1
 _PREFIX = "application/vnd.recovery."
 
 
@@ -241,7 +240,7 @@ class Directive(SignedMessage):
     reboot: bool = True
     # The approvers' own signed approvals (RemediationApproval envelopes) of these actions.
     # A device that pins approver keys needs enough of them: the server alone cannot make one.
-    approvals: list[dict] = Field(default=[], max_length=16)
+    approvals: list[dict[str, Any]] = Field(default=[], max_length=16)
 
 
 class RemediationApproval(SignedMessage):
@@ -261,7 +260,7 @@ class DirectivePoll(WireModel):
     will not have one for this report), or ``directive`` with the signed envelope."""
 
     status: Literal["pending", "none", "directive"]
-    envelope: dict | None = None
+    envelope: dict[str, Any] | None = None
     retry_after_s: float = 0
 
 
@@ -297,13 +296,3 @@ class Health(SignedMessage):
     boot_id: Annotated[str, StringConstraints(max_length=64)]
     kernel_version: Annotated[str, StringConstraints(max_length=128)] = ""
     created_at: AwareDatetime
-
-
-SIGNED_MESSAGES: tuple[type[SignedMessage], ...] = (
-    Enrollment,
-    Diagnostics,
-    Directive,
-    Result,
-    Health,
-    RemediationApproval,
-)

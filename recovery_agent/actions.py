@@ -1,0 +1,401 @@
+"""The three remediation actions, each a step that can be checked, applied and undone.
+
+- ``quarantine_file``: the file at ``path``, if its sha256 (read through the open handle) is
+  the directive's and it has no other hard link, is moved into the directive's quarantine.
+- ``restore_file``: the driver store's copy at ``source`` (checked by sha256, and hashed again
+  while it is copied) replaces ``path``, keeping the old file's mode and owner; the old file
+  goes to quarantine.
+- ``disable_driver``: ``etc/modprobe.d/recovery-disable-<module>.conf`` (``blacklist`` and
+  ``install <module> /bin/false``) is written; a different file of that name goes to
+  quarantine.
+
+``DirectiveSteps.step(index, action, dry_run=True)`` is one step's preflight: every check,
+no change. With ``dry_run=False`` the same function makes the change, so what preflight
+approved and what runs can never drift apart. Each step is idempotent: it recognises its own
+work as "already_applied", which is what lets ``remediate`` roll a journal forward after a
+power loss. ``undo_step`` takes one step back; when the original name is taken again, the
+file stays in quarantine and the step says what blocks it.
+
+Files are never deleted: a file a step takes away goes to the directive's quarantine folder
+(``quarantine.Quarantine``). Every path is reached through ``osroot.OSRoot``. The order of
+the steps, the journal and the roll back are ``remediate``'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .digest import CHUNK, sha256_fd
+from .errors import RemediationError
+from .journal import JournalStep, QuarantineEntry, check_directive_id
+from .layout import MODPROBE_DIR
+from .osroot import (
+    DEFAULT_FILE_MODE,
+    SYSTEM_DIR_MODE,
+    MissingFile,
+    OSRoot,
+    PathRejected,
+    create_new,
+    lstat_at,
+    read_fd,
+    remove_stale,
+    write_all,
+    write_atomic,
+)
+from .protocol.wire import Action, DisableDriver, QuarantineFile, RestoreFile
+from .quarantine import Quarantine, slot_name, undone_slot_name
+
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # wire.ModuleName
+
+
+class HashMismatch(RemediationError):
+    """Raised when a file's sha256, read through its open handle, is not the directive's."""
+
+    def __init__(self, path: str, expected: str, actual: str, fix: str) -> None:
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{path}: sha256 is {actual}, the directive expects {expected}: {fix}")
+
+
+# --------------------------------------------------------------------------- names
+
+
+def modprobe_conf_path(module: str) -> str:
+    """Where ``disable_driver`` writes its modprobe.d entry for ``module``."""
+    return f"{MODPROBE_DIR}/recovery-disable-{module}.conf"
+
+
+def modprobe_conf_content(module: str) -> bytes:
+    # "install ... /bin/false" also stops explicit modprobe calls and dependency loads, which a
+    # blacklist line alone does not.
+    return f"blacklist {module}\ninstall {module} /bin/false\n".encode()
+
+
+def action_target(action: Action) -> str:
+    """The one path an action changes; ``PathRejected`` for a bad module name, and
+    ``RemediationError`` for an action type this agent does not know."""
+    if isinstance(action, (QuarantineFile, RestoreFile)):
+        return action.path
+    if isinstance(action, DisableDriver):
+        if not isinstance(action.name, str) or not _MODULE_RE.match(action.name):
+            raise PathRejected(
+                f"module name {action.name!r} is not a kernel module name "
+                f"(letters, digits, _ and -): fix the remediation"
+            )
+        return modprobe_conf_path(action.name)
+    raise RemediationError(
+        f"action type {getattr(action, 'type', action)!r} is unknown to this "
+        f"agent: update the agent or remove the action from the remediation"
+    )
+
+
+def _tmp_name(directive_id: str, index: int) -> str:
+    return f".recovery-{directive_id}-{index}.tmp"
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class StepOutcome:
+    """What one step did, or (preflight) would do."""
+
+    status: Literal["apply", "applied", "already_applied"]  # "apply": preflight says go
+    detail: str
+    creates: list[str] = field(default_factory=list)
+
+
+class DirectiveSteps:
+    """One directive's steps on one OS root: check (``dry_run``), apply and undo.
+    Each step function does the checks and the change in one place, so that what preflight
+    approved and what is executed can never drift apart."""
+
+    def __init__(self, root: OSRoot, directive_id: str) -> None:
+        self.root = root
+        self.directive_id = check_directive_id(directive_id)
+        self.quarantine = Quarantine(root, self.directive_id)
+
+    def __enter__(self) -> DirectiveSteps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.quarantine.close()
+
+    # -- apply (dry_run: preflight)
+
+    def step(self, index: int, action: Action, *, dry_run: bool) -> StepOutcome:
+        """Check one step against the disk as it is now (``dry_run``: change nothing) or apply it;
+        raise a ``RemediationError`` if it cannot be applied."""
+        if isinstance(action, QuarantineFile):
+            return self._quarantine(index, action, dry_run=dry_run)
+        if isinstance(action, RestoreFile):
+            return self._restore(index, action, dry_run=dry_run)
+        if isinstance(action, DisableDriver):
+            return self._disable(index, action, dry_run=dry_run)
+        action_target(action)  # raises the "unknown action" error
+        raise AssertionError("unreachable")
+
+    def _quarantine(self, index: int, action: QuarantineFile, *, dry_run: bool) -> StepOutcome:
+        with self.root.open_parent(action.path) as (dir_fd, name):
+            slot = slot_name(index, name)
+            held = self.quarantine.held_hash(slot)
+            if held == action.sha256:
+                if not dry_run:
+                    self.quarantine.ensure_recorded(slot, action.path, index, held, "quarantined")
+                return StepOutcome(
+                    "already_applied",
+                    f"{action.path} is already quarantined as {self.quarantine.relpath}/{slot}",
+                )
+            if held is not None:
+                raise RemediationError(
+                    f"{self.quarantine.relpath}/{slot} holds a file with sha256 {held}, not {action.sha256}: "
+                    f"the quarantine was changed by hand; inspect it, then undo the directive"
+                )
+            with self.root.open_file_in(dir_fd, name, action.path) as fd:
+                actual = sha256_fd(fd)
+                if actual != action.sha256:
+                    raise HashMismatch(
+                        action.path,
+                        action.sha256,
+                        actual,
+                        "this device's file is not the one the remediation targets; leave it and "
+                        "ask for a remediation matching the content in the diagnostics",
+                    )
+                links = os.fstat(fd).st_nlink
+                if links > 1:
+                    # Moving one name would leave the same bad content loadable by the others.
+                    raise PathRejected(
+                        f"{action.path} has {links} hard links: quarantining this name would leave "
+                        f"the content reachable through the others; find them (find / -samefile) "
+                        f"and quarantine every name in one remediation"
+                    )
+                if dry_run:
+                    return StepOutcome("apply", f"will quarantine {action.path}")
+                self.quarantine.move_in(dir_fd, name, fd, actual, action.path, slot, index, "quarantined")
+        return StepOutcome("applied", f"moved {action.path} to {self.quarantine.relpath}/{slot}")
+
+    def _restore(self, index: int, action: RestoreFile, *, dry_run: bool) -> StepOutcome:
+        with self.root.open_parent(action.path) as (dir_fd, name):
+            slot = slot_name(index, name)
+            tmp = _tmp_name(self.directive_id, index)
+            current = lstat_at(dir_fd, name)
+            held = self.quarantine.held_hash(slot)
+            if current is not None:
+                with self.root.open_file_in(dir_fd, name, action.path) as fd:
+                    if sha256_fd(fd) == action.sha256:
+                        if not dry_run:
+                            remove_stale(dir_fd, tmp)
+                            if held is not None:
+                                self.quarantine.ensure_recorded(slot, action.path, index, held, "replaced")
+                        return StepOutcome(
+                            "already_applied",
+                            f"{action.path} already has the driver store's content ({action.sha256[:12]}…)",
+                        )
+                if held is not None:
+                    raise RemediationError(
+                        f"{action.path} exists but its previous version is already in "
+                        f"{self.quarantine.relpath}/{slot}: something wrote {action.path} since; "
+                        f"inspect both, then undo the directive"
+                    )
+            with self.root.open_file(action.source) as src:
+                actual = sha256_fd(src)
+                if actual != action.sha256:
+                    raise HashMismatch(
+                        action.source,
+                        action.sha256,
+                        actual,
+                        "the driver store's copy is damaged or not the version the remediation "
+                        "names; repair the driver store or fix the remediation",
+                    )
+                if dry_run:
+                    return StepOutcome("apply", f"will replace {action.path} with {action.source}")
+                if held is not None:
+                    self.quarantine.ensure_recorded(slot, action.path, index, held, "replaced")
+                self._install_copy(dir_fd, name, tmp, src, action, index, slot, current)
+        return StepOutcome(
+            "applied",
+            f"replaced {action.path} with {action.source}"
+            + (f"; the previous file is {self.quarantine.relpath}/{slot}" if current else ""),
+        )
+
+    def _install_copy(
+        self,
+        dir_fd: int,
+        name: str,
+        tmp: str,
+        src: int,
+        action: RestoreFile,
+        index: int,
+        slot: str,
+        current: os.stat_result | None,
+    ) -> None:
+        # The new file takes the old one's mode and owner, so e.g. a root-only module stays so.
+        original: os.stat_result | QuarantineEntry | None = current
+        if original is None:
+            original = self.quarantine.entry(slot)  # an earlier attempt already moved it away
+        if isinstance(original, QuarantineEntry):
+            mode, uid, gid = original.mode, original.uid, original.gid
+        elif original is not None:
+            mode, uid, gid = stat.S_IMODE(original.st_mode), original.st_uid, original.st_gid
+        else:
+            mode, uid, gid = DEFAULT_FILE_MODE, -1, -1
+        remove_stale(dir_fd, tmp)
+        out = create_new(dir_fd, tmp)
+        try:
+            try:
+                # Hash what is actually written, from the same handle, not the preflight read.
+                os.lseek(src, 0, os.SEEK_SET)
+                digest = hashlib.sha256()
+                while chunk := os.read(src, CHUNK):
+                    digest.update(chunk)
+                    write_all(out, chunk)
+                if digest.hexdigest() != action.sha256:
+                    raise HashMismatch(
+                        action.source,
+                        action.sha256,
+                        digest.hexdigest(),
+                        "the driver store's copy changed while being copied; "
+                        "check the disk, then run the agent again",
+                    )
+                os.fchmod(out, mode)
+                st = os.fstat(out)
+                if (uid, gid) != (-1, -1) and (st.st_uid, st.st_gid) != (uid, gid):
+                    try:
+                        os.fchown(out, uid, gid)
+                    except PermissionError:
+                        pass  # only outside the recovery environment (tests, not root)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            if current is not None:
+                with self.root.open_file_in(dir_fd, name, action.path) as fd:
+                    self.quarantine.move_in(
+                        dir_fd, name, fd, sha256_fd(fd), action.path, slot, index, "replaced"
+                    )
+            if lstat_at(dir_fd, name) is not None:
+                raise RemediationError(
+                    f"{action.path} reappeared while being replaced: run the "
+                    f"agent again; if it persists, something is writing there"
+                )
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            remove_stale(dir_fd, tmp)
+            raise
+        os.fsync(dir_fd)
+
+    def _disable(self, index: int, action: DisableDriver, *, dry_run: bool) -> StepOutcome:
+        relpath = action_target(action)
+        content = modprobe_conf_content(action.name)
+        creates = self.root.missing_dirs(MODPROBE_DIR)
+        if dry_run and creates:
+            return StepOutcome("apply", f"will write {relpath}", creates=creates)
+        with self.root.open_dir(MODPROBE_DIR, create=not dry_run, mode=SYSTEM_DIR_MODE) as dir_fd:
+            name = relpath.rsplit("/", 1)[1]
+            slot = slot_name(index, name)
+            if lstat_at(dir_fd, name) is not None:
+                with self.root.open_file_in(dir_fd, name, relpath) as fd:
+                    if read_fd(fd) == content:
+                        if not dry_run:
+                            held = self.quarantine.held_hash(slot)
+                            if held is not None:
+                                self.quarantine.ensure_recorded(slot, relpath, index, held, "replaced")
+                        return StepOutcome("already_applied", f"{relpath} already disables {action.name}")
+                    if dry_run:
+                        return StepOutcome("apply", f"will replace {relpath}")
+                    self.quarantine.move_in(dir_fd, name, fd, sha256_fd(fd), relpath, slot, index, "replaced")
+            if dry_run:
+                return StepOutcome("apply", f"will write {relpath}")
+            write_atomic(dir_fd, name, content, DEFAULT_FILE_MODE)
+        return StepOutcome("applied", f"wrote {relpath}: {action.name} will not load at boot")
+
+    # -- undo
+
+    def undo_step(self, step: JournalStep) -> tuple[str, bool]:
+        """Take one applied step back: ``(what was done, whether the step is now undone)``; a
+        step that cannot be undone yet says what blocks it."""
+        action = step.action
+        if isinstance(action, QuarantineFile):
+            return self._undo_quarantine(step.index, action)
+        if isinstance(action, RestoreFile):
+            return self._undo_restore(step.index, action)
+        if isinstance(action, DisableDriver):
+            return self._undo_disable(step.index, action, step.creates)
+        raise RemediationError(f"step {step.index}: unknown action {action!r}")
+
+    def _blocked(self, index: int, slot: str, relpath: str) -> tuple[str, bool]:
+        return (
+            f"step {index}: left {self.quarantine.relpath}/{slot} in quarantine because {relpath} exists "
+            f"again: move that file aside and run undo again",
+            False,
+        )
+
+    def _undo_quarantine(self, index: int, action: QuarantineFile) -> tuple[str, bool]:
+        with self.root.open_parent(action.path) as (dir_fd, name):
+            slot = slot_name(index, name)
+            if not self.quarantine.holds(slot):
+                return f"step {index}: {action.path} was never moved; nothing to undo", True
+            if lstat_at(dir_fd, name) is not None:
+                return self._blocked(index, slot, action.path)
+            self.quarantine.move_back(slot, dir_fd, name)
+        return f"step {index}: moved {action.path} back from quarantine", True
+
+    def _undo_restore(self, index: int, action: RestoreFile) -> tuple[str, bool]:
+        with self.root.open_parent(action.path) as (dir_fd, name):
+            slot = slot_name(index, name)
+            remove_stale(dir_fd, _tmp_name(self.directive_id, index))
+            held = self.quarantine.holds(slot)
+            moved_ours = False
+            if lstat_at(dir_fd, name) is not None:
+                with self.root.open_file_in(dir_fd, name, action.path) as fd:
+                    digest = sha256_fd(fd)
+                    if digest != action.sha256:
+                        if held:
+                            return self._blocked(index, slot, action.path)
+                        return (f"step {index}: {action.path} was never replaced; nothing to undo", True)
+                    # Our copy of the store file goes to quarantine too: nothing is ever deleted.
+                    self.quarantine.move_in(
+                        dir_fd, name, fd, digest, action.path, undone_slot_name(index, name), index, "undone"
+                    )
+                    moved_ours = True
+            if held:
+                self.quarantine.move_back(slot, dir_fd, name)
+                return f"step {index}: put the previous {action.path} back", True
+        if moved_ours:
+            return (f"step {index}: moved the restored {action.path} aside (there was no file before)", True)
+        return f"step {index}: {action.path} was never replaced; nothing to undo", True
+
+    def _undo_disable(self, index: int, action: DisableDriver, creates: list[str]) -> tuple[str, bool]:
+        relpath = action_target(action)
+        try:
+            with self.root.open_dir(MODPROBE_DIR) as dir_fd:
+                name = relpath.rsplit("/", 1)[1]
+                slot = slot_name(index, name)
+                held = self.quarantine.holds(slot)
+                if lstat_at(dir_fd, name) is not None:
+                    with self.root.open_file_in(dir_fd, name, relpath) as fd:
+                        ours = read_fd(fd) == modprobe_conf_content(action.name)
+                    if not ours:
+                        if held:
+                            return self._blocked(index, slot, relpath)
+                        return f"step {index}: {relpath} is not ours; nothing to undo", True
+                    # A file we generated from the module name alone: removing it loses nothing.
+                    os.unlink(name, dir_fd=dir_fd)
+                    os.fsync(dir_fd)
+                if held:
+                    self.quarantine.move_back(slot, dir_fd, name)
+        except MissingFile:
+            return f"step {index}: {MODPROBE_DIR} does not exist; nothing to undo", True
+        for directory in reversed(creates):
+            with self.root.open_parent(directory) as (parent_fd, dir_name):
+                try:
+                    os.rmdir(dir_name, dir_fd=parent_fd)
+                    os.fsync(parent_fd)
+                except OSError:
+                    break  # not empty (someone else uses it): it stays
+        return f"step {index}: removed {relpath}; {action.name} loads at boot again", True

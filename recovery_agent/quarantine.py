@@ -1,0 +1,198 @@
+"""One directive's quarantine folder: where the files a remediation takes away are kept.
+
+Nothing a directive takes off the machine is deleted. A file is renamed into
+``var/lib/recovery/quarantine/<directive_id>/`` under a slot name (``<index>-<name>``, or
+``<index>.undone-<name>`` for a file of ours an undo moved aside), on the same filesystem so the
+move is atomic, and recorded in that folder's manifest (``journal.QuarantineManifest``) with
+where it came from, its sha256, mode, owner and mtime. The workflow, as ``actions`` uses it:
+
+1. ``move_in`` renames a file the caller opened and hashed into its slot (mode 0700 folder,
+   made on first use), checks that the inode that arrived is the one that was hashed (else it
+   gives the file back), fsyncs both directories, then records the entry.
+2. A power loss between the rename and the manifest write leaves the file held but unlisted;
+   ``ensure_recorded`` rebuilds its entry from the file itself (a rename keeps its metadata).
+3. ``move_back`` (undo) renames a slot back to its original name and marks the entry restored.
+
+``remediate.purge`` deletes the folder once the machine has booted well with the directive.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from contextlib import ExitStack
+
+from .digest import sha256_fd
+from .errors import RemediationError
+from .journal import (
+    QuarantineEntry,
+    QuarantineManifest,
+    QuarantineRole,
+    quarantine_relpath,
+    read_manifest,
+    record_entry,
+)
+from .layout import STATE_DIR
+from .osroot import MissingFile, OSRoot, lstat_at
+from .protocol.wire import utcnow
+
+
+def slot_name(index: int, name: str) -> str:
+    """Where step ``index`` keeps the file ``name`` it took away."""
+    return f"{index}-{name}"
+
+
+def undone_slot_name(index: int, name: str) -> str:
+    """Where an undo of step ``index`` keeps the file the step had installed as ``name``."""
+    return f"{index}.undone-{name}"
+
+
+class Quarantine:
+    """The quarantine folder of one directive on one OS root; its fd stays open until
+    ``close``."""
+
+    def __init__(self, root: OSRoot, directive_id: str) -> None:
+        self.root = root
+        self.directive_id = directive_id
+        self.relpath = quarantine_relpath(directive_id)
+        self._open = ExitStack()
+        self._fd: int | None = None
+
+    def close(self) -> None:
+        self._fd = None
+        self._open.close()
+
+    def __enter__(self) -> Quarantine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fd(self, *, create: bool) -> int | None:
+        """An fd on the folder (made if ``create``), or None if there is none."""
+        if self._fd is None:
+            try:
+                self._fd = self._open.enter_context(self.root.open_dir(self.relpath, create=create))
+            except MissingFile:
+                return None
+        return self._fd
+
+    # -- what is held
+
+    def manifest(self) -> QuarantineManifest:
+        """The folder's manifest (an empty one if there is no folder or no manifest yet)."""
+        qfd = self.fd(create=False)
+        if qfd is None:
+            return QuarantineManifest(directive_id=self.directive_id)
+        return read_manifest(self.root, qfd, self.directive_id)
+
+    def entry(self, slot: str) -> QuarantineEntry | None:
+        return self.manifest().entry(slot)
+
+    def holds(self, slot: str) -> bool:
+        """Whether something is stored under ``slot``."""
+        qfd = self.fd(create=False)
+        return qfd is not None and lstat_at(qfd, slot) is not None
+
+    def held_hash(self, slot: str) -> str | None:
+        """The sha256 of the file stored under ``slot``, or None if there is none."""
+        qfd = self.fd(create=False)
+        if qfd is None or lstat_at(qfd, slot) is None:
+            return None
+        with self.root.open_file_in(qfd, slot, f"{self.relpath}/{slot}") as fd:
+            return sha256_fd(fd)
+
+    # -- moving files in and out
+
+    def _new_entry(
+        self, st: os.stat_result, digest: str, relpath: str, slot: str, index: int, role: QuarantineRole
+    ) -> QuarantineEntry:
+        return QuarantineEntry(
+            action_index=index,
+            role=role,
+            original_path=relpath,
+            stored_name=slot,
+            sha256=digest,
+            size=st.st_size,
+            mode=stat.S_IMODE(st.st_mode),
+            mtime=st.st_mtime,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            quarantined_at=utcnow(),
+        )
+
+    def _folder(self) -> int:
+        qfd = self.fd(create=True)
+        assert qfd is not None  # create=True makes it or raises
+        return qfd
+
+    def ensure_recorded(self, slot: str, relpath: str, index: int, digest: str, role: QuarantineRole) -> None:
+        """Make sure the file held under ``slot`` has its manifest entry."""
+        # A power loss between the rename and the manifest write leaves the file in quarantine
+        # but unlisted; rename keeps its metadata, so the entry can be rebuilt from it.
+        qfd = self._folder()
+        if read_manifest(self.root, qfd, self.directive_id).entry(slot) is None:
+            st = os.stat(slot, dir_fd=qfd, follow_symlinks=False)
+            record_entry(
+                self.root, qfd, self.directive_id, self._new_entry(st, digest, relpath, slot, index, role)
+            )
+
+    def move_in(
+        self,
+        dir_fd: int,
+        name: str,
+        fd: int,
+        digest: str,
+        relpath: str,
+        slot: str,
+        index: int,
+        role: QuarantineRole,
+    ) -> None:
+        """Move ``name`` in ``dir_fd`` (open as ``fd``, hashed as ``digest``; ``relpath`` on the
+        OS root) to ``slot`` and record it."""
+        qfd = self._folder()
+        if lstat_at(qfd, slot) is not None:
+            raise RemediationError(
+                f"{self.relpath}/{slot} already exists: the quarantine of directive "
+                f"{self.directive_id} was changed by hand; inspect it, then undo the directive"
+            )
+        st = os.fstat(fd)
+        try:
+            os.rename(name, slot, src_dir_fd=dir_fd, dst_dir_fd=qfd)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise RemediationError(
+                    f"cannot move {relpath} to {self.relpath}: they are on different mounts; the "
+                    f"quarantine must be on the OS partition itself (no bind mount on "
+                    f"{STATE_DIR})"
+                ) from exc
+            raise
+        moved = os.stat(slot, dir_fd=qfd, follow_symlinks=False)
+        if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+            # The name was swapped for another file between hashing and renaming: give back what
+            # we took rather than keep a file nobody checked.
+            os.rename(slot, name, src_dir_fd=qfd, dst_dir_fd=dir_fd)
+            raise RemediationError(
+                f"{relpath} was replaced while being quarantined: run the "
+                f"agent again; if it persists, something is writing there"
+            )
+        os.fsync(qfd)
+        os.fsync(dir_fd)
+        record_entry(
+            self.root, qfd, self.directive_id, self._new_entry(st, digest, relpath, slot, index, role)
+        )
+
+    def move_back(self, slot: str, dir_fd: int, name: str) -> None:
+        """Rename ``slot`` back to ``name`` in ``dir_fd``; its entry is marked restored."""
+        qfd = self.fd(create=False)
+        if qfd is None:
+            raise MissingFile(f"{self.relpath} does not exist: nothing to move back from it")
+        os.rename(slot, name, src_dir_fd=qfd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+        os.fsync(qfd)
+        entry = read_manifest(self.root, qfd, self.directive_id).entry(slot)
+        if entry is not None:
+            record_entry(
+                self.root, qfd, self.directive_id, entry.model_copy(update={"restored_at": utcnow()})
+            )
