@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .build import BuildError, build_images
-from .demo import DemoError, run_demo
+from .dirdemo import DemoError, run_demo
 from .scenario import ScenarioError
 from .tools import ToolError
 
@@ -109,7 +109,7 @@ def _boot(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from .lab import boot_scenario
+    from .boot import boot_scenario
     from .qemu import QemuError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -182,8 +182,8 @@ def _run(args: argparse.Namespace) -> int:
     import logging
 
     from .build import BuildError
+    from .loop import RunOptions, render, run
     from .qemu import QemuError
-    from .run import RunOptions, render, run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts = RunOptions(

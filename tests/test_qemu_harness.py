@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from recovery_lab.lab import follow_boot
+from recovery_lab.boot import follow_boot
 from recovery_lab.qemu import MachineConfig, QemuFailedToStart, QemuVM, process
 from recovery_lab.timeline import EntryKind, build_timeline
 from tests.qemu_guest import HarnessGuest, build_harness_guest

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from recovery_lab.inspect import OS, DiskImage
-from recovery_lab.run import RunOptions, run_async
+from recovery_lab.loop import RunOptions, run_async
 from recovery_lab.timeline import EntryKind
 
 pytestmark = pytest.mark.qemu

@@ -1,4 +1,5 @@
-"""The recovery loop on one machine, without a VM: ``recovery-lab demo``.
+"""``recovery-lab demo``: the recovery loop on this machine, with a directory standing in for
+the VM's disks.
 
 What runs is real: a ``recovery-server`` process on 127.0.0.1 with its SQLite store, the
 ``recovery-agent`` process with its own device key, ``recovery-admin`` commands by two people

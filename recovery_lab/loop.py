@@ -41,9 +41,9 @@ from recovery_server.app import make_app
 from recovery_server.service import RecoveryService, User
 from recovery_server.store import Store
 
+from .boot import BootReport, follow_boot
 from .build import build_image
 from .inspect import OS, DiskImage
-from .lab import BootReport, follow_boot
 from .qemu import Drive, MachineConfig
 from .seed import make_seed_disk
 from .timeline import EntryKind
