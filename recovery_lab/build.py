@@ -29,7 +29,6 @@ Public API: :func:`build_image` (one scenario -> :class:`Artifact`), :func:`buil
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -43,6 +42,8 @@ from pathlib import Path
 from types import ModuleType
 
 from recovery_agent.bootenv import BootEnv
+from recovery_agent.digest import sha256_bytes, sha256_file
+from recovery_agent.layout import CHANNEL_DIR, DRIVER_STORE, DRIVER_SUBDIRS, MODULES_DIRS
 
 from . import disk
 from .pyruntime import RuntimeArtifact, build_python_runtime
@@ -91,6 +92,11 @@ GRUB_PREFIX = "(hd0,msdos1)/grub"
 GRUB_DIR = Path("/usr/lib/grub/i386-pc")
 
 BOOT_LIMIT = 2
+
+# Debian's kernel package and the lab's roots keep modules in lib/modules/<release>; the
+# images' init scripts load the modules listed in qmr-modules.list there, in order.
+MODULES_DIR = MODULES_DIRS[0]
+MODULES_LIST = "qmr-modules.list"
 
 # Kernel modules by name, in load order; each is preceded by its dependencies (modules.dep).
 # ext4 asks the crypto API for crc32c at mount time (no modules.dep entry), hence
@@ -159,14 +165,6 @@ def default_cache_dir() -> Path:
     return Path(env) if env else REPO / ".cache" / "qmr"
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_path(path: Path) -> str:
-    return sha256_bytes(path.read_bytes())
-
-
 def cache_key(inputs: dict) -> str:
     """The sha256 of a stage's inputs (a JSON-able dict), order independent."""
     return sha256_bytes(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode())
@@ -219,7 +217,7 @@ def _code_hash(fn: Callable) -> str:
 
 
 def _files_hash(paths: Iterable[Path]) -> dict[str, str]:
-    return {str(p.relative_to(REPO)): sha256_path(p) for p in sorted(paths)}
+    return {str(p.relative_to(REPO)): sha256_file(p) for p in sorted(paths)}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -431,7 +429,7 @@ def stage_kernel(cache: Cache, kernel: KernelPackages) -> Path:
 def module_closure(kernel_root: Path, release: str, names: Iterable[str]) -> list[str]:
     """Paths (relative to ``lib/modules/<release>``) of ``names`` and their dependencies,
     each dependency before its users, from modules.dep."""
-    moddir = kernel_root / "lib/modules" / release
+    moddir = kernel_root / MODULES_DIR / release
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():
@@ -457,7 +455,7 @@ def module_closure(kernel_root: Path, release: str, names: Iterable[str]) -> lis
 
 def _install_modules(kernel_root: Path, release: str, names: list[str], dest: Path) -> list[str]:
     order = module_closure(kernel_root, release, names)
-    src = kernel_root / "lib/modules" / release
+    src = kernel_root / MODULES_DIR / release
     for rel in order:
         _write(dest / rel, (src / rel).read_bytes())
     return order
@@ -516,9 +514,9 @@ def _initramfs_root(
     _write(root / "init", init.read_bytes(), 0o755)
     _write(root / "lib" / "qmr.sh", (IMAGES / "os" / "lib.sh").read_bytes())
     order = _install_modules(
-        kernel_dir / "root", kernel.release, modules, root / "lib/modules" / kernel.release
+        kernel_dir / "root", kernel.release, modules, root / MODULES_DIR / kernel.release
     )
-    _write(root / "lib/modules/qmr-modules.list", "\n".join(order) + "\n")
+    _write(root / MODULES_DIR / MODULES_LIST, "\n".join(order) + "\n")
 
 
 def stage_initramfs(
@@ -602,7 +600,7 @@ def stage_esp(cache: Cache) -> Path:
         shutil.rmtree(files)
 
     inputs = {
-        "grub.cfg": sha256_path(grub_cfg),
+        "grub.cfg": sha256_file(grub_cfg),
         "grubenv": sha256_bytes(grubenv_initial()),
         "dosfstools": package_version("dosfstools"),
         "mtools": package_version("mtools"),
@@ -665,7 +663,7 @@ def _os_root(
         "seed",
         "root",
         "boot/efi",
-        "var/lib/sensor/channels",
+        CHANNEL_DIR,
         "etc/init.d",
     ):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -684,15 +682,13 @@ def _os_root(
     _write(root / "etc" / "hostname", "qmr-lab\n")
     _write(root / "boot" / "vmlinuz", (kernel_dir / "root/boot" / f"vmlinuz-{kernel.release}").read_bytes())
     _write(root / "boot" / "initrd.img", (initramfs_dir / "initrd.img").read_bytes())
-    moddir = root / "lib/modules" / kernel.release
+    moddir = root / MODULES_DIR / kernel.release
     order = _install_modules(kernel_dir / "root", kernel.release, MODULES_OS, moddir)
-    _write(moddir / "qmr-modules.list", "\n".join(order) + "\n")
-    _write(moddir / "extra" / "sensor.ko", (sensor_dir / "1.0" / "sensor.ko").read_bytes())
-    _write(
-        root / "var/lib/driver-store/sensor/1.0/sensor.ko", (sensor_dir / "1.0" / "sensor.ko").read_bytes()
-    )
+    _write(moddir / MODULES_LIST, "\n".join(order) + "\n")
+    _write(moddir / DRIVER_SUBDIRS[0] / "sensor.ko", (sensor_dir / "1.0" / "sensor.ko").read_bytes())
+    _write(root / DRIVER_STORE / "sensor/1.0/sensor.ko", (sensor_dir / "1.0" / "sensor.ko").read_bytes())
     for name, source in BASE_CHANNELS.items():
-        _write(root / "var/lib/sensor/channels" / name, _source_bytes(source, sensor_dir))
+        _write(root / CHANNEL_DIR / name, _source_bytes(source, sensor_dir))
 
 
 def apply_scenario(root: Path, scenario: Scenario, sensor_dir: Path, kernel_release: str) -> None:
@@ -814,11 +810,11 @@ def stage_disk(
                     "type": f"0x{p.type_id:02x}",
                     "start_sector": p.start,
                     "sectors": p.sectors,
-                    "sha256": disk.sha256_file(image, p.offset, p.size),
+                    "sha256": sha256_file(image, p.offset, p.size),
                 }
                 for p in parts
             ],
-            "disk": {"file": image.name, "size": image.stat().st_size, "sha256": disk.sha256_file(image)},
+            "disk": {"file": image.name, "size": image.stat().st_size, "sha256": sha256_file(image)},
             "stages": {name: d.name for name, d in sorted(parts_dirs.items())} | {"grub": grub_dir.name},
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -12,7 +12,6 @@ under QEMU. The lab's ``run`` command replaces the directory with a booted image
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from recovery_agent.bootenv import BootEnv
+from recovery_agent.digest import sha256_file
+from recovery_agent.layout import CHANNEL_DIR, QUARANTINE_DIR
 
 from .build import BASE_CHANNELS, channel_file
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PANIC_LOG = REPO / "tests/data/panic/channel-file-pstore.txt"
-CHANNELS = "var/lib/sensor/channels"
 GOOD = ["C-00000291-00000000-00000031.sys", "C-00000290-00000000-00000007.sys"]
 BAD = "C-00000291-00000000-00000032.sys"
 DEVICE = "demo-host-0001"
@@ -46,10 +46,6 @@ def _bin(name: str) -> str:
     return str(here) if here.exists() else name
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def make_machine_dir(
     m: Path, *, bad_channel_file: bool = True, panic_log: Path | None = REAL_PANIC_LOG, boot_count: int = 2
 ) -> Path:
@@ -61,13 +57,13 @@ def make_machine_dir(
     (m / "esp/grub").mkdir(parents=True)
     BootEnv.new({"boot_count": boot_count, "boot_limit": 2}).create(m / "esp/grub/grubenv")
     os_root = m / "os"
-    (os_root / CHANNELS).mkdir(parents=True)
+    (os_root / CHANNEL_DIR).mkdir(parents=True)
     (os_root / "etc").mkdir(parents=True, exist_ok=True)
     (os_root / "etc/os-release").write_text('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n')
     for name in GOOD:
-        (os_root / CHANNELS / name).write_bytes(channel_file(BASE_CHANNELS[name]))
+        (os_root / CHANNEL_DIR / name).write_bytes(channel_file(BASE_CHANNELS[name]))
     if bad_channel_file:
-        (os_root / CHANNELS / BAD).write_bytes(channel_file("channel:bad-291"))
+        (os_root / CHANNEL_DIR / BAD).write_bytes(channel_file("channel:bad-291"))
     (m / "pstore").mkdir()
     if panic_log is not None:
         if not panic_log.exists():
@@ -153,8 +149,8 @@ class Demo:
 
             m = make_machine_dir(self.work / "machine")
             os_root = m / "os"
-            good_before = {n: sha256(os_root / CHANNELS / n) for n in GOOD}
-            bad_sha = sha256(os_root / CHANNELS / BAD)
+            good_before = {n: sha256_file(os_root / CHANNEL_DIR / n) for n in GOOD}
+            bad_sha = sha256_file(os_root / CHANNEL_DIR / BAD)
             settings = {
                 "device_id": DEVICE,
                 "server_url": self.url,
@@ -262,15 +258,15 @@ class Demo:
         self, token: str, m: Path, good_before: dict[str, str], bad_sha: str, incident: dict[str, Any]
     ) -> dict[str, Any]:
         os_root = m / "os"
-        quarantined = list((os_root / "var/lib/recovery/quarantine").glob("*/*"))
+        quarantined = list((os_root / QUARANTINE_DIR).glob("*/*"))
         manifests = [p for p in quarantined if p.name == "manifest.json"]
         files = [p for p in quarantined if p.name != "manifest.json"]
         checks = {
-            "bad channel file gone from the channel folder": not (os_root / CHANNELS / BAD).exists(),
-            "bad channel file in quarantine, same content": any(sha256(p) == bad_sha for p in files),
+            "bad channel file gone from the channel folder": not (os_root / CHANNEL_DIR / BAD).exists(),
+            "bad channel file in quarantine, same content": any(sha256_file(p) == bad_sha for p in files),
             "quarantine manifest written": bool(manifests) and BAD in manifests[0].read_text(),
             "good channel files untouched": all(
-                sha256(os_root / CHANNELS / n) == h for n, h in good_before.items()
+                sha256_file(os_root / CHANNEL_DIR / n) == h for n, h in good_before.items()
             ),
             "boot_count reset to 0": BootEnv.read(m / "esp/grub/grubenv").get("boot_count") == "0",
         }

@@ -12,7 +12,6 @@ Layout (512-byte sectors)::
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections.abc import Sequence
@@ -163,19 +162,3 @@ def assemble(
     finally:
         os.close(fd)
     os.replace(tmp, out)
-
-
-def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        remaining = length
-        while remaining is None or remaining > 0:
-            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
-            chunk = f.read(n)
-            if not chunk:
-                break
-            h.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-    return h.hexdigest()

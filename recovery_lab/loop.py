@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
+from recovery_agent.layout import BOOT_PROGRESS_LOG, CHANNEL_DIR, QUARANTINE_DIR
 from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
@@ -48,14 +49,16 @@ from .qemu import Drive, MachineConfig
 from .seed import make_seed_disk
 from .timeline import EntryKind
 
-CHANNELS = "var/lib/sensor/channels"
+# Where the images mount the machine's disks before they run the agent (images/os/lib.sh,
+# images/recovery/init): the OS root and the ESP's grubenv.
+GUEST_OS_ROOT = "/mnt/os"
+GUEST_GRUBENV = "/mnt/esp/grub/grubenv"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
 _PROGRESS = re.compile(
     r"QMR-(GRUB|HEALTH|RECOVERY-AGENT|AGENT|NEEDS|UNHEALTHY)|^\[agent \+|"
     r"^\[[ \d.]+\] (Kernel panic - not syncing|RIP: 0010|watchdog: BUG)"
 )
-QUARANTINE = "var/lib/recovery/quarantine"
 
 
 @dataclass
@@ -294,10 +297,10 @@ async def run_async(opts: RunOptions) -> RunReport:
             "server_url": f"http://10.0.2.100:{lab.guest_port}",
             "server_public_key": public_b64(lab.key.public),
             "device_key": "device.key",
-            "os_root": "/mnt/os",
-            "grubenv": "/mnt/esp/grub/grubenv",
+            "os_root": GUEST_OS_ROOT,
+            "grubenv": GUEST_GRUBENV,
             "pstore_dir": "/sys/fs/pstore",
-            "boot_progress": "/mnt/os/var/log/boot-progress.log",
+            "boot_progress": f"{GUEST_OS_ROOT}/{BOOT_PROGRESS_LOG}",
             "seconds_per_minute": opts.seconds_per_minute,
             "retry_interval_min": opts.retry_interval_min,
             "time_to_reboot_min": opts.time_to_reboot_min,
@@ -398,13 +401,13 @@ def _judge(
         with DiskImage(overlays[0]) as d:
             env = d.grubenv()
             disk["grubenv"] = dict(env)
-            disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNELS))
+            disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNEL_DIR))
             disk["quarantine"] = {
-                folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE}/{folder}"))
-                for folder in d.ext4_listdir(OS, QUARANTINE)
+                folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE_DIR}/{folder}"))
+                for folder in d.ext4_listdir(OS, QUARANTINE_DIR)
             }
             manifests = {
-                folder: d.ext4_file(OS, f"{QUARANTINE}/{folder}/manifest.json")
+                folder: d.ext4_file(OS, f"{QUARANTINE_DIR}/{folder}/manifest.json")
                 for folder in disk["quarantine"]
             }
             disk["manifests"] = {k: json.loads(v) for k, v in manifests.items() if v}

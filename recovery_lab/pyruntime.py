@@ -35,7 +35,6 @@ Public API: :func:`build_python_runtime` -> :class:`RuntimeArtifact`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -48,6 +47,8 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from recovery_agent.digest import sha256_bytes, sha256_file
 
 from . import tools
 
@@ -274,12 +275,12 @@ def build_python_runtime(cache_dir: Path, *, progress: Progress = print) -> Runt
         wheels = _download_wheels(cache / "wheels", pins, _glibc(versions["libc6"]), progress)
     inputs = {
         "debian": versions,
-        "wheels": {w.name: _sha256(w) for w in wheels},
-        "agent": {str(p.relative_to(REPO)): _sha256(p) for p in _agent_sources()},
-        "code": _sha256(Path(__file__)),
+        "wheels": {w.name: sha256_file(w) for w in wheels},
+        "agent": {str(p.relative_to(REPO)): sha256_file(p) for p in _agent_sources()},
+        "code": sha256_file(Path(__file__)),
         "epoch": EPOCH,
     }
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    key = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())[:16]
     out = cache / f"tree-{key}"
     if (out / "manifest.json").is_file():
         artifact = _artifact(out / "root", key, cached=True)
@@ -426,7 +427,7 @@ def _download_wheels(
         "manylinux2014_x86_64"
     ]
     wanted = [f"{r}=={pins[r]}" for r in WHEEL_REQUIREMENTS]
-    tag = hashlib.sha256(json.dumps([pins, platforms]).encode()).hexdigest()[:16]
+    tag = sha256_bytes(json.dumps([pins, platforms]).encode())[:16]
     dest = cache / tag
     done = dest / "complete.json"
     if done.is_file():
@@ -804,11 +805,3 @@ def _measure(root: Path) -> tuple[int, int]:
 def _artifact(root: Path, key: str, *, cached: bool) -> RuntimeArtifact:
     size, files = _measure(root)
     return RuntimeArtifact(root=root, size_bytes=size, files=files, key=key, cached=cached)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -11,13 +11,15 @@ into a :class:`ScenarioError` that names the file, the field and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recovery_agent.digest import sha256_bytes
+from recovery_agent.layout import CHANNEL_DIR
 
 # Artifacts the builder can place in an image (``source = "..."``); see build.py.
 SOURCES: dict[str, str] = {
@@ -36,7 +38,7 @@ _HINTS: dict[str, str] = {
     "action": "use one of add, replace, corrupt, remove",
     "source": "use one of " + ", ".join(SOURCES),
     "path": "give a path inside the OS root without a leading '/' or '..', "
-    "e.g. var/lib/sensor/channels/C-00000291-00000000-00000032.sys",
+    f"e.g. {CHANNEL_DIR}/C-00000291-00000000-00000032.sys",
     "kernel_args": "give a list of plain words such as \"sensor.hang=1\" (no quotes, spaces or '$')",
     "ends_in": 'use "healthy" or "recovery"',
     "mode": 'give an octal string such as "0644" or "0755"',
@@ -173,7 +175,7 @@ def load_scenario(path: str | Path) -> Scenario:
         data.pop(key, None)
     try:
         scenario = Scenario.model_validate(
-            {**data, "source_path": str(path), "source_sha256": hashlib.sha256(raw).hexdigest()}
+            {**data, "source_path": str(path), "source_sha256": sha256_bytes(raw)}
         )
     except ValidationError as exc:
         problems = []

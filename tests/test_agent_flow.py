@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestServer
 
 from recovery_agent.agent import Outcome, RecoveryAgent, report_health
 from recovery_agent.bootenv import BootEnv
+from recovery_agent.layout import CHANNEL_DIR as CHANNELS
 from recovery_agent.protocol.keys import SigningKey
-from recovery_lab.dirdemo import BAD, CHANNELS, GOOD
+from recovery_lab.dirdemo import BAD, GOOD
 
 from .clock import ManualClock
 from .conftest import enrolled_settings, tree_snapshot
