@@ -7,7 +7,7 @@ What runs is real: a ``recovery-server`` process on 127.0.0.1 with its SQLite st
 like the broken machine's disks: the ESP with GRUB's 1024-byte ``grubenv`` after two failed
 boots, the OS root with the sensor's channel files (one of them the malformed 291 shape), and a
 pstore folder holding a kernel panic log captured from Debian's kernel crashing on that file
-under QEMU. The lab's ``run`` command replaces the directory with a booted image.
+under QEMU (``images/evidence/``). The lab's ``run`` command replaces the directory with a booted image.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from recovery_agent.digest import sha256_file
 from recovery_agent.layout import CHANNEL_DIR, QUARANTINE_DIR
 
 from .build import BASE_CHANNELS, channel_file
+from .checkout import EVIDENCE
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_PANIC_LOG = REPO / "tests/data/panic/channel-file-pstore.txt"
+# A real ramoops record of Debian's kernel crashing on the bad channel file (its provenance:
+# images/evidence/README.md).
+REAL_PANIC_LOG = EVIDENCE / "channel-file-pstore.txt"
 GOOD = ["C-00000291-00000000-00000031.sys", "C-00000290-00000000-00000007.sys"]
 BAD = "C-00000291-00000000-00000032.sys"
 DEVICE = "demo-host-0001"
@@ -67,7 +69,7 @@ def make_machine_dir(
     (m / "pstore").mkdir()
     if panic_log is not None:
         if not panic_log.exists():
-            raise DemoError(f"{panic_log} is missing: run from a full checkout")
+            raise DemoError(f"{panic_log} is missing: run the lab from a full checkout of the repository")
         shutil.copy(panic_log, m / "pstore/dmesg-ramoops-0")
     return m
 
