@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .build import BuildError, build_images
 from .dirdemo import DemoError, run_demo
+from .faults import FAULTS
 from .scenario import ScenarioError
 from .tools import ToolError
 
@@ -175,6 +176,13 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
         default=3,
         help="recovery attempts before the device needs a person (default 3)",
     )
+    r.add_argument(
+        "--fault",
+        choices=sorted(FAULTS),
+        help="inject a fault; the run must then end the way the fault predicts instead of "
+        "recovering (images/README.md): "
+        + "; ".join(f"{name}: {text}" for name, text in sorted(FAULTS.items())),
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -196,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         retry_interval_min=args.retry_interval,
         time_to_reboot_min=args.time_to_reboot,
         max_recovery_attempts=args.max_attempts,
+        fault=args.fault,
         log=lambda line: print(line, flush=True),
     )
     try:
@@ -208,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.report:
         args.report.write_text(json.dumps(report.to_json(), indent=1))
         print(f"report written to {args.report}")
-    return 0 if report.recovered else 3
+    return 0 if report.met_expectations else 3
 
 
 if __name__ == "__main__":

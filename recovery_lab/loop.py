@@ -12,7 +12,9 @@
    ``--auto-approve``, else by a person with ``recovery-admin`` while it waits), the
    directive, the reboot, the healthy boot reported back.
 5. Read the disk the run left (quarantine, channel files, grubenv) and the server's records,
-   print the timeline with the time of each phase, and write a JSON report.
+   print the timeline with the time of each phase, and write a JSON report that lists every
+   way the run missed its expectation (a recovery, or with ``--fault`` what the fault
+   predicts: ``recovery_lab.faults``).
 
 The fix comes from the server's catalog of known fixes (``recovery_server.catalog``); a
 scenario with no known fix (``unknown``) shows the agent retrying, rebooting when its time is
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import web
 
 from recovery_agent.layout import BOOT_PROGRESS_LOG, CHANNEL_DIR, QUARANTINE_DIR
 from recovery_agent.protocol.client import DeviceClient
@@ -44,6 +46,7 @@ from recovery_server.store import Store
 
 from .boot import BootReport, follow_boot
 from .build import build_image
+from .faults import FAULTS, TAMPER_DIRECTIVE, DirectiveTamperer, expectation_problems
 from .inspect import OS, DiskImage
 from .qemu import Drive, MachineConfig
 from .seed import make_seed_disk
@@ -53,6 +56,8 @@ from .timeline import EntryKind
 # images/recovery/init): the OS root and the ESP's grubenv.
 GUEST_OS_ROOT = "/mnt/os"
 GUEST_GRUBENV = "/mnt/esp/grub/grubenv"
+# The lab's own entry in a run's event list when the tampering proxy altered a directive.
+TAMPERED_EVENT = "lab.directive_tampered"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
 _PROGRESS = re.compile(
@@ -74,8 +79,8 @@ class RunOptions:
     retry_interval_min: int = 5
     time_to_reboot_min: int = 90
     max_recovery_attempts: int = 3
-    # For tests: a man in the middle that rewrites every directive on its way to the VM.
-    tamper_directives: bool = False
+    # A fault to inject (recovery_lab.faults.FAULTS), or None for a plain recovery.
+    fault: str | None = None
     log: Callable[[str], None] = print
 
 
@@ -91,6 +96,10 @@ class Phase:
 
 @dataclass
 class RunReport:
+    """What a run of the loop showed, and every way it missed what it should show
+    (``problems``: empty when the machine recovered, or, with a fault, when it ended the way
+    the fault predicts)."""
+
     scenario: str
     recovered: bool
     boots: int
@@ -103,6 +112,12 @@ class RunReport:
     disk: dict[str, Any] = field(default_factory=dict)
     boot: BootReport | None = None
     workdir: str = ""
+    fault: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def met_expectations(self) -> bool:
+        return not self.problems
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,6 +135,8 @@ class RunReport:
             "server_events": self.events,
             "vm": self.boot.to_json() if self.boot else None,
             "workdir": self.workdir,
+            "fault": self.fault,
+            "problems": self.problems,
         }
 
 
@@ -132,6 +149,7 @@ class _Lab:
         self.started = time.monotonic()
         self.seen: list[tuple[float, dict[str, Any]]] = []  # (seconds since start, event)
         self._last_seq = 0
+        self.tamperer: DirectiveTamperer | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -156,58 +174,20 @@ class _Lab:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = int(self.runner.addresses[0][1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.guest_port = self.port
-        if self.opts.tamper_directives:
-            await self._start_tampering_proxy()
+        if self.opts.fault == TAMPER_DIRECTIVE:
+            self.tamperer = DirectiveTamperer(self.url, on_tamper=self._tampered)
+            self.guest_port = await self.tamperer.start()
 
-    async def _start_tampering_proxy(self) -> None:
-        """Between the VM and the server: flips one byte of every directive's payload."""
-
-        async def forward(request: web.Request) -> web.Response:
-            async with ClientSession() as s:
-                headers = {
-                    k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")
-                }
-                async with s.request(
-                    request.method, self.url + request.path_qs, headers=headers, data=await request.read()
-                ) as r:
-                    body = await r.read()
-                    if request.path.endswith("/directive") and r.status == 200:
-                        answer = json.loads(body)
-                        if answer.get("status") == "directive":
-                            import base64
-
-                            payload = bytearray(base64.b64decode(answer["envelope"]["payload"]))
-                            i = payload.find(b"C-00000291")
-                            payload[i + 9] = ord("0") if payload[i + 9] != ord("0") else ord("1")
-                            answer["envelope"]["payload"] = base64.b64encode(bytes(payload)).decode()
-                            body = json.dumps(answer).encode()
-                            self.seen.append(
-                                (
-                                    self.now(),
-                                    {
-                                        "kind": "lab.directive_tampered",
-                                        "subject": "",
-                                        "actor": "proxy",
-                                        "detail": "",
-                                    },
-                                )
-                            )
-                    return web.Response(body=body, status=r.status, content_type="application/json")
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        self.proxy = web.AppRunner(app, access_log=None)
-        await self.proxy.setup()
-        site = web.TCPSite(self.proxy, "127.0.0.1", 0)
-        await site.start()
-        self.guest_port = site._server.sockets[0].getsockname()[1]
+    def _tampered(self) -> None:
+        event = {"kind": TAMPERED_EVENT, "subject": "", "actor": "proxy", "detail": ""}
+        self.seen.append((self.now(), event))
 
     async def stop(self) -> None:
-        if self.opts.tamper_directives:
-            await self.proxy.cleanup()
+        if self.tamperer is not None:
+            await self.tamperer.stop()
         await self.runner.cleanup()
         self.service.store.close()
 
@@ -280,6 +260,8 @@ def _short(detail: str) -> str:
 
 async def run_async(opts: RunOptions) -> RunReport:
     say = opts.log
+    if opts.fault is not None and opts.fault not in FAULTS:
+        raise ValueError(f"unknown fault {opts.fault!r}: use one of {', '.join(FAULTS)}")
     artifact = build_image(opts.scenario, log=say)
     work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{opts.scenario}-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -427,6 +409,14 @@ def _judge(
         disk=disk,
         boot=boot,
         workdir=str(work),
+        fault=opts.fault,
+        problems=expectation_problems(
+            opts.fault,
+            recovered=recovered,
+            console_text=boot.console_text,
+            results=results,
+            tampered=sum(1 for _, e in lab.seen if e["kind"] == TAMPERED_EVENT),
+        ),
     )
     return report
 
@@ -435,7 +425,7 @@ def render(report: RunReport) -> str:
     lines = [
         "",
         f"Scenario {report.scenario}: {'RECOVERED' if report.recovered else 'not recovered'} "
-        f"({report.outcome}, {report.boots} boots)",
+        f"({report.outcome}, {report.boots} boots)" + (f", fault {report.fault}" if report.fault else ""),
     ]
     for p in report.phases:
         lines.append(f"  {p.name:<40} at {p.start:7.1f}s  took {p.end - p.start:6.1f}s")
@@ -454,6 +444,10 @@ def render(report: RunReport) -> str:
             f"  disk: boot_count={report.disk['grubenv'].get('boot_count')}, channel files "
             f"{report.disk['channel_files']}, quarantine {report.disk['quarantine']}"
         )
+    for problem in report.problems:
+        lines.append(f"  MISSED: {problem}")
+    if report.fault and report.met_expectations:
+        lines.append(f"  the run showed what fault {report.fault} predicts")
     lines.append(f"  everything is in {report.workdir}")
     return "\n".join(lines)
 
