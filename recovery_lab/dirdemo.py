@@ -28,7 +28,7 @@ from recovery_agent.bootenv import BootEnv
 from recovery_agent.digest import sha256_file
 from recovery_agent.layout import CHANNEL_DIR, QUARANTINE_DIR
 
-from .build import BASE_CHANNELS, channel_file
+from .build.osroot import BASE_CHANNELS, channel_file
 from .checkout import EVIDENCE
 
 # A real ramoops record of Debian's kernel crashing on the bad channel file (its provenance:

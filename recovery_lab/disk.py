@@ -27,6 +27,13 @@ DISK_SIGNATURE = 0x514D5231  # "QMR1"; fixed so images are reproducible
 TYPE_FAT16_LBA = 0x0E
 TYPE_LINUX = 0x83
 
+# The lab machine's partitions, in disk order: (name, MBR type, size in MiB).
+PARTITIONS = [
+    ("esp", TYPE_FAT16_LBA, 32),
+    ("os", TYPE_LINUX, 192),
+    ("recovery", TYPE_LINUX, 192),
+]
+
 
 class DiskError(Exception):
     """Raised when a layout does not fit: overlapping partitions, a partition image larger
@@ -61,6 +68,11 @@ def layout(sizes_mib: Sequence[tuple[str, int, int]]) -> list[Partition]:
         parts.append(Partition(number, name, type_id, start, sectors, bootable=number == 1))
         start += sectors
     return parts
+
+
+def partition_mib(name: str) -> int:
+    """The size in MiB of the lab machine's partition ``name`` (esp, os, recovery)."""
+    return next(mib for n, _, mib in PARTITIONS if n == name)
 
 
 def disk_size(parts: Sequence[Partition]) -> int:
