@@ -30,6 +30,7 @@ from recovery_agent.layout import CHANNEL_DIR, QUARANTINE_DIR
 
 from .build.osroot import BASE_CHANNELS, channel_file
 from .checkout import EVIDENCE
+from .errors import LabError
 
 # A real ramoops record of Debian's kernel crashing on the bad channel file (its provenance:
 # images/evidence/README.md).
@@ -39,8 +40,10 @@ BAD = "C-00000291-00000000-00000032.sys"
 DEVICE = "demo-host-0001"
 
 
-class DemoError(Exception):
-    """Raised when a step of the demo did not do what it should; names the step."""
+class DemoError(LabError):
+    """Raised when a step of the demo did not do what it should (a process did not start or
+    ended badly, no incident reached the server, a final check failed); names the step and
+    where its log is."""
 
 
 def _bin(name: str) -> str:

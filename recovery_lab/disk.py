@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LabError
+
 SECTOR = 512
 FIRST_LBA = 2048
 MIB = 1024 * 1024
@@ -35,9 +37,10 @@ PARTITIONS = [
 ]
 
 
-class DiskError(Exception):
-    """Raised when a layout does not fit: overlapping partitions, a partition image larger
-    than its slot, a core.img that would run into the first partition."""
+class DiskError(LabError):
+    """Raised when a layout does not fit (overlapping partitions, a partition image larger
+    than its slot, a core.img that would run into the first partition) or when a disk is not
+    laid out as the lab's are (no MBR, a partition missing)."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from recovery_agent.digest import sha256_bytes
 from recovery_agent.layout import CHANNEL_DIR
 
+from .errors import LabError
+
 # Artifacts the builder can place in an image (``source = "..."``); see build.py.
 SOURCES: dict[str, str] = {
     "channel:good-291": "valid channel file 291 (20-field template, 20 fields)",
@@ -45,7 +47,7 @@ _HINTS: dict[str, str] = {
 }
 
 
-class ScenarioError(Exception):
+class ScenarioError(LabError):
     """Raised when a scenario file cannot be read or is invalid; the message names the file,
     the field and the fix."""
 
