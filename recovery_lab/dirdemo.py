@@ -13,7 +13,6 @@ under QEMU (``images/evidence/``). The lab's ``run`` command replaces the direct
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -79,19 +78,20 @@ def make_machine_dir(
 
 @dataclass
 class Demo:
+    """One run of the demo in ``work``: the server's data, the machine directory, the logs."""
+
     work: Path
-    timeline: list[tuple[float, str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     verbose: bool = True
+    url: str = ""  # the server's, once it listens
 
     def say(self, who: str, text: str) -> None:
         t = time.monotonic() - self.started
-        self.timeline.append((t, who, text))
         if self.verbose:
             print(f"[+{t:6.2f}s] {who:<7} {text}", flush=True)
 
-    def run(self, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if check and p.returncode != 0:
             raise DemoError(
                 f"{' '.join(cmd[:3])}… failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}"
@@ -101,8 +101,6 @@ class Demo:
     def admin(self, token: str, *args: str) -> Any:
         p = self.run(_bin("recovery-admin"), "--server", self.url, "--token", token, "--json", *args)
         return json.loads(p.stdout)
-
-    # ---------------------------------------------------------------- the machine
 
     # ---------------------------------------------------------------- the story
 
@@ -122,6 +120,7 @@ class Demo:
         admin_token = (self.work / "admin.token").read_text().strip()
         port_file = self.work / "port"
         port_file.unlink(missing_ok=True)
+        server_log = open(self.work / "server.log", "w")
         server = subprocess.Popen(
             [
                 _bin("recovery-server"),
@@ -135,9 +134,9 @@ class Demo:
                 "--quiet",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.work / "server.log", "w"),
+            stderr=server_log,
         )
-        agent: subprocess.Popen | None = None
+        agent: subprocess.Popen[str] | None = None
         try:
             deadline = time.monotonic() + 20
             while not port_file.exists() or not port_file.read_text().strip():
@@ -237,23 +236,26 @@ class Demo:
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
+            server_log.close()
 
-    def _follow_agent(self, agent: subprocess.Popen) -> None:
+    def _follow_agent(self, agent: subprocess.Popen[str]) -> None:
         """One reader for the agent's output: every line to agent.log, the timeline lines to
         the screen as they come."""
         with open(self.work / "agent.log", "w") as log:
+            assert agent.stdout is not None
             for line in agent.stdout:
                 log.write(line)
                 log.flush()
                 if line.startswith("[agent"):
                     self.say("agent", line.split("] ", 1)[1].rstrip())
 
-    def _wait_for_incident(self, token: str, agent: subprocess.Popen) -> dict[str, Any]:
+    def _wait_for_incident(self, token: str, agent: subprocess.Popen[str]) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             incidents = self.admin(token, "incidents")
             if incidents:
-                return incidents[0]
+                incident: dict[str, Any] = incidents[0]
+                return incident
             if agent.poll() is not None:
                 raise DemoError(f"the agent stopped before reporting: see {self.work / 'agent.log'}")
             time.sleep(0.3)

@@ -336,7 +336,10 @@ def _judge(
     lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, device_id: str, work: Path
 ) -> RunReport:
     svc = lab.service
-    t = lambda seconds: vm_started + seconds  # VM time -> run time
+
+    def t(seconds: float) -> float:  # VM time -> run time
+        return vm_started + seconds
+
     grub = boot.timeline.of_kind(EntryKind.GRUB_ENTRY)
     first_recovery = next((e for e in grub if e.data.get("entry") == "recovery"), None)
     phases: list[Phase] = []

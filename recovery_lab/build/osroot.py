@@ -69,7 +69,8 @@ def _mkchannel() -> ModuleType:
 def channel_file(source: str) -> bytes:
     """The bytes of a channel file the lab knows by name (``channel:bad-291``, ...)."""
     template, content, seed = CHANNEL_FILES[source]
-    return _mkchannel().build(template, content, seed=seed)
+    data: bytes = _mkchannel().build(template, content, seed=seed)
+    return data
 
 
 def source_bytes(source: str, sensor_dir: Path) -> bytes:
@@ -158,10 +159,10 @@ def apply_scenario(root: Path, scenario: Scenario, sensor_dir: Path, kernel_rele
             write_file(target, data, change.file_mode)
         elif change.action == "corrupt":
             # Deterministic damage: invert the first 64 bytes (the header of most formats).
-            data = bytearray(target.read_bytes())
-            for j in range(min(64, len(data))):
-                data[j] ^= 0xFF
-            write_file(target, bytes(data), target.stat().st_mode & 0o7777)
+            damaged = bytearray(target.read_bytes())
+            for j in range(min(64, len(damaged))):
+                damaged[j] ^= 0xFF
+            write_file(target, bytes(damaged), target.stat().st_mode & 0o7777)
         else:
             target.unlink()
     args = " ".join(scenario.kernel_args)
