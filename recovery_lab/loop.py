@@ -68,6 +68,8 @@ _PROGRESS = re.compile(
 
 @dataclass
 class RunOptions:
+    """What to run (``recovery-lab run``'s options) and where its progress lines go."""
+
     scenario: str
     auto_approve: bool = False
     timeout_s: float = 900.0
@@ -86,6 +88,8 @@ class RunOptions:
 
 @dataclass
 class Phase:
+    """One phase of the loop (failed boots, diagnostics, approval, ...) in run seconds."""
+
     name: str
     start: float
     end: float

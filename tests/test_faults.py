@@ -61,3 +61,42 @@ def test_expectations_without_and_with_the_tampering_fault() -> None:
     )
     assert len(problems) == 3
     assert expectation_problems(TAMPER_DIRECTIVE, recovered=False, console_text="", results=[], tampered=0)
+
+
+async def test_the_proxy_alters_directives_and_passes_everything_else() -> None:
+    from aiohttp import ClientSession, web
+    from aiohttp.test_utils import TestServer
+
+    from recovery_lab.faults import DirectiveTamperer
+
+    key = SigningKey.generate()
+    envelope = seal(directive(), key)
+
+    async def directive_poll(request: web.Request) -> web.Response:
+        return web.json_response({"status": "directive", "envelope": envelope})
+
+    async def other(request: web.Request) -> web.Response:
+        return web.json_response({"seen": request.headers.get("Authorization")})
+
+    app = web.Application()
+    app.router.add_get("/v1/reports/r-1/directive", directive_poll)
+    app.router.add_post("/v1/reports", other)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    tampered: list[int] = []
+    proxy = DirectiveTamperer(f"http://127.0.0.1:{upstream.port}", on_tamper=lambda: tampered.append(1))
+    port = await proxy.start()
+    try:
+        async with ClientSession(f"http://127.0.0.1:{port}") as s:
+            async with s.get("/v1/reports/r-1/directive") as r:
+                answer = await r.json()
+            async with s.post("/v1/reports", headers={"Authorization": "Bearer x"}, data=b"{}") as r:
+                assert await r.json() == {"seen": "Bearer x"}
+    finally:
+        await proxy.stop()
+        await upstream.close()
+    assert tampered == [1]
+    got = base64.b64decode(answer["envelope"]["payload"])
+    assert got == tamper_payload(base64.b64decode(envelope["payload"]))
+    with pytest.raises(BadSignature):
+        open_envelope(answer["envelope"], Directive, {key_id(key.public): key.public})
