@@ -23,7 +23,7 @@ from recovery_agent.layout import CHANNEL_DIR
 
 from .errors import LabError
 
-# Artifacts the builder can place in an image (``source = "..."``); see build.py.
+# Artifacts the builder can place in an image (``source = "..."``); made by build/osroot.py.
 SOURCES: dict[str, str] = {
     "channel:good-291": "valid channel file 291 (20-field template, 20 fields)",
     "channel:good-290": "valid channel file 290 (20-field template, 20 fields)",
