@@ -1,34 +1,102 @@
-"""``recovery-lab``: run the recovery loop in the lab.
+"""``recovery-lab``: build broken machines and run the recovery loop on them.
 
-demo     the whole loop on this machine, with a directory standing in for the VM's disks
-build    the disk images of the scenarios in images/scenarios (cached; see images/README.md)
-boot     boot one scenario's disk image in QEMU and print the timeline of what happened
-run      the whole recovery loop in QEMU: server, failed boots, agent, approval, fix, healthy boot
+commands:
+  demo     the whole loop on this machine, with a directory standing in for the VM's disks
+  build    the disk images of the scenarios in images/scenarios (cached; see images/README.md)
+  boot     boot one scenario's disk image in QEMU and print the timeline of what happened
+  run      the whole recovery loop in QEMU: server, failed boots, agent, approval, fix, healthy boot
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .build import BuildError, build_images
-from .demo import DemoError, run_demo
-from .scenario import ScenarioError
-from .tools import ToolError
+from .boot import DEFAULT_TIMEOUT_S, boot_scenario
+from .build import build_image, build_images
+from .dirdemo import DemoError, run_demo
+from .errors import LabError
+from .faults import FAULTS
+
+EXIT_CODES = """\
+exit codes:
+  0  done: the images are built; the boot ended with the guest powering off (or at --stop-on);
+     the run recovered the machine, or ended the way its --fault predicts; the demo's checks
+     passed
+  1  the run was made but missed its expectations: the boot timed out or QEMU died, the
+     machine did not recover (the report lists why), a demo step or check failed
+  2  the run could not be made: bad usage, a bad scenario file, a missing tool (the message
+     names the package), an image that does not build, QEMU that does not start
+  (3, "server unreachable", does not apply: the lab runs its own server)
+"""
+
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="recovery-lab",
-        description="Quick Machine Recovery lab",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog=EXIT_CODES,
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the recovery loop without a VM (server, agent, two admins)")
+    _add_demo_parser(sub)
+    _add_build_parser(sub)
+    _add_boot_parser(sub)
+    _add_run_parser(sub)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except DemoError as exc:
+        print(f"recovery-lab {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    except LabError as exc:
+        print(f"recovery-lab {args.cmd}: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _parser(sub: _SubParsers, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo_parser(sub: _SubParsers) -> None:
+    d = _parser(sub, "demo", "the recovery loop without a VM (server, agent, two admins)")
     d.add_argument("--workdir", type=Path, help="keep everything here (default: a new temp dir)")
-    b = sub.add_parser("build", help="build (or take from the cache) the scenarios' disk images")
+    d.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    run_demo(args.workdir)
+    return 0
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _add_build_parser(sub: _SubParsers) -> None:
+    b = _parser(sub, "build", "build (or take from the cache) the scenarios' disk images")
     b.add_argument(
         "scenarios",
         nargs="*",
@@ -38,33 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--cache", type=Path, help="cache directory (default: $QMR_CACHE, else .cache/qmr in the checkout)"
     )
-    _add_boot_parser(sub)
-    _add_run_parser(sub)
-    args = p.parse_args(argv)
-    if args.cmd == "boot":
-        return _boot(args)
-    if args.cmd == "run":
-        return _run(args)
-    if args.cmd == "build":
-        return _build(args.scenarios, args.cache)
-    if args.cmd == "demo":
-        try:
-            run_demo(args.workdir)
-        except DemoError as exc:
-            print(f"recovery-lab demo: {exc}", file=sys.stderr)
-            return 1
-    return 0
+    b.set_defaults(func=_build)
 
 
-def _build(scenarios: list[str], cache: Path | None) -> int:
-    import time
-
+def _build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    try:
-        artifacts = build_images(scenarios or None, cache, log=lambda line: print(line, flush=True))
-    except (BuildError, ScenarioError, ToolError) as exc:
-        print(f"recovery-lab build: {exc}", file=sys.stderr)
-        return 1
+    artifacts = build_images(args.scenarios or None, args.cache, log=_say)
     for a in artifacts:
         print(f"{a.scenario}: {a.image} ({a.size // (1024 * 1024)} MiB, sha256 {a.sha256})")
     print(f"done in {time.monotonic() - started:.1f}s")
@@ -74,8 +121,8 @@ def _build(scenarios: list[str], cache: Path | None) -> int:
 # --------------------------------------------------------------------------- boot (QEMU harness)
 
 
-def _add_boot_parser(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("boot", help="boot a scenario's disk image in QEMU and print its timeline")
+def _add_boot_parser(sub: _SubParsers) -> None:
+    b = _parser(sub, "boot", "boot a scenario's disk image in QEMU and print its timeline")
     b.add_argument(
         "scenario",
         metavar="SCENARIO",
@@ -83,7 +130,10 @@ def _add_boot_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--image", type=Path, help="boot this disk image instead of building one")
     b.add_argument(
-        "--timeout", type=float, default=300.0, help="stop the VM after this many seconds (default 300)"
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"stop the VM after this many seconds (default {DEFAULT_TIMEOUT_S:g})",
     )
     b.add_argument(
         "--keep",
@@ -103,46 +153,28 @@ def _add_boot_parser(sub: argparse._SubParsersAction) -> None:
         help="QEMU accelerator (default tcg; kvm only where /dev/kvm works)",
     )
     b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=_boot)
 
 
 def _boot(args: argparse.Namespace) -> int:
-    import json
-    import logging
-
-    from .lab import boot_scenario
-    from .qemu import QemuError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    image = args.image
-    try:
-        if image is None:
-            from .build import BuildError, build_image
-
-            try:
-                image = build_image(args.scenario, log=lambda line: print(line, flush=True)).image
-            except (BuildError, ScenarioError, ToolError) as exc:
-                print(f"recovery-lab boot: {exc}", file=sys.stderr)
-                return 1
-        report = boot_scenario(
-            image,
-            timeout=args.timeout,
-            keep_logs=args.keep,
-            run_dir=args.run_dir,
-            stop_on=args.stop_on,
-            accel=args.accel,
-        )
-    except (QemuError, ToolError, FileNotFoundError) as exc:
-        print(f"recovery-lab boot: {exc}", file=sys.stderr)
-        return 1
+    image = args.image or build_image(args.scenario, log=_say).image
+    report = boot_scenario(
+        image,
+        timeout=args.timeout,
+        keep_logs=args.keep,
+        run_dir=args.run_dir,
+        stop_on=args.stop_on,
+        accel=args.accel,
+    )
     print(json.dumps(report.to_json(), indent=1) if args.json else report.render())
-    return 2 if report.outcome in ("timed-out", "qemu-exited") else 0
+    return 1 if report.outcome in ("timed-out", "qemu-exited") else 0
 
 
 # --------------------------------------------------------------------------- run (the whole loop)
 
 
-def _add_run_parser(sub: argparse._SubParsersAction) -> None:
-    r = sub.add_parser("run", help="the whole recovery loop in QEMU, with a recovery server")
+def _add_run_parser(sub: _SubParsers) -> None:
+    r = _parser(sub, "run", "the whole recovery loop in QEMU, with a recovery server")
     r.add_argument("scenario", metavar="SCENARIO", help="scenario name or .toml file")
     r.add_argument(
         "--auto-approve",
@@ -175,17 +207,20 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
         default=3,
         help="recovery attempts before the device needs a person (default 3)",
     )
+    r.add_argument(
+        "--fault",
+        choices=sorted(FAULTS),
+        help="inject a fault; the run must then end the way the fault predicts instead of "
+        "recovering (images/README.md): "
+        + "; ".join(f"{name}: {text}" for name, text in sorted(FAULTS.items())),
+    )
+    r.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
-    import logging
+    # The loop runs a recovery server in this process: its stack is imported only for `run`.
+    from .loop import RunOptions, render, run
 
-    from .build import BuildError
-    from .qemu import QemuError
-    from .run import RunOptions, render, run
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts = RunOptions(
         scenario=args.scenario,
         auto_approve=args.auto_approve,
@@ -196,19 +231,16 @@ def _run(args: argparse.Namespace) -> int:
         retry_interval_min=args.retry_interval,
         time_to_reboot_min=args.time_to_reboot,
         max_recovery_attempts=args.max_attempts,
-        log=lambda line: print(line, flush=True),
+        fault=args.fault,
+        log=_say,
     )
-    try:
-        report = run(opts)
-    except (BuildError, ScenarioError, ToolError, QemuError, FileNotFoundError) as exc:
-        print(f"recovery-lab run: {exc}", file=sys.stderr)
-        return 1
+    report = run(opts)
     print(report.boot.timeline.render() if report.boot else "")
     print(render(report))
     if args.report:
         args.report.write_text(json.dumps(report.to_json(), indent=1))
         print(f"report written to {args.report}")
-    return 0 if report.recovered else 3
+    return 0 if report.met_expectations else 1
 
 
 if __name__ == "__main__":

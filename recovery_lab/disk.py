@@ -12,12 +12,13 @@ Layout (512-byte sectors)::
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import LabError
 
 SECTOR = 512
 FIRST_LBA = 2048
@@ -28,10 +29,18 @@ DISK_SIGNATURE = 0x514D5231  # "QMR1"; fixed so images are reproducible
 TYPE_FAT16_LBA = 0x0E
 TYPE_LINUX = 0x83
 
+# The lab machine's partitions, in disk order: (name, MBR type, size in MiB).
+PARTITIONS = [
+    ("esp", TYPE_FAT16_LBA, 32),
+    ("os", TYPE_LINUX, 192),
+    ("recovery", TYPE_LINUX, 192),
+]
 
-class DiskError(Exception):
-    """Raised when a layout does not fit: overlapping partitions, a partition image larger
-    than its slot, a core.img that would run into the first partition."""
+
+class DiskError(LabError):
+    """Raised when a layout does not fit (overlapping partitions, a partition image larger
+    than its slot, a core.img that would run into the first partition) or when a disk is not
+    laid out as the lab's are (no MBR, a partition missing)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ def layout(sizes_mib: Sequence[tuple[str, int, int]]) -> list[Partition]:
         parts.append(Partition(number, name, type_id, start, sectors, bootable=number == 1))
         start += sectors
     return parts
+
+
+def partition_mib(name: str) -> int:
+    """The size in MiB of the lab machine's partition ``name`` (esp, os, recovery)."""
+    return next(mib for n, _, mib in PARTITIONS if n == name)
 
 
 def disk_size(parts: Sequence[Partition]) -> int:
@@ -163,19 +177,3 @@ def assemble(
     finally:
         os.close(fd)
     os.replace(tmp, out)
-
-
-def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        remaining = length
-        while remaining is None or remaining > 0:
-            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
-            chunk = f.read(n)
-            if not chunk:
-                break
-            h.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-    return h.hexdigest()

@@ -9,7 +9,7 @@ GRUB's markers) and console text only for the lines the scenario names.
 
 from __future__ import annotations
 
-from .lab import BootReport
+from .boot import BootReport
 from .scenario import Expect
 from .timeline import EntryKind
 

@@ -17,12 +17,18 @@ from pathlib import Path
 from recovery_agent.bootenv import BootEnv
 
 from . import tools
-from .disk import SECTOR, Partition, parse_mbr
+from .disk import SECTOR, DiskError, Partition, parse_mbr
 
-ESP, OS, RECOVERY = 1, 2, 3
+# Partition numbers, for the methods that take one.
+ESP, OS = 1, 2
 
 
 class DiskImage:
+    """A lab disk image (raw, or a run's qcow2 overlay, flattened to a temporary raw copy),
+    read without mounting. Use ``with DiskImage(path) as disk:``; leaving removes the copy.
+    Raises :class:`~recovery_lab.disk.DiskError` for a disk without the lab's partitions and
+    :class:`~recovery_lab.tools.ToolError` when a tool is missing or fails."""
+
     def __init__(self, image: Path) -> None:
         self.source = Path(image)
         self._tmp = Path(tempfile.mkdtemp(prefix="qmr-inspect-"))
@@ -48,7 +54,7 @@ class DiskImage:
         try:
             return self.partitions[number]
         except KeyError:
-            raise FileNotFoundError(f"{self.source} has no partition {number}") from None
+            raise DiskError(f"{self.source} has no partition {number}: is it a disk the lab built?") from None
 
     def esp_file(self, path: str) -> bytes:
         tools.require("mcopy")

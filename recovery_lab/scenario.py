@@ -11,7 +11,6 @@ into a :class:`ScenarioError` that names the file, the field and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -19,7 +18,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Artifacts the builder can place in an image (``source = "..."``); see build.py.
+from recovery_agent.digest import sha256_bytes
+from recovery_agent.layout import CHANNEL_DIR
+
+from .errors import LabError
+
+# Artifacts the builder can place in an image (``source = "..."``); made by build/osroot.py.
 SOURCES: dict[str, str] = {
     "channel:good-291": "valid channel file 291 (20-field template, 20 fields)",
     "channel:good-290": "valid channel file 290 (20-field template, 20 fields)",
@@ -36,14 +40,14 @@ _HINTS: dict[str, str] = {
     "action": "use one of add, replace, corrupt, remove",
     "source": "use one of " + ", ".join(SOURCES),
     "path": "give a path inside the OS root without a leading '/' or '..', "
-    "e.g. var/lib/sensor/channels/C-00000291-00000000-00000032.sys",
+    f"e.g. {CHANNEL_DIR}/C-00000291-00000000-00000032.sys",
     "kernel_args": "give a list of plain words such as \"sensor.hang=1\" (no quotes, spaces or '$')",
     "ends_in": 'use "healthy" or "recovery"',
     "mode": 'give an octal string such as "0644" or "0755"',
 }
 
 
-class ScenarioError(Exception):
+class ScenarioError(LabError):
     """Raised when a scenario file cannot be read or is invalid; the message names the file,
     the field and the fix."""
 
@@ -173,7 +177,7 @@ def load_scenario(path: str | Path) -> Scenario:
         data.pop(key, None)
     try:
         scenario = Scenario.model_validate(
-            {**data, "source_path": str(path), "source_sha256": hashlib.sha256(raw).hexdigest()}
+            {**data, "source_path": str(path), "source_sha256": sha256_bytes(raw)}
         )
     except ValidationError as exc:
         problems = []

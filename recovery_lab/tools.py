@@ -23,6 +23,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .errors import LabError
+
 # Tool -> Debian 12 package that provides it.
 PACKAGES: dict[str, str] = {
     "apt-cache": "apt",
@@ -57,8 +59,8 @@ FILES: dict[str, str] = {
 _STDERR_TAIL_LINES = 20
 
 
-class ToolError(Exception):
-    """Base class of the errors this module raises."""
+class ToolError(LabError):
+    """Base class of the errors this module raises; never raised itself."""
 
 
 class ToolMissing(ToolError):

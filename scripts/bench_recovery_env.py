@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from recovery_lab import tools  # noqa: E402
-from recovery_lab.pyruntime import EPOCH, PYTHON, build_python_runtime  # noqa: E402
+from recovery_lab.pyruntime import PYTHON, build_python_runtime  # noqa: E402
+from recovery_lab.reproducible import set_mtimes  # noqa: E402
 
 BOOT_TIMEOUT_S = 300
 
@@ -103,9 +104,7 @@ def stage(runtime_root: Path, work: Path) -> Path:
         (root / "bin" / applet).symlink_to("busybox")
     (root / "init").write_text(INIT)
     os.chmod(root / "init", 0o755)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.utime(os.path.join(dirpath, name), (EPOCH, EPOCH), follow_symlinks=False)
+    set_mtimes(root)
     return root
 
 

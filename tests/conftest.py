@@ -21,7 +21,7 @@ from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import Enrollment, utcnow
 from recovery_agent.settings import AgentSettings
-from recovery_lab.demo import make_machine_dir
+from recovery_lab.dirdemo import make_machine_dir
 from recovery_server.access import User, console
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService, ServiceSettings

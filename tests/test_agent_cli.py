@@ -12,7 +12,7 @@ from recovery_agent.cli import main
 from recovery_agent.layout import CONFIRMED_DIRECTIVE, QUARANTINE_DIR
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.remediate import apply_directive
-from recovery_lab.demo import make_machine_dir
+from recovery_lab.dirdemo import make_machine_dir
 
 from .test_remediate import BAD_CHANNEL, QUARANTINE_BAD, build_root, directive, journal
 

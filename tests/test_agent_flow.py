@@ -13,9 +13,10 @@ from aiohttp.test_utils import TestServer
 
 from recovery_agent.agent import Outcome, RecoveryAgent, report_health
 from recovery_agent.bootenv import BootEnv
+from recovery_agent.layout import CHANNEL_DIR as CHANNELS
 from recovery_agent.layout import CONFIRMED_DIRECTIVE, LAST_DIRECTIVE, PSTORE_ARCHIVE, STATE_DIR
 from recovery_agent.protocol.keys import SigningKey
-from recovery_lab.demo import BAD, CHANNELS, GOOD
+from recovery_lab.dirdemo import BAD, GOOD
 
 from .clock import ManualClock
 from .conftest import enrolled_settings, tree_snapshot
@@ -147,7 +148,7 @@ async def test_directive_signed_by_another_key_is_rejected(fleet, machine, clock
 
 
 async def test_unknown_crash_retries_then_asks_for_a_person(fleet, tmp_path, clock):
-    from recovery_lab.demo import make_machine_dir
+    from recovery_lab.dirdemo import make_machine_dir
 
     machine = make_machine_dir(tmp_path / "m", bad_channel_file=False, panic_log=None)
     settings = await enrolled_settings(

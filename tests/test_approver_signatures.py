@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.agent import Outcome, RecoveryAgent
+from recovery_agent.layout import CHANNEL_DIR as CHANNELS
 from recovery_agent.protocol.admin import Remediation
 from recovery_agent.protocol.envelope import actions_digest, seal
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import RemediationApproval, utcnow
-from recovery_lab.demo import BAD, CHANNELS
+from recovery_lab.dirdemo import BAD
 from recovery_server.errors import BadRequest, Forbidden
 
 from .clock import ManualClock

@@ -92,6 +92,6 @@ def test_the_rule_check_catches_a_violation() -> None:
     assert not _allowed("recovery_server.service", "recovery_agent.remediate")
     assert not _allowed("recovery_agent.protocol.wire", "recovery_agent.bootenv")
     assert not _allowed("recovery_agent.agent", "recovery_server.service")
-    assert not _allowed("recovery_lab.run", "recovery_agent.remediate")
-    assert _allowed("recovery_lab.run", "recovery_agent.bootenv")
+    assert not _allowed("recovery_lab.loop", "recovery_agent.remediate")
+    assert _allowed("recovery_lab.loop", "recovery_agent.bootenv")
     assert _allowed("recovery_server.app", "recovery_agent.protocol.wire")

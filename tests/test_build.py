@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from recovery_agent.bootenv import BootEnv
-from recovery_lab import build, disk
+from recovery_lab import disk
+from recovery_lab.build.cache import BuildError, Cache, cache_key
+from recovery_lab.build.kernel import module_closure
+from recovery_lab.build.osroot import apply_scenario
 from recovery_lab.scenario import ScenarioError, all_scenarios, load_scenario
 from recovery_lab.tools import ToolFailed, ToolMissing, require, run
 
@@ -143,7 +146,7 @@ mode = "0755"
 ends_in = "recovery"
 """,
     )
-    build.apply_scenario(root, load_scenario(path), sensor, "6.1.0-1-amd64")
+    apply_scenario(root, load_scenario(path), sensor, "6.1.0-1-amd64")
     bad = (root / "var/lib/sensor/channels/C-00000291-00000000-00000032.sys").read_bytes()
     assert len(bad) == 172 and bad[6] == 21 and bad[8] == 20
     assert (root / "lib/modules/6.1.0-1-amd64/extra/sensor.ko").read_bytes() == b"ko 2.0"
@@ -169,7 +172,7 @@ def test_apply_scenario_checks_existence(tmp_path: Path, action: str, path: str,
         f'action = "{action}"{data}\n[expect]\nends_in = "healthy"\n',
     )
     with pytest.raises(ScenarioError, match="field files\\[0\\]") as info:
-        build.apply_scenario(root, load_scenario(f), sensor, "6.1.0-1-amd64")
+        apply_scenario(root, load_scenario(f), sensor, "6.1.0-1-amd64")
     assert fix in str(info.value)
 
 
@@ -177,7 +180,7 @@ def test_apply_scenario_checks_existence(tmp_path: Path, action: str, path: str,
 
 
 def test_mbr_table_round_trip() -> None:
-    parts = disk.layout(build.PARTITIONS)
+    parts = disk.layout(disk.PARTITIONS)
     assert [p.start for p in parts] == [2048, 2048 + 32 * 2048, 2048 + 224 * 2048]
     table = disk.mbr_table(parts)
     assert len(table) == 72 and table[-2:] == b"\x55\xaa"
@@ -234,7 +237,7 @@ def test_core_img_must_fit(tmp_path: Path) -> None:
 
 def test_cache_key_changes_with_any_input(tmp_path: Path) -> None:
     lines: list[str] = []
-    cache = build.Cache(tmp_path, lines.append)
+    cache = Cache(tmp_path, lines.append)
     calls: list[Path] = []
 
     def make(out: Path) -> None:
@@ -257,19 +260,19 @@ def test_cache_key_changes_with_any_input(tmp_path: Path) -> None:
 
 
 def test_failed_stage_leaves_no_entry(tmp_path: Path) -> None:
-    cache = build.Cache(tmp_path, lambda _: None)
+    cache = Cache(tmp_path, lambda _: None)
 
     def fail(out: Path) -> None:
         run(["false"])
 
-    with pytest.raises(build.BuildError, match="stage broken: false failed"):
+    with pytest.raises(BuildError, match="stage broken: false failed"):
         cache.stage("broken", {}, fail)
     assert not list(tmp_path.glob("broken-*/inputs.json"))
 
 
 def test_cache_key_is_order_independent() -> None:
-    assert build.cache_key({"a": 1, "b": [1, 2]}) == build.cache_key({"b": [1, 2], "a": 1})
-    assert build.cache_key({"a": 1}) != build.cache_key({"a": 2})
+    assert cache_key({"a": 1, "b": [1, 2]}) == cache_key({"b": [1, 2], "a": 1})
+    assert cache_key({"a": 1}) != cache_key({"a": 2})
 
 
 # ------------------------------------------------------------------ tools
@@ -313,13 +316,13 @@ def test_module_closure_orders_dependencies(tmp_path: Path) -> None:
         "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko: kernel/drivers/misc/pvpanic/pvpanic.ko\n"
         "kernel/drivers/misc/pvpanic/pvpanic.ko:\n"
     )
-    order = build.module_closure(tmp_path, "6.1.0-1-amd64", ["ext4", "pvpanic-mmio", "jbd2"])
+    order = module_closure(tmp_path, "6.1.0-1-amd64", ["ext4", "pvpanic-mmio", "jbd2"])
     assert order.index("kernel/fs/ext4/ext4.ko") > order.index("kernel/fs/jbd2/jbd2.ko")
     assert order.index("kernel/fs/ext4/ext4.ko") > order.index("kernel/lib/crc16.ko")
     assert order[-1] == "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko"
     assert len(order) == len(set(order)) == 6
-    with pytest.raises(build.BuildError, match="no module nope"):
-        build.module_closure(tmp_path, "6.1.0-1-amd64", ["nope"])
+    with pytest.raises(BuildError, match="no module nope"):
+        module_closure(tmp_path, "6.1.0-1-amd64", ["nope"])
 
 
 # ------------------------------------------------------------------ guest grubenv writer

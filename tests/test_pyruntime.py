@@ -16,7 +16,6 @@ import pytest
 
 from recovery_lab import tools
 from recovery_lab.pyruntime import (
-    EPOCH,
     PYTHON,
     SITE,
     STDLIB,
@@ -24,6 +23,7 @@ from recovery_lab.pyruntime import (
     RuntimeBuildError,
     build_python_runtime,
 )
+from recovery_lab.reproducible import EPOCH
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("QMR_CACHE", REPO / ".cache/qmr"))

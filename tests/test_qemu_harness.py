@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from recovery_lab import qemu as qemu_mod
-from recovery_lab.lab import follow_boot
-from recovery_lab.qemu import MachineConfig, QemuFailedToStart, QemuVM
+from recovery_lab.boot import follow_boot
+from recovery_lab.qemu import MachineConfig, QemuFailedToStart, QemuVM, process
 from recovery_lab.timeline import EntryKind, build_timeline
 from tests.qemu_guest import HarnessGuest, build_harness_guest
 
@@ -145,7 +144,7 @@ async def test_teardown_kills_a_qemu_that_does_not_answer(
     guest: HarnessGuest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("QUIT_TIMEOUT_S", "TERM_TIMEOUT_S", "KILL_TIMEOUT_S"):
-        monkeypatch.setattr(qemu_mod, name, 1.0)
+        monkeypatch.setattr(process, name, 1.0)
     vm = QemuVM(config(guest, "idle"))
     await vm.start()
     assert vm.pid is not None

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from recovery_lab.inspect import OS, DiskImage
-from recovery_lab.run import RunOptions, run_async
+from recovery_lab.loop import RunOptions, run_async
 from recovery_lab.timeline import EntryKind
 
 pytestmark = pytest.mark.qemu
@@ -92,12 +92,12 @@ async def test_altered_directive_is_rejected_inside_the_vm_and_nothing_changes(t
         tmp_path,
         auto_approve=True,
         timeout_s=800,
-        tamper_directives=True,
+        fault="tamper-directive",
         time_to_reboot_min=30,
         max_recovery_attempts=1,
     )
     report = await run_async(o)
-    assert not report.recovered
+    assert not report.recovered and report.met_expectations, report.problems
     console = report.boot.console_text
     assert "directive REJECTED" in console and "does not verify" in console
     assert BAD in report.disk["channel_files"], "the bad file is still in place: nothing applied"

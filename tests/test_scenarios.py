@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from recovery_lab.build import REPO, build_images, default_cache_dir
+from recovery_lab.boot import boot_scenario
+from recovery_lab.build import build_images, default_cache_dir
+from recovery_lab.checkout import REPO
 from recovery_lab.expect import problems
 from recovery_lab.inspect import DiskImage
-from recovery_lab.lab import boot_scenario
 from recovery_lab.scenario import find_scenario, load_scenario
 from recovery_lab.timeline import EntryKind
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recovery_lab.lab import BootReport
+from recovery_lab.boot import BootReport
 from recovery_lab.qemu import (
     BootTimeout,
     Console,

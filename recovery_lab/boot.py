@@ -1,4 +1,5 @@
-"""Boot one machine and report what happened: the layer between a scenario and QEMU.
+"""``recovery-lab boot``: boot one machine and report what happened, the layer between a
+scenario and QEMU.
 
 ``boot_scenario(image)`` boots a disk image (through its own GRUB) in a :class:`QemuVM`,
 follows it through every in-VM reboot (panic, watchdog, the recovery entry) until the guest
@@ -7,11 +8,11 @@ the console and the QMP events and counts what matters in a :class:`BootReport`:
 panics with their titles, resets, watchdog fires, the GRUB entries chosen, whether the
 recovery environment ran, whether the OS said it was healthy.
 
-A timeout is an outcome, not an exception: the report says ``timed_out`` and the run
+A timeout is an outcome, not an exception: the report's outcome is ``timed-out`` and the run
 directory is kept (console.log, qemu.stderr, events.jsonl, cmdline.txt, timeline.json,
 report.json) for a person to read. Errors that stop the run from happening at all
 (:class:`~recovery_lab.qemu.QemuMissing`, :class:`~recovery_lab.qemu.QemuFailedToStart`,
-a missing image) are raised.
+:class:`~recovery_lab.qemu.MachineConfigError` for a missing image) are raised.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .qemu import BootTimeout, MachineConfig, QemuExited, QemuVM
+from .qemu import BootTimeout, MachineConfig, MachineConfigError, QemuExited, QemuVM
 from .timeline import EntryKind, Timeline, build_timeline
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ class BootReport:
     pstore_records: list[str] = field(default_factory=list)
     shutdown_reason: str | None = None
     console_text: str = ""
-
-    @property
-    def timed_out(self) -> bool:
-        return self.outcome == "timed-out"
 
     @classmethod
     def from_timeline(cls, timeline: Timeline, **kw: Any) -> BootReport:
@@ -196,7 +193,7 @@ def boot_scenario(
     through its reboots and report. Synchronous; see :func:`follow_boot`."""
     image = Path(image_path)
     if not image.is_file():
-        raise FileNotFoundError(f"disk image {image} does not exist: build it with recovery-lab build")
+        raise MachineConfigError(f"disk image {image} does not exist: build it with recovery-lab build")
     fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
     config = MachineConfig(disk=image, disk_format=fmt, accel=accel, memory_mb=memory_mb)
     return asyncio.run(

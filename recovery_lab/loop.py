@@ -12,7 +12,9 @@
    ``--auto-approve``, else by a person with ``recovery-admin`` while it waits), the
    directive, the reboot, the healthy boot reported back.
 5. Read the disk the run left (quarantine, channel files, grubenv) and the server's records,
-   print the timeline with the time of each phase, and write a JSON report.
+   print the timeline with the time of each phase, and write a JSON report that lists every
+   way the run missed its expectation (a recovery, or with ``--fault`` what the fault
+   predicts: ``recovery_lab.faults``).
 
 The fix comes from the server's catalog of known fixes (``recovery_server.catalog``); a
 scenario with no known fix (``unknown``) shows the agent retrying, rebooting when its time is
@@ -31,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import web
 
+from recovery_agent.layout import BOOT_PROGRESS_LOG, CHANNEL_DIR, QUARANTINE_DIR
 from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
@@ -42,25 +45,32 @@ from recovery_server.app import make_app
 from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
+from .boot import BootReport, follow_boot
 from .build import build_image
+from .faults import FAULTS, TAMPER_DIRECTIVE, DirectiveTamperer, expectation_problems
 from .inspect import OS, DiskImage
-from .lab import BootReport, follow_boot
 from .qemu import Drive, MachineConfig
 from .seed import make_seed_disk
 from .timeline import EntryKind
 
-CHANNELS = "var/lib/sensor/channels"
+# Where the images mount the machine's disks before they run the agent (images/os/lib.sh,
+# images/recovery/init): the OS root and the ESP's grubenv.
+GUEST_OS_ROOT = "/mnt/os"
+GUEST_GRUBENV = "/mnt/esp/grub/grubenv"
+# The lab's own entry in a run's event list when the tampering proxy altered a directive.
+TAMPERED_EVENT = "lab.directive_tampered"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
 _PROGRESS = re.compile(
     r"QMR-(GRUB|HEALTH|RECOVERY-AGENT|AGENT|NEEDS|UNHEALTHY)|^\[agent \+|"
     r"^\[[ \d.]+\] (Kernel panic - not syncing|RIP: 0010|watchdog: BUG)"
 )
-QUARANTINE = "var/lib/recovery/quarantine"
 
 
 @dataclass
 class RunOptions:
+    """What to run (``recovery-lab run``'s options) and where its progress lines go."""
+
     scenario: str
     auto_approve: bool = False
     timeout_s: float = 900.0
@@ -72,13 +82,15 @@ class RunOptions:
     retry_interval_min: int = 5
     time_to_reboot_min: int = 90
     max_recovery_attempts: int = 3
-    # For tests: a man in the middle that rewrites every directive on its way to the VM.
-    tamper_directives: bool = False
+    # A fault to inject (recovery_lab.faults.FAULTS), or None for a plain recovery.
+    fault: str | None = None
     log: Callable[[str], None] = print
 
 
 @dataclass
 class Phase:
+    """One phase of the loop (failed boots, diagnostics, approval, ...) in run seconds."""
+
     name: str
     start: float
     end: float
@@ -89,6 +101,10 @@ class Phase:
 
 @dataclass
 class RunReport:
+    """What a run of the loop showed, and every way it missed what it should show
+    (``problems``: empty when the machine recovered, or, with a fault, when it ended the way
+    the fault predicts)."""
+
     scenario: str
     recovered: bool
     boots: int
@@ -101,6 +117,12 @@ class RunReport:
     disk: dict[str, Any] = field(default_factory=dict)
     boot: BootReport | None = None
     workdir: str = ""
+    fault: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def met_expectations(self) -> bool:
+        return not self.problems
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,6 +140,8 @@ class RunReport:
             "server_events": self.events,
             "vm": self.boot.to_json() if self.boot else None,
             "workdir": self.workdir,
+            "fault": self.fault,
+            "problems": self.problems,
         }
 
 
@@ -130,6 +154,7 @@ class _Lab:
         self.started = time.monotonic()
         self.seen: list[tuple[float, dict[str, Any]]] = []  # (seconds since start, event)
         self._last_seq = 0
+        self.tamperer: DirectiveTamperer | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -154,58 +179,20 @@ class _Lab:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = int(self.runner.addresses[0][1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.guest_port = self.port
-        if self.opts.tamper_directives:
-            await self._start_tampering_proxy()
+        if self.opts.fault == TAMPER_DIRECTIVE:
+            self.tamperer = DirectiveTamperer(self.url, on_tamper=self._tampered)
+            self.guest_port = await self.tamperer.start()
 
-    async def _start_tampering_proxy(self) -> None:
-        """Between the VM and the server: flips one byte of every directive's payload."""
-
-        async def forward(request: web.Request) -> web.Response:
-            async with ClientSession() as s:
-                headers = {
-                    k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")
-                }
-                async with s.request(
-                    request.method, self.url + request.path_qs, headers=headers, data=await request.read()
-                ) as r:
-                    body = await r.read()
-                    if request.path.endswith("/directive") and r.status == 200:
-                        answer = json.loads(body)
-                        if answer.get("status") == "directive":
-                            import base64
-
-                            payload = bytearray(base64.b64decode(answer["envelope"]["payload"]))
-                            i = payload.find(b"C-00000291")
-                            payload[i + 9] = ord("0") if payload[i + 9] != ord("0") else ord("1")
-                            answer["envelope"]["payload"] = base64.b64encode(bytes(payload)).decode()
-                            body = json.dumps(answer).encode()
-                            self.seen.append(
-                                (
-                                    self.now(),
-                                    {
-                                        "kind": "lab.directive_tampered",
-                                        "subject": "",
-                                        "actor": "proxy",
-                                        "detail": "",
-                                    },
-                                )
-                            )
-                    return web.Response(body=body, status=r.status, content_type="application/json")
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        self.proxy = web.AppRunner(app, access_log=None)
-        await self.proxy.setup()
-        site = web.TCPSite(self.proxy, "127.0.0.1", 0)
-        await site.start()
-        self.guest_port = site._server.sockets[0].getsockname()[1]
+    def _tampered(self) -> None:
+        event = {"kind": TAMPERED_EVENT, "subject": "", "actor": "proxy", "detail": ""}
+        self.seen.append((self.now(), event))
 
     async def stop(self) -> None:
-        if self.opts.tamper_directives:
-            await self.proxy.cleanup()
+        if self.tamperer is not None:
+            await self.tamperer.stop()
         await self.runner.cleanup()
         self.service.store.close()
 
@@ -278,6 +265,8 @@ def _short(detail: str) -> str:
 
 async def run_async(opts: RunOptions) -> RunReport:
     say = opts.log
+    if opts.fault is not None and opts.fault not in FAULTS:
+        raise ValueError(f"unknown fault {opts.fault!r}: use one of {', '.join(FAULTS)}")
     artifact = build_image(opts.scenario, log=say)
     work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{opts.scenario}-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -295,10 +284,10 @@ async def run_async(opts: RunOptions) -> RunReport:
             "server_url": f"http://10.0.2.100:{lab.guest_port}",
             "server_public_key": public_b64(lab.key.public),
             "device_key": "device.key",
-            "os_root": "/mnt/os",
-            "grubenv": "/mnt/esp/grub/grubenv",
+            "os_root": GUEST_OS_ROOT,
+            "grubenv": GUEST_GRUBENV,
             "pstore_dir": "/sys/fs/pstore",
-            "boot_progress": "/mnt/os/var/log/boot-progress.log",
+            "boot_progress": f"{GUEST_OS_ROOT}/{BOOT_PROGRESS_LOG}",
             "seconds_per_minute": opts.seconds_per_minute,
             "retry_interval_min": opts.retry_interval_min,
             "time_to_reboot_min": opts.time_to_reboot_min,
@@ -352,7 +341,10 @@ def _judge(
     lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, device_id: str, work: Path
 ) -> RunReport:
     svc = lab.service
-    t = lambda seconds: vm_started + seconds  # VM time -> run time
+
+    def t(seconds: float) -> float:  # VM time -> run time
+        return vm_started + seconds
+
     grub = boot.timeline.of_kind(EntryKind.GRUB_ENTRY)
     first_recovery = next((e for e in grub if e.data.get("entry") == "recovery"), None)
     phases: list[Phase] = []
@@ -399,13 +391,13 @@ def _judge(
         with DiskImage(overlays[0]) as d:
             env = d.grubenv()
             disk["grubenv"] = dict(env)
-            disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNELS))
+            disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNEL_DIR))
             disk["quarantine"] = {
-                folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE}/{folder}"))
-                for folder in d.ext4_listdir(OS, QUARANTINE)
+                folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE_DIR}/{folder}"))
+                for folder in d.ext4_listdir(OS, QUARANTINE_DIR)
             }
             manifests = {
-                folder: d.ext4_file(OS, f"{QUARANTINE}/{folder}/manifest.json")
+                folder: d.ext4_file(OS, f"{QUARANTINE_DIR}/{folder}/manifest.json")
                 for folder in disk["quarantine"]
             }
             disk["manifests"] = {k: json.loads(v) for k, v in manifests.items() if v}
@@ -425,6 +417,14 @@ def _judge(
         disk=disk,
         boot=boot,
         workdir=str(work),
+        fault=opts.fault,
+        problems=expectation_problems(
+            opts.fault,
+            recovered=recovered,
+            console_text=boot.console_text,
+            results=results,
+            tampered=sum(1 for _, e in lab.seen if e["kind"] == TAMPERED_EVENT),
+        ),
     )
     return report
 
@@ -433,7 +433,7 @@ def render(report: RunReport) -> str:
     lines = [
         "",
         f"Scenario {report.scenario}: {'RECOVERED' if report.recovered else 'not recovered'} "
-        f"({report.outcome}, {report.boots} boots)",
+        f"({report.outcome}, {report.boots} boots)" + (f", fault {report.fault}" if report.fault else ""),
     ]
     for p in report.phases:
         lines.append(f"  {p.name:<40} at {p.start:7.1f}s  took {p.end - p.start:6.1f}s")
@@ -452,6 +452,10 @@ def render(report: RunReport) -> str:
             f"  disk: boot_count={report.disk['grubenv'].get('boot_count')}, channel files "
             f"{report.disk['channel_files']}, quarantine {report.disk['quarantine']}"
         )
+    for problem in report.problems:
+        lines.append(f"  MISSED: {problem}")
+    if report.fault and report.met_expectations:
+        lines.append(f"  the run showed what fault {report.fault} predicts")
     lines.append(f"  everything is in {report.workdir}")
     return "\n".join(lines)
 

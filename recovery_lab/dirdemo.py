@@ -1,4 +1,5 @@
-"""The recovery loop on one machine, without a VM: ``recovery-lab demo``.
+"""``recovery-lab demo``: the recovery loop on this machine, with a directory standing in for
+the VM's disks.
 
 What runs is real: a ``recovery-server`` process on 127.0.0.1 with its SQLite store, the
 ``recovery-agent`` process with its own device key, ``recovery-admin`` commands by two people
@@ -6,14 +7,12 @@ What runs is real: a ``recovery-server`` process on 127.0.0.1 with its SQLite st
 like the broken machine's disks: the ESP with GRUB's 1024-byte ``grubenv`` after two failed
 boots, the OS root with the sensor's channel files (one of them the malformed 291 shape), and a
 pstore folder holding a kernel panic log captured from Debian's kernel crashing on that file
-under QEMU. The lab's ``run`` command replaces the directory with a booted image.
+under QEMU (``images/evidence/``). The lab's ``run`` command replaces the directory with a booted image.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,28 +24,30 @@ from pathlib import Path
 from typing import Any
 
 from recovery_agent.bootenv import BootEnv
+from recovery_agent.digest import sha256_file
+from recovery_agent.layout import CHANNEL_DIR, QUARANTINE_DIR
 
-from .build import BASE_CHANNELS, channel_file
+from .build.osroot import BASE_CHANNELS, channel_file
+from .checkout import EVIDENCE
+from .errors import LabError
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_PANIC_LOG = REPO / "tests/data/panic/channel-file-pstore.txt"
-CHANNELS = "var/lib/sensor/channels"
+# A real ramoops record of Debian's kernel crashing on the bad channel file (its provenance:
+# images/evidence/README.md).
+REAL_PANIC_LOG = EVIDENCE / "channel-file-pstore.txt"
 GOOD = ["C-00000291-00000000-00000031.sys", "C-00000290-00000000-00000007.sys"]
 BAD = "C-00000291-00000000-00000032.sys"
 DEVICE = "demo-host-0001"
 
 
-class DemoError(Exception):
-    """Raised when a step of the demo did not do what it should; names the step."""
+class DemoError(LabError):
+    """Raised when a step of the demo did not do what it should (a process did not start or
+    ended badly, no incident reached the server, a final check failed); names the step and
+    where its log is."""
 
 
 def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else name
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make_machine_dir(
@@ -60,36 +61,37 @@ def make_machine_dir(
     (m / "esp/grub").mkdir(parents=True)
     BootEnv.new({"boot_count": boot_count, "boot_limit": 2}).create(m / "esp/grub/grubenv")
     os_root = m / "os"
-    (os_root / CHANNELS).mkdir(parents=True)
+    (os_root / CHANNEL_DIR).mkdir(parents=True)
     (os_root / "etc").mkdir(parents=True, exist_ok=True)
     (os_root / "etc/os-release").write_text('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n')
     for name in GOOD:
-        (os_root / CHANNELS / name).write_bytes(channel_file(BASE_CHANNELS[name]))
+        (os_root / CHANNEL_DIR / name).write_bytes(channel_file(BASE_CHANNELS[name]))
     if bad_channel_file:
-        (os_root / CHANNELS / BAD).write_bytes(channel_file("channel:bad-291"))
+        (os_root / CHANNEL_DIR / BAD).write_bytes(channel_file("channel:bad-291"))
     (m / "pstore").mkdir()
     if panic_log is not None:
         if not panic_log.exists():
-            raise DemoError(f"{panic_log} is missing: run from a full checkout")
+            raise DemoError(f"{panic_log} is missing: run the lab from a full checkout of the repository")
         shutil.copy(panic_log, m / "pstore/dmesg-ramoops-0")
     return m
 
 
 @dataclass
 class Demo:
+    """One run of the demo in ``work``: the server's data, the machine directory, the logs."""
+
     work: Path
-    timeline: list[tuple[float, str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     verbose: bool = True
+    url: str = ""  # the server's, once it listens
 
     def say(self, who: str, text: str) -> None:
         t = time.monotonic() - self.started
-        self.timeline.append((t, who, text))
         if self.verbose:
             print(f"[+{t:6.2f}s] {who:<7} {text}", flush=True)
 
-    def run(self, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if check and p.returncode != 0:
             raise DemoError(
                 f"{' '.join(cmd[:3])}… failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}"
@@ -99,8 +101,6 @@ class Demo:
     def admin(self, token: str, *args: str) -> Any:
         p = self.run(_bin("recovery-admin"), "--server", self.url, "--token", token, "--json", *args)
         return json.loads(p.stdout)
-
-    # ---------------------------------------------------------------- the machine
 
     # ---------------------------------------------------------------- the story
 
@@ -120,6 +120,7 @@ class Demo:
         admin_token = (self.work / "admin.token").read_text().strip()
         port_file = self.work / "port"
         port_file.unlink(missing_ok=True)
+        server_log = open(self.work / "server.log", "w")
         server = subprocess.Popen(
             [
                 _bin("recovery-server"),
@@ -133,9 +134,9 @@ class Demo:
                 "--quiet",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.work / "server.log", "w"),
+            stderr=server_log,
         )
-        agent: subprocess.Popen | None = None
+        agent: subprocess.Popen[str] | None = None
         try:
             deadline = time.monotonic() + 20
             while not port_file.exists() or not port_file.read_text().strip():
@@ -152,8 +153,8 @@ class Demo:
 
             m = make_machine_dir(self.work / "machine")
             os_root = m / "os"
-            good_before = {n: sha256(os_root / CHANNELS / n) for n in GOOD}
-            bad_sha = sha256(os_root / CHANNELS / BAD)
+            good_before = {n: sha256_file(os_root / CHANNEL_DIR / n) for n in GOOD}
+            bad_sha = sha256_file(os_root / CHANNEL_DIR / BAD)
             settings = {
                 "device_id": DEVICE,
                 "server_url": self.url,
@@ -235,23 +236,26 @@ class Demo:
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
+            server_log.close()
 
-    def _follow_agent(self, agent: subprocess.Popen) -> None:
+    def _follow_agent(self, agent: subprocess.Popen[str]) -> None:
         """One reader for the agent's output: every line to agent.log, the timeline lines to
         the screen as they come."""
         with open(self.work / "agent.log", "w") as log:
+            assert agent.stdout is not None
             for line in agent.stdout:
                 log.write(line)
                 log.flush()
                 if line.startswith("[agent"):
                     self.say("agent", line.split("] ", 1)[1].rstrip())
 
-    def _wait_for_incident(self, token: str, agent: subprocess.Popen) -> dict[str, Any]:
+    def _wait_for_incident(self, token: str, agent: subprocess.Popen[str]) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             incidents = self.admin(token, "incidents")
             if incidents:
-                return incidents[0]
+                incident: dict[str, Any] = incidents[0]
+                return incident
             if agent.poll() is not None:
                 raise DemoError(f"the agent stopped before reporting: see {self.work / 'agent.log'}")
             time.sleep(0.3)
@@ -261,15 +265,15 @@ class Demo:
         self, token: str, m: Path, good_before: dict[str, str], bad_sha: str, incident: dict[str, Any]
     ) -> dict[str, Any]:
         os_root = m / "os"
-        quarantined = list((os_root / "var/lib/recovery/quarantine").glob("*/*"))
+        quarantined = list((os_root / QUARANTINE_DIR).glob("*/*"))
         manifests = [p for p in quarantined if p.name == "manifest.json"]
         files = [p for p in quarantined if p.name != "manifest.json"]
         checks = {
-            "bad channel file gone from the channel folder": not (os_root / CHANNELS / BAD).exists(),
-            "bad channel file in quarantine, same content": any(sha256(p) == bad_sha for p in files),
+            "bad channel file gone from the channel folder": not (os_root / CHANNEL_DIR / BAD).exists(),
+            "bad channel file in quarantine, same content": any(sha256_file(p) == bad_sha for p in files),
             "quarantine manifest written": bool(manifests) and BAD in manifests[0].read_text(),
             "good channel files untouched": all(
-                sha256(os_root / CHANNELS / n) == h for n, h in good_before.items()
+                sha256_file(os_root / CHANNEL_DIR / n) == h for n, h in good_before.items()
             ),
             "boot_count reset to 0": BootEnv.read(m / "esp/grub/grubenv").get("boot_count") == "0",
         }

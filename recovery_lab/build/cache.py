@@ -1,0 +1,95 @@
+"""The stage cache: each stage's output is a directory named by what went into it.
+
+A stage (``Cache.stage("kernel", inputs, build)``) writes its output into a directory
+``<stage>-<first 16 hex of sha256(inputs)>`` under the cache root, with an ``inputs.json``
+beside the output. Inputs are package versions, the sha256 of the recipe files a stage reads,
+the scenario file, and the source of the stage's own ``build`` function, so editing a stage
+rebuilds it. Same inputs: the stage prints ``cached`` and the directory is reused. A stage is
+built in ``<dir>.tmp`` and renamed when complete, so a failed build leaves no entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recovery_agent.digest import sha256_bytes, sha256_file
+
+from ..checkout import REPO
+from ..errors import LabError
+from ..tools import ToolError
+
+Log = Callable[[str], None]
+# What a stage's output depends on: JSON-able values (versions, hashes, names).
+Inputs = dict[str, Any]
+
+
+class BuildError(LabError):
+    """Raised when an image cannot be built: a stage failed (a tool failed, a file is
+    missing), the kernel packages cannot be resolved, or a module is missing from the kernel.
+    The message names the stage and the cause."""
+
+
+def default_cache_dir() -> Path:
+    """``$QMR_CACHE``, else ``.cache/qmr`` in the repository checkout (git-ignored)."""
+    env = os.environ.get("QMR_CACHE")
+    return Path(env) if env else REPO / ".cache" / "qmr"
+
+
+def cache_key(inputs: Inputs) -> str:
+    """The sha256 of a stage's inputs (a JSON-able dict), order independent."""
+    return sha256_bytes(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode())
+
+
+def files_hash(paths: Iterable[Path]) -> dict[str, str]:
+    """Recipe files as cache-key inputs: path in the checkout -> sha256."""
+    return {str(p.relative_to(REPO)): sha256_file(p) for p in sorted(paths)}
+
+
+def _code_hash(fn: Callable[[Path], None]) -> str:
+    try:
+        return sha256_bytes(inspect.getsource(fn).encode())
+    except (OSError, TypeError):
+        return "unknown"
+
+
+@dataclass
+class Cache:
+    """Stage outputs under ``root``, one directory per (stage, inputs)."""
+
+    root: Path
+    log: Log = print
+
+    def stage(self, name: str, inputs: Inputs, build: Callable[[Path], None], label: str = "") -> Path:
+        """The output directory of stage ``name`` for ``inputs``; ``build(tmpdir)`` fills it
+        if it is not in the cache yet. Raises :class:`BuildError` if ``build`` fails."""
+        inputs = {**inputs, "stage": name, "code": _code_hash(build)}
+        key = cache_key(inputs)
+        out = self.root / f"{name}-{key[:16]}"
+        what = f"[{name}{' ' + label if label else ''}]"
+        if (out / "inputs.json").exists():
+            self.log(f"{what} cached ({out.name})")
+            return out
+        tmp = self.root / f"{name}-{key[:16]}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        started = time.monotonic()
+        self.log(f"{what} building ...")
+        try:
+            build(tmp)
+        except (ToolError, OSError, ValueError) as exc:
+            raise BuildError(f"stage {name}: {exc}") from exc
+        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        self.log(f"{what} built in {time.monotonic() - started:.1f}s ({out.name})")
+        return out
