@@ -52,12 +52,38 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+def page_wait(driver):
+    """A wait that looks again when the page re-rendered under it: the dashboard redraws its
+    tables every 3 s, so an element found a moment ago may be gone (stale). Every read and click
+    of a table goes through ``wait.until`` and finds its element afresh. The bound is generous:
+    a busy machine renders slowly, and only a broken page should run into it."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(
+        driver, 90, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+    )
+
+
+def click(wait, By, *path: str) -> None:
+    """Find the element at the CSS/XPath ``path`` (each step within the last) and click it, again
+    if a redraw made it stale before the click landed."""
+
+    def go(d):
+        el = d
+        for step in path:
+            el = el.find_element(By.XPATH if step.startswith(".//") else By.CSS_SELECTOR, step)
+        el.click()
+        return True
+
+    wait.until(go)
+
+
 def drive(driver, url: str, token: str, shot: str, actions):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, 20)
+    wait = page_wait(driver)
     driver.get(url + "/")
     driver.execute_script("sessionStorage.clear()")
     driver.get(url + "/")
@@ -72,20 +98,19 @@ def drive(driver, url: str, token: str, shot: str, actions):
 
 
 @SQLITE_ONLY
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     ids = populate(fleet)
     token = fleet.service.create_user(fleet.admin, "bea", "approver").token
 
     def actions(driver, wait, By):
         seen = {
-            "who": driver.find_element(By.ID, "who").text,
-            "incident": driver.find_element(By.CSS_SELECTOR, "#incidents tr[data-id]").text,
-            "devices": len(driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]")),
-            "audit": driver.find_element(By.ID, "audit").text,
+            "who": wait.until(lambda d: d.find_element(By.ID, "who").text),
+            "incident": wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#incidents tr[data-id]").text),
+            "devices": wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]"))),
+            "audit": wait.until(lambda d: d.find_element(By.ID, "audit").text),
         }
-        row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
-        row.find_element(By.TAG_NAME, "button").click()
+        click(wait, By, f'#remediations tr[data-id="{ids["remediation"]}"]', "button")
         wait.until(lambda d: "Approve: done" in d.find_element(By.ID, "status").text)
         wait.until(
             lambda d: (
@@ -93,8 +118,7 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
                 in d.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]').text
             )
         )
-        ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
-        ro.find_element(By.XPATH, ".//button[text()='Pause']").click()
+        click(wait, By, f'.rollout[data-id="{ids["rollout"]}"]', ".//button[text()='Pause']")
         wait.until(lambda d: "Pause: done" in d.find_element(By.ID, "status").text)
         wait.until(
             lambda d: (
@@ -102,8 +126,7 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
             )
         )
         seen["paused"] = fleet.service.rollout(fleet.viewer, ids["rollout"]).state
-        ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
-        ro.find_element(By.XPATH, ".//button[text()='Resume']").click()
+        click(wait, By, f'.rollout[data-id="{ids["rollout"]}"]', ".//button[text()='Resume']")
         wait.until(lambda d: "Resume: done" in d.find_element(By.ID, "status").text)
         return seen
 
@@ -125,14 +148,13 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
 
 
 @SQLITE_ONLY
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 async def test_a_viewer_sees_but_cannot_approve(fleet, browser):
     ids = populate(fleet)
     token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
 
     def actions(driver, wait, By):
-        row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
-        row.find_element(By.TAG_NAME, "button").click()
+        click(wait, By, f'#remediations tr[data-id="{ids["remediation"]}"]', "button")
         wait.until(lambda d: "needs the approver role" in d.find_element(By.ID, "status").text)
         return driver.find_element(By.ID, "status").text
 
@@ -142,18 +164,17 @@ async def test_a_viewer_sees_but_cannot_approve(fleet, browser):
 
 
 @SQLITE_ONLY
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 async def test_a_bad_token_is_refused_on_the_page(fleet, browser):
     populate(fleet)
 
     def go():
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
 
         browser.get(fleet.url + "/")
         browser.find_element(By.ID, "token").send_keys("qmr_not-a-token")
         browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
-        WebDriverWait(browser, 20).until(lambda d: "not recognised" in d.find_element(By.ID, "status").text)
+        page_wait(browser).until(lambda d: "not recognised" in d.find_element(By.ID, "status").text)
         return browser.find_element(By.ID, "main").is_displayed()
 
     assert await asyncio.to_thread(go) is False
