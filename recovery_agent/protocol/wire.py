@@ -92,7 +92,8 @@ def check_relative_path(path: str) -> str:
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Nonce = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{22,128}$")]
-RelPath = Annotated[str, StringConstraints(max_length=1024), AfterValidator(check_relative_path)]
+PATH_MAX = 1024  # characters in a path relative to the OS root
+RelPath = Annotated[str, StringConstraints(max_length=PATH_MAX), AfterValidator(check_relative_path)]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Counter = Annotated[int, Field(ge=0, le=COUNTER_MAX)]
@@ -138,18 +139,28 @@ class CrashKind(str, Enum):
     INIT_DIED = "init_died"  # "Attempted to kill init!"
     UNKNOWN = "unknown"  # boots failed and nothing in the logs says why
     NONE = "none"  # nothing failed (test mode, or a healthy report)
+    AGENT_ERROR = "agent_error"  # the recovery agent itself failed; the title says where
+
+
+# The longest each field of a crash signature may be, in characters (the agent fits what its
+# parser found to these before it builds one).
+TITLE_MAX = 512
+FRAME_MAX = 256
+MODULE_MAX = 64
+SOURCE_MAX = 256
+EXCERPT_MAX = 16384
 
 
 class CrashSignature(WireModel):
     """What crashed, normalised so that the same bug on many machines gives the same ``id``."""
 
     kind: CrashKind
-    title: Annotated[str, StringConstraints(max_length=512)]
-    guilty_frame: Annotated[str, StringConstraints(max_length=256)] | None = None
-    guilty_module: Annotated[str, StringConstraints(max_length=64)] | None = None
-    channel_file: Annotated[str, StringConstraints(max_length=1024)] | None = None
-    source: Annotated[str, StringConstraints(max_length=256)] = ""
-    excerpt: Annotated[str, StringConstraints(max_length=16384)] = ""
+    title: Annotated[str, StringConstraints(max_length=TITLE_MAX)]
+    guilty_frame: Annotated[str, StringConstraints(max_length=FRAME_MAX)] | None = None
+    guilty_module: Annotated[str, StringConstraints(max_length=MODULE_MAX)] | None = None
+    channel_file: Annotated[str, StringConstraints(max_length=PATH_MAX)] | None = None
+    source: Annotated[str, StringConstraints(max_length=SOURCE_MAX)] = ""
+    excerpt: Annotated[str, StringConstraints(max_length=EXCERPT_MAX)] = ""
 
     @property
     def id(self) -> str:
@@ -190,6 +201,10 @@ class SystemInfo(WireModel):
     hostname: Annotated[str, StringConstraints(max_length=255)] = ""
 
 
+NOTE_MAX = 512  # characters in one note of a report
+NOTES_MAX = 64  # notes in one report
+
+
 class Diagnostics(SignedMessage):
     PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "diagnostics.v1+json"
 
@@ -207,6 +222,11 @@ class Diagnostics(SignedMessage):
     # Known-good driver versions kept on the OS disk, which restore_file can put back.
     driver_store: list[FileRecord] = Field(default=[], max_length=4096)
     recent_changes: list[FileRecord] = Field(default=[], max_length=256)
+    # What the agent cut or left out to stay within these limits, or could not do, one line
+    # each (e.g. "channel_files: 5000 found, 1000 listed (most recently changed first)").
+    notes: list[Annotated[str, StringConstraints(max_length=NOTE_MAX)]] = Field(
+        default=[], max_length=NOTES_MAX
+    )
 
 
 class DiagnosticsReceipt(WireModel):
