@@ -168,8 +168,8 @@ class Timeline:
         if self.sink:
             try:
                 self.sink(line)
-            except OSError:
-                pass  # a console gone away must not stop the loop
+            except (OSError, ValueError):
+                pass  # a console gone away, or one that cannot show a character, must not stop the loop
 
 
 class RecoveryAgent:
