@@ -2,9 +2,9 @@
 
 - ``quarantine_file``: the file at ``path``, if its sha256 (read through the open handle) is
   the directive's and it has no other hard link, is moved into the directive's quarantine.
-- ``restore_file``: the driver store's copy at ``source`` (checked by sha256, and hashed again
-  while it is copied) replaces ``path``, keeping the old file's mode and owner; the old file
-  goes to quarantine.
+- ``restore_file``: the driver store's copy at ``source`` (which must be in the driver store;
+  checked by sha256, and hashed again while it is copied) replaces ``path``, keeping the old
+  file's mode and owner; the old file, if it has no other hard link, goes to quarantine.
 - ``disable_driver``: ``etc/modprobe.d/recovery-disable-<module>.conf`` (``blacklist`` and
   ``install <module> /bin/false``) is written; a different file of that name goes to
   quarantine.
@@ -17,8 +17,10 @@ power loss. ``undo_step`` takes one step back; when the original name is taken a
 file stays in quarantine and the step says what blocks it.
 
 Files are never deleted: a file a step takes away goes to the directive's quarantine folder
-(``quarantine.Quarantine``). Every path is reached through ``osroot.OSRoot``. The order of
-the steps, the journal and the roll back are ``remediate``'s.
+(``quarantine.Quarantine``); the step's outcome lists what it moved (``StepOutcome.moved``) and
+an undo records its own moves in the journal step, so the journal holds what undo needs. Every
+path is reached through ``osroot.OSRoot``. The order of the steps, the journal and the roll
+back are ``remediate``'s.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Literal
 from .digest import CHUNK, sha256_fd
 from .errors import RemediationError
 from .journal import JournalStep, QuarantineEntry, check_directive_id
-from .layout import MODPROBE_DIR
+from .layout import DRIVER_STORE, MODPROBE_DIR
 from .osroot import (
     DEFAULT_FILE_MODE,
     SYSTEM_DIR_MODE,
@@ -47,7 +49,7 @@ from .osroot import (
     write_all,
     write_atomic,
 )
-from .protocol.wire import Action, DisableDriver, QuarantineFile, RestoreFile
+from .protocol.wire import Action, DisableDriver, QuarantineFile, RestoreFile, utcnow
 from .quarantine import Quarantine, slot_name, undone_slot_name
 
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # wire.ModuleName
@@ -99,6 +101,18 @@ def _tmp_name(directive_id: str, index: int) -> str:
     return f".recovery-{directive_id}-{index}.tmp"
 
 
+def _only_link(fd: int, relpath: str, doing: str) -> None:
+    """Refuse a file that has other hard links: taking one name away (quarantine, or replace
+    by a restore) would leave the same bad content loadable through the others."""
+    links = os.fstat(fd).st_nlink
+    if links > 1:
+        raise PathRejected(
+            f"{relpath} has {links} hard links: {doing} this name would leave the content "
+            f"reachable through the others; find them (find / -samefile) and quarantine every "
+            f"name in one remediation"
+        )
+
+
 # --------------------------------------------------------------------------- the steps
 
 
@@ -109,6 +123,8 @@ class StepOutcome:
     status: Literal["apply", "applied", "already_applied"]  # "apply": preflight says go
     detail: str
     creates: list[str] = field(default_factory=list)
+    # The quarantine entries of the files the step moved there (or found there, its own).
+    moved: list[QuarantineEntry] = field(default_factory=list)
 
 
 class DirectiveSteps:
@@ -133,24 +149,31 @@ class DirectiveSteps:
         """Check one step against the disk as it is now (``dry_run``: change nothing) or apply it;
         raise a ``RemediationError`` if it cannot be applied."""
         if isinstance(action, QuarantineFile):
-            return self._quarantine(index, action, dry_run=dry_run)
-        if isinstance(action, RestoreFile):
-            return self._restore(index, action, dry_run=dry_run)
-        if isinstance(action, DisableDriver):
-            return self._disable(index, action, dry_run=dry_run)
-        action_target(action)  # raises the "unknown action" error
-        raise AssertionError("unreachable")
+            outcome = self._quarantine(index, action, dry_run=dry_run)
+        elif isinstance(action, RestoreFile):
+            outcome = self._restore(index, action, dry_run=dry_run)
+        elif isinstance(action, DisableDriver):
+            outcome = self._disable(index, action, dry_run=dry_run)
+        else:
+            action_target(action)  # raises the "unknown action" error
+            raise AssertionError("unreachable")
+        notes = self.quarantine.take_notes()
+        if notes:
+            outcome.detail = "; ".join([outcome.detail, *notes])
+        return outcome
 
     def _quarantine(self, index: int, action: QuarantineFile, *, dry_run: bool) -> StepOutcome:
         with self.root.open_parent(action.path) as (dir_fd, name):
             slot = slot_name(index, name)
             held = self.quarantine.held_hash(slot)
             if held == action.sha256:
+                moved = []
                 if not dry_run:
-                    self.quarantine.ensure_recorded(slot, action.path, index, held, "quarantined")
+                    moved = [self.quarantine.ensure_recorded(slot, action.path, index, held, "quarantined")]
                 return StepOutcome(
                     "already_applied",
                     f"{action.path} is already quarantined as {self.quarantine.relpath}/{slot}",
+                    moved=moved,
                 )
             if held is not None:
                 raise RemediationError(
@@ -167,20 +190,25 @@ class DirectiveSteps:
                         "this device's file is not the one the remediation targets; leave it and "
                         "ask for a remediation matching the content in the diagnostics",
                     )
-                links = os.fstat(fd).st_nlink
-                if links > 1:
-                    # Moving one name would leave the same bad content loadable by the others.
-                    raise PathRejected(
-                        f"{action.path} has {links} hard links: quarantining this name would leave "
-                        f"the content reachable through the others; find them (find / -samefile) "
-                        f"and quarantine every name in one remediation"
-                    )
+                _only_link(fd, action.path, "quarantining")
                 if dry_run:
                     return StepOutcome("apply", f"will quarantine {action.path}")
-                self.quarantine.move_in(dir_fd, name, fd, actual, action.path, slot, index, "quarantined")
-        return StepOutcome("applied", f"moved {action.path} to {self.quarantine.relpath}/{slot}")
+                entry = self.quarantine.move_in(
+                    dir_fd, name, fd, actual, action.path, slot, index, "quarantined"
+                )
+        return StepOutcome(
+            "applied", f"moved {action.path} to {self.quarantine.relpath}/{slot}", moved=[entry]
+        )
 
     def _restore(self, index: int, action: RestoreFile, *, dry_run: bool) -> StepOutcome:
+        # The wire refuses any other source too; checked again where it is applied.
+        if not action.source.startswith(DRIVER_STORE + "/"):
+            raise PathRejected(
+                f"action {index}: restore_file source {action.source} is not in the driver store "
+                f"({DRIVER_STORE}): a restore puts back a kept driver version, never another "
+                f"file; fix the remediation"
+            )
+        moved: list[QuarantineEntry] = []
         with self.root.open_parent(action.path) as (dir_fd, name):
             slot = slot_name(index, name)
             tmp = _tmp_name(self.directive_id, index)
@@ -192,11 +220,17 @@ class DirectiveSteps:
                         if not dry_run:
                             remove_stale(dir_fd, tmp)
                             if held is not None:
-                                self.quarantine.ensure_recorded(slot, action.path, index, held, "replaced")
+                                moved.append(
+                                    self.quarantine.ensure_recorded(
+                                        slot, action.path, index, held, "replaced"
+                                    )
+                                )
                         return StepOutcome(
                             "already_applied",
                             f"{action.path} already has the driver store's content ({action.sha256[:12]}…)",
+                            moved=moved,
                         )
+                    _only_link(fd, action.path, "replacing")
                 if held is not None:
                     raise RemediationError(
                         f"{action.path} exists but its previous version is already in "
@@ -216,12 +250,13 @@ class DirectiveSteps:
                 if dry_run:
                     return StepOutcome("apply", f"will replace {action.path} with {action.source}")
                 if held is not None:
-                    self.quarantine.ensure_recorded(slot, action.path, index, held, "replaced")
-                self._install_copy(dir_fd, name, tmp, src, action, index, slot, current)
+                    moved.append(self.quarantine.ensure_recorded(slot, action.path, index, held, "replaced"))
+                moved += self._install_copy(dir_fd, name, tmp, src, action, index, slot, current)
         return StepOutcome(
             "applied",
             f"replaced {action.path} with {action.source}"
             + (f"; the previous file is {self.quarantine.relpath}/{slot}" if current else ""),
+            moved=moved,
         )
 
     def _install_copy(
@@ -234,17 +269,18 @@ class DirectiveSteps:
         index: int,
         slot: str,
         current: os.stat_result | None,
-    ) -> None:
+    ) -> list[QuarantineEntry]:
+        """Copy the store file in under ``tmp``, move the current file (if any) to quarantine,
+        rename the copy into place; the entries of what moved to quarantine."""
         # The new file takes the old one's mode and owner, so e.g. a root-only module stays so.
-        original: os.stat_result | QuarantineEntry | None = current
-        if original is None:
-            original = self.quarantine.entry(slot)  # an earlier attempt already moved it away
-        if isinstance(original, QuarantineEntry):
-            mode, uid, gid = original.mode, original.uid, original.gid
-        elif original is not None:
+        # If an earlier attempt already moved the old file away, the held file (a rename kept its
+        # metadata) says what they were.
+        original = current if current is not None else self.quarantine.held_stat(slot)
+        if original is not None:
             mode, uid, gid = stat.S_IMODE(original.st_mode), original.st_uid, original.st_gid
         else:
             mode, uid, gid = DEFAULT_FILE_MODE, -1, -1
+        moved: list[QuarantineEntry] = []
         remove_stale(dir_fd, tmp)
         out = create_new(dir_fd, tmp)
         try:
@@ -275,8 +311,10 @@ class DirectiveSteps:
                 os.close(out)
             if current is not None:
                 with self.root.open_file_in(dir_fd, name, action.path) as fd:
-                    self.quarantine.move_in(
-                        dir_fd, name, fd, sha256_fd(fd), action.path, slot, index, "replaced"
+                    moved.append(
+                        self.quarantine.move_in(
+                            dir_fd, name, fd, sha256_fd(fd), action.path, slot, index, "replaced"
+                        )
                     )
             if lstat_at(dir_fd, name) is not None:
                 raise RemediationError(
@@ -288,6 +326,7 @@ class DirectiveSteps:
             remove_stale(dir_fd, tmp)
             raise
         os.fsync(dir_fd)
+        return moved
 
     def _disable(self, index: int, action: DisableDriver, *, dry_run: bool) -> StepOutcome:
         relpath = action_target(action)
@@ -295,38 +334,58 @@ class DirectiveSteps:
         creates = self.root.missing_dirs(MODPROBE_DIR)
         if dry_run and creates:
             return StepOutcome("apply", f"will write {relpath}", creates=creates)
+        moved: list[QuarantineEntry] = []
         with self.root.open_dir(MODPROBE_DIR, create=not dry_run, mode=SYSTEM_DIR_MODE) as dir_fd:
             name = relpath.rsplit("/", 1)[1]
             slot = slot_name(index, name)
             if lstat_at(dir_fd, name) is not None:
                 with self.root.open_file_in(dir_fd, name, relpath) as fd:
-                    if read_fd(fd) == content:
+                    if read_fd(fd, len(content) + 1) == content:
                         if not dry_run:
                             held = self.quarantine.held_hash(slot)
                             if held is not None:
-                                self.quarantine.ensure_recorded(slot, relpath, index, held, "replaced")
-                        return StepOutcome("already_applied", f"{relpath} already disables {action.name}")
+                                moved.append(
+                                    self.quarantine.ensure_recorded(slot, relpath, index, held, "replaced")
+                                )
+                        return StepOutcome(
+                            "already_applied", f"{relpath} already disables {action.name}", moved=moved
+                        )
                     if dry_run:
                         return StepOutcome("apply", f"will replace {relpath}")
-                    self.quarantine.move_in(dir_fd, name, fd, sha256_fd(fd), relpath, slot, index, "replaced")
+                    moved.append(
+                        self.quarantine.move_in(
+                            dir_fd, name, fd, sha256_fd(fd), relpath, slot, index, "replaced"
+                        )
+                    )
             if dry_run:
                 return StepOutcome("apply", f"will write {relpath}")
             write_atomic(dir_fd, name, content, DEFAULT_FILE_MODE)
-        return StepOutcome("applied", f"wrote {relpath}: {action.name} will not load at boot")
+        return StepOutcome("applied", f"wrote {relpath}: {action.name} will not load at boot", moved=moved)
 
     # -- undo
 
     def undo_step(self, step: JournalStep) -> tuple[str, bool]:
         """Take one applied step back: ``(what was done, whether the step is now undone)``; a
-        step that cannot be undone yet says what blocks it."""
+        step that cannot be undone yet says what blocks it. What the undo moves is recorded in
+        ``step`` (its ``moved`` entries), for the caller to write to the journal."""
         action = step.action
         if isinstance(action, QuarantineFile):
-            return self._undo_quarantine(step.index, action)
-        if isinstance(action, RestoreFile):
-            return self._undo_restore(step.index, action)
-        if isinstance(action, DisableDriver):
-            return self._undo_disable(step.index, action, step.creates)
-        raise RemediationError(f"step {step.index}: unknown action {action!r}")
+            line, done = self._undo_quarantine(step, action)
+        elif isinstance(action, RestoreFile):
+            line, done = self._undo_restore(step, action)
+        elif isinstance(action, DisableDriver):
+            line, done = self._undo_disable(step, action)
+        else:
+            raise RemediationError(f"step {step.index}: unknown action {action!r}")
+        notes = self.quarantine.take_notes()
+        return "; ".join([line, *notes]), done
+
+    def _move_back(self, step: JournalStep, slot: str, dir_fd: int, name: str) -> None:
+        self.quarantine.move_back(slot, dir_fd, name)
+        now = utcnow()
+        for entry in step.moved:
+            if entry.stored_name == slot:
+                entry.restored_at = now
 
     def _blocked(self, index: int, slot: str, relpath: str) -> tuple[str, bool]:
         return (
@@ -335,17 +394,19 @@ class DirectiveSteps:
             False,
         )
 
-    def _undo_quarantine(self, index: int, action: QuarantineFile) -> tuple[str, bool]:
+    def _undo_quarantine(self, step: JournalStep, action: QuarantineFile) -> tuple[str, bool]:
+        index = step.index
         with self.root.open_parent(action.path) as (dir_fd, name):
             slot = slot_name(index, name)
             if not self.quarantine.holds(slot):
                 return f"step {index}: {action.path} was never moved; nothing to undo", True
             if lstat_at(dir_fd, name) is not None:
                 return self._blocked(index, slot, action.path)
-            self.quarantine.move_back(slot, dir_fd, name)
+            self._move_back(step, slot, dir_fd, name)
         return f"step {index}: moved {action.path} back from quarantine", True
 
-    def _undo_restore(self, index: int, action: RestoreFile) -> tuple[str, bool]:
+    def _undo_restore(self, step: JournalStep, action: RestoreFile) -> tuple[str, bool]:
+        index = step.index
         with self.root.open_parent(action.path) as (dir_fd, name):
             slot = slot_name(index, name)
             remove_stale(dir_fd, _tmp_name(self.directive_id, index))
@@ -359,18 +420,24 @@ class DirectiveSteps:
                             return self._blocked(index, slot, action.path)
                         return (f"step {index}: {action.path} was never replaced; nothing to undo", True)
                     # Our copy of the store file goes to quarantine too: nothing is ever deleted.
-                    self.quarantine.move_in(
-                        dir_fd, name, fd, digest, action.path, undone_slot_name(index, name), index, "undone"
+                    undone = undone_slot_name(index, name)
+                    step.keep(
+                        [
+                            self.quarantine.move_in(
+                                dir_fd, name, fd, digest, action.path, undone, index, "undone"
+                            )
+                        ]
                     )
                     moved_ours = True
             if held:
-                self.quarantine.move_back(slot, dir_fd, name)
+                self._move_back(step, slot, dir_fd, name)
                 return f"step {index}: put the previous {action.path} back", True
         if moved_ours:
             return (f"step {index}: moved the restored {action.path} aside (there was no file before)", True)
         return f"step {index}: {action.path} was never replaced; nothing to undo", True
 
-    def _undo_disable(self, index: int, action: DisableDriver, creates: list[str]) -> tuple[str, bool]:
+    def _undo_disable(self, step: JournalStep, action: DisableDriver) -> tuple[str, bool]:
+        index, creates = step.index, step.creates
         relpath = action_target(action)
         try:
             with self.root.open_dir(MODPROBE_DIR) as dir_fd:
@@ -379,7 +446,8 @@ class DirectiveSteps:
                 held = self.quarantine.holds(slot)
                 if lstat_at(dir_fd, name) is not None:
                     with self.root.open_file_in(dir_fd, name, relpath) as fd:
-                        ours = read_fd(fd) == modprobe_conf_content(action.name)
+                        content = modprobe_conf_content(action.name)
+                        ours = read_fd(fd, len(content) + 1) == content
                     if not ours:
                         if held:
                             return self._blocked(index, slot, relpath)
@@ -388,7 +456,7 @@ class DirectiveSteps:
                     os.unlink(name, dir_fd=dir_fd)
                     os.fsync(dir_fd)
                 if held:
-                    self.quarantine.move_back(slot, dir_fd, name)
+                    self._move_back(step, slot, dir_fd, name)
         except MissingFile:
             return f"step {index}: {MODPROBE_DIR} does not exist; nothing to undo", True
         for directory in reversed(creates):

@@ -15,8 +15,15 @@
 
 Without a fix the agent resets ``boot_count`` so the OS gets another try; after
 ``max_recovery_attempts`` visits it stops and says the machine needs a person (exit 12)
-instead of looping. The exit code (``Outcome``) tells the recovery environment's init what
-to do next.
+instead of looping. A grubenv it cannot read, or cannot save ``recovery_attempts`` to, means it
+cannot count its visits: it reports as usual, treats this visit as the last, and says why.
+The exit code (``Outcome``) tells the recovery environment's init what to do next.
+
+The agent is the last line of defence: whatever its evidence holds, the report is bounded and
+fitted to the wire (``detect``, ``inventory``, ``report``); and one handler around the loop
+turns any unexpected exception into an "agent error" report to the server (kind
+``agent_error``, the title naming the exception and where) and ``Outcome.ERROR``, so a bug
+never leaves a machine looping with nobody told.
 
 Back in the OS, once its health check passed, ``report_health`` resets the counters, reports
 the good boot naming the directive, confirms it and archives the crash records (``state``).
@@ -28,45 +35,38 @@ import enum
 import logging
 import secrets
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from datetime import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from . import __version__, inventory, state
-from .bootenv import BootEnv
+from .bootenv import BOOT_COUNT, RECOVERY_ATTEMPTS, BootEnv, BootEnvError
 from .clock import Clock, SystemClock
-from .detect import detect
+from .detect import examine
 from .errors import AgentError, RemediationError
 from .layout import LAST_DIRECTIVE
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
-from .protocol.envelope import (
-    EnvelopeError,
-    Verified,
-    canonical_json,
-    open_directive,
-    payload_sha256,
-    seal,
-    seal_bytes,
-)
+from .protocol.envelope import EnvelopeError, Verified, open_directive, payload_sha256, seal_bytes
 from .protocol.keys import SigningKey, key_id, public_from_b64
 from .protocol.wire import (
+    COUNTER_MAX,
+    EXCERPT_MAX,
     BootRecord,
     BootState,
     CrashKind,
     CrashSignature,
-    Diagnostics,
     DiagnosticsReceipt,
     Directive,
-    FileRecord,
     Health,
     Result,
     SystemInfo,
     utcnow,
 )
 from .remediate import apply_directive, recover_journals
+from .report import Findings, fit_signature, seal_within, wire_text
 from .settings import AgentSettings
 
 log = logging.getLogger("recovery_agent")
@@ -76,7 +76,10 @@ _BOOT_OUTCOME: dict[CrashKind, Literal["crashed", "hung", "healthy", "unknown"]]
     CrashKind.HANG: "hung",
     CrashKind.UNKNOWN: "unknown",
     CrashKind.NONE: "unknown",
+    CrashKind.AGENT_ERROR: "unknown",
 }
+# Boot records kept in a report: the last boots; a boot_count of millions is one number.
+HISTORY_LIMIT = 16
 
 
 class Outcome(enum.IntEnum):
@@ -98,57 +101,56 @@ class Outcome(enum.IntEnum):
 
 _OUTCOME_MEANINGS = {
     Outcome.REMEDIATED: "fix applied: reboot into the OS",
-    Outcome.ERROR: "the agent itself failed (settings, key, disk): reboot into the OS",
+    Outcome.ERROR: "the agent itself failed (settings, key, disk, a bug; reported if it could be): reboot",
     Outcome.NO_REMEDIATION: "no fix arrived in time: reboot and let the OS try again",
     Outcome.CLOUD_DISABLED: "cloud remediation is off: reboot",
-    Outcome.NEEDS_MANUAL: "out of attempts: stay here, a person must look",
+    Outcome.NEEDS_MANUAL: "out of attempts, or grubenv cannot keep the count: stay here, a person must look",
     Outcome.REMEDIATION_FAILED: "a fix arrived but could not be applied (nothing changed): reboot",
 }
 
 
 @dataclass(frozen=True)
-class Findings:
-    """What the detect and collect steps found: the diagnostics but for the nonces and the
-    time, which only the report step knows."""
+class BootCount:
+    """What the count step found in grubenv, and whether it could keep this visit's count."""
 
-    device_id: str
-    agent_version: str
-    boot: BootState
-    crash: CrashSignature
-    system: SystemInfo
-    drivers: list[FileRecord]
-    channel_files: list[FileRecord]
-    driver_store: list[FileRecord]
-    recent_changes: list[FileRecord]
+    boot_count: int
+    attempts: int  # recovery_attempts, this visit included
+    # recovery_attempts was saved: else the agent cannot bound its visits and this one is the
+    # last (attempts is then max_recovery_attempts).
+    kept: bool = True
+    notes: list[str] = field(default_factory=list)
 
-    def diagnostics(self, *, server_nonce: str, agent_nonce: str, created_at: datetime) -> Diagnostics:
-        return Diagnostics(
-            server_nonce=server_nonce,
-            agent_nonce=agent_nonce,
-            created_at=created_at,
-            device_id=self.device_id,
-            agent_version=self.agent_version,
-            boot=self.boot,
-            crash=self.crash,
-            system=self.system,
-            drivers=self.drivers,
-            channel_files=self.channel_files,
-            driver_store=self.driver_store,
-            recent_changes=self.recent_changes,
+
+def boot_history(boot_count: int, crash: CrashSignature) -> tuple[list[BootRecord], list[str]]:
+    """Records of the last ``HISTORY_LIMIT`` boots GRUB counted, and a note if there were more."""
+    outcome = _BOOT_OUTCOME.get(crash.kind, "crashed")
+    boots = max(boot_count, 1)
+    first = max(0, boots - HISTORY_LIMIT)
+    history = [BootRecord(index=i, outcome=outcome, detail=crash.title[:512]) for i in range(first, boots)]
+    notes = (
+        [f"boot history: {boot_count} failed boots counted, the last {HISTORY_LIMIT} listed"] if first else []
+    )
+    return history, notes
+
+
+def agent_error_signature(exc: BaseException) -> CrashSignature:
+    """The crash signature of the agent's own failure: ``agent error: <type> in <file>:<function>``
+    (the innermost frame of the agent's code, no line number, so that one bug on many machines
+    is one incident), the traceback as the excerpt."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "recovery_agent" in Path(f.filename).parts]
+    where = (ours or frames)[-1] if frames else None
+    at = f" in {Path(where.filename).name}:{where.name}" if where is not None else ""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    signature, _ = fit_signature(
+        SimpleNamespace(
+            kind=CrashKind.AGENT_ERROR,
+            title=f"agent error: {type(exc).__name__}{at}",
+            source=f"recovery-agent {__version__}",
+            excerpt=text[-EXCERPT_MAX:],
         )
-
-    def as_json(self) -> dict[str, Any]:
-        """The findings as JSON values (what ``recovery-agent inspect`` prints)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, BaseModel):
-                out[f.name] = value.model_dump(mode="json")
-            elif isinstance(value, list):
-                out[f.name] = [v.model_dump(mode="json") for v in value]
-            else:
-                out[f.name] = value
-        return out
+    )
+    return signature
 
 
 @dataclass
@@ -164,7 +166,10 @@ class Timeline:
         line = f"[agent +{t:7.2f}s] {phase:<9} {text}"
         log.info(line)
         if self.sink:
-            self.sink(line)
+            try:
+                self.sink(line)
+            except (OSError, ValueError):
+                pass  # a console gone away, or one that cannot show a character, must not stop the loop
 
 
 class RecoveryAgent:
@@ -184,22 +189,39 @@ class RecoveryAgent:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> Outcome:
-        s, tl = self.s, self.timeline
-        for line in recover_journals(s.os_root):
-            tl.add("settle", line)
+        """The recovery loop; any unexpected exception in it is reported as an agent error
+        (``report_agent_error``) and ends in ``Outcome.ERROR``."""
+        self._count: BootCount | None = None
+        self._deadline: float | None = None
+        self._started = self.clock.monotonic()
+        try:
+            return await self._loop()
+        except Exception as exc:  # the last line of defence: see the module docstring
+            return await self.report_agent_error(exc)
 
-        env = BootEnv.read(s.grubenv)
-        attempts = env.recovery_attempts + 1
-        env.set("recovery_attempts", str(attempts))
-        env.write(s.grubenv)
-        boot_count = env.boot_count
+    async def _loop(self) -> Outcome:
+        s, tl = self.s, self.timeline
+        settled: list[str] = []
+        try:
+            for line in recover_journals(s.os_root):
+                tl.add("settle", line)
+        except (AgentError, OSError) as exc:
+            # Reported, not fatal: the crash is still worth reporting, and no fix will be
+            # applied on top of an unsettled journal (apply_directive refuses).
+            tl.add("settle", f"could not settle interrupted remediations: {exc}")
+            settled.append(f"could not settle interrupted remediations: {exc}")
+
+        count = self._count = self.read_boot_count(count_visit=True)
         tl.add(
             "detect",
-            f"boot_count={boot_count} (limit {s.boot_limit}), recovery attempt "
-            f"{attempts} of {s.max_recovery_attempts}",
+            f"boot_count={count.boot_count} (limit {s.boot_limit}), recovery attempt "
+            f"{count.attempts} of {s.max_recovery_attempts}"
+            + ("" if count.kept else " (this visit could not be counted: the last one)"),
         )
+        for note in count.notes:
+            tl.add("detect", note)
 
-        findings = self.collect(boot_count, attempts)
+        findings = self.collect(count, notes=settled)
         crash = findings.crash
         tl.add(
             "detect",
@@ -210,10 +232,11 @@ class RecoveryAgent:
 
         if not s.cloud_remediation:
             tl.add("done", "cloud remediation is off: rebooting to try the OS again")
-            self._reset_boot_count()
+            if not self._reset_boot_count():
+                return Outcome.NEEDS_MANUAL
             return Outcome.CLOUD_DISABLED
 
-        deadline = self.clock.monotonic() + s.time_to_reboot_s
+        deadline = self._deadline = self.clock.monotonic() + s.time_to_reboot_s
         async with DeviceClient(s.server_url) as client:
             sent = await self.report(client, findings, deadline)
             if sent is not None:
@@ -222,57 +245,139 @@ class RecoveryAgent:
                 if outcome is not None:
                     return outcome
 
-        if attempts >= s.max_recovery_attempts:
+        if count.attempts >= s.max_recovery_attempts:
+            why = "" if count.kept else " (grubenv cannot keep the count of attempts: rebuild it)"
             tl.add(
                 "done",
-                f"no remediation after {attempts} recovery attempts: this machine "
+                f"no remediation after {count.attempts} recovery attempts{why}: this machine "
                 "needs manual recovery; not rebooting into the failing OS again",
             )
             return Outcome.NEEDS_MANUAL
         tl.add("done", "no remediation before the time to reboot: rebooting to try the OS again")
-        self._reset_boot_count()
+        if not self._reset_boot_count():
+            return Outcome.NEEDS_MANUAL
         return Outcome.NO_REMEDIATION
 
-    def collect(self, boot_count: int, attempts: int) -> Findings:
-        """The detect and collect steps: what the diagnostics will say."""
+    def read_boot_count(self, *, count_visit: bool) -> BootCount:
+        """The count step: grubenv's ``boot_count`` and, with ``count_visit``, this visit
+        added to ``recovery_attempts`` and saved. Never raises: a grubenv that cannot be read
+        or written makes this visit the last, and says why."""
         s = self.s
-        crash = detect(
+        last = s.max_recovery_attempts
+        try:
+            env = BootEnv.read(s.grubenv)
+        except (BootEnvError, OSError) as exc:
+            return BootCount(
+                boot_count=s.boot_limit,
+                attempts=last,
+                kept=False,
+                notes=[
+                    f"grubenv cannot be read ({exc}): boot_count taken as {s.boot_limit} (GRUB "
+                    f"starts recovery when it cannot keep its count); this recovery attempt is the "
+                    f"last: without a fix the machine waits for a person"
+                ],
+            )
+        notes = [
+            f"grubenv {name} is over {COUNTER_MAX}: read as {COUNTER_MAX}"
+            for name in (BOOT_COUNT, RECOVERY_ATTEMPTS)
+            if env.clamped(name)
+        ]
+        if not count_visit:
+            return BootCount(env.boot_count, env.recovery_attempts, notes=notes)
+        attempts = min(env.recovery_attempts + 1, COUNTER_MAX)
+        env.set(RECOVERY_ATTEMPTS, attempts)
+        try:
+            env.write(s.grubenv)
+        except (BootEnvError, OSError) as exc:
+            notes.append(
+                f"recovery_attempts could not be saved in grubenv ({exc}): the agent cannot count "
+                f"its visits, so this recovery attempt is the last: without a fix the machine waits "
+                f"for a person"
+            )
+            return BootCount(env.boot_count, max(attempts, last), kept=False, notes=notes)
+        return BootCount(env.boot_count, attempts, notes=notes)
+
+    def collect(self, count: BootCount, *, notes: list[str] | None = None) -> Findings:
+        """The detect and collect steps: what the diagnostics will say. Every cut and every
+        part that could not be read is a note."""
+        s = self.s
+        detection = examine(
             s.pstore_dir,
             s.boot_log,
-            boot_count=boot_count,
+            boot_count=count.boot_count,
             boot_limit=s.boot_limit,
             boot_progress=s.boot_progress,
         )
-        outcome = _BOOT_OUTCOME.get(crash.kind, "crashed")
-        history = [
-            BootRecord(index=i, outcome=outcome, detail=crash.title[:512]) for i in range(max(boot_count, 1))
-        ]
+        crash = detection.crash
+        history, history_notes = boot_history(count.boot_count, crash)
         try:
-            channel_files = inventory.collect_channel_files(s.os_root)
-            drivers = inventory.collect_drivers(s.os_root)
-            driver_store = inventory.collect_driver_store(s.os_root)
-            system = inventory.collect_system(s.os_root)
+            inv = inventory.collect(s.os_root, channel_file=crash.channel_file, module=crash.guilty_module)
         except inventory.InventoryError as exc:
             # Report the crash anyway: the server can still cluster it and a person can look.
             self.timeline.add("collect", f"no inventory: {exc}")
-            channel_files, drivers, driver_store, system = [], [], [], SystemInfo()
+            inv = inventory.Inventory(SystemInfo(), [], [], [], [f"no inventory: {exc}"])
         return Findings(
             device_id=s.device_id,
             agent_version=__version__,
             boot=BootState(
-                boot_count=boot_count,
+                boot_count=count.boot_count,
                 boot_limit=s.boot_limit,
-                recovery_attempts=attempts,
+                recovery_attempts=count.attempts,
                 max_recovery_attempts=s.max_recovery_attempts,
                 history=history,
             ),
             crash=crash,
-            system=system,
-            drivers=drivers,
-            channel_files=channel_files,
-            driver_store=driver_store,
-            recent_changes=inventory.recent_changes([*drivers, *channel_files]),
+            system=inv.system,
+            drivers=inv.drivers,
+            channel_files=inv.channel_files,
+            driver_store=inv.driver_store,
+            recent_changes=inventory.recent_changes([*inv.drivers, *inv.channel_files]),
+            notes=[*(notes or []), *count.notes, *detection.notes, *history_notes, *inv.notes],
         )
+
+    async def report_agent_error(self, exc: Exception) -> Outcome:
+        """The agent itself failed: say so on the console and, cloud remediation allowed, to the
+        server (diagnostics whose crash is the agent error, with what is known of the boots),
+        then ``Outcome.ERROR``. Nothing raised here escapes."""
+        s, tl = self.s, self.timeline
+        try:
+            crash = agent_error_signature(exc)
+            tl.add("error", f"{crash.title}: {wire_text(exc, 300)}")
+            log.error("the recovery agent failed", exc_info=exc)
+            if not s.cloud_remediation:
+                return Outcome.ERROR
+            count = self._count or self.read_boot_count(count_visit=False)
+            findings = Findings(
+                device_id=s.device_id,
+                agent_version=__version__,
+                boot=BootState(
+                    boot_count=count.boot_count,
+                    boot_limit=s.boot_limit,
+                    recovery_attempts=count.attempts,
+                    max_recovery_attempts=s.max_recovery_attempts,
+                ),
+                crash=crash,
+                system=SystemInfo(),
+                drivers=[],
+                channel_files=[],
+                driver_store=[],
+                recent_changes=[],
+                notes=[
+                    *count.notes,
+                    f"the recovery agent failed ({type(exc).__name__}: {wire_text(exc, 300)}); "
+                    "the crash evidence was not reported",
+                ],
+            )
+            deadline = self._deadline or self._started + s.time_to_reboot_s
+            deadline = max(deadline, self.clock.monotonic() + 1)  # at least one try
+            async with DeviceClient(s.server_url) as client:
+                await self.report(client, findings, deadline)
+        except Exception as again:
+            tl.add(
+                "error",
+                f"the agent error could not be reported: {type(again).__name__}: {wire_text(again, 300)}",
+            )
+        return Outcome.ERROR
 
     async def report(
         self, client: DeviceClient, findings: Findings, deadline: float
@@ -286,8 +391,8 @@ class RecoveryAgent:
                 diagnostics = findings.diagnostics(
                     server_nonce=challenge.nonce, agent_nonce=self.agent_nonce, created_at=utcnow()
                 )
-                sealed = seal(diagnostics, self.key)
-                receipt = await client.send_diagnostics(canonical_json(sealed))
+                sealed = seal_within(diagnostics, self.key)
+                receipt = await client.send_diagnostics(sealed.body)
             except ServerUnreachable as exc:
                 tl.add("report", f"{exc}; trying again in {self.s.retry_interval_s:.0f}s")
                 await self.clock.sleep(
@@ -298,7 +403,7 @@ class RecoveryAgent:
                 tl.add("report", f"the server refused the diagnostics: {exc.message}")
                 return None
             # Bind directives to what this agent sent, not to what the server says it got.
-            payload_sha = payload_sha256(sealed)
+            payload_sha = payload_sha256(sealed.envelope)
             if receipt.diagnostics_sha256 != payload_sha:
                 tl.add(
                     "report",
@@ -389,8 +494,9 @@ class RecoveryAgent:
             return Outcome.REMEDIATION_FAILED
         for r in results:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
-        self._reset_boot_count()
-        tl.add("apply", "boot_count reset to 0")
+        reset = self._reset_boot_count()
+        if reset:
+            tl.add("apply", "boot_count reset to 0")
         try:
             state.record_applied(self.s.os_root, d.directive_id)
         except (AgentError, OSError) as exc:
@@ -403,10 +509,16 @@ class RecoveryAgent:
                 directive_id=d.directive_id,
                 outcome="applied",
                 actions=results,
-                boot_count_reset=True,
+                boot_count_reset=reset,
                 created_at=utcnow(),
             ),
         )
+        if not reset:
+            # GRUB would start recovery again at once: the fix stays, a person repairs grubenv.
+            tl.add(
+                "done", "remediation applied, but boot_count could not be reset: a person must repair grubenv"
+            )
+            return Outcome.NEEDS_MANUAL
         tl.add("done", "remediation applied: rebooting into the OS")
         return Outcome.REMEDIATED
 
@@ -420,8 +532,15 @@ class RecoveryAgent:
 
     # ------------------------------------------------------------------ state
 
-    def _reset_boot_count(self) -> None:
-        BootEnv.read(self.s.grubenv).reset_boot_count(self.s.grubenv)
+    def _reset_boot_count(self) -> bool:
+        """Set grubenv's ``boot_count`` to 0, so the next boot tries the OS; False (and said)
+        if grubenv cannot be read or written."""
+        try:
+            BootEnv.read(self.s.grubenv).reset_boot_count(self.s.grubenv)
+        except (BootEnvError, OSError) as exc:
+            self.timeline.add("done", f"could not reset boot_count: {exc}")
+            return False
+        return True
 
 
 async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict[str, Any]:
@@ -430,8 +549,9 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
     the crash records (``state``). Trouble with the agent's state files on the OS disk is
     logged, not raised: the good boot is reported all the same."""
     env = BootEnv.read(settings.grubenv)
-    env.set("boot_count", "0")
-    env.set("recovery_attempts", "0")
+    env.set(BOOT_COUNT, "0")
+    if RECOVERY_ATTEMPTS in env:  # unset means 0; adding it could overflow a full block
+        env.set(RECOVERY_ATTEMPTS, "0")
     env.write(settings.grubenv)
     try:
         directive_id = state.last_directive(settings.os_root)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AgentError
+from .protocol.wire import COUNTER_MAX
 
 ENVBLK_SIZE = 1024
 ENVBLK_SIGNATURE = b"# GRUB Environment Block\n"
@@ -205,11 +206,22 @@ class BootEnv(Mapping[str, str]):
 
     def _int(self, name: str, default: int) -> int:
         value = self.get(name, "")
-        return int(value) if _NUMBER_RE.match(value) else default
+        if not _NUMBER_RE.match(value):
+            return default
+        # A damaged block may hold any digits: a counter is at most COUNTER_MAX (and int() of
+        # thousands of digits is refused by Python itself).
+        return COUNTER_MAX if self.clamped(name) else int(value)
+
+    def clamped(self, name: str) -> bool:
+        """Whether ``name`` holds a number over ``COUNTER_MAX``, which reads as COUNTER_MAX."""
+        value = self.get(name, "").strip()
+        digits = value.lstrip("0")
+        return value.isascii() and value.isdigit() and (len(digits) > 10 or int(digits or "0") > COUNTER_MAX)
 
     @property
     def boot_count(self) -> int:
-        """Failed boots since the last good one; 0 if unset or not a number."""
+        """Failed boots since the last good one; 0 if unset or not a number, at most
+        ``COUNTER_MAX``."""
         return self._int(BOOT_COUNT, 0)
 
     @property

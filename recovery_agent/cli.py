@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from . import __version__, state
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
-from .bootenv import BootEnv, BootEnvError
+from .bootenv import BootEnvError
 from .errors import AgentError
 from .journal import JournalError
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
@@ -153,8 +153,7 @@ def _boot_id() -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     s = AgentSettings.load(args.config)
     agent = RecoveryAgent(s)
-    env = BootEnv.read(s.grubenv)
-    findings = agent.collect(env.boot_count, 0)
+    findings = agent.collect(agent.read_boot_count(count_visit=False))
     print(json.dumps(findings.as_json(), indent=2))
     return EXIT_OK
 
@@ -252,13 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.fn(args)
         return code
-    except (AgentError, ProtocolError, OSError) as exc:
+    except Exception as exc:
+        if args.fn is cmd_run:
+            # The recovery environment's init knows only the outcomes: any failure is ERROR
+            # (the loop itself reports its own failures; this is before or after it).
+            if args.verbose or not isinstance(exc, (AgentError, ProtocolError, OSError)):
+                traceback.print_exc()
+            print(f"recovery-agent: {exc}", file=sys.stderr)
+            return int(Outcome.ERROR)
+        if not isinstance(exc, (AgentError, ProtocolError, OSError)):
+            raise
         if args.verbose:
             traceback.print_exc()
         print(f"recovery-agent: {exc}", file=sys.stderr)
-        if args.fn is cmd_run:
-            # The recovery environment's init knows only the outcomes: any failure is ERROR.
-            return int(Outcome.ERROR)
         if isinstance(exc, ServerUnreachable):
             return EXIT_UNREACHABLE
         return EXIT_REFUSED if isinstance(exc, _REFUSALS) else EXIT_FAILED

@@ -13,6 +13,19 @@ The OS root is untrusted and may be damaged: symlinks are never followed (a link
 at the recovery environment's own files), only regular files are read, and a file that cannot
 be read is left out with a warning rather than stopping the report. Merged-/usr systems, where
 ``lib`` is a symlink to ``usr/lib``, are handled by looking in ``usr/lib`` directly.
+
+Whatever the tree holds, the listing is bounded (docs/recovery-loop.md, "The limits of a
+report"), and what was left out is said in the notes the caller passes (``notes``):
+
+- at most ``FILES_PER_KIND`` files of each kind are listed: the files the crash names first,
+  then the most recently changed ("channel_files: 5000 found, 1000 listed (...)");
+- at most ``DIR_ENTRIES_LIMIT`` entries of one directory are looked at, and driver folders
+  ``WALK_DEPTH_LIMIT`` levels deep;
+- a file over ``HASH_SIZE_LIMIT`` bytes is not hashed, so not listed;
+- a name that is not UTF-8, or a path over ``wire.PATH_MAX`` characters, cannot be named in a
+  remediation: it is left out, and counted.
+
+``collect`` gathers the whole inventory for a report in one call.
 """
 
 from __future__ import annotations
@@ -22,16 +35,23 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .digest import sha256_fd
 from .errors import AgentError
 from .layout import CHANNEL_DIR, DRIVER_STORE, DRIVER_SUBDIRS, HOSTNAME_FILE, MODULES_DIRS, OS_RELEASE_FILES
-from .protocol.wire import FileRecord, SystemInfo
+from .protocol.wire import PATH_MAX, FileRecord, PathRuleError, SystemInfo, check_relative_path
+from .report import wire_text
 
 log = logging.getLogger(__name__)
+
+FILES_PER_KIND = 1000  # files listed per kind (drivers, channel files, driver store)
+DIR_ENTRIES_LIMIT = 100_000  # entries looked at in one directory
+WALK_DEPTH_LIMIT = 8  # directories below lib/modules/<kver>/{extra,updates}
+HASH_SIZE_LIMIT = 256 * 1024 * 1024  # larger files are not hashed (and so not listed)
 
 CHANNEL_FILE_RE = re.compile(r"^C-.*\.sys$")
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -75,29 +95,58 @@ def _real_dir(root: Path, rel: str) -> Path | None:
     return path
 
 
-def _scandir(path: Path) -> list[os.DirEntry[str]]:
+def _scandir(path: Path, notes: list[str] | None = None) -> list[os.DirEntry[str]]:
+    """The entries of ``path`` by name, at most ``DIR_ENTRIES_LIMIT`` of them."""
+    entries: list[os.DirEntry[str]] = []
     try:
         with os.scandir(path) as it:
-            return sorted(it, key=lambda e: e.name)
+            for entry in it:
+                if len(entries) >= DIR_ENTRIES_LIMIT:
+                    _note(notes, f"{path}: more than {DIR_ENTRIES_LIMIT} entries; the rest not looked at")
+                    break
+                entries.append(entry)
     except OSError as e:
         log.warning("cannot list %s: %s", path, e.strerror)
-        return []
+    return sorted(entries, key=lambda e: e.name)
 
 
-def _subdirs(path: Path) -> list[os.DirEntry[str]]:
-    return [e for e in _scandir(path) if e.is_dir(follow_symlinks=False)]
+def _note(notes: list[str] | None, text: str) -> None:
+    log.warning("%s", text)
+    if notes is not None:
+        notes.append(wire_text(text, 512))
 
 
-def _walk_files(path: Path) -> Iterator[os.DirEntry[str]]:
-    """Regular files under ``path``, recursively, without following symlinks."""
-    for entry in _scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk_files(Path(entry.path))
-        elif entry.is_file(follow_symlinks=False):
-            yield entry
+def _subdirs(path: Path, notes: list[str] | None = None) -> list[os.DirEntry[str]]:
+    return [e for e in _scandir(path, notes) if e.is_dir(follow_symlinks=False)]
+
+
+def _walk_files(path: Path, notes: list[str] | None = None) -> list[os.DirEntry[str]]:
+    """Regular files under ``path``, at most ``WALK_DEPTH_LIMIT`` directories deep, without
+    following symlinks; in the order of a depth-first walk by name."""
+    found: list[os.DirEntry[str]] = []
+    stack: list[tuple[Path, int]] = [(path, 0)]
+    too_deep = 0
+    while stack:
+        directory, depth = stack.pop()
+        subdirs: list[Path] = []
+        for entry in _scandir(directory, notes):
+            if entry.is_dir(follow_symlinks=False):
+                if depth < WALK_DEPTH_LIMIT:
+                    subdirs.append(Path(entry.path))
+                else:
+                    too_deep += 1
+            elif entry.is_file(follow_symlinks=False):
+                found.append(entry)
+        stack.extend((d, depth + 1) for d in reversed(subdirs))
+    if too_deep:
+        _note(notes, f"{path}: {too_deep} folders deeper than {WALK_DEPTH_LIMIT} levels not looked at")
+    return found
 
 
 def _rel(root: Path, path: str | Path) -> str:
+    text, base = str(path), str(root).rstrip("/") + "/"
+    if text.startswith(base):  # the usual case, without pathlib's cost per file
+        return text[len(base) :]
     return Path(path).relative_to(root).as_posix()
 
 
@@ -217,6 +266,7 @@ def _modules_root(root: Path) -> Path | None:
 
 
 def _read_small(path: Path, limit: int = 64 * 1024) -> str | None:
+    """The start of the regular file at ``path`` (never a symlink, a FIFO or a device)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -244,7 +294,7 @@ def _os_release(root: Path) -> str:
             v for v in (values.get("NAME"), values.get("VERSION")) if v
         )
         if name:
-            return name[:256]
+            return wire_text(name, 256)
     return ""
 
 
@@ -258,7 +308,7 @@ def kernel_version(os_root: Path) -> str:
         with_extra = [k for k in kvers if _real_dir(modules, f"{k}/extra") is not None]
         candidates = with_extra or kvers
         if candidates:
-            return max(candidates, key=_version_key)[:128]
+            return wire_text(max(candidates, key=_version_key), 128)
     boot = _real_dir(root, "boot")
     if boot is not None:
         kernels = [
@@ -267,7 +317,7 @@ def kernel_version(os_root: Path) -> str:
             if e.name.startswith("vmlinuz-") and e.is_file(follow_symlinks=False)
         ]
         if kernels:
-            return max(kernels, key=_version_key)[:128]
+            return wire_text(max(kernels, key=_version_key), 128)
     return ""
 
 
@@ -278,8 +328,89 @@ def collect_system(os_root: Path) -> SystemInfo:
     return SystemInfo(
         os_release=_os_release(root),
         kernel_version=kernel_version(root),
-        hostname=(hostname[0].strip() if hostname else "")[:255],
+        hostname=wire_text(hostname[0].strip() if hostname else "", 255),
     )
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass
+class _Candidate:
+    """A file of one kind found by the walk, before it is chosen and hashed."""
+
+    entry: os.DirEntry[str]
+    relpath: str
+    mtime: float
+    version: str | None = None
+
+
+# Which of a kind's files to list first: those the crash names (e.g. its channel file).
+Preferred = Callable[[str], bool]
+
+
+def _listed(
+    root: Path,
+    kind: str,
+    entries: Iterable[tuple[os.DirEntry[str], str | None]],
+    notes: list[str] | None,
+    *,
+    limit: int,
+    first: Preferred | None,
+    module_version: bool = False,
+) -> list[FileRecord]:
+    """Records of at most ``limit`` of ``entries`` (with a version each, or None): the preferred
+    ones, then the most recently changed; in the walk's order. What is left out is noted."""
+    candidates: list[_Candidate] = []
+    unnamed = too_big = 0
+    for entry, version in entries:
+        relpath = _rel(root, entry.path)
+        try:
+            relpath.encode("utf-8")
+            if len(relpath) > PATH_MAX:
+                raise PathRuleError(relpath)
+            check_relative_path(relpath)
+            st = entry.stat(follow_symlinks=False)
+        except (UnicodeEncodeError, PathRuleError):
+            unnamed += 1
+            continue
+        except OSError:
+            continue
+        if st.st_size > HASH_SIZE_LIMIT:
+            too_big += 1
+            continue
+        candidates.append(_Candidate(entry, relpath, st.st_mtime, version))
+    if unnamed:
+        _note(
+            notes,
+            f"{kind}: {unnamed} files left out: their names are not UTF-8 or their paths are "
+            f"over {PATH_MAX} characters",
+        )
+    if too_big:
+        _note(notes, f"{kind}: {too_big} files over {HASH_SIZE_LIMIT} bytes left out (not hashed)")
+    chosen = candidates
+    if len(candidates) > limit:
+        order = sorted(
+            range(len(candidates)),
+            key=lambda i: (
+                not (first is not None and first(candidates[i].relpath)),
+                -candidates[i].mtime,
+                candidates[i].relpath,
+            ),
+        )
+        keep = set(order[:limit])
+        chosen = [c for i, c in enumerate(candidates) if i in keep]
+        how = "the files the crash names first, then " if first is not None else ""
+        _note(
+            notes,
+            f"{kind}: {len(candidates)} found, {limit} listed ({how}most recently changed first)",
+        )
+    records: list[FileRecord] = []
+    for c in chosen:
+        rec = file_record(root, c.entry.path, module_version=module_version, version=c.version)
+        if rec is not None:
+            records.append(rec)
+    return records
 
 
 # --------------------------------------------------------------------------- drivers
@@ -289,28 +420,41 @@ def _is_module(name: str) -> bool:
     return name.endswith(MODULE_SUFFIXES)
 
 
-def collect_drivers(os_root: Path) -> list[FileRecord]:
+def module_of(path: str) -> str:
+    """The kernel module a ``.ko`` file holds, as the kernel names it (``-`` becomes ``_``)."""
+    return path.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
+
+
+def collect_drivers(
+    os_root: Path,
+    *,
+    notes: list[str] | None = None,
+    limit: int = FILES_PER_KIND,
+    first: Preferred | None = None,
+) -> list[FileRecord]:
     """Out-of-tree kernel modules: ``lib/modules/<kver>/{extra,updates}/**/*.ko`` for every
     installed kernel, with the version from each module's ``.modinfo``."""
     root = _check_root(Path(os_root))
     modules = _modules_root(root)
     if modules is None:
         return []
-    records: list[FileRecord] = []
-    for kver in _subdirs(modules):
+    entries: list[tuple[os.DirEntry[str], str | None]] = []
+    for kver in _subdirs(modules, notes):
         for sub in DRIVER_SUBDIRS:
             base = _real_dir(modules, f"{kver.name}/{sub}")
             if base is None:
                 continue
-            for entry in _walk_files(base):
-                if _is_module(entry.name):
-                    rec = file_record(root, entry.path, module_version=True)
-                    if rec is not None:
-                        records.append(rec)
-    return records
+            entries += [(e, None) for e in _walk_files(base, notes) if _is_module(e.name)]
+    return _listed(root, "drivers", entries, notes, limit=limit, first=first, module_version=True)
 
 
-def collect_driver_store(os_root: Path) -> list[FileRecord]:
+def collect_driver_store(
+    os_root: Path,
+    *,
+    notes: list[str] | None = None,
+    limit: int = FILES_PER_KIND,
+    first: Preferred | None = None,
+) -> list[FileRecord]:
     """The driver store: ``var/lib/driver-store/<driver>/<version>/<driver>.ko``, the copies a
     ``restore_file`` remediation can roll back to. The version is the store's directory name,
     the key remediations use."""
@@ -318,34 +462,65 @@ def collect_driver_store(os_root: Path) -> list[FileRecord]:
     store = _real_dir(root, DRIVER_STORE)
     if store is None:
         return []
-    records: list[FileRecord] = []
-    for driver in _subdirs(store):
-        for version in _subdirs(Path(driver.path)):
-            for entry in _scandir(Path(version.path)):
-                if (
-                    entry.is_file(follow_symlinks=False)
-                    and _is_module(entry.name)
-                    and entry.name.split(".ko")[0] == driver.name
-                ):
-                    rec = file_record(root, entry.path, version=version.name)
-                    if rec is not None:
-                        records.append(rec)
-    return records
+    entries: list[tuple[os.DirEntry[str], str | None]] = []
+    for driver in _subdirs(store, notes):
+        for version in _subdirs(Path(driver.path), notes):
+            entries += [
+                (entry, wire_text(version.name, _VERSION_MAX))
+                for entry in _scandir(Path(version.path), notes)
+                if entry.is_file(follow_symlinks=False)
+                and _is_module(entry.name)
+                and entry.name.split(".ko")[0] == driver.name
+            ]
+    return _listed(root, "driver_store", entries, notes, limit=limit, first=first)
 
 
-def collect_channel_files(os_root: Path) -> list[FileRecord]:
+def collect_channel_files(
+    os_root: Path,
+    *,
+    notes: list[str] | None = None,
+    limit: int = FILES_PER_KIND,
+    first: Preferred | None = None,
+) -> list[FileRecord]:
     """The sensor's channel files: ``var/lib/sensor/channels/C-*.sys``."""
     root = _check_root(Path(os_root))
     channels = _real_dir(root, CHANNEL_DIR)
     if channels is None:
         return []
-    records: list[FileRecord] = []
-    for entry in _scandir(channels):
-        if entry.is_file(follow_symlinks=False) and CHANNEL_FILE_RE.match(entry.name):
-            rec = file_record(root, entry.path)
-            if rec is not None:
-                records.append(rec)
-    return records
+    entries = [
+        (entry, None)
+        for entry in _scandir(channels, notes)
+        if entry.is_file(follow_symlinks=False) and CHANNEL_FILE_RE.match(entry.name)
+    ]
+    return _listed(root, "channel_files", entries, notes, limit=limit, first=first)
+
+
+@dataclass
+class Inventory:
+    """What the collect step reports about the OS root, and what it left out."""
+
+    system: SystemInfo
+    drivers: list[FileRecord]
+    channel_files: list[FileRecord]
+    driver_store: list[FileRecord]
+    notes: list[str] = field(default_factory=list)
+
+
+def collect(os_root: Path, *, channel_file: str | None = None, module: str | None = None) -> Inventory:
+    """The whole inventory for a report. The crash's channel file and guilty module, if given,
+    are listed whatever the limits (a remediation will name them). Raises ``InventoryError``
+    if the OS root cannot be read at all."""
+    notes: list[str] = []
+    wanted = module.replace("-", "_") if module else None
+    by_module: Preferred | None = (lambda p: module_of(p) == wanted) if wanted else None
+    by_path: Preferred | None = (lambda p: p == channel_file) if channel_file else None
+    return Inventory(
+        system=collect_system(os_root),
+        drivers=collect_drivers(os_root, notes=notes, first=by_module),
+        channel_files=collect_channel_files(os_root, notes=notes, first=by_path),
+        driver_store=collect_driver_store(os_root, notes=notes, first=by_module),
+        notes=notes,
+    )
 
 
 def recent_changes(records: Iterable[FileRecord], limit: int = 10) -> list[FileRecord]:

@@ -14,8 +14,14 @@ Two records per directive, both JSON on the OS disk, both written atomically thr
   came from, its sha256, mode, owner and mtime, and why it is there (the directive quarantined
   it, the directive replaced it, or an undo moved the directive's own file aside).
 
-A record that does not validate raises ``JournalError``: without it the agent cannot tell what
-was applied, so it stops and says so rather than guess.
+The journal holds everything apply, roll back and undo need: each step also lists the entries
+of the files it (or its undo) moved into quarantine (``JournalStep.moved``). The manifest is
+the same record kept beside the files, for people (``recovery-agent quarantine list``); when
+it cannot be read, the journal's entries stand in for it.
+
+A journal that does not validate raises ``JournalError``: without it the agent cannot tell what
+was applied, so it stops and says so rather than guess. So does a record over
+``RECORD_LIMIT`` bytes (ours are a few KiB), which is not read at all.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .protocol.wire import Action, utcnow
 MANIFEST_NAME = "manifest.json"
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # wire.Identifier; also a safe file name
 _RECORD_MODE = 0o600
+RECORD_LIMIT = 16 * 1024 * 1024  # a journal or manifest larger than this is not ours
 
 
 class JournalError(RemediationError):
@@ -97,6 +104,14 @@ class JournalStep(_DiskModel):
     # Directories outside the agent's state that applying creates (etc/modprobe.d); undo removes
     # them again if they are empty.
     creates: list[str] = []
+    # Every file this step, or its undo, moved into the quarantine folder (the manifest's
+    # entries, kept here too so that nothing depends on the manifest).
+    moved: list[QuarantineEntry] = []
+
+    def keep(self, entries: list[QuarantineEntry]) -> None:
+        """Record ``entries`` (replacing an entry for the same stored name)."""
+        names = {e.stored_name for e in entries}
+        self.moved = [e for e in self.moved if e.stored_name not in names] + entries
 
 
 class IntentJournal(_DiskModel):
@@ -149,7 +164,12 @@ def _read_model(root: OSRoot, dir_fd: int, name: str, relpath: str, model: type[
     if lstat_at(dir_fd, name) is None:
         return None
     with root.open_file_in(dir_fd, name, relpath) as fd:
-        raw = read_fd(fd)
+        raw = read_fd(fd, RECORD_LIMIT + 1)
+    if len(raw) > RECORD_LIMIT:
+        raise JournalError(
+            f"{relpath} is over {RECORD_LIMIT} bytes, not a record the agent wrote: move it aside "
+            f"to inspect it"
+        )
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

@@ -7,6 +7,9 @@ server's catalog. Nothing here touches a disk.
 
 from __future__ import annotations
 
+# The driver store is part of the protocol too: a restore_file may copy only from there.
+from .protocol.wire import DRIVER_STORE as DRIVER_STORE
+
 # The agent's own state on the OS disk: quarantined files, intent journals, the directive the
 # next healthy boot confirms, crash records archived after a good boot.
 STATE_DIR = "var/lib/recovery"
@@ -19,8 +22,8 @@ PSTORE_ARCHIVE = f"{STATE_DIR}/pstore"
 # Kernel modules: lib/modules/<kernel release>/{extra,updates}/**.ko are out-of-tree drivers.
 MODULES_DIRS = ("lib/modules", "usr/lib/modules")
 DRIVER_SUBDIRS = ("extra", "updates")
-# Known-good driver versions kept on the OS disk: <driver>/<version>/<driver>.ko.
-DRIVER_STORE = "var/lib/driver-store"
+# Known-good driver versions kept on the OS disk: <driver>/<version>/<driver>.ko (DRIVER_STORE,
+# imported above).
 # Where disable_driver writes its modprobe.d entry.
 MODPROBE_DIR = "etc/modprobe.d"
 

@@ -8,10 +8,15 @@ where it came from, its sha256, mode, owner and mtime. The workflow, as ``action
 
 1. ``move_in`` renames a file the caller opened and hashed into its slot (mode 0700 folder,
    made on first use), checks that the inode that arrived is the one that was hashed (else it
-   gives the file back), fsyncs both directories, then records the entry.
+   gives the file back), fsyncs both directories, then records the entry and returns it.
 2. A power loss between the rename and the manifest write leaves the file held but unlisted;
    ``ensure_recorded`` rebuilds its entry from the file itself (a rename keeps its metadata).
 3. ``move_back`` (undo) renames a slot back to its original name and marks the entry restored.
+
+The caller keeps every entry in the directive's intent journal too (``JournalStep.moved``):
+the journal, not the manifest, is what apply and undo rely on. Once a file has moved, a
+manifest that cannot be read or written does not fail the move: the trouble is noted
+(``take_notes``) and reported with the step, and the manifest is left for a person to inspect.
 
 ``remediate.purge`` deletes the folder once the machine has booted well with the directive.
 """
@@ -26,6 +31,8 @@ from contextlib import ExitStack
 from .digest import sha256_fd
 from .errors import RemediationError
 from .journal import (
+    MANIFEST_NAME,
+    JournalError,
     QuarantineEntry,
     QuarantineManifest,
     QuarantineRole,
@@ -58,6 +65,7 @@ class Quarantine:
         self.relpath = quarantine_relpath(directive_id)
         self._open = ExitStack()
         self._fd: int | None = None
+        self._notes: list[str] = []
 
     def close(self) -> None:
         self._fd = None
@@ -87,8 +95,31 @@ class Quarantine:
             return QuarantineManifest(directive_id=self.directive_id)
         return read_manifest(self.root, qfd, self.directive_id)
 
-    def entry(self, slot: str) -> QuarantineEntry | None:
-        return self.manifest().entry(slot)
+    def take_notes(self) -> list[str]:
+        """What went wrong with the manifest since the last call (each trouble once)."""
+        notes, self._notes = list(dict.fromkeys(self._notes)), []
+        return notes
+
+    def _record(self, qfd: int, entry: QuarantineEntry) -> None:
+        """Add ``entry`` to the manifest if it can be; the move it records has happened, so a
+        manifest that cannot be read or written is noted, not raised."""
+        try:
+            record_entry(self.root, qfd, self.directive_id, entry)
+        except (JournalError, OSError) as exc:
+            self._manifest_trouble(exc)
+
+    def _manifest_trouble(self, exc: JournalError | OSError) -> None:
+        why = "it is not a valid manifest" if isinstance(exc, JournalError) else exc.strerror or str(exc)
+        self._notes.append(
+            f"{self.relpath}/{MANIFEST_NAME} not updated ({why}); the intent journal holds the "
+            f"record; move the manifest aside to inspect it"
+        )
+
+    def _recorded(self, qfd: int, slot: str) -> QuarantineEntry | None:
+        try:
+            return read_manifest(self.root, qfd, self.directive_id).entry(slot)
+        except JournalError:
+            return None
 
     def holds(self, slot: str) -> bool:
         """Whether something is stored under ``slot``."""
@@ -127,16 +158,25 @@ class Quarantine:
         assert qfd is not None  # create=True makes it or raises
         return qfd
 
-    def ensure_recorded(self, slot: str, relpath: str, index: int, digest: str, role: QuarantineRole) -> None:
-        """Make sure the file held under ``slot`` has its manifest entry."""
+    def held_stat(self, slot: str) -> os.stat_result | None:
+        """``lstat`` of the file held under ``slot`` (a rename kept the original's mode, owner
+        and mtime), or None if nothing is held there."""
+        qfd = self.fd(create=False)
+        return None if qfd is None else lstat_at(qfd, slot)
+
+    def ensure_recorded(
+        self, slot: str, relpath: str, index: int, digest: str, role: QuarantineRole
+    ) -> QuarantineEntry:
+        """The entry of the file held under ``slot``, recorded in the manifest if it was not."""
         # A power loss between the rename and the manifest write leaves the file in quarantine
         # but unlisted; rename keeps its metadata, so the entry can be rebuilt from it.
         qfd = self._folder()
-        if read_manifest(self.root, qfd, self.directive_id).entry(slot) is None:
+        entry = self._recorded(qfd, slot)
+        if entry is None:
             st = os.stat(slot, dir_fd=qfd, follow_symlinks=False)
-            record_entry(
-                self.root, qfd, self.directive_id, self._new_entry(st, digest, relpath, slot, index, role)
-            )
+            entry = self._new_entry(st, digest, relpath, slot, index, role)
+            self._record(qfd, entry)
+        return entry
 
     def move_in(
         self,
@@ -148,9 +188,9 @@ class Quarantine:
         slot: str,
         index: int,
         role: QuarantineRole,
-    ) -> None:
+    ) -> QuarantineEntry:
         """Move ``name`` in ``dir_fd`` (open as ``fd``, hashed as ``digest``; ``relpath`` on the
-        OS root) to ``slot`` and record it."""
+        OS root) to ``slot``, record it and return its entry."""
         qfd = self._folder()
         if lstat_at(qfd, slot) is not None:
             raise RemediationError(
@@ -179,20 +219,23 @@ class Quarantine:
             )
         os.fsync(qfd)
         os.fsync(dir_fd)
-        record_entry(
-            self.root, qfd, self.directive_id, self._new_entry(st, digest, relpath, slot, index, role)
-        )
+        entry = self._new_entry(st, digest, relpath, slot, index, role)
+        self._record(qfd, entry)
+        return entry
 
     def move_back(self, slot: str, dir_fd: int, name: str) -> None:
-        """Rename ``slot`` back to ``name`` in ``dir_fd``; its entry is marked restored."""
+        """Rename ``slot`` back to ``name`` in ``dir_fd``; its manifest entry, if it can be
+        read, is marked restored."""
         qfd = self.fd(create=False)
         if qfd is None:
             raise MissingFile(f"{self.relpath} does not exist: nothing to move back from it")
         os.rename(slot, name, src_dir_fd=qfd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
         os.fsync(qfd)
-        entry = read_manifest(self.root, qfd, self.directive_id).entry(slot)
+        try:
+            entry = read_manifest(self.root, qfd, self.directive_id).entry(slot)
+        except JournalError as exc:
+            self._manifest_trouble(exc)
+            return
         if entry is not None:
-            record_entry(
-                self.root, qfd, self.directive_id, entry.model_copy(update={"restored_at": utcnow()})
-            )
+            self._record(qfd, entry.model_copy(update={"restored_at": utcnow()}))

@@ -107,6 +107,7 @@ def _run(
         step.status = "done"
         step.result = "already_applied" if outcome.status == "already_applied" else "applied"
         step.detail = outcome.detail
+        step.keep(outcome.moved)
         if all(s.status == "done" for s in journal.steps):
             journal.state = "applied"
         write_journal(steps.root, journal)
@@ -338,13 +339,20 @@ def list_quarantine(os_root: Path | str) -> list[QuarantinedFile]:
             return []
         for directive_id in directive_ids:
             state: str
+            journal: IntentJournal | None = None
             try:
                 journal = read_journal(root, directive_id)
                 state = journal.state if journal is not None else "no journal"
             except RemediationError:
                 state = "journal unreadable"
             with Quarantine(root, directive_id) as quarantine:
-                for entry in quarantine.manifest().entries:
+                try:
+                    entries = quarantine.manifest().entries
+                except JournalError:
+                    # The journal keeps the same entries: list what it says is held.
+                    entries = [e for s in journal.steps for e in s.moved] if journal is not None else []
+                    state += ", manifest unreadable"
+                for entry in entries:
                     found.append(
                         QuarantinedFile(directive_id, state, entry, quarantine.holds(entry.stored_name))
                     )

@@ -478,3 +478,64 @@ def test_corrupt_journal_is_reported(root: Path) -> None:
     assert "dir-0001" in line and "not a valid IntentJournal" in line
     with pytest.raises(JournalError, match="move it aside"):
         apply_directive(root, directive(QUARANTINE_BAD))
+
+
+# --------------------------------------------------------------------------- restore_file's gaps
+
+
+def test_restore_over_a_driver_with_other_hard_links_is_refused(root: Path) -> None:
+    """Replacing one name would leave the crashing module loadable through the other."""
+    os.link(root / DRIVER, root / "lib/modules/6.1.0-test/extra/sensor-old.ko")
+    rejected(root, directive(RESTORE_DRIVER), PathRejected, DRIVER, "2 hard links", "samefile")
+
+
+def test_restore_from_outside_the_driver_store_is_refused_on_the_device(root: Path) -> None:
+    """The wire refuses such a source; the agent checks again where it applies it (a directive
+    from an older server, a journal written before the rule)."""
+    shadow = b"root:$6$secret:19000:0:99999:7:::\n"
+    write(root, "etc/shadow", shadow, 0o600)
+    action = RestoreFile.model_construct(
+        type="restore_file", path=DRIVER, source="etc/shadow", sha256=sha(shadow)
+    )
+    rejected(root, directive(action), PathRejected, "etc/shadow", "not in the driver store")
+
+
+# --------------------------------------------------------------------------- undo without the manifest
+
+
+def test_undo_with_an_unreadable_manifest_works_in_one_attempt(root: Path) -> None:
+    """The manifest is a record for people; undo takes what it needs from the journal and the
+    quarantine folder itself, and says truly what it undid."""
+    original = snapshot(root, include_state=False)
+    apply_directive(root, directive(QUARANTINE_BAD, RESTORE_DRIVER, DISABLE_SENSOR))
+    manifest = root / QUARANTINE_DIR / "dir-0001" / "manifest.json"
+    manifest.write_bytes(b"{not json")
+    lines = undo(root, "dir-0001")
+    assert snapshot(root, include_state=False) == original
+    assert journal(root)["state"] == "rolled_back"
+    assert [s["status"] for s in journal(root)["steps"]] == ["rolled_back"] * 3
+    assert not any("could not be undone" in line for line in lines), lines
+    assert any(
+        "moved var/lib/sensor/channels/C-00000291-00000000-00000032.sys back" in line for line in lines
+    )
+    assert any(f"put the previous {DRIVER} back" in line for line in lines)
+    assert any("manifest" in line and "not updated" in line for line in lines), lines
+    assert manifest.read_bytes() == b"{not json"  # left for a person to inspect
+    # What is held is still listed, from the journal.
+    held = {(r.entry.role, r.entry.original_path, r.present) for r in list_quarantine(root)}
+    assert ("undone", DRIVER, True) in held
+
+
+def test_apply_with_an_unreadable_manifest_still_applies_and_records_in_the_journal(root: Path) -> None:
+    qdir = root / QUARANTINE_DIR / "dir-0001"
+    qdir.mkdir(parents=True, mode=0o700)
+    (qdir / "manifest.json").write_bytes(b"\x00garbage")
+    results = apply_directive(root, directive(QUARANTINE_BAD, RESTORE_DRIVER))
+    assert [r.status for r in results] == ["applied", "applied"]
+    assert all("manifest" in r.detail and "not updated" in r.detail for r in results)
+    steps = journal(root)["steps"]
+    assert [m["stored_name"] for s in steps for m in s["moved"]] == [
+        "0-C-00000291-00000000-00000032.sys",
+        "1-sensor.ko",
+    ]
+    assert steps[1]["moved"][0]["mode"] == 0o640

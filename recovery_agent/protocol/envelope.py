@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from cryptography.exceptions import InvalidSignature
@@ -33,6 +33,9 @@ from .keys import SigningKey, key_id, public_from_b64
 from .wire import Directive, Enrollment, RemediationApproval, SignedMessage
 
 MAX_ENVELOPE_BYTES = 1 << 20
+# How far ahead of the device's clock a directive's issued_at may be (clocks drift; a device
+# in recovery may have lost its time): beyond it, the directive is refused.
+MAX_CLOCK_SKEW = timedelta(hours=24)
 
 M = TypeVar("M", bound=SignedMessage)
 
@@ -268,8 +271,9 @@ def open_directive(
     approver_threshold: int = 0,
 ) -> Verified[Directive]:
     """Verify a directive and its binding: this device, the nonce this agent sent, the exact
-    diagnostics it answers, not expired, and (if the device pins approver keys) signed by
-    enough of those people. Only then may the agent act on it."""
+    diagnostics it answers, not expired, not issued more than ``MAX_CLOCK_SKEW`` in this
+    device's future (its lifetime is bounded by the model), and (if the device pins approver
+    keys) signed by enough of those people. Only then may the agent act on it."""
     verified = open_envelope(raw, Directive, keyring)
     d = verified.message
     if d.device_id != device_id:
@@ -292,8 +296,14 @@ def open_directive(
             f"directive {d.directive_id} expired at {d.expires_at.isoformat()} (now "
             f"{now.isoformat()}): ask the server for a fresh one; check the device clock"
         )
-    if d.issued_at > d.expires_at:
-        raise DirectiveRejected(f"directive {d.directive_id} expires before it was issued")
+    # The model bounds the lifetime (wire.MAX_DIRECTIVE_LIFETIME); a directive issued far in
+    # this device's future would still outlive any sane expiry ("expires in 9999").
+    if d.issued_at > now + MAX_CLOCK_SKEW:
+        raise DirectiveRejected(
+            f"directive {d.directive_id} was issued at {d.issued_at.isoformat()}, more than "
+            f"{MAX_CLOCK_SKEW} after this device's time ({now.isoformat()}): check the device "
+            f"clock and the server's"
+        )
     verify_approvals(d, approver_keyring or {}, approver_threshold)
     return verified
 

@@ -16,18 +16,42 @@ The flow, after Quick Machine Recovery:
 5. ``Result``: the agent reports what it applied; ``Health``: the OS reports its next good boot.
 
 Remediation actions are declarative; there is no way to express a script.
+
+Every number a device sends is bounded (``COUNTER_MAX``, the largest a server's 32-bit
+counter column holds): a grubenv counter of twenty digits is clamped by the agent and refused
+here, never stored. A directive lives at most ``MAX_DIRECTIVE_LIFETIME`` from its issue.
 """
 
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 _PREFIX = "application/vnd.recovery."
+
+# The largest counter a device may report (boot counts, attempts, indexes): 2**31 - 1, what a
+# 32-bit INTEGER column holds. The agent clamps larger values it reads (a damaged grubenv).
+COUNTER_MAX = 2**31 - 1
+# A file size: what a signed 64-bit column holds.
+SIZE_MAX = 2**63 - 1
+# From issued_at to expires_at. The server issues directives for an hour (its setting); a
+# directive that claims to live longer than this is refused wherever it is read.
+MAX_DIRECTIVE_LIFETIME = timedelta(hours=24)
+# Where the known-good driver versions live on the OS root (<driver>/<version>/<driver>.ko):
+# the only place a restore_file action may copy from.
+DRIVER_STORE = "var/lib/driver-store"
 
 
 def utcnow() -> datetime:
@@ -68,9 +92,11 @@ def check_relative_path(path: str) -> str:
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Nonce = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{22,128}$")]
-RelPath = Annotated[str, StringConstraints(max_length=1024), AfterValidator(check_relative_path)]
+PATH_MAX = 1024  # characters in a path relative to the OS root
+RelPath = Annotated[str, StringConstraints(max_length=PATH_MAX), AfterValidator(check_relative_path)]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Counter = Annotated[int, Field(ge=0, le=COUNTER_MAX)]
 
 
 class WireModel(BaseModel):
@@ -113,18 +139,28 @@ class CrashKind(str, Enum):
     INIT_DIED = "init_died"  # "Attempted to kill init!"
     UNKNOWN = "unknown"  # boots failed and nothing in the logs says why
     NONE = "none"  # nothing failed (test mode, or a healthy report)
+    AGENT_ERROR = "agent_error"  # the recovery agent itself failed; the title says where
+
+
+# The longest each field of a crash signature may be, in characters (the agent fits what its
+# parser found to these before it builds one).
+TITLE_MAX = 512
+FRAME_MAX = 256
+MODULE_MAX = 64
+SOURCE_MAX = 256
+EXCERPT_MAX = 16384
 
 
 class CrashSignature(WireModel):
     """What crashed, normalised so that the same bug on many machines gives the same ``id``."""
 
     kind: CrashKind
-    title: Annotated[str, StringConstraints(max_length=512)]
-    guilty_frame: Annotated[str, StringConstraints(max_length=256)] | None = None
-    guilty_module: Annotated[str, StringConstraints(max_length=64)] | None = None
-    channel_file: Annotated[str, StringConstraints(max_length=1024)] | None = None
-    source: Annotated[str, StringConstraints(max_length=256)] = ""
-    excerpt: Annotated[str, StringConstraints(max_length=16384)] = ""
+    title: Annotated[str, StringConstraints(max_length=TITLE_MAX)]
+    guilty_frame: Annotated[str, StringConstraints(max_length=FRAME_MAX)] | None = None
+    guilty_module: Annotated[str, StringConstraints(max_length=MODULE_MAX)] | None = None
+    channel_file: Annotated[str, StringConstraints(max_length=PATH_MAX)] | None = None
+    source: Annotated[str, StringConstraints(max_length=SOURCE_MAX)] = ""
+    excerpt: Annotated[str, StringConstraints(max_length=EXCERPT_MAX)] = ""
 
     @property
     def id(self) -> str:
@@ -135,7 +171,7 @@ class CrashSignature(WireModel):
 
 class FileRecord(WireModel):
     path: RelPath
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=SIZE_MAX)
     mtime: float
     sha256: Sha256Hex
     version: Annotated[str, StringConstraints(max_length=64)] | None = None
@@ -144,24 +180,29 @@ class FileRecord(WireModel):
 class BootRecord(WireModel):
     """One boot the agent knows of, from GRUB's environment and the pstore records."""
 
-    index: int
+    index: Counter
     outcome: Literal["crashed", "hung", "healthy", "unknown"]
     detail: Annotated[str, StringConstraints(max_length=512)] = ""
 
 
 class BootState(WireModel):
-    boot_count: int = Field(ge=0)
-    boot_limit: int = Field(ge=1)
-    recovery_attempts: int = Field(ge=0, default=0)
+    boot_count: Counter
+    boot_limit: int = Field(ge=1, le=COUNTER_MAX)
+    recovery_attempts: Counter = 0
     # The agent's limit: at this attempt without a fix the machine needs a person.
-    max_recovery_attempts: int = Field(ge=1, default=3)
-    history: list[BootRecord] = []
+    max_recovery_attempts: int = Field(ge=1, le=COUNTER_MAX, default=3)
+    # The last boots only: a boot_count of millions is one number, not millions of records.
+    history: list[BootRecord] = Field(default=[], max_length=64)
 
 
 class SystemInfo(WireModel):
     os_release: Annotated[str, StringConstraints(max_length=256)] = ""
     kernel_version: Annotated[str, StringConstraints(max_length=128)] = ""
     hostname: Annotated[str, StringConstraints(max_length=255)] = ""
+
+
+NOTE_MAX = 512  # characters in one note of a report
+NOTES_MAX = 64  # notes in one report
 
 
 class Diagnostics(SignedMessage):
@@ -181,6 +222,11 @@ class Diagnostics(SignedMessage):
     # Known-good driver versions kept on the OS disk, which restore_file can put back.
     driver_store: list[FileRecord] = Field(default=[], max_length=4096)
     recent_changes: list[FileRecord] = Field(default=[], max_length=256)
+    # What the agent cut or left out to stay within these limits, or could not do, one line
+    # each (e.g. "channel_files: 5000 found, 1000 listed (most recently changed first)").
+    notes: list[Annotated[str, StringConstraints(max_length=NOTE_MAX)]] = Field(
+        default=[], max_length=NOTES_MAX
+    )
 
 
 class DiagnosticsReceipt(WireModel):
@@ -205,13 +251,24 @@ class QuarantineFile(WireModel):
     sha256: Sha256Hex
 
 
+def check_driver_store_path(path: str) -> str:
+    """Accept only a path inside the driver store: a restore puts back a kept driver version,
+    never an arbitrary file of the OS (``etc/shadow`` copied over a module)."""
+    if not path.startswith(DRIVER_STORE + "/"):
+        raise PathRuleError(
+            f"restore_file source {path!r} is not in the driver store: name a kept version, "
+            f"{DRIVER_STORE}/<driver>/<version>/<driver>.ko"
+        )
+    return path
+
+
 class RestoreFile(WireModel):
     """Put the driver store's copy ``source`` (hashing to ``sha256``) at ``path``; the file that
-    was at ``path`` goes to quarantine first."""
+    was at ``path`` goes to quarantine first. ``source`` must be in the driver store."""
 
     type: Literal["restore_file"] = "restore_file"
     path: RelPath
-    source: RelPath
+    source: Annotated[RelPath, AfterValidator(check_driver_store_path)]
     sha256: Sha256Hex
 
 
@@ -242,6 +299,21 @@ class Directive(SignedMessage):
     # A device that pins approver keys needs enough of them: the server alone cannot make one.
     approvals: list[dict[str, Any]] = Field(default=[], max_length=16)
 
+    @model_validator(mode="after")
+    def _bounded_lifetime(self) -> Self:
+        if self.expires_at < self.issued_at:
+            raise ValueError(
+                f"directive {self.directive_id} expires ({self.expires_at.isoformat()}) before it "
+                f"was issued ({self.issued_at.isoformat()})"
+            )
+        if self.expires_at - self.issued_at > MAX_DIRECTIVE_LIFETIME:
+            raise ValueError(
+                f"directive {self.directive_id} lives from {self.issued_at.isoformat()} to "
+                f"{self.expires_at.isoformat()}, longer than the {MAX_DIRECTIVE_LIFETIME} a "
+                f"directive may: the server's directive lifetime must be at most that"
+            )
+        return self
+
 
 class RemediationApproval(SignedMessage):
     """A person's own signature on a remediation: its id and the sha256 of its actions
@@ -268,7 +340,7 @@ class DirectivePoll(WireModel):
 
 
 class ActionResult(WireModel):
-    index: int
+    index: Counter
     type: str
     status: Literal["applied", "already_applied", "failed", "skipped", "rolled_back"]
     detail: Annotated[str, StringConstraints(max_length=2048)] = ""
