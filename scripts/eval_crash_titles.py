@@ -7,6 +7,10 @@ in syzkaller's title (``KASAN: use-after-free Read in ip6_send_skb`` -> ``ip6_se
 report kind. Only reports whose title names a function and that syzkaller does not mark
 corrupted are scored; the others are counted apart (found or not, marked corrupted or not).
 
+Both names are compared after ``normalise_function``: syzkaller's titles keep the syscall
+entry's name as one architecture spells it (``sys_rmdir`` from ``__x64_sys_rmdir``), ours name
+the syscall (``rmdir``) on every architecture; ``strict`` counts exact equality of the strings.
+
     scripts/eval_crash_titles.py                  # the held-out set: the number to quote
     scripts/eval_crash_titles.py --set tuning     # the set the rules were developed on
     scripts/eval_crash_titles.py --misses         # also list each disagreement
@@ -25,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recovery_agent.crashreport import parse_crash
+from recovery_agent.crashreport import normalise_function, parse_crash
 from tests.syzkaller_cases import SETS, cases
 
 # Report kinds, from syzkaller's title; the first match wins.
@@ -66,6 +70,7 @@ def kind_of(title: str) -> str:
 class Tally:
     scored: int = 0
     agree: int = 0
+    strict: int = 0  # the very same string
     not_found: int = 0  # syzkaller names a function, we find no report at all
     corrupted_total: int = 0  # syzkaller marks it corrupted
     corrupted_marked: int = 0  # ... and so do we
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             t.not_found += 1
             misses.append(f"{case.name:>5}  {case.title}\n       ours: (no report found)")
             continue
-        if sig.guilty_frame in functions:
+        t.strict += sig.guilty_frame in functions
+        if sig.guilty_frame in {normalise_function(f) for f in functions}:
             t.agree += 1
         else:
             misses.append(
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         t = tallies.get(kind)
         if t is None:
             continue
-        for f in ("scored", "agree", "not_found", "corrupted_total", "corrupted_marked"):
+        for f in ("scored", "agree", "strict", "not_found", "corrupted_total", "corrupted_marked"):
             setattr(total, f, getattr(total, f) + getattr(t, f))
         if kind == "(no report)":
             print(f"{kind:<14} syzkaller finds none in {t.none_total}, nor do we in {t.none_agree}")
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'all':<14} {total.scored:>6} {total.agree:>6} {pct:>5} {total.not_found:>9}   "
         f"{total.corrupted_total} ({total.corrupted_marked})"
     )
+    print(f"strict (same string): {total.strict}/{total.scored}")
     if args.misses:
         print("\ndisagreements:")
         print("\n".join(misses))
