@@ -255,10 +255,11 @@ def never_guilty(function: str) -> bool:
 
 # --------------------------------------------------------------------------- line shapes
 
-# Syslog "Jan  1 00:00:00 host kernel: ", "<4>" level (pstore), "[    1.234567]" timestamp,
+# Syslog "Jan  1 00:00:00 host kernel: " or a console's "host login: ", "<4>" level (pstore),
+# "[    1.234567]" timestamp,
 # "[  T123]"/"[ C1]" caller id (CONFIG_PRINTK_CALLER), as the kernel and syslog print them.
 _PREFIX_RE = re.compile(
-    r"(?:[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S{1,64} kernel: )?"
+    r"(?:[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S{1,64} kernel: |[^ ]{1,64} login: )?"
     r"(?:<\d{1,3}>)?"
     r"(?:\[ {0,12}\d{1,12}\.\d{1,9}\])?"
     r"(?: ?\[ {0,8}(?P<context>[CT]\d{1,10})\])?"
@@ -283,7 +284,7 @@ _FRAME_RE = re.compile(
 # arm: "[<8011218c>] (unwind_backtrace) from [<8010e300>] (show_stack+0x18/0x1c)" and arm
 # since 5.x: "unwind_backtrace from show_stack+0x18/0x1c": the callee, then its caller.
 _ARM_FRAME_RE = re.compile(
-    rf" *(?:{_ADDRESS} +)?\(?(?P<func>{_SYMBOL}?)(?:{_OFFSET})?\)? from (?:{_ADDRESS} +)?"
+    rf" *(?:{_ADDRESS} +)?\(?(?P<func>{_SYMBOL})?(?:{_OFFSET})?\)? from (?:{_ADDRESS} +)?"
     rf"\(?(?P<caller>{_SYMBOL})(?:{_OFFSET})?(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?"
 )
 # The crashing instruction: x86 "RIP: 0010:f+0x1/0x2 [m]", 4.x "RIP: 0010:[<addr>]  [<addr>]
@@ -312,7 +313,7 @@ _STACK_STARTS = (
     "Last potentially related work creation",
     "Second to last potentially related",
 )
-_BACKTRACE_RE = re.compile(r"(?:^|[^k] )backtrace(?: \(crc [0-9a-f]+\))?:")
+_BACKTRACE_RE = re.compile(r"(?<!stack )backtrace(?: \(crc [0-9a-f]+\))?:")
 _BOOT_BANNER_RE = re.compile(r"Linux version \d")
 _CHANNEL_FILE_RE = re.compile(r"loading channel file (?P<path>/?[^ ]+)")
 _END_TRACE = "---[ end trace"
@@ -515,10 +516,13 @@ class Shape:
 # --- frame sources -------------------------------------------------------------------
 
 
+_HEX_RE = re.compile(r"[0-9a-f]{8,16}")
+
+
 def _header(r: _Report) -> Iterator[_Frame]:
     """The function the report's first line names (``BUG: KASAN: ... in f+0x1/0x2``)."""
     func = r.match.groupdict().get("func")
-    if func:
+    if func and not _HEX_RE.fullmatch(func):  # "corrupted in: ffffffff8343632e": no symbol
         yield _Frame(normalise_function(func), r.match.groupdict().get("module"), r.index)
 
 
@@ -1085,8 +1089,7 @@ def _judge(r: _Report) -> _Verdict:
         decisive.add(evidence)
     elif not corrupted and shape.needs_stack and shape.sources:
         corrupted = True
-    header = r.lines[r.index].text
-    if _TIMESTAMP_RE.search(header):
+    if _TIMESTAMP_RE.search(r.lines[r.index].text, r.match.start()):
         corrupted = True  # another line was printed into the middle of the first one
     if any(_FAULT_INJECTION_RE.match(r.lines[i].text) for i in r.own):
         corrupted = True  # a fault-injection stack is mixed into this one
@@ -1260,8 +1263,14 @@ def _channel_file(log: _Log, before: int) -> str | None:
     banner = log.last_with(_BANNER, before)
     if banner is not None and banner > i and _is_banner(log[banner].text):
         return None
-    m = _CHANNEL_FILE_RE.search(log[i].text)
-    return fit(m.group("path").lstrip("/"), CHANNEL_FILE_LIMIT) if m else None
+    line = log[i]
+    m = _CHANNEL_FILE_RE.search(line.text)
+    if m is None:
+        return None
+    path = m.group("path").lstrip("/")
+    if m.end() == len(line.text) and len(log.raws[i].rstrip("\r")) > LINE_LIMIT:
+        path = path[:-1] + TRUNCATED  # the line was cut at LINE_LIMIT inside the path
+    return fit(path, CHANNEL_FILE_LIMIT)
 
 
 _HANG_PANIC = re.compile(r"softlockup|hard ?lockup|hung_task|rcu|watchdog", re.IGNORECASE)

@@ -21,7 +21,6 @@ Exit code 0 always (this is a measurement, not a test); the tests hold the per-k
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,40 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recovery_agent.crashreport import normalise_function, parse_crash
-from tests.syzkaller_cases import SETS, cases
-
-# Report kinds, from syzkaller's title; the first match wins.
-KINDS: tuple[tuple[str, str], ...] = (
-    ("KASAN", r"^KASAN:"),
-    ("KMSAN", r"^KMSAN:"),
-    ("KFENCE", r"^KFENCE:"),
-    ("KCSAN", r"^KCSAN:"),
-    ("UBSAN", r"^UBSAN:"),
-    ("memory leak", r"^memory leak"),
-    (
-        "lockdep",
-        r"possible deadlock|inconsistent lock state|suspicious RCU usage|locking bug|bad unlock balance|"
-        r"held lock freed|still has locks held|nested lock|non-static key|lock held when returning|"
-        r"circular locking",
-    ),
-    ("RCU stall", r"^INFO: rcu detected stall"),
-    ("hung task", r"^INFO: task (?:hung|can't die)"),
-    ("soft lockup", r"^BUG: soft lockup"),
-    ("WARNING", r"^WARNING"),
-    ("kernel BUG", r"^kernel BUG|^BUG: corrupted list|^BUG: bad usercopy"),
-    ("GPF", r"^general protection fault"),
-    ("page fault", r"^BUG: unable to handle|^Unhandled fault|^Internal error|^Unable to handle"),
-    ("trap", r"^divide error|^invalid opcode|^PANIC: double fault|^stack segment|^int3"),
-    ("panic", r"^kernel panic|^kernel stack overflow"),
-    ("BUG (other)", r"^BUG:"),
-)
-
-
-def kind_of(title: str) -> str:
-    for kind, pattern in KINDS:
-        if re.search(pattern, title):
-            return kind
-    return "other"
+from tests.syzkaller_cases import KINDS, SETS, cases, kind_of
 
 
 @dataclass

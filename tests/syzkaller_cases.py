@@ -20,6 +20,41 @@ from pathlib import Path
 DATA = Path(__file__).parent / "data" / "syzkaller"
 SETS = ("tuning", "heldout")
 
+# Report kinds, from syzkaller's title; the first match wins.
+KINDS: tuple[tuple[str, str], ...] = (
+    ("KASAN", r"^KASAN:"),
+    ("KMSAN", r"^KMSAN:"),
+    ("KFENCE", r"^KFENCE:"),
+    ("KCSAN", r"^KCSAN:"),
+    ("UBSAN", r"^UBSAN:"),
+    ("memory leak", r"^memory leak"),
+    (
+        "lockdep",
+        r"possible deadlock|inconsistent lock state|suspicious RCU usage|locking bug|bad unlock balance|"
+        r"held lock freed|still has locks held|nested lock|non-static key|lock held when returning|"
+        r"circular locking",
+    ),
+    ("RCU stall", r"^INFO: rcu detected stall"),
+    ("hung task", r"^INFO: task (?:hung|can't die)"),
+    ("soft lockup", r"^BUG: soft lockup"),
+    ("WARNING", r"^WARNING"),
+    ("kernel BUG", r"^kernel BUG|^BUG: corrupted list|^BUG: bad usercopy"),
+    ("GPF", r"^general protection fault"),
+    ("page fault", r"^BUG: unable to handle|^Unhandled fault|^Internal error|^Unable to handle"),
+    ("trap", r"^divide error|^invalid opcode|^PANIC: double fault|^stack segment|^int3"),
+    ("panic", r"^kernel panic|^kernel stack overflow"),
+    ("BUG (other)", r"^BUG:"),
+)
+
+
+def kind_of(title: str) -> str:
+    """The report kind (``KINDS``) of a syzkaller title."""
+    for kind, pattern in KINDS:
+        if re.search(pattern, title):
+            return kind
+    return "other"
+
+
 # The function a title names: "... in F", "... in F/usb_submit_urb", "KCSAN: data-race in F / G".
 _TITLE_FUNC_RE = re.compile(r" in ([A-Za-z0-9_.]+)(?:/\S+)?(?: / ([A-Za-z0-9_.]+))?$")
 
