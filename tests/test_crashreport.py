@@ -9,7 +9,9 @@ a comment: our guilty frame is the function syzkaller's title names.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -610,6 +612,30 @@ def test_the_excerpt_holds_the_same_signature_for_every_real_report() -> None:
         if got != (sig.title, sig.guilty_frame, sig.guilty_module, sig.corrupted):
             differ.append(f"{name}: {sig.title!r} -> {got}")
     assert differ == []
+
+
+# The digest of every signature the rules give the real reports, per RULES_VERSION. A change
+# to the rules that changes any of them must come with a new RULES_VERSION (and its digest
+# here), or agents and server would give one report two signatures under one version.
+SIGNATURES_DIGEST = {
+    1: "0466ac3d0affbac6690aa9f53492b3ab5c39cdf77aa1f8e05e1eabaf317f6542",
+}
+
+
+def test_signatures_change_only_with_the_rules_version() -> None:
+    digest = hashlib.sha256()
+    for name, text in _all_real_reports():
+        sig = parse_crash(text)
+        fields = (
+            None
+            if sig is None
+            else (sig.kind.value, sig.title, sig.guilty_frame, sig.guilty_module, sig.corrupted)
+        )
+        digest.update(json.dumps([name, fields]).encode())
+    assert SIGNATURES_DIGEST.get(RULES_VERSION) == digest.hexdigest(), (
+        "the rules now give other signatures: raise crashreport.RULES_VERSION and add "
+        f"{{{RULES_VERSION + 1}: {digest.hexdigest()!r}}} to SIGNATURES_DIGEST (docs/crash-signatures.md)"
+    )
 
 
 def test_rederive_remakes_another_versions_signature_from_its_excerpt() -> None:

@@ -364,6 +364,8 @@ def test_vfs_panic_has_no_device_numbers() -> None:
     assert sig.kind is CrashKind.KERNEL_PANIC
     assert sig.title == "kernel panic: VFS: Unable to mount root fs"
     assert sig.excerpt.splitlines()[-1].startswith("[    1.901200] ---[ end Kernel panic")
+    # whoever called panic() is to blame, not panic or dump_stack above it
+    assert sig.guilty_frame == "mount_block_root"
 
 
 def test_rcu_stall() -> None:
