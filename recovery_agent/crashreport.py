@@ -8,8 +8,10 @@ I/O, no clock, so the server can run the same rules over a report's excerpt (``r
 
 1. **Lines.** Every line is cut at ``LINE_LIMIT`` characters before any pattern sees it, and
    its syslog level, timestamp and caller id (``[T123]``/``[C1]``, CONFIG_PRINTK_CALLER) are
-   taken off. Every pattern is matched once per line and none nests quantifiers, so the work
-   grows linearly with the text (a 4 MB boot log of one-character lines or one huge line alike).
+   taken off. Report starts are found with ``str.find`` over the whole text (only a line
+   holding a trigger word is tried against the shapes), no pattern nests unbounded repetition,
+   and the lines and frames looked at per report are bounded: the work grows linearly with the
+   text (a 4 MB boot log of one-character lines or of one huge line alike).
 2. **Report.** The first line that starts a report of a known shape (``SHAPES``: KASAN, KMSAN,
    KFENCE, KCSAN, UBSAN, lockdep, RCU stalls, hung tasks, lockups, WARNINGs, ``kernel BUG``,
    page faults, GPFs, traps, ``panic()``...). A plain WARNING gives way to a worse report that
@@ -535,20 +537,13 @@ def _rip(r: _Report) -> Iterator[_Frame]:
             return
 
 
-def _stack_from(r: _Report, pos: int) -> Iterator[_Frame]:
-    """Frames of the stack that begins at own-line position ``pos``, up to the next stack."""
-    for i in r.own[pos:]:
-        text = r.lines[i].text
-        if _is_stack_start(text) and i != r.own[pos]:
-            return
-        yield from _frames_of(text, i)
-
-
 def _trace(r: _Report) -> Iterator[_Frame]:
-    """The first call trace of the report."""
+    """The first call trace of the report, up to the next stack's start."""
     for pos, i in enumerate(r.own):
-        if _is_stack_start(r.lines[i].text):
-            yield from _stack_from(r, pos)
+        text = r.lines[i].text
+        if _is_stack_start(text):
+            yield from _frames_of(text, i)  # very old kernels: "Call Trace: [<addr>] f+0x1/0x2"
+            yield from _stack_after(r, pos)
             return
 
 
