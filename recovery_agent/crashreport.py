@@ -698,13 +698,12 @@ def _pick_stalled(frames: list[_Frame], skip: re.Pattern[str] | None) -> _Frame 
     stall in ``smp_call_function`` is one bug wherever the other CPU was."""
     previous: _Frame | None = None
     for f in frames:
-        if _skipped(f.function, skip) and not _STALL_ANCHORS.search(f.function):
-            continue
         if _STALL_ANCHORS.search(f.function):
             if "smp_call_function" in f.function:
                 return _Frame("smp_call_function", f.module, f.line)
             return previous or f
-        previous = f
+        if not _skipped(f.function, skip):
+            previous = f
     return _first_not_skipped(frames, skip)
 
 
