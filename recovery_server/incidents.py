@@ -4,6 +4,9 @@
    nonce it spends (``devices.py``).
 2. It joins the incident of its crash signature (``INC-`` and the signature id): the same bug
    on many machines is one incident, with a report count, first and last seen, and devices.
+   A signature made by another version of the crash rules (an older or newer agent) is first
+   re-made from its excerpt by the server's rules (``crashreport.rederive``), so upgrading
+   agents does not split an incident.
 3. It records the device's state: recovering, or needs_manual on its agent's last attempt.
 4. A device that was served a directive and reports again did not recover: that directive
    failed (``directives.py``), which its rollout counts.
@@ -18,6 +21,7 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
+from recovery_agent.crashreport import rederive
 from recovery_agent.protocol.admin import Incident, IncidentDetail, IncidentReport, Suggestion
 from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
 
@@ -45,7 +49,7 @@ class Incidents:
         poll_token = secrets.token_urlsafe(24)
         with self._store.tx() as tx:
             self._devices.use_nonce(tx, d.device_id, d.server_nonce)
-            sig = d.crash
+            sig = rederive(d.crash)
             incident_id = "INC-" + sig.id[:12]
             if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
                 tx.execute(

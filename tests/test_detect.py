@@ -321,8 +321,8 @@ RCU_STALL = """\
 """
 
 WARNING_THEN_GPF = """\
-[    1.000000] WARNING: CPU: 0 PID: 1 at drivers/base/core.c:123 device_add+0x55/0x800
-[    1.000100] RIP: 0010:device_add+0x55/0x800
+[    1.000000] WARNING: CPU: 0 PID: 1 at drivers/misc/widget.c:123 widget_register+0x55/0x800 [widget]
+[    1.000100] RIP: 0010:widget_register+0x55/0x800 [widget]
 [    1.000200] ---[ end trace 0000000000000000 ]---
 [    1.500000] general protection fault, probably for non-canonical address 0xdead000000000100: 0000 [#1] PREEMPT SMP NOPTI
 [    1.500100] RIP: 0010:list_walk+0x1/0x2 [lister]
@@ -347,11 +347,13 @@ def test_kernel_bug() -> None:
     assert sig.guilty_module == "widget"
 
 
-def test_hung_task_skips_the_scheduler() -> None:
+def test_hung_task_skips_the_scheduler_and_waiting() -> None:
     sig = parse_crash(HUNG_TASK)
     assert sig is not None
     assert sig.kind is CrashKind.HANG
-    assert sig.title == "INFO: task hung in fw_loader_wait"
+    # schedule, schedule_timeout, wait_for_completion and fw_loader_wait all wait: the task's
+    # own code is the first frame that does not.
+    assert sig.title == "INFO: task hung in fwload_init"
     assert sig.guilty_module == "fwload"
     assert "kworker" not in sig.excerpt
 
@@ -362,6 +364,8 @@ def test_vfs_panic_has_no_device_numbers() -> None:
     assert sig.kind is CrashKind.KERNEL_PANIC
     assert sig.title == "kernel panic: VFS: Unable to mount root fs"
     assert sig.excerpt.splitlines()[-1].startswith("[    1.901200] ---[ end Kernel panic")
+    # whoever called panic() is to blame, not panic or dump_stack above it
+    assert sig.guilty_frame == "mount_block_root"
 
 
 def test_rcu_stall() -> None:
@@ -377,7 +381,7 @@ def test_warning_only_when_nothing_worse() -> None:
     assert sig.title == "general protection fault in list_walk"
     warning = parse_crash(WARNING_THEN_GPF.split("[    1.500000]")[0])
     assert warning is not None
-    assert warning.title == "WARNING in device_add"
+    assert warning.title == "WARNING in widget_register"
 
 
 def test_panic_on_warn_blames_the_warning() -> None:
@@ -387,7 +391,7 @@ def test_panic_on_warn_blames_the_warning() -> None:
     sig = parse_crash(text)
     assert sig is not None
     assert sig.kind is CrashKind.KERNEL_PANIC
-    assert sig.title == "WARNING in device_add"
+    assert sig.title == "WARNING in widget_register"
 
 
 def test_channel_file_from_an_earlier_boot_is_not_blamed() -> None:

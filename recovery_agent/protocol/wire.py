@@ -161,6 +161,13 @@ class CrashSignature(WireModel):
     channel_file: Annotated[str, StringConstraints(max_length=PATH_MAX)] | None = None
     source: Annotated[str, StringConstraints(max_length=SOURCE_MAX)] = ""
     excerpt: Annotated[str, StringConstraints(max_length=EXCERPT_MAX)] = ""
+    # The report was cut short or garbled (no call trace, a frame missing): the title is the
+    # best the rules could make of it, and says so here rather than in the title.
+    corrupted: bool = False
+    # The version of the rules that made this signature (``crashreport.RULES_VERSION``); 0 for
+    # agents from before signatures carried it. The server re-derives a signature made by
+    # other rules from its excerpt, so agents of every version group into the same incidents.
+    rules_version: int = Field(default=0, ge=0, le=1_000_000)
 
     @property
     def id(self) -> str:
