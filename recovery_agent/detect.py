@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from .crashreport import parse_crash
+from .protocol.crashreport import parse_crash
 from .protocol.wire import CrashKind, CrashSignature
 from .report import fit_signature, wire_text
 

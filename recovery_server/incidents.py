@@ -21,8 +21,8 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
-from recovery_agent.crashreport import rederive
 from recovery_agent.protocol.admin import Incident, IncidentDetail, IncidentReport, Suggestion
+from recovery_agent.protocol.crashreport import rederive
 from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
 
 from . import audit, catalog

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How often our crash parser blames the function syzkaller blames, on real kernel reports.
 
-Runs ``recovery_agent.crashreport.parse_crash`` over a set of syzkaller's ``pkg/report`` test
+Runs ``recovery_agent.protocol.crashreport.parse_crash`` over a set of syzkaller's ``pkg/report`` test
 reports (tests/data/syzkaller/, see its README) and compares our guilty frame with the function
 in syzkaller's title (``KASAN: use-after-free Read in ip6_send_skb`` -> ``ip6_send_skb``), per
 report kind. Only reports whose title names a function and that syzkaller does not mark
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recovery_agent.crashreport import normalise_function, parse_crash
+from recovery_agent.protocol.crashreport import normalise_function, parse_crash
 from tests.syzkaller_cases import KINDS, SETS, cases, kind_of
 
 

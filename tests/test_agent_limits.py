@@ -25,6 +25,7 @@ from recovery_agent.detect import (
     read_pstore,
 )
 from recovery_agent.inventory import FILES_PER_KIND, WALK_DEPTH_LIMIT, collect_channel_files, collect_drivers
+from recovery_agent.layout import CHANNEL_DIR as CHANNELS
 from recovery_agent.protocol.envelope import MAX_ENVELOPE_BYTES, canonical_json
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import (
@@ -38,7 +39,6 @@ from recovery_agent.protocol.wire import (
     utcnow,
 )
 from recovery_agent.report import Findings, fit_signature, seal_within
-from recovery_lab.demo import CHANNELS
 
 from .conftest import enrolled_settings
 

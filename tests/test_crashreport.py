@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery_agent import crashreport
-from recovery_agent.crashreport import (
+from recovery_agent.protocol import crashreport
+from recovery_agent.protocol.crashreport import (
     CHANNEL_FILE_LIMIT,
     EXCERPT_LIMIT,
     FRAME_LIMIT,

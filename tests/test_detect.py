@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recovery_agent.crashreport import EXCERPT_LIMIT, normalise_title, parse_crash
 from recovery_agent.detect import detect, read_pstore, stopped_step
+from recovery_agent.protocol.crashreport import EXCERPT_LIMIT, normalise_title, parse_crash
 from recovery_agent.protocol.wire import CrashKind
 
 DATA = Path(__file__).parent / "data" / "panic"

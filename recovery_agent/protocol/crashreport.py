@@ -59,7 +59,7 @@ from itertools import accumulate, chain, islice
 from operator import add
 from typing import Any
 
-from .protocol.wire import CrashKind, CrashSignature
+from .wire import CrashKind, CrashSignature
 
 # The rules' version: raise it whenever a change can give a report another title, frame,
 # module or corrupted mark (docs/crash-signatures.md).
