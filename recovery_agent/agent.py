@@ -27,6 +27,10 @@ never leaves a machine looping with nobody told.
 
 Back in the OS, once its health check passed, ``report_health`` resets the counters, reports
 the good boot naming the directive, confirms it and archives the crash records (``state``).
+
+The loop is one module on purpose (a little over 500 lines): its steps are read top to bottom
+in the order a recovery runs them, each step's own work is in the modules named above, and
+what is left here is only their order, their outcomes and the exit codes init relies on.
 """
 
 from __future__ import annotations
