@@ -323,13 +323,7 @@ class RecoveryAgent:
         return Findings(
             device_id=s.device_id,
             agent_version=__version__,
-            boot=BootState(
-                boot_count=count.boot_count,
-                boot_limit=s.boot_limit,
-                recovery_attempts=count.attempts,
-                max_recovery_attempts=s.max_recovery_attempts,
-                history=history,
-            ),
+            boot=self._boot_state(count, history),
             crash=crash,
             system=inv.system,
             drivers=inv.drivers,
@@ -337,6 +331,16 @@ class RecoveryAgent:
             driver_store=inv.driver_store,
             recent_changes=inventory.recent_changes([*inv.drivers, *inv.channel_files]),
             notes=[*(notes or []), *count.notes, *detection.notes, *history_notes, *inv.notes],
+        )
+
+    def _boot_state(self, count: BootCount, history: list[BootRecord]) -> BootState:
+        s = self.s
+        return BootState(
+            boot_count=count.boot_count,
+            boot_limit=s.boot_limit,
+            recovery_attempts=count.attempts,
+            max_recovery_attempts=s.max_recovery_attempts,
+            history=history,
         )
 
     async def report_agent_error(self, exc: Exception) -> Outcome:
@@ -354,12 +358,7 @@ class RecoveryAgent:
             findings = Findings(
                 device_id=s.device_id,
                 agent_version=__version__,
-                boot=BootState(
-                    boot_count=count.boot_count,
-                    boot_limit=s.boot_limit,
-                    recovery_attempts=count.attempts,
-                    max_recovery_attempts=s.max_recovery_attempts,
-                ),
+                boot=self._boot_state(count, []),
                 crash=crash,
                 system=SystemInfo(),
                 drivers=[],
