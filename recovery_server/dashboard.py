@@ -1,7 +1,7 @@
 """The web dashboard: one page served by the recovery server itself, using the admin API with
 the person's own token (kept in the tab's sessionStorage), so the same roles apply as on the
-command line. Incidents, devices, remediations with their approvals, rollouts with per-wave
-progress; approve, pause and resume from the page.
+command line. Incidents; devices, revoked ones marked, with the token that enrolled each;
+remediations with their approvals; rollouts with per-wave progress; approve, pause and resume from the page.
 
 No build step and no framework: the page is plain HTML, CSS and JavaScript served from here,
 under a Content-Security-Policy that allows only this server's own scripts. Every value from
@@ -160,7 +160,9 @@ async function refresh() {
                      td.append(button("Approve", () => api("POST", `/remediations/${r.remediation_id}/approve`))); });
     $("rollouts").replaceChildren(...(rollouts.length ? rollouts.map(rolloutView) : [el("p", "none")]));
     table("devices", [["device_id", "Device"], ["state", "State"], ["recovery_attempts", "Attempts"],
-      ["last_seen", "Last seen"]], devices);
+      ["last_seen", "Last seen"], ["enrolled_with", "Enrolled with"]],
+      devices.map((d) => ({...d, state: d.revoked_at ? "revoked" : d.state,
+                           enrolled_with: d.enrolled_with || "an admin"})));
     $("audit").textContent = `${audit.entries} entries, ` + (audit.ok ? "hash chain intact" : "CHAIN BROKEN: " + audit.problems.join("; "));
     $("audit").className = audit.ok ? "ok" : "bad";
   } catch (e) {

@@ -11,6 +11,7 @@
 3. Its outcome is recorded once: failed when the agent reports it could not apply it or the
    device reports a crash again; succeeded when the OS reports a healthy boot after it. Each
    outcome lets the rollout re-judge its current wave.
+4. A revoked device is served nothing more: its polls are refused like its messages.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Directives:
             report["poll_token_sha256"], token_sha256(poll_token)
         ):
             raise NotFound("no such report, or wrong poll token")
+        self._devices.refuse_revoked(self._store, report["device_id"])
         existing = self._store.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
         if existing:
             return DirectivePoll(status="directive", envelope=json.loads(existing["envelope"]))

@@ -76,12 +76,18 @@ def drive(driver, url: str, token: str, shot: str, actions):
 async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     ids = populate(fleet)
     token = fleet.service.create_user(fleet.admin, "bea", "approver").token
+    revoked = ids["sim"].devices[5].device_id
+    fleet.service.revoke_device(fleet.admin, revoked)
 
     def actions(driver, wait, By):
         seen = {
             "who": driver.find_element(By.ID, "who").text,
             "incident": driver.find_element(By.CSS_SELECTOR, "#incidents tr[data-id]").text,
             "devices": len(driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]")),
+            # Read in the page at once: a refresh may replace the rows between two calls.
+            "revoked": driver.execute_script(
+                "return document.querySelector(arguments[0]).innerText", f'#devices tr[data-id="{revoked}"]'
+            ),
             "audit": driver.find_element(By.ID, "audit").text,
         }
         row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
@@ -111,6 +117,7 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     assert seen["who"] == "bea (approver)"
     assert "general protection fault in sensor_parse_channel" in seen["incident"]
     assert seen["devices"] == 6
+    assert "revoked" in seen["revoked"], seen["revoked"]
     assert "hash chain intact" in seen["audit"]
     rem = fleet.service.remediation(fleet.viewer, ids["remediation"])
     assert rem.status == "approved" and [a.approver for a in rem.approvals] == ["bea"]
