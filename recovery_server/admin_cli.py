@@ -204,7 +204,7 @@ async def _rollout(c: AdminClient, args: argparse.Namespace) -> Output:
         return Output(
             ro,
             _rows(ro.waves),
-            ["name", "reached", "served", "succeeded", "failed", "pending"],
+            ["name", "reached", "served", "counted", "succeeded", "failed", "pending"],
             heading=f"{ro.rollout_id} for {ro.remediation_id}: {ro.state} ({ro.reason})",
         )
     return Output(await c.set_rollout_state(args.rollout_id, args.rocmd))

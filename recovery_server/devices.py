@@ -11,9 +11,13 @@
 3. A device id keeps its key. Another key for a known id is refused over the network (409),
    whoever holds a token, and the refusal names the fix: an admin gives the id its new key
    (``replace_key``): a reinstalled machine, or a real machine whose id a stranger took first.
-   The old key stops working at once. An admin can also revoke a device (``revoke``): every
-   message it signs is then refused, until an admin gives it a key again.
-4. A device records which token enrolled it.
+   The old key stops working at once, and what it was served no longer counts in any rollout.
+   An admin can also revoke a device (``revoke``): every message it signs is then refused, and
+   its outcomes stop counting, until an admin gives it a key again.
+4. A device records which token enrolled it and when its key was enrolled, as the sequence
+   number of that entry in the audit log (``enrolled_seq``): one order for everything the
+   server did, so "enrolled before this rollout started" has one answer on every server
+   process (``rollout.py`` counts only those devices).
 5. Before each report the device asks for a challenge: a server nonce that works once and
    only until ``nonce_ttl`` has passed (``use_nonce``).
 6. Every later message of the device is opened against its enrolled key (``open_message``),
@@ -21,9 +25,12 @@
 
 Why so: a token lets machines enroll; it cannot vouch that a machine is real, and it is the one
 secret every machine being set up must hold, so it leaks. A holder of a token alone can
-therefore add devices, but cannot take over an enrolled id and cannot outlive the token's
-expiry, uses or revocation; every device shows the token that enrolled it, and an admin who
-finds fakes revokes them.
+therefore add devices, but cannot take over an enrolled id, cannot outlive the token's expiry,
+uses or revocation, and cannot move a rollout with devices enrolled after the rollout started
+(they are served the fix, as a real new machine must be, but their outcomes do not count).
+Devices enrolled with a token before a rollout started do count: the token's limits bound that
+window, every device shows the token that enrolled it, and an admin who finds fakes revokes
+them, which takes them out of every gate.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from recovery_agent.protocol.admin import (
 from recovery_agent.protocol.envelope import EnvelopeError, Verified
 from recovery_agent.protocol.wire import Challenge, SignedMessage
 
-from . import audit
+from . import audit, rollout
 from .access import Operation, User, require
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
 from .store import Reader, Row, Store, Tx, iso, parse_iso, token_sha256
@@ -208,7 +215,7 @@ class Devices:
             if other is not None:
                 raise Conflict(f"this key is enrolled for device {other}: make a key per device")
             _check_token(tok, now, new_device=True)
-            audit.record(
+            seq = audit.record(
                 tx,
                 iso(now),
                 "device.enrolled",
@@ -217,13 +224,14 @@ class Devices:
                 detail={"key_id": verified.key_id, "token": tok["token_id"]},
             )
             tx.execute(
-                "INSERT INTO devices(device_id, public_key, key_id, hostname, enrolled_at, enrolled_with) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT INTO devices(device_id, public_key, key_id, hostname, enrolled_at, enrolled_seq, "
+                "enrolled_with) VALUES (?,?,?,?,?,?,?)",
                 e.device_id,
                 e.public_key,
                 verified.key_id,
                 e.hostname,
                 iso(now),
+                seq,
                 tok["token_id"],
             )
             tx.execute("UPDATE enrollment_tokens SET used = used + 1 WHERE token_id = ?", tok["token_id"])
@@ -285,7 +293,8 @@ class Devices:
     def replace_key(self, user: User, device_id: str, public_key: str) -> Device:
         """``user`` gives a known device id a new key: a reinstalled machine, a real machine
         whose id another took first, or a revoked device let back in. The old key stops
-        working."""
+        working; what it was served no longer counts in any rollout, and the new key counts
+        only in rollouts that start from now on."""
         require(user, Operation.REPLACE_DEVICE_KEY)
         try:
             kid = keys.key_id(keys.public_from_b64(public_key))
@@ -306,7 +315,7 @@ class Devices:
                 raise Conflict(f"this key is enrolled for device {other}: each device needs its own key")
             if dev["key_id"] == kid and not dev["revoked_at"]:
                 raise Conflict(f"device {device_id} has this key already")
-            audit.record(
+            seq = audit.record(
                 tx,
                 now,
                 "device.key_replaced",
@@ -315,19 +324,20 @@ class Devices:
                 detail={"old_key_id": dev["key_id"], "key_id": kid, "was_revoked": bool(dev["revoked_at"])},
             )
             tx.execute(
-                "UPDATE devices SET public_key = ?, key_id = ?, enrolled_at = ?, "
+                "UPDATE devices SET public_key = ?, key_id = ?, enrolled_at = ?, enrolled_seq = ?, "
                 "enrolled_with = NULL, revoked_at = NULL, revoked_by = NULL WHERE device_id = ?",
                 public_key,
                 kid,
                 now,
+                seq,
                 device_id,
             )
             _forget_key(tx, device_id)
         return self._device(device_id)
 
     def revoke(self, user: User, device_id: str) -> Device:
-        """``user`` revokes a device: every message it signs is refused from now on, until an
-        admin gives it a key again."""
+        """``user`` revokes a device: every message it signs is refused from now on, and its
+        outcomes no longer count in any rollout, until an admin gives it a key again."""
         require(user, Operation.REVOKE_DEVICE)
         now = iso(self._now())
         with self._store.tx() as tx:
@@ -432,5 +442,7 @@ def _revoked(device: Row, public_key: str = "KEY") -> str:
 
 
 def _forget_key(tx: Tx, device_id: str) -> None:
-    """The device's key is no longer trusted (revoked or replaced): its open challenges go."""
+    """The device's key is no longer trusted (revoked or replaced): its open challenges go,
+    and nothing it was served counts in any rollout (it may have been a stranger's)."""
     tx.execute("DELETE FROM nonces WHERE device_id = ? AND used_at IS NULL", device_id)
+    rollout.stop_counting(tx, device_id)

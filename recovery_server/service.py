@@ -9,7 +9,8 @@ diagnostics signed by its key and carrying that challenge (each nonce works once
 joins the incident of its crash signature; the device then polls for a directive. A directive
 is made only from a remediation that people other than its author approved, for the incident
 of that very report, only if the files it names are on that device with the reported content,
-and only once the device's rollout wave is open (``rollout.py``). It is signed by the server key and
+and only once the device's rollout wave is open (``rollout.py``, whose gates count only
+devices enrolled before the rollout started, once each). It is signed by the server key and
 bound to the device, the agent's nonce, the hash of the diagnostics and an expiry. The device
 reports the result, and the OS reports its next healthy boot.
 

@@ -42,7 +42,7 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE users ADD COLUMN public_key TEXT",
         "ALTER TABLE approvals ADD COLUMN envelope TEXT",
     ],
-    3: [  # enrollment tokens with expiry, uses and revocation; revoked devices (devices.py)
+    3: [  # enrollment that cannot steer a rollout (devices.py, rollout.py)
         # Enrollment tokens get a public id (from their hash, so old tokens have one too), a
         # use limit and revocation. Tokens that never expired end with this upgrade: an old
         # fleet token left in a script or an image must not enroll devices for ever.
@@ -54,10 +54,28 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE enrollment_tokens ADD COLUMN revoked_at TEXT",
         "ALTER TABLE enrollment_tokens ADD COLUMN revoked_by TEXT",
         "UPDATE enrollment_tokens SET expires_at = created_at WHERE expires_at IS NULL",
-        # Devices: with which token they enrolled, and whether an admin revoked them.
+        # Devices: when their key was enrolled (the audit log's sequence number of that entry),
+        # with which token, and whether an admin revoked them.
+        "ALTER TABLE devices ADD COLUMN enrolled_seq BIGINT NOT NULL DEFAULT 0",
+        "UPDATE devices SET enrolled_seq = coalesce((SELECT max(seq) FROM events "
+        "WHERE kind = 'device.enrolled' AND events.device_id = devices.device_id), 0)",
         "ALTER TABLE devices ADD COLUMN enrolled_with TEXT",
         "ALTER TABLE devices ADD COLUMN revoked_at TEXT",
         "ALTER TABLE devices ADD COLUMN revoked_by TEXT",
+        # Rollouts: when they started, in the same order; directives: whether their outcome
+        # moves the gate (the device's first, if its key was enrolled before the rollout).
+        "ALTER TABLE rollouts ADD COLUMN started_seq BIGINT NOT NULL DEFAULT 0",
+        "UPDATE rollouts SET started_seq = coalesce((SELECT min(seq) FROM events "
+        "WHERE kind = 'rollout.created' AND events.subject = rollouts.rollout_id), "
+        "(SELECT coalesce(max(seq), 0) + 1 FROM events))",
+        "ALTER TABLE directives ADD COLUMN counted INTEGER NOT NULL DEFAULT 0",
+        "DROP INDEX directives_rollout",
+        "CREATE INDEX directives_gate ON directives(remediation_id, wave, counted, outcome)",
+        "UPDATE directives SET counted = 1 WHERE directive_id IN (SELECT directive_id FROM "
+        "(SELECT directive_id, row_number() OVER (PARTITION BY device_id, remediation_id "
+        "ORDER BY issued_at, directive_id) AS n FROM directives) AS served WHERE n = 1) "
+        "AND (SELECT enrolled_seq FROM devices WHERE devices.device_id = directives.device_id) "
+        "< (SELECT started_seq FROM rollouts WHERE rollouts.remediation_id = directives.remediation_id)",
     ],
 }
 

@@ -88,6 +88,10 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
             "revoked": driver.execute_script(
                 "return document.querySelector(arguments[0]).innerText", f'#devices tr[data-id="{revoked}"]'
             ),
+            "rollout": driver.execute_script(
+                "return document.querySelector(arguments[0]).innerText",
+                f'.rollout[data-id="{ids["rollout"]}"]',
+            ),
             "audit": driver.find_element(By.ID, "audit").text,
         }
         row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
@@ -118,6 +122,7 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     assert "general protection fault in sensor_parse_channel" in seen["incident"]
     assert seen["devices"] == 6
     assert "revoked" in seen["revoked"], seen["revoked"]
+    assert "0 served, 0 counted" in seen["rollout"], seen["rollout"]
     assert "hash chain intact" in seen["audit"]
     rem = fleet.service.remediation(fleet.viewer, ids["remediation"])
     assert rem.status == "approved" and [a.approver for a in rem.approvals] == ["bea"]

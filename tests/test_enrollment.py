@@ -1,10 +1,12 @@
-"""Enrollment: what a stranger holding only the enrollment token can do, over the real HTTP
-API, and what an admin does about it.
+"""Enrollment cannot be used to steer a rollout: what a stranger holding only the enrollment
+token can do, over the real HTTP API, and what an admin does about it.
 
-The attacks: a stranger taking a real machine's device id first; tokens used after they
-expired, were used up or revoked; a revoked device that keeps talking. Then the admin's side
-(token and device commands, on the API and ``recovery-admin``) and the upgrade of a version-2
-database.
+The attacks: fake devices that report the incident's crash, are served the fix and report
+healthy boots (to complete a rollout) or failures (to halt one); one device reporting again
+and again to count many times; a stranger taking a real machine's device id first; tokens
+used after they expired, were used up or revoked; a revoked device that keeps talking. Then
+the admin's side (token and device commands, on the API and ``recovery-admin``) and the
+upgrade of a version-2 database.
 """
 
 from __future__ import annotations
@@ -99,6 +101,124 @@ async def refused(call, status: int, match: str) -> str:
     return e.value.message
 
 
+# ---------------------------------------------------------------- steering a rollout
+
+
+async def test_ninety_fake_devices_cannot_complete_a_rollout(fleet):
+    """With the enrollment token alone, 90 fake devices report the incident's crash, are
+    served the fix and report healthy boots. They enrolled after the rollout started: they
+    are served (a new machine may be real) but the gate does not move. The real machines do."""
+    async with people(fleet) as p, devices(fleet) as make:
+        real = await crashed(make, fleet.enrollment_token, [f"host-{i:02d}" for i in range(5)])
+        incident = real[0].receipt.incident_id
+        rollout_id = await start_rollout(p, incident, min_devices=5, halt_min_devices=5)
+
+        for i in range(90):
+            fake = make(f"fake-{i:02d}")
+            await fake.enroll(fleet.enrollment_token)
+            assert (await fake.report()).incident_id == incident
+            assert await fake.poll() is not None, "served: for all the server knows, a new machine"
+            await fake.recover()
+
+        ro = await p.admin.rollout(rollout_id)
+        assert (ro.state, ro.current_wave) == ("active", 0), ro.reason
+        [wave] = ro.waves
+        assert (wave.served, wave.counted, wave.succeeded, wave.pending) == (90, 0, 0, 0)
+        assert ro.gate == "0 of 5 devices finished (90 more served, not counted)"
+
+        for dev in real:
+            assert await dev.poll() is not None
+            await dev.recover()
+        ro = await p.admin.rollout(rollout_id)
+        assert ro.state == "completed", ro.reason
+        assert (ro.waves[0].served, ro.waves[0].counted, ro.waves[0].succeeded) == (95, 5, 5)
+
+
+async def test_three_fake_failures_cannot_halt_a_rollout(fleet):
+    """Three fake devices, enrolled with the token after the rollout started, report that the
+    fix failed and crash again: the rollout goes on, and completes with the real machines."""
+    async with people(fleet) as p, devices(fleet) as make:
+        real = await crashed(make, fleet.enrollment_token, [f"host-{i:02d}" for i in range(5)])
+        rollout_id = await start_rollout(
+            p, real[0].receipt.incident_id, min_devices=5, halt_failure_rate=0.2, halt_min_devices=3
+        )
+        for i in range(3):
+            fake = make(f"fake-{i}")
+            await fake.enroll(fleet.enrollment_token)
+            await fake.report()
+            assert await fake.poll() is not None
+            await fake.fail()
+            await fake.report()  # and "crashed again"
+
+        ro = await p.admin.rollout(rollout_id)
+        assert ro.state == "active", ro.reason
+        assert (ro.waves[0].served, ro.waves[0].counted, ro.waves[0].failed) == (3, 0, 0)
+
+        for dev in real:
+            assert await dev.poll() is not None
+            await dev.recover()
+        assert (await p.admin.rollout(rollout_id)).state == "completed"
+
+
+async def test_a_device_counts_once_however_often_it_reports(fleet):
+    """A device the rollout counts (enrolled before it started) reports the crash three times,
+    is served three times and sends healthy boots for each, and more: one success. Another
+    fails three times: one failure. Neither completes nor halts the rollout."""
+    async with people(fleet) as p, devices(fleet) as make:
+        one, two = await crashed(make, fleet.enrollment_token, ["host-1", "host-2"])
+        rollout_id = await start_rollout(
+            p, one.receipt.incident_id, min_devices=3, halt_failure_rate=0.2, halt_min_devices=3
+        )
+        for attempt in range(3):
+            if attempt:
+                await one.report()
+            assert await one.poll() is not None
+            await one.recover()
+        for _ in range(3):
+            await one.healthy()  # the same directive, another boot
+        for attempt in range(3):
+            if attempt:
+                await two.report()
+            assert await two.poll() is not None
+            await two.fail()
+
+        ro = await p.admin.rollout(rollout_id)
+        assert ro.state == "active", ro.reason
+        wave = ro.waves[0]
+        assert (wave.served, wave.counted, wave.succeeded, wave.failed) == (6, 2, 1, 1)
+        assert ro.gate == "2 of 3 devices finished (4 more served, not counted)"
+
+
+async def test_revoking_devices_takes_them_out_of_the_gate(fleet):
+    """Fakes enrolled before the rollout started count, and can halt it: that is the window the
+    token's expiry and uses bound. The admin sees which token enrolled them, revokes them, and
+    resumes: the real machines complete the rollout."""
+    async with people(fleet) as p, devices(fleet) as make:
+        stolen = await p.admin.create_enrollment_token("stolen", max_uses=3)
+        fakes = await crashed(make, stolen.token, ["fake-1", "fake-2", "fake-3"])
+        real = await crashed(make, fleet.enrollment_token, [f"host-{i}" for i in range(3)])
+        rollout_id = await start_rollout(
+            p, real[0].receipt.incident_id, min_devices=3, halt_failure_rate=0.2, halt_min_devices=3
+        )
+        for fake in fakes:
+            assert await fake.poll() is not None
+            await fake.fail()
+        assert (await p.admin.rollout(rollout_id)).state == "halted"
+
+        suspects = [d.device_id for d in await p.admin.devices() if d.enrolled_with == stolen.token_id]
+        assert suspects == ["fake-1", "fake-2", "fake-3"]
+        for device_id in suspects:
+            assert (await p.admin.revoke_device(device_id)).revoked_at is not None
+        ro = await p.admin.rollout(rollout_id)
+        assert (ro.waves[0].served, ro.waves[0].counted, ro.waves[0].failed) == (3, 0, 0)
+
+        await p.approver.set_rollout_state(rollout_id, "resume")
+        for dev in real:
+            assert await dev.poll() is not None
+            await dev.recover()
+        assert (await p.admin.rollout(rollout_id)).state == "completed"
+
+
 # ---------------------------------------------------------------- device ids
 
 
@@ -150,7 +270,7 @@ async def test_a_revoked_device_is_refused_everything(fleet):
     polls; it cannot enroll its way back. An admin gives it a key again to let it back in."""
     async with people(fleet) as p, devices(fleet) as make:
         dev, other = await crashed(make, fleet.enrollment_token, ["host-1", "host-2"])
-        await start_rollout(p, dev.receipt.incident_id, min_devices=2)
+        rollout_id = await start_rollout(p, dev.receipt.incident_id, min_devices=2)
         assert await dev.poll() is not None
         before = fleet.count("reports"), fleet.count("results"), fleet.count("health")
 
@@ -164,11 +284,14 @@ async def test_a_revoked_device_is_refused_everything(fleet):
         message = await refused(dev.enroll(fleet.enrollment_token), 401, "was revoked")
         assert f"recovery-admin device rekey host-1 --public-key {dev.public_key}" in message
         assert (fleet.count("reports"), fleet.count("results"), fleet.count("health")) == before
+        ro = await p.admin.rollout(rollout_id)
+        assert (ro.waves[0].served, ro.waves[0].counted) == (1, 0), "its directive counts no more"
 
         await other.poll()
         await other.recover()  # the rest of the fleet is unaffected
         await p.admin.replace_device_key("host-1", dev.public_key)
-        assert (await dev.report()).incident_id == other.receipt.incident_id
+        await dev.report()
+        assert await dev.poll() is not None
         kinds = [e.kind for e in await p.admin.events(device="host-1")]
         assert "device.revoked" in kinds and "device.key_replaced" in kinds
 
@@ -377,8 +500,9 @@ def _version_2_database(execute: Callable[[str], None]) -> None:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_version_2_database_is_migrated_in_place(backend, tmp_path):
-    """Tokens get ids and a use count, the one that never expired is expired; devices are not
-    revoked."""
+    """Tokens get ids and a use count, the one that never expired is expired; devices and the
+    rollout get their place in the audit log's order; each device's first directive of the
+    rollout counts, if the device enrolled before the rollout started."""
     if backend == "sqlite":
         path = tmp_path / "v2.db"
         db = sqlite3.connect(path)
@@ -405,12 +529,16 @@ def check_migrated(s: Store) -> None:
         assert tokens["forever"]["expires_at"] == "2026-01-01T00:00:00Z", "never-expiring tokens end"
         assert tokens["dated"]["expires_at"] == "2099-01-01T00:00:00Z"
         assert all(r["used"] == 0 and r["max_uses"] is None for r in tokens.values())
-        assert s.scalar("SELECT count(*) FROM devices WHERE revoked_at IS NULL") == 3
+        seqs = {r["device_id"]: r["enrolled_seq"] for r in s.all("SELECT * FROM devices")}
+        assert seqs == {"host-1": 1, "host-2": 2, "late-1": 4}
+        assert s.scalar("SELECT started_seq FROM rollouts") == 3
+        counted = {r[0]: r[1] for r in s.all("SELECT directive_id, counted FROM directives")}
+        assert counted == {"d1": 1, "d2": 0, "d3": 1, "d4": 0}
         # The server reads it: the views of tokens and of the rollout in progress.
         svc = RecoveryService(store=s, server_key=SigningKey.generate())
         states = {t.label: t.state for t in svc.enrollment_tokens(console("test"))}
         assert states == {"forever": "expired", "dated": "active"}
         [wave] = svc.rollout(console("test"), "ro-1").waves
-        assert (wave.served, wave.pending) == (4, 4)
+        assert (wave.served, wave.counted, wave.pending) == (4, 2, 2)
     finally:
         s.close()

@@ -281,9 +281,14 @@ class Remediation(_Answer):
 
 
 class WaveProgress(_Answer):
+    """``served`` counts every directive of the wave; ``counted`` the devices whose outcome
+    moves its gate (enrolled before the rollout started, once each), and ``succeeded``,
+    ``failed`` and ``pending`` are theirs."""
+
     name: str
     reached: bool
     served: int
+    counted: int
     succeeded: int
     failed: int
     pending: int
