@@ -71,6 +71,29 @@ def drive(driver, url: str, token: str, shot: str, actions):
     return result
 
 
+# The page re-renders every few seconds, replacing its elements: an element found in one
+# WebDriver call may be gone by the next. These read and click inside the page in one call.
+
+
+def text(driver, css: str) -> str:
+    """The text of the first element matching ``css`` now, or "" if there is none."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css
+    )
+
+
+def click(driver, css: str, label: str) -> None:
+    """Click the button labelled ``label`` inside the element matching ``css``."""
+    found = driver.execute_script(
+        "const box = document.querySelector(arguments[0]);"
+        "const b = box && [...box.querySelectorAll('button')].find(b => b.textContent === arguments[1]);"
+        "if (b) b.click(); return !!b;",
+        css,
+        label,
+    )
+    assert found, f"no {label!r} button in {css}"
+
+
 @SQLITE_ONLY
 @pytest.mark.timeout(180)
 async def test_approve_pause_and_resume_from_the_page(fleet, browser):
@@ -79,42 +102,27 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     revoked = ids["sim"].devices[5].device_id
     fleet.service.revoke_device(fleet.admin, revoked)
 
+    remediation = f'#remediations tr[data-id="{ids["remediation"]}"]'
+    rollout = f'.rollout[data-id="{ids["rollout"]}"]'
+
     def actions(driver, wait, By):
         seen = {
             "who": driver.find_element(By.ID, "who").text,
-            "incident": driver.find_element(By.CSS_SELECTOR, "#incidents tr[data-id]").text,
+            "incident": text(driver, "#incidents tr[data-id]"),
             "devices": len(driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]")),
-            # Read in the page at once: a refresh may replace the rows between two calls.
-            "revoked": driver.execute_script(
-                "return document.querySelector(arguments[0]).innerText", f'#devices tr[data-id="{revoked}"]'
-            ),
-            "rollout": driver.execute_script(
-                "return document.querySelector(arguments[0]).innerText",
-                f'.rollout[data-id="{ids["rollout"]}"]',
-            ),
-            "audit": driver.find_element(By.ID, "audit").text,
+            "revoked": text(driver, f'#devices tr[data-id="{revoked}"]'),
+            "rollout": text(driver, rollout),
+            "audit": text(driver, "#audit"),
         }
-        row = driver.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]')
-        row.find_element(By.TAG_NAME, "button").click()
-        wait.until(lambda d: "Approve: done" in d.find_element(By.ID, "status").text)
-        wait.until(
-            lambda d: (
-                "approved"
-                in d.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]').text
-            )
-        )
-        ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
-        ro.find_element(By.XPATH, ".//button[text()='Pause']").click()
-        wait.until(lambda d: "Pause: done" in d.find_element(By.ID, "status").text)
-        wait.until(
-            lambda d: (
-                "paused" in d.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]').text
-            )
-        )
+        click(driver, remediation, "Approve")
+        wait.until(lambda d: "Approve: done" in text(d, "#status"))
+        wait.until(lambda d: "approved" in text(d, remediation))
+        click(driver, rollout, "Pause")
+        wait.until(lambda d: "Pause: done" in text(d, "#status"))
+        wait.until(lambda d: "paused" in text(d, rollout))
         seen["paused"] = fleet.service.rollout(fleet.viewer, ids["rollout"]).state
-        ro = driver.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]')
-        ro.find_element(By.XPATH, ".//button[text()='Resume']").click()
-        wait.until(lambda d: "Resume: done" in d.find_element(By.ID, "status").text)
+        click(driver, rollout, "Resume")
+        wait.until(lambda d: "Resume: done" in text(d, "#status"))
         return seen
 
     seen = await asyncio.to_thread(drive, browser, fleet.url, token, "approver.png", actions)
