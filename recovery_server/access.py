@@ -47,6 +47,10 @@ class Operation(Enum):
     REVOKE_ROLLOUT = "revoke a rollout"
     ADD_USER = "add a person"
     MAKE_ENROLLMENT_TOKEN = "make a fleet enrollment token"
+    READ_ENROLLMENT_TOKENS = "see the enrollment tokens"
+    REVOKE_ENROLLMENT_TOKEN = "revoke an enrollment token"
+    REVOKE_DEVICE = "revoke a device"
+    REPLACE_DEVICE_KEY = "replace a device's key"
 
 
 NEEDS: dict[Operation, Role] = {
@@ -62,6 +66,11 @@ NEEDS: dict[Operation, Role] = {
     Operation.REVOKE_ROLLOUT: "approver",
     Operation.ADD_USER: "admin",
     Operation.MAKE_ENROLLMENT_TOKEN: "admin",
+    Operation.READ_ENROLLMENT_TOKENS: "admin",
+    Operation.REVOKE_ENROLLMENT_TOKEN: "admin",
+    # Who may speak for a device is the admin's: a device's key decides whose reports count.
+    Operation.REVOKE_DEVICE: "admin",
+    Operation.REPLACE_DEVICE_KEY: "admin",
 }
 
 

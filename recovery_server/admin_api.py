@@ -6,6 +6,8 @@ shared with ``recovery-admin`` and the tests.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from aiohttp import web
 
 from recovery_agent.protocol.admin import (
@@ -13,7 +15,9 @@ from recovery_agent.protocol.admin import (
     AuditEntry,
     AuditReport,
     Device,
+    DeviceKeyRequest,
     EnrollmentToken,
+    EnrollmentTokenInfo,
     EnrollmentTokenRequest,
     Incident,
     IncidentDetail,
@@ -97,7 +101,28 @@ async def create_user(request: web.Request) -> web.Response:
 async def create_enrollment_token(request: web.Request) -> web.Response:
     user = person(request)
     body = await read_body(request, EnrollmentTokenRequest)
-    return answer(service(request).create_enrollment_token(user, body.label), status=201)
+    token = service(request).create_enrollment_token(
+        user, body.label, timedelta(seconds=body.expires_in_s), body.max_uses
+    )
+    return answer(token, status=201)
+
+
+async def list_enrollment_tokens(request: web.Request) -> web.Response:
+    return answer(service(request).enrollment_tokens(person(request)))
+
+
+async def revoke_enrollment_token(request: web.Request) -> web.Response:
+    return answer(service(request).revoke_enrollment_token(person(request), request.match_info["token_id"]))
+
+
+async def revoke_device(request: web.Request) -> web.Response:
+    return answer(service(request).revoke_device(person(request), request.match_info["device_id"]))
+
+
+async def replace_device_key(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, DeviceKeyRequest)
+    return answer(service(request).replace_device_key(user, request.match_info["device_id"], body.public_key))
 
 
 async def list_events(request: web.Request) -> web.Response:
@@ -147,6 +172,25 @@ ROUTES: tuple[Route, ...] = (
         response=Device,
         many=True,
         errors=_ADMIN,
+    ),
+    Route(
+        "POST",
+        "/v1/admin/devices/{device_id}/revoke",
+        revoke_device,
+        "Revoke a device: its messages are refused, its outcomes no longer count (admin)",
+        auth="admin",
+        response=Device,
+        errors=(*_ADMIN, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/devices/{device_id}/key",
+        replace_device_key,
+        "Give a known device a new key: a reinstalled machine, or an id another took first (admin)",
+        auth="admin",
+        body=DeviceKeyRequest,
+        response=Device,
+        errors=(400, *_ADMIN, 404, 409, 413),
     ),
     Route(
         "GET",
@@ -295,6 +339,25 @@ ROUTES: tuple[Route, ...] = (
         response=EnrollmentToken,
         status=201,
         errors=(400, *_ADMIN, 413),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/enrollment-tokens",
+        list_enrollment_tokens,
+        "Enrollment tokens: expiry, uses, state (admin)",
+        auth="admin",
+        response=EnrollmentTokenInfo,
+        many=True,
+        errors=_ADMIN,
+    ),
+    Route(
+        "POST",
+        "/v1/admin/enrollment-tokens/{token_id}/revoke",
+        revoke_enrollment_token,
+        "Revoke an enrollment token (admin)",
+        auth="admin",
+        response=EnrollmentTokenInfo,
+        errors=(*_ADMIN, 404, 409),
     ),
     Route(
         "GET",

@@ -204,7 +204,7 @@ async def _rollout(c: AdminClient, args: argparse.Namespace) -> Output:
         return Output(
             ro,
             _rows(ro.waves),
-            ["name", "reached", "served", "succeeded", "failed", "pending"],
+            ["name", "reached", "served", "counted", "succeeded", "failed", "pending"],
             heading=f"{ro.rollout_id} for {ro.remediation_id}: {ro.state} ({ro.reason})",
         )
     return Output(await c.set_rollout_state(args.rollout_id, args.rocmd))
@@ -234,6 +234,45 @@ async def _audit(c: AdminClient, args: argparse.Namespace) -> Output:
     return Output(events, _rows(events), ["seq", "at", "kind", "actor", "device_id", "subject", "detail"])
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> int:
+    """``90s``, ``30m``, ``24h``, ``7d`` or plain seconds, as whole seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    if not number.isdigit() or len(number) > 9:
+        raise CommandError(f"--expires {text!r}: give a duration such as 30m, 24h or 7d")
+    return int(number) * _UNITS[unit]
+
+
+async def _enrollment_token(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.etcmd == "list":
+        tokens = await c.enrollment_tokens()
+        rows = [
+            dict(t, uses=f"{t['used']}/{t['max_uses'] if t['max_uses'] is not None else 'any'}")
+            for t in _rows(tokens)
+        ]
+        return Output(tokens, rows, ["token_id", "label", "state", "uses", "expires_at", "created_by"])
+    if args.etcmd == "revoke":
+        return Output(await c.revoke_enrollment_token(args.token_id))
+    expires = duration_s(args.expires) if args.expires else None
+    return Output(await c.create_enrollment_token(args.label, expires, args.uses))
+
+
+async def _device(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.dcmd == "revoke":
+        return Output(await c.revoke_device(args.device_id))
+    if args.dcmd == "rekey":
+        return Output(await c.replace_device_key(args.device_id, args.public_key))
+    devices = await c.devices()
+    rows = [dict(d, state="revoked" if d["revoked_at"] else d["state"]) for d in _rows(devices)]
+    return Output(
+        devices,
+        rows,
+        ["device_id", "state", "recovery_attempts", "last_seen", "enrolled_with", "hostname"],
+    )
+
+
 def _token_file(path: str | None) -> str | None:
     if not path:
         return None
@@ -250,13 +289,8 @@ async def _run(args: argparse.Namespace) -> Output:
         cmd = args.cmd
         if cmd == "whoami":
             return Output(await c.whoami())
-        if cmd == "devices":
-            devices = await c.devices()
-            return Output(
-                devices,
-                _rows(devices),
-                ["device_id", "state", "recovery_attempts", "last_seen", "hostname"],
-            )
+        if cmd in ("devices", "device"):
+            return await _device(c, args)
         if cmd == "incidents":
             return await _incidents(c, args)
         if cmd == "suggest":
@@ -270,7 +304,7 @@ async def _run(args: argparse.Namespace) -> Output:
         if cmd == "user":
             return Output(await c.create_user(args.name, args.role))
         if cmd == "enrollment-token":
-            return Output(await c.create_enrollment_token(args.label))
+            return await _enrollment_token(c, args)
         if cmd in ("audit", "events"):
             return await _audit(c, args)
     raise CommandError(f"unknown command {cmd}")
@@ -289,7 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON (also accepted after the command)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("whoami")
-    sub.add_parser("devices", help="list devices and their state")
+    sub.add_parser("devices", help="list devices and their state").set_defaults(dcmd="list")
+    d = sub.add_parser("device", help="list, revoke a device, or give it a new key (admin)")
+    dsub = d.add_subparsers(dest="dcmd", required=True)
+    dsub.add_parser("list", help="every device, its state and the token that enrolled it")
+    dsub.add_parser(
+        "revoke", help="refuse the device's messages from now on; its outcomes stop counting"
+    ).add_argument("device_id")
+    dk = dsub.add_parser(
+        "rekey",
+        help="give a known device a new key (a reinstalled machine, or an id another took first); "
+        "the old key stops working",
+    )
+    dk.add_argument("device_id")
+    dk.add_argument(
+        "--public-key", required=True, help="the machine's public key, as its refused enrollment printed it"
+    )
     i = sub.add_parser("incidents", help="list incidents, or show one")
     i.add_argument("incident_id", nargs="?")
     s = sub.add_parser("suggest", help="propose a fix for an incident from its reports")
@@ -339,8 +388,29 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("user", help="add a user (admin only); prints their token once")
     u.add_argument("name")
     u.add_argument("--role", required=True, choices=get_args(Role))
-    t = sub.add_parser("enrollment-token", help="make a fleet enrollment token (admin only)")
-    t.add_argument("--label", default="fleet")
+    t = sub.add_parser(
+        "enrollment-token", help="make, list or revoke enrollment tokens (admin only); default: create"
+    )
+    tsub = t.add_subparsers(dest="etcmd")
+    tc = tsub.add_parser("create", help="make a token; it is printed this once")
+    # Also accepted without "create" (the command's older form): the defaults live on the parent
+    # only, so that "create" does not overwrite what was given before it.
+    for parser in (t, tc):
+        own = parser is t
+        parser.add_argument("--label", default="fleet" if own else argparse.SUPPRESS)
+        parser.add_argument(
+            "--expires",
+            default=None if own else argparse.SUPPRESS,
+            help="how long it enrolls devices: 30m, 24h, 7d (default 24h, at most 365d)",
+        )
+        parser.add_argument(
+            "--uses",
+            type=int,
+            default=None if own else argparse.SUPPRESS,
+            help="how many devices it may enroll (default: any number until it expires)",
+        )
+    tsub.add_parser("list", help="every token: state, uses, expiry (never the token itself)")
+    tsub.add_parser("revoke", help="the token enrolls nobody from now on").add_argument("token_id")
     e = sub.add_parser("events", help="the timeline")
     e.add_argument("--device")
     e.add_argument("--after", type=int, default=0)

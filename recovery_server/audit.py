@@ -49,9 +49,10 @@ def record(
     device_id: str | None = None,
     subject: str | None = None,
     detail: Any = "",
-) -> None:
-    """Append one entry to the log, inside the caller's write transaction. ``detail`` is text,
-    or anything JSON can hold (kept as canonical JSON)."""
+) -> int:
+    """Append one entry to the log, inside the caller's write transaction; its sequence
+    number, which orders it among everything the server did. ``detail`` is text, or anything
+    JSON can hold (kept as canonical JSON)."""
     if not isinstance(detail, str):
         detail = json.dumps(detail, sort_keys=True)
     head = tx.one("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
@@ -83,6 +84,7 @@ def record(
     updated = tx.execute("UPDATE schema_meta SET value = ? WHERE key = 'audit_head'", f"{seq}:{digest}")
     if updated.rowcount == 0:
         tx.execute("INSERT INTO schema_meta VALUES ('audit_head', ?)", f"{seq}:{digest}")
+    return int(seq)
 
 
 def verify_chain(store: Store, expect_head: str | None = None) -> AuditReport:

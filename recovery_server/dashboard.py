@@ -1,7 +1,8 @@
 """The web dashboard: one page served by the recovery server itself, using the admin API with
 the person's own token (kept in the tab's sessionStorage), so the same roles apply as on the
-command line. Incidents, devices, remediations with their approvals, rollouts with per-wave
-progress; approve, pause and resume from the page.
+command line. Incidents; devices, revoked ones marked, with the token that enrolled each;
+remediations with their approvals; rollouts with per-wave progress (served, and counted for
+the gates); approve, pause and resume from the page.
 
 No build step and no framework: the page is plain HTML, CSS and JavaScript served from here,
 under a Content-Security-Policy that allows only this server's own scripts. Every value from
@@ -62,7 +63,7 @@ button:hover { background: #eef3f8; }
 .state-approved, .state-completed, .state-healthy, .state-active, .ok { color: #1a7f37; font-weight: 600; }
 .state-halted, .state-revoked, .state-needs_manual, .state-remediation_failed, .bad { color: #c62828; font-weight: 600; }
 .state-paused, .state-pending, .state-recovering { color: #9a6700; font-weight: 600; }
-.wave { display: grid; grid-template-columns: 8em 1fr 20em; gap: .6em; align-items: center; margin: .3em 0; }
+.wave { display: grid; grid-template-columns: 8em 1fr 26em; gap: .6em; align-items: center; margin: .3em 0; }
 .bar { height: .9em; background: #eef0f2; border-radius: 3px; overflow: hidden; display: flex; }
 .bar .s { background: #2da44e; } .bar .f { background: #cf222e; } .bar .p { background: #bf8700; }
 .rollout { border-top: 1px solid #eef0f2; padding: .5em 0; }
@@ -130,11 +131,11 @@ function rolloutView(ro) {
     const row = el("div", null, "wave");
     row.append(el("span", (i === ro.current_wave ? "\u25b6 " : "") + w.name));
     const bar = el("div", null, "bar");
-    const total = Math.max(w.served, 1);
+    const total = Math.max(w.counted, 1);
     for (const [cls, n] of [["s", w.succeeded], ["f", w.failed], ["p", w.pending]]) {
       const part = el("span", null, cls); part.style.width = (100 * n / total) + "%"; bar.append(part);
     }
-    row.append(bar, el("span", `${w.served} served, ${w.succeeded} ok, ${w.failed} failed, ${w.pending} pending`));
+    row.append(bar, el("span", `${w.served} served, ${w.counted} counted: ${w.succeeded} ok, ${w.failed} failed, ${w.pending} pending`));
     box.append(row);
   });
   if (ro.state === "active") box.append(button("Pause", () => api("POST", `/rollouts/${ro.rollout_id}/pause`)));
@@ -160,7 +161,9 @@ async function refresh() {
                      td.append(button("Approve", () => api("POST", `/remediations/${r.remediation_id}/approve`))); });
     $("rollouts").replaceChildren(...(rollouts.length ? rollouts.map(rolloutView) : [el("p", "none")]));
     table("devices", [["device_id", "Device"], ["state", "State"], ["recovery_attempts", "Attempts"],
-      ["last_seen", "Last seen"]], devices);
+      ["last_seen", "Last seen"], ["enrolled_with", "Enrolled with"]],
+      devices.map((d) => ({...d, state: d.revoked_at ? "revoked" : d.state,
+                           enrolled_with: d.enrolled_with || "an admin"})));
     $("audit").textContent = `${audit.entries} entries, ` + (audit.ok ? "hash chain intact" : "CHAIN BROKEN: " + audit.problems.join("; "));
     $("audit").className = audit.ok ? "ok" : "bad";
   } catch (e) {

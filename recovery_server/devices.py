@@ -1,13 +1,36 @@
-"""Devices and their enrollment: which keys the server trusts, and for which device.
+"""Devices and their enrollment: which keys the server trusts, for which device, since when.
 
-1. An admin makes a fleet enrollment token (kept only as its sha256).
-2. A healthy device enrolls its Ed25519 key: the enrollment is signed by that very key (proof
-   of possession) and carries the token. A device id keeps its first key for good: a key
-   cannot be replaced over the network, so a stolen token cannot take over a device.
-3. Before each report the device asks for a challenge: a server nonce that works once and
+1. An admin makes an enrollment token (``create_enrollment_token``). It is shown once and kept
+   only as its sha256; its id (``et-`` and the start of that hash) names it from then on. It
+   enrolls devices for a day unless the admin says otherwise (at most a year), any number of
+   them or ``max_uses``; an admin lists and revokes tokens. Each of these is audited.
+2. A healthy device enrolls its Ed25519 key (``enroll``): the enrollment is signed by that very
+   key (proof of possession) and carries a token that has not expired, been used up or been
+   revoked. A new device spends one use of its token; the same key enrolling again is answered
+   ``already_enrolled`` and spends nothing.
+3. A device id keeps its key. Another key for a known id is refused over the network (409),
+   whoever holds a token, and the refusal names the fix: an admin gives the id its new key
+   (``replace_key``): a reinstalled machine, or a real machine whose id a stranger took first.
+   The old key stops working at once, and what it was served no longer counts in any rollout.
+   An admin can also revoke a device (``revoke``): every message it signs is then refused, and
+   its outcomes stop counting, until an admin gives it a key again.
+4. A device records which token enrolled it and when its key was enrolled, as the sequence
+   number of that entry in the audit log (``enrolled_seq``): one order for everything the
+   server did, so "enrolled before this rollout started" has one answer on every server
+   process (``rollout.py`` counts only those devices).
+5. Before each report the device asks for a challenge: a server nonce that works once and
    only until ``nonce_ttl`` has passed (``use_nonce``).
-4. Every later message of the device is opened against its enrolled key (``open_message``),
-   and must name the device whose key signed it.
+6. Every later message of the device is opened against its enrolled key (``open_message``),
+   must name the device whose key signed it, and is refused if that device was revoked.
+
+Why so: a token lets machines enroll; it cannot vouch that a machine is real, and it is the one
+secret every machine being set up must hold, so it leaks. A holder of a token alone can
+therefore add devices, but cannot take over an enrolled id, cannot outlive the token's expiry,
+uses or revocation, and cannot move a rollout with devices enrolled after the rollout started
+(they are served the fix, as a real new machine must be, but their outcomes do not count).
+Devices enrolled with a token before a rollout started do count: the token's limits bound that
+window, every device shows the token that enrolled it, and an admin who finds fakes revokes
+them, which takes them out of every gate.
 """
 
 from __future__ import annotations
@@ -20,16 +43,25 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from recovery_agent.protocol import envelope, keys
-from recovery_agent.protocol.admin import Device, EnrollmentToken
+from recovery_agent.protocol.admin import (
+    DEFAULT_TOKEN_LIFETIME_S,
+    MAX_TOKEN_LIFETIME_S,
+    Device,
+    EnrollmentToken,
+    EnrollmentTokenInfo,
+    EnrollmentTokenState,
+)
 from recovery_agent.protocol.envelope import EnvelopeError, Verified
 from recovery_agent.protocol.wire import Challenge, SignedMessage
 
-from . import audit
+from . import audit, rollout
 from .access import Operation, User, require
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
-from .store import Store, Tx, iso, parse_iso, token_sha256
+from .store import Reader, Row, Store, Tx, iso, parse_iso, token_sha256
 
 M = TypeVar("M", bound=SignedMessage)
+
+TOKEN_PREFIX = "enr_"
 
 
 class DeviceKeyring(Mapping[str, Ed25519PublicKey]):
@@ -64,24 +96,94 @@ class Devices:
         self._nonce_ttl = nonce_ttl
         self.keyring = DeviceKeyring(store)
 
+    # ---------------------------------------------------------------- enrollment tokens
+
     def create_enrollment_token(
-        self, user: User, label: str = "fleet", valid_for: timedelta | None = None
+        self,
+        user: User,
+        label: str = "fleet",
+        valid_for: timedelta = timedelta(seconds=DEFAULT_TOKEN_LIFETIME_S),
+        max_uses: int | None = None,
     ) -> EnrollmentToken:
+        """A new token, shown this once: it enrolls devices until ``valid_for`` has passed,
+        at most ``max_uses`` of them (any number if None), or until an admin revokes it."""
         require(user, Operation.MAKE_ENROLLMENT_TOKEN)
-        token = "enr_" + secrets.token_urlsafe(24)
+        if not timedelta(minutes=1) <= valid_for <= timedelta(seconds=MAX_TOKEN_LIFETIME_S):
+            raise BadRequest(
+                f"an enrollment token lives from a minute to {MAX_TOKEN_LIFETIME_S // 86400} days, "
+                f"not {valid_for}: give another --expires"
+            )
+        if max_uses is not None and max_uses < 1:
+            raise BadRequest(f"max_uses must be 1 or more, not {max_uses}")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(24)
+        digest = token_sha256(token)
+        token_id = token_id_of(digest)
         now = self._now()
-        expires = iso(now + valid_for) if valid_for else None
+        expires = now + valid_for
         with self._store.tx() as tx:
             tx.execute(
-                "INSERT INTO enrollment_tokens VALUES (?,?,?,?,?)",
-                token_sha256(token),
+                "INSERT INTO enrollment_tokens(token_sha256, label, created_by, created_at, expires_at, "
+                "token_id, max_uses) VALUES (?,?,?,?,?,?,?)",
+                digest,
                 label,
                 user.name,
                 iso(now),
-                expires,
+                iso(expires),
+                token_id,
+                max_uses,
             )
-            audit.record(tx, iso(now), "enrollment_token.created", user.name, subject=label)
-        return EnrollmentToken(token=token, label=label)
+            audit.record(
+                tx,
+                iso(now),
+                "enrollment_token.created",
+                user.name,
+                subject=token_id,
+                detail={"label": label, "expires_at": iso(expires), "max_uses": max_uses},
+            )
+        return EnrollmentToken(
+            token=token, token_id=token_id, label=label, expires_at=expires, max_uses=max_uses
+        )
+
+    def enrollment_tokens(self, user: User) -> list[EnrollmentTokenInfo]:
+        require(user, Operation.READ_ENROLLMENT_TOKENS)
+        now = self._now()
+        return [
+            _token_view(r, now)
+            for r in self._store.all("SELECT * FROM enrollment_tokens ORDER BY created_at, token_id")
+        ]
+
+    def revoke_enrollment_token(self, user: User, token_id: str) -> EnrollmentTokenInfo:
+        """From now on the token enrolls nobody; the devices it enrolled stay (an admin revokes
+        those one by one: ``revoke``; ``devices`` shows which token enrolled each)."""
+        require(user, Operation.REVOKE_ENROLLMENT_TOKEN)
+        now = self._now()
+        with self._store.tx() as tx:
+            row = tx.one("SELECT * FROM enrollment_tokens WHERE token_id = ?", token_id)
+            if row is None:
+                raise NotFound(
+                    f"no enrollment token {token_id}: list them with recovery-admin enrollment-token list"
+                )
+            if row["revoked_at"]:
+                raise Conflict(f"enrollment token {token_id} was revoked already, by {row['revoked_by']}")
+            tx.execute(
+                "UPDATE enrollment_tokens SET revoked_at = ?, revoked_by = ? WHERE token_id = ?",
+                iso(now),
+                user.name,
+                token_id,
+            )
+            audit.record(
+                tx,
+                iso(now),
+                "enrollment_token.revoked",
+                user.name,
+                subject=token_id,
+                detail={"label": row["label"], "used": row["used"]},
+            )
+            row = tx.one("SELECT * FROM enrollment_tokens WHERE token_id = ?", token_id)
+        assert row is not None
+        return _token_view(row, now)
+
+    # ---------------------------------------------------------------- enrollment
 
     def enroll(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -94,34 +196,45 @@ class Devices:
             tok = tx.one(
                 "SELECT * FROM enrollment_tokens WHERE token_sha256 = ?", token_sha256(e.enrollment_token)
             )
-            if tok is None or (tok["expires_at"] and parse_iso(tok["expires_at"]) <= now):
-                raise Unauthorized(
-                    "enrollment token not valid or expired: get one from an admin "
-                    "(recovery-admin enrollment-token)"
-                )
+            _check_token(tok, now, new_device=False)
+            assert tok is not None
             existing = tx.one("SELECT * FROM devices WHERE device_id = ?", e.device_id)
             if existing is not None:
+                if existing["revoked_at"]:
+                    raise Unauthorized(_revoked(existing, e.public_key))
                 if existing["key_id"] == verified.key_id:
                     return {"device_id": e.device_id, "key_id": verified.key_id, "status": "already_enrolled"}
                 raise Conflict(
-                    f"device {e.device_id} is enrolled with another key, and a key cannot "
-                    "be replaced over the network: enroll the reinstalled machine under "
-                    "a new device id"
+                    f"device {e.device_id} is enrolled with another key (key {existing['key_id'][:16]}…, "
+                    f"since {existing['enrolled_at']}), and a key cannot be replaced over the network. "
+                    f"If this machine is {e.device_id} (reinstalled, or another machine took its id "
+                    f"first), an admin gives it this key: recovery-admin device rekey {e.device_id} "
+                    f"--public-key {e.public_key}; then enroll again"
                 )
-            if tx.one("SELECT 1 FROM devices WHERE key_id = ?", verified.key_id):
-                raise Conflict("this key is enrolled for another device: make a key per device")
+            other = tx.scalar("SELECT device_id FROM devices WHERE key_id = ?", verified.key_id)
+            if other is not None:
+                raise Conflict(f"this key is enrolled for device {other}: make a key per device")
+            _check_token(tok, now, new_device=True)
+            seq = audit.record(
+                tx,
+                iso(now),
+                "device.enrolled",
+                e.device_id,
+                e.device_id,
+                detail={"key_id": verified.key_id, "token": tok["token_id"]},
+            )
             tx.execute(
-                "INSERT INTO devices(device_id, public_key, key_id, hostname, enrolled_at) "
-                "VALUES (?,?,?,?,?)",
+                "INSERT INTO devices(device_id, public_key, key_id, hostname, enrolled_at, enrolled_seq, "
+                "enrolled_with) VALUES (?,?,?,?,?,?,?)",
                 e.device_id,
                 e.public_key,
                 verified.key_id,
                 e.hostname,
                 iso(now),
+                seq,
+                tok["token_id"],
             )
-            audit.record(
-                tx, iso(now), "device.enrolled", e.device_id, e.device_id, detail={"key_id": verified.key_id}
-            )
+            tx.execute("UPDATE enrollment_tokens SET used = used + 1 WHERE token_id = ?", tok["token_id"])
         return {"device_id": e.device_id, "key_id": verified.key_id, "status": "enrolled"}
 
     def challenge(self, device_id: str) -> Challenge:
@@ -152,27 +265,184 @@ class Devices:
 
     def open_message(self, raw: bytes, model: type[M]) -> Verified[M]:
         """The device message in ``raw``, verified against the enrolled key that signed it;
-        refused unless it names the device that key belongs to."""
+        refused unless it names the device that key belongs to, and that device is not revoked."""
         try:
             verified = envelope.open_envelope(raw, model, self.keyring)
         except EnvelopeError as exc:
             raise (Unauthorized if isinstance(exc, envelope.UnknownKey) else BadRequest)(str(exc)) from None
-        signer = self._store.scalar("SELECT device_id FROM devices WHERE key_id = ?", verified.key_id)
+        signer = self._store.one("SELECT * FROM devices WHERE key_id = ?", verified.key_id)
         named = getattr(verified.message, "device_id", None)
-        if signer != named:
+        if signer is None or signer["device_id"] != named:
             raise Unauthorized(
-                f"{model.__name__} names device {named!r} but is signed by the key of {signer!r}"
+                f"{model.__name__} names device {named!r} but is signed by the key of "
+                f"{signer['device_id'] if signer else None!r}"
             )
+        if signer["revoked_at"]:
+            raise Unauthorized(_revoked(signer))
         return verified
+
+    def refuse_revoked(self, db: Reader, device_id: str) -> None:
+        """Raise Unauthorized if an admin revoked ``device_id`` (a poll names its device only
+        through its report)."""
+        row = db.one("SELECT * FROM devices WHERE device_id = ?", device_id)
+        if row is not None and row["revoked_at"]:
+            raise Unauthorized(_revoked(row))
+
+    # ---------------------------------------------------------------- an admin's word on a device
+
+    def replace_key(self, user: User, device_id: str, public_key: str) -> Device:
+        """``user`` gives a known device id a new key: a reinstalled machine, a real machine
+        whose id another took first, or a revoked device let back in. The old key stops
+        working; what it was served no longer counts in any rollout, and the new key counts
+        only in rollouts that start from now on."""
+        require(user, Operation.REPLACE_DEVICE_KEY)
+        try:
+            kid = keys.key_id(keys.public_from_b64(public_key))
+        except ValueError as exc:
+            raise BadRequest(f"public_key: {exc}") from None
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            dev = tx.one("SELECT * FROM devices WHERE device_id = ?", device_id)
+            if dev is None:
+                raise NotFound(
+                    f"no device {device_id}: a new device enrolls itself with an enrollment token "
+                    "(recovery-agent enroll)"
+                )
+            other = tx.scalar(
+                "SELECT device_id FROM devices WHERE key_id = ? AND device_id <> ?", kid, device_id
+            )
+            if other is not None:
+                raise Conflict(f"this key is enrolled for device {other}: each device needs its own key")
+            if dev["key_id"] == kid and not dev["revoked_at"]:
+                raise Conflict(f"device {device_id} has this key already")
+            seq = audit.record(
+                tx,
+                now,
+                "device.key_replaced",
+                user.name,
+                device_id,
+                detail={"old_key_id": dev["key_id"], "key_id": kid, "was_revoked": bool(dev["revoked_at"])},
+            )
+            tx.execute(
+                "UPDATE devices SET public_key = ?, key_id = ?, enrolled_at = ?, enrolled_seq = ?, "
+                "enrolled_with = NULL, revoked_at = NULL, revoked_by = NULL WHERE device_id = ?",
+                public_key,
+                kid,
+                now,
+                seq,
+                device_id,
+            )
+            _forget_key(tx, device_id)
+        return self._device(device_id)
+
+    def revoke(self, user: User, device_id: str) -> Device:
+        """``user`` revokes a device: every message it signs is refused from now on, and its
+        outcomes no longer count in any rollout, until an admin gives it a key again."""
+        require(user, Operation.REVOKE_DEVICE)
+        now = iso(self._now())
+        with self._store.tx() as tx:
+            dev = tx.one("SELECT * FROM devices WHERE device_id = ?", device_id)
+            if dev is None:
+                raise NotFound(f"no device {device_id}: list them with recovery-admin devices")
+            if dev["revoked_at"]:
+                raise Conflict(f"device {device_id} was revoked already, by {dev['revoked_by']}")
+            tx.execute(
+                "UPDATE devices SET revoked_at = ?, revoked_by = ? WHERE device_id = ?",
+                now,
+                user.name,
+                device_id,
+            )
+            _forget_key(tx, device_id)
+            audit.record(
+                tx,
+                now,
+                "device.revoked",
+                user.name,
+                device_id,
+                detail={"key_id": dev["key_id"], "enrolled_with": dev["enrolled_with"]},
+            )
+        return self._device(device_id)
 
     # ---------------------------------------------------------------- views
 
     def devices(self, user: User) -> list[Device]:
         require(user, Operation.READ_FLEET)
         return [
-            Device.model_validate(dict(r))
-            for r in self._store.all(
-                "SELECT device_id, hostname, key_id, enrolled_at, last_seen, state, recovery_attempts "
-                "FROM devices ORDER BY device_id"
-            )
+            _device_view(r)
+            for r in self._store.all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
         ]
+
+    def _device(self, device_id: str) -> Device:
+        row = self._store.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", device_id)
+        assert row is not None, "read after the change that found it"
+        return _device_view(row)
+
+
+_DEVICE_COLUMNS = (
+    "device_id, hostname, key_id, enrolled_at, enrolled_with, last_seen, state, recovery_attempts, revoked_at"
+)
+
+
+def _device_view(row: Row) -> Device:
+    return Device.model_validate(dict(row))
+
+
+def token_id_of(digest: str) -> str:
+    """The public id of the token whose sha256 is ``digest`` (schema step 3 names the tokens
+    made before it the same way)."""
+    return "et-" + digest[:12]
+
+
+def _token_state(row: Row, now: datetime) -> EnrollmentTokenState:
+    if row["revoked_at"]:
+        return "revoked"
+    if not row["expires_at"] or parse_iso(row["expires_at"]) <= now:
+        return "expired"
+    if row["max_uses"] is not None and row["used"] >= row["max_uses"]:
+        return "used_up"
+    return "active"
+
+
+def _token_view(row: Row, now: datetime) -> EnrollmentTokenInfo:
+    return EnrollmentTokenInfo.model_validate(
+        {
+            **dict(row),
+            "expires_at": row["expires_at"] or row["created_at"],
+            "state": _token_state(row, now),
+        }
+    )
+
+
+_GET_A_TOKEN = "get a new one from an admin (recovery-admin enrollment-token create)"
+
+
+def _check_token(row: Row | None, now: datetime, *, new_device: bool) -> None:
+    """Raise Unauthorized, naming why and the fix, unless the token may enroll a device now
+    (a ``new_device`` needs a use left; a device enrolling its own key again does not)."""
+    if row is None:
+        raise Unauthorized(f"enrollment token not valid: {_GET_A_TOKEN}")
+    state = _token_state(row, now)
+    name = f"enrollment token {row['token_id']} ({row['label']})"
+    if state == "revoked":
+        raise Unauthorized(
+            f"{name} was revoked by {row['revoked_by']} on {row['revoked_at']}: {_GET_A_TOKEN}"
+        )
+    if state == "expired":
+        raise Unauthorized(f"{name} expired on {row['expires_at'] or row['created_at']}: {_GET_A_TOKEN}")
+    if state == "used_up" and new_device:
+        raise Unauthorized(f"{name} has enrolled the {row['max_uses']} devices it allowed: {_GET_A_TOKEN}")
+
+
+def _revoked(device: Row, public_key: str = "KEY") -> str:
+    return (
+        f"device {device['device_id']} was revoked by {device['revoked_by']} on {device['revoked_at']}: "
+        "its messages are refused. If it is a machine of this fleet, an admin gives it a key again: "
+        f"recovery-admin device rekey {device['device_id']} --public-key {public_key}"
+    )
+
+
+def _forget_key(tx: Tx, device_id: str) -> None:
+    """The device's key is no longer trusted (revoked or replaced): its open challenges go,
+    and nothing it was served counts in any rollout (it may have been a stranger's)."""
+    tx.execute("DELETE FROM nonces WHERE device_id = ? AND used_at IS NULL", device_id)
+    rollout.stop_counting(tx, device_id)

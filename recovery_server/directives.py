@@ -10,7 +10,10 @@
    own signatures.
 3. Its outcome is recorded once: failed when the agent reports it could not apply it or the
    device reports a crash again; succeeded when the OS reports a healthy boot after it. Each
-   outcome lets the rollout re-judge its current wave.
+   outcome lets the rollout re-judge its current wave. Whether an outcome counts there at all
+   (the device enrolled before the rollout started, its first directive of the rollout) is
+   decided when the directive is made (``Rollouts.counts``) and kept with it.
+4. A revoked device is served nothing more: its polls are refused like its messages.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class Directives:
             report["poll_token_sha256"], token_sha256(poll_token)
         ):
             raise NotFound("no such report, or wrong poll token")
+        self._devices.refuse_revoked(self._store, report["device_id"])
         existing = self._store.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
         if existing:
             return DirectivePoll(status="directive", envelope=json.loads(existing["envelope"]))
@@ -120,6 +124,7 @@ class Directives:
         rem = approved_remediation(tx, report["incident_id"])
         assert rem is not None, "_due found it in this transaction"
         _, wave = self._rollouts.serving(tx, rem["remediation_id"], report["device_id"])
+        counted = self._rollouts.counts(tx, rem["remediation_id"], report["device_id"])
         now = self._now()
         approvals = [
             json.loads(r["envelope"])
@@ -144,7 +149,7 @@ class Directives:
         env = envelope.seal(directive, self._server_key)
         tx.execute(
             "INSERT INTO directives(directive_id, device_id, report_id, remediation_id, issued_at, "
-            "expires_at, envelope, wave) VALUES (?,?,?,?,?,?,?,?)",
+            "expires_at, envelope, wave, counted) VALUES (?,?,?,?,?,?,?,?,?)",
             directive.directive_id,
             directive.device_id,
             report["report_id"],
@@ -153,6 +158,7 @@ class Directives:
             iso(directive.expires_at),
             json.dumps(env),
             wave,
+            1 if counted else 0,
         )
         audit.record(
             tx,
@@ -161,7 +167,12 @@ class Directives:
             "server",
             directive.device_id,
             directive.directive_id,
-            {"remediation": rem["remediation_id"], "report": report["report_id"], "wave": wave},
+            {
+                "remediation": rem["remediation_id"],
+                "report": report["report_id"],
+                "wave": wave,
+                "counted": counted,
+            },
         )
         return DirectivePoll(status="directive", envelope=env)
 

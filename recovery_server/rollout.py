@@ -13,6 +13,21 @@ Success means the device later reported a healthy boot after applying the direct
 means the agent could not apply it, or the device crashed again (new diagnostics), or it ran
 out of recovery attempts. Everything else is pending.
 
+Who counts. Every device whose wave is open is served, but only some devices' outcomes move
+the gates (``counts``, decided once when the directive is made and kept with it):
+
+- the device's key was enrolled before the rollout started: the audit log's sequence number of
+  its enrollment is below the rollout's (``devices.py``). A holder of the enrollment token can
+  add devices at any time; those it adds once the rollout is under way, fakes or real new
+  machines, are served the fix but do not steer it (the rollout view shows them as served,
+  not counted);
+- it was seen failing before its directive: every directive answers the device's own signed
+  report of the incident's crash (``directives.py``);
+- once: only its first directive of the rollout counts, however many reports, results or
+  healthy boots it sends;
+- it is still trusted: revoking a device, or replacing its key, takes its directives out of
+  every count (``devices.py``).
+
 Wave membership is a pure function of the rollout id and the device id (a sha256 bucket from
 0 to 9999), so every server process computes the same waves and a device never moves
 between waves. A percentage wave holds the devices whose bucket falls below it, so waves are
@@ -60,7 +75,11 @@ def wave_of(plan: RolloutPlan, rollout_id: str, device_id: str) -> int:
 
 @dataclass(frozen=True)
 class WaveCounts:
+    """A wave's directives: ``served`` all of them; ``counted`` those whose outcome moves the
+    gate, and ``succeeded`` and ``failed`` among those."""
+
     served: int = 0
+    counted: int = 0
     succeeded: int = 0
     failed: int = 0
 
@@ -70,7 +89,11 @@ class WaveCounts:
 
     @property
     def pending(self) -> int:
-        return self.served - self.finished
+        return self.counted - self.finished
+
+    @property
+    def not_counted(self) -> int:
+        return self.served - self.counted
 
 
 @dataclass(frozen=True)
@@ -91,7 +114,8 @@ def decide(plan: RolloutPlan, current_wave: int, counts: WaveCounts, soaked_s: f
                 f"{plan.halt_failure_rate:.0%})",
             )
     if counts.finished < plan.min_devices:
-        return Decision("hold", f"{counts.finished} of {plan.min_devices} devices finished")
+        also = f" ({counts.not_counted} more served, not counted)" if counts.not_counted else ""
+        return Decision("hold", f"{counts.finished} of {plan.min_devices} devices finished{also}")
     success_rate = counts.succeeded / counts.finished
     if success_rate < plan.min_success_rate:
         return Decision("hold", f"success {success_rate:.0%} < {plan.min_success_rate:.0%}")
@@ -142,23 +166,25 @@ class Rollouts:
             if tx.one("SELECT 1 FROM rollouts WHERE remediation_id = ?", remediation_id):
                 raise Conflict(f"{remediation_id} has a rollout already")
             rollout_id = new_id("ro")
-            tx.execute(
-                "INSERT INTO rollouts(rollout_id, remediation_id, plan, state, current_wave, "
-                "wave_started_at, created_by, created_at) VALUES (?,?,?,'active',0,?,?,?)",
-                rollout_id,
-                remediation_id,
-                parsed.model_dump_json(),
-                now,
-                user.name,
-                now,
-            )
-            audit.record(
+            # Devices enrolled before this entry count in the rollout; those enrolled after do not.
+            started_seq = audit.record(
                 tx,
                 now,
                 "rollout.created",
                 user.name,
                 subject=rollout_id,
                 detail={"remediation": remediation_id, "waves": [w.name for w in parsed.waves]},
+            )
+            tx.execute(
+                "INSERT INTO rollouts(rollout_id, remediation_id, plan, state, current_wave, "
+                "wave_started_at, created_by, created_at, started_seq) VALUES (?,?,?,'active',0,?,?,?,?)",
+                rollout_id,
+                remediation_id,
+                parsed.model_dump_json(),
+                now,
+                user.name,
+                now,
+                started_seq,
             )
         return self._view(rollout_id)
 
@@ -232,6 +258,21 @@ class Rollouts:
         if ro["state"] != "active":
             return "pending", wave  # paused or halted: wait; a person may resume it
         return ("issue" if wave <= ro["current_wave"] else "pending"), wave
+
+    def counts(self, db: Reader, remediation_id: str, device_id: str) -> bool:
+        """Will the outcome of a directive of ``remediation_id`` made now for ``device_id`` move
+        its rollout's gates? Only for a trusted device enrolled before the rollout started, and
+        only for its first directive of the rollout (see "Who counts" above)."""
+        ro = db.one("SELECT started_seq FROM rollouts WHERE remediation_id = ?", remediation_id)
+        if ro is None:
+            return False  # no rollout, no gate
+        dev = db.one("SELECT enrolled_seq, revoked_at FROM devices WHERE device_id = ?", device_id)
+        if dev is None or dev["revoked_at"] or dev["enrolled_seq"] >= ro["started_seq"]:
+            return False
+        # By device only: a device has few directives, and this reads them through its own
+        # index where a query naming the remediation too may walk the whole rollout's.
+        served = db.all("SELECT remediation_id, counted FROM directives WHERE device_id = ?", device_id)
+        return not any(r["remediation_id"] == remediation_id and r["counted"] for r in served)
 
     def judge(self, tx: Tx, remediation_id: str) -> None:
         """Re-judge the rollout of ``remediation_id``, if it has one, after a device's outcome."""
@@ -325,6 +366,7 @@ class Rollouts:
                     name=w.name,
                     reached=i <= ro["current_wave"],
                     served=c.served,
+                    counted=c.counted,
                     succeeded=c.succeeded,
                     failed=c.failed,
                     pending=c.pending,
@@ -333,15 +375,25 @@ class Rollouts:
         return Rollout.model_validate({**dict(ro), "plan": plan, "gate": gate, "waves": waves})
 
 
+def stop_counting(tx: Tx, device_id: str) -> None:
+    """The device was revoked or its key replaced: none of its directives moves a gate again
+    (the next rollout counts it again if its new key was enrolled before that rollout started)."""
+    tx.execute("UPDATE directives SET counted = 0 WHERE device_id = ?", device_id)
+
+
 def _wave_counts(db: Reader, remediation_id: str, wave: int) -> WaveCounts:
     got = {
-        r[0]: r[1]
+        (bool(r[0]), r[1]): r[2]
         for r in db.all(
-            "SELECT outcome, count(*) FROM directives WHERE remediation_id = ? AND wave = ? GROUP BY outcome",
+            "SELECT counted, outcome, count(*) FROM directives WHERE remediation_id = ? AND wave = ? "
+            "GROUP BY counted, outcome",
             remediation_id,
             wave,
         )
     }
     return WaveCounts(
-        served=sum(got.values()), succeeded=got.get("succeeded", 0), failed=got.get("failed", 0)
+        served=sum(got.values()),
+        counted=sum(n for (counted, _), n in got.items() if counted),
+        succeeded=got.get((True, "succeeded"), 0),
+        failed=got.get((True, "failed"), 0),
     )

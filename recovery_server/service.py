@@ -3,14 +3,16 @@ module per concept, behind one facade (``RecoveryService``) that the HTTP layer,
 line, the lab and the tests call.
 
 Device side (``devices.py``, ``incidents.py``, ``directives.py``): a device enrolls its key
-with a fleet enrollment token; asks for a challenge; sends diagnostics signed by its key and
-carrying that challenge (each nonce works once); the report joins the incident of its crash
-signature; the device then polls for a directive. A directive is made only from a remediation
-that people other than its author approved, for the incident of that very report, only if the
-files it names are on that device with the reported content, and only once the device's
-rollout wave is open (``rollout.py``). It is signed by the server key and bound to the device,
-the agent's nonce, the hash of the diagnostics and an expiry. The device reports the result,
-and the OS reports its next healthy boot.
+with a fleet enrollment token (it expires, may be limited in uses, can be revoked; only an
+admin replaces a known device's key or revokes a device); asks for a challenge; sends
+diagnostics signed by its key and carrying that challenge (each nonce works once); the report
+joins the incident of its crash signature; the device then polls for a directive. A directive
+is made only from a remediation that people other than its author approved, for the incident
+of that very report, only if the files it names are on that device with the reported content,
+and only once the device's rollout wave is open (``rollout.py``, whose gates count only
+devices enrolled before the rollout started, once each). It is signed by the server key and
+bound to the device, the agent's nonce, the hash of the diagnostics and an expiry. The device
+reports the result, and the OS reports its next healthy boot.
 
 Admin side (``users.py``, ``remediations.py``, ``rollout.py``): people with roles and
 per-person tokens; operators write remediations (declarative actions only) and set rollouts;
@@ -28,10 +30,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from recovery_agent.protocol.admin import (
+    DEFAULT_TOKEN_LIFETIME_S,
     AuditEntry,
     AuditReport,
     Device,
     EnrollmentToken,
+    EnrollmentTokenInfo,
     Incident,
     IncidentDetail,
     NewUser,
@@ -109,9 +113,25 @@ class RecoveryService:
     # ---------------------------------------------------------------- devices
 
     def create_enrollment_token(
-        self, user: User, label: str = "fleet", valid_for: timedelta | None = None
+        self,
+        user: User,
+        label: str = "fleet",
+        valid_for: timedelta = timedelta(seconds=DEFAULT_TOKEN_LIFETIME_S),
+        max_uses: int | None = None,
     ) -> EnrollmentToken:
-        return self._devices.create_enrollment_token(user, label, valid_for)
+        return self._devices.create_enrollment_token(user, label, valid_for, max_uses)
+
+    def enrollment_tokens(self, user: User) -> list[EnrollmentTokenInfo]:
+        return self._devices.enrollment_tokens(user)
+
+    def revoke_enrollment_token(self, user: User, token_id: str) -> EnrollmentTokenInfo:
+        return self._devices.revoke_enrollment_token(user, token_id)
+
+    def revoke_device(self, user: User, device_id: str) -> Device:
+        return self._devices.revoke(user, device_id)
+
+    def replace_device_key(self, user: User, device_id: str, public_key: str) -> Device:
+        return self._devices.replace_key(user, device_id, public_key)
 
     def enroll(self, raw: bytes) -> dict[str, Any]:
         return self._devices.enroll(raw)

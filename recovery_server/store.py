@@ -10,7 +10,8 @@ never both serve a device or both promote a wave. The schema carries a version (
 SQL is written once, with ``?`` placeholders and portable types; the PostgreSQL connection
 translates the placeholders.
 
-Tables: users (admins with roles and token hashes), enrollment_tokens, devices, nonces
+Tables: users (admins with roles and token hashes), enrollment_tokens (hashes, expiry, uses,
+revocation), devices (keys, when and with which token enrolled, revocation), nonces
 (server challenges, each usable once), reports (diagnostics), incidents (reports clustered by
 crash signature), remediations and approvals, directives (signed, per device and report),
 results, health (good boots), events (the audit log, hash-chained: ``audit.py`` writes and
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 
 from .errors import ServerError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each version's changes over the one before, applied in order in one transaction; _SCHEMA
 # is version 1. Never edit a released step: add the next one.
@@ -40,6 +41,41 @@ _MIGRATIONS: dict[int, list[str]] = {
     2: [  # approvers' own keys and signed approvals
         "ALTER TABLE users ADD COLUMN public_key TEXT",
         "ALTER TABLE approvals ADD COLUMN envelope TEXT",
+    ],
+    3: [  # enrollment that cannot steer a rollout (devices.py, rollout.py)
+        # Enrollment tokens get a public id (from their hash, so old tokens have one too), a
+        # use limit and revocation. Tokens that never expired end with this upgrade: an old
+        # fleet token left in a script or an image must not enroll devices for ever.
+        "ALTER TABLE enrollment_tokens ADD COLUMN token_id TEXT",
+        "UPDATE enrollment_tokens SET token_id = 'et-' || substr(token_sha256, 1, 12)",
+        "CREATE UNIQUE INDEX enrollment_tokens_id ON enrollment_tokens(token_id)",
+        "ALTER TABLE enrollment_tokens ADD COLUMN max_uses INTEGER",
+        "ALTER TABLE enrollment_tokens ADD COLUMN used INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE enrollment_tokens ADD COLUMN revoked_at TEXT",
+        "ALTER TABLE enrollment_tokens ADD COLUMN revoked_by TEXT",
+        "UPDATE enrollment_tokens SET expires_at = created_at WHERE expires_at IS NULL",
+        # Devices: when their key was enrolled (the audit log's sequence number of that entry),
+        # with which token, and whether an admin revoked them.
+        "ALTER TABLE devices ADD COLUMN enrolled_seq BIGINT NOT NULL DEFAULT 0",
+        "UPDATE devices SET enrolled_seq = coalesce((SELECT max(seq) FROM events "
+        "WHERE kind = 'device.enrolled' AND events.device_id = devices.device_id), 0)",
+        "ALTER TABLE devices ADD COLUMN enrolled_with TEXT",
+        "ALTER TABLE devices ADD COLUMN revoked_at TEXT",
+        "ALTER TABLE devices ADD COLUMN revoked_by TEXT",
+        # Rollouts: when they started, in the same order; directives: whether their outcome
+        # moves the gate (the device's first, if its key was enrolled before the rollout).
+        "ALTER TABLE rollouts ADD COLUMN started_seq BIGINT NOT NULL DEFAULT 0",
+        "UPDATE rollouts SET started_seq = coalesce((SELECT min(seq) FROM events "
+        "WHERE kind = 'rollout.created' AND events.subject = rollouts.rollout_id), "
+        "(SELECT coalesce(max(seq), 0) + 1 FROM events))",
+        "ALTER TABLE directives ADD COLUMN counted INTEGER NOT NULL DEFAULT 0",
+        "DROP INDEX directives_rollout",
+        "CREATE INDEX directives_gate ON directives(remediation_id, wave, counted, outcome)",
+        "UPDATE directives SET counted = 1 WHERE directive_id IN (SELECT directive_id FROM "
+        "(SELECT directive_id, row_number() OVER (PARTITION BY device_id, remediation_id "
+        "ORDER BY issued_at, directive_id) AS n FROM directives) AS served WHERE n = 1) "
+        "AND (SELECT enrolled_seq FROM devices WHERE devices.device_id = directives.device_id) "
+        "< (SELECT started_seq FROM rollouts WHERE rollouts.remediation_id = directives.remediation_id)",
     ],
 }
 

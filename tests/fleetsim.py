@@ -1,10 +1,16 @@
-"""A simulated fleet: thousands of in-process devices against a real ``RecoveryService``.
+"""A simulated fleet: devices that speak the real protocol to a real recovery server.
 
 Each simulated device has its own Ed25519 key and goes through the real protocol: a signed
 enrollment, a challenge, signed diagnostics, polls for a directive, which it verifies against
 the pinned server key, then a signed result and, when its fix "works", a signed healthy
-boot. Only the device itself is simulated: what the fix does to it is a draw against
-``failure_rate(wave)``. Used by the rollout tests and ``scripts/bench_fleet.py``.
+boot. Only the device itself is simulated.
+
+- ``FleetSim``: thousands of devices calling a ``RecoveryService`` in process; what the fix
+  does to each is a draw against ``failure_rate(wave)``. Used by the rollout tests and
+  ``scripts/bench_fleet.py``.
+- ``HttpDevice``: one device over HTTP (``DeviceClient``), step by step, for tests that play a
+  device, honest or not, against a running server: what a stranger holding only the
+  enrollment token can do (``tests/test_enrollment.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from recovery_agent.protocol import envelope
+from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import (
@@ -23,6 +31,8 @@ from recovery_agent.protocol.wire import (
     CrashKind,
     CrashSignature,
     Diagnostics,
+    DiagnosticsReceipt,
+    Enrollment,
     FileRecord,
     Health,
     Result,
@@ -30,6 +40,9 @@ from recovery_agent.protocol.wire import (
     utcnow,
 )
 from recovery_server.service import RecoveryService
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 BAD_PATH = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
 BAD_SHA = "7196ba4e48181a86c3ed8cd1d28e0e6e4ea0d8ab40c8ea2d80c2f0a2e5c4d8a1"
@@ -71,8 +84,6 @@ class FleetSim:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
     def enroll_all(self, enrollment_token: str) -> None:
-        from recovery_agent.protocol.wire import Enrollment
-
         def go() -> None:
             for i in range(self.size):
                 dev = SimDevice(f"sim-{i:05d}", SigningKey.generate())
@@ -99,17 +110,7 @@ class FleetSim:
     def _report(self, dev: SimDevice) -> None:
         ch = self.service.challenge(dev.device_id)
         dev.agent_nonce = secrets.token_urlsafe(24)
-        d = Diagnostics(
-            device_id=dev.device_id,
-            server_nonce=ch.nonce,
-            agent_nonce=dev.agent_nonce,
-            created_at=utcnow(),
-            agent_version="sim",
-            boot=BootState(boot_count=2, boot_limit=2),
-            crash=CRASH,
-            system=SystemInfo(),
-            channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)],
-        )
+        d = crash_report(dev.device_id, ch.nonce, dev.agent_nonce)
         dev.report = self.service.accept_diagnostics(seal_bytes(d, dev.key))
 
     def round(self, failure_rate: Callable[[int | None], float]) -> int:
@@ -173,3 +174,103 @@ class FleetSim:
             if self.round(failure_rate) == 0 and self.round(failure_rate) == 0:
                 return n
         return max_rounds
+
+
+def crash_report(device_id: str, server_nonce: str, agent_nonce: str) -> Diagnostics:
+    """Diagnostics of the channel-file crash (``CRASH``) with the bad file on the device."""
+    return Diagnostics(
+        device_id=device_id,
+        server_nonce=server_nonce,
+        agent_nonce=agent_nonce,
+        created_at=utcnow(),
+        agent_version="sim",
+        boot=BootState(boot_count=2, boot_limit=2),
+        crash=CRASH,
+        system=SystemInfo(),
+        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)],
+    )
+
+
+@dataclass
+class HttpDevice:
+    """One device that speaks the protocol over HTTP, one step per call, as the agent (and the
+    OS's health check) would: whoever drives it decides what it claims. ``server_ring`` is the
+    pinned server key it verifies directives with."""
+
+    device_id: str
+    client: DeviceClient
+    server_ring: dict[str, Ed25519PublicKey]
+    key: SigningKey = field(default_factory=SigningKey.generate)
+    receipt: DiagnosticsReceipt | None = None
+    agent_nonce: str = ""
+    directive_id: str | None = None
+
+    @property
+    def public_key(self) -> str:
+        return public_b64(self.key.public)
+
+    async def enroll(self, token: str) -> dict:
+        msg = Enrollment(
+            device_id=self.device_id, public_key=self.public_key, enrollment_token=token, created_at=utcnow()
+        )
+        return await self.client.enroll(seal_bytes(msg, self.key))
+
+    async def report(self) -> DiagnosticsReceipt:
+        """Boot into recovery and report the channel-file crash."""
+        ch = await self.client.challenge(self.device_id)
+        self.agent_nonce = secrets.token_urlsafe(24)
+        d = crash_report(self.device_id, ch.nonce, self.agent_nonce)
+        self.receipt = await self.client.send_diagnostics(seal_bytes(d, self.key))
+        self.directive_id = None
+        return self.receipt
+
+    async def poll(self, wait_s: float = 0) -> str | None:
+        """One poll for the last report; the directive's id once one is served (verified)."""
+        assert self.receipt is not None, "report first"
+        answer = await self.client.poll_directive(self.receipt, wait_s)
+        if answer.status != "directive":
+            return None
+        v = envelope.open_directive(
+            answer.envelope,
+            self.server_ring,
+            device_id=self.device_id,
+            agent_nonce=self.agent_nonce,
+            diagnostics_sha256=self.receipt.diagnostics_sha256,
+            now=utcnow(),
+        )
+        self.directive_id = v.message.directive_id
+        return self.directive_id
+
+    async def recover(self) -> None:
+        """The fix applied, and the next boot was healthy: a result, then a healthy boot."""
+        assert self.directive_id, "poll until served first"
+        result = Result(
+            device_id=self.device_id,
+            directive_id=self.directive_id,
+            outcome="applied",
+            boot_count_reset=True,
+            created_at=utcnow(),
+        )
+        await self.client.send_result(seal_bytes(result, self.key))
+        await self.healthy()
+
+    async def healthy(self) -> dict:
+        health = Health(
+            device_id=self.device_id,
+            directive_id=self.directive_id,
+            boot_id=secrets.token_hex(8),
+            created_at=utcnow(),
+        )
+        return await self.client.send_health(seal_bytes(health, self.key))
+
+    async def fail(self) -> None:
+        """The agent could not apply the fix."""
+        assert self.directive_id, "poll until served first"
+        result = Result(
+            device_id=self.device_id,
+            directive_id=self.directive_id,
+            outcome="failed",
+            error="simulated failure",
+            created_at=utcnow(),
+        )
+        await self.client.send_result(seal_bytes(result, self.key))

@@ -58,6 +58,8 @@ incident_id = "{ids["incident"]}"
 remediation_id = "{ids["remediation"]}"
 rollout_id = "{ids["rollout"]}"
 report_id = "{ids["sim"].devices[1].report.report_id}"
+device_id = "{ids["sim"].devices[5].device_id}"
+token_id = "{fleet.service.enrollment_tokens(fleet.admin)[0].token_id}"
 """)
     cmd = [
         str(Path(sys.executable).parent / "schemathesis"),

@@ -97,43 +97,66 @@ def drive(driver, url: str, token: str, shot: str, actions):
     return result
 
 
+# The page re-renders every few seconds, replacing its elements: an element found in one
+# WebDriver call may be gone by the next. These read and click inside the page in one call.
+
+
+def text(driver, css: str) -> str:
+    """The text of the first element matching ``css`` now, or "" if there is none."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css
+    )
+
+
+def press(driver, css: str, label: str) -> None:
+    """Click the button labelled ``label`` inside the element matching ``css``."""
+    found = driver.execute_script(
+        "const box = document.querySelector(arguments[0]);"
+        "const b = box && [...box.querySelectorAll('button')].find(b => b.textContent === arguments[1]);"
+        "if (b) b.click(); return !!b;",
+        css,
+        label,
+    )
+    assert found, f"no {label!r} button in {css}"
+
+
 @SQLITE_ONLY
 @pytest.mark.timeout(300)
 async def test_approve_pause_and_resume_from_the_page(fleet, browser):
     ids = populate(fleet)
     token = fleet.service.create_user(fleet.admin, "bea", "approver").token
+    revoked = ids["sim"].devices[5].device_id
+    fleet.service.revoke_device(fleet.admin, revoked)
+
+    remediation = f'#remediations tr[data-id="{ids["remediation"]}"]'
+    rollout = f'.rollout[data-id="{ids["rollout"]}"]'
 
     def actions(driver, wait, By):
         seen = {
             "who": wait.until(lambda d: d.find_element(By.ID, "who").text),
-            "incident": wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#incidents tr[data-id]").text),
-            "devices": wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]"))),
-            "audit": wait.until(lambda d: d.find_element(By.ID, "audit").text),
+            "incident": wait.until(lambda d: text(d, "#incidents tr[data-id]")),
+            "devices": len(driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]")),
+            "revoked": wait.until(lambda d: text(d, f'#devices tr[data-id="{revoked}"]')),
+            "rollout": wait.until(lambda d: text(d, rollout)),
+            "audit": text(driver, "#audit"),
         }
-        click(wait, By, f'#remediations tr[data-id="{ids["remediation"]}"]', "button")
-        wait.until(lambda d: "Approve: done" in d.find_element(By.ID, "status").text)
-        wait.until(
-            lambda d: (
-                "approved"
-                in d.find_element(By.CSS_SELECTOR, f'#remediations tr[data-id="{ids["remediation"]}"]').text
-            )
-        )
-        click(wait, By, f'.rollout[data-id="{ids["rollout"]}"]', ".//button[text()='Pause']")
-        wait.until(lambda d: "Pause: done" in d.find_element(By.ID, "status").text)
-        wait.until(
-            lambda d: (
-                "paused" in d.find_element(By.CSS_SELECTOR, f'.rollout[data-id="{ids["rollout"]}"]').text
-            )
-        )
+        press(driver, remediation, "Approve")
+        wait.until(lambda d: "Approve: done" in text(d, "#status"))
+        wait.until(lambda d: "approved" in text(d, remediation))
+        press(driver, rollout, "Pause")
+        wait.until(lambda d: "Pause: done" in text(d, "#status"))
+        wait.until(lambda d: "paused" in text(d, rollout))
         seen["paused"] = fleet.service.rollout(fleet.viewer, ids["rollout"]).state
-        click(wait, By, f'.rollout[data-id="{ids["rollout"]}"]', ".//button[text()='Resume']")
-        wait.until(lambda d: "Resume: done" in d.find_element(By.ID, "status").text)
+        press(driver, rollout, "Resume")
+        wait.until(lambda d: "Resume: done" in text(d, "#status"))
         return seen
 
     seen = await asyncio.to_thread(drive, browser, fleet.url, token, "approver.png", actions)
     assert seen["who"] == "bea (approver)"
     assert "general protection fault in sensor_parse_channel" in seen["incident"]
     assert seen["devices"] == 6
+    assert "revoked" in seen["revoked"], seen["revoked"]
+    assert "0 served, 0 counted" in seen["rollout"], seen["rollout"]
     assert "hash chain intact" in seen["audit"]
     rem = fleet.service.remediation(fleet.viewer, ids["remediation"])
     assert rem.status == "approved" and [a.approver for a in rem.approvals] == ["bea"]

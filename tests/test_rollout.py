@@ -69,14 +69,28 @@ def test_waves_are_deterministic_cumulative_and_sized():
     assert set(waves) == {1, 2}
 
 
+def counts(served: int, succeeded: int = 0, failed: int = 0, not_counted: int = 0) -> WaveCounts:
+    return WaveCounts(served=served + not_counted, counted=served, succeeded=succeeded, failed=failed)
+
+
 def test_decide():
     p = plan()
-    assert decide(p, 0, WaveCounts(served=2, succeeded=1), 0).action == "hold"
-    assert decide(p, 0, WaveCounts(served=2, succeeded=2), 0).action == "promote"
-    assert decide(p, 0, WaveCounts(served=3, succeeded=2, failed=1), 0).action == "halt"
-    assert decide(plan(soak_s=60), 0, WaveCounts(served=2, succeeded=2), 10).action == "hold"
-    assert decide(p, 2, WaveCounts(served=5, succeeded=5), 0).action == "complete"
-    assert decide(p, 2, WaveCounts(served=6, succeeded=5), 0).action == "hold"  # one pending
+    assert decide(p, 0, counts(2, succeeded=1), 0).action == "hold"
+    assert decide(p, 0, counts(2, succeeded=2), 0).action == "promote"
+    assert decide(p, 0, counts(3, succeeded=2, failed=1), 0).action == "halt"
+    assert decide(plan(soak_s=60), 0, counts(2, succeeded=2), 10).action == "hold"
+    assert decide(p, 2, counts(5, succeeded=5), 0).action == "complete"
+    assert decide(p, 2, counts(6, succeeded=5), 0).action == "hold"  # one pending
+
+
+def test_decide_reads_only_the_devices_that_count():
+    """Devices served but not counted (enrolled after the rollout started, or served before)
+    neither pass a gate, nor halt it, nor hold the last wave open."""
+    p = plan()
+    hold = decide(p, 0, counts(1, succeeded=1, not_counted=90), 0)
+    assert hold.action == "hold" and hold.reason == "1 of 2 devices finished (90 more served, not counted)"
+    assert decide(p, 0, counts(2, succeeded=2, not_counted=3), 0).action == "promote"
+    assert decide(p, 2, counts(5, succeeded=5, not_counted=7), 0).action == "complete"
 
 
 # ---------------------------------------------------------------- on the service, both stores

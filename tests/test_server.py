@@ -427,6 +427,10 @@ ROLE_MATRIX = [
     ("POST", "/me/key", {"public_key": "A" * 43 + "="}, "viewer"),
     ("POST", "/users", {"name": "newbie", "role": "viewer"}, "admin"),
     ("POST", "/enrollment-tokens", {"label": "x"}, "admin"),
+    ("GET", "/enrollment-tokens", None, "admin"),
+    ("POST", "/enrollment-tokens/{token_id}/revoke", None, "admin"),
+    ("POST", "/devices/{device_id}/revoke", None, "admin"),
+    ("POST", "/devices/{device_id}/key", {"public_key": "B" * 43 + "="}, "admin"),
     ("GET", "/events", None, "viewer"),
     ("GET", "/audit/verify", None, "viewer"),
 ]
@@ -459,6 +463,8 @@ async def test_each_role_gets_exactly_what_it_may(fleet, device, method, path, b
         "incident_id": receipt.incident_id,
         "remediation_id": rem.remediation_id,
         "rollout_id": ro.rollout_id,
+        "device_id": "dev-1",
+        "token_id": fleet.service.enrollment_tokens(fleet.admin)[0].token_id,
     }
     tokens = {role: fleet.service.create_user(fleet.admin, f"p-{role}", role).token for role in ROLES}
     async with AdminClient(fleet.url, retry=FAST_RETRY) as c:

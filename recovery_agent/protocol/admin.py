@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 from pydantic import (
     AwareDatetime,
@@ -36,6 +37,12 @@ DeviceState = Literal["healthy", "recovering", "needs_manual", "remediated", "re
 RemediationStatus = Literal["pending", "approved", "revoked"]
 RolloutState = Literal["active", "paused", "halted", "completed", "revoked"]
 RolloutAction = Literal["pause", "resume", "revoke"]
+EnrollmentTokenState = Literal["active", "expired", "used_up", "revoked"]
+
+# An enrollment token lives a day unless its admin says otherwise: long enough to enroll a
+# batch of machines, short enough that a token left in a script or an image stops working.
+DEFAULT_TOKEN_LIFETIME_S = 24 * 3600
+MAX_TOKEN_LIFETIME_S = 365 * 24 * 3600
 
 
 # --------------------------------------------------------------------------- requests
@@ -59,6 +66,27 @@ class UserRequest(_Request):
 
 class EnrollmentTokenRequest(_Request):
     label: str = Field(default="fleet", min_length=1, max_length=64)
+    # Strict: a whole number, not true or "600".
+    expires_in_s: int = Field(
+        default=DEFAULT_TOKEN_LIFETIME_S,
+        strict=True,
+        ge=60,
+        le=MAX_TOKEN_LIFETIME_S,
+        description="seconds until the token stops enrolling devices (default a day, at most a year)",
+    )
+    max_uses: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=1_000_000,
+        description="devices it may enroll; none: any number until it expires",
+    )
+
+
+class DeviceKeyRequest(_Request):
+    """An admin gives a device a new key (a reinstalled machine, or an id another took first)."""
+
+    public_key: str = Field(pattern=r"^[A-Za-z0-9+/]{43}=$", description="raw Ed25519 key, base64")
 
 
 class RegisterKeyRequest(_Request):
@@ -156,10 +184,29 @@ class RegisteredKey(_Answer):
 
 
 class EnrollmentToken(_Answer):
-    """A fleet enrollment token, shown this once and kept only as its hash."""
+    """A fleet enrollment token, shown this once and kept only as its hash; ``token_id`` names
+    it from then on (list, revoke)."""
 
     token: str
+    token_id: str
     label: str
+    expires_at: AwareDatetime
+    max_uses: int | None
+
+
+class EnrollmentTokenInfo(_Answer):
+    """An enrollment token as the admin sees it later: never the token itself."""
+
+    token_id: str
+    label: str
+    created_by: str
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    max_uses: int | None
+    used: int
+    state: EnrollmentTokenState
+    revoked_at: AwareDatetime | None
+    revoked_by: str | None
 
 
 class Device(_Answer):
@@ -167,9 +214,15 @@ class Device(_Answer):
     hostname: str
     key_id: str
     enrolled_at: AwareDatetime
+    enrolled_with: str | None = Field(
+        default=None, description="the enrollment token's id; none when an admin set the key"
+    )
     last_seen: AwareDatetime | None
     state: DeviceState
     recovery_attempts: int
+    revoked_at: AwareDatetime | None = Field(
+        default=None, description="when an admin revoked it: its messages are refused"
+    )
 
 
 class Incident(_Answer):
@@ -228,9 +281,14 @@ class Remediation(_Answer):
 
 
 class WaveProgress(_Answer):
+    """``served`` counts every directive of the wave; ``counted`` the devices whose outcome
+    moves its gate (enrolled before the rollout started, once each), and ``succeeded``,
+    ``failed`` and ``pending`` are theirs."""
+
     name: str
     reached: bool
     served: int
+    counted: int
     succeeded: int
     failed: int
     pending: int
@@ -344,8 +402,30 @@ class AdminClient(HttpClient):
     async def register_key(self, public_key: str) -> RegisteredKey:
         return await self._post(RegisteredKey, "/me/key", RegisterKeyRequest(public_key=public_key))
 
-    async def create_enrollment_token(self, label: str = "fleet") -> EnrollmentToken:
-        return await self._post(EnrollmentToken, "/enrollment-tokens", EnrollmentTokenRequest(label=label))
+    # ---------------------------------------------------------------- enrollment
+
+    async def create_enrollment_token(
+        self, label: str = "fleet", expires_in_s: int | None = None, max_uses: int | None = None
+    ) -> EnrollmentToken:
+        request = EnrollmentTokenRequest.model_validate(
+            {"label": label, "max_uses": max_uses}
+            | ({"expires_in_s": expires_in_s} if expires_in_s is not None else {})
+        )
+        return await self._post(EnrollmentToken, "/enrollment-tokens", request)
+
+    async def enrollment_tokens(self) -> list[EnrollmentTokenInfo]:
+        return await self._get_list(EnrollmentTokenInfo, "/enrollment-tokens")
+
+    async def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenInfo:
+        return await self._post(EnrollmentTokenInfo, f"/enrollment-tokens/{quote(token_id, safe='')}/revoke")
+
+    async def revoke_device(self, device_id: str) -> Device:
+        return await self._post(Device, f"/devices/{quote(device_id, safe='')}/revoke")
+
+    async def replace_device_key(self, device_id: str, public_key: str) -> Device:
+        return await self._post(
+            Device, f"/devices/{quote(device_id, safe='')}/key", DeviceKeyRequest(public_key=public_key)
+        )
 
     # ---------------------------------------------------------------- the fleet
 
