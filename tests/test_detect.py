@@ -111,6 +111,29 @@ def test_soft_lockup() -> None:
         assert stall_only.guilty_module == "sensor"
 
 
+def test_driver_panics_on_purpose() -> None:
+    """sensor.ko strict=1 calls panic() itself on the bad channel file: no oops, only the
+    panic's own call trace, whose first frame below panic() (and dump_stack_lvl) is the
+    driver's."""
+    sig = parse_crash(real("sensor-panic-console.txt"))
+    assert sig is not None
+    assert sig.kind is CrashKind.KERNEL_PANIC
+    # The message with its numbers taken out (the same title for every bad channel file).
+    assert sig.title == (
+        "kernel panic: sensor: channel file /var/lib/sensor/channels/C---.sys is corrupt: "
+        "template has fields, content"
+    )
+    assert (sig.guilty_frame, sig.guilty_module, sig.corrupted) == ("sensor_parse_channel", "sensor", False)
+    assert sig.channel_file == CHANNEL_FILE
+    lines = sig.excerpt.splitlines()
+    assert "Kernel panic - not syncing: sensor: channel file" in lines[0]
+    assert any(line.endswith(" panic+0x118/0x2f4") for line in lines)
+    assert lines[-1].endswith("Rebooting in 5 seconds..")
+    # Another bug than the GPF the same file causes without strict=1: another incident.
+    gpf = parse_crash(real("channel-file-console.txt"))
+    assert gpf is not None and gpf.id != sig.id
+
+
 # --------------------------------------------------------------------------- pstore
 
 
