@@ -134,6 +134,61 @@ def test_driver_panics_on_purpose() -> None:
     assert gpf is not None and gpf.id != sig.id
 
 
+# The other kinds Debian's kernel prints, from tests/data/panic/src/crashkinds.c (a driver
+# whose init goes wrong as kind= says): (capture, kind, title, guilty frame, module, corrupted).
+DEBIAN_KINDS = [
+    # BUG_ON() in gadget_claim_slot: "kernel BUG at crashkinds.c:54!", "invalid opcode", the
+    # RIP in gadget_claim_slot.constprop.0 (clone suffix taken off), then "Fatal exception"
+    (
+        "kernel-bug-console.txt",
+        CrashKind.KERNEL_PANIC,
+        "kernel BUG in gadget_claim_slot",
+        "gadget_claim_slot",
+        "crashkinds",
+        False,
+    ),
+    # "divide error: 0000 [#1]", RIP gadget_scale_rate.constprop.0, "Code: Unable to access"
+    (
+        "divide-error-console.txt",
+        CrashKind.KERNEL_PANIC,
+        "divide error in gadget_scale_rate",
+        "gadget_scale_rate",
+        "crashkinds",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name, kind, title, frame, module, corrupted", DEBIAN_KINDS, ids=[k[0] for k in DEBIAN_KINDS]
+)
+def test_every_kind_debian_prints(
+    name: str, kind: CrashKind, title: str, frame: str, module: str, corrupted: bool
+) -> None:
+    sig = parse_crash(real(name), name)
+    assert sig is not None
+    assert (sig.kind, sig.title, sig.guilty_frame, sig.guilty_module, sig.corrupted) == (
+        kind,
+        title,
+        frame,
+        module,
+        corrupted,
+    )
+    assert sig.channel_file is None  # crashkinds reads no channel files
+    # The excerpt, all the server gets, parses to the same signature.
+    again = parse_crash(sig.excerpt)
+    assert again is not None and again.id == sig.id and again.guilty_module == module
+
+
+def test_kernel_bug_names_the_bug_line_not_the_trap() -> None:
+    sig = parse_crash(real("kernel-bug-console.txt"))
+    assert sig is not None
+    lines = sig.excerpt.splitlines()
+    assert lines[0].endswith("kernel BUG at crashkinds.c:54!")
+    assert "invalid opcode: 0000 [#1] PREEMPT SMP NOPTI" in lines[1]
+    assert lines[-1].endswith("Rebooting in 5 seconds..")
+
+
 # --------------------------------------------------------------------------- pstore
 
 
