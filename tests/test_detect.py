@@ -156,6 +156,15 @@ DEBIAN_KINDS = [
         "crashkinds",
         False,
     ),
+    # insmod blocked in state D: "INFO: task insmod:88 blocked for more than 5 seconds.", no panic
+    (
+        "hung-task-console.txt",
+        CrashKind.HANG,
+        "INFO: task hung in gadget_init",
+        "gadget_init",
+        "crashkinds",
+        False,
+    ),
 ]
 
 
@@ -187,6 +196,19 @@ def test_kernel_bug_names_the_bug_line_not_the_trap() -> None:
     assert lines[0].endswith("kernel BUG at crashkinds.c:54!")
     assert "invalid opcode: 0000 [#1] PREEMPT SMP NOPTI" in lines[1]
     assert lines[-1].endswith("Rebooting in 5 seconds..")
+
+
+def test_hung_task_names_the_driver_below_the_wait() -> None:
+    """The blocked task's stack is __schedule, schedule, schedule_timeout, __wait_for_common
+    (gadget_wait_reset tail-called wait_for_completion, so it is not on the stack), then the
+    driver: the first frame that does not wait is the guilty one."""
+    sig = parse_crash(real("hung-task-console.txt"))
+    assert sig is not None
+    lines = sig.excerpt.splitlines()
+    assert lines[0].endswith("INFO: task insmod:88 blocked for more than 5 seconds.")
+    assert any(line.endswith(" __wait_for_common+0x94/0x1e0") for line in lines)
+    assert lines[-1].endswith("</TASK>")  # no panic: the report ends with its stack
+    assert "gadget: waiting for the reset to finish" not in sig.excerpt
 
 
 # --------------------------------------------------------------------------- pstore
