@@ -156,6 +156,17 @@ DEBIAN_KINDS = [
         "crashkinds",
         False,
     ),
+    # WARN_ON() in gadget_check_state: "WARNING: CPU: 0 PID: 87 at crashkinds.c:49
+    # gadget_check_state.constprop.0+0xf/0xfac [crashkinds]", no panic (no panic_on_warn); the
+    # module comes from the WARNING line itself, the frame the title names
+    (
+        "warning-console.txt",
+        CrashKind.OOPS,
+        "WARNING in gadget_check_state",
+        "gadget_check_state",
+        "crashkinds",
+        False,
+    ),
     # insmod blocked in state D: "INFO: task insmod:88 blocked for more than 5 seconds.", no panic
     (
         "hung-task-console.txt",
@@ -209,6 +220,15 @@ def test_hung_task_names_the_driver_below_the_wait() -> None:
     assert any(line.endswith(" __wait_for_common+0x94/0x1e0") for line in lines)
     assert lines[-1].endswith("</TASK>")  # no panic: the report ends with its stack
     assert "gadget: waiting for the reset to finish" not in sig.excerpt
+
+
+def test_warning_without_panic_ends_with_its_trace() -> None:
+    sig = parse_crash(real("warning-console.txt"))
+    assert sig is not None
+    lines = sig.excerpt.splitlines()
+    assert "WARNING: CPU: 0 PID: 87 at crashkinds.c:49 gadget_check_state.constprop.0+0xf/0xfac" in lines[0]
+    assert lines[-1].endswith("---[ end trace 0000000000000000 ]---")
+    assert "gadget: probed" not in sig.excerpt  # the driver went on after the warning
 
 
 # --------------------------------------------------------------------------- pstore

@@ -63,7 +63,7 @@ from .wire import CrashKind, CrashSignature
 
 # The rules' version: raise it whenever a change can give a report another title, frame,
 # module or corrupted mark (docs/crash-signatures.md).
-RULES_VERSION = 1
+RULES_VERSION = 2
 
 LINE_LIMIT = 1024  # characters of a line any pattern sees (the kernel prints at most ~1000)
 EXCERPT_LIMIT = 8 * 1024  # bytes of the report kept as the signature's excerpt
@@ -894,11 +894,12 @@ SHAPES: tuple[Shape, ...] = (
     _shape("panic", "Kernel panic", r"Kernel panic - not syncing: ?(?P<msg>.*)$",
            "kernel panic: {msg}", _trace, panic=True, continues=True, frame_in_title=False,
            needs_stack=False),
-    # --- generic last: their first lines are also printed inside the reports above
+    # --- generic last: their first lines are also printed inside the reports above; a
+    # WARNING's "[module]" after the function in its first line is the guilty module
     _shape("Oops", "Oops", r"\bOops(?: - [a-zA-Z ]{1,40})?: [0-9a-fx]+ \[#\d+\]", "Oops", *_OOPS,
            continues=True),
     _shape("WARNING", "WARNING:", r"WARNING: (?:CPU: \d+ PID: \d+ at [^ ]+ |at [^ ]+ |(?:\[[^]]{0,100}\] )?"
-           rf"[^ ]+:\d+ at ){_SYM}(?:\+0x|\(\))",
+           rf"[^ ]+:\d+ at ){_SYM}(?:{_OFFSET}(?: \[(?P<module>[A-Za-z0-9_-]+)\])?|\+0x|\(\))",
            "WARNING", _header, *_OOPS, weak=True),
     _shape("WARNING", "WARNING:", r"WARNING: (?:CPU: \d+ PID: \d+ at |at |[^ ]+ at 0x)",
            "WARNING", *_OOPS, weak=True),
