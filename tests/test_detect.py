@@ -111,6 +111,126 @@ def test_soft_lockup() -> None:
         assert stall_only.guilty_module == "sensor"
 
 
+def test_driver_panics_on_purpose() -> None:
+    """sensor.ko strict=1 calls panic() itself on the bad channel file: no oops, only the
+    panic's own call trace, whose first frame below panic() (and dump_stack_lvl) is the
+    driver's."""
+    sig = parse_crash(real("sensor-panic-console.txt"))
+    assert sig is not None
+    assert sig.kind is CrashKind.KERNEL_PANIC
+    # The message with its numbers taken out (the same title for every bad channel file).
+    assert sig.title == (
+        "kernel panic: sensor: channel file /var/lib/sensor/channels/C---.sys is corrupt: "
+        "template has fields, content"
+    )
+    assert (sig.guilty_frame, sig.guilty_module, sig.corrupted) == ("sensor_parse_channel", "sensor", False)
+    assert sig.channel_file == CHANNEL_FILE
+    lines = sig.excerpt.splitlines()
+    assert "Kernel panic - not syncing: sensor: channel file" in lines[0]
+    assert any(line.endswith(" panic+0x118/0x2f4") for line in lines)
+    assert lines[-1].endswith("Rebooting in 5 seconds..")
+    # Another bug than the GPF the same file causes without strict=1: another incident.
+    gpf = parse_crash(real("channel-file-console.txt"))
+    assert gpf is not None and gpf.id != sig.id
+
+
+# The other kinds Debian's kernel prints, from tests/data/panic/src/crashkinds.c (a driver
+# whose init goes wrong as kind= says): (capture, kind, title, guilty frame, module, corrupted).
+DEBIAN_KINDS = [
+    # BUG_ON() in gadget_claim_slot: "kernel BUG at crashkinds.c:54!", "invalid opcode", the
+    # RIP in gadget_claim_slot.constprop.0 (clone suffix taken off), then "Fatal exception"
+    (
+        "kernel-bug-console.txt",
+        CrashKind.KERNEL_PANIC,
+        "kernel BUG in gadget_claim_slot",
+        "gadget_claim_slot",
+        "crashkinds",
+        False,
+    ),
+    # "divide error: 0000 [#1]", RIP gadget_scale_rate.constprop.0, "Code: Unable to access"
+    (
+        "divide-error-console.txt",
+        CrashKind.KERNEL_PANIC,
+        "divide error in gadget_scale_rate",
+        "gadget_scale_rate",
+        "crashkinds",
+        False,
+    ),
+    # WARN_ON() in gadget_check_state: "WARNING: CPU: 0 PID: 87 at crashkinds.c:49
+    # gadget_check_state.constprop.0+0xf/0xfac [crashkinds]", no panic (no panic_on_warn); the
+    # module comes from the WARNING line itself, the frame the title names
+    (
+        "warning-console.txt",
+        CrashKind.OOPS,
+        "WARNING in gadget_check_state",
+        "gadget_check_state",
+        "crashkinds",
+        False,
+    ),
+    # insmod blocked in state D: "INFO: task insmod:88 blocked for more than 5 seconds.", no panic
+    (
+        "hung-task-console.txt",
+        CrashKind.HANG,
+        "INFO: task hung in gadget_init",
+        "gadget_init",
+        "crashkinds",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name, kind, title, frame, module, corrupted", DEBIAN_KINDS, ids=[k[0] for k in DEBIAN_KINDS]
+)
+def test_every_kind_debian_prints(
+    name: str, kind: CrashKind, title: str, frame: str, module: str, corrupted: bool
+) -> None:
+    sig = parse_crash(real(name), name)
+    assert sig is not None
+    assert (sig.kind, sig.title, sig.guilty_frame, sig.guilty_module, sig.corrupted) == (
+        kind,
+        title,
+        frame,
+        module,
+        corrupted,
+    )
+    assert sig.channel_file is None  # crashkinds reads no channel files
+    # The excerpt, all the server gets, parses to the same signature.
+    again = parse_crash(sig.excerpt)
+    assert again is not None and again.id == sig.id and again.guilty_module == module
+
+
+def test_kernel_bug_names_the_bug_line_not_the_trap() -> None:
+    sig = parse_crash(real("kernel-bug-console.txt"))
+    assert sig is not None
+    lines = sig.excerpt.splitlines()
+    assert lines[0].endswith("kernel BUG at crashkinds.c:54!")
+    assert "invalid opcode: 0000 [#1] PREEMPT SMP NOPTI" in lines[1]
+    assert lines[-1].endswith("Rebooting in 5 seconds..")
+
+
+def test_hung_task_names_the_driver_below_the_wait() -> None:
+    """The blocked task's stack is __schedule, schedule, schedule_timeout, __wait_for_common
+    (gadget_wait_reset tail-called wait_for_completion, so it is not on the stack), then the
+    driver: the first frame that does not wait is the guilty one."""
+    sig = parse_crash(real("hung-task-console.txt"))
+    assert sig is not None
+    lines = sig.excerpt.splitlines()
+    assert lines[0].endswith("INFO: task insmod:88 blocked for more than 5 seconds.")
+    assert any(line.endswith(" __wait_for_common+0x94/0x1e0") for line in lines)
+    assert lines[-1].endswith("</TASK>")  # no panic: the report ends with its stack
+    assert "gadget: waiting for the reset to finish" not in sig.excerpt
+
+
+def test_warning_without_panic_ends_with_its_trace() -> None:
+    sig = parse_crash(real("warning-console.txt"))
+    assert sig is not None
+    lines = sig.excerpt.splitlines()
+    assert "WARNING: CPU: 0 PID: 87 at crashkinds.c:49 gadget_check_state.constprop.0+0xf/0xfac" in lines[0]
+    assert lines[-1].endswith("---[ end trace 0000000000000000 ]---")
+    assert "gadget: probed" not in sig.excerpt  # the driver went on after the warning
+
+
 # --------------------------------------------------------------------------- pstore
 
 

@@ -29,6 +29,10 @@
  * Parameters:
  *   channel_dir  directory to read (default /var/lib/sensor/channels)
  *   hang         if 1, init spins forever (boot-hang scenario)
+ *   strict       if 1, a channel file whose template field count differs from its
+ *                content field count is fatal: the driver calls panic() itself
+ *                (the "driver panics on purpose" scenario) instead of reading past
+ *                the field table.  Off by default: the GPF above is the lab's crash.
  *
  * Messages (relied on by the recovery agent and the tests):
  *   sensor: loading channel file <full path>
@@ -78,6 +82,10 @@ MODULE_PARM_DESC(channel_dir, "Directory holding the C-*.sys channel files");
 static bool hang;
 module_param(hang, bool, 0444);
 MODULE_PARM_DESC(hang, "Spin forever at init (boot-hang scenario)");
+
+static bool strict;
+module_param(strict, bool, 0444);
+MODULE_PARM_DESC(strict, "panic() on a channel file whose template and content field counts differ");
 
 struct sensor_dir_ctx {
 	struct dir_context ctx;
@@ -172,6 +180,14 @@ static noinline int sensor_parse_channel(const char *path, const u8 *data,
 		       path, content_count);
 		return -EINVAL;
 	}
+
+	/*
+	 * strict=1: a driver that treats a corrupt channel file as fatal and panics on
+	 * purpose.  The panic's call trace names this function below panic().
+	 */
+	if (strict && template_count != content_count)
+		panic("sensor: channel file %s is corrupt: template has %u fields, content %u\n",
+		      path, template_count, content_count);
 
 	/* The field table: one pointer per field into the file's data. */
 	fields = kmalloc_array(SENSOR_FIELD_SLOTS, sizeof(*fields), GFP_KERNEL);

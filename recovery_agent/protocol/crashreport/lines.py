@@ -17,7 +17,7 @@ from operator import add
 
 # The rules' version: raise it whenever a change can give a report another title, frame,
 # module or corrupted mark (docs/crash-signatures.md).
-RULES_VERSION = 1
+RULES_VERSION = 2
 
 LINE_LIMIT = 1024  # characters of a line any pattern sees (the kernel prints at most ~1000)
 EXCERPT_LIMIT = 8 * 1024  # bytes of the report kept as the signature's excerpt
@@ -52,7 +52,7 @@ _PREFIX_RE = re.compile(
 TIMESTAMP_RE = re.compile(r"\[ {0,12}\d{1,12}\.\d{1,9}\]")
 SYMBOL = r"[A-Za-z_$][A-Za-z0-9_.$]*"
 SYM = rf"(?P<func>{SYMBOL})"
-_OFFSET = r"\+0x[0-9a-f]+/0x[0-9a-f]+"
+OFFSET = r"\+0x[0-9a-f]+/0x[0-9a-f]+"
 _ADDRESS = r"\[<?(?:0x)?[0-9a-f]+>?\]"
 # A stack frame: "  sensor_init+0x288/0x1000 [sensor]", "  ? foo+0x1/0x2", 4.x
 # "[<ffffffff81234567>] foo+0x1/0x2", "<IRQ>  [<...>] foo+0x1/0x2", powerpc
@@ -63,25 +63,23 @@ FRAME_RE = re.compile(
     rf"(?:{_ADDRESS} +){{0,2}}"
     r"(?P<unreliable>\? +)?"
     rf"(?P<func>{SYMBOL})"
-    rf"(?:{_OFFSET}(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?|(?P<inlined> +[^ ]+:\d+ +\[inline\]))"
+    rf"(?:{OFFSET}(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?|(?P<inlined> +[^ ]+:\d+ +\[inline\]))"
 )
 # arm: "[<8011218c>] (unwind_backtrace) from [<8010e300>] (show_stack+0x18/0x1c)" and arm
 # since 5.x: "unwind_backtrace from show_stack+0x18/0x1c": the callee, then its caller.
 _ARM_FRAME_RE = re.compile(
-    rf" *(?:{_ADDRESS} +)?\(?(?P<func>{SYMBOL})?(?:{_OFFSET})?\)? from (?:{_ADDRESS} +)?"
-    rf"\(?(?P<caller>{SYMBOL})(?:{_OFFSET})?(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?"
+    rf" *(?:{_ADDRESS} +)?\(?(?P<func>{SYMBOL})?(?:{OFFSET})?\)? from (?:{_ADDRESS} +)?"
+    rf"\(?(?P<caller>{SYMBOL})(?:{OFFSET})?(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?"
 )
 # The crashing instruction: x86 "RIP: 0010:f+0x1/0x2 [m]", 4.x "RIP: 0010:[<addr>]  [<addr>]
 # f+0x1/0x2", "IP: [<addr>] f+0x1/0x2", arm64 "pc : f+0x1/0x2", arm "PC is at f+0x1/0x2",
 # powerpc "NIP [c000...] f+0x1/0x2", riscv "epc : f+0x1/0x2". User-space RIPs have no symbol.
 RIP_RE = re.compile(
     r" *(?:(?:RIP|EIP|IP|pc|epc) {0,3}: {0,3}|NIP +|PC is at )(?:[0-9a-f]{4}:)?"
-    rf"(?:{_ADDRESS} +){{0,2}}(?P<func>{SYMBOL}){_OFFSET}(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?"
+    rf"(?:{_ADDRESS} +){{0,2}}(?P<func>{SYMBOL}){OFFSET}(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?"
 )
 # Lockdep's "(&lock){+.+.}-{3:3}, at: f+0x1/0x2" and 4.x "at: [<addr>] f+0x1/0x2".
-AT_RE = re.compile(
-    rf"\bat: (?:{_ADDRESS} +)?(?P<func>{SYMBOL}){_OFFSET}(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?"
-)
+AT_RE = re.compile(rf"\bat: (?:{_ADDRESS} +)?(?P<func>{SYMBOL}){OFFSET}(?: +\[(?P<module>[A-Za-z0-9_-]+)\])?")
 # Where a stack starts; it ends where the next one starts or the report ends.
 _STACK_STARTS = (
     "Call Trace",
@@ -239,7 +237,7 @@ def is_stack_start(text: str) -> bool:
 
 # --------------------------------------------------------------------------- normalisation
 
-_OFFSET_RE = re.compile(_OFFSET)
+_OFFSET_RE = re.compile(OFFSET)
 _COMM_PID_RE = re.compile(r"\[[^]\s]{1,64}:\d{1,10}\]")  # [insmod:63]
 _CPU_RE = re.compile(r"CPU#? ?\d+")
 _PARENS_RE = re.compile(r"\([^()]*\)")  # (0,0), (error -2)

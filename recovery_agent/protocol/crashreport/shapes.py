@@ -12,6 +12,7 @@ from ..wire import CrashKind
 from .lines import (
     AT_RE,
     BOOT_BANNER_RE,
+    OFFSET,
     RIP_RE,
     SYM,
     SYMBOL,
@@ -462,11 +463,12 @@ SHAPES: tuple[Shape, ...] = (
     _shape("panic", "Kernel panic", r"Kernel panic - not syncing: ?(?P<msg>.*)$",
            "kernel panic: {msg}", _trace, panic=True, continues=True, frame_in_title=False,
            needs_stack=False),
-    # --- generic last: their first lines are also printed inside the reports above
+    # --- generic last: their first lines are also printed inside the reports above; a
+    # WARNING's "[module]" after the function in its first line is the guilty module
     _shape("Oops", "Oops", r"\bOops(?: - [a-zA-Z ]{1,40})?: [0-9a-fx]+ \[#\d+\]", "Oops", *_OOPS,
            continues=True),
     _shape("WARNING", "WARNING:", r"WARNING: (?:CPU: \d+ PID: \d+ at [^ ]+ |at [^ ]+ |(?:\[[^]]{0,100}\] )?"
-           rf"[^ ]+:\d+ at ){SYM}(?:\+0x|\(\))",
+           rf"[^ ]+:\d+ at ){SYM}(?:{OFFSET}(?: \[(?P<module>[A-Za-z0-9_-]+)\])?|\+0x|\(\))",
            "WARNING", _header, *_OOPS, weak=True),
     _shape("WARNING", "WARNING:", r"WARNING: (?:CPU: \d+ PID: \d+ at |at |[^ ]+ at 0x)",
            "WARNING", *_OOPS, weak=True),

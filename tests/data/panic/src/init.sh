@@ -34,6 +34,19 @@ case " $(cat /proc/cmdline) " in
     *" qmr.test=null "*) echo "init: loading nullderef.ko"; insmod /lib/modules/nullderef.ko ;;
     *" qmr.test=hang "*) echo "init: loading sensor.ko hang=1"; insmod /lib/modules/sensor.ko hang=1 ;;
     *" qmr.test=initexit "*) echo "init: exiting"; exit 3 ;;
+    *" qmr.test=panic "*) echo "init: loading sensor.ko strict=1"; insmod /lib/modules/sensor.ko strict=1 ;;
+    *" qmr.test=warn "*|*" qmr.test=bug "*|*" qmr.test=divide "*|*" qmr.test=hung "*)
+        kind=$(sed -n 's/.* qmr\.test=\([a-z]*\).*/\1/p' /proc/cmdline)
+        if [ "$kind" = hung ]; then
+            # The hung task detector reports a task in state D after 120 s by default;
+            # 5 s makes it fire within seconds of the module's wait.
+            echo 5 > /proc/sys/kernel/hung_task_timeout_secs
+            echo "init: hung_task_timeout_secs=$(cat /proc/sys/kernel/hung_task_timeout_secs)"
+        fi
+        echo "init: loading crashkinds.ko kind=$kind"
+        insmod /lib/modules/crashkinds.ko kind="$kind"
+        echo "init: insmod crashkinds.ko returned $?"
+        poweroff -f ;;
 esac
 
 echo "init: loading sensor.ko"
