@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from recovery_agent.protocol.envelope import MalformedEnvelope, strict_json_loads
+from recovery_agent.protocol.errors import describe_validation
+from recovery_agent.protocol.wire import DeviceId
 
 from . import metrics
 from .access import User
@@ -81,7 +83,7 @@ async def read_body(request: web.Request, model: type[M]) -> M:
     except MalformedEnvelope as exc:
         raise BadRequest(f"request body: {exc}") from None
     except ValidationError as exc:
-        raise BadRequest(f"request body does not fit {model.__name__}: {exc}") from None
+        raise BadRequest(f"request body does not fit {model.__name__}: {describe_validation(exc)}") from None
 
 
 def answer(obj: BaseModel | Sequence[BaseModel], status: int = 200) -> web.Response:
@@ -106,9 +108,9 @@ def query_number(request: web.Request, name: str, default: float, lo: float, hi:
 class ChallengeRequest(BaseModel):
     """The body of ``POST /v1/challenge`` (the agent sends it as plain JSON)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    device_id: str = Field(min_length=1, max_length=64)
+    device_id: DeviceId
 
 
 # ---------------------------------------------------------------- the document

@@ -6,7 +6,8 @@ at ``/``. Handlers only translate HTTP to ``RecoveryService`` calls; the rules l
 the two cannot drift apart.
 
 Every refusal is answered as JSON, ``{"error": ..., "code": ...}``, with the status of the
-service's error (``errors.py``); every answer is counted for ``/metrics`` by route template.
+service's error (``errors.py``), in at most ``MAX_ERROR_CHARS`` characters whatever the request
+was; every answer is counted for ``/metrics`` by route template.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ POLL_TICK_S = 1.0
 ROLLOUT_TICK_S = 1.0
 
 
+# An error answer says what is wrong in a sentence or two: never more than this, whatever the
+# request was (errors.py messages are short; a pydantic summary lists a few problems).
+MAX_ERROR_CHARS = 1000
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 1] + "…"
     return web.json_response({"error": message, "code": code}, status=status)
 
 
@@ -58,6 +66,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         for header in ("Allow",):
             if header in exc.headers:
                 response.headers[header] = exc.headers[header]
+    except Exception:  # a bug: say so in JSON, log it, keep the details out of the answer
+        log.exception("%s %s failed", request.method, request.path[:200])
+        response = _error(500, "internal", "the server failed on this request and logged why")
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
     request.app[METRICS].observe(request.method, route, response.status, time.perf_counter() - started)
     return response

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter
 
 from recovery_agent.protocol import envelope
 from recovery_agent.protocol.keys import SigningKey
@@ -49,6 +49,8 @@ _ACTIONS = TypeAdapter(list[Action])
 class DeviceResult(BaseModel):
     """What a device's agent reported for one directive (not on the admin API: the lab reads it
     in process)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     directive_id: str
     outcome: Literal["applied", "failed", "rejected"]

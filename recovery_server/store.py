@@ -376,6 +376,15 @@ class _PgConnection:
         self._db.close()
 
 
+def storable(value: Any) -> Any:
+    """``value`` as the store keeps it: text with each NUL character replaced by U+FFFD.
+
+    PostgreSQL cannot hold NUL in text, and a kernel log (a crash title, a hostname) may carry
+    one; both databases keep the same replacement, so a row reads back the same on either and
+    a hash over it (the audit log's) is computed over what is stored."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+
 class Tx:
     """The connection inside a transaction, with the same query helpers as the store."""
 
@@ -383,7 +392,7 @@ class Tx:
         self._db = db
 
     def execute(self, sql: str, *args: Any) -> _Cursor:
-        return self._db.execute(sql, args)
+        return self._db.execute(sql, tuple(storable(a) for a in args))
 
     def executescript_in_tx(self, script: str) -> None:
         # sqlite3's executescript() would COMMIT first; run the statements one by one instead.

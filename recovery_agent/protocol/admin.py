@@ -42,7 +42,7 @@ RolloutAction = Literal["pause", "resume", "revoke"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RemediationRequest(_Request):
@@ -66,7 +66,7 @@ class RegisterKeyRequest(_Request):
 
 
 class Signature(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     keyid: str
     sig: str
@@ -75,7 +75,7 @@ class Signature(BaseModel):
 class Envelope(BaseModel):
     """A DSSE envelope: base64 payload, its type, and Ed25519 signatures over PAE(type, payload)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     payload: str
     payloadType: str
@@ -92,7 +92,7 @@ class ApproveRequest(_Request):
 class Wave(BaseModel):
     """One wave of a rollout: a canary list of devices, or a percentage of the fleet."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=64)
     devices: list[DeviceId] = Field(default=[], max_length=1000)
@@ -108,7 +108,7 @@ class Wave(BaseModel):
 class RolloutPlan(BaseModel):
     """The waves of a staged rollout and the gate between them (the server's rollout.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     waves: list[Wave] = Field(min_length=1, max_length=16)
     min_devices: int = Field(default=1, ge=1)
@@ -134,7 +134,7 @@ class RolloutPlan(BaseModel):
 
 
 class _Answer(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
 
 class Whoami(_Answer):

@@ -74,7 +74,9 @@ Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every model of the protocol (here and in admin.py) refuses NaN and infinities: a number
+    # that JSON cannot carry would be stored, then break every read and answer that includes it.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SignedMessage(WireModel):
