@@ -98,10 +98,10 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/v1/challenge",
         challenge,
-        "A one-time nonce for the next diagnostics",
+        "A one-time nonce for the next diagnostics (any device id gets one)",
         body=ChallengeRequest,
         response=Challenge,
-        errors=(400, 404, 413),
+        errors=(400, 413),
     ),
     Route(
         "POST",

@@ -4,8 +4,8 @@
 2. A healthy device enrolls its Ed25519 key: the enrollment is signed by that very key (proof
    of possession) and carries the token. A device id keeps its first key for good: a key
    cannot be replaced over the network, so a stolen token cannot take over a device.
-3. Before each report the device asks for a challenge: a server nonce that works once and
-   only until ``nonce_ttl`` has passed (``use_nonce``).
+3. Before each report the device asks for a challenge (``challenges.py``): a server nonce
+   that works once and only until ``nonce_ttl`` has passed.
 4. Every later message of the device is opened against its enrolled key (``open_message``),
    and must name the device whose key signed it.
 """
@@ -22,12 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from recovery_agent.protocol import envelope, keys
 from recovery_agent.protocol.admin import Device, EnrollmentToken
 from recovery_agent.protocol.envelope import EnvelopeError, Verified
-from recovery_agent.protocol.wire import Challenge, SignedMessage
+from recovery_agent.protocol.wire import SignedMessage
 
 from . import audit
 from .access import Operation, User, require
-from .errors import BadRequest, Conflict, NotFound, Unauthorized
-from .store import Store, Tx, iso, parse_iso, token_sha256
+from .errors import BadRequest, Conflict, Unauthorized
+from .store import Store, iso, parse_iso, token_sha256
 
 M = TypeVar("M", bound=SignedMessage)
 
@@ -58,10 +58,9 @@ class DeviceKeyring(Mapping[str, Ed25519PublicKey]):
 
 
 class Devices:
-    def __init__(self, store: Store, now: Callable[[], datetime], nonce_ttl: timedelta) -> None:
+    def __init__(self, store: Store, now: Callable[[], datetime]) -> None:
         self._store = store
         self._now = now
-        self._nonce_ttl = nonce_ttl
         self.keyring = DeviceKeyring(store)
 
     def create_enrollment_token(
@@ -123,32 +122,6 @@ class Devices:
                 tx, iso(now), "device.enrolled", e.device_id, e.device_id, detail={"key_id": verified.key_id}
             )
         return {"device_id": e.device_id, "key_id": verified.key_id, "status": "enrolled"}
-
-    def challenge(self, device_id: str) -> Challenge:
-        now = self._now()
-        nonce = secrets.token_urlsafe(24)
-        expires = now + self._nonce_ttl
-        with self._store.tx() as tx:
-            if tx.one("SELECT 1 FROM devices WHERE device_id = ?", device_id) is None:
-                raise NotFound(
-                    f"device {device_id!r} is not enrolled: enroll it while it is healthy "
-                    "(recovery-agent enroll)"
-                )
-            tx.execute("DELETE FROM nonces WHERE expires_at < ? AND used_at IS NULL", iso(now))
-            tx.execute("INSERT INTO nonces VALUES (?,?,?,?,NULL)", nonce, device_id, iso(now), iso(expires))
-        return Challenge(nonce=nonce, expires_at=expires)
-
-    def use_nonce(self, tx: Tx, device_id: str, nonce: str) -> None:
-        """Spend the challenge ``nonce`` of ``device_id``, inside the report's transaction."""
-        now = self._now()
-        n = tx.one("SELECT * FROM nonces WHERE nonce = ?", nonce)
-        if n is None or n["device_id"] != device_id:
-            raise Unauthorized("unknown challenge nonce: ask for a fresh one (POST /v1/challenge)")
-        if n["used_at"] is not None:
-            raise Conflict("challenge nonce already used: a replayed report was refused")
-        if parse_iso(n["expires_at"]) <= now:
-            raise Unauthorized("challenge nonce expired: ask for a fresh one")
-        tx.execute("UPDATE nonces SET used_at = ? WHERE nonce = ?", iso(now), nonce)
 
     def open_message(self, raw: bytes, model: type[M]) -> Verified[M]:
         """The device message in ``raw``, verified against the enrolled key that signed it;

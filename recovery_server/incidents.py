@@ -1,7 +1,7 @@
 """Reports and incidents: a device's signed diagnostics, and the crash they share with others.
 
-1. A report is a device's diagnostics, signed by its enrolled key and carrying a challenge
-   nonce it spends (``devices.py``).
+1. A report is a device's diagnostics, signed by its enrolled key (``devices.py``) and
+   carrying a challenge nonce it spends (``challenges.py``).
 2. It joins the incident of its crash signature (``INC-`` and the signature id): the same bug
    on many machines is one incident, with a report count, first and last seen, and devices.
 3. It records the device's state: recovering, or needs_manual on its agent's last attempt.
@@ -23,6 +23,7 @@ from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
 
 from . import audit, catalog
 from .access import Operation, User, require
+from .challenges import Challenges
 from .devices import Devices
 from .directives import Directives
 from .errors import NotFound
@@ -31,11 +32,17 @@ from .store import Row, Store, iso, new_id, token_sha256
 
 class Incidents:
     def __init__(
-        self, store: Store, now: Callable[[], datetime], devices: Devices, directives: Directives
+        self,
+        store: Store,
+        now: Callable[[], datetime],
+        devices: Devices,
+        challenges: Challenges,
+        directives: Directives,
     ) -> None:
         self._store = store
         self._now = now
         self._devices = devices
+        self._challenges = challenges
         self._directives = directives
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
@@ -44,7 +51,7 @@ class Incidents:
         now = iso(self._now())
         poll_token = secrets.token_urlsafe(24)
         with self._store.tx() as tx:
-            self._devices.use_nonce(tx, d.device_id, d.server_nonce)
+            self._challenges.spend(tx, d.device_id, d.server_nonce)
             sig = d.crash
             incident_id = "INC-" + sig.id[:12]
             if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:

@@ -2,9 +2,10 @@
 module per concept, behind one facade (``RecoveryService``) that the HTTP layer, the command
 line, the lab and the tests call.
 
-Device side (``devices.py``, ``incidents.py``, ``directives.py``): a device enrolls its key
-with a fleet enrollment token; asks for a challenge; sends diagnostics signed by its key and
-carrying that challenge (each nonce works once); the report joins the incident of its crash
+Device side (``devices.py``, ``challenges.py``, ``incidents.py``, ``directives.py``): a device
+enrolls its key with a fleet enrollment token; asks for a challenge (answered alike for any
+device id, nothing stored); sends diagnostics signed by its key and carrying that challenge
+(each nonce works once); the report joins the incident of its crash
 signature; the device then polls for a directive. A directive is made only from a remediation
 that people other than its author approved, for the incident of that very report, only if the
 files it names are on that device with the reported content, and only once the device's
@@ -46,6 +47,7 @@ from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, Directiv
 
 from .access import User
 from .audit import AuditLog
+from .challenges import Challenges, challenge_key
 from .devices import Devices
 from .directives import DeviceResult, Directives
 from .incidents import Incidents
@@ -80,13 +82,14 @@ class RecoveryService:
             self.on_change()
 
         self._users = Users(self.store, self.now)
-        self._devices = Devices(self.store, self.now, self.settings.nonce_ttl)
+        self._devices = Devices(self.store, self.now)
+        self._challenges = Challenges(challenge_key(self.server_key), self.now, self.settings.nonce_ttl)
         self._rollouts = Rollouts(self.store, self.now, changed)
         self._remediations = Remediations(self.store, self.now, changed)
         self._directives = Directives(
             self.store, self.now, self.server_key, self.settings.directive_ttl, self._devices, self._rollouts
         )
-        self._incidents = Incidents(self.store, self.now, self._devices, self._directives)
+        self._incidents = Incidents(self.store, self.now, self._devices, self._challenges, self._directives)
         self._audit = AuditLog(self.store)
 
     def now(self) -> datetime:
@@ -117,7 +120,7 @@ class RecoveryService:
         return self._devices.enroll(raw)
 
     def challenge(self, device_id: str) -> Challenge:
-        return self._devices.challenge(device_id)
+        return self._challenges.issue(device_id)
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
         return self._incidents.accept_diagnostics(raw)

@@ -140,6 +140,54 @@ async def test_unknown_nonce_is_refused(fleet, device):
     assert fleet.count("reports") == 0
 
 
+async def test_challenges_reveal_no_device_ids_and_write_nothing(fleet, device):
+    """Known and unknown ids get the same answer; no call writes a row or an audit entry."""
+    before = (fleet.count("nonces"), fleet.count("events"))
+    async with aiohttp.ClientSession() as s:
+        answers = {}
+        for device_id in ("dev-1", "dev-unknown", "x" * 64):
+            async with s.post(fleet.url + "/v1/challenge", json={"device_id": device_id}) as r:
+                answers[device_id] = (r.status, tuple(sorted(await r.json())))
+        async with s.post(fleet.url + "/v1/challenge", json={"device_id": "../etc"}) as r:
+            assert r.status == 400 and "device_id" in (await r.json())["error"]
+    assert set(answers.values()) == {(200, ("expires_at", "nonce"))}
+    for _ in range(50):
+        fleet.service.challenge("dev-1")
+    assert (fleet.count("nonces"), fleet.count("events")) == before
+
+
+async def test_a_challenge_works_once_for_its_own_device_until_it_expires(fleet, device):
+    from datetime import timedelta
+
+    from recovery_server.challenges import Challenges, challenge_key
+
+    other = SigningKey.generate()
+    await fleet.enroll("dev-2", other)
+    for nonce in (
+        fleet.service.challenge("dev-2").nonce,  # another device's
+        fleet.service.challenge("dev-1").nonce[:-2] + "AA",  # altered
+        "A" * 54,  # made up, of the right length
+        # issued by another server (another key)
+        Challenges(challenge_key(SigningKey.generate()), fleet.service.now, timedelta(minutes=5))
+        .issue("dev-1")
+        .nonce,
+    ):
+        with pytest.raises(ServerRefused, match="unknown challenge nonce") as e:
+            await report(fleet, "dev-1", device, nonce=nonce)
+        assert e.value.status == 401
+    nonce = fleet.service.challenge("dev-1").nonce
+    real_clock = fleet.service.clock
+    fleet.service.clock = lambda: real_clock() + fleet.settings.nonce_ttl
+    with pytest.raises(ServerRefused, match="challenge nonce expired"):
+        await report(fleet, "dev-1", device, nonce=nonce)
+    fleet.service.clock = real_clock
+    await report(fleet, "dev-1", device, nonce=nonce)
+    assert fleet.count("reports") == 1 and fleet.count("nonces") == 1
+    with pytest.raises(ServerRefused, match="already used") as e:
+        await report(fleet, "dev-1", device, nonce=nonce)
+    assert e.value.status == 409
+
+
 async def test_diagnostics_from_unknown_key_are_refused(fleet, device):
     stranger = SigningKey.generate()
     with pytest.raises(ServerRefused, match="no signature by a trusted key") as e:
@@ -176,7 +224,7 @@ async def test_tampered_diagnostics_are_refused(fleet, device):
             await c.send_diagnostics(json.dumps(env).encode())
     assert e.value.status == 400
     assert fleet.count("reports") == 0
-    assert fleet.store.one("SELECT used_at FROM nonces WHERE nonce = ?", ch.nonce)["used_at"] is None
+    assert fleet.count("nonces") == 0, "the refused report spent no nonce"
 
 
 async def test_unapproved_remediation_is_never_served(fleet, device):
