@@ -47,6 +47,7 @@ class Operation(Enum):
     REVOKE_ROLLOUT = "revoke a rollout"
     ADD_USER = "add a person"
     MAKE_ENROLLMENT_TOKEN = "make a fleet enrollment token"
+    PRUNE_OLD_DATA = "delete old reports and spent challenges (retention)"
 
 
 NEEDS: dict[Operation, Role] = {
@@ -62,6 +63,7 @@ NEEDS: dict[Operation, Role] = {
     Operation.REVOKE_ROLLOUT: "approver",
     Operation.ADD_USER: "admin",
     Operation.MAKE_ENROLLMENT_TOKEN: "admin",
+    Operation.PRUNE_OLD_DATA: "admin",
 }
 
 

@@ -13,6 +13,7 @@ was; every answer is counted for ``/metrics`` by route template.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,8 +24,10 @@ from recovery_agent.protocol.envelope import MalformedEnvelope
 from recovery_agent.protocol.version import __version__
 
 from . import admin_api, dashboard, device_api, metrics
+from .access import console
 from .api import CHANGED, METRICS, POLL_TICK, SERVICE, Handler, Route, openapi_document, service
 from .errors import ServiceError
+from .retention import Pruned
 from .service import RecoveryService
 
 log = logging.getLogger("recovery_server")
@@ -34,6 +37,7 @@ MAX_BODY = 1 << 20
 # server process may have approved, or a rollout may have been promoted.
 POLL_TICK_S = 1.0
 ROLLOUT_TICK_S = 1.0
+PRUNE_EVERY_S = 3600.0
 
 
 # An error answer says what is wrong in a sentence or two: never more than this, whatever the
@@ -142,7 +146,35 @@ def make_app(service: RecoveryService, *, poll_tick_s: float = POLL_TICK_S) -> w
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     app.cleanup_ctx.append(_rollout_ticker)
+    app.cleanup_ctx.append(_retention)
     return app
+
+
+async def _retention(app: web.Application) -> AsyncIterator[None]:
+    """Prune what retention allows (retention.py) every PRUNE_EVERY_S, in a thread: a prune
+    runs in short transactions, and requests keep being served between them."""
+    service = app[SERVICE]
+    running: asyncio.Task[Pruned] | None = None
+
+    async def loop() -> None:
+        nonlocal running
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            if service.settings.report_retention is not None:
+                prune = running = asyncio.create_task(asyncio.to_thread(service.prune, console("server")))
+                try:
+                    await asyncio.shield(prune)
+                except Exception:  # a failed prune must not stop the next ones
+                    log.exception("retention prune failed")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if running is not None:  # let a prune in its thread finish before the store closes
+        with contextlib.suppress(Exception):
+            await running
 
 
 async def _rollout_ticker(app: web.Application) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -23,7 +24,7 @@ from . import audit
 from .access import ROLES, console
 from .app import make_app
 from .errors import ServerError
-from .service import RecoveryService
+from .service import RecoveryService, ServiceSettings
 from .store import Store, StoreUnreachable
 
 EXIT_CODES = """exit codes:
@@ -34,6 +35,7 @@ EXIT_CODES = """exit codes:
   3  the database server (PostgreSQL) could not be reached"""
 
 DEFAULT_DATA = os.environ.get("RECOVERY_DATA", "recovery-data")
+_RETENTION = "90"  # days: ServiceSettings.report_retention's default
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -60,9 +62,20 @@ def _server_key(data: Path) -> SigningKey:
         ) from None
 
 
-def open_service(args: argparse.Namespace) -> RecoveryService:
+def open_service(args: argparse.Namespace, settings: ServiceSettings | None = None) -> RecoveryService:
     key = _server_key(Path(args.data))  # first: a wrong --data must not leave a new database
-    return RecoveryService(store=_store(args), server_key=key)
+    return RecoveryService(store=_store(args), server_key=key, settings=settings or ServiceSettings())
+
+
+def _days(text: str) -> timedelta | None:
+    """A retention period in days (a number); 0 keeps everything."""
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 <= days <= 36500:
+        raise argparse.ArgumentTypeError("give 0 (keep everything) to 36500 days")
+    return timedelta(days=days) if days else None
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -109,9 +122,23 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Offline, on the database: delete what retention allows now (retention.py)."""
+    if args.keep_days is None:
+        print(
+            "recovery-server: --keep-days 0 would keep everything: give the days to keep (e.g. 90)",
+            file=sys.stderr,
+        )
+        return 2
+    svc = open_service(args)
+    pruned = svc.prune(console("recovery-server"), args.keep_days, dry_run=args.dry_run)
+    print(pruned.describe(dry_run=args.dry_run))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    svc = open_service(args)
+    svc = open_service(args, ServiceSettings(report_retention=args.retention_days))
     app = make_app(svc)
 
     async def run() -> None:
@@ -162,11 +189,32 @@ def main(argv: list[str] | None = None) -> int:
     av = sub.add_parser("audit-verify", help="check the audit log's hash chain in the database")
     av.add_argument("--expect-head", help="a head (SEQ:HASH) recorded earlier, elsewhere")
     av.set_defaults(fn=cmd_audit_verify)
+    pr = sub.add_parser(
+        "prune",
+        help="delete superseded reports, old health reports and expired challenges (audited)",
+        description="Delete, older than --keep-days: reports a later report of the same device and "
+        "incident superseded (each device's latest report per incident, and every report a "
+        "directive answered, are kept) and health reports that confirm no directive; and challenge "
+        "nonces that expired. Incidents, directives, results and the audit log are never deleted.",
+    )
+    pr.add_argument(
+        "--keep-days", type=_days, default=_RETENTION, metavar="DAYS", help="default: %(default)s"
+    )
+    pr.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    pr.set_defaults(fn=cmd_prune)
     s = sub.add_parser("serve", help="serve the device and admin APIs")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     s.add_argument("--port-file", help="write the port here once listening")
     s.add_argument("--quiet", action="store_true", help="no access log")
+    s.add_argument(
+        "--retention-days",
+        type=_days,
+        default=_RETENTION,
+        metavar="DAYS",
+        help="prune superseded reports older than this every hour, as `prune` does (0: never; "
+        "default: %(default)s)",
+    )
     s.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)
     try:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from datetime import datetime
@@ -76,8 +77,10 @@ class Incidents:
                 incident_id,
             )
             report_id = new_id("rpt")
+            # The payload once, and the signature that verified it: together an envelope again.
             tx.execute(
-                "INSERT INTO reports VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO reports(report_id, device_id, incident_id, diagnostics_sha256, agent_nonce, "
+                "poll_token_sha256, received_at, payload, signatures) VALUES (?,?,?,?,?,?,?,?,?)",
                 report_id,
                 d.device_id,
                 incident_id,
@@ -86,7 +89,7 @@ class Incidents:
                 token_sha256(poll_token),
                 now,
                 verified.payload.decode(),
-                raw.decode(),
+                json.dumps(verified.signatures),
             )
             # The agent's last attempt: unless a fix lands now, a person must recover it.
             state = (

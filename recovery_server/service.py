@@ -19,6 +19,7 @@ approvers approve; the author never counts as an approver. Every admin method ta
 person acting and asks ``access.py`` whether they may, first.
 
 Every change is one store transaction and leaves an entry in the audit log (``audit.py``).
+Old reports, healthy boots and spent challenges are pruned by ``retention.py``.
 """
 
 from __future__ import annotations
@@ -45,13 +46,16 @@ from recovery_agent.protocol.admin import (
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
-from .access import User
+from . import retention
+from .access import Operation, User, require
 from .audit import AuditLog
 from .challenges import Challenges, challenge_key
 from .devices import Devices
 from .directives import DeviceResult, Directives
+from .errors import BadRequest
 from .incidents import Incidents
 from .remediations import Remediations
+from .retention import Pruned
 from .rollout import Rollouts
 from .store import Store
 from .users import Users
@@ -59,10 +63,12 @@ from .users import Users
 
 @dataclass
 class ServiceSettings:
-    """How long a challenge nonce and a signed directive stay valid."""
+    """How long a challenge nonce and a signed directive stay valid, and how long superseded
+    reports are kept (``retention.py``; None keeps them for good)."""
 
     nonce_ttl: timedelta = timedelta(minutes=10)
     directive_ttl: timedelta = timedelta(hours=1)
+    report_retention: timedelta | None = timedelta(days=90)
 
 
 @dataclass
@@ -198,6 +204,17 @@ class RecoveryService:
 
     def rollouts(self, user: User) -> list[Rollout]:
         return self._rollouts.rollouts(user)
+
+    # ---------------------------------------------------------------- retention
+
+    def prune(self, user: User, keep: timedelta | None = None, *, dry_run: bool = False) -> Pruned:
+        """Delete what is older than ``keep`` (the retention setting by default) and may go
+        (``retention.py``); with ``dry_run``, only count it."""
+        require(user, Operation.PRUNE_OLD_DATA)
+        keep = keep if keep is not None else self.settings.report_retention
+        if keep is None:
+            raise BadRequest("no retention period: give one (days), or set report_retention")
+        return retention.prune(self.store, self.now(), keep, user.name, dry_run=dry_run)
 
     # ---------------------------------------------------------------- audit log
 

@@ -11,10 +11,11 @@ SQL is written once, with ``?`` placeholders and portable types; the PostgreSQL 
 translates the placeholders.
 
 Tables: users (admins with roles and token hashes), enrollment_tokens, devices, nonces
-(server challenges, each usable once), reports (diagnostics), incidents (reports clustered by
-crash signature), remediations and approvals, directives (signed, per device and report),
-results, health (good boots), events (the audit log, hash-chained: ``audit.py`` writes and
-checks it).
+(spent challenges, until they expire: ``challenges.py``), reports (diagnostics: the signed
+payload once, with the signature that verified it), incidents (reports clustered by crash
+signature), remediations and approvals, directives (signed, per device and report), results,
+health (good boots), events (the audit log, hash-chained: ``audit.py`` writes and checks it).
+``retention.py`` deletes old reports, spent nonces and health reports; never events.
 """
 
 from __future__ import annotations
@@ -32,15 +33,35 @@ from typing import Any, Protocol
 
 from .errors import ServerError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-# Each version's changes over the one before, applied in order in one transaction; _SCHEMA
-# is version 1. Never edit a released step: add the next one.
-_MIGRATIONS: dict[int, list[str]] = {
+
+def _store_reports_once(tx: Tx, dialect: str) -> None:
+    """Version 3: a report kept its payload twice, as text and inside its envelope (1.5 MB per
+    large report). Keep the payload and the envelope's signatures, which rebuild an envelope
+    that verifies; index what retention deletes by; and let PostgreSQL hold any whole number
+    a device can send in recovery_attempts (SQLite's INTEGER already does)."""
+    tx.execute("ALTER TABLE reports ADD COLUMN signatures TEXT NOT NULL DEFAULT '[]'")
+    if dialect == "sqlite":
+        tx.execute("UPDATE reports SET signatures = json_extract(envelope, '$.signatures')")
+    else:
+        tx.execute("UPDATE reports SET signatures = (envelope::json -> 'signatures')::text")
+        tx.execute("ALTER TABLE devices ALTER COLUMN recovery_attempts TYPE BIGINT")
+    tx.execute("ALTER TABLE reports DROP COLUMN envelope")
+    tx.execute("CREATE INDEX reports_received ON reports(received_at)")
+    tx.execute("CREATE INDEX nonces_expires ON nonces(expires_at)")
+    tx.execute("CREATE INDEX health_received ON health(received_at)")
+
+
+# Each version's changes over the one before, applied in order in one transaction: SQL for
+# both databases, or a function of the transaction and the dialect. _SCHEMA is version 1.
+# Never edit a released step: add the next one.
+_MIGRATIONS: dict[int, list[str | Callable[[Tx, str], None]]] = {
     2: [  # approvers' own keys and signed approvals
         "ALTER TABLE users ADD COLUMN public_key TEXT",
         "ALTER TABLE approvals ADD COLUMN envelope TEXT",
     ],
+    3: [_store_reports_once],
 }
 
 _SCHEMA = """
@@ -248,7 +269,10 @@ class Store:
                 version = 1
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[step]:
-                    db.execute(statement)
+                    if isinstance(statement, str):
+                        db.execute(statement)
+                    else:
+                        statement(db, self.dialect)
                 db.execute("UPDATE schema_meta SET value = ? WHERE key = 'version'", str(step))
 
     @contextmanager

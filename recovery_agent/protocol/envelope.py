@@ -246,10 +246,17 @@ class Verified(Generic[M]):
     message: M
     key_id: str
     payload: bytes
+    signature: bytes = b""  # the signature that verified, by ``key_id``
 
     @property
     def payload_sha256(self) -> str:
         return hashlib.sha256(self.payload).hexdigest()
+
+    @property
+    def signatures(self) -> list[dict[str, str]]:
+        """The envelope's signatures as kept with a stored payload: the one that verified. With
+        the payload and its type it makes an envelope that verifies again."""
+        return [{"keyid": self.key_id, "sig": _b64(self.signature)}]
 
 
 def open_envelope(
@@ -279,6 +286,7 @@ def open_envelope(
         raise MalformedEnvelope("signatures must be a list of 1 to 8 entries")
 
     signed_by: str | None = None
+    signature = b""
     for entry in sigs:
         if not isinstance(entry, dict) or set(entry) - {"keyid", "sig"} or "sig" not in entry:
             raise MalformedEnvelope("each signature must be {keyid, sig}")
@@ -293,7 +301,7 @@ def open_envelope(
                 f"signature by key {kid[:16]}… does not verify: the envelope was altered in "
                 "transit or signed with another key; nothing was applied"
             ) from None
-        signed_by = kid
+        signed_by, signature = kid, sig
         break
     if signed_by is None:
         named = ", ".join(str(e.get("keyid", "?"))[:16] for e in sigs if isinstance(e, dict))
@@ -314,7 +322,7 @@ def open_envelope(
         raise MalformedEnvelope(
             f"{model.__name__} payload does not fit the protocol: {describe_validation(exc)}"
         ) from None
-    return Verified(message=message, key_id=signed_by, payload=payload)
+    return Verified(message=message, key_id=signed_by, payload=payload, signature=signature)
 
 
 # --------------------------------------------------------------------------- directives
