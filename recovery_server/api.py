@@ -157,6 +157,7 @@ _STATUS_TEXT = {
     404: "Not found",
     409: "Conflicts with the current state",
     413: "Body too large",
+    429: "Too many messages from this device: wait Retry-After seconds",
 }
 
 

@@ -26,7 +26,7 @@ from recovery_agent.protocol.version import __version__
 from . import admin_api, dashboard, device_api, metrics
 from .access import console
 from .api import CHANGED, METRICS, POLL_TICK, SERVICE, Handler, Route, openapi_document, service
-from .errors import ServiceError
+from .errors import ServiceError, TooManyRequests
 from .retention import Pruned
 from .service import RecoveryService
 
@@ -57,6 +57,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     response: web.StreamResponse
     try:
         response = await handler(request)
+    except TooManyRequests as exc:
+        response = _error(exc.status, exc.code, str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
     except ServiceError as exc:
         response = _error(exc.status, exc.code, str(exc))
     except MalformedEnvelope as exc:

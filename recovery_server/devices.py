@@ -7,7 +7,7 @@
 3. Before each report the device asks for a challenge (``challenges.py``): a server nonce
    that works once and only until ``nonce_ttl`` has passed.
 4. Every later message of the device is opened against its enrolled key (``open_message``),
-   and must name the device whose key signed it.
+   and must name the device whose key signed it; then its rate limit is checked (``limits.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from recovery_agent.protocol.wire import SignedMessage
 from . import audit
 from .access import Operation, User, require
 from .errors import BadRequest, Conflict, Unauthorized
+from .limits import DeviceRateLimits
 from .store import Store, iso, parse_iso, token_sha256
 
 M = TypeVar("M", bound=SignedMessage)
@@ -58,9 +59,10 @@ class DeviceKeyring(Mapping[str, Ed25519PublicKey]):
 
 
 class Devices:
-    def __init__(self, store: Store, now: Callable[[], datetime]) -> None:
+    def __init__(self, store: Store, now: Callable[[], datetime], limits: DeviceRateLimits) -> None:
         self._store = store
         self._now = now
+        self.limits = limits
         self.keyring = DeviceKeyring(store)
 
     def create_enrollment_token(
@@ -136,6 +138,9 @@ class Devices:
             raise Unauthorized(
                 f"{model.__name__} names device {named!r} but is signed by the key of {signer!r}"
             )
+        # Only now, with the device proven, may its budget be looked at (limits.py); the
+        # caller spends it once the message is stored.
+        self.limits.check(signer, model.__name__)
         return verified
 
     # ---------------------------------------------------------------- views

@@ -201,6 +201,7 @@ class Directives:
             )
             if r.outcome != "applied":
                 self._set_outcome(tx, r.directive_id, "failed", f"the agent reported {r.outcome}")
+        self._devices.limits.spend(r.device_id, "Result")
         return {"status": "recorded"}
 
     def accept_health(self, raw: bytes) -> dict[str, Any]:
@@ -229,6 +230,7 @@ class Directives:
                 d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
                 if d is not None and d["device_id"] == h.device_id:
                     self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")
+        self._devices.limits.spend(h.device_id, "Health")
         return {"status": "recorded"}
 
     def fail_pending(self, tx: Tx, device_id: str, report_id: str, why: str) -> None:

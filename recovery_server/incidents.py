@@ -130,6 +130,7 @@ class Incidents:
             self._directives.fail_pending(
                 tx, d.device_id, report_id, f"the device failed to boot again ({sig.title})"
             )
+        self._devices.limits.spend(d.device_id, "Diagnostics")
         return DiagnosticsReceipt(
             report_id=report_id,
             incident_id=incident_id,

@@ -54,6 +54,7 @@ from .devices import Devices
 from .directives import DeviceResult, Directives
 from .errors import BadRequest
 from .incidents import Incidents
+from .limits import DeviceRateLimits, RateLimit
 from .remediations import Remediations
 from .retention import Pruned
 from .rollout import Rollouts
@@ -63,12 +64,15 @@ from .users import Users
 
 @dataclass
 class ServiceSettings:
-    """How long a challenge nonce and a signed directive stay valid, and how long superseded
-    reports are kept (``retention.py``; None keeps them for good)."""
+    """How long a challenge nonce and a signed directive stay valid, how long superseded
+    reports are kept (``retention.py``; None keeps them for good), how often a device may
+    write (``limits.py``)."""
 
     nonce_ttl: timedelta = timedelta(minutes=10)
     directive_ttl: timedelta = timedelta(hours=1)
     report_retention: timedelta | None = timedelta(days=90)
+    # Per device and kind of signed message (limits.py): at once, then per minute.
+    device_rate: RateLimit = field(default_factory=RateLimit)
 
 
 @dataclass
@@ -88,7 +92,9 @@ class RecoveryService:
             self.on_change()
 
         self._users = Users(self.store, self.now)
-        self._devices = Devices(self.store, self.now)
+        self._devices = Devices(
+            self.store, self.now, DeviceRateLimits(self.settings.device_rate, lambda: self.clock())
+        )
         self._challenges = Challenges(challenge_key(self.server_key), self.now, self.settings.nonce_ttl)
         self._rollouts = Rollouts(self.store, self.now, changed)
         self._remediations = Remediations(self.store, self.now, changed)
