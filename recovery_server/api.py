@@ -27,6 +27,7 @@ from recovery_agent.protocol.wire import DeviceId
 from . import metrics
 from .access import User
 from .errors import BadRequest
+from .listener import ConnectionLimits
 from .service import RecoveryService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,6 +37,7 @@ SERVICE = web.AppKey("service", RecoveryService)
 CHANGED = web.AppKey("changed", asyncio.Event)  # set and cleared at once: wakes the long polls
 METRICS = web.AppKey("metrics", metrics.HttpMetrics)
 POLL_TICK = web.AppKey("poll_tick_s", float)
+LIMITS = web.AppKey("limits", ConnectionLimits)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -25,8 +26,9 @@ from recovery_agent.protocol.version import __version__
 
 from . import admin_api, dashboard, device_api, metrics
 from .access import console
-from .api import CHANGED, METRICS, POLL_TICK, SERVICE, Handler, Route, openapi_document, service
+from .api import CHANGED, LIMITS, METRICS, POLL_TICK, SERVICE, Handler, Route, openapi_document, service
 from .errors import ServiceError, TooManyRequests
+from .listener import ConnectionLimits, GuardedRunner
 from .retention import Pruned
 from .service import RecoveryService
 
@@ -51,17 +53,37 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": message, "code": code}, status=status)
 
 
+class _BodyTooSlow(Exception):
+    """Raised when a request's body did not arrive within the body timeout."""
+
+
+async def _read_body(request: web.Request) -> None:
+    limit = request.app[LIMITS].body_timeout_s
+    try:
+        await asyncio.wait_for(request.read(), limit)
+    except TimeoutError:
+        raise _BodyTooSlow(
+            f"the request body did not arrive within {limit:g} s: send it whole, at once"
+        ) from None
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     response: web.StreamResponse
     try:
+        if request.body_exists:  # read it here, under the body deadline; handlers get it read
+            await _read_body(request)
         response = await handler(request)
     except TooManyRequests as exc:
         response = _error(exc.status, exc.code, str(exc))
         response.headers["Retry-After"] = str(exc.retry_after_s)
     except ServiceError as exc:
         response = _error(exc.status, exc.code, str(exc))
+    except _BodyTooSlow as exc:
+        request.app[METRICS].timeouts["body"] += 1
+        response = _error(408, "request_timeout", str(exc))
+        response.force_close()
     except MalformedEnvelope as exc:
         response = _error(400, "bad_request", str(exc))
     except web.HTTPRequestEntityTooLarge:
@@ -132,10 +154,17 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def make_app(service: RecoveryService, *, poll_tick_s: float = POLL_TICK_S) -> web.Application:
+def make_app(
+    service: RecoveryService,
+    *,
+    poll_tick_s: float = POLL_TICK_S,
+    limits: ConnectionLimits | None = None,
+) -> web.Application:
+    """The server's app. Serve it with ``runner`` (connections held to ``limits``)."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[POLL_TICK] = poll_tick_s
+    app[LIMITS] = limits or ConnectionLimits()
     app[METRICS] = metrics.HttpMetrics()
     changed = asyncio.Event()
     app[CHANGED] = changed
@@ -151,6 +180,12 @@ def make_app(service: RecoveryService, *, poll_tick_s: float = POLL_TICK_S) -> w
     app.cleanup_ctx.append(_rollout_ticker)
     app.cleanup_ctx.append(_retention)
     return app
+
+
+def runner(app: web.Application, **kwargs: Any) -> GuardedRunner:
+    """The runner for ``make_app``'s app: aiohttp's, with the app's connection limits enforced
+    (``listener.py``); ``kwargs`` go to aiohttp's runner."""
+    return GuardedRunner(app, app[LIMITS], app[METRICS], **kwargs)
 
 
 async def _retention(app: web.Application) -> AsyncIterator[None]:

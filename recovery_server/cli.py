@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from recovery_agent.protocol.keys import KeyFileError, SigningKey
 
 from . import audit
 from .access import ROLES, console
-from .app import make_app
+from .app import make_app, runner
 from .errors import ServerError
+from .listener import ConnectionLimits, fit_open_files
 from .service import RecoveryService, ServiceSettings
 from .store import Store, StoreUnreachable
 
@@ -65,6 +67,19 @@ def _server_key(data: Path) -> SigningKey:
 def open_service(args: argparse.Namespace, settings: ServiceSettings | None = None) -> RecoveryService:
     key = _server_key(Path(args.data))  # first: a wrong --data must not leave a new database
     return RecoveryService(store=_store(args), server_key=key, settings=settings or ServiceSettings())
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value < 1e9:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+
+    return parse
 
 
 def _days(text: str) -> timedelta | None:
@@ -139,14 +154,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     svc = open_service(args, ServiceSettings(report_retention=args.retention_days))
-    app = make_app(svc)
+    limits = fit_open_files(
+        ConnectionLimits(
+            max_connections=args.max_connections,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            keepalive_timeout_s=args.keepalive_timeout,
+        )
+    )
+    app = make_app(svc, limits=limits)
 
     async def run() -> None:
-        runner = web.AppRunner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
-        await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port)
+        served = runner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
+        await served.setup()
+        site = web.TCPSite(served, args.host, args.port, backlog=1024)
         await site.start()
-        port = runner.addresses[0][1]  # the real port when --port 0
+        port = served.addresses[0][1]  # the real port when --port 0
         print(f"recovery-server listening on http://{args.host}:{port}", flush=True)
         if args.port_file:
             Path(args.port_file).write_text(f"{port}\n")
@@ -155,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await runner.cleanup()
+        await served.cleanup()
         svc.store.close()
 
     asyncio.run(run())
@@ -207,6 +230,35 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     s.add_argument("--port-file", help="write the port here once listening")
     s.add_argument("--quiet", action="store_true", help="no access log")
+    defaults = ConnectionLimits()
+    s.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=defaults.max_connections,
+        help="open connections at most; more are answered 503 (default: %(default)s; keep it far "
+        "above the devices that may wait for a directive at once)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=defaults.header_timeout_s,
+        metavar="SECONDS",
+        help="a request's head must arrive within this (default: %(default)s)",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=defaults.body_timeout_s,
+        metavar="SECONDS",
+        help="a request's body must arrive within this (default: %(default)s)",
+    )
+    s.add_argument(
+        "--keepalive-timeout",
+        type=_positive(float),
+        default=defaults.keepalive_timeout_s,
+        metavar="SECONDS",
+        help="an idle connection is closed after this (default: %(default)s)",
+    )
     s.add_argument(
         "--retention-days",
         type=_days,
