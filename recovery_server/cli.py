@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from .access import ROLES, console
 from .app import make_app, runner
 from .errors import ServerError
 from .listener import ConnectionLimits, fit_open_files
+from .secretfile import SecretFile
 from .service import RecoveryService, ServiceSettings
 from .store import Store, StoreUnreachable
 
@@ -94,39 +96,46 @@ def _days(text: str) -> timedelta | None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
-    os.chmod(data, 0o700)
-    key_path = data / "server.key"
-    if key_path.exists():
-        key = _server_key(data)
-        print(f"server key exists in {data}; keeping it", file=sys.stderr)
-    else:
-        key = SigningKey.generate()
-        key.save(key_path)
-    svc = RecoveryService(store=_store(args), server_key=key)
-    print(f"server key id: {key.key_id}")
-    print(f"pin this public key in recovery environments: {key_path}.pub")
-    if not svc.has_admin():
+    with contextlib.ExitStack() as stack:
+        # The token's file first: a path that cannot be used is refused before anything is made.
+        secret = stack.enter_context(SecretFile(args.token_file)) if args.token_file else None
+        data = Path(args.data)
+        data.mkdir(parents=True, exist_ok=True)
+        os.chmod(data, 0o700)
+        key_path = data / "server.key"
+        if key_path.exists():
+            key = _server_key(data)
+            print(f"server key exists in {data}; keeping it", file=sys.stderr)
+        else:
+            key = SigningKey.generate()
+            key.save(key_path)
+        svc = RecoveryService(store=_store(args), server_key=key)
+        print(f"server key id: {key.key_id}")
+        print(f"pin this public key in recovery environments: {key_path}.pub")
+        if svc.has_admin():
+            if secret is not None:
+                print(f"an admin exists already: no token written to {args.token_file}", file=sys.stderr)
+            return 0
         new = svc.create_user(console("setup"), args.admin, "admin")
-        _emit_token(new.token, args.token_file, f"admin user {args.admin!r}")
+        _emit_token(new.token, secret, f"admin user {args.admin!r}")
     return 0
 
 
-def _emit_token(token: str, token_file: str | None, what: str) -> None:
-    if token_file:
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        print(f"token for {what} written to {token_file}")
+def _emit_token(token: str, secret: SecretFile | None, what: str) -> None:
+    """A new person's token: into its new 0600 file (secretfile.py), or shown once."""
+    if secret is not None:
+        secret.write(token + "\n")
+        print(f"token for {what} written to {secret.path}")
     else:
         print(f"token for {what} (shown once): {token}")
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     svc = open_service(args)
-    new = svc.create_user(console("recovery-server"), args.name, args.role)
-    _emit_token(new.token, args.token_file, f"user {args.name!r} ({args.role})")
+    with contextlib.ExitStack() as stack:
+        secret = stack.enter_context(SecretFile(args.token_file)) if args.token_file else None
+        new = svc.create_user(console("recovery-server"), args.name, args.role)
+        _emit_token(new.token, secret, f"user {args.name!r} ({args.role})")
     return 0
 
 
@@ -202,12 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="create the server key, the database and the first admin")
     i.add_argument("--admin", default="admin", help="name of the first admin user")
-    i.add_argument("--token-file", help="write the admin token here (0600) instead of printing it")
+    i.add_argument(
+        "--token-file",
+        help="write the admin token into this new file (0600; an existing file or symlink is "
+        "refused) instead of printing it",
+    )
     i.set_defaults(fn=cmd_init)
     u = sub.add_parser("user-add", help="add a user directly in the database (offline)")
     u.add_argument("name")
     u.add_argument("--role", required=True, choices=ROLES)
-    u.add_argument("--token-file")
+    u.add_argument(
+        "--token-file",
+        help="write the token into this new file (0600; an existing file or symlink is refused)",
+    )
     u.set_defaults(fn=cmd_user_add)
     av = sub.add_parser("audit-verify", help="check the audit log's hash chain in the database")
     av.add_argument("--expect-head", help="a head (SEQ:HASH) recorded earlier, elsewhere")

@@ -576,6 +576,75 @@ def test_a_missing_or_damaged_server_key_is_a_message_and_exit_2(tmp_path):
         assert "cannot be used as the server key" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_token_files_are_new_0600_files_never_an_existing_file_or_a_symlink(tmp_path):
+    """--token-file kept an existing file's 0644 mode and followed symlinks. A secret goes into
+    a new file, 0600, or nowhere: the refusal comes before anything is made."""
+    import os
+    import stat
+
+    data = str(tmp_path / "data")
+    existing = tmp_path / "existing.token"
+    existing.write_text("old\n")
+    existing.chmod(0o644)
+    outside = tmp_path / "outside"
+    outside.write_text("not yours\n")
+    link = tmp_path / "link.token"
+    link.symlink_to(outside)
+    dangling = tmp_path / "dangling.token"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for path in (existing, link, dangling):
+        p = _cli("recovery_server.cli", "--data", data, "init", "--token-file", str(path))
+        assert p.returncode == 2, p.stderr
+        assert f"{path} exists (a file or a symlink)" in p.stderr and "name a path" in p.stderr
+    assert existing.read_text() == "old\n" and stat.S_IMODE(existing.stat().st_mode) == 0o644
+    assert outside.read_text() == "not yours\n" and not (tmp_path / "nowhere").exists()
+    assert not (tmp_path / "data").exists(), "refused before anything was made"
+
+    fresh = tmp_path / "admin.token"
+    old_umask = os.umask(0)
+    try:
+        p = _cli("recovery_server.cli", "--data", data, "init", "--token-file", str(fresh))
+    finally:
+        os.umask(old_umask)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and fresh.read_text().startswith("qmr_")
+
+    p = _cli(
+        "recovery_server.cli",
+        "--data",
+        data,
+        "user-add",
+        "ann",
+        "--role",
+        "viewer",
+        "--token-file",
+        str(link),
+    )
+    assert p.returncode == 2 and "exists" in p.stderr
+    from recovery_server.store import Store
+
+    s = Store(tmp_path / "data/recovery.db")
+    assert [r["name"] for r in s.all("SELECT name FROM users")] == ["admin"], "no user without a token"
+    s.close()
+    p = _cli(
+        "recovery_server.cli",
+        "--data",
+        data,
+        "user-add",
+        "ann",
+        "--role",
+        "viewer",
+        "--token-file",
+        str(tmp_path / "ann.token"),
+    )
+    assert p.returncode == 0 and stat.S_IMODE((tmp_path / "ann.token").stat().st_mode) == 0o600
+
+    # recovery-admin key: the private key is a secret too (refused before the server is asked).
+    p = _cli("recovery_server.admin_cli", "--server", "http://127.0.0.1:1", "--token", "x", "key", str(link))
+    assert p.returncode == 2 and "exists" in p.stderr
+    assert outside.read_text() == "not yours\n"
+
+
 @pytest.mark.parametrize("module", ["recovery_server.cli", "recovery_server.admin_cli"])
 def test_the_command_lines_list_their_exit_codes(module):
     p = _cli(module, "--help")
