@@ -37,6 +37,7 @@ class Operation(Enum):
 
     READ_FLEET = "see devices, incidents, suggested fixes, remediations and rollouts"
     READ_AUDIT_LOG = "read and verify the audit log"
+    READ_METRICS = "read the server's metrics (/metrics)"
     REGISTER_OWN_KEY = "register your own approval key"
     WRITE_REMEDIATION = "write a remediation"
     SET_ROLLOUT = "set a rollout"
@@ -53,6 +54,7 @@ class Operation(Enum):
 NEEDS: dict[Operation, Role] = {
     Operation.READ_FLEET: "viewer",
     Operation.READ_AUDIT_LOG: "viewer",
+    Operation.READ_METRICS: "viewer",
     Operation.REGISTER_OWN_KEY: "viewer",
     Operation.WRITE_REMEDIATION: "operator",
     Operation.SET_ROLLOUT: "operator",

@@ -14,7 +14,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -38,6 +38,9 @@ CHANGED = web.AppKey("changed", asyncio.Event)  # set and cleared at once: wakes
 METRICS = web.AppKey("metrics", metrics.HttpMetrics)
 POLL_TICK = web.AppKey("poll_tick_s", float)
 LIMITS = web.AppKey("limits", ConnectionLimits)
+# Who may read /metrics: a person with a token (any role), anyone, or no one.
+MetricsAccess = Literal["token", "public", "off"]
+METRICS_ACCESS = web.AppKey("metrics_access", str)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The recovery server's HTTP surface (aiohttp): the device API under /v1
 (``device_api.py``), the admin API under /v1/admin (``admin_api.py``), and the operations
-routes here: ``/healthz``, ``/metrics`` (Prometheus text), ``/openapi.json`` and the dashboard
-at ``/``. Handlers only translate HTTP to ``RecoveryService`` calls; the rules live there.
-``ROUTES`` registers every route and describes it for the OpenAPI document (``api.py``), so
-the two cannot drift apart.
+routes here: ``/healthz``, ``/metrics`` (Prometheus text; a person's token by default, see
+``make_app``), ``/openapi.json`` and the dashboard at ``/``. Handlers only translate HTTP to
+``RecoveryService`` calls; the rules live there. ``ROUTES`` registers every route and
+describes it for the OpenAPI document (``api.py``), so the two cannot drift apart. ``runner``
+serves the app with its connection limits (``listener.py``).
 
 Every refusal is answered as JSON, ``{"error": ..., "code": ...}``, with the status of the
 service's error (``errors.py``), in at most ``MAX_ERROR_CHARS`` characters whatever the request
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +28,21 @@ from recovery_agent.protocol.version import __version__
 
 from . import admin_api, dashboard, device_api, metrics
 from .access import console
-from .api import CHANGED, LIMITS, METRICS, POLL_TICK, SERVICE, Handler, Route, openapi_document, service
-from .errors import ServiceError, TooManyRequests
+from .api import (
+    CHANGED,
+    LIMITS,
+    METRICS,
+    METRICS_ACCESS,
+    POLL_TICK,
+    SERVICE,
+    Handler,
+    MetricsAccess,
+    Route,
+    openapi_document,
+    person,
+    service,
+)
+from .errors import NotFound, ServiceError, TooManyRequests
 from .listener import ConnectionLimits, GuardedRunner
 from .retention import Pruned
 from .service import RecoveryService
@@ -111,6 +126,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics_text(request: web.Request) -> web.Response:
+    access = request.app[METRICS_ACCESS]
+    if access == "off":
+        raise NotFound("metrics are off on this server: start it with --metrics token (or public)")
+    if access == "token":
+        service(request).check_metrics_reader(person(request))
     text = metrics.render(service(request), request.app[METRICS])
     return web.Response(
         text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
@@ -118,7 +138,14 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(ROUTES, __version__))
+    access = request.app[METRICS_ACCESS]
+    routes = [
+        dataclasses.replace(r, auth="none" if access == "public" else r.auth, hidden=access == "off")
+        if r.handler is metrics_text
+        else r
+        for r in ROUTES
+    ]
+    return web.json_response(openapi_document(routes, __version__))
 
 
 def _static(text: str, content_type: str) -> Handler:
@@ -144,7 +171,15 @@ dashboard_css = _static(dashboard.CSS, "text/css")
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", healthz, "Liveness", response="Healthz"),
-    Route("GET", "/metrics", metrics_text, "Prometheus metrics", content="text/plain"),
+    Route(
+        "GET",
+        "/metrics",
+        metrics_text,
+        "Prometheus metrics (a person's token, unless the server serves them publicly)",
+        auth="admin",
+        content="text/plain",
+        errors=(401, 403),
+    ),
     Route("GET", "/openapi.json", openapi_json, "This document", response="Any"),
     Route("GET", "/", dashboard_page, "The dashboard", content="text/html", hidden=True),
     Route("GET", "/dashboard.js", dashboard_js, "The dashboard", hidden=True),
@@ -159,12 +194,15 @@ def make_app(
     *,
     poll_tick_s: float = POLL_TICK_S,
     limits: ConnectionLimits | None = None,
+    metrics_access: MetricsAccess = "token",
 ) -> web.Application:
-    """The server's app. Serve it with ``runner`` (connections held to ``limits``)."""
+    """The server's app. Serve it with ``runner`` (connections held to ``limits``).
+    ``metrics_access`` says who may read /metrics: a person with a token, anyone, or no one."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[POLL_TICK] = poll_tick_s
     app[LIMITS] = limits or ConnectionLimits()
+    app[METRICS_ACCESS] = metrics_access
     app[METRICS] = metrics.HttpMetrics()
     changed = asyncio.Event()
     app[CHANGED] = changed

@@ -171,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             keepalive_timeout_s=args.keepalive_timeout,
         )
     )
-    app = make_app(svc, limits=limits)
+    app = make_app(svc, limits=limits, metrics_access=args.metrics)
 
     async def run() -> None:
         served = runner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     s.add_argument("--port-file", help="write the port here once listening")
     s.add_argument("--quiet", action="store_true", help="no access log")
+    s.add_argument(
+        "--metrics",
+        choices=("token", "public", "off"),
+        default="token",
+        help="who may read /metrics: a person with a token (any role; the default), anyone, or no one",
+    )
     defaults = ConnectionLimits()
     s.add_argument(
         "--max-connections",

@@ -121,6 +121,10 @@ class RecoveryService:
     def register_key(self, user: User, public_key: str) -> RegisteredKey:
         return self._users.register_key(user, public_key)
 
+    def check_metrics_reader(self, user: User) -> None:
+        """Raise Forbidden unless ``user`` may read /metrics (when it takes a token)."""
+        require(user, Operation.READ_METRICS)
+
     # ---------------------------------------------------------------- devices
 
     def create_enrollment_token(

@@ -125,10 +125,13 @@ async def test_metrics_in_prometheus_text_format(fleet):
     ids = populate(fleet)
     fleet.service.approve(fleet.user("bob"), ids["remediation"])
     ids["sim"].run(lambda wave: 0.0)
+    viewer = {"Authorization": "Bearer " + fleet.service.create_user(fleet.admin, "prom", "viewer").token}
     async with aiohttp.ClientSession() as s:
         async with s.get(fleet.url + "/v1/admin/devices") as r:
             assert r.status == 401
         async with s.get(fleet.url + "/metrics") as r:
+            assert r.status == 401, "metrics take a person's token by default"
+        async with s.get(fleet.url + "/metrics", headers=viewer) as r:
             assert r.status == 200 and r.content_type == "text/plain"
             text = await r.text()
     samples = {}
@@ -144,5 +147,35 @@ async def test_metrics_in_prometheus_text_format(fleet):
     assert samples['qmr_directives_total{outcome="succeeded"}'] == 6
     assert samples[f'qmr_rollout_wave{{rollout="{ids["rollout"]}",state="completed"}}'] == 1
     assert samples['qmr_http_requests_total{method="GET",route="/v1/admin/devices",status="401"}'] == 1
+    assert samples['qmr_http_requests_total{method="GET",route="/metrics",status="401"}'] == 1
     assert any(k.startswith("qmr_http_request_duration_seconds_bucket") for k in samples)
     assert json.dumps(samples)  # all values are plain numbers
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("access, anonymous, described", [("public", 200, True), ("off", 404, False)])
+async def test_metrics_can_be_public_or_off(store_url, tmp_path, access, anonymous, described):
+    from recovery_agent.protocol.keys import SigningKey
+    from recovery_server.app import make_app
+
+    from .conftest import Fleet, RecoveryTestServer
+
+    fleet = Fleet(store_url=store_url, key=SigningKey.generate())
+    await fleet.start()
+    await fleet.server.close()
+    fleet.server = RecoveryTestServer(make_app(fleet.service, metrics_access=access), host="127.0.0.1")
+    await fleet.server.start_server()
+    fleet.port = fleet.server.port
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(fleet.url + "/metrics") as r:
+                assert r.status == anonymous
+                if access == "off":
+                    assert "--metrics token" in (await r.json())["error"]
+            async with s.get(fleet.url + "/openapi.json") as r:
+                doc = await r.json()
+        assert ("/metrics" in doc["paths"]) == described
+        if described:
+            assert "security" not in doc["paths"]["/metrics"]["get"]
+    finally:
+        await fleet.stop()

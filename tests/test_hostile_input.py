@@ -77,7 +77,11 @@ async def get(fleet, path: str, token: str) -> tuple[int, bytes]:
 async def every_view_answers(fleet, token: str) -> None:
     """Every admin read view, and each incident and rollout in it, answers 200 with JSON that
     a strict parser accepts (no NaN, no Infinity)."""
-    paths = [r.path for r in ROUTES if r.method == "GET" and r.auth == "admin" and "{" not in r.path]
+    paths = [
+        r.path
+        for r in ROUTES
+        if r.method == "GET" and r.auth == "admin" and r.content == "application/json" and "{" not in r.path
+    ]
     for inc in fleet.service.incidents(fleet.viewer):
         paths += [
             f"/v1/admin/incidents/{inc.incident_id}",

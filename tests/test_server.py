@@ -483,8 +483,16 @@ ROLE_MATRIX = [
 def test_the_role_matrix_covers_every_admin_route():
     from recovery_server.app import ROUTES
 
-    admin_routes = {(r.method, r.path.removeprefix("/v1/admin")) for r in ROUTES if r.auth == "admin"}
+    admin_routes = {
+        (r.method, r.path.removeprefix("/v1/admin"))
+        for r in ROUTES
+        if r.auth == "admin" and r.path.startswith("/v1/admin/")
+    }
     assert {(method, path) for method, path, _, _ in ROLE_MATRIX} == admin_routes
+    # Outside the admin API only /metrics takes a person's token (any role: test_api_contract.py).
+    assert {r.path for r in ROUTES if r.auth == "admin" and not r.path.startswith("/v1/admin/")} == {
+        "/metrics"
+    }
 
 
 @pytest.mark.parametrize("method, path, body, lowest", ROLE_MATRIX)
