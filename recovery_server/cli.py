@@ -26,7 +26,7 @@ from . import audit
 from .access import ROLES, console
 from .app import make_app, runner
 from .errors import ServerError
-from .listener import ConnectionLimits, fit_open_files
+from .listener import ACCEPT_BACKLOG, ConnectionLimits, fit_open_files
 from .secretfile import SecretFile
 from .service import RecoveryService, ServiceSettings
 from .store import Store, StoreUnreachable
@@ -176,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         served = runner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
         await served.setup()
-        site = web.TCPSite(served, args.host, args.port, backlog=1024)
+        site = web.TCPSite(served, args.host, args.port, backlog=ACCEPT_BACKLOG)
         await site.start()
         port = served.addresses[0][1]  # the real port when --port 0
         print(f"recovery-server listening on http://{args.host}:{port}", flush=True)

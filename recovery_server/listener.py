@@ -40,8 +40,16 @@ from .metrics import HttpMetrics
 
 log = logging.getLogger("recovery_server")
 
+# Connections the kernel queues for the server to accept, and (asyncio) the most it accepts in
+# one turn of the event loop. A socket refused over the cap holds its descriptor for about
+# three turns (accepted, answered 503, closed), so up to three rounds of it may be open above
+# ``max_connections`` at once: a backlog of 1024 let 300 queued connections take every
+# descriptor in one round. Clients beyond the queue retry their SYN and are let in a moment later.
+ACCEPT_BACKLOG = 32
+
 # Descriptors kept for what is not a client connection: the database, logs, the listening
-# sockets, outgoing connections.
+# sockets, outgoing connections (about 30), and the accepted sockets not yet closed (three
+# rounds of ``ACCEPT_BACKLOG``).
 RESERVED_FILES = 128
 
 
