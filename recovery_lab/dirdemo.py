@@ -109,6 +109,7 @@ class Demo:
         data = self.work / "server"
         if data.exists():
             shutil.rmtree(data)
+        (self.work / "admin.token").unlink(missing_ok=True)  # init writes a token to a new file only
         self.run(
             _bin("recovery-server"),
             "--data",

@@ -37,6 +37,7 @@ class Operation(Enum):
 
     READ_FLEET = "see devices, incidents, suggested fixes, remediations and rollouts"
     READ_AUDIT_LOG = "read and verify the audit log"
+    READ_METRICS = "read the server's metrics (/metrics)"
     REGISTER_OWN_KEY = "register your own approval key"
     WRITE_REMEDIATION = "write a remediation"
     SET_ROLLOUT = "set a rollout"
@@ -51,11 +52,13 @@ class Operation(Enum):
     REVOKE_ENROLLMENT_TOKEN = "revoke an enrollment token"
     REVOKE_DEVICE = "revoke a device"
     REPLACE_DEVICE_KEY = "replace a device's key"
+    PRUNE_OLD_DATA = "delete old reports and spent challenges (retention)"
 
 
 NEEDS: dict[Operation, Role] = {
     Operation.READ_FLEET: "viewer",
     Operation.READ_AUDIT_LOG: "viewer",
+    Operation.READ_METRICS: "viewer",
     Operation.REGISTER_OWN_KEY: "viewer",
     Operation.WRITE_REMEDIATION: "operator",
     Operation.SET_ROLLOUT: "operator",
@@ -71,6 +74,7 @@ NEEDS: dict[Operation, Role] = {
     # Who may speak for a device is the admin's: a device's key decides whose reports count.
     Operation.REVOKE_DEVICE: "admin",
     Operation.REPLACE_DEVICE_KEY: "admin",
+    Operation.PRUNE_OLD_DATA: "admin",
 }
 
 

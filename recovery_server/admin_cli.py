@@ -22,11 +22,12 @@ from recovery_agent.protocol.admin import AdminClient, Role, RolloutPlan
 from recovery_agent.protocol.client import RetryPolicy, ServerRefused, ServerUnreachable
 from recovery_agent.protocol.envelope import actions_digest, seal
 from recovery_agent.protocol.errors import ProtocolError
-from recovery_agent.protocol.keys import SigningKey, public_b64
+from recovery_agent.protocol.keys import SigningKey, atomic_write, public_b64
 from recovery_agent.protocol.wire import PathRuleError, RemediationApproval, check_relative_path, utcnow
 
 from .audit import describe
 from .errors import ServerError
+from .secretfile import SecretFile
 
 EXIT_CODES = """exit codes:
   0  done
@@ -212,10 +213,10 @@ async def _rollout(c: AdminClient, args: argparse.Namespace) -> Output:
 
 async def _key(c: AdminClient, args: argparse.Namespace) -> Output:
     path = Path(args.path)
-    if path.exists():
-        raise CommandError(f"{path} exists; not replacing a key: name a new file")
     key = SigningKey.generate()
-    key.save(path)
+    with SecretFile(path) as f:  # a new file, 0600: never an existing file or a symlink
+        f.write(key.private_pem())
+    atomic_write(Path(f"{path}.pub"), (public_b64(key.public) + "\n").encode())
     registered = await c.register_key(public_b64(key.public))
     return Output(
         {

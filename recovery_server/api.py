@@ -14,17 +14,20 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from recovery_agent.protocol.envelope import MalformedEnvelope, strict_json_loads
+from recovery_agent.protocol.errors import describe_validation
+from recovery_agent.protocol.wire import DeviceId
 
 from . import metrics
 from .access import User
 from .errors import BadRequest
+from .listener import ConnectionLimits
 from .service import RecoveryService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,6 +37,10 @@ SERVICE = web.AppKey("service", RecoveryService)
 CHANGED = web.AppKey("changed", asyncio.Event)  # set and cleared at once: wakes the long polls
 METRICS = web.AppKey("metrics", metrics.HttpMetrics)
 POLL_TICK = web.AppKey("poll_tick_s", float)
+LIMITS = web.AppKey("limits", ConnectionLimits)
+# Who may read /metrics: a person with a token (any role), anyone, or no one.
+MetricsAccess = Literal["token", "public", "off"]
+METRICS_ACCESS = web.AppKey("metrics_access", str)
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ async def read_body(request: web.Request, model: type[M]) -> M:
     except MalformedEnvelope as exc:
         raise BadRequest(f"request body: {exc}") from None
     except ValidationError as exc:
-        raise BadRequest(f"request body does not fit {model.__name__}: {exc}") from None
+        raise BadRequest(f"request body does not fit {model.__name__}: {describe_validation(exc)}") from None
 
 
 def answer(obj: BaseModel | Sequence[BaseModel], status: int = 200) -> web.Response:
@@ -106,9 +113,9 @@ def query_number(request: web.Request, name: str, default: float, lo: float, hi:
 class ChallengeRequest(BaseModel):
     """The body of ``POST /v1/challenge`` (the agent sends it as plain JSON)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    device_id: str = Field(min_length=1, max_length=64)
+    device_id: DeviceId
 
 
 # ---------------------------------------------------------------- the document
@@ -155,6 +162,7 @@ _STATUS_TEXT = {
     404: "Not found",
     409: "Conflicts with the current state",
     413: "Body too large",
+    429: "Too many messages from this device: wait Retry-After seconds",
 }
 
 

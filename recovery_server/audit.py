@@ -29,7 +29,7 @@ from recovery_agent.protocol.admin import AuditEntry, AuditReport
 
 from .access import Operation, User, require
 from .errors import BadRequest
-from .store import Store, Tx
+from .store import Store, Tx, storable
 
 GENESIS_HASH = "0" * 64
 _FIELDS = ("seq", "at", "kind", "actor", "device_id", "subject", "detail")
@@ -57,26 +57,21 @@ def record(
         detail = json.dumps(detail, sort_keys=True)
     head = tx.one("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
     seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    # Hash what the store will hold (it writes no NUL characters), so the chain verifies.
     entry = {
         "seq": seq,
         "at": at,
         "kind": kind,
-        "actor": actor,
-        "device_id": device_id,
-        "subject": subject,
-        "detail": detail,
+        "actor": storable(actor),
+        "device_id": storable(device_id),
+        "subject": storable(subject),
+        "detail": storable(detail),
     }
     digest = entry_hash(prev, entry)
     tx.execute(
         "INSERT INTO events(seq, at, kind, actor, device_id, subject, detail, prev_hash, hash) "
         "VALUES (?,?,?,?,?,?,?,?,?)",
-        seq,
-        at,
-        kind,
-        actor,
-        device_id,
-        subject,
-        detail,
+        *entry.values(),
         prev,
         digest,
     )

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -21,9 +24,11 @@ from recovery_agent.protocol.keys import KeyFileError, SigningKey
 
 from . import audit
 from .access import ROLES, console
-from .app import make_app
+from .app import make_app, runner
 from .errors import ServerError
-from .service import RecoveryService
+from .listener import ACCEPT_BACKLOG, ConnectionLimits, fit_open_files
+from .secretfile import SecretFile
+from .service import RecoveryService, ServiceSettings
 from .store import Store, StoreUnreachable
 
 EXIT_CODES = """exit codes:
@@ -34,6 +39,7 @@ EXIT_CODES = """exit codes:
   3  the database server (PostgreSQL) could not be reached"""
 
 DEFAULT_DATA = os.environ.get("RECOVERY_DATA", "recovery-data")
+_RETENTION = "90"  # days: ServiceSettings.report_retention's default
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -60,45 +66,76 @@ def _server_key(data: Path) -> SigningKey:
         ) from None
 
 
-def open_service(args: argparse.Namespace) -> RecoveryService:
+def open_service(args: argparse.Namespace, settings: ServiceSettings | None = None) -> RecoveryService:
     key = _server_key(Path(args.data))  # first: a wrong --data must not leave a new database
-    return RecoveryService(store=_store(args), server_key=key)
+    return RecoveryService(store=_store(args), server_key=key, settings=settings or ServiceSettings())
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value < 1e9:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+
+    return parse
+
+
+def _days(text: str) -> timedelta | None:
+    """A retention period in days (a number); 0 keeps everything."""
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 <= days <= 36500:
+        raise argparse.ArgumentTypeError("give 0 (keep everything) to 36500 days")
+    return timedelta(days=days) if days else None
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
-    os.chmod(data, 0o700)
-    key_path = data / "server.key"
-    if key_path.exists():
-        key = _server_key(data)
-        print(f"server key exists in {data}; keeping it", file=sys.stderr)
-    else:
-        key = SigningKey.generate()
-        key.save(key_path)
-    svc = RecoveryService(store=_store(args), server_key=key)
-    print(f"server key id: {key.key_id}")
-    print(f"pin this public key in recovery environments: {key_path}.pub")
-    if not svc.has_admin():
+    with contextlib.ExitStack() as stack:
+        # The token's file first: a path that cannot be used is refused before anything is made.
+        secret = stack.enter_context(SecretFile(args.token_file)) if args.token_file else None
+        data = Path(args.data)
+        data.mkdir(parents=True, exist_ok=True)
+        os.chmod(data, 0o700)
+        key_path = data / "server.key"
+        if key_path.exists():
+            key = _server_key(data)
+            print(f"server key exists in {data}; keeping it", file=sys.stderr)
+        else:
+            key = SigningKey.generate()
+            key.save(key_path)
+        svc = RecoveryService(store=_store(args), server_key=key)
+        print(f"server key id: {key.key_id}")
+        print(f"pin this public key in recovery environments: {key_path}.pub")
+        if svc.has_admin():
+            if secret is not None:
+                print(f"an admin exists already: no token written to {args.token_file}", file=sys.stderr)
+            return 0
         new = svc.create_user(console("setup"), args.admin, "admin")
-        _emit_token(new.token, args.token_file, f"admin user {args.admin!r}")
+        _emit_token(new.token, secret, f"admin user {args.admin!r}")
     return 0
 
 
-def _emit_token(token: str, token_file: str | None, what: str) -> None:
-    if token_file:
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        print(f"token for {what} written to {token_file}")
+def _emit_token(token: str, secret: SecretFile | None, what: str) -> None:
+    """A new person's token: into its new 0600 file (secretfile.py), or shown once."""
+    if secret is not None:
+        secret.write(token + "\n")
+        print(f"token for {what} written to {secret.path}")
     else:
         print(f"token for {what} (shown once): {token}")
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     svc = open_service(args)
-    new = svc.create_user(console("recovery-server"), args.name, args.role)
-    _emit_token(new.token, args.token_file, f"user {args.name!r} ({args.role})")
+    with contextlib.ExitStack() as stack:
+        secret = stack.enter_context(SecretFile(args.token_file)) if args.token_file else None
+        new = svc.create_user(console("recovery-server"), args.name, args.role)
+        _emit_token(new.token, secret, f"user {args.name!r} ({args.role})")
     return 0
 
 
@@ -109,17 +146,39 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Offline, on the database: delete what retention allows now (retention.py)."""
+    if args.keep_days is None:
+        print(
+            "recovery-server: --keep-days 0 would keep everything: give the days to keep (e.g. 90)",
+            file=sys.stderr,
+        )
+        return 2
+    svc = open_service(args)
+    pruned = svc.prune(console("recovery-server"), args.keep_days, dry_run=args.dry_run)
+    print(pruned.describe(dry_run=args.dry_run))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    svc = open_service(args)
-    app = make_app(svc)
+    svc = open_service(args, ServiceSettings(report_retention=args.retention_days))
+    limits = fit_open_files(
+        ConnectionLimits(
+            max_connections=args.max_connections,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            keepalive_timeout_s=args.keepalive_timeout,
+        )
+    )
+    app = make_app(svc, limits=limits, metrics_access=args.metrics)
 
     async def run() -> None:
-        runner = web.AppRunner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
-        await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port)
+        served = runner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
+        await served.setup()
+        site = web.TCPSite(served, args.host, args.port, backlog=ACCEPT_BACKLOG)
         await site.start()
-        port = runner.addresses[0][1]  # the real port when --port 0
+        port = served.addresses[0][1]  # the real port when --port 0
         print(f"recovery-server listening on http://{args.host}:{port}", flush=True)
         if args.port_file:
             Path(args.port_file).write_text(f"{port}\n")
@@ -128,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await runner.cleanup()
+        await served.cleanup()
         svc.store.close()
 
     asyncio.run(run())
@@ -152,21 +211,84 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="create the server key, the database and the first admin")
     i.add_argument("--admin", default="admin", help="name of the first admin user")
-    i.add_argument("--token-file", help="write the admin token here (0600) instead of printing it")
+    i.add_argument(
+        "--token-file",
+        help="write the admin token into this new file (0600; an existing file or symlink is "
+        "refused) instead of printing it",
+    )
     i.set_defaults(fn=cmd_init)
     u = sub.add_parser("user-add", help="add a user directly in the database (offline)")
     u.add_argument("name")
     u.add_argument("--role", required=True, choices=ROLES)
-    u.add_argument("--token-file")
+    u.add_argument(
+        "--token-file",
+        help="write the token into this new file (0600; an existing file or symlink is refused)",
+    )
     u.set_defaults(fn=cmd_user_add)
     av = sub.add_parser("audit-verify", help="check the audit log's hash chain in the database")
     av.add_argument("--expect-head", help="a head (SEQ:HASH) recorded earlier, elsewhere")
     av.set_defaults(fn=cmd_audit_verify)
+    pr = sub.add_parser(
+        "prune",
+        help="delete superseded reports, old health reports and expired challenges (audited)",
+        description="Delete, older than --keep-days: reports a later report of the same device and "
+        "incident superseded (each device's latest report per incident, and every report a "
+        "directive answered, are kept) and health reports that confirm no directive; and challenge "
+        "nonces that expired. Incidents, directives, results and the audit log are never deleted.",
+    )
+    pr.add_argument(
+        "--keep-days", type=_days, default=_RETENTION, metavar="DAYS", help="default: %(default)s"
+    )
+    pr.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    pr.set_defaults(fn=cmd_prune)
     s = sub.add_parser("serve", help="serve the device and admin APIs")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     s.add_argument("--port-file", help="write the port here once listening")
     s.add_argument("--quiet", action="store_true", help="no access log")
+    s.add_argument(
+        "--metrics",
+        choices=("token", "public", "off"),
+        default="token",
+        help="who may read /metrics: a person with a token (any role; the default), anyone, or no one",
+    )
+    defaults = ConnectionLimits()
+    s.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=defaults.max_connections,
+        help="open connections at most; more are answered 503 (default: %(default)s; keep it far "
+        "above the devices that may wait for a directive at once)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=defaults.header_timeout_s,
+        metavar="SECONDS",
+        help="a request's head must arrive within this (default: %(default)s)",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=defaults.body_timeout_s,
+        metavar="SECONDS",
+        help="a request's body must arrive within this (default: %(default)s)",
+    )
+    s.add_argument(
+        "--keepalive-timeout",
+        type=_positive(float),
+        default=defaults.keepalive_timeout_s,
+        metavar="SECONDS",
+        help="an idle connection is closed after this (default: %(default)s)",
+    )
+    s.add_argument(
+        "--retention-days",
+        type=_days,
+        default=_RETENTION,
+        metavar="DAYS",
+        help="prune superseded reports older than this every hour, as `prune` does (0: never; "
+        "default: %(default)s)",
+    )
     s.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)
     try:

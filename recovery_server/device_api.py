@@ -98,10 +98,10 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/v1/challenge",
         challenge,
-        "A one-time nonce for the next diagnostics",
+        "A one-time nonce for the next diagnostics (any device id gets one)",
         body=ChallengeRequest,
         response=Challenge,
-        errors=(400, 404, 413),
+        errors=(400, 413),
     ),
     Route(
         "POST",
@@ -110,7 +110,7 @@ ROUTES: tuple[Route, ...] = (
         "Signed diagnostics from a recovery environment",
         body=Envelope,
         response=DiagnosticsReceipt,
-        errors=(400, 401, 409, 413),
+        errors=(400, 401, 409, 413, 429),
     ),
     Route(
         "GET",
@@ -129,7 +129,7 @@ ROUTES: tuple[Route, ...] = (
         "Signed result of applying a directive",
         body=Envelope,
         response="Recorded",
-        errors=(400, 401, 404, 413),
+        errors=(400, 401, 404, 413, 429),
     ),
     Route(
         "POST",
@@ -138,6 +138,6 @@ ROUTES: tuple[Route, ...] = (
         "Signed report of a healthy boot",
         body=Envelope,
         response="Recorded",
-        errors=(400, 401, 413),
+        errors=(400, 401, 413, 429),
     ),
 )

@@ -18,10 +18,11 @@
    number of that entry in the audit log (``enrolled_seq``): one order for everything the
    server did, so "enrolled before this rollout started" has one answer on every server
    process (``rollout.py`` counts only those devices).
-5. Before each report the device asks for a challenge: a server nonce that works once and
-   only until ``nonce_ttl`` has passed (``use_nonce``).
+5. Before each report the device asks for a challenge (``challenges.py``): a server nonce
+   that works once and only until ``nonce_ttl`` has passed.
 6. Every later message of the device is opened against its enrolled key (``open_message``),
-   must name the device whose key signed it, and is refused if that device was revoked.
+   must name the device whose key signed it, and is refused if that device was revoked; then
+   its rate limit is checked (``limits.py``).
 
 Why so: a token lets machines enroll; it cannot vouch that a machine is real, and it is the one
 secret every machine being set up must hold, so it leaks. A holder of a token alone can
@@ -52,11 +53,12 @@ from recovery_agent.protocol.admin import (
     EnrollmentTokenState,
 )
 from recovery_agent.protocol.envelope import EnvelopeError, Verified
-from recovery_agent.protocol.wire import Challenge, SignedMessage
+from recovery_agent.protocol.wire import SignedMessage
 
 from . import audit, rollout
 from .access import Operation, User, require
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
+from .limits import DeviceRateLimits
 from .store import Reader, Row, Store, Tx, iso, parse_iso, token_sha256
 
 M = TypeVar("M", bound=SignedMessage)
@@ -90,10 +92,10 @@ class DeviceKeyring(Mapping[str, Ed25519PublicKey]):
 
 
 class Devices:
-    def __init__(self, store: Store, now: Callable[[], datetime], nonce_ttl: timedelta) -> None:
+    def __init__(self, store: Store, now: Callable[[], datetime], limits: DeviceRateLimits) -> None:
         self._store = store
         self._now = now
-        self._nonce_ttl = nonce_ttl
+        self.limits = limits
         self.keyring = DeviceKeyring(store)
 
     # ---------------------------------------------------------------- enrollment tokens
@@ -237,32 +239,6 @@ class Devices:
             tx.execute("UPDATE enrollment_tokens SET used = used + 1 WHERE token_id = ?", tok["token_id"])
         return {"device_id": e.device_id, "key_id": verified.key_id, "status": "enrolled"}
 
-    def challenge(self, device_id: str) -> Challenge:
-        now = self._now()
-        nonce = secrets.token_urlsafe(24)
-        expires = now + self._nonce_ttl
-        with self._store.tx() as tx:
-            if tx.one("SELECT 1 FROM devices WHERE device_id = ?", device_id) is None:
-                raise NotFound(
-                    f"device {device_id!r} is not enrolled: enroll it while it is healthy "
-                    "(recovery-agent enroll)"
-                )
-            tx.execute("DELETE FROM nonces WHERE expires_at < ? AND used_at IS NULL", iso(now))
-            tx.execute("INSERT INTO nonces VALUES (?,?,?,?,NULL)", nonce, device_id, iso(now), iso(expires))
-        return Challenge(nonce=nonce, expires_at=expires)
-
-    def use_nonce(self, tx: Tx, device_id: str, nonce: str) -> None:
-        """Spend the challenge ``nonce`` of ``device_id``, inside the report's transaction."""
-        now = self._now()
-        n = tx.one("SELECT * FROM nonces WHERE nonce = ?", nonce)
-        if n is None or n["device_id"] != device_id:
-            raise Unauthorized("unknown challenge nonce: ask for a fresh one (POST /v1/challenge)")
-        if n["used_at"] is not None:
-            raise Conflict("challenge nonce already used: a replayed report was refused")
-        if parse_iso(n["expires_at"]) <= now:
-            raise Unauthorized("challenge nonce expired: ask for a fresh one")
-        tx.execute("UPDATE nonces SET used_at = ? WHERE nonce = ?", iso(now), nonce)
-
     def open_message(self, raw: bytes, model: type[M]) -> Verified[M]:
         """The device message in ``raw``, verified against the enrolled key that signed it;
         refused unless it names the device that key belongs to, and that device is not revoked."""
@@ -279,6 +255,9 @@ class Devices:
             )
         if signer["revoked_at"]:
             raise Unauthorized(_revoked(signer))
+        # Only now, with the device proven, may its budget be looked at (limits.py); the
+        # caller spends it once the message is stored.
+        self.limits.check(signer["device_id"], model.__name__)
         return verified
 
     def refuse_revoked(self, db: Reader, device_id: str) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter
 
 from recovery_agent.protocol import envelope
 from recovery_agent.protocol.keys import SigningKey
@@ -52,6 +52,8 @@ _ACTIONS = TypeAdapter(list[Action])
 class DeviceResult(BaseModel):
     """What a device's agent reported for one directive (not on the admin API: the lab reads it
     in process)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     directive_id: str
     outcome: Literal["applied", "failed", "rejected"]
@@ -210,6 +212,7 @@ class Directives:
             )
             if r.outcome != "applied":
                 self._set_outcome(tx, r.directive_id, "failed", f"the agent reported {r.outcome}")
+        self._devices.limits.spend(r.device_id, "Result")
         return {"status": "recorded"}
 
     def accept_health(self, raw: bytes) -> dict[str, Any]:
@@ -238,6 +241,7 @@ class Directives:
                 d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
                 if d is not None and d["device_id"] == h.device_id:
                     self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")
+        self._devices.limits.spend(h.device_id, "Health")
         return {"status": "recorded"}
 
     def fail_pending(self, tx: Tx, device_id: str, report_id: str, why: str) -> None:

@@ -55,3 +55,14 @@ class Conflict(ServiceError):
     approval by the same person, a rollout set after the first directive."""
 
     status, code = 409, "conflict"
+
+
+class TooManyRequests(ServiceError):
+    """Raised when a device sends more messages than its rate limit allows (``limits.py``);
+    ``retry_after_s`` says when the next one will be taken (HTTP ``Retry-After``)."""
+
+    status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,7 +1,7 @@
 """Reports and incidents: a device's signed diagnostics, and the crash they share with others.
 
-1. A report is a device's diagnostics, signed by its enrolled key and carrying a challenge
-   nonce it spends (``devices.py``).
+1. A report is a device's diagnostics, signed by its enrolled key (``devices.py``) and
+   carrying a challenge nonce it spends (``challenges.py``).
 2. It joins the incident of its crash signature (``INC-`` and the signature id): the same bug
    on many machines is one incident, with a report count, first and last seen, and devices.
    A signature made by another version of the crash rules (an older or newer agent) is first
@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from datetime import datetime
@@ -27,6 +28,7 @@ from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
 
 from . import audit, catalog
 from .access import Operation, User, require
+from .challenges import Challenges
 from .devices import Devices
 from .directives import Directives
 from .errors import NotFound
@@ -35,11 +37,17 @@ from .store import Row, Store, iso, new_id, token_sha256
 
 class Incidents:
     def __init__(
-        self, store: Store, now: Callable[[], datetime], devices: Devices, directives: Directives
+        self,
+        store: Store,
+        now: Callable[[], datetime],
+        devices: Devices,
+        challenges: Challenges,
+        directives: Directives,
     ) -> None:
         self._store = store
         self._now = now
         self._devices = devices
+        self._challenges = challenges
         self._directives = directives
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
@@ -48,7 +56,7 @@ class Incidents:
         now = iso(self._now())
         poll_token = secrets.token_urlsafe(24)
         with self._store.tx() as tx:
-            self._devices.use_nonce(tx, d.device_id, d.server_nonce)
+            self._challenges.spend(tx, d.device_id, d.server_nonce)
             sig = rederive(d.crash)
             incident_id = "INC-" + sig.id[:12]
             if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
@@ -73,8 +81,10 @@ class Incidents:
                 incident_id,
             )
             report_id = new_id("rpt")
+            # The payload once, and the signature that verified it: together an envelope again.
             tx.execute(
-                "INSERT INTO reports VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO reports(report_id, device_id, incident_id, diagnostics_sha256, agent_nonce, "
+                "poll_token_sha256, received_at, payload, signatures) VALUES (?,?,?,?,?,?,?,?,?)",
                 report_id,
                 d.device_id,
                 incident_id,
@@ -83,7 +93,7 @@ class Incidents:
                 token_sha256(poll_token),
                 now,
                 verified.payload.decode(),
-                raw.decode(),
+                json.dumps(verified.signatures),
             )
             # The agent's last attempt: unless a fix lands now, a person must recover it.
             state = (
@@ -124,6 +134,7 @@ class Incidents:
             self._directives.fail_pending(
                 tx, d.device_id, report_id, f"the device failed to boot again ({sig.title})"
             )
+        self._devices.limits.spend(d.device_id, "Diagnostics")
         return DiagnosticsReceipt(
             report_id=report_id,
             incident_id=incident_id,

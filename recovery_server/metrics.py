@@ -24,6 +24,10 @@ class HttpMetrics:
         self.buckets: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * (len(_BUCKETS) + 1))
         self.sums: dict[tuple[str, str], float] = defaultdict(float)
         self.long_polls_waiting = 0  # directive long polls now waiting (only the event loop writes it)
+        # Connections (listener.py; only the event loop writes these).
+        self.connections_open = 0
+        self.connections_refused = 0
+        self.timeouts: dict[str, int] = defaultdict(int)  # by phase: header, body
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -109,6 +113,25 @@ def render(service: RecoveryService, http: HttpMetrics) -> str:
         "gauge",
         "Directive long polls waiting in this process.",
         [("", http.long_polls_waiting)],
+    )
+
+    family(
+        "qmr_http_connections",
+        "gauge",
+        "Client connections open in this process.",
+        [("", http.connections_open)],
+    )
+    family(
+        "qmr_http_connections_refused_total",
+        "counter",
+        "Connections answered 503 and closed because this process had its maximum open.",
+        [("", http.connections_refused)],
+    )
+    family(
+        "qmr_http_timeouts_total",
+        "counter",
+        "Connections closed because a request's head or body did not arrive in time.",
+        [(_labels(phase=phase), http.timeouts.get(phase, 0)) for phase in ("header", "body")],
     )
 
     with http._lock:

@@ -24,6 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from recovery_agent.protocol import envelope, keys
 from recovery_agent.protocol.admin import Approval, Remediation
 from recovery_agent.protocol.envelope import EnvelopeError
+from recovery_agent.protocol.errors import describe_validation
 from recovery_agent.protocol.wire import Action, RemediationApproval
 
 from . import audit
@@ -62,7 +63,7 @@ class Remediations:
         try:
             parsed = _ACTIONS.validate_python(actions)
         except ValidationError as exc:
-            raise BadRequest(f"actions do not fit the protocol: {exc}") from None
+            raise BadRequest(f"actions do not fit the protocol: {describe_validation(exc)}") from None
         if not parsed:
             raise BadRequest("a remediation needs at least one action")
         if not 1 <= required_approvals <= 16:

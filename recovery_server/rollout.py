@@ -50,6 +50,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from recovery_agent.protocol.admin import Rollout, RolloutPlan, WaveProgress
+from recovery_agent.protocol.errors import describe_validation
 
 from . import audit
 from .access import Operation, User, require
@@ -150,7 +151,7 @@ class Rollouts:
         try:
             parsed = plan if isinstance(plan, RolloutPlan) else RolloutPlan.model_validate(plan)
         except ValidationError as exc:
-            raise BadRequest(f"rollout plan: {exc}") from None
+            raise BadRequest(f"rollout plan: {describe_validation(exc)}") from None
         now = iso(self._now())
         with self._store.tx() as tx:
             rem = tx.one("SELECT * FROM remediations WHERE remediation_id = ?", remediation_id)

@@ -2,17 +2,18 @@
 module per concept, behind one facade (``RecoveryService``) that the HTTP layer, the command
 line, the lab and the tests call.
 
-Device side (``devices.py``, ``incidents.py``, ``directives.py``): a device enrolls its key
-with a fleet enrollment token (it expires, may be limited in uses, can be revoked; only an
-admin replaces a known device's key or revokes a device); asks for a challenge; sends
-diagnostics signed by its key and carrying that challenge (each nonce works once); the report
-joins the incident of its crash signature; the device then polls for a directive. A directive
-is made only from a remediation that people other than its author approved, for the incident
-of that very report, only if the files it names are on that device with the reported content,
-and only once the device's rollout wave is open (``rollout.py``, whose gates count only
-devices enrolled before the rollout started, once each). It is signed by the server key and
-bound to the device, the agent's nonce, the hash of the diagnostics and an expiry. The device
-reports the result, and the OS reports its next healthy boot.
+Device side (``devices.py``, ``challenges.py``, ``incidents.py``, ``directives.py``): a device
+enrolls its key with a fleet enrollment token (it expires, may be limited in uses, can be
+revoked; only an admin replaces a known device's key or revokes a device); asks for a challenge
+(answered alike for any device id, nothing stored); sends diagnostics signed by its key and
+carrying that challenge (each nonce works once); the report joins the incident of its crash
+signature; the device then polls for a directive. A directive is made only from a remediation
+that people other than its author approved, for the incident of that very report, only if the
+files it names are on that device with the reported content, and only once the device's rollout
+wave is open (``rollout.py``, whose gates count only devices enrolled before the rollout
+started, once each). It is signed by the server key and bound to the device, the agent's nonce,
+the hash of the diagnostics and an expiry. The device reports the result, and the OS reports
+its next healthy boot.
 
 Admin side (``users.py``, ``remediations.py``, ``rollout.py``): people with roles and
 per-person tokens; operators write remediations (declarative actions only) and set rollouts;
@@ -20,6 +21,7 @@ approvers approve; the author never counts as an approver. Every admin method ta
 person acting and asks ``access.py`` whether they may, first.
 
 Every change is one store transaction and leaves an entry in the audit log (``audit.py``).
+Old reports, healthy boots and spent challenges are pruned by ``retention.py``.
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ from recovery_agent.protocol.admin import (
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
-from .access import User
+from . import retention
+from .access import Operation, User, require
 from .audit import AuditLog
+from .challenges import Challenges, challenge_key
 from .devices import Devices
 from .directives import DeviceResult, Directives
+from .errors import BadRequest
 from .incidents import Incidents
+from .limits import DeviceRateLimits, RateLimit
 from .remediations import Remediations
+from .retention import Pruned
 from .rollout import Rollouts
 from .store import Store
 from .users import Users
@@ -61,10 +68,15 @@ from .users import Users
 
 @dataclass
 class ServiceSettings:
-    """How long a challenge nonce and a signed directive stay valid."""
+    """How long a challenge nonce and a signed directive stay valid, how long superseded
+    reports are kept (``retention.py``; None keeps them for good), how often a device may
+    write (``limits.py``)."""
 
     nonce_ttl: timedelta = timedelta(minutes=10)
     directive_ttl: timedelta = timedelta(hours=1)
+    report_retention: timedelta | None = timedelta(days=90)
+    # Per device and kind of signed message (limits.py): at once, then per minute.
+    device_rate: RateLimit = field(default_factory=RateLimit)
 
 
 @dataclass
@@ -84,13 +96,16 @@ class RecoveryService:
             self.on_change()
 
         self._users = Users(self.store, self.now)
-        self._devices = Devices(self.store, self.now, self.settings.nonce_ttl)
+        self._devices = Devices(
+            self.store, self.now, DeviceRateLimits(self.settings.device_rate, lambda: self.clock())
+        )
+        self._challenges = Challenges(challenge_key(self.server_key), self.now, self.settings.nonce_ttl)
         self._rollouts = Rollouts(self.store, self.now, changed)
         self._remediations = Remediations(self.store, self.now, changed)
         self._directives = Directives(
             self.store, self.now, self.server_key, self.settings.directive_ttl, self._devices, self._rollouts
         )
-        self._incidents = Incidents(self.store, self.now, self._devices, self._directives)
+        self._incidents = Incidents(self.store, self.now, self._devices, self._challenges, self._directives)
         self._audit = AuditLog(self.store)
 
     def now(self) -> datetime:
@@ -109,6 +124,10 @@ class RecoveryService:
 
     def register_key(self, user: User, public_key: str) -> RegisteredKey:
         return self._users.register_key(user, public_key)
+
+    def check_metrics_reader(self, user: User) -> None:
+        """Raise Forbidden unless ``user`` may read /metrics (when it takes a token)."""
+        require(user, Operation.READ_METRICS)
 
     # ---------------------------------------------------------------- devices
 
@@ -137,7 +156,7 @@ class RecoveryService:
         return self._devices.enroll(raw)
 
     def challenge(self, device_id: str) -> Challenge:
-        return self._devices.challenge(device_id)
+        return self._challenges.issue(device_id)
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
         return self._incidents.accept_diagnostics(raw)
@@ -215,6 +234,17 @@ class RecoveryService:
 
     def rollouts(self, user: User) -> list[Rollout]:
         return self._rollouts.rollouts(user)
+
+    # ---------------------------------------------------------------- retention
+
+    def prune(self, user: User, keep: timedelta | None = None, *, dry_run: bool = False) -> Pruned:
+        """Delete what is older than ``keep`` (the retention setting by default) and may go
+        (``retention.py``); with ``dry_run``, only count it."""
+        require(user, Operation.PRUNE_OLD_DATA)
+        keep = keep if keep is not None else self.settings.report_retention
+        if keep is None:
+            raise BadRequest("no retention period: give one (days), or set report_retention")
+        return retention.prune(self.store, self.now(), keep, user.name, dry_run=dry_run)
 
     # ---------------------------------------------------------------- audit log
 

@@ -12,10 +12,11 @@ translates the placeholders.
 
 Tables: users (admins with roles and token hashes), enrollment_tokens (hashes, expiry, uses,
 revocation), devices (keys, when and with which token enrolled, revocation), nonces
-(server challenges, each usable once), reports (diagnostics), incidents (reports clustered by
-crash signature), remediations and approvals, directives (signed, per device and report),
-results, health (good boots), events (the audit log, hash-chained: ``audit.py`` writes and
-checks it).
+(spent challenges, until they expire: ``challenges.py``), reports (diagnostics: the signed
+payload once, with the signature that verified it), incidents (reports clustered by crash
+signature), remediations and approvals, directives (signed, per device and report), results,
+health (good boots), events (the audit log, hash-chained: ``audit.py`` writes and checks it).
+``retention.py`` deletes old reports, spent nonces and health reports; never events.
 """
 
 from __future__ import annotations
@@ -35,14 +36,34 @@ from .errors import ServerError
 
 SCHEMA_VERSION = 3
 
-# Each version's changes over the one before, applied in order in one transaction; _SCHEMA
-# is version 1. Never edit a released step: add the next one.
-_MIGRATIONS: dict[int, list[str]] = {
+
+def _store_reports_once(tx: Tx, dialect: str) -> None:
+    """Version 3: a report kept its payload twice, as text and inside its envelope (1.5 MB per
+    large report). Keep the payload and the envelope's signatures, which rebuild an envelope
+    that verifies; index what retention deletes by; and let PostgreSQL hold any whole number
+    a device can send in recovery_attempts (SQLite's INTEGER already does)."""
+    tx.execute("ALTER TABLE reports ADD COLUMN signatures TEXT NOT NULL DEFAULT '[]'")
+    if dialect == "sqlite":
+        tx.execute("UPDATE reports SET signatures = coalesce(json_extract(envelope, '$.signatures'), '[]')")
+    else:
+        tx.execute("UPDATE reports SET signatures = coalesce((envelope::json -> 'signatures')::text, '[]')")
+        tx.execute("ALTER TABLE devices ALTER COLUMN recovery_attempts TYPE BIGINT")
+    tx.execute("ALTER TABLE reports DROP COLUMN envelope")
+    tx.execute("CREATE INDEX reports_received ON reports(received_at)")
+    tx.execute("CREATE INDEX nonces_expires ON nonces(expires_at)")
+    tx.execute("CREATE INDEX health_received ON health(received_at)")
+
+
+# Each version's changes over the one before, applied in order in one transaction: SQL for
+# both databases, or a function of the transaction and the dialect. _SCHEMA is version 1.
+# Never edit a released step: add the next one.
+_MIGRATIONS: dict[int, list[str | Callable[[Tx, str], None]]] = {
     2: [  # approvers' own keys and signed approvals
         "ALTER TABLE users ADD COLUMN public_key TEXT",
         "ALTER TABLE approvals ADD COLUMN envelope TEXT",
     ],
-    3: [  # enrollment that cannot steer a rollout (devices.py, rollout.py)
+    3: [  # each report stored once; enrollment that cannot steer a rollout (devices.py, rollout.py)
+        _store_reports_once,
         # Enrollment tokens get a public id (from their hash, so old tokens have one too), a
         # use limit and revocation. Tokens that never expired end with this upgrade: an old
         # fleet token left in a script or an image must not enroll devices for ever.
@@ -284,7 +305,10 @@ class Store:
                 version = 1
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[step]:
-                    db.execute(statement)
+                    if isinstance(statement, str):
+                        db.execute(statement)
+                    else:
+                        statement(db, self.dialect)
                 db.execute("UPDATE schema_meta SET value = ? WHERE key = 'version'", str(step))
 
     @contextmanager
@@ -412,6 +436,15 @@ class _PgConnection:
         self._db.close()
 
 
+def storable(value: Any) -> Any:
+    """``value`` as the store keeps it: text with each NUL character replaced by U+FFFD.
+
+    PostgreSQL cannot hold NUL in text, and a kernel log (a crash title, a hostname) may carry
+    one; both databases keep the same replacement, so a row reads back the same on either and
+    a hash over it (the audit log's) is computed over what is stored."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+
 class Tx:
     """The connection inside a transaction, with the same query helpers as the store."""
 
@@ -419,7 +452,7 @@ class Tx:
         self._db = db
 
     def execute(self, sql: str, *args: Any) -> _Cursor:
-        return self._db.execute(sql, args)
+        return self._db.execute(sql, tuple(storable(a) for a in args))
 
     def executescript_in_tx(self, script: str) -> None:
         # sqlite3's executescript() would COMMIT first; run the statements one by one instead.

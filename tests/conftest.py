@@ -11,9 +11,10 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseRunner, TestServer
 from hypothesis import HealthCheck, settings
 
 from recovery_agent.protocol.client import DeviceClient, RetryPolicy
@@ -23,7 +24,8 @@ from recovery_agent.protocol.wire import Enrollment, utcnow
 from recovery_agent.settings import AgentSettings
 from recovery_lab.dirdemo import make_machine_dir
 from recovery_server.access import User, console
-from recovery_server.app import make_app
+from recovery_server.app import make_app, runner
+from recovery_server.listener import ConnectionLimits
 from recovery_server.service import RecoveryService, ServiceSettings
 from recovery_server.store import Store
 
@@ -93,6 +95,14 @@ def store_url(request, tmp_path: Path):
         yield url
 
 
+class RecoveryTestServer(TestServer):
+    """aiohttp's test server, serving the app as `recovery-server serve` does: through
+    ``app.runner``, with the connection limits enforced."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return runner(self.app, **kwargs)
+
+
 @dataclass
 class Fleet:
     """A running recovery server and the people who administer it."""
@@ -102,12 +112,15 @@ class Fleet:
     settings: ServiceSettings = field(default_factory=ServiceSettings)
     port: int = 0
     poll_tick_s: float = 1.0
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     async def start(self) -> None:
         self.store = Store(self.store_url)
         self.service = RecoveryService(store=self.store, server_key=self.key, settings=self.settings)
-        self.server = TestServer(
-            make_app(self.service, poll_tick_s=self.poll_tick_s), host="127.0.0.1", port=self.port or None
+        self.server = RecoveryTestServer(
+            make_app(self.service, poll_tick_s=self.poll_tick_s, limits=self.limits),
+            host="127.0.0.1",
+            port=self.port or None,
         )
         await self.server.start_server()
         self.port = self.server.port

@@ -1,5 +1,6 @@
 """The API against its own OpenAPI document (schemathesis, as a separate process, against the
-live server with data in it), and /metrics in Prometheus' text format."""
+live server with data in it, with valid and invalid data), and /metrics in Prometheus' text
+format."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 
 from .fleetsim import FleetSim
+from .test_hostile_input import every_view_answers
 
 SQLITE_ONLY = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 
@@ -71,6 +73,12 @@ token_id = "{fleet.service.enrollment_tokens(fleet.admin)[0].token_id}"
         f"Authorization: Bearer {token}",
         # Every check but positive_data_acceptance: a schema cannot say "base64 of a JSON
         # document signed by an enrolled key", so valid-looking envelopes are rightly refused.
+        # Valid and invalid data both (negative: wrong types, values out of range, missing
+        # fields), strings with NUL bytes included.
+        "--mode",
+        "all",
+        "--generation-allow-x00",
+        "true",
         "--checks",
         "all",
         "--exclude-checks",
@@ -90,6 +98,8 @@ token_id = "{fleet.service.enrollment_tokens(fleet.admin)[0].token_id}"
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-6000:]
     assert re.search(r"\d+ generated, \d+ passed", text), text[-2000:]
+    # Whatever the fuzzer stored, every read view still answers.
+    await every_view_answers(fleet, token)
 
 
 @SQLITE_ONLY
@@ -117,10 +127,13 @@ async def test_metrics_in_prometheus_text_format(fleet):
     ids = populate(fleet)
     fleet.service.approve(fleet.user("bob"), ids["remediation"])
     ids["sim"].run(lambda wave: 0.0)
+    viewer = {"Authorization": "Bearer " + fleet.service.create_user(fleet.admin, "prom", "viewer").token}
     async with aiohttp.ClientSession() as s:
         async with s.get(fleet.url + "/v1/admin/devices") as r:
             assert r.status == 401
         async with s.get(fleet.url + "/metrics") as r:
+            assert r.status == 401, "metrics take a person's token by default"
+        async with s.get(fleet.url + "/metrics", headers=viewer) as r:
             assert r.status == 200 and r.content_type == "text/plain"
             text = await r.text()
     samples = {}
@@ -136,5 +149,35 @@ async def test_metrics_in_prometheus_text_format(fleet):
     assert samples['qmr_directives_total{outcome="succeeded"}'] == 6
     assert samples[f'qmr_rollout_wave{{rollout="{ids["rollout"]}",state="completed"}}'] == 1
     assert samples['qmr_http_requests_total{method="GET",route="/v1/admin/devices",status="401"}'] == 1
+    assert samples['qmr_http_requests_total{method="GET",route="/metrics",status="401"}'] == 1
     assert any(k.startswith("qmr_http_request_duration_seconds_bucket") for k in samples)
     assert json.dumps(samples)  # all values are plain numbers
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("access, anonymous, described", [("public", 200, True), ("off", 404, False)])
+async def test_metrics_can_be_public_or_off(store_url, tmp_path, access, anonymous, described):
+    from recovery_agent.protocol.keys import SigningKey
+    from recovery_server.app import make_app
+
+    from .conftest import Fleet, RecoveryTestServer
+
+    fleet = Fleet(store_url=store_url, key=SigningKey.generate())
+    await fleet.start()
+    await fleet.server.close()
+    fleet.server = RecoveryTestServer(make_app(fleet.service, metrics_access=access), host="127.0.0.1")
+    await fleet.server.start_server()
+    fleet.port = fleet.server.port
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(fleet.url + "/metrics") as r:
+                assert r.status == anonymous
+                if access == "off":
+                    assert "--metrics token" in (await r.json())["error"]
+            async with s.get(fleet.url + "/openapi.json") as r:
+                doc = await r.json()
+        assert ("/metrics" in doc["paths"]) == described
+        if described:
+            assert "security" not in doc["paths"]["/metrics"]["get"]
+    finally:
+        await fleet.stop()

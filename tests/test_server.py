@@ -140,6 +140,54 @@ async def test_unknown_nonce_is_refused(fleet, device):
     assert fleet.count("reports") == 0
 
 
+async def test_challenges_reveal_no_device_ids_and_write_nothing(fleet, device):
+    """Known and unknown ids get the same answer; no call writes a row or an audit entry."""
+    before = (fleet.count("nonces"), fleet.count("events"))
+    async with aiohttp.ClientSession() as s:
+        answers = {}
+        for device_id in ("dev-1", "dev-unknown", "x" * 64):
+            async with s.post(fleet.url + "/v1/challenge", json={"device_id": device_id}) as r:
+                answers[device_id] = (r.status, tuple(sorted(await r.json())))
+        async with s.post(fleet.url + "/v1/challenge", json={"device_id": "../etc"}) as r:
+            assert r.status == 400 and "device_id" in (await r.json())["error"]
+    assert set(answers.values()) == {(200, ("expires_at", "nonce"))}
+    for _ in range(50):
+        fleet.service.challenge("dev-1")
+    assert (fleet.count("nonces"), fleet.count("events")) == before
+
+
+async def test_a_challenge_works_once_for_its_own_device_until_it_expires(fleet, device):
+    from datetime import timedelta
+
+    from recovery_server.challenges import Challenges, challenge_key
+
+    other = SigningKey.generate()
+    await fleet.enroll("dev-2", other)
+    for nonce in (
+        fleet.service.challenge("dev-2").nonce,  # another device's
+        fleet.service.challenge("dev-1").nonce[:-2] + "AA",  # altered
+        "A" * 54,  # made up, of the right length
+        # issued by another server (another key)
+        Challenges(challenge_key(SigningKey.generate()), fleet.service.now, timedelta(minutes=5))
+        .issue("dev-1")
+        .nonce,
+    ):
+        with pytest.raises(ServerRefused, match="unknown challenge nonce") as e:
+            await report(fleet, "dev-1", device, nonce=nonce)
+        assert e.value.status == 401
+    nonce = fleet.service.challenge("dev-1").nonce
+    real_clock = fleet.service.clock
+    fleet.service.clock = lambda: real_clock() + fleet.settings.nonce_ttl
+    with pytest.raises(ServerRefused, match="challenge nonce expired"):
+        await report(fleet, "dev-1", device, nonce=nonce)
+    fleet.service.clock = real_clock
+    await report(fleet, "dev-1", device, nonce=nonce)
+    assert fleet.count("reports") == 1 and fleet.count("nonces") == 1
+    with pytest.raises(ServerRefused, match="already used") as e:
+        await report(fleet, "dev-1", device, nonce=nonce)
+    assert e.value.status == 409
+
+
 async def test_diagnostics_from_unknown_key_are_refused(fleet, device):
     stranger = SigningKey.generate()
     with pytest.raises(ServerRefused, match="no signature by a trusted key") as e:
@@ -176,7 +224,7 @@ async def test_tampered_diagnostics_are_refused(fleet, device):
             await c.send_diagnostics(json.dumps(env).encode())
     assert e.value.status == 400
     assert fleet.count("reports") == 0
-    assert fleet.store.one("SELECT used_at FROM nonces WHERE nonce = ?", ch.nonce)["used_at"] is None
+    assert fleet.count("nonces") == 0, "the refused report spent no nonce"
 
 
 async def test_unapproved_remediation_is_never_served(fleet, device):
@@ -439,8 +487,16 @@ ROLE_MATRIX = [
 def test_the_role_matrix_covers_every_admin_route():
     from recovery_server.app import ROUTES
 
-    admin_routes = {(r.method, r.path.removeprefix("/v1/admin")) for r in ROUTES if r.auth == "admin"}
+    admin_routes = {
+        (r.method, r.path.removeprefix("/v1/admin"))
+        for r in ROUTES
+        if r.auth == "admin" and r.path.startswith("/v1/admin/")
+    }
     assert {(method, path) for method, path, _, _ in ROLE_MATRIX} == admin_routes
+    # Outside the admin API only /metrics takes a person's token (any role: test_api_contract.py).
+    assert {r.path for r in ROUTES if r.auth == "admin" and not r.path.startswith("/v1/admin/")} == {
+        "/metrics"
+    }
 
 
 @pytest.mark.parametrize("method, path, body, lowest", ROLE_MATRIX)
@@ -532,6 +588,75 @@ def test_a_missing_or_damaged_server_key_is_a_message_and_exit_2(tmp_path):
         p = _cli("recovery_server.cli", "--data", data, cmd)
         assert p.returncode == 2, p.stderr
         assert "cannot be used as the server key" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_token_files_are_new_0600_files_never_an_existing_file_or_a_symlink(tmp_path):
+    """--token-file kept an existing file's 0644 mode and followed symlinks. A secret goes into
+    a new file, 0600, or nowhere: the refusal comes before anything is made."""
+    import os
+    import stat
+
+    data = str(tmp_path / "data")
+    existing = tmp_path / "existing.token"
+    existing.write_text("old\n")
+    existing.chmod(0o644)
+    outside = tmp_path / "outside"
+    outside.write_text("not yours\n")
+    link = tmp_path / "link.token"
+    link.symlink_to(outside)
+    dangling = tmp_path / "dangling.token"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for path in (existing, link, dangling):
+        p = _cli("recovery_server.cli", "--data", data, "init", "--token-file", str(path))
+        assert p.returncode == 2, p.stderr
+        assert f"{path} exists (a file or a symlink)" in p.stderr and "name a path" in p.stderr
+    assert existing.read_text() == "old\n" and stat.S_IMODE(existing.stat().st_mode) == 0o644
+    assert outside.read_text() == "not yours\n" and not (tmp_path / "nowhere").exists()
+    assert not (tmp_path / "data").exists(), "refused before anything was made"
+
+    fresh = tmp_path / "admin.token"
+    old_umask = os.umask(0)
+    try:
+        p = _cli("recovery_server.cli", "--data", data, "init", "--token-file", str(fresh))
+    finally:
+        os.umask(old_umask)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and fresh.read_text().startswith("qmr_")
+
+    p = _cli(
+        "recovery_server.cli",
+        "--data",
+        data,
+        "user-add",
+        "ann",
+        "--role",
+        "viewer",
+        "--token-file",
+        str(link),
+    )
+    assert p.returncode == 2 and "exists" in p.stderr
+    from recovery_server.store import Store
+
+    s = Store(tmp_path / "data/recovery.db")
+    assert [r["name"] for r in s.all("SELECT name FROM users")] == ["admin"], "no user without a token"
+    s.close()
+    p = _cli(
+        "recovery_server.cli",
+        "--data",
+        data,
+        "user-add",
+        "ann",
+        "--role",
+        "viewer",
+        "--token-file",
+        str(tmp_path / "ann.token"),
+    )
+    assert p.returncode == 0 and stat.S_IMODE((tmp_path / "ann.token").stat().st_mode) == 0o600
+
+    # recovery-admin key: the private key is a secret too (refused before the server is asked).
+    p = _cli("recovery_server.admin_cli", "--server", "http://127.0.0.1:1", "--token", "x", "key", str(link))
+    assert p.returncode == 2 and "exists" in p.stderr
+    assert outside.read_text() == "not yours\n"
 
 
 @pytest.mark.parametrize("module", ["recovery_server.cli", "recovery_server.admin_cli"])

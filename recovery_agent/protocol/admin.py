@@ -49,7 +49,7 @@ MAX_TOKEN_LIFETIME_S = 365 * 24 * 3600
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RemediationRequest(_Request):
@@ -94,7 +94,7 @@ class RegisterKeyRequest(_Request):
 
 
 class Signature(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     keyid: str
     sig: str
@@ -103,7 +103,7 @@ class Signature(BaseModel):
 class Envelope(BaseModel):
     """A DSSE envelope: base64 payload, its type, and Ed25519 signatures over PAE(type, payload)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     payload: str
     payloadType: str
@@ -120,7 +120,7 @@ class ApproveRequest(_Request):
 class Wave(BaseModel):
     """One wave of a rollout: a canary list of devices, or a percentage of the fleet."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=64)
     devices: list[DeviceId] = Field(default=[], max_length=1000)
@@ -136,7 +136,7 @@ class Wave(BaseModel):
 class RolloutPlan(BaseModel):
     """The waves of a staged rollout and the gate between them (the server's rollout.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     waves: list[Wave] = Field(min_length=1, max_length=16)
     min_devices: int = Field(default=1, ge=1)
@@ -162,7 +162,7 @@ class RolloutPlan(BaseModel):
 
 
 class _Answer(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
 
 class Whoami(_Answer):

@@ -4,15 +4,21 @@ same transport.
 
 Transient trouble (connection refused or reset, timeouts, 5xx, 429) is retried with tenacity:
 exponential backoff with full jitter, bounded in attempts and total time, because a recovery
-environment often comes up before the network or the server is reachable. A 4xx answer is the
-server refusing this request: retrying cannot help, so it is raised at once with the server's
-message.
+environment often comes up before the network or the server is reachable. A ``Retry-After``
+on a 429 or 503 answer is honoured: the next attempt waits at least that long, and if that is
+beyond what is left of the retry budget the client gives up at once (``ServerBusy``) instead of
+knocking again early. Any other 4xx answer is the server refusing this request: retrying cannot
+help, so it is raised at once with the server's message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Self
 
 import aiohttp
@@ -22,8 +28,10 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
+    stop_any,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from .envelope import strict_json_loads
 from .errors import ProtocolError
@@ -34,6 +42,15 @@ log = logging.getLogger("recovery_agent.protocol.client")
 
 class ServerUnreachable(ProtocolError):
     """Raised when the server could not be reached within the retry budget."""
+
+
+class ServerBusy(ServerUnreachable):
+    """Raised when the server asked to wait (429 or 503 with ``Retry-After``) longer than is left
+    of the retry budget; ``retry_after_s`` says how long it asked for."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ServerRefused(ProtocolError):
@@ -51,7 +68,30 @@ class UnexpectedAnswer(ProtocolError):
 
 
 class _Transient(Exception):
-    pass
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# A Retry-After longer than this is not believed (it would park a device for a day).
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date); 0 when
+    absent or unreadable."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:
+        return 0.0
+    return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), MAX_RETRY_AFTER_S)
 
 
 @dataclass
@@ -60,6 +100,20 @@ class RetryPolicy:
     max_delay_s: float = 120.0
     backoff_max_s: float = 16.0
     backoff_multiplier_s: float = 0.5
+
+
+class _AskedBeyondBudget(stop_base):
+    """Stop retrying when the server's Retry-After reaches past the retry budget's end."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self.fired = False
+
+    def __call__(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = exc.retry_after_s if isinstance(exc, _Transient) else 0.0
+        self.fired = asked > self.budget_s - (state.seconds_since_start or 0.0)
+        return self.fired
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -78,12 +132,14 @@ class HttpClient:
         retry: RetryPolicy | None = None,
         session: aiohttp.ClientSession | None = None,
         timeout_s: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._session = session
         self._own_session = session is None
         self._timeout_s = timeout_s
+        self._sleep = sleep  # how the client waits between attempts (a test records it)
 
     async def __aenter__(self) -> Self:
         if self._session is None:
@@ -120,7 +176,9 @@ class HttpClient:
                 ) as resp:
                     body = await resp.read()
                     if resp.status >= 500 or resp.status == 429:
-                        raise _Transient(f"{resp.status} from {url}")
+                        raise _Transient(
+                            f"{resp.status} from {url}", retry_after(resp.headers.get("Retry-After"))
+                        )
                     if resp.status >= 400:
                         try:
                             message = strict_json_loads(body).get("error", body.decode()[:500])
@@ -132,17 +190,36 @@ class HttpClient:
                 raise _Transient(f"{type(exc).__name__}: {exc}") from exc
 
         p = self.retry
+        backoff = wait_random_exponential(multiplier=p.backoff_multiplier_s, max=p.backoff_max_s)
+
+        def asked_to_wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return exc.retry_after_s if isinstance(exc, _Transient) else 0.0
+
+        def wait(state: RetryCallState) -> float:
+            return max(backoff(state), asked_to_wait(state))
+
+        too_long_to_wait = _AskedBeyondBudget(p.max_delay_s)
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
-                wait=wait_random_exponential(multiplier=p.backoff_multiplier_s, max=p.backoff_max_s),
-                stop=stop_after_attempt(p.attempts) | stop_after_delay(p.max_delay_s),
+                wait=wait,
+                stop=stop_any(
+                    stop_after_attempt(p.attempts), stop_after_delay(p.max_delay_s), too_long_to_wait
+                ),
                 before_sleep=_log_retry,
+                sleep=self._sleep,
                 reraise=True,
             ):
                 with attempt:
                     return await once()
         except _Transient as exc:
+            if too_long_to_wait.fired:
+                raise ServerBusy(
+                    f"{self.base_url} asks to wait {exc.retry_after_s:.0f} s ({exc}), longer than this "
+                    "client's retry budget: try again later",
+                    exc.retry_after_s,
+                ) from None
             raise ServerUnreachable(
                 f"{self.base_url} not reachable after {p.attempts} attempts ({exc}): check the "
                 "network, and the server URL (recovery-admin --server, or server_url in the "

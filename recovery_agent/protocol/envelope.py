@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from .errors import ProtocolError
+from .errors import ProtocolError, describe_validation
 from .keys import SigningKey, key_id, public_from_b64
 from .wire import Directive, Enrollment, RemediationApproval, SignedMessage
 
@@ -66,13 +68,23 @@ class WrongPayloadType(EnvelopeError):
 
 # --------------------------------------------------------------------------- strict JSON
 
+# How deep arrays and objects may nest. The deepest real message (a directive inside a poll
+# answer, an approval inside it) is under 10 levels; Python's parser would recurse far deeper.
+MAX_JSON_DEPTH = 64
+# Whole numbers every JSON parser represents exactly (RFC 7493, I-JSON): within +-(2**53 - 1).
+MAX_JSON_INT = 2**53 - 1
+
+_STRINGS = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
             raise MalformedEnvelope(
-                f"duplicate JSON key {key!r}: a signed document must have one meaning; "
+                f"duplicate JSON key {key[:64]!r}: a signed document must have one meaning; "
                 "the sender must emit each key once"
             )
         out[key] = value
@@ -80,17 +92,108 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _no_constants(name: str) -> Any:
-    raise MalformedEnvelope(f"JSON constant {name} is not allowed")
+    raise MalformedEnvelope(f"JSON constant {name} is not allowed: numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedEnvelope(
+            f"number {text[:32]} is out of range: numbers must be finite (at most about 1.8e308)"
+        )
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 17 or abs(value := int(text)) > MAX_JSON_INT:
+        raise MalformedEnvelope(
+            f"whole number {text[:32]}{'…' if len(text) > 32 else ''} is out of range: "
+            f"JSON whole numbers must be within +-{MAX_JSON_INT} (2**53 - 1)"
+        )
+    return value
+
+
+def _check_depth(data: bytes) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH before the parser recurses into it: count the
+    brackets outside strings (linear: possessive patterns never backtrack)."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return
+    depth = 0
+    for byte in _STRINGS.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if byte in b"[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise MalformedEnvelope(
+                    f"JSON nested deeper than {MAX_JSON_DEPTH} levels: no message of this API nests so deep"
+                )
+        else:
+            depth -= 1
+
+
+def _check_strings(obj: Any) -> None:
+    """Every string (and key) must be encodable as UTF-8: a lone surrogate escape such as
+    \\ud800 parses, but could not be stored or sent on."""
+    if isinstance(obj, str):
+        if not obj.isascii():
+            try:
+                obj.encode()
+            except UnicodeEncodeError:
+                raise MalformedEnvelope(
+                    "a JSON string holds a lone surrogate (\\ud800-\\udfff escape): escape "
+                    "characters outside the BMP as a surrogate pair, or send them as UTF-8"
+                ) from None
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_strings(key)
+            _check_strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            _check_strings(value)
 
 
 def strict_json_loads(data: bytes | str) -> Any:
-    """Parse JSON, refusing duplicate keys and NaN/Infinity (which parsers disagree on)."""
+    """Parse JSON as every party of this protocol must send it, or raise MalformedEnvelope
+    naming the problem: UTF-8 text without a byte-order mark (RFC 8259), each object key once
+    (a signed document must have one meaning), finite numbers only (no NaN/Infinity, nor a
+    literal such as 1e400 that overflows to infinity), whole numbers within +-(2**53 - 1), at
+    most MAX_JSON_DEPTH levels of nesting, and no lone surrogates in strings. Parsers disagree
+    on each of these; what one accepts here can be stored, served back and signed."""
+    if isinstance(data, str):
+        text = data
+        raw = data.encode(errors="surrogatepass")
+    else:
+        raw = bytes(data)
+        if raw.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+            raise MalformedEnvelope(
+                "the JSON starts with a byte-order mark: send UTF-8 without a BOM (RFC 8259)"
+            )
+        if b"\x00" in raw:  # never in JSON text, but in every UTF-16 or UTF-32 one
+            raise MalformedEnvelope("the JSON holds NUL bytes, so it is not UTF-8 text (UTF-16?): send UTF-8")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedEnvelope(
+                f"the JSON is not UTF-8 text (byte {exc.start}: {exc.reason}): send UTF-8, "
+                "not UTF-16 or another encoding"
+            ) from None
+    _check_depth(raw)
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        obj = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
     except MalformedEnvelope:
         raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedEnvelope(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedEnvelope(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise MalformedEnvelope(f"not valid JSON: {str(exc)[:200]}") from None
+    if _SURROGATE_ESCAPE.search(text):  # only a \\u escape can make a lone surrogate
+        _check_strings(obj)
+    return obj
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -146,10 +249,17 @@ class Verified(Generic[M]):
     message: M
     key_id: str
     payload: bytes
+    signature: bytes = b""  # the signature that verified, by ``key_id``
 
     @property
     def payload_sha256(self) -> str:
         return hashlib.sha256(self.payload).hexdigest()
+
+    @property
+    def signatures(self) -> list[dict[str, str]]:
+        """The envelope's signatures as kept with a stored payload: the one that verified. With
+        the payload and its type it makes an envelope that verifies again."""
+        return [{"keyid": self.key_id, "sig": _b64(self.signature)}]
 
 
 def open_envelope(
@@ -179,6 +289,7 @@ def open_envelope(
         raise MalformedEnvelope("signatures must be a list of 1 to 8 entries")
 
     signed_by: str | None = None
+    signature = b""
     for entry in sigs:
         if not isinstance(entry, dict) or set(entry) - {"keyid", "sig"} or "sig" not in entry:
             raise MalformedEnvelope("each signature must be {keyid, sig}")
@@ -193,7 +304,7 @@ def open_envelope(
                 f"signature by key {kid[:16]}… does not verify: the envelope was altered in "
                 "transit or signed with another key; nothing was applied"
             ) from None
-        signed_by = kid
+        signed_by, signature = kid, sig
         break
     if signed_by is None:
         named = ", ".join(str(e.get("keyid", "?"))[:16] for e in sigs if isinstance(e, dict))
@@ -211,8 +322,10 @@ def open_envelope(
     try:
         message = model.model_validate(obj)
     except ValidationError as exc:
-        raise MalformedEnvelope(f"{model.__name__} payload does not fit the protocol: {exc}") from None
-    return Verified(message=message, key_id=signed_by, payload=payload)
+        raise MalformedEnvelope(
+            f"{model.__name__} payload does not fit the protocol: {describe_validation(exc)}"
+        ) from None
+    return Verified(message=message, key_id=signed_by, payload=payload, signature=signature)
 
 
 # --------------------------------------------------------------------------- directives
@@ -318,9 +431,12 @@ def open_enrollment(raw: bytes | str) -> Verified[Enrollment]:
         raise MalformedEnvelope("not a signed envelope")
     # Read the claimed key from the payload only to know which key must have signed it; the
     # payload is trusted only after open_envelope has checked that signature.
+    payload = strict_json_loads(_unb64(env.get("payload"), "payload"))
+    claimed = payload.get("public_key") if isinstance(payload, dict) else None
+    if not isinstance(claimed, str):
+        raise MalformedEnvelope("enrollment payload has no public_key string (base64 of the raw Ed25519 key)")
     try:
-        claimed = strict_json_loads(_unb64(env.get("payload"), "payload"))["public_key"]
         pub = public_from_b64(claimed)
-    except (KeyError, TypeError, ValueError):
-        raise MalformedEnvelope("enrollment payload has no valid public_key") from None
+    except ValueError as exc:
+        raise MalformedEnvelope(f"enrollment payload's public_key: {exc}") from None
     return open_envelope(env, Enrollment, {key_id(pub): pub})

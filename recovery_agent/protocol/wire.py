@@ -44,8 +44,9 @@ _PREFIX = "application/vnd.recovery."
 # The largest counter a device may report (boot counts, attempts, indexes): 2**31 - 1, what a
 # 32-bit INTEGER column holds. The agent clamps larger values it reads (a damaged grubenv).
 COUNTER_MAX = 2**31 - 1
-# A file size: what a signed 64-bit column holds.
-SIZE_MAX = 2**63 - 1
+# A file size: the largest whole number JSON carries exactly (2**53 - 1, 8 PiB), which is also
+# the most the server's strict JSON reader accepts (protocol/envelope.py).
+SIZE_MAX = 2**53 - 1
 # From issued_at to expires_at. The server issues directives for an hour (its setting); a
 # directive that claims to live longer than this is refused wherever it is read.
 MAX_DIRECTIVE_LIFETIME = timedelta(hours=24)
@@ -100,7 +101,9 @@ Counter = Annotated[int, Field(ge=0, le=COUNTER_MAX)]
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every model of the protocol (here and in admin.py) refuses NaN and infinities: a number
+    # that JSON cannot carry would be stored, then break every read and answer that includes it.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SignedMessage(WireModel):
