@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from . import __version__, inventory, state
+from . import __version__, holds, inventory, state
 from .bootenv import BootEnv
 from .clock import Clock, SystemClock
 from .detect import detect
@@ -169,10 +169,19 @@ class Timeline:
 
 class RecoveryAgent:
     def __init__(
-        self, settings: AgentSettings, *, timeline: Timeline | None = None, clock: Clock | None = None
+        self,
+        settings: AgentSettings,
+        *,
+        timeline: Timeline | None = None,
+        clock: Clock | None = None,
+        hold: holds.Hold | None = None,
     ) -> None:
         self.s = settings
         self.timeline = timeline or Timeline()
+        # Lab only: where an apply stops for the lab to cut the power (holds.py).
+        if hold is None and settings.lab_hold_at is not None:
+            hold = holds.hold_at(settings.lab_hold_at, lambda text: self.timeline.add("hold", text))
+        self.hold = hold
         # Every wait of the loop goes through this clock (tests drive it; see clock.py).
         self.clock: Clock = clock or SystemClock()
         self.key = SigningKey.load(settings.device_key)
@@ -185,6 +194,7 @@ class RecoveryAgent:
 
     async def run(self) -> Outcome:
         s, tl = self.s, self.timeline
+        holds.install(self.hold)
         for line in recover_journals(s.os_root):
             tl.add("settle", line)
 
@@ -391,11 +401,13 @@ class RecoveryAgent:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
         self._reset_boot_count()
         tl.add("apply", "boot_count reset to 0")
+        holds.reached("grubenv")
         try:
             state.record_applied(self.s.os_root, d.directive_id)
         except (AgentError, OSError) as exc:
             # The fix is on the disk; only the next healthy boot's confirmation of it is lost.
             tl.add("apply", f"could not record {LAST_DIRECTIVE}: {exc}")
+        holds.reached("result")
         await self._send_result(
             client,
             Result(

@@ -23,6 +23,7 @@ import os
 import stat
 from contextlib import ExitStack
 
+from . import holds
 from .digest import sha256_fd
 from .errors import RemediationError
 from .journal import (
@@ -179,6 +180,7 @@ class Quarantine:
             )
         os.fsync(qfd)
         os.fsync(dir_fd)
+        holds.reached("moved")
         record_entry(
             self.root, qfd, self.directive_id, self._new_entry(st, digest, relpath, slot, index, role)
         )

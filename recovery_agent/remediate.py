@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import holds
 from .actions import DirectiveSteps, StepOutcome, action_target
 from .errors import RemediationError
 from .journal import (
@@ -104,6 +105,7 @@ def _run(
                 f"directive {journal.directive_id}: step {step.index} ({step.action.type}) "
                 f"failed: {exc} -- rolled back: {undone}"
             ) from exc
+        holds.reached("manifest")
         step.status = "done"
         step.result = "already_applied" if outcome.status == "already_applied" else "applied"
         step.detail = outcome.detail
@@ -209,6 +211,7 @@ def apply_directive(
         )
         # The first change to the disk: from here on, a power loss is recovered from the journal.
         write_journal(root, journal)
+        holds.reached("journal")
         return _run(steps, journal, on_step)
 
 
