@@ -1,6 +1,8 @@
 """The recovery loop, as the recovery environment runs it after repeated failed boots.
 
-1. **settle**: finish or roll back a remediation that a power loss interrupted (``remediate``).
+1. **settle**: finish or roll back a remediation that a power loss interrupted (``remediate``);
+   a fix finished here had been on its way: record it, reset ``boot_count``, report its result
+   and reboot, as step 6 would have (no new report of a crash the fix removed).
 2. **detect**: GRUB's boot count, pstore crash records and the OS boot log give a crash
    signature (what crashed, in which module, on which channel file) (``detect``).
 3. **collect**: OS and kernel versions, drivers and channel files with size, mtime, sha256
@@ -53,6 +55,7 @@ from .protocol.envelope import (
 )
 from .protocol.keys import SigningKey, key_id, public_from_b64
 from .protocol.wire import (
+    ActionResult,
     BootRecord,
     BootState,
     CrashKind,
@@ -66,7 +69,7 @@ from .protocol.wire import (
     SystemInfo,
     utcnow,
 )
-from .remediate import apply_directive, recover_journals
+from .remediate import apply_directive, settle_journals
 from .settings import AgentSettings
 
 log = logging.getLogger("recovery_agent")
@@ -195,8 +198,17 @@ class RecoveryAgent:
     async def run(self) -> Outcome:
         s, tl = self.s, self.timeline
         holds.install(self.hold)
-        for line in recover_journals(s.os_root):
-            tl.add("settle", line)
+        settled = settle_journals(s.os_root)
+        for journal in settled:
+            tl.add("settle", journal.line)
+        finished = [j for j in settled if j.rolled_forward]
+        if finished:
+            # The power went after an earlier run's fix was on the disk: finish that run's work
+            # rather than report a crash the fix has already removed.
+            async with DeviceClient(s.server_url) as client:
+                for journal in finished:
+                    await self._complete(client, journal.directive_id, list(journal.results or ()))
+            return Outcome.REMEDIATED
 
         env = BootEnv.read(s.grubenv)
         attempts = env.recovery_attempts + 1
@@ -399,20 +411,28 @@ class RecoveryAgent:
             return Outcome.REMEDIATION_FAILED
         for r in results:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
-        self._reset_boot_count()
-        tl.add("apply", "boot_count reset to 0")
-        holds.reached("grubenv")
+        await self._complete(client, d.directive_id, results)
+        return Outcome.REMEDIATED
+
+    async def _complete(self, client: DeviceClient, directive_id: str, results: list[ActionResult]) -> None:
+        """The directive is on the disk: record it for the next healthy boot to confirm, reset
+        ``boot_count`` so GRUB boots the OS, report the result. Recorded before the reset: from
+        the reset on the next boot is the OS's, and its health report must name the directive."""
+        tl = self.timeline
         try:
-            state.record_applied(self.s.os_root, d.directive_id)
+            state.record_applied(self.s.os_root, directive_id)
         except (AgentError, OSError) as exc:
             # The fix is on the disk; only the next healthy boot's confirmation of it is lost.
             tl.add("apply", f"could not record {LAST_DIRECTIVE}: {exc}")
+        self._reset_boot_count()
+        tl.add("apply", "boot_count reset to 0")
+        holds.reached("grubenv")
         holds.reached("result")
         await self._send_result(
             client,
             Result(
                 device_id=self.s.device_id,
-                directive_id=d.directive_id,
+                directive_id=directive_id,
                 outcome="applied",
                 actions=results,
                 boot_count_reset=True,
@@ -420,7 +440,6 @@ class RecoveryAgent:
             ),
         )
         tl.add("done", "remediation applied: rebooting into the OS")
-        return Outcome.REMEDIATED
 
     async def _send_result(self, client: DeviceClient, result: Result) -> None:
         try:
