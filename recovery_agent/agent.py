@@ -241,6 +241,14 @@ class RecoveryAgent:
             if sent is not None:
                 receipt, payload_sha = sent
                 outcome = await self.wait_and_apply(client, receipt, payload_sha, deadline)
+                if outcome is Outcome.REMEDIATION_FAILED and attempts >= s.max_recovery_attempts:
+                    # Rebooting goes straight back to recovery (boot_count is at the limit).
+                    tl.add(
+                        "done",
+                        f"the fix could not be applied on recovery attempt {attempts} of "
+                        f"{s.max_recovery_attempts}: this machine needs manual recovery",
+                    )
+                    return Outcome.NEEDS_MANUAL
                 if outcome is not None:
                     return outcome
 

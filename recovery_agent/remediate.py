@@ -212,7 +212,14 @@ def apply_directive(
             ],
         )
         # The first change to the disk: from here on, a power loss is recovered from the journal.
-        write_journal(root, journal)
+        try:
+            write_journal(root, journal)
+        except OSError as exc:  # a full or read-only OS partition, say: refused before any change
+            raise RemediationError(
+                f"cannot write the intent journal {journal_relpath(directive_id)} ({exc.strerror or exc}): "
+                f"nothing was changed; free space on the OS partition (or repair it), then let the "
+                f"agent run again"
+            ) from exc
         holds.reached("journal")
         return _run(steps, journal, on_step)
 
