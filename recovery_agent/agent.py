@@ -38,7 +38,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from . import __version__, holds, inventory, state
-from .bootenv import BootEnv
+from .bootenv import BOOT_COUNT, BOOT_LIMIT, BootEnv, BootEnvError
 from .clock import Clock, SystemClock
 from .detect import detect
 from .errors import AgentError, RemediationError
@@ -210,7 +210,7 @@ class RecoveryAgent:
                     await self._complete(client, journal.directive_id, list(journal.results or ()))
             return Outcome.REMEDIATED
 
-        env = BootEnv.read(s.grubenv)
+        env = self._grubenv()
         attempts = env.recovery_attempts + 1
         env.set("recovery_attempts", str(attempts))
         env.write(s.grubenv)
@@ -458,6 +458,20 @@ class RecoveryAgent:
             self.timeline.add("result", f"could not report the result: {exc}")
 
     # ------------------------------------------------------------------ state
+
+    def _grubenv(self) -> BootEnv:
+        """GRUB's block; if it is damaged (GRUB cannot read it either, so it could not count
+        this boot and chose recovery), a fresh one written in its place: else GRUB would choose
+        recovery for ever and the count could never be reset (docs/boot-counting.md). GRUB
+        counted nothing, so the fresh block says no failed boots; the crash records still tell
+        what happened."""
+        try:
+            return BootEnv.read(self.s.grubenv)
+        except BootEnvError as exc:
+            env = BootEnv.new({BOOT_COUNT: 0, BOOT_LIMIT: self.s.boot_limit})
+            env.write(self.s.grubenv)  # in place; a block of the wrong size is refused here too
+            self.timeline.add("detect", f"{exc}: wrote a fresh block in its place ({dict(env)})")
+            return env
 
     def _reset_boot_count(self) -> None:
         BootEnv.read(self.s.grubenv).reset_boot_count(self.s.grubenv)
