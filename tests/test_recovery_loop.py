@@ -92,7 +92,7 @@ async def test_altered_directive_is_rejected_inside_the_vm_and_nothing_changes(t
         tmp_path,
         auto_approve=True,
         timeout_s=800,
-        fault="tamper-directive",
+        faults=["tamper-directive"],
         time_to_reboot_min=30,
         max_recovery_attempts=1,
     )
