@@ -1,6 +1,8 @@
 """The recovery loop, as the recovery environment runs it after repeated failed boots.
 
-1. **settle**: finish or roll back a remediation that a power loss interrupted (``remediate``).
+1. **settle**: finish or roll back a remediation that a power loss interrupted (``remediate``);
+   a fix finished here had been on its way: record it, reset ``boot_count``, report its result
+   and reboot, as step 6 would have (no new report of a crash the fix removed).
 2. **detect**: GRUB's boot count, pstore crash records and the OS boot log give a crash
    signature (what crashed, in which module, on which channel file) (``detect``).
 3. **collect**: OS and kernel versions, drivers and channel files with size, mtime, sha256
@@ -46,8 +48,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from . import __version__, inventory, state
-from .bootenv import BOOT_COUNT, RECOVERY_ATTEMPTS, BootEnv, BootEnvError
+from . import __version__, holds, inventory, state
+from .bootenv import BOOT_COUNT, BOOT_LIMIT, RECOVERY_ATTEMPTS, BootEnv, BootEnvError
 from .clock import Clock, SystemClock
 from .detect import examine
 from .errors import AgentError, RemediationError
@@ -58,6 +60,7 @@ from .protocol.keys import SigningKey, key_id, public_from_b64
 from .protocol.wire import (
     COUNTER_MAX,
     EXCERPT_MAX,
+    ActionResult,
     BootRecord,
     BootState,
     CrashKind,
@@ -69,7 +72,7 @@ from .protocol.wire import (
     SystemInfo,
     utcnow,
 )
-from .remediate import apply_directive, recover_journals
+from .remediate import apply_directive, settle_journals
 from .report import Findings, fit_signature, seal_within, wire_text
 from .settings import AgentSettings
 
@@ -178,10 +181,19 @@ class Timeline:
 
 class RecoveryAgent:
     def __init__(
-        self, settings: AgentSettings, *, timeline: Timeline | None = None, clock: Clock | None = None
+        self,
+        settings: AgentSettings,
+        *,
+        timeline: Timeline | None = None,
+        clock: Clock | None = None,
+        hold: holds.Hold | None = None,
     ) -> None:
         self.s = settings
         self.timeline = timeline or Timeline()
+        # Lab only: where an apply stops for the lab to cut the power (holds.py).
+        if hold is None and settings.lab_hold_at is not None:
+            hold = holds.hold_at(settings.lab_hold_at, lambda text: self.timeline.add("hold", text))
+        self.hold = hold
         # Every wait of the loop goes through this clock (tests drive it; see clock.py).
         self.clock: Clock = clock or SystemClock()
         self.key = SigningKey.load(settings.device_key)
@@ -205,15 +217,27 @@ class RecoveryAgent:
 
     async def _loop(self) -> Outcome:
         s, tl = self.s, self.timeline
+        holds.install(self.hold)
         settled: list[str] = []
         try:
-            for line in recover_journals(s.os_root):
-                tl.add("settle", line)
+            journals = settle_journals(s.os_root)
         except (AgentError, OSError) as exc:
             # Reported, not fatal: the crash is still worth reporting, and no fix will be
             # applied on top of an unsettled journal (apply_directive refuses).
             tl.add("settle", f"could not settle interrupted remediations: {exc}")
             settled.append(f"could not settle interrupted remediations: {exc}")
+            journals = []
+        for journal in journals:
+            tl.add("settle", journal.line)
+        finished = [j for j in journals if j.rolled_forward]
+        if finished:
+            # The power went after an earlier run's fix was on the disk: finish that run's work
+            # rather than report a crash the fix has already removed.
+            reset = True
+            async with DeviceClient(s.server_url) as client:
+                for journal in finished:
+                    reset &= await self._complete(client, journal.directive_id, list(journal.results or ()))
+            return Outcome.REMEDIATED if reset else Outcome.NEEDS_MANUAL
 
         count = self._count = self.read_boot_count(count_visit=True)
         tl.add(
@@ -246,6 +270,14 @@ class RecoveryAgent:
             if sent is not None:
                 receipt, payload_sha = sent
                 outcome = await self.wait_and_apply(client, receipt, payload_sha, deadline)
+                if outcome is Outcome.REMEDIATION_FAILED and count.attempts >= s.max_recovery_attempts:
+                    # Rebooting goes straight back to recovery (boot_count is at the limit).
+                    tl.add(
+                        "done",
+                        f"the fix could not be applied on recovery attempt {count.attempts} of "
+                        f"{s.max_recovery_attempts}: this machine needs manual recovery",
+                    )
+                    return Outcome.NEEDS_MANUAL
                 if outcome is not None:
                     return outcome
 
@@ -264,12 +296,20 @@ class RecoveryAgent:
 
     def read_boot_count(self, *, count_visit: bool) -> BootCount:
         """The count step: grubenv's ``boot_count`` and, with ``count_visit``, this visit
-        added to ``recovery_attempts`` and saved. Never raises: a grubenv that cannot be read
-        or written makes this visit the last, and says why."""
+        added to ``recovery_attempts`` and saved. A damaged block of the right size is replaced
+        by a fresh one (``_rewrite_damaged_grubenv``). Never raises: a grubenv that cannot be
+        read or written makes this visit the last, and says why."""
         s = self.s
         last = s.max_recovery_attempts
+        notes: list[str] = []
         try:
-            env = BootEnv.read(s.grubenv)
+            try:
+                env = BootEnv.read(s.grubenv)
+            except BootEnvError as damaged:
+                if not count_visit:
+                    raise
+                env = self._rewrite_damaged_grubenv(damaged)
+                notes.append(f"grubenv was damaged ({damaged}): a fresh block was written in its place")
         except (BootEnvError, OSError) as exc:
             return BootCount(
                 boot_count=s.boot_limit,
@@ -281,7 +321,7 @@ class RecoveryAgent:
                     f"last: without a fix the machine waits for a person"
                 ],
             )
-        notes = [
+        notes += [
             f"grubenv {name} is over {COUNTER_MAX}: read as {COUNTER_MAX}"
             for name in (BOOT_COUNT, RECOVERY_ATTEMPTS)
             if env.clamped(name)
@@ -497,19 +537,31 @@ class RecoveryAgent:
             return Outcome.REMEDIATION_FAILED
         for r in results:
             tl.add("apply", f"action {r.index} {r.type}: {r.status} {r.detail}")
-        reset = self._reset_boot_count()
-        if reset:
-            tl.add("apply", "boot_count reset to 0")
+        if not await self._complete(client, d.directive_id, results):
+            return Outcome.NEEDS_MANUAL
+        return Outcome.REMEDIATED
+
+    async def _complete(self, client: DeviceClient, directive_id: str, results: list[ActionResult]) -> bool:
+        """The directive is on the disk: record it for the next healthy boot to confirm, reset
+        ``boot_count`` so GRUB boots the OS, report the result. Recorded before the reset: from
+        the reset on the next boot is the OS's, and its health report must name the directive.
+        False if ``boot_count`` could not be reset (a person must repair grubenv)."""
+        tl = self.timeline
         try:
-            state.record_applied(self.s.os_root, d.directive_id)
+            state.record_applied(self.s.os_root, directive_id)
         except (AgentError, OSError) as exc:
             # The fix is on the disk; only the next healthy boot's confirmation of it is lost.
             tl.add("apply", f"could not record {LAST_DIRECTIVE}: {exc}")
+        reset = self._reset_boot_count()
+        if reset:
+            tl.add("apply", "boot_count reset to 0")
+        holds.reached("grubenv")
+        holds.reached("result")
         await self._send_result(
             client,
             Result(
                 device_id=self.s.device_id,
-                directive_id=d.directive_id,
+                directive_id=directive_id,
                 outcome="applied",
                 actions=results,
                 boot_count_reset=reset,
@@ -521,9 +573,9 @@ class RecoveryAgent:
             tl.add(
                 "done", "remediation applied, but boot_count could not be reset: a person must repair grubenv"
             )
-            return Outcome.NEEDS_MANUAL
+            return False
         tl.add("done", "remediation applied: rebooting into the OS")
-        return Outcome.REMEDIATED
+        return True
 
     async def _send_result(self, client: DeviceClient, result: Result) -> None:
         try:
@@ -534,6 +586,17 @@ class RecoveryAgent:
             self.timeline.add("result", f"could not report the result: {exc}")
 
     # ------------------------------------------------------------------ state
+
+    def _rewrite_damaged_grubenv(self, exc: BootEnvError) -> BootEnv:
+        """A fresh block in place of a damaged one. GRUB cannot read it either, so it could not
+        count this boot and chose recovery, and would choose it for ever: the count could never
+        be reset (docs/boot-counting.md). GRUB counted nothing, so the fresh block says no
+        failed boots; the crash records still tell what happened. A block that cannot be
+        rewritten (the wrong size, an I/O error) raises."""
+        env = BootEnv.new({BOOT_COUNT: 0, BOOT_LIMIT: self.s.boot_limit})
+        env.write(self.s.grubenv)  # in place; a block of the wrong size is refused here too
+        self.timeline.add("detect", f"{exc}: wrote a fresh block in its place ({dict(env)})")
+        return env
 
     def _reset_boot_count(self) -> bool:
         """Set grubenv's ``boot_count`` to 0, so the next boot tries the OS; False (and said)

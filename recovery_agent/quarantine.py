@@ -28,6 +28,7 @@ import os
 import stat
 from contextlib import ExitStack
 
+from . import holds
 from .digest import sha256_fd
 from .errors import RemediationError
 from .journal import (
@@ -219,6 +220,7 @@ class Quarantine:
             )
         os.fsync(qfd)
         os.fsync(dir_fd)
+        holds.reached("moved")
         entry = self._new_entry(st, digest, relpath, slot, index, role)
         self._record(qfd, entry)
         return entry

@@ -15,9 +15,11 @@ each action does is ``actions``, the records are ``journal``, the safe file acce
    a file taken off the machine is moved into ``var/lib/recovery/quarantine/<directive_id>/``
    and recorded in ``manifest.json`` there. Each step is idempotent, so running it twice is
    harmless. A step that fails rolls back what was done. Final state: "applied".
-4. At agent start, ``recover_journals(os_root)`` finds journals left "applying" by a power loss
+4. At agent start, ``settle_journals(os_root)`` finds journals left "applying" by a power loss
    and rolls each one forward (the remaining steps still preflight) or else back; one left
-   "rolling_back" (a roll back is journaled too) is rolled back to the end.
+   "rolling_back" (a roll back is journaled too) is rolled back to the end. A directive rolled
+   forward is applied now, but the run that started it never finished its work (``Settled``
+   says so): the agent does that next.
 5. ``undo`` puts everything back; ``list_quarantine`` reports what is held; ``purge`` deletes a
    directive's quarantine, and only once the machine has booted well with it (the caller
    decides that: ``recovery-agent quarantine purge`` asks for the healthy boot's confirmation).
@@ -34,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import holds
 from .actions import DirectiveSteps, StepOutcome, action_target
 from .errors import RemediationError
 from .journal import (
@@ -104,6 +107,7 @@ def _run(
                 f"directive {journal.directive_id}: step {step.index} ({step.action.type}) "
                 f"failed: {exc} -- rolled back: {undone}"
             ) from exc
+        holds.reached("manifest")
         step.status = "done"
         step.result = "already_applied" if outcome.status == "already_applied" else "applied"
         step.detail = outcome.detail
@@ -209,51 +213,86 @@ def apply_directive(
             ],
         )
         # The first change to the disk: from here on, a power loss is recovered from the journal.
-        write_journal(root, journal)
+        try:
+            write_journal(root, journal)
+        except OSError as exc:  # a full or read-only OS partition, say: refused before any change
+            raise RemediationError(
+                f"cannot write the intent journal {journal_relpath(directive_id)} ({exc.strerror or exc}): "
+                f"nothing was changed; free space on the OS partition (or repair it), then let the "
+                f"agent run again"
+            ) from exc
+        holds.reached("journal")
         return _run(steps, journal, on_step)
 
 
-def recover_journals(os_root: Path | str) -> list[str]:
+@dataclass(frozen=True)
+class Settled:
+    """What settling did with one journal a power loss left unfinished (``line`` says it).
+    ``results`` is set when the apply was rolled forward: the directive is applied now, but the
+    run that started it never reset the boot count, recorded the directive or reported it."""
+
+    directive_id: str
+    line: str
+    results: tuple[ActionResult, ...] | None = None
+
+    @property
+    def rolled_forward(self) -> bool:
+        return self.results is not None
+
+
+def settle_journals(os_root: Path | str) -> list[Settled]:
     """At agent start: finish or revert every apply a power loss interrupted. A journal is
-    rolled forward when all its remaining steps still preflight, else rolled back. Returns one
-    line per journal handled."""
-    lines: list[str] = []
+    rolled forward when all its remaining steps still preflight, else rolled back."""
+    settled: list[Settled] = []
     with OSRoot(os_root) as root:
         for directive_id in journaled_directives(root):
             try:
                 journal = read_journal(root, directive_id)
             except RemediationError as exc:
-                lines.append(f"directive {directive_id}: journal not usable: {exc}")
+                settled.append(Settled(directive_id, f"directive {directive_id}: journal not usable: {exc}"))
                 continue
             if journal is None or journal.state not in ("applying", "rolling_back"):
                 continue
-            lines.append(_recover_one(root, journal))
-    return lines
+            settled.append(_recover_one(root, journal))
+    return settled
 
 
-def _recover_one(root: OSRoot, journal: IntentJournal) -> str:
+def recover_journals(os_root: Path | str) -> list[str]:
+    """``settle_journals``, one line per journal handled."""
+    return [s.line for s in settle_journals(os_root)]
+
+
+def _recover_one(root: OSRoot, journal: IntentJournal) -> Settled:
     directive_id = journal.directive_id
     with DirectiveSteps(root, directive_id) as steps:
         if journal.state == "rolling_back":
             undone, complete = _roll_back(steps, journal)
             verdict = "finished" if complete else "still incomplete, retried at next start"
-            return f"directive {directive_id}: interrupted roll back {verdict}: " + "; ".join(undone)
+            return Settled(
+                directive_id,
+                f"directive {directive_id}: interrupted roll back {verdict}: " + "; ".join(undone),
+            )
         remaining = [s for s in journal.steps if s.status == "planned"]
         try:
             _preflight(steps, [(s.index, s.action) for s in remaining])
         except RemediationError as exc:
             undone, complete = _roll_back(steps, journal)
             verdict = "rolled back" if complete else "roll back incomplete, retried at next start"
-            return (
+            return Settled(
+                directive_id,
                 f"directive {directive_id}: interrupted apply {verdict}, because a remaining "
-                f"step no longer applies ({exc}): " + "; ".join(undone)
+                f"step no longer applies ({exc}): " + "; ".join(undone),
             )
         try:
-            _run(steps, journal, None)
+            results = _run(steps, journal, None)
         except RemediationError as exc:
-            return f"directive {directive_id}: roll forward failed: {exc}"
+            return Settled(directive_id, f"directive {directive_id}: roll forward failed: {exc}")
         done = ", ".join(str(s.index) for s in remaining) or "none left"
-        return f"directive {directive_id}: interrupted apply rolled forward (steps run: {done})"
+        return Settled(
+            directive_id,
+            f"directive {directive_id}: interrupted apply rolled forward (steps run: {done})",
+            tuple(results),
+        )
 
 
 def undo(os_root: Path | str, directive_id: str) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import AgentError
+from .holds import HoldStep
 from .protocol.keys import public_from_b64
 from .protocol.wire import DeviceId
 
@@ -53,6 +54,8 @@ class AgentSettings(BaseModel):
     max_recovery_attempts: int = Field(default=3, ge=1, le=100)
     long_poll_s: float = Field(default=30.0, gt=0, le=60)
     boot_limit: int = Field(default=2, ge=1, le=9)
+    # Lab only: stop at this step of an apply until the lab cuts the power (holds.py).
+    lab_hold_at: HoldStep | None = None
 
     @property
     def retry_interval_s(self) -> float:

@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,11 +124,13 @@ async def follow_boot(
     stop_on: str | None = None,
     name: str = "qmr",
     on_line: Callable[[float, str], None] | None = None,
+    drive: Callable[[QemuVM], Coroutine[Any, Any, None]] | None = None,
 ) -> BootReport:
     """Run ``config`` until the guest powers off, ``stop_on`` (a regex) appears on the
     console, or ``timeout`` seconds pass; return the report. The run directory is kept if
     ``keep_logs`` or the run timed out. ``on_line(seconds, line)`` sees every console line as
-    it arrives (for live progress)."""
+    it arrives (for live progress). ``drive(vm)`` runs beside the machine (a fault acting on
+    it through QMP) and is cancelled when the run ends; its errors are its own to report."""
     vm = QemuVM(config, run_dir=run_dir, keep=keep_logs, name=name)
     if on_line is not None:
         vm.console.on_line(lambda line: on_line(vm.seconds(), line))
@@ -138,6 +140,7 @@ async def follow_boot(
     except BaseException:
         vm.finish(failed=True)
         raise
+    driver: asyncio.Task[None] | None = asyncio.create_task(drive(vm)) if drive is not None else None
     try:
         waits: list[asyncio.Task[Any]] = [asyncio.create_task(vm.wait_exit(timeout))]
         if stop_on is not None:
@@ -160,6 +163,11 @@ async def follow_boot(
         elif vm.returncode != 0:
             outcome = "qemu-exited"
     finally:
+        if driver is not None:
+            driver.cancel()
+            for err in await asyncio.gather(driver, return_exceptions=True):
+                if isinstance(err, Exception):
+                    log.warning("the run's driver failed: %s", err)
         await vm.stop()
     timeline = build_timeline(vm.console.timed_lines(), vm.events.events)
     failed = outcome in ("timed-out", "qemu-exited")

@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recovery_agent.holds import HOLD_STEPS
+
 from .boot import DEFAULT_TIMEOUT_S, boot_scenario
 from .build import build_image, build_images
 from .dirdemo import DemoError, run_demo
 from .errors import LabError
-from .faults import FAULTS
+from .faults import DEFAULT_POWER_LOSS_AT, FAULTS
 
 EXIT_CODES = """\
 exit codes:
@@ -209,10 +211,21 @@ def _add_run_parser(sub: _SubParsers) -> None:
     )
     r.add_argument(
         "--fault",
+        dest="faults",
+        action="append",
+        default=[],
         choices=sorted(FAULTS),
-        help="inject a fault; the run must then end the way the fault predicts instead of "
-        "recovering (images/README.md): "
+        metavar="NAME",
+        help="inject a fault (repeat to combine faults that disturb different moments); the run "
+        "must then end the way the faults predict (images/README.md): "
         + "; ".join(f"{name}: {text}" for name, text in sorted(FAULTS.items())),
+    )
+    r.add_argument(
+        "--power-loss-at",
+        default=",".join(DEFAULT_POWER_LOSS_AT),
+        metavar="STEPS",
+        help="with --fault power-loss: the apply's steps to cut the power at, one per recovery "
+        f"visit, comma-separated, of {', '.join(HOLD_STEPS)} (default {','.join(DEFAULT_POWER_LOSS_AT)})",
     )
     r.set_defaults(func=_run)
 
@@ -231,10 +244,15 @@ def _run(args: argparse.Namespace) -> int:
         retry_interval_min=args.retry_interval,
         time_to_reboot_min=args.time_to_reboot,
         max_recovery_attempts=args.max_attempts,
-        fault=args.fault,
+        faults=args.faults,
+        power_loss_at=tuple(step for step in args.power_loss_at.split(",") if step),
         log=_say,
     )
-    report = run(opts)
+    try:
+        report = run(opts)
+    except ValueError as exc:  # a fault list that cannot be run (make_faults says why)
+        print(f"recovery-lab run: {exc}", file=sys.stderr)
+        return 2
     print(report.boot.timeline.render() if report.boot else "")
     print(render(report))
     if args.report:

@@ -47,22 +47,32 @@ from recovery_server.store import Store
 
 from .boot import BootReport, follow_boot
 from .build import build_image
-from .faults import FAULTS, TAMPER_DIRECTIVE, DirectiveTamperer, expectation_problems
+from .faults import (
+    DEFAULT_POWER_LOSS_AT,
+    TAMPER_DIRECTIVE,
+    DirectiveTamperer,
+    Fault,
+    RunFacts,
+    disk_facts,
+    judge,
+    make_faults,
+)
 from .inspect import OS, DiskImage
-from .qemu import Drive, MachineConfig
-from .seed import make_seed_disk
+from .qemu import Drive, MachineConfig, QemuVM
+from .seed import make_seed_disk, rewrite_seed_disk
 from .timeline import EntryKind
 
 # Where the images mount the machine's disks before they run the agent (images/os/lib.sh,
 # images/recovery/init): the OS root and the ESP's grubenv.
 GUEST_OS_ROOT = "/mnt/os"
 GUEST_GRUBENV = "/mnt/esp/grub/grubenv"
-# The lab's own entry in a run's event list when the tampering proxy altered a directive.
+# The lab's own entries in a run's event list start with this (lab.directive_tampered, ...).
+LAB_EVENT = "lab."
 TAMPERED_EVENT = "lab.directive_tampered"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
 _PROGRESS = re.compile(
-    r"QMR-(GRUB|HEALTH|RECOVERY-AGENT|AGENT|NEEDS|UNHEALTHY)|^\[agent \+|"
+    r"QMR-(GRUB|HEALTH|RECOVERY-AGENT|AGENT|NEEDS|UNHEALTHY|HOLD)|^\[agent \+|"
     r"^\[[ \d.]+\] (Kernel panic - not syncing|RIP: 0010|watchdog: BUG)"
 )
 
@@ -82,8 +92,10 @@ class RunOptions:
     retry_interval_min: int = 5
     time_to_reboot_min: int = 90
     max_recovery_attempts: int = 3
-    # A fault to inject (recovery_lab.faults.FAULTS), or None for a plain recovery.
-    fault: str | None = None
+    # Faults to inject (recovery_lab.faults.FAULTS); none for a plain recovery.
+    faults: list[str] = field(default_factory=list)
+    # The apply's steps the power-loss fault cuts the power at, one per recovery visit.
+    power_loss_at: tuple[str, ...] = DEFAULT_POWER_LOSS_AT
     log: Callable[[str], None] = print
 
 
@@ -117,7 +129,7 @@ class RunReport:
     disk: dict[str, Any] = field(default_factory=dict)
     boot: BootReport | None = None
     workdir: str = ""
-    fault: str | None = None
+    faults: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -140,7 +152,7 @@ class RunReport:
             "server_events": self.events,
             "vm": self.boot.to_json() if self.boot else None,
             "workdir": self.workdir,
-            "fault": self.fault,
+            "faults": self.faults,
             "problems": self.problems,
         }
 
@@ -148,23 +160,30 @@ class RunReport:
 class _Lab:
     """The server side of a run, in this process, on this event loop."""
 
-    def __init__(self, work: Path, opts: RunOptions) -> None:
+    def __init__(self, work: Path, opts: RunOptions, faults: list[Fault]) -> None:
         self.work = work
         self.opts = opts
+        self.faults = faults
         self.started = time.monotonic()
         self.seen: list[tuple[float, dict[str, Any]]] = []  # (seconds since start, event)
         self._last_seq = 0
         self.tamperer: DirectiveTamperer | None = None
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        # The lab approves (with --auto-approve) once no fault holds the approval back.
+        self.approvals_open = asyncio.Event()
+        if not any(f.holds_approval for f in faults):
+            self.approvals_open.set()
 
     def now(self) -> float:
         return time.monotonic() - self.started
 
     async def start(self) -> None:
-        data = self.work / "server"
-        data.mkdir(parents=True, exist_ok=True)
+        self.data = self.work / "server"
+        self.data.mkdir(parents=True, exist_ok=True)
         self.key = SigningKey.generate()
-        self.key.save(data / "server.key")
-        self.service = RecoveryService(store=Store(data / "recovery.db"), server_key=self.key)
+        self.key.save(self.data / "server.key")
+        await self.start_server()
         admin_token = self.service.create_user(console("setup"), "admin", "admin").token
         (self.work / "admin.token").write_text(admin_token + "\n")
         (self.work / "admin.token").chmod(0o600)
@@ -175,26 +194,39 @@ class _Lab:
             path.write_text(self.service.create_user(console("setup"), name, role).token + "\n")
             path.chmod(0o600)
         self.enroll_token = self.service.create_enrollment_token(User("admin", "admin"), "lab").token
-        self.runner = web.AppRunner(make_app(self.service), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self.runner.addresses[0][1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.guest_port = self.port
-        if self.opts.fault == TAMPER_DIRECTIVE:
-            self.tamperer = DirectiveTamperer(self.url, on_tamper=self._tampered)
+        if TAMPER_DIRECTIVE in self.opts.faults:
+            self.tamperer = DirectiveTamperer(self.url, on_tamper=lambda: self.note("directive_tampered"))
             self.guest_port = await self.tamperer.start()
 
-    def _tampered(self) -> None:
-        event = {"kind": TAMPERED_EVENT, "subject": "", "actor": "proxy", "detail": ""}
-        self.seen.append((self.now(), event))
+    async def start_server(self) -> None:
+        """The server on the run's data directory: on a free port the first time, then on the
+        same one (a restart)."""
+        self.service = RecoveryService(store=Store(self.data / "recovery.db"), server_key=self.key)
+        # shutdown_timeout=0: stopping cuts open requests, as a killed process would.
+        self.runner = web.AppRunner(make_app(self.service), access_log=None, shutdown_timeout=0)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = int(self.runner.addresses[0][1])
+
+    async def stop_server(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+            self.service.store.close()
+
+    def note(self, kind: str, detail: str = "") -> None:
+        """A lab event on the run's timeline (``lab.<kind>``)."""
+        self.seen.append(
+            (self.now(), {"kind": LAB_EVENT + kind, "subject": "", "actor": "lab", "detail": detail})
+        )
+        self.opts.log(f"[lab +{self.now():6.1f}s] lab: {kind} {detail}")
 
     async def stop(self) -> None:
         if self.tamperer is not None:
             await self.tamperer.stop()
-        await self.runner.cleanup()
-        self.service.store.close()
+        await self.stop_server()
 
     async def enroll(self, device_id: str) -> SigningKey:
         key = SigningKey.generate()
@@ -210,6 +242,8 @@ class _Lab:
         return key
 
     def poll_events(self) -> list[dict[str, Any]]:
+        if self.runner is None:  # the server is stopped (a fault)
+            return []
         new = [e.model_dump(mode="json") for e in self.service.events(console("lab"), after=self._last_seq)]
         for e in new:
             self._last_seq = e["seq"]
@@ -220,10 +254,61 @@ class _Lab:
         return next((t for t, e in self.seen if e["kind"] == kind), None)
 
 
+class _FaultControl:
+    """What the run's faults may do to it (recovery_lab.faults.FaultControl)."""
+
+    def __init__(self, lab: _Lab, vm: QemuVM, seed: Path, settings: dict[str, Any], deadline: float) -> None:
+        self.lab = lab
+        self.vm = vm
+        self.seed = seed
+        self.settings = settings
+        self.deadline = deadline
+        self._pos = 0
+
+    async def console(self, pattern: str, *, fresh: bool = False) -> re.Match[str]:
+        if fresh:
+            self._pos = len(self.vm.console.text())
+        m = await self.vm.console.wait_for(
+            pattern, max(1.0, self.deadline - time.monotonic()), since=self._pos
+        )
+        self._pos = m.end()
+        return m
+
+    def note(self, kind: str, detail: str = "") -> None:
+        self.lab.note(kind, detail)
+
+    async def stop_server(self) -> None:
+        await self.lab.stop_server()
+
+    async def start_server(self) -> None:
+        await self.lab.start_server()
+
+    def hold_at(self, step: str | None) -> None:
+        settings = dict(self.settings)
+        settings.pop("lab_hold_at", None)
+        if step is not None:
+            settings["lab_hold_at"] = step
+        rewrite_seed_disk(self.seed, {"agent.json": json.dumps(settings, indent=1).encode()})
+
+    async def drive(self, faults: list[Fault], problems: list[str]) -> None:
+        """Each fault in turn, then open the approvals; what goes wrong becomes a problem."""
+        try:
+            for fault in faults:
+                self._pos = 0  # each fault reads the console from the start
+                try:
+                    await fault.drive(self)
+                except Exception as exc:  # a fault that could not act: the run says so
+                    problems.append(f"fault {fault.name} could not act: {type(exc).__name__}: {exc}")
+                    self.lab.note("fault_failed", fault.name)
+        finally:
+            self.lab.approvals_open.set()
+
+
 async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
     """Follow the server: announce what happens, and approve known fixes with --auto-approve."""
     say = opts.log
     handled: set[str] = set()
+    approving: list[asyncio.Task[None]] = []
     while not done.is_set():
         for e in lab.poll_events():
             kind, subject = e["kind"], e["subject"] or ""
@@ -249,14 +334,22 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                         f"    {admin} {lab.work / 'lab-approver.token'} remediation approve REMEDIATION_ID"
                     )
                     continue
-                rem = lab.service.create_remediation(
-                    User("lab-operator", "operator"),
-                    title=proposal.title,
-                    actions=proposal.actions,
-                    incident_id=incident,
+                approving.append(
+                    asyncio.create_task(_approve(lab, incident, proposal.title, proposal.actions))
                 )
-                lab.service.approve(User("lab-approver", "approver"), rem.remediation_id)
         await asyncio.sleep(0.2)
+    for task in approving:
+        task.cancel()
+    await asyncio.gather(*approving, return_exceptions=True)
+
+
+async def _approve(lab: _Lab, incident: str, title: str, actions: list[Any]) -> None:
+    """The two lab people write and approve the catalog's fix, once no fault holds it back."""
+    await lab.approvals_open.wait()
+    rem = lab.service.create_remediation(
+        User("lab-operator", "operator"), title=title, actions=actions, incident_id=incident
+    )
+    lab.service.approve(User("lab-approver", "approver"), rem.remediation_id)
 
 
 def _short(detail: str) -> str:
@@ -265,21 +358,24 @@ def _short(detail: str) -> str:
 
 async def run_async(opts: RunOptions) -> RunReport:
     say = opts.log
-    if opts.fault is not None and opts.fault not in FAULTS:
-        raise ValueError(f"unknown fault {opts.fault!r}: use one of {', '.join(FAULTS)}")
+    faults = make_faults(opts.faults, opts.power_loss_at)
     artifact = build_image(opts.scenario, log=say)
     work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{opts.scenario}-"))
     work.mkdir(parents=True, exist_ok=True)
-    lab = _Lab(work, opts)
+    image = artifact.image
+    for fault in faults:
+        image = fault.prepare_disk(image, work)
+    lab = _Lab(work, opts, faults)
     await lab.start()
     device_id = f"lab-{opts.scenario}"[:64]
+    problems: list[str] = []
     try:
         key = await lab.enroll(device_id)
         say(
             f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
             f"device {device_id} enrolled"
         )
-        settings = {
+        settings: dict[str, Any] = {
             "device_id": device_id,
             "server_url": f"http://10.0.2.100:{lab.guest_port}",
             "server_public_key": public_b64(lab.key.public),
@@ -294,25 +390,33 @@ async def run_async(opts: RunOptions) -> RunReport:
             "max_recovery_attempts": opts.max_recovery_attempts,
             "long_poll_s": 10,
         }
+        for fault in faults:
+            settings.update(fault.agent_settings())
         key_pem = key.private_pem()
         seed = make_seed_disk(
             work / "seed.img", {"agent.json": json.dumps(settings, indent=1).encode(), "device.key": key_pem}
         )
+        base_settings = {k: v for k, v in settings.items() if k != "lab_hold_at"}
         config = MachineConfig(
-            disk=artifact.image,
+            disk=image,
             accel=opts.accel,
             forward_port=lab.guest_port,
             extra_drives=[Drive(seed, "raw", "virtio", readonly=True)],
         )
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch(lab, opts, done))
-        say(f"[lab +{lab.now():6.1f}s] booting {artifact.image.name} under {opts.accel}")
+        say(f"[lab +{lab.now():6.1f}s] booting {image.name} under {opts.accel}")
         vm_started = lab.now()
+        deadline = time.monotonic() + opts.timeout_s
 
         def progress(_: float, line: str) -> None:
             line = line.strip()
             if _PROGRESS.search(line):
                 say(f"[vm  +{lab.now():6.1f}s] {line[:160]}")
+
+        async def drive(vm: QemuVM) -> None:
+            control = _FaultControl(lab, vm, seed, base_settings, deadline)
+            await control.drive(faults, problems)
 
         try:
             boot = await follow_boot(
@@ -322,23 +426,33 @@ async def run_async(opts: RunOptions) -> RunReport:
                 run_dir=work / "vm",
                 name=opts.scenario,
                 on_line=progress,
+                drive=drive if faults else None,
             )
         finally:
             done.set()
             await watcher
         lab.poll_events()
-        report = _judge(lab, opts, boot, vm_started, device_id, work)
+        report = _judge(lab, opts, faults, boot, vm_started, device_id, work, problems)
     finally:
         await lab.stop()
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
     if not opts.keep:
         for p in (work / "vm").glob("*.qcow2"):
             p.unlink()
+        if image != artifact.image:
+            image.unlink(missing_ok=True)
     return report
 
 
 def _judge(
-    lab: _Lab, opts: RunOptions, boot: BootReport, vm_started: float, device_id: str, work: Path
+    lab: _Lab,
+    opts: RunOptions,
+    faults: list[Fault],
+    boot: BootReport,
+    vm_started: float,
+    device_id: str,
+    work: Path,
+    drive_problems: list[str],
 ) -> RunReport:
     svc = lab.service
 
@@ -366,7 +480,21 @@ def _judge(
 
     results = [r.model_dump(mode="json") for r in svc.device_results(console("lab"), device_id)]
     devices = {d.device_id: d.model_dump(mode="json") for d in svc.devices(console("lab"))}
-    recovered = bool(health and result and any(r["outcome"] == "applied" for r in results))
+    directives = [
+        {"directive_id": r["directive_id"], "outcome": r["outcome"]}
+        for r in svc.store.all(
+            "SELECT directive_id, outcome FROM directives WHERE device_id = ? ORDER BY issued_at", device_id
+        )
+    ]
+    # Recovered: the OS reported a healthy boot after a fix was applied (the result may be
+    # lost to a power cut; the healthy boot names the directive then).
+    recovered = bool(
+        health
+        and (
+            any(r["outcome"] == "applied" for r in results)
+            or any(d["outcome"] == "succeeded" for d in directives)
+        )
+    )
     incidents = [i.model_dump(mode="json") for i in svc.incidents(console("lab"))]
     incident = None
     if incidents:
@@ -385,6 +513,7 @@ def _judge(
             )
         }
         incident["results"] = results
+        incident["directives"] = directives
     disk: dict[str, Any] = {}
     overlays = list((work / "vm").glob("*.qcow2"))
     if overlays:
@@ -401,6 +530,18 @@ def _judge(
                 for folder in disk["quarantine"]
             }
             disk["manifests"] = {k: json.loads(v) for k, v in manifests.items() if v}
+            disk.update(disk_facts(lambda path: d.ext4_file(OS, path), lambda path: d.ext4_listdir(OS, path)))
+    facts = RunFacts(
+        recovered=recovered,
+        console_text=boot.console_text,
+        boot=boot,
+        results=results,
+        directives=directives,
+        lab_events=[e["kind"] for _, e in lab.seen if e["kind"].startswith(LAB_EVENT)],
+        event_times={e["kind"]: at for at, e in reversed(lab.seen)},
+        device_state=devices.get(device_id, {}).get("state"),
+        disk=disk,
+    )
     report = RunReport(
         scenario=opts.scenario,
         recovered=recovered,
@@ -417,14 +558,8 @@ def _judge(
         disk=disk,
         boot=boot,
         workdir=str(work),
-        fault=opts.fault,
-        problems=expectation_problems(
-            opts.fault,
-            recovered=recovered,
-            console_text=boot.console_text,
-            results=results,
-            tampered=sum(1 for _, e in lab.seen if e["kind"] == TAMPERED_EVENT),
-        ),
+        faults=list(opts.faults),
+        problems=drive_problems + [p for p in judge(faults, facts) if p not in drive_problems],
     )
     return report
 
@@ -433,7 +568,8 @@ def render(report: RunReport) -> str:
     lines = [
         "",
         f"Scenario {report.scenario}: {'RECOVERED' if report.recovered else 'not recovered'} "
-        f"({report.outcome}, {report.boots} boots)" + (f", fault {report.fault}" if report.fault else ""),
+        f"({report.outcome}, {report.boots} boots)"
+        + (f", faults {', '.join(report.faults)}" if report.faults else ""),
     ]
     for p in report.phases:
         lines.append(f"  {p.name:<40} at {p.start:7.1f}s  took {p.end - p.start:6.1f}s")
@@ -454,8 +590,8 @@ def render(report: RunReport) -> str:
         )
     for problem in report.problems:
         lines.append(f"  MISSED: {problem}")
-    if report.fault and report.met_expectations:
-        lines.append(f"  the run showed what fault {report.fault} predicts")
+    if report.faults and report.met_expectations:
+        lines.append(f"  the run showed what {', '.join(report.faults)} predict(s)")
     lines.append(f"  everything is in {report.workdir}")
     return "\n".join(lines)
 

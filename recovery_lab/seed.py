@@ -14,6 +14,7 @@ through :func:`recovery_lab.tools.run`.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -51,3 +52,28 @@ def make_seed_disk(out: Path, files: dict[str, bytes]) -> Path:
             src.chmod(0o600)
             run(["mcopy", "-o", "-i", str(out), str(src), f"::{name}"], env=_ENV)
     return out
+
+
+def rewrite_seed_disk(path: Path, files: dict[str, bytes]) -> Path:
+    """Change the files of the seed disk at ``path`` while a machine has it attached: a new
+    image with ``files`` replacing those of the same name is written over the old one's bytes,
+    in place (QEMU keeps the file open; a new file would not be seen). Files not named keep
+    their content. The guest sees the change from its next boot."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="qmr-seed-") as tmp:
+        kept = {}
+        listing = run(["mdir", "-b", "-i", str(path), "::"], env=_ENV)
+        for line in listing.splitlines():
+            name = line.strip().removeprefix("::/").removeprefix("::")
+            if name and name not in files:
+                out = Path(tmp) / name
+                run(["mcopy", "-n", "-i", str(path), f"::{name}", str(out)], env=_ENV)
+                kept[name] = out.read_bytes()
+        new = make_seed_disk(Path(tmp) / "seed.img", {**kept, **files})
+        data = new.read_bytes()
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+    return path

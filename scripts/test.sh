@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# The README's second command: set up, then run every test (QEMU tests included: they build
-# the lab's disk images first, cached under .cache/qmr or $QMR_CACHE).
-# Extra arguments go to pytest, e.g. scripts/test.sh -m "not qemu" -x
+# The README's second command, and what CI runs (.ci/run): set up, then every test, in three
+# steps (docs/testing.md):
+#   1. every test but the QEMU ones;
+#   2. the lab's disk images and the QEMU harness's guest, built once (cached under .cache/qmr or
+#      $QMR_CACHE), so that two QEMU workers never build the same thing at the same time;
+#   3. the QEMU tests, two VMs at a time (one per core; QMR_QEMU_WORKERS overrides), each worker
+#      fed one test at a time, longest first. Tests marked `slow` run only with --slow.
+# Usage: scripts/test.sh [--slow]
+#        scripts/test.sh PYTEST_ARGS...   one pytest run with these arguments instead, e.g.
+#                                         scripts/test.sh -m "not qemu" -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
+slow=0
+if [ "${1:-}" = "--slow" ]; then
+  slow=1
+  shift
+fi
 scripts/setup.sh --test --lab --postgres
 # Lint, format and types first: cheap, and a failure names the file and the line.
 echo "==> ruff check, ruff format --check, mypy"
@@ -14,4 +26,21 @@ echo "==> ruff check, ruff format --check, mypy"
 QMR_TEST_POSTGRES=$(scripts/postgres.sh start)
 export QMR_TEST_POSTGRES
 trap 'scripts/postgres.sh stop' EXIT
-.venv/bin/python -m pytest -ra "$@"
+
+if [ $# -gt 0 ]; then
+  .venv/bin/python -m pytest -ra "$@"
+  exit
+fi
+
+status=0
+.venv/bin/python -m pytest -ra -m "not qemu" || status=$?
+
+SECONDS=0
+.venv/bin/recovery-lab build
+.venv/bin/python -c 'from tests.qemu_guest import build_harness_guest; build_harness_guest()'
+workers=${QMR_QEMU_WORKERS:-$(( $(nproc) < 2 ? 1 : 2 ))}
+marks="qemu and not slow"
+[ "$slow" = 1 ] && marks="qemu"
+.venv/bin/python -m pytest -ra -m "$marks" -n "$workers" --dist load --maxschedchunk 1 || status=$?
+echo "QEMU part (image build and $workers worker(s)): ${SECONDS}s"
+exit "$status"

@@ -37,6 +37,22 @@ settings.register_profile("dev", deadline=None, suppress_health_check=[HealthChe
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """QEMU tests after the others, longest first (a test's timeout bounds how long it takes):
+    two xdist workers fed one test at a time (scripts/test.sh) then finish close together."""
+
+    def bound(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("timeout")
+        return float(marker.args[0]) if marker and marker.args else 0.0
+
+    def order(item: pytest.Item) -> tuple[bool, float]:
+        qemu = item.get_closest_marker("qemu") is not None
+        return (qemu, -bound(item) if qemu else 0.0)
+
+    items.sort(key=order)  # stable: the other tests keep their order
+
+
 FAST_RETRY = RetryPolicy(attempts=2, max_delay_s=2, backoff_max_s=0.1, backoff_multiplier_s=0.01)
 
 

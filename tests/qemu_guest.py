@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recovery_lab import tools
+from recovery_lab.locks import build_lock
 
 REPO = Path(__file__).resolve().parent.parent
 INIT = REPO / "tests/data/guest/init.sh"
@@ -99,7 +100,13 @@ def find_kernel() -> tuple[Path, Path, str]:
 
 
 def build_harness_guest() -> HarnessGuest:
-    """Build (or reuse from ``.cache/qmr/test-guest``) the initramfs for the harness tests."""
+    """Build (or reuse from ``.cache/qmr/test-guest``) the initramfs for the harness tests. One
+    build at a time (``test-guest.lock``): a second test worker waits, then reuses it."""
+    with build_lock(CACHE / "test-guest.lock", log=lambda line: None):
+        return _build_harness_guest()
+
+
+def _build_harness_guest() -> HarnessGuest:
     tools.require("cpio", "gzip", "/bin/busybox")
     vmlinuz, kmods, version = find_kernel()
     key = hashlib.sha256(INIT.read_bytes() + version.encode()).hexdigest()[:12]

@@ -76,12 +76,27 @@ async def test_a_full_grubenv_still_lets_a_fix_reboot_into_the_os(fleet, machine
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"\x00" * ENVBLK_SIZE, b"# GRUB Environment Block\nno equals sign\n".ljust(ENVBLK_SIZE, b"#"), b"short"],
-    ids=["zeros", "malformed-line", "wrong-size"],
+    [b"\x00" * ENVBLK_SIZE, b"# GRUB Environment Block\nno equals sign\n".ljust(ENVBLK_SIZE, b"#")],
+    ids=["zeros", "malformed-line"],
 )
-async def test_a_grubenv_that_cannot_be_read_is_reported_and_left_alone(
+async def test_a_damaged_grubenv_is_rewritten_fresh_and_the_visit_counted(
     fleet, machine, clock, garbage: bytes
 ) -> None:
+    """GRUB cannot read a damaged block either, so it would start recovery for ever: the agent
+    writes a fresh one in its place, counts its visit there and reports as usual."""
+    (machine / GRUBENV).write_bytes(garbage)
+    settings = await settings_for(fleet, machine)
+    await clock.release()
+    assert await RecoveryAgent(settings, clock=clock).run() is Outcome.NO_REMEDIATION
+    env = BootEnv.read(machine / GRUBENV)
+    assert (env.boot_count, env.recovery_attempts) == (0, 1)
+    [diagnostics] = reports(fleet)
+    assert diagnostics.boot.boot_count == 0 and diagnostics.boot.recovery_attempts == 1
+    assert any(n.startswith("grubenv was damaged") for n in diagnostics.notes)
+
+
+async def test_a_grubenv_that_cannot_be_rewritten_is_reported_and_left_alone(fleet, machine, clock) -> None:
+    garbage = b"short"  # not one block: it cannot be rewritten in place
     (machine / GRUBENV).write_bytes(garbage)
     settings = await settings_for(fleet, machine)
     await clock.release()
@@ -94,7 +109,7 @@ async def test_a_grubenv_that_cannot_be_read_is_reported_and_left_alone(
 
 
 async def test_cloud_off_with_a_grubenv_that_cannot_be_read_stays(fleet, machine) -> None:
-    (machine / GRUBENV).write_bytes(b"\x00" * ENVBLK_SIZE)
+    (machine / GRUBENV).write_bytes(b"short")
     settings = await settings_for(fleet, machine, cloud_remediation=False)
     assert await RecoveryAgent(settings).run() is Outcome.NEEDS_MANUAL  # could not reset boot_count
     assert fleet.count("reports") == 0

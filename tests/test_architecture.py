@@ -29,6 +29,7 @@ LAB_MAY_IMPORT = {
     "recovery_agent.detect",  # the crash parser, to name panics in a run's console
     "recovery_agent.layout",  # where things are on the OS root
     "recovery_agent.digest",  # the one file-hash helper
+    "recovery_agent.holds",  # the steps of an apply the lab can cut the power at
 }
 
 

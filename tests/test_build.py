@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,44 @@ def test_failed_stage_leaves_no_entry(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="stage broken: false failed"):
         cache.stage("broken", {}, fail)
     assert not list(tmp_path.glob("broken-*/inputs.json"))
+
+
+def test_two_builds_of_one_stage_at_once_take_turns_and_the_second_reuses_the_first(tmp_path: Path) -> None:
+    """Two test workers asking for the same image: the second waits on the stage's lock
+    (it says so) instead of removing the first's temporary directory, then reuses its output."""
+    inside, release, second_waits = threading.Event(), threading.Event(), threading.Event()
+    calls: list[Path] = []
+
+    def make(out: Path) -> None:
+        calls.append(out)
+        inside.set()
+        assert release.wait(60)
+        (out / "product").write_text("x")
+
+    second_lines: list[str] = []
+
+    def second_log(line: str) -> None:
+        second_lines.append(line)
+        if line.startswith("waiting for another build"):
+            second_waits.set()
+
+    results: dict[str, Path] = {}
+    first = threading.Thread(
+        target=lambda: results.update(a=Cache(tmp_path, lambda _: None).stage("s", {}, make))
+    )
+    second = threading.Thread(
+        target=lambda: results.update(b=Cache(tmp_path, second_log).stage("s", {}, make))
+    )
+    first.start()
+    assert inside.wait(60)
+    second.start()
+    assert second_waits.wait(60), second_lines
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert len(calls) == 1 and results["a"] == results["b"]
+    assert (results["a"] / "product").read_text() == "x"
+    assert second_lines[-1].startswith("[s] cached")
 
 
 def test_cache_key_is_order_independent() -> None:

@@ -1,6 +1,10 @@
 """The mission end to end in QEMU: a machine that crashes at boot, GRUB's switch to the
 recovery environment, the Python agent inside it reporting to a real server on the host,
-an approved fix, the reboot, and the healthy boot reported back."""
+an approved fix, the reboot, and the healthy boot reported back.
+
+Each run's failed boots are also judged against the scenario's own [expect] block (panics,
+watchdog resets, the module and function named, console lines), so one boot of a scenario
+checks both; tests/test_scenarios.py boots the scenarios that have no loop here."""
 
 from __future__ import annotations
 
@@ -8,14 +12,38 @@ import json
 
 import pytest
 
+from recovery_lab.boot import BootReport
+from recovery_lab.checkout import REPO
+from recovery_lab.expect import problems
 from recovery_lab.inspect import OS, DiskImage
 from recovery_lab.loop import RunOptions, run_async
-from recovery_lab.timeline import EntryKind
+from recovery_lab.scenario import find_scenario, load_scenario
+from recovery_lab.timeline import EntryKind, Timeline
 
 pytestmark = pytest.mark.qemu
 
 BAD = "C-00000291-00000000-00000032.sys"
 GOOD = ["C-00000290-00000000-00000007.sys", "C-00000291-00000000-00000031.sys"]
+
+
+def failed_boots(boot: BootReport) -> BootReport:
+    """The run up to the first recovery environment's agent: the failed boots a scenario's
+    [expect] block describes."""
+    entries = boot.timeline.entries
+    first = next(e for e in entries if e.kind is EntryKind.GRUB_ENTRY and e.data.get("entry") == "recovery")
+    return BootReport.from_timeline(
+        Timeline([e for e in entries if e.boot <= first.boot]),
+        outcome=boot.outcome,
+        seconds=boot.seconds,
+        exit_status=boot.exit_status,
+        run_dir=None,
+        console_text=boot.console_text.split("QMR-RECOVERY-AGENT start", 1)[0],
+    )
+
+
+def as_scenario_expects(report, name: str) -> list[str]:
+    """Every way the run's failed boots differ from the scenario's [expect] block."""
+    return problems(failed_boots(report.boot), load_scenario(find_scenario(name, REPO / "images")).expect)
 
 
 def opts(scenario: str, tmp_path, **kw) -> RunOptions:
@@ -45,6 +73,12 @@ async def test_channel_file_is_recovered_with_no_human_step_but_the_approval(tmp
     assert report.boot.entries_chosen[:3] == ["os", "os", "recovery"]
     assert report.boot.entries_chosen[-1] == "os" and report.boot.healthy
     assert report.boot.panics == ["general protection fault in sensor_parse_channel"] * 2
+    assert as_scenario_expects(report, "channel-file") == []
+    assert report.boot.guest_panicked == 2, "pvpanic reported both panics over QMP"
+    assert report.boot.resets >= 2, "the guest rebooted itself after each panic (panic=5)"
+    pstore = {e.data.get("crash") for e in report.boot.timeline.of_kind(EntryKind.PSTORE)}
+    assert "general protection fault in sensor_parse_channel" in pstore, "recovery printed pstore"
+    assert "boot_count=2 (limit 2)" in report.boot.console_text, "the agent read GRUB's count"
     names = [p.name for p in report.phases]
     assert names[0] == "failed boots" and names[-1] == "reboot to a healthy boot"
 
@@ -54,6 +88,8 @@ async def test_bad_driver_is_recovered_by_restoring_the_stored_version(tmp_path)
     o = opts("bad-driver", tmp_path, auto_approve=True, timeout_s=800)
     report = await run_async(o)
     assert report.recovered, "\n".join(o.lines[-40:])
+    assert as_scenario_expects(report, "bad-driver") == []
+    assert report.boot.guest_panicked == 2
     [manifest] = report.disk["manifests"].values()
     assert "extra/sensor.ko" in json.dumps(manifest), "the 2.0 driver went to quarantine"
     assert report.server_incident["guilty_frame"] == "sensor_v2_init_tables"
@@ -73,6 +109,7 @@ async def test_unknown_crash_retries_reboots_and_then_asks_for_a_person(tmp_path
     )
     report = await run_async(o)
     assert not report.recovered
+    assert as_scenario_expects(report, "unknown") == []
     assert report.device["state"] == "needs_manual"
     console = report.boot.console_text
     assert console.count("QMR-RECOVERY-AGENT start") == 2, "two recovery attempts"
@@ -92,7 +129,7 @@ async def test_altered_directive_is_rejected_inside_the_vm_and_nothing_changes(t
         tmp_path,
         auto_approve=True,
         timeout_s=800,
-        fault="tamper-directive",
+        faults=["tamper-directive"],
         time_to_reboot_min=30,
         max_recovery_attempts=1,
     )
@@ -136,6 +173,8 @@ async def test_boot_hang_is_recovered_by_disabling_the_driver(tmp_path):
     assert inc["kind"] == "hang" and inc["title"] == "boot hung: load module sensor"
     assert inc["guilty_module"] == "sensor"
     assert report.boot.watchdog_fires == 2 and report.boot.panics == []
+    assert as_scenario_expects(report, "boot-hang") == []
+    assert report.boot.guest_panicked == 0
     with DiskImage(next((tmp_path / "run" / "vm").glob("*.qcow2"))) as disk:
         conf = disk.ext4_file(OS, "etc/modprobe.d/recovery-disable-sensor.conf")
     assert conf is not None and b"blacklist sensor" in conf

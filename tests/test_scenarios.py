@@ -1,6 +1,11 @@
-"""Every scenario in images/scenarios booted for real: Debian's kernel, GRUB counting boots,
-the sensor driver crashing, pstore surviving the in-VM reboot, the recovery entry. Each run
-is judged against the scenario's own [expect] block from QMP events and console markers."""
+"""Scenarios booted for real without a seed disk (``recovery-lab boot``: no agent, the
+recovery environment prints pstore and the boot count and powers off): Debian's kernel, GRUB
+counting boots, pstore surviving the in-VM reboot, the recovery entry. Each run is judged
+against the scenario's own [expect] block from QMP events and console markers.
+
+The scenarios with a loop test (channel-file, bad-driver, boot-hang, unknown) have their
+failed boots judged against the same block inside that run (tests/test_recovery_loop.py):
+one boot checks both, which keeps the QEMU tests in CI's time."""
 
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def expect(name: str):
     return load_scenario(find_scenario(name, REPO / "images")).expect
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def images():
     return {a.scenario: a for a in build_images(None, default_cache_dir(), log=lambda line: None)}
 
@@ -59,37 +64,16 @@ def test_healthy_boots_and_its_health_check_resets_boot_count(images, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_channel_file_panics_in_sensor_and_recovery_reads_pstore(images, tmp_path):
-    report = _run(images["channel-file"], tmp_path, 260)
-    assert problems(report, expect("channel-file")) == [], report.render()
+def test_init_crash_fails_its_own_way_and_ends_in_recovery_which_reads_pstore(images, tmp_path):
+    report = _run(images["init-crash"], tmp_path, 260)
+    assert problems(report, expect("init-crash")) == [], report.render()
     assert report.entries_chosen == ["os", "os", "recovery"]
-    assert report.panics == ["general protection fault in sensor_parse_channel"] * 2
-    assert report.guest_panicked == 2, "pvpanic reported both panics over QMP"
+    assert report.guest_panicked == 2
     assert report.resets >= 2, "the guest rebooted itself after each panic (panic=5)"
-    pstore = report.timeline.of_kind(EntryKind.PSTORE)
-    assert pstore, "the recovery environment printed the pstore records"
-    titles = {e.data.get("crash") for e in pstore}
-    assert "general protection fault in sensor_parse_channel" in titles
+    assert report.timeline.of_kind(EntryKind.PSTORE), "the recovery environment printed the pstore records"
     [overlay] = (tmp_path / "run").glob("*.qcow2")
     with DiskImage(overlay) as disk:
         assert disk.grubenv().boot_count == 2
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["bad-driver", "init-crash", "unknown"])
-def test_crashing_scenarios_fail_their_own_way_and_end_in_recovery(images, tmp_path, name):
-    report = _run(images[name], tmp_path, 260)
-    assert problems(report, expect(name)) == [], report.render()
-    assert report.entries_chosen == ["os", "os", "recovery"]
-    assert report.guest_panicked == 2
-
-
-@pytest.mark.timeout(400)
-def test_boot_hang_is_reset_by_the_watchdog_and_ends_in_recovery(images, tmp_path):
-    report = _run(images["boot-hang"], tmp_path, 360)
-    assert problems(report, expect("boot-hang")) == [], report.render()
-    assert report.watchdog_fires == 2 and report.guest_panicked == 0
-    assert report.entries_chosen == ["os", "os", "recovery"]
 
 
 @pytest.mark.timeout(600)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from recovery_lab.seed import SEED_LABEL, SEED_SIZE_KIB, make_seed_disk
+from recovery_lab.seed import SEED_LABEL, SEED_SIZE_KIB, make_seed_disk, rewrite_seed_disk
 from recovery_lab.tools import run
 
 pytestmark = pytest.mark.skipif(
@@ -53,3 +53,17 @@ def test_seed_disk_refuses_bad_names(tmp_path, name):
 def test_seed_disk_refuses_too_much(tmp_path):
     with pytest.raises(ValueError):
         make_seed_disk(tmp_path / "seed.img", {"big.bin": b"\0" * (SEED_SIZE_KIB * 1024)})
+
+
+def test_a_seed_disk_is_rewritten_in_place_keeping_the_other_files(tmp_path):
+    """The power-loss fault moves the agent's hold between boots while QEMU holds the file open."""
+    out = make_seed_disk(
+        tmp_path / "seed.img", {"agent.json": b'{"lab_hold_at": "journal"}', "device.key": b"k"}
+    )
+    inode = out.stat().st_ino
+    rewrite_seed_disk(out, {"agent.json": b'{"lab_hold_at": "moved"}'})
+    assert out.stat().st_ino == inode and out.stat().st_size == SEED_SIZE_KIB * 1024
+    for name, data in (("agent.json", b'{"lab_hold_at": "moved"}'), ("device.key", b"k")):
+        copy = tmp_path / f"out-{name}"
+        run(["mcopy", "-n", "-i", out, f"::{name}", copy], env=ENV)
+        assert copy.read_bytes() == data

@@ -125,7 +125,7 @@ def test_command_line_has_the_chosen_flags(tmp_path: Path) -> None:
     assert "socket,id=qmp,fd=7" in joined and "-mon chardev=qmp,mode=control" in joined
     assert "-action reboot=reset,shutdown=poweroff,panic=none,watchdog=reset" in joined
     assert "-device pvpanic" in joined and "-device i6300esb" in joined
-    assert "guestfwd=tcp:10.0.2.100:8080-tcp:127.0.0.1:8080" in joined and "restrict=on" in joined
+    assert "guestfwd=tcp:10.0.2.100:8080-cmd:" in joined and "restrict=on" in joined
     assert "-no-reboot" not in cmd and "-no-shutdown" not in cmd
 
 

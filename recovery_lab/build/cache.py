@@ -5,7 +5,9 @@ A stage (``Cache.stage("kernel", inputs, build)``) writes its output into a dire
 beside the output. Inputs are package versions, the sha256 of the recipe files a stage reads,
 the scenario file, and the source of the stage's own ``build`` function, so editing a stage
 rebuilds it. Same inputs: the stage prints ``cached`` and the directory is reused. A stage is
-built in ``<dir>.tmp`` and renamed when complete, so a failed build leaves no entry.
+built in ``<dir>.tmp`` and renamed when complete, so a failed build leaves no entry; it is
+checked and built holding ``<dir>.lock`` (:func:`~recovery_lab.locks.build_lock`), so two
+builds of the same stage at once take turns and the second reuses the first's output.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from recovery_agent.digest import sha256_bytes, sha256_file
 
 from ..checkout import REPO
 from ..errors import LabError
+from ..locks import build_lock
 from ..tools import ToolError
 
 Log = Callable[[str], None]
@@ -74,22 +77,23 @@ class Cache:
         key = cache_key(inputs)
         out = self.root / f"{name}-{key[:16]}"
         what = f"[{name}{' ' + label if label else ''}]"
-        if (out / "inputs.json").exists():
-            self.log(f"{what} cached ({out.name})")
+        with build_lock(self.root / f"{name}-{key[:16]}.lock", self.log):
+            if (out / "inputs.json").exists():
+                self.log(f"{what} cached ({out.name})")
+                return out
+            tmp = self.root / f"{name}-{key[:16]}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            started = time.monotonic()
+            self.log(f"{what} building ...")
+            try:
+                build(tmp)
+            except (ToolError, OSError, ValueError) as exc:
+                raise BuildError(f"stage {name}: {exc}") from exc
+            (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+            self.log(f"{what} built in {time.monotonic() - started:.1f}s ({out.name})")
             return out
-        tmp = self.root / f"{name}-{key[:16]}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        started = time.monotonic()
-        self.log(f"{what} building ...")
-        try:
-            build(tmp)
-        except (ToolError, OSError, ValueError) as exc:
-            raise BuildError(f"stage {name}: {exc}") from exc
-        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        self.log(f"{what} built in {time.monotonic() - started:.1f}s ({out.name})")
-        return out

@@ -18,6 +18,7 @@ from recovery_agent.digest import sha256_file
 
 from .. import disk
 from ..checkout import IMAGES
+from ..locks import build_lock
 from ..pyruntime import build_python_runtime
 from ..scenario import Scenario, all_scenarios, find_scenario, load_scenario
 from ..tools import package_version, require
@@ -121,7 +122,8 @@ def build_images(
     kernel = resolve_kernel()
     kernel_dir = stage_kernel(cache, kernel)
     sensor_dir = stage_sensor(cache, kernel_dir, kernel)
-    runtime = build_python_runtime(cache.root, progress=log)
+    with build_lock(cache.root / "pyruntime.lock", log):  # it builds in place, like a stage
+        runtime = build_python_runtime(cache.root, progress=log)
     initramfs_os = stage_initramfs(cache, kernel_dir, kernel, "os")
     initramfs_recovery = stage_initramfs(cache, kernel_dir, kernel, "recovery", runtime)
     recovery_dir = stage_recovery(cache, kernel_dir, kernel, initramfs_recovery)

@@ -21,11 +21,17 @@ Device choices (QEMU 7.2, measured):
   is an option, never the default.
 - The network, when there is one, is user mode with ``restrict=on`` and one ``guestfwd``: the
   guest's 10.0.2.100:PORT reaches 127.0.0.1:PORT on the host and nothing else. Its netdev id
-  is :data:`NETDEV` (what ``QemuVM.set_link`` unplugs).
+  is :data:`NETDEV` (what ``QemuVM.set_link`` unplugs). The forward is ``-cmd:``, not
+  ``-tcp:``: libslirp starts :mod:`~recovery_lab.qemu.forwarder` for every connection the
+  guest opens, and it opens its own connection to the host port (:func:`forward_command`).
+  A ``-tcp:`` forward is one connection made when QEMU starts and never made again: after a
+  server restart or a connection the server closed the guest could not reach the host again.
 """
 
 from __future__ import annotations
 
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +43,8 @@ MIN_MEMORY_MB = 256
 NETDEV = "n0"
 # The boot disk's overlay in the run directory.
 DISK_OVERLAY = "disk.qcow2"
+# What libslirp runs for each guest connection to the forwarded address.
+FORWARDER = Path(__file__).with_name("forwarder.py")
 
 
 class MachineConfigError(QemuError):
@@ -75,7 +83,7 @@ class MachineConfig:
     pvpanic: bool = True
     watchdog: bool = True
     # guestfwd: the guest's forward_guest_ip:PORT reaches 127.0.0.1:PORT on the host, nothing
-    # else. The host side must already listen, or QEMU refuses to start.
+    # else; one host connection per guest connection (forward_command).
     forward_port: int | None = None
     forward_guest_ip: str = "10.0.2.100"
     extra_args: list[str] = field(default_factory=list)
@@ -139,6 +147,15 @@ def prepare_disks(cfg: MachineConfig, run_dir: Path) -> RunDisks:
     return RunDisks(disk, drives)
 
 
+def forward_command(port: int, host: str = "127.0.0.1") -> str:
+    """The ``guestfwd=...-cmd:`` command that joins one guest connection to ``host:port``:
+    this Python, isolated and without site packages (it starts in tens of milliseconds),
+    running :mod:`~recovery_lab.qemu.forwarder`. libslirp splits it like a shell would (no
+    shell runs); QEMU's option parser needs every comma doubled."""
+    command = shlex.join([sys.executable, "-I", "-S", str(FORWARDER), host, str(port)])
+    return command.replace(",", ",,")
+
+
 def machine_args(cfg: MachineConfig, disk_path: Path | None, drive_paths: list[Path]) -> list[str]:
     """The part of QEMU's command line that makes the machine: accelerator, memory, CPUs,
     devices and their ``-action``s, what to boot, the disks, the network (pure: no files are
@@ -173,7 +190,7 @@ def machine_args(cfg: MachineConfig, disk_path: Path | None, drive_paths: list[P
         p = cfg.forward_port
         cmd += [
             "-netdev",
-            f"user,id={NETDEV},restrict=on,guestfwd=tcp:{cfg.forward_guest_ip}:{p}-tcp:127.0.0.1:{p}",
+            f"user,id={NETDEV},restrict=on,guestfwd=tcp:{cfg.forward_guest_ip}:{p}-cmd:{forward_command(p)}",
             "-device",
             f"virtio-net-pci,netdev={NETDEV}",
         ]

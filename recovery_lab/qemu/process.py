@@ -68,9 +68,8 @@ class QemuMissing(QemuError):
 
 class QemuFailedToStart(QemuError):
     """Raised by :meth:`QemuVM.start` when QEMU exits or does not answer QMP before the guest
-    runs (a bad option, a missing file, a port nobody listens on for ``guestfwd``), or when
-    the disk overlay cannot be made. Carries the command line and the tail of QEMU's standard
-    error, which says what was wrong."""
+    runs (a bad option, a missing file), or when the disk overlay cannot be made. Carries the
+    command line and the tail of QEMU's standard error, which says what was wrong."""
 
     def __init__(self, message: str, cmdline: Sequence[str], stderr_tail: str) -> None:
         self.cmdline = list(cmdline)
