@@ -25,6 +25,7 @@ from recovery_agent.layout import CHANNEL_DIR, DRIVER_STORE
 from recovery_agent.protocol.envelope import MAX_ENVELOPE_BYTES
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import (
+    SIZE_MAX,
     BootState,
     CrashKind,
     CrashSignature,
@@ -235,7 +236,7 @@ paths = st.text(alphabet="abcXYZ-_.", min_size=1, max_size=250).filter(lambda p:
 records = st.builds(
     FileRecord,
     path=st.lists(paths, min_size=1, max_size=4).map("/".join),
-    size=st.integers(0, 2**63 - 1),
+    size=st.integers(0, SIZE_MAX),
     mtime=st.floats(-1e12, 1e12),
     sha256=st.just("b" * 64),
     version=st.none() | st.text(max_size=64),
