@@ -30,9 +30,9 @@ never leaves a machine looping with nobody told.
 Back in the OS, once its health check passed, ``report_health`` resets the counters, reports
 the good boot naming the directive, confirms it and archives the crash records (``state``).
 
-The loop is one module on purpose (a little over 500 lines): its steps are read top to bottom
-in the order a recovery runs them, each step's own work is in the modules named above, and
-what is left here is only their order, their outcomes and the exit codes init relies on.
+The loop is one module on purpose: its steps are read top to bottom in the order a recovery
+runs them, each step's own work is in the modules named above (the count in ``counting``), and
+what is left here is their order, their outcomes and the exit codes init relies on.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
-from . import __version__, holds, inventory, state
-from .bootenv import BOOT_COUNT, BOOT_LIMIT, RECOVERY_ATTEMPTS, BootEnv, BootEnvError
+from . import __version__, counting, holds, inventory, state
+from .bootenv import BOOT_COUNT, RECOVERY_ATTEMPTS, BootEnv
 from .clock import Clock, SystemClock
+from .counting import BootCount, boot_history
 from .detect import examine
 from .errors import AgentError, RemediationError
 from .layout import LAST_DIRECTIVE
@@ -58,7 +59,6 @@ from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import EnvelopeError, Verified, open_directive, payload_sha256, seal_bytes
 from .protocol.keys import SigningKey, key_id, public_from_b64
 from .protocol.wire import (
-    COUNTER_MAX,
     EXCERPT_MAX,
     ActionResult,
     BootRecord,
@@ -77,16 +77,6 @@ from .report import Findings, fit_signature, seal_within, wire_text
 from .settings import AgentSettings
 
 log = logging.getLogger("recovery_agent")
-
-# What the boots GRUB counted ended in, by the kind of crash found (the rest crashed).
-_BOOT_OUTCOME: dict[CrashKind, Literal["crashed", "hung", "healthy", "unknown"]] = {
-    CrashKind.HANG: "hung",
-    CrashKind.UNKNOWN: "unknown",
-    CrashKind.NONE: "unknown",
-    CrashKind.AGENT_ERROR: "unknown",
-}
-# Boot records kept in a report: the last boots; a boot_count of millions is one number.
-HISTORY_LIMIT = 16
 
 
 class Outcome(enum.IntEnum):
@@ -114,30 +104,6 @@ _OUTCOME_MEANINGS = {
     Outcome.NEEDS_MANUAL: "out of attempts, or grubenv cannot keep the count: stay here, a person must look",
     Outcome.REMEDIATION_FAILED: "a fix arrived but could not be applied (nothing changed): reboot",
 }
-
-
-@dataclass(frozen=True)
-class BootCount:
-    """What the count step found in grubenv, and whether it could keep this visit's count."""
-
-    boot_count: int
-    attempts: int  # recovery_attempts, this visit included
-    # recovery_attempts was saved: else the agent cannot bound its visits and this one is the
-    # last (attempts is then max_recovery_attempts).
-    kept: bool = True
-    notes: list[str] = field(default_factory=list)
-
-
-def boot_history(boot_count: int, crash: CrashSignature) -> tuple[list[BootRecord], list[str]]:
-    """Records of the last ``HISTORY_LIMIT`` boots GRUB counted, and a note if there were more."""
-    outcome = _BOOT_OUTCOME.get(crash.kind, "crashed")
-    boots = max(boot_count, 1)
-    first = max(0, boots - HISTORY_LIMIT)
-    history = [BootRecord(index=i, outcome=outcome, detail=crash.title[:512]) for i in range(first, boots)]
-    notes = (
-        [f"boot history: {boot_count} failed boots counted, the last {HISTORY_LIMIT} listed"] if first else []
-    )
-    return history, notes
 
 
 def agent_error_signature(exc: BaseException) -> CrashSignature:
@@ -295,51 +261,16 @@ class RecoveryAgent:
         return Outcome.NO_REMEDIATION
 
     def read_boot_count(self, *, count_visit: bool) -> BootCount:
-        """The count step: grubenv's ``boot_count`` and, with ``count_visit``, this visit
-        added to ``recovery_attempts`` and saved. A damaged block of the right size is replaced
-        by a fresh one (``_rewrite_damaged_grubenv``). Never raises: a grubenv that cannot be
-        read or written makes this visit the last, and says why."""
+        """The count step (``counting.count_visit``): grubenv's ``boot_count`` and, with
+        ``count_visit``, this visit added to ``recovery_attempts``. Never raises."""
         s = self.s
-        last = s.max_recovery_attempts
-        notes: list[str] = []
-        try:
-            try:
-                env = BootEnv.read(s.grubenv)
-            except BootEnvError as damaged:
-                if not count_visit:
-                    raise
-                env = self._rewrite_damaged_grubenv(damaged)
-                notes.append(f"grubenv was damaged ({damaged}): a fresh block was written in its place")
-        except (BootEnvError, OSError) as exc:
-            return BootCount(
-                boot_count=s.boot_limit,
-                attempts=last,
-                kept=False,
-                notes=[
-                    f"grubenv cannot be read ({exc}): boot_count taken as {s.boot_limit} (GRUB "
-                    f"starts recovery when it cannot keep its count); this recovery attempt is the "
-                    f"last: without a fix the machine waits for a person"
-                ],
-            )
-        notes += [
-            f"grubenv {name} is over {COUNTER_MAX}: read as {COUNTER_MAX}"
-            for name in (BOOT_COUNT, RECOVERY_ATTEMPTS)
-            if env.clamped(name)
-        ]
-        if not count_visit:
-            return BootCount(env.boot_count, env.recovery_attempts, notes=notes)
-        attempts = min(env.recovery_attempts + 1, COUNTER_MAX)
-        env.set(RECOVERY_ATTEMPTS, attempts)
-        try:
-            env.write(s.grubenv)
-        except (BootEnvError, OSError) as exc:
-            notes.append(
-                f"recovery_attempts could not be saved in grubenv ({exc}): the agent cannot count "
-                f"its visits, so this recovery attempt is the last: without a fix the machine waits "
-                f"for a person"
-            )
-            return BootCount(env.boot_count, max(attempts, last), kept=False, notes=notes)
-        return BootCount(env.boot_count, attempts, notes=notes)
+        return counting.count_visit(
+            s.grubenv,
+            boot_limit=s.boot_limit,
+            max_attempts=s.max_recovery_attempts,
+            count=count_visit,
+            say=lambda text: self.timeline.add("detect", text),
+        )
 
     def collect(self, count: BootCount, *, notes: list[str] | None = None) -> Findings:
         """The detect and collect steps: what the diagnostics will say. Every cut and every
@@ -587,26 +518,8 @@ class RecoveryAgent:
 
     # ------------------------------------------------------------------ state
 
-    def _rewrite_damaged_grubenv(self, exc: BootEnvError) -> BootEnv:
-        """A fresh block in place of a damaged one. GRUB cannot read it either, so it could not
-        count this boot and chose recovery, and would choose it for ever: the count could never
-        be reset (docs/boot-counting.md). GRUB counted nothing, so the fresh block says no
-        failed boots; the crash records still tell what happened. A block that cannot be
-        rewritten (the wrong size, an I/O error) raises."""
-        env = BootEnv.new({BOOT_COUNT: 0, BOOT_LIMIT: self.s.boot_limit})
-        env.write(self.s.grubenv)  # in place; a block of the wrong size is refused here too
-        self.timeline.add("detect", f"{exc}: wrote a fresh block in its place ({dict(env)})")
-        return env
-
     def _reset_boot_count(self) -> bool:
-        """Set grubenv's ``boot_count`` to 0, so the next boot tries the OS; False (and said)
-        if grubenv cannot be read or written."""
-        try:
-            BootEnv.read(self.s.grubenv).reset_boot_count(self.s.grubenv)
-        except (BootEnvError, OSError) as exc:
-            self.timeline.add("done", f"could not reset boot_count: {exc}")
-            return False
-        return True
+        return counting.reset_boot_count(self.s.grubenv, lambda text: self.timeline.add("done", text))
 
 
 async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict[str, Any]:
