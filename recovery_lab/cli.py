@@ -232,7 +232,8 @@ def _add_run_parser(sub: _SubParsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     # The loop runs a recovery server in this process: its stack is imported only for `run`.
-    from .loop import RunOptions, render, run
+    from .loop import RunOptions, run
+    from .runreport import render
 
     opts = RunOptions(
         scenario=args.scenario,

@@ -15,8 +15,8 @@ import pytest
 from recovery_agent import detect as detect_module
 from recovery_agent import inventory
 from recovery_agent.agent import Outcome, RecoveryAgent
-from recovery_agent.counting import HISTORY_LIMIT
 from recovery_agent.bootenv import BootEnv
+from recovery_agent.counting import HISTORY_LIMIT
 from recovery_agent.detect import (
     BOOT_LOG_LIMIT,
     LINE_LIMIT,
