@@ -165,7 +165,10 @@ def test_serve_under_a_256_file_limit_survives_300_idle_sockets(tmp_path):
             str(port_file),
             "--quiet",
             "--header-timeout",
-            "2",
+            # Far longer than the clients take to get in: past the backlog the kernel lets them
+            # in as their SYNs are retried (1 s, then 3 s, 7 s...), and a connection closed for
+            # its head would free a slot for one of them before the cap is reached.
+            "20",
         ],
         stdout=subprocess.DEVNULL,
         stderr=log,
