@@ -14,6 +14,12 @@ esac
 copy_exec "/usr/bin/${QMR_PYTHON}" /usr/bin
 ln -sf "${QMR_PYTHON}" "${DESTDIR}/usr/bin/python3"
 
+# Extension modules first, each with the libraries it links (copy_exec skips the libraries
+# of a file that is already in the initramfs, so the trees are copied after).
+for so in "/usr/lib/${QMR_PYTHON}/lib-dynload/"*.so $(find "${QMR_VENV}" -name '*.so'); do
+	copy_exec "$so"
+done
+
 # The standard library, less what is never imported in the recovery environment.
 mkdir -p "${DESTDIR}/usr/lib/${QMR_PYTHON}"
 (cd "/usr/lib/${QMR_PYTHON}" && tar -cf - \
@@ -22,17 +28,10 @@ mkdir -p "${DESTDIR}/usr/lib/${QMR_PYTHON}"
 	--exclude=./unittest --exclude=./sqlite3 --exclude=./dbm --exclude=./curses \
 	--exclude=./xmlrpc --exclude='./config-*' --exclude=./site-packages \
 	--exclude=./dist-packages .) | (cd "${DESTDIR}/usr/lib/${QMR_PYTHON}" && tar -xf -)
-# Extension modules: each with the libraries it links.
-for so in "/usr/lib/${QMR_PYTHON}/lib-dynload/"*.so; do
-	copy_exec "$so"
-done
 
 # The agent's virtual environment and launcher.
 mkdir -p "${DESTDIR}${QMR_VENV}"
 (cd "${QMR_VENV}" && tar -cf - .) | (cd "${DESTDIR}${QMR_VENV}" && tar -xf -)
-find "${QMR_VENV}" -name '*.so' | while read -r so; do
-	copy_exec "$so"
-done
 copy_file script "${QMR_LAUNCHER}"
 
 # The settings the agent runs with in the recovery environment, and the machine's disks.
