@@ -486,3 +486,41 @@ def test_the_install_package_needs_only_the_standard_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _unit_directives(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, eq, value = line.partition("=")
+        if eq and not line.startswith("#"):
+            out.setdefault(key.strip(), []).extend(value.split())
+    return out
+
+
+def test_the_units_around_boot_complete_make_no_ordering_cycle_with_the_targets_that_want_them() -> None:
+    """systemd orders a target after every unit it wants (unless the unit has
+    DefaultDependencies=no); a unit that runs after multi-user.target and is wanted by it is a
+    cycle, and systemd drops the unit (on Debian 12 the mark-good and report units never ran)."""
+    from recovery_agent.install import systemd
+
+    after: dict[str, set[str]] = {}
+    for name, (text, _) in systemd.UNITS.items():
+        d = _unit_directives(text)
+        after.setdefault(name, set()).update(d.get("After", []))
+        for link, _to in systemd.enable_links(name):
+            target = Path(link).parent.name.rsplit(".", 1)[0]  # multi-user.target(.wants)
+            if d.get("DefaultDependencies") != ["no"]:
+                after.setdefault(target, set()).add(name)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in after.get(start, set()):
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    cycles = [unit for unit in after if reaches(unit, unit, set())]
+    assert cycles == []
+    # and the order the verdict needs: checks, then the mark, then the report
+    assert "boot-complete.target" in after[systemd.UNIT_MARK_GOOD]
+    assert systemd.UNIT_MARK_GOOD in after[systemd.UNIT_HEALTH_REPORT]
+    assert "multi-user.target" in after[systemd.UNIT_HEALTH_CHECK]

@@ -20,6 +20,11 @@ greenboot (Fedora IoT's health checks) works the same way. The install adds thre
    settings): ``recovery-agent health`` tells the recovery server the boot was good, which is
    how the server learns that a fix worked.
 
+All three have ``DefaultDependencies=no`` (with the shutdown ordering added back): a target
+orders itself after every unit it wants unless that unit says so, and ``multi-user.target``
+after a unit that runs after ``multi-user.target`` is an ordering cycle, which systemd breaks by
+dropping the unit (measured on Debian 12: the mark and the report never ran).
+
 Their output goes to the journal and the console (the lab reads the console markers
 ``QMR-HEALTHY``, ``QMR-UNHEALTHY``, ``QMR-HEALTH-REPORTED``).
 """
@@ -35,7 +40,10 @@ HEALTH_CHECK = f"""\
 [Unit]
 Description=Quick Machine Recovery: boot health checks (required.d, wanted.d)
 Documentation=https://systemd.io/AUTOMATIC_BOOT_ASSESSMENT/
-After=multi-user.target
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=shutdown.target
+After=basic.target multi-user.target
 Before=boot-complete.target
 # A failed required check: reboot without marking the boot good, so GRUB counts it.
 FailureAction=reboot
@@ -58,8 +66,11 @@ MARK_GOOD = f"""\
 [Unit]
 Description=Quick Machine Recovery: the boot is good, reset GRUB's boot count
 Documentation=https://systemd.io/AUTOMATIC_BOOT_ASSESSMENT/
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=shutdown.target
 Requires=boot-complete.target
-After=boot-complete.target
+After=basic.target boot-complete.target
 
 [Service]
 Type=oneshot
@@ -77,7 +88,10 @@ HEALTH_REPORT = f"""\
 [Unit]
 Description=Quick Machine Recovery: report the good boot to the recovery server
 Requires={UNIT_MARK_GOOD}
-After={UNIT_MARK_GOOD} network-online.target
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=shutdown.target
+After=basic.target {UNIT_MARK_GOOD} network-online.target
 Wants=network-online.target
 ConditionPathExists=/{SETTINGS}
 
