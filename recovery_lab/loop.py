@@ -46,7 +46,8 @@ from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
 from .boot import BootReport, follow_boot
-from .build import build_image
+from .build import BuildError, build_image
+from .build.debian import DebianImage
 from .faults import FAULTS, TAMPER_DIRECTIVE, DirectiveTamperer, expectation_problems
 from .inspect import OS, DiskImage
 from .qemu import Drive, MachineConfig
@@ -57,6 +58,12 @@ from .timeline import EntryKind
 # images/recovery/init): the OS root and the ESP's grubenv.
 GUEST_OS_ROOT = "/mnt/os"
 GUEST_GRUBENV = "/mnt/esp/grub/grubenv"
+# The Debian base (recovery_lab.build.debian): the port its settings name, its memory, where
+# its grubenv is (partition 1 is /boot, ext4), and the console line that ends a run there.
+DEBIAN_GUEST_PORT = 8080
+DEBIAN_MEMORY_MB = 1024
+DEBIAN_GRUBENV = (1, "grub/grubenv")
+DEBIAN_STOP = r"QMR-HEALTH-REPORT(ED|-FAILED)"
 # The lab's own entry in a run's event list when the tampering proxy altered a directive.
 TAMPERED_EVENT = "lab.directive_tampered"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
@@ -84,6 +91,9 @@ class RunOptions:
     max_recovery_attempts: int = 3
     # A fault to inject (recovery_lab.faults.FAULTS), or None for a plain recovery.
     fault: str | None = None
+    # The machine: "lab" (the busybox OS) or "debian" (stock Debian 12 with QMR installed by
+    # recovery-agent install: recovery_lab.build.debian, which bakes its QMR timing in).
+    base: str = "lab"
     log: Callable[[str], None] = print
 
 
@@ -159,10 +169,10 @@ class _Lab:
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    async def start(self) -> None:
+    async def start(self, server_key: SigningKey | None = None) -> None:
         data = self.work / "server"
         data.mkdir(parents=True, exist_ok=True)
-        self.key = SigningKey.generate()
+        self.key = server_key or SigningKey.generate()
         self.key.save(data / "server.key")
         self.service = RecoveryService(store=Store(data / "recovery.db"), server_key=self.key)
         admin_token = self.service.create_user(console("setup"), "admin", "admin").token
@@ -196,8 +206,9 @@ class _Lab:
         await self.runner.cleanup()
         self.service.store.close()
 
-    async def enroll(self, device_id: str) -> SigningKey:
-        key = SigningKey.generate()
+    async def enroll(self, device_id: str, key: SigningKey | None = None) -> SigningKey:
+        """Enroll ``key`` (a new one if None) as ``device_id``, as the device would while healthy."""
+        key = key or SigningKey.generate()
         msg = Enrollment(
             device_id=device_id,
             public_key=public_b64(key.public),
@@ -259,6 +270,26 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
         await asyncio.sleep(0.2)
 
 
+def _debian_image(opts: RunOptions) -> DebianImage:
+    """The scenario's image on the Debian base; its QMR timing was baked in by the installer,
+    so a run cannot ask for other timing."""
+    from .build.debian import LAB_TIMING, build_debian_image
+
+    asked = {
+        "seconds_per_minute": opts.seconds_per_minute,
+        "retry_interval_min": opts.retry_interval_min,
+        "time_to_reboot_min": opts.time_to_reboot_min,
+        "max_recovery_attempts": opts.max_recovery_attempts,
+    }
+    differ = {k: v for k, v in asked.items() if LAB_TIMING[k] != v}
+    if differ:
+        raise BuildError(
+            f"the Debian base's QMR timing is set at install ({LAB_TIMING}); a run cannot change "
+            f"{', '.join(differ)}: leave them at their defaults"
+        )
+    return build_debian_image(opts.scenario, log=opts.log)
+
+
 def _short(detail: str) -> str:
     return detail if len(detail) < 140 else detail[:137] + "..."
 
@@ -267,14 +298,16 @@ async def run_async(opts: RunOptions) -> RunReport:
     say = opts.log
     if opts.fault is not None and opts.fault not in FAULTS:
         raise ValueError(f"unknown fault {opts.fault!r}: use one of {', '.join(FAULTS)}")
-    artifact = build_image(opts.scenario, log=say)
+    # (the Debian build may boot a provisioning VM with its own event loop: off this one)
+    debian = await asyncio.to_thread(_debian_image, opts) if opts.base == "debian" else None
+    image = debian.image if debian else build_image(opts.scenario, log=say).image
     work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{opts.scenario}-"))
     work.mkdir(parents=True, exist_ok=True)
     lab = _Lab(work, opts)
-    await lab.start()
-    device_id = f"lab-{opts.scenario}"[:64]
+    await lab.start(SigningKey.load(debian.server_key) if debian else None)
+    device_id = debian.device_id if debian else f"lab-{opts.scenario}"[:64]
     try:
-        key = await lab.enroll(device_id)
+        key = await lab.enroll(device_id, SigningKey.load(debian.device_key) if debian else None)
         say(
             f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
             f"device {device_id} enrolled"
@@ -299,14 +332,23 @@ async def run_async(opts: RunOptions) -> RunReport:
             work / "seed.img", {"agent.json": json.dumps(settings, indent=1).encode(), "device.key": key_pem}
         )
         config = MachineConfig(
-            disk=artifact.image,
+            disk=image,
             accel=opts.accel,
             forward_port=lab.guest_port,
             extra_drives=[Drive(seed, "raw", "virtio", readonly=True)],
         )
+        if debian:
+            # The image carries its own settings and key (the installer's); no seed disk.
+            config = MachineConfig(
+                disk=image,
+                accel=opts.accel,
+                forward_port=lab.guest_port,
+                forward_guest_port=DEBIAN_GUEST_PORT,
+                memory_mb=DEBIAN_MEMORY_MB,
+            )
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch(lab, opts, done))
-        say(f"[lab +{lab.now():6.1f}s] booting {artifact.image.name} under {opts.accel}")
+        say(f"[lab +{lab.now():6.1f}s] booting {image.name} ({opts.base} base) under {opts.accel}")
         vm_started = lab.now()
 
         def progress(_: float, line: str) -> None:
@@ -322,6 +364,8 @@ async def run_async(opts: RunOptions) -> RunReport:
                 run_dir=work / "vm",
                 name=opts.scenario,
                 on_line=progress,
+                # A Debian machine stays up after its good boot: stop once it was reported.
+                stop_on=DEBIAN_STOP if debian else None,
             )
         finally:
             done.set()
@@ -388,7 +432,7 @@ def _judge(
     disk: dict[str, Any] = {}
     overlays = list((work / "vm").glob("*.qcow2"))
     if overlays:
-        with DiskImage(overlays[0]) as d:
+        with DiskImage(overlays[0], grubenv_at=DEBIAN_GRUBENV if opts.base == "debian" else None) as d:
             env = d.grubenv()
             disk["grubenv"] = dict(env)
             disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNEL_DIR))
