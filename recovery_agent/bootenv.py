@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AgentError
-from .protocol.wire import COUNTER_MAX
+from .protocol.limits import COUNTER_MAX
 
 ENVBLK_SIZE = 1024
 ENVBLK_SIGNATURE = b"# GRUB Environment Block\n"

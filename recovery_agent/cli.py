@@ -9,6 +9,8 @@ undo DIRECTIVE_ID                 put back what a directive changed
 quarantine list                   the files remediations took off this machine, directive by directive
 quarantine purge DIRECTIVE_ID     delete a directive's quarantine once a healthy boot confirmed it
                                   (--force: without that confirmation)
+install, uninstall, recovery-env, health-check, mark-good
+                                  set a Debian machine up (recovery_agent.install)
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from . import __version__, state
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
 from .bootenv import BootEnvError
 from .errors import AgentError
+from .install.cli import REFUSALS as INSTALL_REFUSALS
+from .install.cli import add_commands as add_install_commands
 from .journal import JournalError
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import seal_bytes
@@ -61,6 +65,7 @@ _REFUSALS = (
     JournalError,
     state.NotConfirmed,
     ServerRefused,
+    *INSTALL_REFUSALS,
 )
 
 
@@ -239,6 +244,7 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="purge even though no healthy boot confirmed the directive"
     )
     qp.set_defaults(fn=cmd_quarantine_purge)
+    add_install_commands(sub)
     return p
 
 

@@ -10,7 +10,9 @@ traceback). The errors themselves live with the concept they belong to:
 - ``RemediationError`` (here, because the OS root walk, the journal and the remediation all
   raise it) and its kinds: ``osroot.PathRejected``, ``osroot.MissingFile``,
   ``journal.JournalError``, ``actions.HashMismatch``, ``state.NotConfirmed``;
-- ``cli.UsageError``: a command's arguments are not valid.
+- ``cli.UsageError``: a command's arguments are not valid;
+- ``install.InstallError`` (``InstallRefused`` before anything changed) and
+  ``install.manifest.ManifestError``: installing on or uninstalling from a machine.
 
 The protocol package keeps its own root, ``protocol.errors.ProtocolError`` (key files,
 envelopes, the server's answers): it is imported by the server too and imports nothing here.

@@ -25,6 +25,9 @@ from .dirdemo import DemoError, run_demo
 from .errors import LabError
 from .faults import DEFAULT_POWER_LOSS_AT, FAULTS
 
+# The machines a scenario can be built on (recovery_lab.build, recovery_lab.build.debian).
+BASES = ("lab", "debian")
+
 EXIT_CODES = """\
 exit codes:
   0  done: the images are built; the boot ended with the guest powering off (or at --stop-on);
@@ -108,11 +111,28 @@ def _add_build_parser(sub: _SubParsers) -> None:
     b.add_argument(
         "--cache", type=Path, help="cache directory (default: $QMR_CACHE, else .cache/qmr in the checkout)"
     )
+    b.add_argument(
+        "--base",
+        default="lab",
+        choices=BASES,
+        help="lab: the lab's busybox OS (fast); debian: stock Debian 12 with QMR installed by "
+        "recovery-agent install (needs root, mmdebstrap; the first build takes many minutes)",
+    )
     b.set_defaults(func=_build)
 
 
 def _build(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if args.base == "debian":
+        from .build.debian import build_debian_image
+
+        for name in args.scenarios or ["channel-file"]:
+            image = build_debian_image(name, args.cache, log=_say)
+            print(
+                f"{image.scenario}: {image.image} (Debian, kernel {image.kernel_release}, {image.firmware})"
+            )
+        print(f"done in {time.monotonic() - started:.1f}s")
+        return 0
     artifacts = build_images(args.scenarios or None, args.cache, log=_say)
     for a in artifacts:
         print(f"{a.scenario}: {a.image} ({a.size // (1024 * 1024)} MiB, sha256 {a.sha256})")
@@ -190,6 +210,12 @@ def _add_run_parser(sub: _SubParsers) -> None:
     r.add_argument("--keep", action="store_true", help="keep the VM's disk overlay too")
     r.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
     r.add_argument(
+        "--base",
+        default="lab",
+        choices=BASES,
+        help="the machine: lab (busybox OS) or debian (stock Debian 12, QMR installed by its installer)",
+    )
+    r.add_argument(
         "--retry-interval",
         type=int,
         default=5,
@@ -247,6 +273,7 @@ def _run(args: argparse.Namespace) -> int:
         max_recovery_attempts=args.max_attempts,
         faults=args.faults,
         power_loss_at=tuple(step for step in args.power_loss_at.split(",") if step),
+        base=args.base,
         log=_say,
     )
     try:

@@ -152,15 +152,20 @@ def _copy_sparse(src: Path, dst_fd: int, offset: int, limit: int) -> None:
 
 
 def assemble(
-    out: Path, parts: Sequence[Partition], images: dict[int, Path], boot_img: Path, core_img: Path
+    out: Path,
+    parts: Sequence[Partition],
+    images: dict[int, Path],
+    boot_img: Path | None,
+    core_img: Path | None,
 ) -> None:
     """Write a raw disk image: MBR (boot.img code + table), core.img at sector 1, and each
-    partition image at its offset."""
-    boot = boot_img.read_bytes()
+    partition image at its offset. Without ``boot_img`` and ``core_img`` the boot code is
+    left empty (for a bootloader installed later from inside the machine, by grub-install)."""
+    boot = boot_img.read_bytes() if boot_img is not None else bytes(SECTOR)
     if len(boot) != SECTOR:
         raise DiskError(f"{boot_img} is {len(boot)} bytes, expected {SECTOR}: reinstall grub-pc-bin")
     core_limit = (min(p.start for p in parts) - 1) * SECTOR
-    if core_img.stat().st_size > core_limit:
+    if core_img is not None and core_img.stat().st_size > core_limit:
         raise DiskError(
             f"core.img is {core_img.stat().st_size} bytes and does not fit in the "
             f"{core_limit} bytes before the first partition: embed fewer modules"
@@ -170,7 +175,8 @@ def assemble(
     try:
         os.ftruncate(fd, disk_size(parts))
         os.pwrite(fd, boot[:MBR_BOOT_CODE] + mbr_table(parts), 0)
-        _copy_sparse(core_img, fd, SECTOR, core_limit)
+        if core_img is not None:
+            _copy_sparse(core_img, fd, SECTOR, core_limit)
         for p in parts:
             _copy_sparse(images[p.number], fd, p.offset, p.size)
         os.fsync(fd)

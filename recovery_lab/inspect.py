@@ -29,8 +29,11 @@ class DiskImage:
     Raises :class:`~recovery_lab.disk.DiskError` for a disk without the lab's partitions and
     :class:`~recovery_lab.tools.ToolError` when a tool is missing or fails."""
 
-    def __init__(self, image: Path) -> None:
+    def __init__(self, image: Path, grubenv_at: tuple[int, str] | None = None) -> None:
+        """``grubenv_at``: (partition, path) of grubenv on an ext4 /boot, for a disk whose
+        grubenv is not on the FAT ESP (the Debian base)."""
         self.source = Path(image)
+        self.grubenv_at = grubenv_at
         self._tmp = Path(tempfile.mkdtemp(prefix="qmr-inspect-"))
         if self.source.suffix == ".qcow2":
             tools.require("qemu-img")
@@ -64,6 +67,12 @@ class DiskImage:
         return out.read_bytes()
 
     def grubenv(self) -> BootEnv:
+        if self.grubenv_at is not None:
+            number, path = self.grubenv_at
+            data = self.ext4_file(number, path)
+            if data is None:
+                raise DiskError(f"{self.source} has no {path} on partition {number}")
+            return BootEnv.from_bytes(data, where=f"{self.source} p{number} {path}")
         return BootEnv.from_bytes(self.esp_file("grub/grubenv"), where=f"{self.source} grub/grubenv")
 
     def _ext4(self, number: int) -> str:

@@ -46,7 +46,8 @@ from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
 from .boot import BootReport, follow_boot
-from .build import build_image
+from .build import BuildError, build_image
+from .build.debian import DebianImage
 from .faults import (
     DEFAULT_POWER_LOSS_AT,
     TAMPER_DIRECTIVE,
@@ -69,6 +70,12 @@ GUEST_OS_ROOT = "/mnt/os"
 GUEST_GRUBENV = "/mnt/esp/grub/grubenv"
 # The lab's own entries in a run's event list start with this (lab.directive_tampered, ...).
 LAB_EVENT = "lab."
+# The Debian base (recovery_lab.build.debian): the port its settings name, its memory, where
+# its grubenv is (partition 1 is /boot, ext4), and the console line that ends a run there.
+DEBIAN_GUEST_PORT = 8080
+DEBIAN_MEMORY_MB = 1024
+DEBIAN_GRUBENV = (1, "grub/grubenv")
+DEBIAN_STOP = r"QMR-HEALTH-REPORT(ED|-FAILED)"
 TAMPERED_EVENT = "lab.directive_tampered"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
@@ -97,6 +104,9 @@ class RunOptions:
     faults: list[str] = field(default_factory=list)
     # The apply's steps the power-loss fault cuts the power at, one per recovery visit.
     power_loss_at: tuple[str, ...] = DEFAULT_POWER_LOSS_AT
+    # The machine: "lab" (the busybox OS) or "debian" (stock Debian 12 with QMR installed by
+    # recovery-agent install: recovery_lab.build.debian, which bakes its QMR timing in).
+    base: str = "lab"
     log: Callable[[str], None] = print
 
 
@@ -121,10 +131,10 @@ class _Lab:
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    async def start(self) -> None:
+    async def start(self, server_key: SigningKey | None = None) -> None:
         self.data = self.work / "server"
         self.data.mkdir(parents=True, exist_ok=True)
-        self.key = SigningKey.generate()
+        self.key = server_key or SigningKey.generate()
         self.key.save(self.data / "server.key")
         await self.start_server()
         admin_token = self.service.create_user(console("setup"), "admin", "admin").token
@@ -171,8 +181,9 @@ class _Lab:
             await self.tamperer.stop()
         await self.stop_server()
 
-    async def enroll(self, device_id: str) -> SigningKey:
-        key = SigningKey.generate()
+    async def enroll(self, device_id: str, key: SigningKey | None = None) -> SigningKey:
+        """Enroll ``key`` (a new one if None) as ``device_id``, as the device would while healthy."""
+        key = key or SigningKey.generate()
         msg = Enrollment(
             device_id=device_id,
             public_key=public_b64(key.public),
@@ -295,6 +306,26 @@ async def _approve(lab: _Lab, incident: str, title: str, actions: list[Any]) -> 
     lab.service.approve(User("lab-approver", "approver"), rem.remediation_id)
 
 
+def _debian_image(opts: RunOptions) -> DebianImage:
+    """The scenario's image on the Debian base; its QMR timing was baked in by the installer,
+    so a run cannot ask for other timing."""
+    from .build.debian import LAB_TIMING, build_debian_image
+
+    asked = {
+        "seconds_per_minute": opts.seconds_per_minute,
+        "retry_interval_min": opts.retry_interval_min,
+        "time_to_reboot_min": opts.time_to_reboot_min,
+        "max_recovery_attempts": opts.max_recovery_attempts,
+    }
+    differ = {k: v for k, v in asked.items() if LAB_TIMING[k] != v}
+    if differ:
+        raise BuildError(
+            f"the Debian base's QMR timing is set at install ({LAB_TIMING}); a run cannot change "
+            f"{', '.join(differ)}: leave them at their defaults"
+        )
+    return build_debian_image(opts.scenario, log=opts.log)
+
+
 def _short(detail: str) -> str:
     return detail if len(detail) < 140 else detail[:137] + "..."
 
@@ -302,18 +333,20 @@ def _short(detail: str) -> str:
 async def run_async(opts: RunOptions) -> RunReport:
     say = opts.log
     faults = make_faults(opts.faults, opts.power_loss_at)
-    artifact = build_image(opts.scenario, log=say)
+    # (the Debian build may boot a provisioning VM with its own event loop: off this one)
+    debian = await asyncio.to_thread(_debian_image, opts) if opts.base == "debian" else None
+    base_image = debian.image if debian else build_image(opts.scenario, log=say).image
     work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{opts.scenario}-"))
     work.mkdir(parents=True, exist_ok=True)
-    image = artifact.image
+    image = base_image
     for fault in faults:
         image = fault.prepare_disk(image, work)
     lab = _Lab(work, opts, faults)
-    await lab.start()
-    device_id = f"lab-{opts.scenario}"[:64]
+    await lab.start(SigningKey.load(debian.server_key) if debian else None)
+    device_id = debian.device_id if debian else f"lab-{opts.scenario}"[:64]
     problems: list[str] = []
     try:
-        key = await lab.enroll(device_id)
+        key = await lab.enroll(device_id, SigningKey.load(debian.device_key) if debian else None)
         say(
             f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
             f"device {device_id} enrolled"
@@ -346,9 +379,18 @@ async def run_async(opts: RunOptions) -> RunReport:
             forward_port=lab.guest_port,
             extra_drives=[Drive(seed, "raw", "virtio", readonly=True)],
         )
+        if debian:
+            # The image carries its own settings and key (the installer's); no seed disk.
+            config = MachineConfig(
+                disk=image,
+                accel=opts.accel,
+                forward_port=lab.guest_port,
+                forward_guest_port=DEBIAN_GUEST_PORT,
+                memory_mb=DEBIAN_MEMORY_MB,
+            )
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch(lab, opts, done))
-        say(f"[lab +{lab.now():6.1f}s] booting {image.name} under {opts.accel}")
+        say(f"[lab +{lab.now():6.1f}s] booting {image.name} ({opts.base} base) under {opts.accel}")
         vm_started = lab.now()
         deadline = time.monotonic() + opts.timeout_s
 
@@ -370,6 +412,8 @@ async def run_async(opts: RunOptions) -> RunReport:
                 name=opts.scenario,
                 on_line=progress,
                 drive=drive if faults else None,
+                # A Debian machine stays up after its good boot: stop once it was reported.
+                stop_on=DEBIAN_STOP if debian else None,
             )
         finally:
             done.set()
@@ -382,7 +426,7 @@ async def run_async(opts: RunOptions) -> RunReport:
     if not opts.keep:
         for p in (work / "vm").glob("*.qcow2"):
             p.unlink()
-        if image != artifact.image:
+        if image != base_image:
             image.unlink(missing_ok=True)
     return report
 
@@ -460,7 +504,7 @@ def _judge(
     disk: dict[str, Any] = {}
     overlays = list((work / "vm").glob("*.qcow2"))
     if overlays:
-        with DiskImage(overlays[0]) as d:
+        with DiskImage(overlays[0], grubenv_at=DEBIAN_GRUBENV if opts.base == "debian" else None) as d:
             env = d.grubenv()
             disk["grubenv"] = dict(env)
             disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNEL_DIR))

@@ -40,7 +40,10 @@ SECONDS=0
 .venv/bin/python -c 'from tests.qemu_guest import build_harness_guest; build_harness_guest()'
 workers=${QMR_QEMU_WORKERS:-$(( $(nproc) < 2 ? 1 : 2 ))}
 marks="qemu and not slow"
-[ "$slow" = 1 ] && marks="qemu"
+if [ "$slow" = 1 ]; then
+  marks="qemu"
+  export QMR_SLOW=1  # tests/conftest.py skips slow tests unless asked
+fi
 .venv/bin/python -m pytest -ra -m "$marks" -n "$workers" --dist load --maxschedchunk 1 || status=$?
 echo "QEMU part (image build and $workers worker(s)): ${SECONDS}s"
 exit "$status"

@@ -40,7 +40,11 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """QEMU tests after the others, longest first (a test's timeout bounds how long it takes):
-    two xdist workers fed one test at a time (scripts/test.sh) then finish close together."""
+    two xdist workers fed one test at a time (scripts/test.sh) then finish close together.
+
+    Tests marked ``slow`` (the stock-Debian base: tens of minutes) run only when asked for, by
+    a marker expression that names them (``-m slow``) or ``QMR_SLOW=1`` (scripts/test.sh
+    --slow); CI's default run leaves them out."""
 
     def bound(item: pytest.Item) -> float:
         marker = item.get_closest_marker("timeout")
@@ -51,6 +55,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (qemu, -bound(item) if qemu else 0.0)
 
     items.sort(key=order)  # stable: the other tests keep their order
+    if "slow" in (config.getoption("markexpr") or "") or os.environ.get("QMR_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or QMR_SLOW=1 (docs/testing.md)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 FAST_RETRY = RetryPolicy(attempts=2, max_delay_s=2, backoff_max_s=0.1, backoff_multiplier_s=0.01)

@@ -39,11 +39,11 @@ from pydantic import (
     model_validator,
 )
 
+from .limits import COUNTER_MAX as COUNTER_MAX
+
 _PREFIX = "application/vnd.recovery."
 
-# The largest counter a device may report (boot counts, attempts, indexes): 2**31 - 1, what a
-# 32-bit INTEGER column holds. The agent clamps larger values it reads (a damaged grubenv).
-COUNTER_MAX = 2**31 - 1
+# COUNTER_MAX (limits.py): the largest counter a device may report; re-exported here.
 # A file size: the largest whole number JSON carries exactly (2**53 - 1, 8 PiB), which is also
 # the most the server's strict JSON reader accepts (protocol/envelope.py).
 SIZE_MAX = 2**53 - 1

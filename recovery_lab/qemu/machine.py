@@ -86,6 +86,9 @@ class MachineConfig:
     # else; one host connection per guest connection (forward_command).
     forward_port: int | None = None
     forward_guest_ip: str = "10.0.2.100"
+    # The guest's side of the forward, when it differs from the host's (an image whose
+    # settings name a fixed port, http://10.0.2.100:8080).
+    forward_guest_port: int | None = None
     extra_args: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -188,9 +191,10 @@ def machine_args(cfg: MachineConfig, disk_path: Path | None, drive_paths: list[P
         cmd += ["-drive", spec]
     if cfg.forward_port is not None:
         p = cfg.forward_port
+        g = cfg.forward_guest_port or p
         cmd += [
             "-netdev",
-            f"user,id={NETDEV},restrict=on,guestfwd=tcp:{cfg.forward_guest_ip}:{p}-cmd:{forward_command(p)}",
+            f"user,id={NETDEV},restrict=on,guestfwd=tcp:{cfg.forward_guest_ip}:{g}-cmd:{forward_command(p)}",
             "-device",
             f"virtio-net-pci,netdev={NETDEV}",
         ]

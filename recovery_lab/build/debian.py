@@ -1,0 +1,525 @@
+"""The lab on a stock distribution: Debian 12, with QMR installed by its own installer.
+
+``recovery-lab build --base debian SCENARIO`` makes a disk image in cached stages (each a
+directory of the cache, :mod:`~recovery_lab.build.cache`)::
+
+    debian-tree     mmdebstrap --variant=minbase bookworm with PACKAGES (systemd, udev,
+                    kmod, the kernel, initramfs-tools, grub-pc, python3, busybox, ...), keyed
+                    by the candidate versions of those packages; dpkg -l of the tree recorded
+    sensor-deb      the vendor's package, as a vendor ships a driver: sensor.ko 1.0 built
+                    against the tree's kernel headers in /lib/modules/<release>/extra, loaded
+                    by systemd-modules-load (/etc/modules-load.d/sensor.conf), its channel
+                    files, its previous version in the driver store, its greenboot health
+                    check (images/sensor/debian/)
+    debian-base     the image before QMR: the tree with the image's own settings
+                    (images/debian/: serial console, DHCP, fstab by UUID) and the vendor's
+                    package installed with dpkg; /boot on its own partition (GRUB writes
+                    grubenv there: it cannot inside LUKS); MBR, no boot code yet
+    debian-qmr      a provisioning boot under QEMU (update-grub and grub-install need the
+                    machine's block devices, which a chroot has not): Debian's own
+                    grub-install and update-grub, then `python3 -m recovery_agent.install
+                    install` from a bundle disk (the agent's sources and wheels, the lab's
+                    fleet settings) exactly as an admin runs it; the lab's provisioning unit
+                    removes itself; the disk is kept with the device key the install made
+    debian-disk     per scenario: the scenario's files changed on the root partition with
+                    debugfs (no mount), the fault last, after QMR was installed
+
+The lab's recovery server uses the key made in ``debian-qmr`` (the image's settings pin its
+public half), and enrolls the device key the installer made on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recovery_agent.digest import sha256_file
+from recovery_agent.layout import CHANNEL_DIR, DRIVER_STORE
+from recovery_agent.protocol.keys import SigningKey, public_b64
+
+from .. import disk
+from ..checkout import AGENT_PACKAGE, IMAGES
+from ..inspect import DiskImage
+from ..pyruntime.download import download_wheels, glibc_version, installed_pins
+from ..scenario import Scenario, ScenarioError, find_scenario, load_scenario
+from ..tools import package_version, require, run
+from .cache import BuildError, Cache, Log, default_cache_dir, files_hash
+from .kernel import resolve_kernel, stage_kernel, stage_sensor
+from .osroot import BASE_CHANNELS, source_bytes
+
+SUITE = "bookworm"
+MIRRORS = (
+    f"deb http://deb.debian.org/debian {SUITE} main",
+    f"deb http://deb.debian.org/debian {SUITE}-updates main",
+    f"deb http://deb.debian.org/debian-security {SUITE}-security main",
+)
+PACKAGES = (
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "grub-pc",
+    "python3",
+    "busybox",
+    "e2fsprogs",
+    "zstd",
+)
+REQUIRED_TOOLS = (
+    "mmdebstrap",
+    "chroot",
+    "dpkg-deb",
+    "mkfs.ext4",
+    "debugfs",
+    "qemu-img",
+    "qemu-system-x86_64",
+)
+
+# The disk: p1 /boot (ext4), p2 / (ext4). Fixed UUIDs: the image's fstab names them.
+PARTITIONS = [("boot", disk.TYPE_LINUX, 512), ("root", disk.TYPE_LINUX, 3072)]
+BOOT_PART, ROOT_PART = 1, 2
+BOOT_UUID = "51a2c0de-de12-4000-8000-0000000000b1"
+ROOT_UUID = "51a2c0de-de12-4000-8000-0000000000b2"
+HOSTNAME = "qmr-debian"
+# The guest's side of the server address in the image's settings (the lab forwards it).
+GUEST_SERVER = "http://10.0.2.100:8080"
+GUEST_PORT = 8080
+MEMORY_MB = 1024
+
+# The QMR settings baked into the image by the installer (lab minutes of one second); a run
+# on this base uses these (loop.RunOptions' defaults are the same).
+LAB_TIMING = {
+    "seconds_per_minute": 1.0,
+    "retry_interval_min": 5,
+    "time_to_reboot_min": 90,
+    "max_recovery_attempts": 3,
+    "long_poll_s": 10,
+}
+# What the lab's installer run asks for besides the bundle's wheels and settings. The recovery
+# environment takes only the drivers this machine boots with (MODULES=dep) and its network card:
+# mkinitramfs with MODULES=most did not finish in 7 minutes under TCG.
+INSTALL_ARGS = (
+    "--panic-on-oops --panic-timeout 5 --boot-limit 2 --recovery-modules dep --extra-module virtio_net"
+)
+PROVISION_TIMEOUT_S = 3600.0
+
+DEBIAN_RECIPES = IMAGES / "debian"
+SENSOR_PACKAGE = IMAGES / "sensor" / "debian"
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    """A built Debian image for one scenario, with what a run needs to talk to it."""
+
+    scenario: str
+    image: Path  # raw disk image (boot it through a qcow2 overlay)
+    manifest: Path
+    kernel_release: str
+    device_id: str
+    server_key: Path  # the lab server's key the image's settings pin
+    device_key: Path  # the device key the installer made on the machine
+    firmware: str = "bios"
+    expect: dict[str, Any] = field(default_factory=dict)
+
+
+def _candidates(packages: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        policy = run(["apt-cache", "policy", name])
+        m = re.search(r"Candidate:\s*(\S+)", policy)
+        if not m or m.group(1) == "(none)":
+            raise BuildError(f"apt knows no version of {name}: run apt-get update")
+        out[name] = m.group(1)
+    return out
+
+
+def _tree_release(root: Path) -> str:
+    releases = sorted(p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*"))
+    if len(releases) != 1:
+        raise BuildError(f"expected one kernel in the Debian tree, found {releases or 'none'}")
+    return releases[0]
+
+
+def stage_tree(cache: Cache) -> Path:
+    """``root/``: Debian 12 minbase with :data:`PACKAGES`, made by mmdebstrap (as root)."""
+
+    def build(out: Path) -> None:
+        root = out / "root"
+        run(
+            [
+                "mmdebstrap",
+                "--variant=minbase",
+                "--include=" + ",".join(PACKAGES),
+                SUITE,
+                root,
+                *MIRRORS,
+            ]
+        )
+        (out / "packages.txt").write_text(run(["chroot", root, "dpkg-query", "-W"]))
+        (out / "tree.json").write_text(json.dumps({"kernel_release": _tree_release(root)}) + "\n")
+
+    inputs = {
+        "suite": SUITE,
+        "mirrors": MIRRORS,
+        "packages": _candidates(PACKAGES),
+        "mmdebstrap": package_version("mmdebstrap"),
+    }
+    return cache.stage("debian-tree", inputs, build, SUITE)
+
+
+def stage_vendor_package(cache: Cache, tree_dir: Path) -> tuple[Path, Path]:
+    """The sensor vendor's ``sensor-driver_1.0_amd64.deb`` for the tree's kernel, and the
+    sensor stage (every built version of the driver, for scenario sources)."""
+    release = json.loads((tree_dir / "tree.json").read_text())["kernel_release"]
+    kernel = resolve_kernel()
+    if kernel.release != release:
+        raise BuildError(
+            f"the Debian tree runs kernel {release} but apt here offers {kernel.release}: "
+            f"run apt-get update (the tree and the sensor must be built from the same archive)"
+        )
+    sensor_dir = stage_sensor(cache, stage_kernel(cache, kernel), kernel)
+    recipes = sorted(SENSOR_PACKAGE.iterdir())
+
+    def build(out: Path) -> None:
+        pkg = out / "pkg"
+        ko = (sensor_dir / "1.0" / "sensor.ko").read_bytes()
+        files: dict[str, tuple[bytes, int]] = {
+            f"lib/modules/{release}/extra/sensor.ko": (ko, 0o644),
+            f"{DRIVER_STORE}/sensor/1.0/sensor.ko": (ko, 0o644),
+            "etc/modules-load.d/sensor.conf": ((SENSOR_PACKAGE / "sensor.conf").read_bytes(), 0o644),
+            "etc/greenboot/check/required.d/50-sensor.sh": (
+                (SENSOR_PACKAGE / "50-sensor.sh").read_bytes(),
+                0o755,
+            ),
+        }
+        for name, source in BASE_CHANNELS.items():
+            files[f"{CHANNEL_DIR}/{name}"] = (source_bytes(source, sensor_dir), 0o644)
+        for rel, (data, mode) in files.items():
+            path = pkg / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            path.chmod(mode)
+        debian = pkg / "DEBIAN"
+        debian.mkdir()
+        (debian / "control").write_text(
+            "Package: sensor-driver\nVersion: 1.0\nArchitecture: amd64\n"
+            f"Depends: linux-image-{release}\nMaintainer: QMR lab <lab@example.invalid>\n"
+            "Description: the lab's sensor driver (loads channel files at boot)\n"
+        )
+        (debian / "conffiles").write_text("/etc/modules-load.d/sensor.conf\n")
+        postinst = (SENSOR_PACKAGE / "postinst").read_text().replace("@KERNEL_RELEASE@", release)
+        (debian / "postinst").write_text(postinst)
+        (debian / "postinst").chmod(0o755)
+        run(["dpkg-deb", "--root-owner-group", "--build", pkg, out / "sensor-driver_1.0_amd64.deb"])
+        shutil.rmtree(pkg)
+
+    inputs = {"release": release, "sensor": sensor_dir.name, "recipes": files_hash(recipes)}
+    return cache.stage("sensor-deb", inputs, build, release) / "sensor-driver_1.0_amd64.deb", sensor_dir
+
+
+def _write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    path.chmod(mode)
+
+
+def _mkfs(root: Path, out: Path, size_mib: int, uuid: str, label: str) -> None:
+    with open(out, "wb") as f:
+        f.truncate(size_mib * disk.MIB)
+    run(["mkfs.ext4", "-q", "-F", "-L", label, "-U", uuid, "-E", "root_owner=0:0,nodiscard", "-d", root, out])
+
+
+def stage_base(cache: Cache, tree_dir: Path, deb: Path) -> Path:
+    """``disk.img``: the stock image before QMR (see the module docstring), with the
+    kernel and initramfs beside it for the provisioning boot."""
+    recipes = sorted(DEBIAN_RECIPES.iterdir())
+    release = json.loads((tree_dir / "tree.json").read_text())["kernel_release"]
+
+    def build(out: Path) -> None:
+        work = out / "work"
+        root = work / "root"
+        work.mkdir()
+        run(["cp", "-a", tree_dir / "root", root])
+        _write(
+            root / "etc/fstab",
+            f"UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n",
+        )
+        _write(root / "etc/hostname", f"{HOSTNAME}\n")
+        _write(root / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
+        _write(
+            root / "etc/default/grub.d/lab-serial-console.cfg",
+            (DEBIAN_RECIPES / "grub-serial-console.cfg").read_bytes(),
+        )
+        _write(
+            root / "etc/systemd/network/20-lab-dhcp.network",
+            (DEBIAN_RECIPES / "20-lab-dhcp.network").read_bytes(),
+        )
+        unit = "qmr-lab-provision.service"
+        _write(root / "etc/systemd/system" / unit, (DEBIAN_RECIPES / unit).read_bytes())
+        (root / "etc/systemd/system/multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+        (root / "etc/systemd/system/multi-user.target.wants" / unit).symlink_to(f"/etc/systemd/system/{unit}")
+        run(["chroot", root, "systemctl", "enable", "systemd-networkd.service"])
+        # No person at a lab machine's console: its first boot must not ask for a locale.
+        run(["chroot", root, "systemctl", "mask", "systemd-firstboot.service"])
+        run(["chroot", root, "passwd", "-d", "root"])  # a lab machine: log in on the console
+        shutil.copy(deb, root / "tmp" / deb.name)
+        run(["chroot", root, "dpkg", "-i", f"/tmp/{deb.name}"])
+        (root / "tmp" / deb.name).unlink()
+        # /boot on its own partition.
+        boot = work / "boot"
+        boot.mkdir()
+        for entry in sorted((root / "boot").iterdir()):
+            shutil.move(str(entry), boot / entry.name)
+        shutil.copy(boot / f"vmlinuz-{release}", out / "vmlinuz")
+        shutil.copy(boot / f"initrd.img-{release}", out / "initrd.img")
+        images = {BOOT_PART: work / "boot.ext4", ROOT_PART: work / "root.ext4"}
+        sizes = dict((name, mib) for name, _, mib in PARTITIONS)
+        _mkfs(boot, images[BOOT_PART], sizes["boot"], BOOT_UUID, "boot")
+        _mkfs(root, images[ROOT_PART], sizes["root"], ROOT_UUID, "root")
+        disk.assemble(out / "disk.img", disk.layout(PARTITIONS), images, None, None)
+        shutil.rmtree(work)
+        (out / "base.json").write_text(json.dumps({"kernel_release": release}) + "\n")
+
+    inputs = {
+        "tree": tree_dir.name,
+        "deb": sha256_file(deb),
+        "recipes": files_hash(recipes),
+        "layout": PARTITIONS,
+    }
+    return cache.stage("debian-base", inputs, build, release)
+
+
+def _agent_files() -> list[Path]:
+    return sorted(p for p in AGENT_PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _bundle(bundle: Path, wheels: list[Path], settings: dict[str, Any], firmware: str) -> None:
+    """The install bundle: the agent's sources, its wheels, the fleet settings, the script."""
+    for src in _agent_files():
+        _write(bundle / "recovery_agent" / src.relative_to(AGENT_PACKAGE), src.read_bytes())
+    for wheel in wheels:
+        _write(bundle / "wheels" / wheel.name, wheel.read_bytes())
+    _write(bundle / "settings.json", json.dumps(settings, indent=1) + "\n")
+    _write(bundle / "provision.sh", (DEBIAN_RECIPES / "provision.sh").read_bytes(), 0o755)
+    _write(bundle / "provision.conf", f'FIRMWARE={firmware}\nINSTALL_ARGS="{INSTALL_ARGS}"\n')
+
+
+def stage_provisioned(cache: Cache, base_dir: Path, tree_dir: Path, firmware: str, log: Log) -> Path:
+    """``disk.img`` with QMR installed in a provisioning boot, ``server.key`` (the lab server's
+    key its settings pin), ``device.key`` (made on the machine), the install's manifest."""
+    libc = re.search(r"^libc6:?\S*\t(\S+)$", (tree_dir / "packages.txt").read_text(), re.M)
+    if libc is None:
+        raise BuildError(f"no libc6 in {tree_dir / 'packages.txt'}")
+    wheels = download_wheels(
+        cache.root / "pyruntime" / "wheels", installed_pins(), glibc_version(libc[1]), log
+    )
+    device_id = f"lab-debian-{firmware}"
+
+    def build(out: Path) -> None:
+        server_key = SigningKey.generate()
+        server_key.save(out / "server.key")
+        settings = {
+            "device_id": device_id,
+            "server_url": GUEST_SERVER,
+            "server_public_key": public_b64(server_key.public),
+            **LAB_TIMING,
+        }
+        bundle = out / "bundle"
+        _bundle(bundle, wheels, settings, firmware)
+        _mkfs(bundle, out / "bundle.ext4", 256, "51a2c0de-de12-4000-8000-0000000000bb", "qmrbundle")
+        shutil.rmtree(bundle)
+        boot = _provisioning_boot(base_dir, out / "bundle.ext4", out / "vm", log)
+        (out / "provision-console.log").write_text(boot.console_text)
+        if "QMR-PROVISIONED" not in boot.console_text:
+            tail = "\n".join(boot.console_text.splitlines()[-25:])
+            raise BuildError(
+                f"the provisioning boot did not finish ({boot.outcome} after {boot.seconds:.0f} s); "
+                f"console in {out / 'provision-console.log'}:\n{tail}"
+            )
+        overlay = out / "vm" / "disk.qcow2"
+        run(["qemu-img", "convert", "-O", "raw", overlay, out / "disk.img"])
+        shutil.rmtree(out / "vm")
+        (out / "bundle.ext4").unlink()
+        with DiskImage(out / "disk.img") as d:
+            for rel, name in (
+                ("etc/recovery/device.key", "device.key"),
+                ("etc/recovery/agent.json", "agent.json"),
+                ("var/lib/recovery/install/manifest.json", "install-manifest.json"),
+            ):
+                data = d.ext4_file(ROOT_PART, rel)
+                if data is None:
+                    raise BuildError(f"the installer left no /{rel} in the image")
+                _write(out / name, data, 0o600)
+        (out / "provisioned.json").write_text(
+            json.dumps({"device_id": device_id, "firmware": firmware, "seconds": round(boot.seconds, 1)})
+            + "\n"
+        )
+
+    inputs = {
+        "base": base_dir.name,
+        "firmware": firmware,
+        "agent": files_hash(_agent_files()),
+        "wheels": [w.name for w in wheels],
+        "recipes": files_hash(sorted(DEBIAN_RECIPES.iterdir())),
+        "install_args": INSTALL_ARGS,
+        "timing": LAB_TIMING,
+    }
+    return cache.stage("debian-qmr", inputs, build, firmware)
+
+
+def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, log: Log) -> Any:
+    import asyncio
+
+    from ..boot import follow_boot
+    from ..qemu import Drive, MachineConfig
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = MachineConfig(
+        disk=base_dir / "disk.img",
+        kernel=base_dir / "vmlinuz",
+        initrd=base_dir / "initrd.img",
+        append=f"root=UUID={ROOT_UUID} ro console=ttyS0,115200 panic=5",
+        extra_drives=[Drive(bundle, "raw", "virtio", readonly=True)],
+        memory_mb=MEMORY_MB,
+        watchdog=False,
+    )
+
+    def progress(seconds: float, line: str) -> None:
+        # (systemd prefixes a unit's console lines with "[uptime] name[pid]: ")
+        text = re.sub(r"^\[[ \d.]+\] \S+\[\d+\]: ", "", line.strip())
+        if text.startswith(
+            ("QMR-PROVISION", "installing", "runtime:", "device key", "recovery environment", "grub:")
+        ):
+            log(f"[debian-qmr +{seconds:6.1f}s] {text[:160]}")
+
+    log(f"[debian-qmr] provisioning boot under QEMU (TCG: several minutes); console in {run_dir}")
+    return asyncio.run(
+        follow_boot(
+            config,
+            timeout=PROVISION_TIMEOUT_S,
+            keep_logs=True,
+            run_dir=run_dir,
+            name="provision",
+            on_line=progress,
+        )
+    )
+
+
+def _debugfs_script(
+    image: Path, offset: int, scenario: Scenario, sensor_dir: Path, release: str, scratch: Path
+) -> list[str]:
+    """debugfs commands that make the scenario's changes on the root filesystem."""
+    cmds: list[str] = []
+    fs = f"{image}?offset={offset}"
+    for i, change in enumerate(scenario.files):
+        path = "/" + change.path.replace("{kernel_release}", release)
+        exists = "Inode:" in run(["debugfs", "-R", f"stat {path}", fs])
+        if change.action == "add" and exists:
+            raise ScenarioError(
+                f"{scenario.name}: files[{i}]: {path} already exists in the image: use replace"
+            )
+        if change.action != "add" and not exists:
+            raise ScenarioError(f"{scenario.name}: files[{i}]: {path} is not in the image: use add")
+        if change.action == "remove":
+            cmds.append(f"rm {path}")
+            continue
+        if change.action == "corrupt":
+            local = scratch / f"old-{i}"
+            run(["debugfs", "-R", f"dump -p {path} {local}", fs])
+            data = bytearray(local.read_bytes())
+            for j in range(min(64, len(data))):
+                data[j] ^= 0xFF
+            payload = bytes(data)
+        else:
+            payload = (
+                change.content.encode()
+                if change.content is not None
+                else source_bytes(change.source or "", sensor_dir)
+            )
+        local = scratch / f"new-{i}"
+        local.write_bytes(payload)
+        if exists:
+            cmds.append(f"rm {path}")
+        cmds += [f"write {local} {path}", f"sif {path} mode 0{0o100000 | change.file_mode:o}"]
+    return cmds
+
+
+def stage_scenario_disk(
+    cache: Cache, provisioned: Path, scenario: Scenario, sensor_dir: Path, release: str
+) -> Path:
+    """``disk.img``: the provisioned image with the scenario's fault on its root partition."""
+    if scenario.kernel_args:
+        raise ScenarioError(
+            f"{scenario.name}: kernel_args are not supported on the Debian base yet (its kernel arguments "
+            f"come from update-grub): drop them or use the lab's own base"
+        )
+
+    def build(out: Path) -> None:
+        image = out / "disk.img"
+        run(["cp", "--sparse=always", provisioned / "disk.img", image])
+        offset = disk.layout(PARTITIONS)[ROOT_PART - 1].offset
+        with tempfile.TemporaryDirectory(dir=out) as scratch:
+            cmds = _debugfs_script(image, offset, scenario, sensor_dir, release, Path(scratch))
+            if cmds:
+                script = Path(scratch) / "cmds"
+                script.write_text("\n".join(cmds) + "\n")
+                run(["debugfs", "-w", "-f", script, f"{image}?offset={offset}"])
+        manifest = {
+            "base": "debian",
+            "scenario": scenario.name,
+            "scenario_sha256": scenario.source_sha256,
+            "expect": scenario.expect.model_dump(),
+            "kernel_release": release,
+            "provisioned": provisioned.name,
+            "disk": {"file": image.name, "size": image.stat().st_size},
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    inputs = {
+        "provisioned": provisioned.name,
+        "scenario": scenario.source_sha256,
+        "name": scenario.name,
+        "sensor": sensor_dir.name,
+    }
+    return cache.stage("debian-disk", inputs, build, scenario.name)
+
+
+def build_debian_image(
+    scenario: str, cache_dir: Path | None = None, log: Log = print, firmware: str = "bios"
+) -> DebianImage:
+    """Build (or take from the cache) the Debian image of ``scenario``; see the module
+    docstring for the stages."""
+    if firmware != "bios":
+        raise BuildError(f"firmware {firmware!r}: the Debian base is built for bios only so far")
+    loaded = load_scenario(find_scenario(scenario, IMAGES))
+    require(*REQUIRED_TOOLS)
+    if os.geteuid() != 0:
+        raise BuildError("the Debian base needs root (mmdebstrap, chroot, dpkg -i into the tree)")
+    cache = Cache((cache_dir or default_cache_dir()).resolve(), log)
+    cache.root.mkdir(parents=True, exist_ok=True)
+    tree = stage_tree(cache)
+    deb, sensor_dir = stage_vendor_package(cache, tree)
+    base = stage_base(cache, tree, deb)
+    release = json.loads((base / "base.json").read_text())["kernel_release"]
+    provisioned = stage_provisioned(cache, base, tree, firmware, log)
+    disk_dir = stage_scenario_disk(cache, provisioned, loaded, sensor_dir, release)
+    info = json.loads((provisioned / "provisioned.json").read_text())
+    return DebianImage(
+        scenario=loaded.name,
+        image=disk_dir / "disk.img",
+        manifest=disk_dir / "manifest.json",
+        kernel_release=release,
+        device_id=info["device_id"],
+        server_key=provisioned / "server.key",
+        device_key=provisioned / "device.key",
+        firmware=firmware,
+        expect=loaded.expect.model_dump(),
+    )

@@ -1,0 +1,211 @@
+"""The lab on stock Debian 12 (recovery_lab/build/debian.py).
+
+Without a VM: a scenario's fault is put on an installed image's root partition with debugfs
+(no mount, no root). With QEMU (marked ``qemu`` and ``slow``: the first build runs mmdebstrap
+and a provisioning boot, many minutes under TCG; later runs share the cached image): the
+whole loop on Debian, installed by ``recovery-agent install``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from recovery_lab import disk
+from recovery_lab.build import debian
+from recovery_lab.build.cache import Cache
+from recovery_lab.build.osroot import channel_file
+from recovery_lab.inspect import DiskImage
+from recovery_lab.scenario import ScenarioError, load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+BAD = "C-00000291-00000000-00000032.sys"
+GOOD = ["C-00000290-00000000-00000007.sys", "C-00000291-00000000-00000031.sys"]
+RELEASE = "6.1.0-57-amd64"
+
+needs_e2fs = pytest.mark.skipif(
+    not (
+        shutil.which("mkfs.ext4", path="/usr/sbin:/sbin") and shutil.which("debugfs", path="/usr/sbin:/sbin")
+    ),
+    reason="needs e2fsprogs",
+)
+
+
+def _provisioned(tmp_path: Path) -> Path:
+    """A stand-in for the debian-qmr stage: the base's layout, a root with the sensor's files."""
+    out = tmp_path / "debian-qmr-test"
+    root = tmp_path / "rootfs"
+    for name in GOOD:
+        p = root / "var/lib/sensor/channels" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(channel_file("channel:good-291"))
+    ko = root / f"lib/modules/{RELEASE}/extra/sensor.ko"
+    ko.parent.mkdir(parents=True)
+    ko.write_bytes(b"sensor 1.0")
+    (tmp_path / "bootfs").mkdir()
+    out.mkdir()
+    images = {debian.BOOT_PART: tmp_path / "boot.ext4", debian.ROOT_PART: tmp_path / "root.ext4"}
+    debian._mkfs(tmp_path / "bootfs", images[1], 512, debian.BOOT_UUID, "boot")
+    debian._mkfs(root, images[2], 3072, debian.ROOT_UUID, "root")
+    disk.assemble(out / "disk.img", disk.layout(debian.PARTITIONS), images, None, None)
+    return out
+
+
+@needs_e2fs
+def test_a_scenario_fault_goes_onto_the_installed_images_root_partition(tmp_path: Path) -> None:
+    provisioned = _provisioned(tmp_path)
+    sensor_dir = tmp_path / "sensor"
+    (sensor_dir / "2.0").mkdir(parents=True)
+    (sensor_dir / "2.0/sensor.ko").write_bytes(b"sensor 2.0")
+    cache = Cache(tmp_path / "cache", log=lambda _: None)
+    scenario = load_scenario(REPO / "images/scenarios/channel-file.toml")
+    out = debian.stage_scenario_disk(cache, provisioned, scenario, sensor_dir, RELEASE)
+    with DiskImage(out / "disk.img") as d:
+        assert sorted(d.ext4_listdir(debian.ROOT_PART, "var/lib/sensor/channels")) == sorted([BAD, *GOOD])
+        assert d.ext4_file(debian.ROOT_PART, f"var/lib/sensor/channels/{BAD}") == channel_file(
+            "channel:bad-291"
+        )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base"] == "debian" and manifest["scenario"] == "channel-file"
+    # bad-driver replaces the driver at the kernel's release; the provisioned image is untouched.
+    bad = load_scenario(REPO / "images/scenarios/bad-driver.toml")
+    out = debian.stage_scenario_disk(cache, provisioned, bad, sensor_dir, RELEASE)
+    with DiskImage(out / "disk.img") as d:
+        assert d.ext4_file(debian.ROOT_PART, f"lib/modules/{RELEASE}/extra/sensor.ko") == b"sensor 2.0"
+    with DiskImage(provisioned / "disk.img") as d:
+        assert d.ext4_file(debian.ROOT_PART, f"lib/modules/{RELEASE}/extra/sensor.ko") == b"sensor 1.0"
+        assert BAD not in d.ext4_listdir(debian.ROOT_PART, "var/lib/sensor/channels")
+
+
+@needs_e2fs
+def test_a_scenario_the_debian_base_cannot_build_is_refused_by_name(tmp_path: Path) -> None:
+    provisioned = _provisioned(tmp_path)
+    cache = Cache(tmp_path / "cache", log=lambda _: None)
+    with pytest.raises(ScenarioError, match="kernel_args are not supported on the Debian base"):
+        debian.stage_scenario_disk(
+            cache, provisioned, load_scenario(REPO / "images/scenarios/unknown.toml"), tmp_path, RELEASE
+        )
+    mine = tmp_path / "mine.toml"
+    mine.write_text(
+        'name = "mine"\ndescription = "x"\n[[files]]\npath = "var/lib/sensor/channels/'
+        + GOOD[0]
+        + '"\naction = "add"\ncontent = "x"\n[expect]\nends_in = "recovery"\n'
+    )
+    with pytest.raises(ScenarioError, match="already exists in the image: use replace"):
+        debian.stage_scenario_disk(cache, provisioned, load_scenario(mine), tmp_path, RELEASE)
+
+
+# --------------------------------------------------------------------------- in QEMU
+
+can_build = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mmdebstrap") is None,
+    reason="the Debian base needs root and mmdebstrap (apt-get install mmdebstrap)",
+)
+
+# Files of ours anywhere in the image; each must be in the installer's manifest (the lab
+# places none of them).
+OURS = (
+    "etc/grub.d/45_qmr",
+    "etc/default/grub.d/qmr.cfg",
+    "etc/modules-load.d/00-qmr-pstore.conf",
+    "etc/kernel/postinst.d/zz-qmr-recovery",
+    "etc/kernel/postrm.d/zz-qmr-recovery",
+    "etc/systemd/system/qmr-health-check.service",
+    "etc/systemd/system/qmr-mark-good.service",
+    "etc/systemd/system/qmr-health-report.service",
+    "etc/recovery/agent.json",
+    "etc/recovery/recovery.json",
+    "etc/recovery/device.key",
+    "usr/local/sbin/recovery-agent",
+    "opt/qmr",
+    "boot/qmr",
+)
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@can_build
+@pytest.mark.timeout(7200)
+async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Path) -> None:
+    from recovery_lab.loop import RunOptions, render, run_async
+
+    lines: list[str] = []
+    opts = RunOptions(
+        scenario="channel-file",
+        auto_approve=True,
+        base="debian",
+        timeout_s=1800,
+        workdir=tmp_path / "run",
+        keep=True,
+        log=lines.append,
+    )
+    report = await run_async(opts)
+    assert report.recovered, "\n".join(lines[-60:]) + render(report)
+    assert report.problems == []
+    d = report.disk
+    assert sorted(d["channel_files"]) == sorted(GOOD)
+    [(folder, files)] = d["quarantine"].items()
+    assert files == sorted(["manifest.json", f"0-{BAD}"])
+    assert d["grubenv"]["boot_count"] == "0"
+    inc = report.server_incident
+    assert inc["title"] == "general protection fault in sensor_parse_channel"
+    assert inc["channel_file"] == f"var/lib/sensor/channels/{BAD}"
+    assert report.boot.entries_chosen[:3] == ["os", "os", "recovery"]
+    assert report.boot.entries_chosen[-1] == "os"
+    assert report.device["state"] == "healthy"
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@can_build
+@pytest.mark.timeout(7200)
+def test_nothing_of_ours_in_the_debian_image_was_placed_by_the_lab(tmp_path: Path) -> None:
+    image = debian.build_debian_image("healthy", log=lambda _: None)
+    provisioned = image.server_key.parent
+    manifest = json.loads((provisioned / "install-manifest.json").read_text())
+    recorded = {c["path"] for c in manifest["changes"]}
+    with DiskImage(image.image) as d:
+        for rel in OURS:
+            assert rel in recorded, f"/{rel} is in the image but the installer did not record it"
+            assert (
+                d.ext4_listdir(debian.ROOT_PART, rel)
+                or d.ext4_file(debian.ROOT_PART, rel) is not None
+                or (rel.startswith("boot/") and d.ext4_listdir(debian.BOOT_PART, rel.removeprefix("boot/")))
+            ), f"/{rel} is recorded but not in the image"
+        assert d.ext4_file(debian.ROOT_PART, "etc/systemd/system/qmr-lab-provision.service") is None
+
+
+def test_the_lab_base_stays_the_default_of_build_and_run() -> None:
+    from recovery_lab import cli
+    from recovery_lab.loop import RunOptions
+
+    assert RunOptions(scenario="channel-file").base == "lab"
+    seen: dict[str, str] = {}
+    for cmd in ("build", "run"):
+        original = cli._build if cmd == "build" else cli._run
+
+        def capture(args: argparse.Namespace, cmd: str = cmd) -> int:
+            seen[cmd] = args.base
+            return 0
+
+        setattr(cli, f"_{cmd}", capture)
+        try:
+            # the parsers bind the functions when built: rebuild them through main
+            assert cli.main([cmd, "channel-file"]) == 0
+        finally:
+            setattr(cli, f"_{cmd}", original)
+    assert seen == {"build": "lab", "run": "lab"}
+
+
+def test_a_run_on_the_debian_base_refuses_timing_the_installer_did_not_bake_in() -> None:
+    from recovery_lab.build import BuildError
+    from recovery_lab.loop import RunOptions, _debian_image
+
+    opts = RunOptions(scenario="channel-file", base="debian", retry_interval_min=1, log=lambda _: None)
+    with pytest.raises(BuildError, match="cannot change retry_interval_min"):
+        _debian_image(opts)
