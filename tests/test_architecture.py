@@ -30,6 +30,7 @@ LAB_MAY_IMPORT = {
     "recovery_agent.layout",  # where things are on the OS root
     "recovery_agent.digest",  # the one file-hash helper
     "recovery_agent.holds",  # the steps of an apply the lab can cut the power at
+    "recovery_agent.install.wheel",  # wheels unpacked as the install does, for the recovery env
 }
 
 

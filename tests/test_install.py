@@ -44,6 +44,7 @@ from recovery_agent.install.paths import (
     RECOVERY_VERSION,
     SETTINGS,
 )
+from recovery_agent.install.wheel import UnsafeWheel, unpack_wheel
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL = "6.1.0-57-amd64"
@@ -315,6 +316,32 @@ def test_wheels_for_another_python_are_refused(machine: tuple[Path, FakeMachine,
         zf.writestr("pydantic_core/__init__.py", "")
     with pytest.raises(InstallRefused, match="not for this machine's Python 3.11: pydantic_core"):
         install(opts, say=lambda _: None)
+
+
+def test_a_wheel_unpacks_to_site_packages_and_a_climbing_member_writes_nothing(tmp_path: Path) -> None:
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo/__init__.py", "X = 1\n")
+        tool = zipfile.ZipInfo("demo/_speedups.so")
+        tool.external_attr = 0o100755 << 16
+        zf.writestr(tool, b"\x7fELF")
+        zf.writestr("demo-1.0.data/purelib/demo_extra.py", "")
+        zf.writestr("demo-1.0.data/scripts/demo-cli", "#!/bin/sh\n")
+        zf.writestr("demo/tests/test_demo.py", "")
+    site = tmp_path / "site"
+    written = unpack_wheel(wheel, site, skip=lambda name, _: name.startswith("demo/tests/"))
+    files = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
+    assert (written, files) == (3, ["demo/__init__.py", "demo/_speedups.so", "demo_extra.py"])
+    assert stat.S_IMODE((site / "demo/_speedups.so").stat().st_mode) == 0o755
+    assert stat.S_IMODE((site / "demo/__init__.py").stat().st_mode) == 0o644
+
+    bad = tmp_path / "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("evil/__init__.py", "")
+        zf.writestr("evil/../../outside.py", "")
+    with pytest.raises(UnsafeWheel, match="unsafe path 'evil/../../outside.py'"):
+        unpack_wheel(bad, tmp_path / "site2")
+    assert not (tmp_path / "site2").exists() and not (tmp_path / "outside.py").exists()
 
 
 def test_the_cli_refuses_an_install_without_wheels_with_exit_2(

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .manifest import Recorder
 from .paths import LAUNCHER, OPT, VENV
 from .target import InstallRefused, Target
+from .wheel import UnsafeWheel, unpack_wheel
 
 AGENT_PACKAGE = Path(__file__).resolve().parent.parent
 IMPORT_CHECK = "import recovery_agent.cli, recovery_agent.agent, recovery_agent.install"
@@ -73,27 +73,6 @@ def check_wheels(wheels: list[Path], python_version: str) -> None:
         )
 
 
-def unpack_wheel(wheel: Path, site: Path) -> None:
-    """A wheel is a zip: its files go to ``site-packages``, its ``.data/purelib`` and
-    ``platlib`` too; scripts and headers are not needed."""
-    with zipfile.ZipFile(wheel) as zf:
-        for info in zf.infolist():
-            parts = info.filename.split("/")
-            if parts[0].endswith(".data"):
-                if len(parts) > 2 and parts[1] in ("purelib", "platlib"):
-                    parts = parts[2:]
-                else:
-                    continue
-            if info.is_dir() or not parts[-1]:
-                continue
-            if any(p in ("", ".", "..") for p in parts) or info.filename.startswith("/"):
-                raise InstallRefused(f"{wheel.name}: unsafe path {info.filename!r} in the wheel")
-            dest = site.joinpath(*parts)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(zf.read(info))
-            dest.chmod(0o755 if (info.external_attr >> 16) & 0o100 else 0o644)
-
-
 def copy_agent(dest: Path, source: Path = AGENT_PACKAGE) -> None:
     """The ``recovery_agent`` package (sources and the install's data files), no caches."""
     if dest.exists():
@@ -119,7 +98,10 @@ def install_runtime(target: Target, recorder: Recorder, wheels_dir: Path, say: S
     site = site_packages(venv, version)
     site.mkdir(parents=True, exist_ok=True)
     for wheel in wheels:
-        unpack_wheel(wheel, site)
+        try:
+            unpack_wheel(wheel, site)
+        except UnsafeWheel as e:
+            raise InstallRefused(str(e)) from None
     copy_agent(site / "recovery_agent")
     python = f"/{VENV}/bin/python3"
     target.run([python, "-m", "compileall", "-q", "-j", "0", str("/" / site.relative_to(target.root))])

@@ -5,8 +5,9 @@ agent into ``dist-packages``.
 from __future__ import annotations
 
 import shutil
-import zipfile
 from pathlib import Path
+
+from recovery_agent.install.wheel import UnsafeWheel, unpack_wheel
 
 from ..checkout import AGENT_PACKAGE
 from .prune import PRUNE_WHEEL_EXTENSIONS, PRUNE_WHEEL_NAMES, PRUNE_WHEEL_PREFIXES, PRUNE_WHEEL_SUFFIXES
@@ -26,34 +27,25 @@ def copy_python(unpacked: dict[str, Path], root: Path) -> None:
         raise RuntimeBuildError(f"{PYTHON} is not in {', '.join(unpacked)}: has Debian renamed its packages?")
 
 
+def _pruned(name: str, filename: str) -> bool:
+    """What the recovery environment never imports (PRUNE_WHEEL_*)."""
+    return (
+        filename in PRUNE_WHEEL_NAMES
+        or filename.endswith(PRUNE_WHEEL_SUFFIXES)
+        or (name.endswith(".so") and name.startswith(PRUNE_WHEEL_EXTENSIONS))
+        or name.startswith(PRUNE_WHEEL_PREFIXES)
+    )
+
+
 def unpack_wheels(wheels: list[Path], site: Path) -> None:
-    """Unpack each wheel (a zip): purelib/platlib data go to the site too; scripts, headers
-    and data are dropped, and so is what is never imported (PRUNE_WHEEL_*)."""
+    """Unpack each wheel as the install does (:mod:`recovery_agent.install.wheel`), less
+    what is never imported."""
     site.mkdir(parents=True, exist_ok=True)
     for wheel in wheels:
-        with zipfile.ZipFile(wheel) as zf:
-            for info in zf.infolist():
-                name = info.filename
-                parts = name.split("/")
-                if parts[0].endswith(".data"):
-                    if len(parts) > 2 and parts[1] in ("purelib", "platlib"):
-                        parts = parts[2:]
-                    else:
-                        continue
-                if info.is_dir() or not parts[-1]:
-                    continue
-                if parts[-1] in PRUNE_WHEEL_NAMES or parts[-1].endswith(PRUNE_WHEEL_SUFFIXES):
-                    continue
-                if name.endswith(".so") and name.startswith(PRUNE_WHEEL_EXTENSIONS):
-                    continue
-                if name.startswith(PRUNE_WHEEL_PREFIXES):
-                    continue
-                if any(p in ("", ".", "..") for p in parts) or name.startswith("/"):
-                    raise RuntimeBuildError(f"{wheel.name}: unsafe path {name!r}")
-                dest = site.joinpath(*parts)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(zf.read(info))
-                dest.chmod(0o644)
+        try:
+            unpack_wheel(wheel, site, skip=_pruned)
+        except UnsafeWheel as e:
+            raise RuntimeBuildError(str(e)) from None
 
 
 def agent_sources() -> list[Path]:
