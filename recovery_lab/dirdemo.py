@@ -26,6 +26,7 @@ from typing import Any
 from recovery_agent.bootenv import BootEnv
 from recovery_agent.digest import sha256_file
 from recovery_agent.layout import CHANNEL_DIR, QUARANTINE_DIR
+from recovery_server.portfile import ServerDidNotStart, wait_for_port_file
 
 from .build.osroot import BASE_CHANNELS, channel_file
 from .checkout import EVIDENCE
@@ -139,12 +140,12 @@ class Demo:
         )
         agent: subprocess.Popen[str] | None = None
         try:
-            deadline = time.monotonic() + 20
-            while not port_file.exists() or not port_file.read_text().strip():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise DemoError(f"recovery-server did not start: see {self.work / 'server.log'}")
-                time.sleep(0.1)
-            self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+            try:
+                port = wait_for_port_file(port_file, lambda: server.poll() is None, timeout_s=300)
+            except ServerDidNotStart as e:
+                log = self.work / "server.log"
+                raise DemoError(f"recovery-server did not start ({e}): see {log}") from None
+            self.url = f"http://127.0.0.1:{port}"
             self.say("server", f"recovery server listening on {self.url} (SQLite in {data.name}/)")
 
             alice = self.admin(admin_token, "user", "alice", "--role", "approver")["token"]

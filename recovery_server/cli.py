@@ -27,6 +27,7 @@ from .access import ROLES, console
 from .app import make_app, runner
 from .errors import ServerError
 from .listener import ACCEPT_BACKLOG, ConnectionLimits, fit_open_files
+from .portfile import write_port_file
 from .secretfile import SecretFile
 from .service import RecoveryService, ServiceSettings
 from .store import Store, StoreUnreachable
@@ -181,7 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port = served.addresses[0][1]  # the real port when --port 0
         print(f"recovery-server listening on http://{args.host}:{port}", flush=True)
         if args.port_file:
-            Path(args.port_file).write_text(f"{port}\n")
+            write_port_file(Path(args.port_file), port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

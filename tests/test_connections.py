@@ -19,6 +19,7 @@ import pytest
 
 from recovery_server.app import METRICS
 from recovery_server.listener import ACCEPT_BACKLOG, RESERVED_FILES, ConnectionLimits
+from recovery_server.portfile import ServerDidNotStart, wait_for_port_file, write_port_file
 
 SQLITE_ONLY = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 BIN = Path(sys.executable).parent
@@ -188,10 +189,7 @@ def test_serve_under_a_256_file_limit_survives_300_idle_sockets(tmp_path):
 
 
 async def _flood(proc, port_file: Path) -> None:
-    while not (port_file.exists() and port_file.read_text().strip()):
-        assert proc.poll() is None, "the server stopped"
-        await asyncio.sleep(0.05)
-    port = int(port_file.read_text())
+    port = wait_for_port_file(port_file, lambda: proc.poll() is None)
     # The server stopped while the flood arrives, so the kernel queues all it lets wait and the
     # server accepts them in one burst when it goes on: with a backlog of 1024, all 300 at once,
     # more than it may open. Past the backlog, the kernel lets clients in as they retry.
@@ -215,3 +213,12 @@ async def _flood(proc, port_file: Path) -> None:
         async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
             assert r.status == 200
     assert proc.poll() is None
+
+
+def test_the_port_file_is_read_once_written_and_a_dead_server_is_named(tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    write_port_file(port_file, 43123)
+    assert wait_for_port_file(port_file, lambda: True) == 43123
+    assert [p.name for p in tmp_path.iterdir()] == ["port"]  # no temporary file left
+    with pytest.raises(ServerDidNotStart, match="ended before it wrote"):
+        wait_for_port_file(tmp_path / "never", lambda: False)

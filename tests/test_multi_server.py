@@ -27,6 +27,7 @@ from recovery_agent.protocol.wire import (
     SystemInfo,
     utcnow,
 )
+from recovery_server.portfile import ServerDidNotStart, wait_for_port_file
 from recovery_server.store import Store
 
 from .conftest import postgres_schema
@@ -68,12 +69,11 @@ async def _serve(data: Path, url: str, name: str) -> tuple[asyncio.subprocess.Pr
         stdout=asyncio.subprocess.DEVNULL,
         stderr=open(data / f"{name}.log", "w"),
     )
-    for _ in range(200):
-        if port_file.exists() and port_file.read_text().strip():
-            return proc, f"http://127.0.0.1:{port_file.read_text().strip()}"
-        assert proc.returncode is None, (data / f"{name}.log").read_text()
-        await asyncio.sleep(0.1)
-    raise AssertionError("server did not start")
+    try:
+        port = await asyncio.to_thread(wait_for_port_file, port_file, lambda: proc.returncode is None)
+    except ServerDidNotStart:
+        raise AssertionError((data / f"{name}.log").read_text()) from None
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.timeout(300)
