@@ -55,7 +55,8 @@ def browser():
 def page_wait(driver):
     """A wait that looks again when the page re-rendered under it: the dashboard redraws its
     tables every 3 s, so an element found a moment ago may be gone (stale). Every read and click
-    of a table goes through ``wait.until`` and finds its element afresh. The bound is generous:
+    of a table goes through ``wait.until`` with :func:`text` or :func:`press`, which find their
+    element afresh inside the page. The bound is generous:
     a busy machine renders slowly, and only a broken page should run into it."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
@@ -63,20 +64,6 @@ def page_wait(driver):
     return WebDriverWait(
         driver, 90, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
     )
-
-
-def click(wait, By, *path: str) -> None:
-    """Find the element at the CSS/XPath ``path`` (each step within the last) and click it, again
-    if a redraw made it stale before the click landed."""
-
-    def go(d):
-        el = d
-        for step in path:
-            el = el.find_element(By.XPATH if step.startswith(".//") else By.CSS_SELECTOR, step)
-        el.click()
-        return True
-
-    wait.until(go)
 
 
 def drive(driver, url: str, token: str, shot: str, actions):
@@ -98,7 +85,8 @@ def drive(driver, url: str, token: str, shot: str, actions):
 
 
 # The page re-renders every few seconds, replacing its elements: an element found in one
-# WebDriver call may be gone by the next. These read and click inside the page in one call.
+# WebDriver call may be gone by the next. These read and click inside the page in one call,
+# so no element is held from one call to the next.
 
 
 def text(driver, css: str) -> str:
@@ -108,16 +96,20 @@ def text(driver, css: str) -> str:
     )
 
 
-def press(driver, css: str, label: str) -> None:
-    """Click the button labelled ``label`` inside the element matching ``css``."""
-    found = driver.execute_script(
-        "const box = document.querySelector(arguments[0]);"
-        "const b = box && [...box.querySelectorAll('button')].find(b => b.textContent === arguments[1]);"
-        "if (b) b.click(); return !!b;",
-        css,
-        label,
+def press(wait, css: str, label: str) -> None:
+    """Click the button labelled ``label`` inside the element matching ``css``, once the page
+    shows it."""
+    wait.until(
+        lambda d: d.execute_script(
+            "const box = document.querySelector(arguments[0]);"
+            "const b = box && [...box.querySelectorAll('button')]"
+            "  .find(b => b.textContent === arguments[1]);"
+            "if (b) b.click(); return !!b;",
+            css,
+            label,
+        ),
+        f"no {label!r} button in {css}",
     )
-    assert found, f"no {label!r} button in {css}"
 
 
 @SQLITE_ONLY
@@ -133,21 +125,21 @@ async def test_approve_pause_and_resume_from_the_page(fleet, browser):
 
     def actions(driver, wait, By):
         seen = {
-            "who": wait.until(lambda d: d.find_element(By.ID, "who").text),
+            "who": wait.until(lambda d: text(d, "#who")),
             "incident": wait.until(lambda d: text(d, "#incidents tr[data-id]")),
             "devices": len(driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-id]")),
             "revoked": wait.until(lambda d: text(d, f'#devices tr[data-id="{revoked}"]')),
             "rollout": wait.until(lambda d: text(d, rollout)),
             "audit": text(driver, "#audit"),
         }
-        press(driver, remediation, "Approve")
+        press(wait, remediation, "Approve")
         wait.until(lambda d: "Approve: done" in text(d, "#status"))
         wait.until(lambda d: "approved" in text(d, remediation))
-        press(driver, rollout, "Pause")
+        press(wait, rollout, "Pause")
         wait.until(lambda d: "Pause: done" in text(d, "#status"))
         wait.until(lambda d: "paused" in text(d, rollout))
         seen["paused"] = fleet.service.rollout(fleet.viewer, ids["rollout"]).state
-        press(driver, rollout, "Resume")
+        press(wait, rollout, "Resume")
         wait.until(lambda d: "Resume: done" in text(d, "#status"))
         return seen
 
@@ -177,9 +169,9 @@ async def test_a_viewer_sees_but_cannot_approve(fleet, browser):
     token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
 
     def actions(driver, wait, By):
-        click(wait, By, f'#remediations tr[data-id="{ids["remediation"]}"]', "button")
-        wait.until(lambda d: "needs the approver role" in d.find_element(By.ID, "status").text)
-        return driver.find_element(By.ID, "status").text
+        press(wait, f'#remediations tr[data-id="{ids["remediation"]}"]', "Approve")
+        wait.until(lambda d: "needs the approver role" in text(d, "#status"))
+        return text(driver, "#status")
 
     status = await asyncio.to_thread(drive, browser, fleet.url, token, "viewer.png", actions)
     assert "vic is viewer" in status
@@ -197,7 +189,7 @@ async def test_a_bad_token_is_refused_on_the_page(fleet, browser):
         browser.get(fleet.url + "/")
         browser.find_element(By.ID, "token").send_keys("qmr_not-a-token")
         browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
-        page_wait(browser).until(lambda d: "not recognised" in d.find_element(By.ID, "status").text)
+        page_wait(browser).until(lambda d: "not recognised" in text(d, "#status"))
         return browser.find_element(By.ID, "main").is_displayed()
 
     assert await asyncio.to_thread(go) is False
@@ -220,7 +212,7 @@ async def test_server_values_are_shown_as_text_not_html(fleet, browser):
     token = fleet.service.create_user(fleet.admin, "bea", "approver").token
 
     def actions(driver, wait, By):
-        wait.until(lambda d: "<img" in d.find_element(By.ID, "remediations").text)
+        wait.until(lambda d: "<img" in text(d, "#remediations"))
         return driver.execute_script(
             "return window.pwned === undefined && !document.querySelector('#remediations img')"
         )
