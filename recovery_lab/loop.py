@@ -335,15 +335,16 @@ async def run_async(opts: RunOptions) -> RunReport:
     faults = make_faults(opts.faults, opts.power_loss_at)
     # (the Debian build may boot a provisioning VM with its own event loop: off this one)
     debian = await asyncio.to_thread(_debian_image, opts) if opts.base == "debian" else None
-    base_image = debian.image if debian else build_image(opts.scenario, log=say).image
-    work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{opts.scenario}-"))
+    built = debian or build_image(opts.scenario, log=say)
+    base_image, name = built.image, built.scenario  # (opts.scenario may be a .toml path)
+    work = opts.workdir or Path(tempfile.mkdtemp(prefix=f"qmr-run-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
     image = base_image
     for fault in faults:
         image = fault.prepare_disk(image, work)
     lab = _Lab(work, opts, faults)
     await lab.start(SigningKey.load(debian.server_key) if debian else None)
-    device_id = debian.device_id if debian else f"lab-{opts.scenario}"[:64]
+    device_id = debian.device_id if debian else f"lab-{name}"[:64]
     problems: list[str] = []
     try:
         key = await lab.enroll(device_id, SigningKey.load(debian.device_key) if debian else None)
@@ -409,7 +410,7 @@ async def run_async(opts: RunOptions) -> RunReport:
                 timeout=opts.timeout_s,
                 keep_logs=True,
                 run_dir=work / "vm",
-                name=opts.scenario,
+                name=name,
                 on_line=progress,
                 drive=drive if faults else None,
                 # A Debian machine stays up after its good boot: stop once it was reported.
@@ -419,7 +420,7 @@ async def run_async(opts: RunOptions) -> RunReport:
             done.set()
             await watcher
         lab.poll_events()
-        report = _judge(lab, opts, faults, boot, vm_started, device_id, work, problems)
+        report = _judge(lab, opts, name, faults, boot, vm_started, device_id, work, problems)
     finally:
         await lab.stop()
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
@@ -434,6 +435,7 @@ async def run_async(opts: RunOptions) -> RunReport:
 def _judge(
     lab: _Lab,
     opts: RunOptions,
+    name: str,
     faults: list[Fault],
     boot: BootReport,
     vm_started: float,
@@ -530,7 +532,7 @@ def _judge(
         disk=disk,
     )
     report = RunReport(
-        scenario=opts.scenario,
+        scenario=name,
         recovered=recovered,
         boots=boot.boots,
         phases=phases,

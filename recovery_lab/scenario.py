@@ -2,7 +2,10 @@
 run of it should show.
 
 A scenario changes only the OS root (partition 2): it adds, replaces, corrupts or removes
-files and may add kernel arguments. Its ``expect`` block is what the lab's tests check a run
+files and may add kernel arguments. A file's bytes come from the lab (``channel:bad-291``,
+``sensor:2.0``), from the scenario (``content``), or from the user's own file
+(``source = "file:PATH"``, relative to the scenario file's folder): a vendor breaks an image
+with their own driver or content. Its ``expect`` block is what the lab's tests check a run
 against. The format is documented for users in ``images/scenarios/README.md``.
 
 :func:`load_scenario` is the one reader: it validates with pydantic and turns every problem
@@ -32,13 +35,19 @@ SOURCES: dict[str, str] = {
     "sensor:2.0": "the sensor driver 2.0 (crashes at init in sensor_v2_init_tables)",
 }
 
+FILE_PREFIX = "file:"
+# A file source goes whole into the OS partition (a few hundred MiB): larger is a mistake.
+FILE_SOURCE_MAX = 64 * 1024 * 1024
+
 _KERNEL_ARG_RE = re.compile(r"^[A-Za-z0-9_.,:/=+-]+$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 _HINTS: dict[str, str] = {
     "name": "use lowercase letters, digits and '-', the same as the file name without .toml",
     "action": "use one of add, replace, corrupt, remove",
-    "source": "use one of " + ", ".join(SOURCES),
+    "source": "use one of "
+    + ", ".join(SOURCES)
+    + ", or file:PATH (your own file, relative to the scenario file)",
     "path": "give a path inside the OS root without a leading '/' or '..', "
     f"e.g. {CHANNEL_DIR}/C-00000291-00000000-00000032.sys",
     "kernel_args": "give a list of plain words such as \"sensor.hang=1\" (no quotes, spaces or '$')",
@@ -76,9 +85,13 @@ class FileChange(_Strict):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str | None) -> str | None:
-        if value is not None and value not in SOURCES:
-            raise ValueError(f"unknown source {value!r}")
-        return value
+        if value is None or value in SOURCES:
+            return value
+        if value.startswith(FILE_PREFIX):
+            if not value.removeprefix(FILE_PREFIX).strip():
+                raise ValueError(f"{value!r} names no file")
+            return value
+        raise ValueError(f"unknown source {value!r}")
 
     @field_validator("mode")
     @classmethod
@@ -124,6 +137,33 @@ class Scenario(_Strict):
     # Filled by load_scenario, not read from the file.
     source_path: str = Field("", exclude=True)
     source_sha256: str = Field("", exclude=True)
+    # file: sources -> (absolute path, sha256 when the scenario was read)
+    local_files: dict[str, tuple[str, str]] = Field(default_factory=dict, exclude=True)
+
+    @property
+    def build_sha256(self) -> str:
+        """What a built image of this scenario depends on: the scenario file, and the
+        content of each ``file:`` source (the scenario file's own hash when it has none)."""
+        if not self.local_files:
+            return self.source_sha256
+        parts = [self.source_sha256] + [f"{src}={sha}" for src, (_, sha) in sorted(self.local_files.items())]
+        return sha256_bytes("\n".join(parts).encode())
+
+    def file_source(self, source: str) -> bytes:
+        """The bytes of a ``file:`` source, as they were when the scenario was read."""
+        path, sha = self.local_files[source]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ScenarioError(
+                f"{self.source_path}: source {source!r}: cannot read {path}: {exc.strerror}"
+            ) from None
+        if sha256_bytes(data) != sha:
+            raise ScenarioError(
+                f"{self.source_path}: source {source!r}: {path} changed while the image was built: "
+                "build again"
+            )
+        return data
 
     @field_validator("name")
     @classmethod
@@ -186,12 +226,43 @@ def load_scenario(path: str | Path) -> Scenario:
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{path}: field {_field_name(loc)}: {msg}: {_hint(loc, err['type'])}")
         raise ScenarioError("\n".join(problems)) from None
+    local = _local_files(path, scenario)
+    if local:
+        scenario = scenario.model_copy(update={"local_files": local})
     if scenario.name != path.stem:
         raise ScenarioError(
             f"{path}: field name: {scenario.name!r} differs from the file name: "
             f"rename the file to {scenario.name}.toml or set name = {path.stem!r}"
         )
     return scenario
+
+
+def _local_files(path: Path, scenario: Scenario) -> dict[str, tuple[str, str]]:
+    """Each ``file:`` source resolved against the scenario file's folder, checked and hashed
+    (a file changed later makes a new image, never a stale cached one)."""
+    out: dict[str, tuple[str, str]] = {}
+    for i, change in enumerate(scenario.files):
+        source = change.source or ""
+        if not source.startswith(FILE_PREFIX) or source in out:
+            continue
+        where = f"{path}: field files[{i}].source: {source!r}"
+        local = (path.parent / source.removeprefix(FILE_PREFIX)).resolve()
+        try:
+            size = local.stat().st_size
+            if not local.is_file():
+                raise ScenarioError(f"{where}: {local} is not a regular file: name a file")
+            if size > FILE_SOURCE_MAX:
+                raise ScenarioError(
+                    f"{where}: {local} is {size} bytes, over the {FILE_SOURCE_MAX >> 20} MiB "
+                    "a source may be: name a smaller file"
+                )
+            out[source] = (str(local), sha256_bytes(local.read_bytes()))
+        except OSError as exc:
+            raise ScenarioError(
+                f"{where}: cannot read {local}: {exc.strerror}: "
+                "paths are relative to the scenario file's folder"
+            ) from None
+    return out
 
 
 def scenarios_dir(images: Path) -> Path:

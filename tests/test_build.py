@@ -50,6 +50,13 @@ def test_shipped_scenarios_are_valid() -> None:
     assert names == {"healthy", "channel-file", "bad-driver", "boot-hang", "init-crash", "unknown"}
 
 
+def test_the_example_scenarios_load_with_their_own_files() -> None:
+    examples = sorted((IMAGES / "scenarios" / "examples").glob("*.toml"))
+    assert [p.stem for p in examples] == ["vendor-content"]
+    [source] = load_scenario(examples[0]).local_files.values()
+    assert Path(source[0]).read_bytes()[:4] == b"CHNL"
+
+
 def test_valid_scenario(tmp_path: Path) -> None:
     s = load_scenario(write(tmp_path, GOOD))
     assert s.files[0].source == "channel:bad-291"
@@ -175,6 +182,70 @@ def test_apply_scenario_checks_existence(tmp_path: Path, action: str, path: str,
     with pytest.raises(ScenarioError, match="field files\\[0\\]") as info:
         apply_scenario(root, load_scenario(f), sensor, "6.1.0-1-amd64")
     assert fix in str(info.value)
+
+
+FILE_SOURCE = """\
+name = "mine"
+description = "a vendor's own driver and content"
+[[files]]
+path = "lib/modules/{kernel_release}/extra/sensor.ko"
+action = "replace"
+source = "file:build/sensor.ko"
+[[files]]
+path = "var/lib/sensor/channels/C-00000291-00000000-00000099.sys"
+action = "add"
+source = "file:SOURCE2"
+[expect]
+ends_in = "recovery"
+"""
+
+
+def test_file_sources_come_from_the_users_files_relative_to_the_scenario(tmp_path: Path) -> None:
+    root, sensor = _root(tmp_path)
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build/sensor.ko").write_bytes(b"vendor ko 3.1")
+    elsewhere = tmp_path / "elsewhere" / "C-99.sys"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"CHNL vendor content")
+    path = write(tmp_path, FILE_SOURCE.replace("SOURCE2", "elsewhere/C-99.sys"))
+    s = load_scenario(path)
+    assert s.build_sha256 != s.source_sha256  # the files' content is part of what is built
+    apply_scenario(root, s, sensor, "6.1.0-1-amd64")
+    assert (root / "lib/modules/6.1.0-1-amd64/extra/sensor.ko").read_bytes() == b"vendor ko 3.1"
+    assert (root / "var/lib/sensor/channels/C-00000291-00000000-00000099.sys").read_bytes() == (
+        b"CHNL vendor content"
+    )
+    # A new build of the driver is a new image, not a stale cached one.
+    (tmp_path / "build/sensor.ko").write_bytes(b"vendor ko 3.2")
+    assert load_scenario(path).build_sha256 != s.build_sha256
+    # ...and a file that changes between reading the scenario and building is refused.
+    with pytest.raises(ScenarioError, match="changed while the image was built: build again"):
+        apply_scenario(_root(tmp_path / "again")[0], s, sensor, "6.1.0-1-amd64")
+
+
+@pytest.mark.parametrize(
+    "source,problem",
+    [
+        ("missing.sys", "cannot read"),
+        ("elsewhere", "is not a regular file"),
+        ("", "names no file"),
+    ],
+)
+def test_a_file_source_that_cannot_be_used_names_the_field_and_the_fix(
+    tmp_path: Path, source: str, problem: str
+) -> None:
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build/sensor.ko").write_bytes(b"ko")
+    (tmp_path / "elsewhere").mkdir()
+    path = write(tmp_path, FILE_SOURCE.replace("SOURCE2", source))
+    with pytest.raises(ScenarioError, match=r"field files\[1\]\.source") as info:
+        load_scenario(path)
+    assert problem in str(info.value)
+
+
+def test_a_scenario_without_file_sources_keeps_its_cache_key(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, GOOD))
+    assert s.build_sha256 == s.source_sha256 and s.local_files == {}
 
 
 # ------------------------------------------------------------------ MBR

@@ -83,12 +83,36 @@ async def test_channel_file_is_recovered_with_no_human_step_but_the_approval(tmp
     assert names[0] == "failed boots" and names[-1] == "reboot to a healthy boot"
 
 
+def vendor_driver_scenario(tmp_path) -> str:
+    """``bad-driver`` as a vendor brings it: their own build of the crashing driver
+    (``source = "file:..."``; here the lab's sensor 2.0, taken from the shipped image)."""
+    from recovery_lab.build import build_image
+
+    shipped = build_image("bad-driver", log=lambda line: None)
+    with DiskImage(shipped.image) as d:
+        ko = d.ext4_file(OS, f"lib/modules/{shipped.kernel_release}/extra/sensor.ko")
+    assert ko is not None
+    (tmp_path / "vendor-build").mkdir()
+    (tmp_path / "vendor-build" / "sensor.ko").write_bytes(ko)
+    text = (REPO / "images/scenarios/bad-driver.toml").read_text()
+    assert 'source = "sensor:2.0"' in text
+    path = tmp_path / "vendor-driver.toml"
+    path.write_text(
+        text.replace('name = "bad-driver"', 'name = "vendor-driver"').replace(
+            'source = "sensor:2.0"', 'source = "file:vendor-build/sensor.ko"'
+        )
+    )
+    return str(path)
+
+
 @pytest.mark.timeout(900)
-async def test_bad_driver_is_recovered_by_restoring_the_stored_version(tmp_path):
-    o = opts("bad-driver", tmp_path, auto_approve=True, timeout_s=800)
+async def test_bad_driver_from_a_vendors_own_build_is_recovered_by_restoring_the_stored_version(tmp_path):
+    scenario = vendor_driver_scenario(tmp_path)
+    o = opts(scenario, tmp_path, auto_approve=True, timeout_s=800)
     report = await run_async(o)
     assert report.recovered, "\n".join(o.lines[-40:])
-    assert as_scenario_expects(report, "bad-driver") == []
+    assert report.scenario == "vendor-driver"
+    assert as_scenario_expects(report, scenario) == []
     assert report.boot.guest_panicked == 2
     [manifest] = report.disk["manifests"].values()
     assert "extra/sensor.ko" in json.dumps(manifest), "the 2.0 driver went to quarantine"

@@ -51,7 +51,7 @@ from ..scenario import Scenario, ScenarioError, find_scenario, load_scenario
 from ..tools import package_version, require, run
 from .cache import BuildError, Cache, Log, default_cache_dir, files_hash
 from .kernel import resolve_kernel, stage_kernel, stage_sensor
-from .osroot import BASE_CHANNELS, source_bytes
+from .osroot import BASE_CHANNELS, change_bytes, source_bytes
 
 SUITE = "bookworm"
 MIRRORS = (
@@ -439,11 +439,7 @@ def _debugfs_script(
                 data[j] ^= 0xFF
             payload = bytes(data)
         else:
-            payload = (
-                change.content.encode()
-                if change.content is not None
-                else source_bytes(change.source or "", sensor_dir)
-            )
+            payload = change_bytes(scenario, change, sensor_dir)
         local = scratch / f"new-{i}"
         local.write_bytes(payload)
         if exists:
@@ -476,6 +472,7 @@ def stage_scenario_disk(
             "base": "debian",
             "scenario": scenario.name,
             "scenario_sha256": scenario.source_sha256,
+            "scenario_files": {src: sha for src, (_, sha) in sorted(scenario.local_files.items())},
             "expect": scenario.expect.model_dump(),
             "kernel_release": release,
             "provisioned": provisioned.name,
@@ -485,7 +482,7 @@ def stage_scenario_disk(
 
     inputs = {
         "provisioned": provisioned.name,
-        "scenario": scenario.source_sha256,
+        "scenario": scenario.build_sha256,
         "name": scenario.name,
         "sensor": sensor_dir.name,
     }

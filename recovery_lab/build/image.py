@@ -80,6 +80,7 @@ def stage_disk(
         manifest = {
             "scenario": scenario.name,
             "scenario_sha256": scenario.source_sha256,
+            "scenario_files": {src: sha for src, (_, sha) in sorted(scenario.local_files.items())},
             "expect": scenario.expect.model_dump(),
             "kernel": {"release": kernel.release, "packages": kernel.versions},
             "tools": {

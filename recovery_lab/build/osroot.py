@@ -25,7 +25,7 @@ from ..checkout import IMAGES
 from ..disk import partition_mib
 from ..pyruntime import RuntimeArtifact
 from ..reproducible import EPOCH
-from ..scenario import Scenario, ScenarioError
+from ..scenario import FILE_PREFIX, FileChange, Scenario, ScenarioError
 from ..tools import package_version
 from .agent import agent_inputs, install_agent
 from .cache import Cache, files_hash
@@ -80,6 +80,17 @@ def source_bytes(source: str, sensor_dir: Path) -> bytes:
     if source.startswith("sensor:"):
         return (sensor_dir / source.removeprefix("sensor:") / "sensor.ko").read_bytes()
     raise ScenarioError(f"unknown source {source!r}")
+
+
+def change_bytes(scenario: Scenario, change: FileChange, sensor_dir: Path) -> bytes:
+    """What an ``add`` or ``replace`` writes: the scenario's ``content``, the user's own file
+    (``file:``), or an artifact the lab builds."""
+    if change.content is not None:
+        return change.content.encode()
+    source = change.source or ""
+    if source.startswith(FILE_PREFIX):
+        return scenario.file_source(source)
+    return source_bytes(source, sensor_dir)
 
 
 def _os_root(
@@ -151,12 +162,7 @@ def apply_scenario(root: Path, scenario: Scenario, sensor_dir: Path, kernel_rele
                 f'image: use action = "add", or fix the path'
             )
         if change.action in ("add", "replace"):
-            data = (
-                change.content.encode()
-                if change.content is not None
-                else source_bytes(change.source or "", sensor_dir)
-            )
-            write_file(target, data, change.file_mode)
+            write_file(target, change_bytes(scenario, change, sensor_dir), change.file_mode)
         elif change.action == "corrupt":
             # Deterministic damage: invert the first 64 bytes (the header of most formats).
             damaged = bytearray(target.read_bytes())
@@ -197,7 +203,7 @@ def stage_os(
         "sensor": sensor_dir.name,
         "initramfs": initramfs_dir.name,
         "files": files_hash(recipe),
-        "scenario": scenario.source_sha256,
+        "scenario": scenario.build_sha256,
         "scenario_name": scenario.name,
         "busybox": package_version("busybox-static"),
         "e2fsprogs": package_version("e2fsprogs"),
