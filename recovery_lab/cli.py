@@ -118,16 +118,51 @@ def _add_build_parser(sub: _SubParsers) -> None:
         help="lab: the lab's busybox OS (fast); debian: stock Debian 12 with QMR installed by "
         "recovery-agent install (needs root, mmdebstrap; the first build takes many minutes)",
     )
+    _debian_options(b)
     b.set_defaults(func=_build)
+
+
+def _debian_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--firmware",
+        default="bios",
+        choices=["bios", "uefi"],
+        help="the Debian base's firmware: bios (SeaBIOS, grub-pc) or uefi (OVMF, grub-efi-amd64); "
+        "the lab's base boots bios only",
+    )
+    p.add_argument(
+        "--no-panic-on-oops",
+        dest="panic_on_oops",
+        action="store_false",
+        help="the Debian base installed without --panic-on-oops: a driver's oops leaves the boot "
+        "going and the failed health check reboots",
+    )
+
+
+def _lab_base_is_bios(args: argparse.Namespace, command: str) -> int | None:
+    """The lab's base has one firmware and panics on an oops: the options are Debian's."""
+    if args.base == "lab" and (args.firmware != "bios" or not args.panic_on_oops):
+        option = "--firmware uefi" if args.firmware != "bios" else "--no-panic-on-oops"
+        print(
+            f"recovery-lab {command}: the lab's base boots BIOS and panics on an oops: "
+            f"use --base debian for {option}",
+            file=sys.stderr,
+        )
+        return 2
+    return None
 
 
 def _build(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if (refused := _lab_base_is_bios(args, "build")) is not None:
+        return refused
     if args.base == "debian":
         from .build.debian import build_debian_image
 
         for name in args.scenarios or ["channel-file"]:
-            image = build_debian_image(name, args.cache, log=_say)
+            image = build_debian_image(
+                name, args.cache, log=_say, firmware=args.firmware, panic_on_oops=args.panic_on_oops
+            )
             print(
                 f"{image.scenario}: {image.image} (Debian, kernel {image.kernel_release}, {image.firmware})"
             )
@@ -215,6 +250,7 @@ def _add_run_parser(sub: _SubParsers) -> None:
         choices=BASES,
         help="the machine: lab (busybox OS) or debian (stock Debian 12, QMR installed by its installer)",
     )
+    _debian_options(r)
     r.add_argument(
         "--retry-interval",
         type=int,
@@ -257,6 +293,8 @@ def _add_run_parser(sub: _SubParsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if (refused := _lab_base_is_bios(args, "run")) is not None:
+        return refused
     # The loop runs a recovery server in this process: its stack is imported only for `run`.
     from .loop import RunOptions, run
     from .runreport import render
@@ -274,6 +312,8 @@ def _run(args: argparse.Namespace) -> int:
         faults=args.faults,
         power_loss_at=tuple(step for step in args.power_loss_at.split(",") if step),
         base=args.base,
+        firmware=args.firmware,
+        panic_on_oops=args.panic_on_oops,
         log=_say,
     )
     try:

@@ -28,6 +28,7 @@ DISK_SIGNATURE = 0x514D5231  # "QMR1"; fixed so images are reproducible
 
 TYPE_FAT16_LBA = 0x0E
 TYPE_LINUX = 0x83
+TYPE_EFI = 0xEF  # an EFI system partition on an MBR disk (UEFI firmware looks there)
 
 # The lab machine's partitions, in disk order: (name, MBR type, size in MiB).
 PARTITIONS = [

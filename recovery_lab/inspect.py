@@ -87,6 +87,14 @@ class DiskImage:
         tools.run(["debugfs", "-R", f"dump -p /{path.lstrip('/')} {out}", self._ext4(number)])
         return out.read_bytes() if out.exists() else None
 
+    def ext4_rdump(self, number: int, dest: Path) -> Path:
+        """Copy the whole filesystem into the empty folder ``dest`` (debugfs rdump, no mount;
+        modes kept); return ``dest``."""
+        tools.require("debugfs")
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        tools.run(["debugfs", "-R", f"rdump / {dest}", self._ext4(number)])
+        return Path(dest)
+
     def ext4_listdir(self, number: int, path: str) -> list[str]:
         """Names in a folder (without . and ..), or [] if it does not exist."""
         tools.require("debugfs")

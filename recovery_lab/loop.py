@@ -107,6 +107,11 @@ class RunOptions:
     # The machine: "lab" (the busybox OS) or "debian" (stock Debian 12 with QMR installed by
     # recovery-agent install: recovery_lab.build.debian, which bakes its QMR timing in).
     base: str = "lab"
+    # The Debian base's firmware: "bios" or "uefi" (OVMF); the lab's base boots BIOS only.
+    firmware: str = "bios"
+    # The Debian base: installed with --panic-on-oops (a driver's oops panics) or without (the
+    # boot goes on and the health check's verdict reboots). The lab's base always panics.
+    panic_on_oops: bool = True
     log: Callable[[str], None] = print
 
 
@@ -323,7 +328,9 @@ def _debian_image(opts: RunOptions) -> DebianImage:
             f"the Debian base's QMR timing is set at install ({LAB_TIMING}); a run cannot change "
             f"{', '.join(differ)}: leave them at their defaults"
         )
-    return build_debian_image(opts.scenario, log=opts.log)
+    return build_debian_image(
+        opts.scenario, log=opts.log, firmware=opts.firmware, panic_on_oops=opts.panic_on_oops
+    )
 
 
 def _short(detail: str) -> str:
@@ -388,6 +395,7 @@ async def run_async(opts: RunOptions) -> RunReport:
                 forward_port=lab.guest_port,
                 forward_guest_port=DEBIAN_GUEST_PORT,
                 memory_mb=DEBIAN_MEMORY_MB,
+                firmware=debian.firmware,
             )
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch(lab, opts, done))

@@ -43,6 +43,7 @@ PACKAGES: dict[str, str] = {
     "mdir": "mtools",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.fat": "dosfstools",
+    "mmdebstrap": "mmdebstrap",
     "mmd": "mtools",
     "qemu-img": "qemu-utils",
     "qemu-system-x86_64": "qemu-system-x86",

@@ -25,7 +25,8 @@ if [ "$want_test" = 1 ]; then
 fi
 if [ "$want_lab" = 1 ]; then
   packages+=(qemu-system-x86 qemu-utils grub-pc-bin grub-common dosfstools mtools e2fsprogs
-             fdisk busybox-static cpio gzip kmod make gcc-12 libc6-dev)
+             fdisk busybox-static cpio gzip kmod make gcc-12 libc6-dev
+             mmdebstrap ovmf)   # the stock-Debian base: its tree, and UEFI machines
 fi
 if [ "$want_pg" = 1 ]; then
   packages+=(postgresql)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from recovery_agent.digest import sha256_bytes, sha256_file
 from recovery_lab import disk
 from recovery_lab.build import debian
 from recovery_lab.build.cache import Cache
@@ -127,11 +128,42 @@ OURS = (
 )
 
 
+# What a boot of the stock image changes on its own, left out of the file-by-file comparison:
+# systemd's journal and random seed, the login records, and the crash records of the failed
+# boots that systemd-pstore moved out of /sys/fs/pstore.
+NORMAL_BOOT_CHANGES = (
+    "var/log/journal/",
+    "var/log/wtmp",
+    "var/lib/systemd/random-seed",
+    "var/lib/systemd/pstore/",
+)
+
+
+def tree_digest(image: Path, part: int, dest: Path) -> dict[str, str]:
+    """Every path on a partition -> its sha256, ``dir``, or ``-> target`` for a symlink."""
+    with DiskImage(image) as d:
+        root = d.ext4_rdump(part, dest)
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = sha256_file(p)
+    shutil.rmtree(root)
+    return out
+
+
 @pytest.mark.qemu
 @pytest.mark.slow
 @can_build
 @pytest.mark.timeout(7200)
-async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Path, firmware: str) -> None:
     from recovery_lab.loop import RunOptions, render, run_async
 
     lines: list[str] = []
@@ -139,6 +171,7 @@ async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Pa
         scenario="channel-file",
         auto_approve=True,
         base="debian",
+        firmware=firmware,
         timeout_s=1800,
         workdir=tmp_path / "run",
         keep=True,
@@ -157,6 +190,71 @@ async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Pa
     assert inc["channel_file"] == f"var/lib/sensor/channels/{BAD}"
     assert report.boot.entries_chosen[:3] == ["os", "os", "recovery"]
     assert report.boot.entries_chosen[-1] == "os"
+    assert report.device["state"] == "healthy"
+    # File by file, the OS against the image before the fault: the bad file went to quarantine
+    # (it was added after this image was made, so it is in neither), the agent kept its
+    # journal and last directive; nothing else changed but what any boot changes.
+    provisioned = debian.build_debian_image("channel-file", firmware=firmware, log=lambda _: None)
+    before = provisioned.server_key.parent / "disk.img"
+    after = tmp_path / "run" / "vm" / "disk.qcow2"
+    for part in (debian.BOOT_PART, debian.ROOT_PART):
+        old = tree_digest(before, part, tmp_path / f"before-{part}")
+        new = tree_digest(after, part, tmp_path / f"after-{part}")
+        differ = sorted(set(old) ^ set(new) | {p for p in set(old) & set(new) if old[p] != new[p]})
+        ours = [p for p in differ if not p.startswith(NORMAL_BOOT_CHANGES)]
+        if part == debian.BOOT_PART:
+            assert ours == [], ours  # grubenv is back at boot_count=0, rewritten in place
+            continue
+        directive = folder  # the quarantine's folder is named for the directive
+        assert ours == [
+            "var/lib/recovery/journal",
+            f"var/lib/recovery/journal/{directive}.json",
+            "var/lib/recovery/last-directive",
+            "var/lib/recovery/quarantine",
+            f"var/lib/recovery/quarantine/{directive}",
+            f"var/lib/recovery/quarantine/{directive}/0-{BAD}",
+            f"var/lib/recovery/quarantine/{directive}/manifest.json",
+        ], ours
+        assert new[f"var/lib/recovery/quarantine/{directive}/0-{BAD}"] == sha256_bytes(
+            channel_file("channel:bad-291")
+        )
+    # The panic's log reached the recovery environment through the firmware's pstore backend:
+    # EFI variables on UEFI (efi_pstore, kept by OVMF's NVRAM), reserved RAM on BIOS (ramoops).
+    backend = "efi" if firmware == "uefi" else "ramoops"
+    assert f"QMR-PSTORE dmesg-{backend}-" in report.boot.console_text
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@can_build
+@pytest.mark.timeout(7200)
+async def test_an_oops_without_a_panic_is_recovered_through_the_failing_health_check(tmp_path) -> None:
+    """Installed without --panic-on-oops: the driver's oops leaves the boot going, the vendor's
+    required health check fails (the driver is not live), the health verdict saves the kernel
+    log and reboots; after two such boots the recovery environment names the crash from that
+    log (or pstore's Oops record) and the fix is applied."""
+    from recovery_lab.loop import RunOptions, render, run_async
+
+    lines: list[str] = []
+    opts = RunOptions(
+        scenario="channel-file",
+        auto_approve=True,
+        base="debian",
+        panic_on_oops=False,
+        timeout_s=2400,
+        workdir=tmp_path / "run",
+        keep=True,
+        log=lines.append,
+    )
+    report = await run_async(opts)
+    assert report.recovered, "\n".join(lines[-60:]) + render(report)
+    assert report.boot.guest_panicked == 0
+    failed_boots = report.boot.console_text.split("QMR-GRUB entry=recovery")[0]
+    assert failed_boots.count("QMR-UNHEALTHY required check failed: 50-sensor.sh") == 2
+    assert "Kernel panic" not in failed_boots
+    assert report.server_incident["title"] == "general protection fault in sensor_parse_channel"
+    assert report.server_incident["channel_file"] == f"var/lib/sensor/channels/{BAD}"
+    assert report.boot.entries_chosen[:3] == ["os", "os", "recovery"]
     assert report.device["state"] == "healthy"
 
 

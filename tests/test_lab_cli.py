@@ -48,3 +48,42 @@ def test_a_failed_demo_missed_its_expectations(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(cli, "run_demo", failed)
     assert cli.main(["demo"]) == 1
     assert "wrong state" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["build", "run"])
+@pytest.mark.parametrize("option", [["--firmware", "uefi"], ["--no-panic-on-oops"]])
+def test_debian_options_on_the_lab_base_are_refused(command: str, option: list[str], capsys) -> None:
+    assert cli.main([command, "channel-file", *option]) == 2
+    assert f"use --base debian for {' '.join(option)}" in capsys.readouterr().err
+
+
+def test_a_uefi_machine_boots_ovmf_with_its_own_variable_store(tmp_path) -> None:
+    from recovery_lab.qemu.machine import (
+        EFI_VARS,
+        OVMF_CODE,
+        OVMF_VARS,
+        MachineConfig,
+        machine_args,
+        prepare_disks,
+    )
+
+    if not OVMF_VARS.is_file():
+        pytest.skip("no OVMF here: scripts/setup.sh --lab installs ovmf")
+    cfg = MachineConfig(kernel=OVMF_CODE, firmware="uefi")
+    cfg.validate()
+    disks = prepare_disks(cfg, tmp_path)
+    assert disks.efi_vars == tmp_path / EFI_VARS
+    assert disks.efi_vars.read_bytes() == OVMF_VARS.read_bytes()
+    disks.efi_vars.write_bytes(b"variables the guest wrote")
+    assert prepare_disks(cfg, tmp_path).efi_vars.read_bytes() == b"variables the guest wrote"  # kept
+    args = machine_args(cfg, None, [], disks.efi_vars)
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}" in args
+    assert f"if=pflash,format=raw,unit=1,file={disks.efi_vars}" in args
+    assert not any("pflash" in a for a in machine_args(MachineConfig(kernel=OVMF_CODE), None, []))
+
+
+def test_an_unknown_firmware_is_refused() -> None:
+    from recovery_lab.qemu.machine import FORWARDER, MachineConfig, MachineConfigError
+
+    with pytest.raises(MachineConfigError, match="use one of bios, uefi"):
+        MachineConfig(kernel=FORWARDER, firmware="coreboot").validate()

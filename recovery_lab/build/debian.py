@@ -4,8 +4,9 @@
 directory of the cache, :mod:`~recovery_lab.build.cache`)::
 
     debian-tree     mmdebstrap --variant=minbase bookworm with PACKAGES (systemd, udev,
-                    kmod, the kernel, initramfs-tools, grub-pc, python3, busybox, ...), keyed
-                    by the candidate versions of those packages; dpkg -l of the tree recorded
+                    kmod, the kernel, initramfs-tools, python3, busybox, ...) and the firmware's
+                    GRUB (grub-pc on BIOS, grub-efi-amd64 on UEFI), keyed by the candidate
+                    versions of those packages; dpkg -l of the tree recorded
     sensor-deb      the vendor's package, as a vendor ships a driver: sensor.ko 1.0 built
                     against the tree's kernel headers in /lib/modules/<release>/extra, loaded
                     by systemd-modules-load (/etc/modules-load.d/sensor.conf), its channel
@@ -14,7 +15,8 @@ directory of the cache, :mod:`~recovery_lab.build.cache`)::
     debian-base     the image before QMR: the tree with the image's own settings
                     (images/debian/: serial console, DHCP, fstab by UUID) and the vendor's
                     package installed with dpkg; /boot on its own partition (GRUB writes
-                    grubenv there: it cannot inside LUKS); MBR, no boot code yet
+                    grubenv there: it cannot inside LUKS); on UEFI an EFI system partition
+                    (FAT, mounted at /boot/efi) after the root; MBR, no boot code yet
     debian-qmr      a provisioning boot under QEMU (update-grub and grub-install need the
                     machine's block devices, which a chroot has not): Debian's own
                     grub-install and update-grub, then `python3 -m recovery_agent.install
@@ -24,12 +26,17 @@ directory of the cache, :mod:`~recovery_lab.build.cache`)::
     debian-disk     per scenario: the scenario's files changed on the root partition with
                     debugfs (no mount), the fault last, after QMR was installed
 
+UEFI machines boot with OVMF (``recovery_lab.qemu``: its variables kept in the run directory,
+where the kernel's ``efi_pstore`` keeps a panic's log); GRUB is installed the removable way
+(``EFI/BOOT/BOOTX64.EFI``, no boot entry in NVRAM), so a fresh variable store boots it.
+
 The lab's recovery server uses the key made in ``debian-qmr`` (the image's settings pin its
 public half), and enrolls the device key the installer made on the machine.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -65,12 +72,13 @@ PACKAGES = (
     "kmod",
     "linux-image-amd64",
     "initramfs-tools",
-    "grub-pc",
     "python3",
     "busybox",
     "e2fsprogs",
     "zstd",
 )
+GRUB_PACKAGES = {"bios": ("grub-pc",), "uefi": ("grub-efi-amd64", "dosfstools")}
+FIRMWARES = tuple(GRUB_PACKAGES)
 REQUIRED_TOOLS = (
     "mmdebstrap",
     "chroot",
@@ -80,12 +88,16 @@ REQUIRED_TOOLS = (
     "qemu-img",
     "qemu-system-x86_64",
 )
+UEFI_TOOLS = ("mkfs.fat",)
 
-# The disk: p1 /boot (ext4), p2 / (ext4). Fixed UUIDs: the image's fstab names them.
+# The disk: p1 /boot (ext4), p2 / (ext4), on UEFI p3 /boot/efi (FAT). Fixed UUIDs: the
+# image's fstab names them.
 PARTITIONS = [("boot", disk.TYPE_LINUX, 512), ("root", disk.TYPE_LINUX, 3072)]
-BOOT_PART, ROOT_PART = 1, 2
+ESP_PARTITION = ("esp", disk.TYPE_EFI, 128)
+BOOT_PART, ROOT_PART, ESP_PART = 1, 2, 3
 BOOT_UUID = "51a2c0de-de12-4000-8000-0000000000b1"
 ROOT_UUID = "51a2c0de-de12-4000-8000-0000000000b2"
+ESP_VOLUME_ID = "51A2C0DE"  # FAT's serial number; fstab names it UUID=51A2-C0DE
 HOSTNAME = "qmr-debian"
 # The guest's side of the server address in the image's settings (the lab forwards it).
 GUEST_SERVER = "http://10.0.2.100:8080"
@@ -103,10 +115,17 @@ LAB_TIMING = {
 }
 # What the lab's installer run asks for besides the bundle's wheels and settings. The recovery
 # environment takes only the drivers this machine boots with (MODULES=dep) and its network card:
-# mkinitramfs with MODULES=most did not finish in 7 minutes under TCG.
-INSTALL_ARGS = (
-    "--panic-on-oops --panic-timeout 5 --boot-limit 2 --recovery-modules dep --extra-module virtio_net"
-)
+# mkinitramfs with MODULES=most did not finish in 7 minutes under TCG. A driver's oops panics
+# the machine (--panic-on-oops, what a fleet that wants a crash to count at once sets) unless
+# the image is built without it: then the oops leaves the boot going, the vendor's required
+# health check fails, and the health verdict reboots (greenboot's model).
+INSTALL_ARGS = "--panic-timeout 5 --boot-limit 2 --recovery-modules dep --extra-module virtio_net"
+
+
+def install_args(panic_on_oops: bool = True) -> str:
+    return ("--panic-on-oops " if panic_on_oops else "") + INSTALL_ARGS
+
+
 PROVISION_TIMEOUT_S = 3600.0
 
 DEBIAN_RECIPES = IMAGES / "debian"
@@ -126,6 +145,7 @@ class DebianImage:
     device_key: Path  # the device key the installer made on the machine
     firmware: str = "bios"
     expect: dict[str, Any] = field(default_factory=dict)
+    panic_on_oops: bool = True
 
 
 def _candidates(packages: tuple[str, ...]) -> dict[str, str]:
@@ -146,8 +166,14 @@ def _tree_release(root: Path) -> str:
     return releases[0]
 
 
-def stage_tree(cache: Cache) -> Path:
-    """``root/``: Debian 12 minbase with :data:`PACKAGES`, made by mmdebstrap (as root)."""
+def partitions(firmware: str) -> list[tuple[str, int, int]]:
+    return PARTITIONS + [ESP_PARTITION] if firmware == "uefi" else list(PARTITIONS)
+
+
+def stage_tree(cache: Cache, firmware: str = "bios") -> Path:
+    """``root/``: Debian 12 minbase with :data:`PACKAGES` and the firmware's GRUB, made by
+    mmdebstrap (as root)."""
+    packages = PACKAGES + GRUB_PACKAGES[firmware]
 
     def build(out: Path) -> None:
         root = out / "root"
@@ -155,7 +181,7 @@ def stage_tree(cache: Cache) -> Path:
             [
                 "mmdebstrap",
                 "--variant=minbase",
-                "--include=" + ",".join(PACKAGES),
+                "--include=" + ",".join(packages),
                 SUITE,
                 root,
                 *MIRRORS,
@@ -167,10 +193,10 @@ def stage_tree(cache: Cache) -> Path:
     inputs = {
         "suite": SUITE,
         "mirrors": MIRRORS,
-        "packages": _candidates(PACKAGES),
+        "packages": _candidates(packages),
         "mmdebstrap": package_version("mmdebstrap"),
     }
-    return cache.stage("debian-tree", inputs, build, SUITE)
+    return cache.stage("debian-tree", inputs, build, f"{SUITE}, {firmware}")
 
 
 def stage_vendor_package(cache: Cache, tree_dir: Path) -> tuple[Path, Path]:
@@ -237,21 +263,28 @@ def _mkfs(root: Path, out: Path, size_mib: int, uuid: str, label: str) -> None:
     run(["mkfs.ext4", "-q", "-F", "-L", label, "-U", uuid, "-E", "root_owner=0:0,nodiscard", "-d", root, out])
 
 
-def stage_base(cache: Cache, tree_dir: Path, deb: Path) -> Path:
+def _mkfs_esp(out: Path, size_mib: int) -> None:
+    with open(out, "wb") as f:
+        f.truncate(size_mib * disk.MIB)
+    run(["mkfs.fat", "-F", "32", "-i", ESP_VOLUME_ID, "-n", "ESP", out])
+
+
+def stage_base(cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios") -> Path:
     """``disk.img``: the stock image before QMR (see the module docstring), with the
     kernel and initramfs beside it for the provisioning boot."""
     recipes = sorted(DEBIAN_RECIPES.iterdir())
     release = json.loads((tree_dir / "tree.json").read_text())["kernel_release"]
+    layout = partitions(firmware)
 
     def build(out: Path) -> None:
         work = out / "work"
         root = work / "root"
         work.mkdir()
         run(["cp", "-a", tree_dir / "root", root])
-        _write(
-            root / "etc/fstab",
-            f"UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n",
-        )
+        fstab = f"UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n"
+        if firmware == "uefi":
+            fstab += f"UUID={ESP_VOLUME_ID[:4]}-{ESP_VOLUME_ID[4:]} /boot/efi vfat umask=0077 0 1\n"
+        _write(root / "etc/fstab", fstab)
         _write(root / "etc/hostname", f"{HOSTNAME}\n")
         _write(root / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
         _write(
@@ -281,10 +314,14 @@ def stage_base(cache: Cache, tree_dir: Path, deb: Path) -> Path:
         shutil.copy(boot / f"vmlinuz-{release}", out / "vmlinuz")
         shutil.copy(boot / f"initrd.img-{release}", out / "initrd.img")
         images = {BOOT_PART: work / "boot.ext4", ROOT_PART: work / "root.ext4"}
-        sizes = dict((name, mib) for name, _, mib in PARTITIONS)
+        sizes = dict((name, mib) for name, _, mib in layout)
+        if firmware == "uefi":
+            (boot / "efi").mkdir(exist_ok=True)  # the ESP's mount point, on /boot
+            images[ESP_PART] = work / "esp.fat"
+            _mkfs_esp(images[ESP_PART], sizes["esp"])
         _mkfs(boot, images[BOOT_PART], sizes["boot"], BOOT_UUID, "boot")
         _mkfs(root, images[ROOT_PART], sizes["root"], ROOT_UUID, "root")
-        disk.assemble(out / "disk.img", disk.layout(PARTITIONS), images, None, None)
+        disk.assemble(out / "disk.img", disk.layout(layout), images, None, None)
         shutil.rmtree(work)
         (out / "base.json").write_text(json.dumps({"kernel_release": release}) + "\n")
 
@@ -292,16 +329,18 @@ def stage_base(cache: Cache, tree_dir: Path, deb: Path) -> Path:
         "tree": tree_dir.name,
         "deb": sha256_file(deb),
         "recipes": files_hash(recipes),
-        "layout": PARTITIONS,
+        "layout": layout,
     }
-    return cache.stage("debian-base", inputs, build, release)
+    return cache.stage("debian-base", inputs, build, f"{release}, {firmware}")
 
 
 def _agent_files() -> list[Path]:
     return sorted(p for p in AGENT_PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 
-def _bundle(bundle: Path, wheels: list[Path], settings: dict[str, Any], firmware: str) -> None:
+def _write_bundle(
+    bundle: Path, wheels: list[Path], settings: dict[str, Any], firmware: str, args: str
+) -> None:
     """The install bundle: the agent's sources, its wheels, the fleet settings, the script."""
     for src in _agent_files():
         _write(bundle / "recovery_agent" / src.relative_to(AGENT_PACKAGE), src.read_bytes())
@@ -309,10 +348,12 @@ def _bundle(bundle: Path, wheels: list[Path], settings: dict[str, Any], firmware
         _write(bundle / "wheels" / wheel.name, wheel.read_bytes())
     _write(bundle / "settings.json", json.dumps(settings, indent=1) + "\n")
     _write(bundle / "provision.sh", (DEBIAN_RECIPES / "provision.sh").read_bytes(), 0o755)
-    _write(bundle / "provision.conf", f'FIRMWARE={firmware}\nINSTALL_ARGS="{INSTALL_ARGS}"\n')
+    _write(bundle / "provision.conf", f'FIRMWARE={firmware}\nINSTALL_ARGS="{args}"\n')
 
 
-def stage_provisioned(cache: Cache, base_dir: Path, tree_dir: Path, firmware: str, log: Log) -> Path:
+def stage_provisioned(
+    cache: Cache, base_dir: Path, tree_dir: Path, firmware: str, log: Log, panic_on_oops: bool = True
+) -> Path:
     """``disk.img`` with QMR installed in a provisioning boot, ``server.key`` (the lab server's
     key its settings pin), ``device.key`` (made on the machine), the install's manifest."""
     libc = re.search(r"^libc6:?\S*\t(\S+)$", (tree_dir / "packages.txt").read_text(), re.M)
@@ -322,6 +363,7 @@ def stage_provisioned(cache: Cache, base_dir: Path, tree_dir: Path, firmware: st
         cache.root / "pyruntime" / "wheels", installed_pins(), glibc_version(libc[1]), log
     )
     device_id = f"lab-debian-{firmware}"
+    _bundle = functools.partial(_write_bundle, args=install_args(panic_on_oops))
 
     def build(out: Path) -> None:
         server_key = SigningKey.generate()
@@ -336,7 +378,7 @@ def stage_provisioned(cache: Cache, base_dir: Path, tree_dir: Path, firmware: st
         _bundle(bundle, wheels, settings, firmware)
         _mkfs(bundle, out / "bundle.ext4", 256, "51a2c0de-de12-4000-8000-0000000000bb", "qmrbundle")
         shutil.rmtree(bundle)
-        boot = _provisioning_boot(base_dir, out / "bundle.ext4", out / "vm", log)
+        boot = _provisioning_boot(base_dir, out / "bundle.ext4", out / "vm", firmware, log)
         (out / "provision-console.log").write_text(boot.console_text)
         if "QMR-PROVISIONED" not in boot.console_text:
             tail = "\n".join(boot.console_text.splitlines()[-25:])
@@ -369,13 +411,15 @@ def stage_provisioned(cache: Cache, base_dir: Path, tree_dir: Path, firmware: st
         "agent": files_hash(_agent_files()),
         "wheels": [w.name for w in wheels],
         "recipes": files_hash(sorted(DEBIAN_RECIPES.iterdir())),
-        "install_args": INSTALL_ARGS,
+        "install_args": install_args(panic_on_oops),
         "timing": LAB_TIMING,
     }
-    return cache.stage("debian-qmr", inputs, build, firmware)
+    return cache.stage(
+        "debian-qmr", inputs, build, firmware + ("" if panic_on_oops else ", oops keeps running")
+    )
 
 
-def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, log: Log) -> Any:
+def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, firmware: str, log: Log) -> Any:
     import asyncio
 
     from ..boot import follow_boot
@@ -390,6 +434,7 @@ def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, log: Log) ->
         extra_drives=[Drive(bundle, "raw", "virtio", readonly=True)],
         memory_mb=MEMORY_MB,
         watchdog=False,
+        firmware=firmware,
     )
 
     def progress(seconds: float, line: str) -> None:
@@ -461,7 +506,7 @@ def stage_scenario_disk(
     def build(out: Path) -> None:
         image = out / "disk.img"
         run(["cp", "--sparse=always", provisioned / "disk.img", image])
-        offset = disk.layout(PARTITIONS)[ROOT_PART - 1].offset
+        offset = disk.layout(PARTITIONS)[ROOT_PART - 1].offset  # the same on both firmwares
         with tempfile.TemporaryDirectory(dir=out) as scratch:
             cmds = _debugfs_script(image, offset, scenario, sensor_dir, release, Path(scratch))
             if cmds:
@@ -490,23 +535,27 @@ def stage_scenario_disk(
 
 
 def build_debian_image(
-    scenario: str, cache_dir: Path | None = None, log: Log = print, firmware: str = "bios"
+    scenario: str,
+    cache_dir: Path | None = None,
+    log: Log = print,
+    firmware: str = "bios",
+    panic_on_oops: bool = True,
 ) -> DebianImage:
     """Build (or take from the cache) the Debian image of ``scenario``; see the module
-    docstring for the stages."""
-    if firmware != "bios":
-        raise BuildError(f"firmware {firmware!r}: the Debian base is built for bios only so far")
+    docstring for the stages. ``panic_on_oops=False``: installed without --panic-on-oops."""
+    if firmware not in FIRMWARES:
+        raise BuildError(f"firmware {firmware!r}: use one of {', '.join(FIRMWARES)}")
     loaded = load_scenario(find_scenario(scenario, IMAGES))
-    require(*REQUIRED_TOOLS)
+    require(*REQUIRED_TOOLS, *(UEFI_TOOLS if firmware == "uefi" else ()))
     if os.geteuid() != 0:
         raise BuildError("the Debian base needs root (mmdebstrap, chroot, dpkg -i into the tree)")
     cache = Cache((cache_dir or default_cache_dir()).resolve(), log)
     cache.root.mkdir(parents=True, exist_ok=True)
-    tree = stage_tree(cache)
+    tree = stage_tree(cache, firmware)
     deb, sensor_dir = stage_vendor_package(cache, tree)
-    base = stage_base(cache, tree, deb)
+    base = stage_base(cache, tree, deb, firmware)
     release = json.loads((base / "base.json").read_text())["kernel_release"]
-    provisioned = stage_provisioned(cache, base, tree, firmware, log)
+    provisioned = stage_provisioned(cache, base, tree, firmware, log, panic_on_oops)
     disk_dir = stage_scenario_disk(cache, provisioned, loaded, sensor_dir, release)
     info = json.loads((provisioned / "provisioned.json").read_text())
     return DebianImage(
@@ -519,4 +568,5 @@ def build_debian_image(
         device_key=provisioned / "device.key",
         firmware=firmware,
         expect=loaded.expect.model_dump(),
+        panic_on_oops=panic_on_oops,
     )

@@ -26,11 +26,16 @@ Device choices (QEMU 7.2, measured):
   guest opens, and it opens its own connection to the host port (:func:`forward_command`).
   A ``-tcp:`` forward is one connection made when QEMU starts and never made again: after a
   server restart or a connection the server closed the guest could not reach the host again.
+- ``firmware="uefi"``: OVMF (Debian's ``ovmf``) as two pflash drives, the firmware read-only
+  and its variable store (:data:`EFI_VARS`, a copy of OVMF's empty store made once in the run
+  directory) writable. Guest reboots keep the variables, as NVRAM does: the kernel's
+  ``efi_pstore`` keeps a panic's log there for the next boot.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,12 @@ MIN_MEMORY_MB = 256
 NETDEV = "n0"
 # The boot disk's overlay in the run directory.
 DISK_OVERLAY = "disk.qcow2"
+# UEFI: OVMF's firmware and its empty variable store (Debian's ovmf package, 4 MiB builds).
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+FIRMWARES = ("bios", "uefi")
+# The machine's UEFI variables in the run directory (kept across the guest's reboots).
+EFI_VARS = "efivars.fd"
 # What libslirp runs for each guest connection to the forwarded address.
 FORWARDER = Path(__file__).with_name("forwarder.py")
 
@@ -90,6 +101,8 @@ class MachineConfig:
     # settings name a fixed port, http://10.0.2.100:8080).
     forward_guest_port: int | None = None
     extra_args: list[str] = field(default_factory=list)
+    # "bios" (SeaBIOS, QEMU's default) or "uefi" (OVMF with its variables in the run directory)
+    firmware: str = "bios"
 
     def validate(self) -> None:
         """Raise :class:`MachineConfigError` if this machine cannot be started."""
@@ -98,6 +111,15 @@ class MachineConfig:
         for what, path in (("disk image", self.disk), ("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not Path(path).is_file():
                 raise MachineConfigError(f"{what} {path} does not exist: build it first (recovery-lab build)")
+        if self.firmware not in FIRMWARES:
+            raise MachineConfigError(f"firmware {self.firmware!r}: use one of {', '.join(FIRMWARES)}")
+        if self.firmware == "uefi":
+            for path in (OVMF_CODE, OVMF_VARS):
+                if not path.is_file():
+                    raise MachineConfigError(
+                        f"UEFI needs OVMF and {path} is not there: apt-get install ovmf "
+                        "(scripts/setup.sh --lab installs it)"
+                    )
         if self.memory_mb < MIN_MEMORY_MB:
             raise MachineConfigError(
                 f"memory_mb={self.memory_mb}: ramoops at 0x7f00000 needs >= {MIN_MEMORY_MB} MB"
@@ -106,11 +128,12 @@ class MachineConfig:
 
 @dataclass(frozen=True)
 class RunDisks:
-    """The files one run's QEMU opens: the boot disk's overlay (if there is a disk) and one
-    path per extra drive (its overlay, or the file itself)."""
+    """The files one run's QEMU opens: the boot disk's overlay (if there is a disk), one
+    path per extra drive (its overlay, or the file itself), and the UEFI variable store."""
 
     disk: Path | None
     drives: list[Path]
+    efi_vars: Path | None = None
 
 
 def make_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
@@ -147,7 +170,12 @@ def prepare_disks(cfg: MachineConfig, run_dir: Path) -> RunDisks:
             drives.append(overlay)
         else:
             drives.append(Path(drive.path).resolve())
-    return RunDisks(disk, drives)
+    efi_vars = None
+    if cfg.firmware == "uefi":
+        efi_vars = run_dir / EFI_VARS
+        if not efi_vars.exists():  # a run that boots again keeps the machine's variables
+            shutil.copyfile(OVMF_VARS, efi_vars)
+    return RunDisks(disk, drives, efi_vars)
 
 
 def forward_command(port: int, host: str = "127.0.0.1") -> str:
@@ -159,11 +187,22 @@ def forward_command(port: int, host: str = "127.0.0.1") -> str:
     return command.replace(",", ",,")
 
 
-def machine_args(cfg: MachineConfig, disk_path: Path | None, drive_paths: list[Path]) -> list[str]:
+def machine_args(
+    cfg: MachineConfig, disk_path: Path | None, drive_paths: list[Path], efi_vars: Path | None = None
+) -> list[str]:
     """The part of QEMU's command line that makes the machine: accelerator, memory, CPUs,
-    devices and their ``-action``s, what to boot, the disks, the network (pure: no files are
-    touched)."""
+    firmware, devices and their ``-action``s, what to boot, the disks, the network (pure: no
+    files are touched)."""
     cmd = ["-accel", cfg.accel, "-m", str(cfg.memory_mb), "-smp", str(cfg.smp)]
+    if cfg.firmware == "uefi":
+        if efi_vars is None:
+            raise MachineConfigError("a UEFI machine needs its variable store (prepare_disks makes it)")
+        cmd += [
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={efi_vars}",
+        ]
     actions = ["reboot=reset", "shutdown=poweroff"]
     if cfg.pvpanic:
         cmd += ["-device", "pvpanic"]

@@ -94,6 +94,7 @@ def build_command(
     console_path: Path,
     disk_path: Path | None,
     drive_paths: list[Path],
+    efi_vars: Path | None = None,
 ) -> list[str]:
     """The QEMU command line for ``cfg``: paused, no default devices, no display, QMP on the
     inherited ``qmp_fd``, the serial console into ``console_path``, then the machine (pure:
@@ -113,7 +114,7 @@ def build_command(
         "-serial",
         "chardev:con0",
     ]
-    return cmd + machine_args(cfg, disk_path, drive_paths)
+    return cmd + machine_args(cfg, disk_path, drive_paths, efi_vars)
 
 
 class QemuVM:
@@ -198,6 +199,7 @@ class QemuVM:
             console_path=self.console_path,
             disk_path=disks.disk,
             drive_paths=disks.drives,
+            efi_vars=disks.efi_vars,
         )
         (self.run_dir / "cmdline.txt").write_text(shlex.join(self.cmdline) + "\n")
         self._stderr_file = open(self.stderr_path, "wb")
