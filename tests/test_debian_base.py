@@ -22,6 +22,8 @@ from recovery_lab.build import debian
 from recovery_lab.build.cache import Cache
 from recovery_lab.build.osroot import channel_file
 from recovery_lab.inspect import DiskImage
+from recovery_lab.loop import RunOptions, run_async
+from recovery_lab.runreport import render
 from recovery_lab.scenario import ScenarioError, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,7 +166,6 @@ def tree_digest(image: Path, part: int, dest: Path) -> dict[str, str]:
 @pytest.mark.timeout(7200)
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
 async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Path, firmware: str) -> None:
-    from recovery_lab.loop import RunOptions, render, run_async
 
     lines: list[str] = []
     opts = RunOptions(
@@ -233,7 +234,6 @@ async def test_an_oops_without_a_panic_is_recovered_through_the_failing_health_c
     required health check fails (the driver is not live), the health verdict saves the kernel
     log and reboots; after two such boots the recovery environment names the crash from that
     log (or pstore's Oops record) and the fix is applied."""
-    from recovery_lab.loop import RunOptions, render, run_async
 
     lines: list[str] = []
     opts = RunOptions(
@@ -262,8 +262,37 @@ async def test_an_oops_without_a_panic_is_recovered_through_the_failing_health_c
 @pytest.mark.slow
 @can_build
 @pytest.mark.timeout(7200)
-def test_nothing_of_ours_in_the_debian_image_was_placed_by_the_lab(tmp_path: Path) -> None:
-    image = debian.build_debian_image("healthy", log=lambda _: None)
+async def test_bad_driver_on_stock_debian_is_recovered_by_restoring_the_vendors_stored_version(
+    tmp_path: Path,
+) -> None:
+    """The vendor's package keeps 1.0 in the driver store; 2.0 crashes at init at every boot."""
+    lines: list[str] = []
+    opts = RunOptions(
+        scenario="bad-driver",
+        auto_approve=True,
+        base="debian",
+        timeout_s=2400,
+        workdir=tmp_path / "run",
+        keep=True,
+        log=lines.append,
+    )
+    report = await run_async(opts)
+    assert report.recovered, "\n".join(lines[-60:]) + render(report)
+    assert report.server_incident["guilty_frame"] == "sensor_v2_init_tables"
+    [manifest] = report.disk["manifests"].values()
+    assert "extra/sensor.ko" in json.dumps(manifest), "the 2.0 driver went to quarantine"
+    healthy_boot = report.boot.console_text.split("QMR-GRUB entry=recovery")[-1]
+    assert "sensor: version 1.0" in healthy_boot and "sensor: version 2.0" not in healthy_boot
+    assert report.device["state"] == "healthy"
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@can_build
+@pytest.mark.timeout(7200)
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_nothing_of_ours_in_the_debian_image_was_placed_by_the_lab(tmp_path: Path, firmware: str) -> None:
+    image = debian.build_debian_image("healthy", log=lambda _: None, firmware=firmware)
     provisioned = image.server_key.parent
     manifest = json.loads((provisioned / "install-manifest.json").read_text())
     recorded = {c["path"] for c in manifest["changes"]}
