@@ -363,6 +363,7 @@ def stage_provisioned(
         cache.root / "pyruntime" / "wheels", installed_pins(), glibc_version(libc[1]), log
     )
     device_id = f"lab-debian-{firmware}"
+    # The bundle for this install's arguments (they are in the stage's inputs below).
     _bundle = functools.partial(_write_bundle, args=install_args(panic_on_oops))
 
     def build(out: Path) -> None:
