@@ -250,7 +250,7 @@ async def test_an_oops_without_a_panic_is_recovered_through_the_failing_health_c
     assert report.recovered, "\n".join(lines[-60:]) + render(report)
     assert report.boot.guest_panicked == 0
     failed_boots = report.boot.console_text.split("QMR-GRUB entry=recovery")[0]
-    assert failed_boots.count("QMR-UNHEALTHY required check failed: 50-sensor.sh") == 2
+    assert failed_boots.count("QMR-UNHEALTHY required check failed: required.d/50-sensor.sh") == 2
     assert "Kernel panic" not in failed_boots
     assert report.server_incident["title"] == "general protection fault in sensor_parse_channel"
     assert report.server_incident["channel_file"] == f"var/lib/sensor/channels/{BAD}"
