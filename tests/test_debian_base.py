@@ -23,7 +23,7 @@ from recovery_lab.build.cache import Cache
 from recovery_lab.build.osroot import channel_file
 from recovery_lab.inspect import DiskImage
 from recovery_lab.loop import RunOptions, run_async
-from recovery_lab.runreport import render
+from recovery_lab.runreport import RunReport, render
 from recovery_lab.scenario import ScenarioError, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,26 +160,32 @@ def tree_digest(image: Path, part: int, dest: Path) -> dict[str, str]:
     return out
 
 
+async def recovered_run(tmp_path: Path, scenario: str, **options: object) -> RunReport:
+    """The whole loop on the Debian base, kept in ``tmp_path/run``; fails with the run's last
+    lines unless the machine recovered."""
+    lines: list[str] = []
+    opts = RunOptions(
+        scenario=scenario,
+        auto_approve=True,
+        base="debian",
+        timeout_s=2400,
+        workdir=tmp_path / "run",
+        keep=True,
+        log=lines.append,
+        **options,
+    )
+    report = await run_async(opts)
+    assert report.recovered, "\n".join(lines[-60:]) + render(report)
+    return report
+
+
 @pytest.mark.qemu
 @pytest.mark.slow
 @can_build
 @pytest.mark.timeout(7200)
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
 async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Path, firmware: str) -> None:
-
-    lines: list[str] = []
-    opts = RunOptions(
-        scenario="channel-file",
-        auto_approve=True,
-        base="debian",
-        firmware=firmware,
-        timeout_s=1800,
-        workdir=tmp_path / "run",
-        keep=True,
-        log=lines.append,
-    )
-    report = await run_async(opts)
-    assert report.recovered, "\n".join(lines[-60:]) + render(report)
+    report = await recovered_run(tmp_path, "channel-file", firmware=firmware)
     assert report.problems == []
     d = report.disk
     assert sorted(d["channel_files"]) == sorted(GOOD)
@@ -244,19 +250,7 @@ async def test_an_oops_without_a_panic_is_recovered_through_the_failing_health_c
     log and reboots; after two such boots the recovery environment names the crash from that
     log (or pstore's Oops record) and the fix is applied."""
 
-    lines: list[str] = []
-    opts = RunOptions(
-        scenario="channel-file",
-        auto_approve=True,
-        base="debian",
-        panic_on_oops=False,
-        timeout_s=2400,
-        workdir=tmp_path / "run",
-        keep=True,
-        log=lines.append,
-    )
-    report = await run_async(opts)
-    assert report.recovered, "\n".join(lines[-60:]) + render(report)
+    report = await recovered_run(tmp_path, "channel-file", panic_on_oops=False)
     assert report.boot.guest_panicked == 0
     failed_boots = report.boot.console_text.split("QMR-GRUB entry=recovery")[0]
     assert failed_boots.count("QMR-UNHEALTHY required check failed: required.d/50-sensor.sh") == 2
@@ -275,18 +269,7 @@ async def test_bad_driver_on_stock_debian_is_recovered_by_restoring_the_vendors_
     tmp_path: Path,
 ) -> None:
     """The vendor's package keeps 1.0 in the driver store; 2.0 crashes at init at every boot."""
-    lines: list[str] = []
-    opts = RunOptions(
-        scenario="bad-driver",
-        auto_approve=True,
-        base="debian",
-        timeout_s=2400,
-        workdir=tmp_path / "run",
-        keep=True,
-        log=lines.append,
-    )
-    report = await run_async(opts)
-    assert report.recovered, "\n".join(lines[-60:]) + render(report)
+    report = await recovered_run(tmp_path, "bad-driver")
     assert report.server_incident["guilty_frame"] == "sensor_v2_init_tables"
     [manifest] = report.disk["manifests"].values()
     assert "extra/sensor.ko" in json.dumps(manifest), "the 2.0 driver went to quarantine"
