@@ -57,7 +57,7 @@ from ..pyruntime.download import download_wheels, glibc_version, installed_pins
 from ..scenario import Scenario, ScenarioError, find_scenario, load_scenario
 from ..tools import package_version, require, run
 from .cache import BuildError, Cache, Log, default_cache_dir, files_hash
-from .kernel import resolve_kernel, stage_kernel, stage_sensor
+from .kernel import apt_candidates, resolve_kernel, stage_kernel, stage_sensor
 from .osroot import BASE_CHANNELS, change_bytes, source_bytes
 
 SUITE = "bookworm"
@@ -148,17 +148,6 @@ class DebianImage:
     panic_on_oops: bool = True
 
 
-def _candidates(packages: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for name in packages:
-        policy = run(["apt-cache", "policy", name])
-        m = re.search(r"Candidate:\s*(\S+)", policy)
-        if not m or m.group(1) == "(none)":
-            raise BuildError(f"apt knows no version of {name}: run apt-get update")
-        out[name] = m.group(1)
-    return out
-
-
 def _tree_release(root: Path) -> str:
     releases = sorted(p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*"))
     if len(releases) != 1:
@@ -193,7 +182,7 @@ def stage_tree(cache: Cache, firmware: str = "bios") -> Path:
     inputs = {
         "suite": SUITE,
         "mirrors": MIRRORS,
-        "packages": _candidates(packages),
+        "packages": apt_candidates(packages),
         "mmdebstrap": package_version("mmdebstrap"),
     }
     return cache.stage("debian-tree", inputs, build, f"{SUITE}, {firmware}")

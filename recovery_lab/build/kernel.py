@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,14 +85,19 @@ def resolve_kernel() -> KernelPackages:
     release = m.group(1)
     abi = release.removesuffix("-amd64")
     names = [f"linux-image-{release}", f"linux-headers-{release}", f"linux-headers-{abi}-common", KBUILD]
+    return KernelPackages(release, apt_candidates(names))
+
+
+def apt_candidates(names: Sequence[str]) -> dict[str, str]:
+    """The version apt would install of each package (``apt-cache policy``'s candidate)."""
     versions = {}
     for name in names:
         policy = run(["apt-cache", "policy", name])
-        vm = re.search(r"Candidate:\s*(\S+)", policy)
-        if not vm or vm.group(1) == "(none)":
+        m = re.search(r"Candidate:\s*(\S+)", policy)
+        if not m or m.group(1) == "(none)":
             raise BuildError(f"apt knows no version of {name}: run apt-get update")
-        versions[name] = vm.group(1)
-    return KernelPackages(release, versions)
+        versions[name] = m.group(1)
+    return versions
 
 
 def stage_kernel(cache: Cache, kernel: KernelPackages) -> Path:
