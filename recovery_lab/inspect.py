@@ -1,7 +1,7 @@
 """Read what a run left on a machine's disk, from outside the VM and without mounting.
 
 A run's writes live in its qcow2 overlay; ``DiskImage`` flattens it to a raw file (sparse,
-so a 400 MiB disk costs what was written), finds the partitions from the MBR, and reads:
+so a 400 MiB disk costs what was written), finds the partitions from the MBR or the GPT, and reads:
 files on the FAT ESP through mtools (``grub/grubenv``), and files and folders on the ext4 OS
 and recovery partitions through debugfs, both at the partition's offset in the file. No loop
 device, no root needed, nothing is written to the image.
@@ -17,7 +17,7 @@ from pathlib import Path
 from recovery_agent.bootenv import BootEnv
 
 from . import tools
-from .disk import SECTOR, DiskError, Partition, parse_mbr
+from .disk import DiskError, Partition, read_partitions
 
 # Partition numbers, for the methods that take one.
 ESP, OS = 1, 2
@@ -41,8 +41,8 @@ class DiskImage:
             tools.run(["qemu-img", "convert", "-O", "raw", str(self.source), str(self.raw)])
         else:
             self.raw = self.source
-        with open(self.raw, "rb") as f:
-            self.partitions = {p.number: p for p in parse_mbr(f.read(SECTOR))}
+        self.table, found = read_partitions(self.raw)
+        self.partitions = {p.number: p for p in found}
 
     def __enter__(self) -> DiskImage:
         return self

@@ -4,9 +4,11 @@ no downloads."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -291,6 +293,62 @@ def test_assemble_places_everything(tmp_path: Path) -> None:
     if shutil.which("sfdisk") or Path("/usr/sbin/sfdisk").exists():
         dump = run(["sfdisk", "--dump", out])
         assert "start=        2048, size=        2048, type=e, bootable" in dump
+
+
+def test_gpt_round_trip_and_sfdisk_agrees(tmp_path: Path) -> None:
+    """A GPT the lab writes reads back the same here and in sfdisk (util-linux), with the
+    backup table where sfdisk looks for it."""
+    parts = disk.layout(
+        [("bios", disk.GPT_BIOS_BOOT, 1), ("root", disk.GPT_LINUX, 3), ("esp", disk.GPT_EFI, 2)]
+    )
+    images = {2: tmp_path / "p2"}
+    images[2].write_bytes(b"ROOT" + bytes(100))
+    out = tmp_path / "disk.img"
+    guid = uuid.UUID("51a2c0de-0000-4000-8000-000000000001")
+    disk.assemble(out, parts, images, None, None, table="gpt", disk_guid=guid)
+    data = out.read_bytes()
+    assert len(data) % disk.MIB == 0 and len(data) >= disk.disk_size(parts) + 33 * 512
+    assert data[parts[1].offset : parts[1].offset + 4] == b"ROOT"
+    table, back = disk.read_partitions(out)
+    assert table == "gpt"
+    assert [(p.number, p.name, p.type_guid, p.start, p.sectors) for p in back] == [
+        (p.number, p.name, p.type_guid, p.start, p.sectors) for p in parts
+    ]
+    sfdisk = shutil.which("sfdisk") or ("/usr/sbin/sfdisk" if Path("/usr/sbin/sfdisk").exists() else None)
+    if sfdisk:
+        info = json.loads(run([sfdisk, "--json", out]))["partitiontable"]
+        assert info["label"] == "gpt" and info["id"].lower() == str(guid)
+        assert [(q["start"], q["size"], q["type"].lower(), q["name"]) for q in info["partitions"]] == [
+            (p.start, p.sectors, p.type_guid, p.name) for p in parts
+        ]
+        verify = subprocess.run([sfdisk, "--verify", out], capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_gpt_damage_is_named(tmp_path: Path) -> None:
+    parts = disk.layout([("root", disk.GPT_LINUX, 1)])
+    out = tmp_path / "disk.img"
+    disk.assemble(out, parts, {}, None, None, table="gpt")
+    raw = bytearray(out.read_bytes())
+    raw[2 * 512 + 40] ^= 0xFF  # in the first entry's first LBA
+    out.write_bytes(bytes(raw))
+    with pytest.raises(disk.DiskError, match="entries' CRC32"):
+        disk.read_partitions(out)
+    raw[512 + 24] ^= 0xFF  # in the header
+    out.write_bytes(bytes(raw))
+    with pytest.raises(disk.DiskError, match="header's CRC32"):
+        disk.read_partitions(out)
+    out.write_bytes(bytes(raw[:600]))
+    with pytest.raises(disk.DiskError, match="whole disk"):
+        disk.read_partitions(out)
+
+
+def test_mbr_disk_reads_as_mbr(tmp_path: Path) -> None:
+    parts = disk.layout([("boot", disk.TYPE_LINUX, 1), ("root", disk.TYPE_LINUX, 1)])
+    out = tmp_path / "disk.img"
+    disk.assemble(out, parts, {}, None, None)
+    table, back = disk.read_partitions(out)
+    assert table == "mbr" and [p.start for p in back] == [p.start for p in parts]
 
 
 def test_core_img_must_fit(tmp_path: Path) -> None:
