@@ -5,6 +5,8 @@ commands:
   build    the disk images of the scenarios in images/scenarios (cached; see images/README.md)
   boot     boot one scenario's disk image in QEMU and print the timeline of what happened
   run      the whole recovery loop in QEMU: server, failed boots, agent, approval, fix, healthy boot
+  example-image  a Debian 12 disk image as a user has one (GPT, GRUB, a vendor's driver, no QMR),
+           to try --image with
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_build_parser(sub)
     _add_boot_parser(sub)
     _add_run_parser(sub)
+    _add_example_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "base") and (refused := _resolve_base(args, args.cmd)) is not None:
+        return refused
     try:
         code: int = args.func(args)
     except DemoError as exc:
@@ -113,10 +118,10 @@ def _add_build_parser(sub: _SubParsers) -> None:
     )
     b.add_argument(
         "--base",
-        default="lab",
         choices=BASES,
-        help="lab: the lab's busybox OS (fast); debian: stock Debian 12 with QMR installed by "
-        "recovery-agent install (needs root, mmdebstrap; the first build takes many minutes)",
+        help="lab: the lab's busybox OS (fast; the default); debian: stock Debian 12 with QMR "
+        "installed by recovery-agent install (needs root, mmdebstrap; the first build takes many "
+        "minutes), or with --image your own",
     )
     _debian_options(b)
     b.set_defaults(func=_build)
@@ -125,10 +130,9 @@ def _add_build_parser(sub: _SubParsers) -> None:
 def _debian_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--firmware",
-        default="bios",
         choices=["bios", "uefi"],
-        help="the Debian base's firmware: bios (SeaBIOS, grub-pc) or uefi (OVMF, grub-efi-amd64); "
-        "the lab's base boots bios only",
+        help="the Debian base's firmware: bios (SeaBIOS, grub-pc; the default) or uefi (OVMF, "
+        "grub-efi-amd64); with --image, read from the image's GRUB package; the lab's base boots bios only",
     )
     p.add_argument(
         "--no-panic-on-oops",
@@ -137,35 +141,56 @@ def _debian_options(p: argparse.ArgumentParser) -> None:
         help="the Debian base installed without --panic-on-oops: a driver's oops leaves the boot "
         "going and the failed health check reboots",
     )
+    p.add_argument(
+        "--image",
+        type=Path,
+        metavar="PATH",
+        help="your own disk image (raw or qcow2) of a Debian-family system to build the Debian base "
+        "from (implies --base debian; only read, never written; what it needs: docs/own-image.md)",
+    )
 
 
-def _lab_base_is_bios(args: argparse.Namespace, command: str) -> int | None:
-    """The lab's base has one firmware and panics on an oops: the options are Debian's."""
-    if args.base == "lab" and (args.firmware != "bios" or not args.panic_on_oops):
-        option = "--firmware uefi" if args.firmware != "bios" else "--no-panic-on-oops"
+def _resolve_base(args: argparse.Namespace, command: str) -> int | None:
+    """Settle --base (lab unless --image) and refuse what only the Debian base does on the
+    lab's (one firmware, panics on an oops, no --image)."""
+    if args.base is None:
+        args.base = "debian" if args.image else "lab"
+    if args.base == "lab" and (args.firmware not in (None, "bios") or not args.panic_on_oops or args.image):
+        option = (
+            "--image"
+            if args.image
+            else "--firmware uefi"
+            if args.firmware not in (None, "bios")
+            else "--no-panic-on-oops"
+        )
         print(
-            f"recovery-lab {command}: the lab's base boots BIOS and panics on an oops: "
+            f"recovery-lab {command}: the lab's base boots BIOS, panics on an oops and is built by the lab: "
             f"use --base debian for {option}",
             file=sys.stderr,
         )
         return 2
+    if args.image is None and args.firmware is None:
+        args.firmware = "bios"
     return None
 
 
 def _build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    if (refused := _lab_base_is_bios(args, "build")) is not None:
-        return refused
     if args.base == "debian":
         from .build.debian import build_debian_image
 
         for name in args.scenarios or ["channel-file"]:
             image = build_debian_image(
-                name, args.cache, log=_say, firmware=args.firmware, panic_on_oops=args.panic_on_oops
+                name,
+                args.cache,
+                log=_say,
+                firmware=args.firmware,
+                panic_on_oops=args.panic_on_oops,
+                image=args.image,
             )
-            print(
-                f"{image.scenario}: {image.image} (Debian, kernel {image.kernel_release}, {image.firmware})"
-            )
+            made_from = "Debian" if args.image is None else f"from {args.image}"
+            facts = f"{made_from}, kernel {image.kernel_release}, {image.firmware}"
+            print(f"{image.scenario}: {image.image} ({facts})")
         print(f"done in {time.monotonic() - started:.1f}s")
         return 0
     artifacts = build_images(args.scenarios or None, args.cache, log=_say)
@@ -246,9 +271,9 @@ def _add_run_parser(sub: _SubParsers) -> None:
     r.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
     r.add_argument(
         "--base",
-        default="lab",
         choices=BASES,
-        help="the machine: lab (busybox OS) or debian (stock Debian 12, QMR installed by its installer)",
+        help="the machine: lab (busybox OS; the default) or debian (stock Debian 12, or with --image "
+        "your own, QMR installed by its installer)",
     )
     _debian_options(r)
     r.add_argument(
@@ -293,8 +318,6 @@ def _add_run_parser(sub: _SubParsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if (refused := _lab_base_is_bios(args, "run")) is not None:
-        return refused
     # The loop runs a recovery server in this process: its stack is imported only for `run`.
     from .loop import RunOptions, run
     from .runreport import render
@@ -314,6 +337,7 @@ def _run(args: argparse.Namespace) -> int:
         base=args.base,
         firmware=args.firmware,
         panic_on_oops=args.panic_on_oops,
+        image=args.image,
         log=_say,
     )
     try:
@@ -327,6 +351,39 @@ def _run(args: argparse.Namespace) -> int:
         args.report.write_text(json.dumps(report.to_json(), indent=1))
         print(f"report written to {args.report}")
     return 0 if report.met_expectations else 1
+
+
+# --------------------------------------------------------------------------- example-image
+
+
+def _add_example_parser(sub: _SubParsers) -> None:
+    e = _parser(
+        sub,
+        "example-image",
+        "write a Debian 12 disk image as a user has one (GPT, /boot on the root, GRUB installed by "
+        "the machine, the vendor's sensor driver, no QMR) to try --image with",
+    )
+    e.add_argument("out", type=Path, metavar="OUT.qcow2", help="where to write the image (qcow2)")
+    e.add_argument("--firmware", default="bios", choices=["bios", "uefi"], help="how it boots (default bios)")
+    e.add_argument(
+        "--cache", type=Path, help="cache directory (default: $QMR_CACHE, else .cache/qmr in the checkout)"
+    )
+    e.set_defaults(func=_example)
+
+
+def _example(args: argparse.Namespace) -> int:
+    import os
+
+    from .build.cache import BuildError, Cache, default_cache_dir
+    from .build.userimage import make_example_image
+
+    if os.geteuid() != 0:
+        raise BuildError("the example image needs root (mmdebstrap, chroot, dpkg -i into the tree)")
+    cache = Cache((args.cache or default_cache_dir()).resolve(), _say)
+    cache.root.mkdir(parents=True, exist_ok=True)
+    out = make_example_image(args.out, cache, args.firmware, _say)
+    print(f"example image written to {out}: try recovery-lab run SCENARIO --image {out} --auto-approve")
+    return 0
 
 
 if __name__ == "__main__":

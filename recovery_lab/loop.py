@@ -70,11 +70,10 @@ GUEST_OS_ROOT = "/mnt/os"
 GUEST_GRUBENV = "/mnt/esp/grub/grubenv"
 # The lab's own entries in a run's event list start with this (lab.directive_tampered, ...).
 LAB_EVENT = "lab."
-# The Debian base (recovery_lab.build.debian): the port its settings name, its memory, where
-# its grubenv is (partition 1 is /boot, ext4), and the console line that ends a run there.
+# The Debian base (recovery_lab.build.debian): the port its settings name, its memory, and the
+# console line that ends a run there (the image says where its root and grubenv are).
 DEBIAN_GUEST_PORT = 8080
 DEBIAN_MEMORY_MB = 1024
-DEBIAN_GRUBENV = (1, "grub/grubenv")
 DEBIAN_STOP = r"QMR-HEALTH-REPORT(ED|-FAILED)"
 TAMPERED_EVENT = "lab.directive_tampered"
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
@@ -108,10 +107,13 @@ class RunOptions:
     # recovery-agent install: recovery_lab.build.debian, which bakes its QMR timing in).
     base: str = "lab"
     # The Debian base's firmware: "bios" or "uefi" (OVMF); the lab's base boots BIOS only.
-    firmware: str = "bios"
+    # None: a user's image says (its GRUB package).
+    firmware: str | None = "bios"
     # The Debian base: installed with --panic-on-oops (a driver's oops panics) or without (the
     # boot goes on and the health check's verdict reboots). The lab's base always panics.
     panic_on_oops: bool = True
+    # The Debian base made from a user's own disk image (raw or qcow2) instead of the lab's.
+    image: Path | None = None
     log: Callable[[str], None] = print
 
 
@@ -329,7 +331,11 @@ def _debian_image(opts: RunOptions) -> DebianImage:
             f"{', '.join(differ)}: leave them at their defaults"
         )
     return build_debian_image(
-        opts.scenario, log=opts.log, firmware=opts.firmware, panic_on_oops=opts.panic_on_oops
+        opts.scenario,
+        log=opts.log,
+        firmware=opts.firmware,
+        panic_on_oops=opts.panic_on_oops,
+        image=opts.image,
     )
 
 
@@ -428,7 +434,7 @@ async def run_async(opts: RunOptions) -> RunReport:
             done.set()
             await watcher
         lab.poll_events()
-        report = _judge(lab, opts, name, faults, boot, vm_started, device_id, work, problems)
+        report = _judge(lab, opts, name, faults, boot, vm_started, device_id, work, problems, debian)
     finally:
         await lab.stop()
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
@@ -450,6 +456,7 @@ def _judge(
     device_id: str,
     work: Path,
     drive_problems: list[str],
+    debian: DebianImage | None = None,
 ) -> RunReport:
     svc = lab.service
 
@@ -514,20 +521,23 @@ def _judge(
     disk: dict[str, Any] = {}
     overlays = list((work / "vm").glob("*.qcow2"))
     if overlays:
-        with DiskImage(overlays[0], grubenv_at=DEBIAN_GRUBENV if opts.base == "debian" else None) as d:
+        root = debian.root_part if debian else OS
+        with DiskImage(overlays[0], grubenv_at=debian.grubenv if debian else None) as d:
             env = d.grubenv()
             disk["grubenv"] = dict(env)
-            disk["channel_files"] = sorted(d.ext4_listdir(OS, CHANNEL_DIR))
+            disk["channel_files"] = sorted(d.ext4_listdir(root, CHANNEL_DIR))
             disk["quarantine"] = {
-                folder: sorted(d.ext4_listdir(OS, f"{QUARANTINE_DIR}/{folder}"))
-                for folder in d.ext4_listdir(OS, QUARANTINE_DIR)
+                folder: sorted(d.ext4_listdir(root, f"{QUARANTINE_DIR}/{folder}"))
+                for folder in d.ext4_listdir(root, QUARANTINE_DIR)
             }
             manifests = {
-                folder: d.ext4_file(OS, f"{QUARANTINE_DIR}/{folder}/manifest.json")
+                folder: d.ext4_file(root, f"{QUARANTINE_DIR}/{folder}/manifest.json")
                 for folder in disk["quarantine"]
             }
             disk["manifests"] = {k: json.loads(v) for k, v in manifests.items() if v}
-            disk.update(disk_facts(lambda path: d.ext4_file(OS, path), lambda path: d.ext4_listdir(OS, path)))
+            disk.update(
+                disk_facts(lambda path: d.ext4_file(root, path), lambda path: d.ext4_listdir(root, path))
+            )
     facts = RunFacts(
         recovered=recovered,
         console_text=boot.console_text,

@@ -53,8 +53,8 @@ def _provisioned(tmp_path: Path) -> Path:
     (tmp_path / "bootfs").mkdir()
     out.mkdir()
     images = {debian.BOOT_PART: tmp_path / "boot.ext4", debian.ROOT_PART: tmp_path / "root.ext4"}
-    debian._mkfs(tmp_path / "bootfs", images[1], 512, debian.BOOT_UUID, "boot")
-    debian._mkfs(root, images[2], 3072, debian.ROOT_UUID, "root")
+    debian.mkfs_ext4(tmp_path / "bootfs", images[1], 512, debian.BOOT_UUID, "boot")
+    debian.mkfs_ext4(root, images[2], 3072, debian.ROOT_UUID, "root")
     disk.assemble(out / "disk.img", disk.layout(debian.PARTITIONS), images, None, None)
     return out
 

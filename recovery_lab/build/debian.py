@@ -146,6 +146,9 @@ class DebianImage:
     firmware: str = "bios"
     expect: dict[str, Any] = field(default_factory=dict)
     panic_on_oops: bool = True
+    root_part: int = 2  # the root filesystem's partition
+    grubenv: tuple[int, str] = (1, "grub/grubenv")  # (partition, path) of GRUB's grubenv
+    base: str = "debian"  # or the user's image file it was made from
 
 
 def _tree_release(root: Path) -> str:
@@ -246,16 +249,45 @@ def _write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def _mkfs(root: Path, out: Path, size_mib: int, uuid: str, label: str) -> None:
+def mkfs_ext4(root: Path, out: Path, size_mib: int, uuid: str, label: str) -> None:
     with open(out, "wb") as f:
         f.truncate(size_mib * disk.MIB)
     run(["mkfs.ext4", "-q", "-F", "-L", label, "-U", uuid, "-E", "root_owner=0:0,nodiscard", "-d", root, out])
 
 
-def _mkfs_esp(out: Path, size_mib: int) -> None:
+def mkfs_esp(out: Path, size_mib: int) -> None:
     with open(out, "wb") as f:
         f.truncate(size_mib * disk.MIB)
     run(["mkfs.fat", "-F", "32", "-i", ESP_VOLUME_ID, "-n", "ESP", out])
+
+
+PROVISION_UNIT = "qmr-lab-provision.service"
+SERIAL_CONSOLE_CFG = "etc/default/grub.d/lab-serial-console.cfg"
+
+
+def prepare_root(root: Path, fstab: str, deb: Path) -> None:
+    """The image's own settings on a copy of the Debian tree: fstab, host name, the serial
+    console (the lab follows the boot there), DHCP on the lab's network, root without a
+    password, the lab's provisioning unit (it removes itself), and the vendor's package."""
+    _write(root / "etc/fstab", fstab)
+    _write(root / "etc/hostname", f"{HOSTNAME}\n")
+    _write(root / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
+    _write(root / SERIAL_CONSOLE_CFG, (DEBIAN_RECIPES / "grub-serial-console.cfg").read_bytes())
+    _write(
+        root / "etc/systemd/network/20-lab-dhcp.network",
+        (DEBIAN_RECIPES / "20-lab-dhcp.network").read_bytes(),
+    )
+    unit = PROVISION_UNIT
+    _write(root / "etc/systemd/system" / unit, (DEBIAN_RECIPES / unit).read_bytes())
+    (root / "etc/systemd/system/multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (root / "etc/systemd/system/multi-user.target.wants" / unit).symlink_to(f"/etc/systemd/system/{unit}")
+    run(["chroot", root, "systemctl", "enable", "systemd-networkd.service"])
+    # No person at a lab machine's console: its first boot must not ask for a locale.
+    run(["chroot", root, "systemctl", "mask", "systemd-firstboot.service"])
+    run(["chroot", root, "passwd", "-d", "root"])  # a lab machine: log in on the console
+    shutil.copy(deb, root / "tmp" / deb.name)
+    run(["chroot", root, "dpkg", "-i", f"/tmp/{deb.name}"])
+    (root / "tmp" / deb.name).unlink()
 
 
 def stage_base(cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios") -> Path:
@@ -273,28 +305,7 @@ def stage_base(cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios") 
         fstab = f"UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n"
         if firmware == "uefi":
             fstab += f"UUID={ESP_VOLUME_ID[:4]}-{ESP_VOLUME_ID[4:]} /boot/efi vfat umask=0077 0 1\n"
-        _write(root / "etc/fstab", fstab)
-        _write(root / "etc/hostname", f"{HOSTNAME}\n")
-        _write(root / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
-        _write(
-            root / "etc/default/grub.d/lab-serial-console.cfg",
-            (DEBIAN_RECIPES / "grub-serial-console.cfg").read_bytes(),
-        )
-        _write(
-            root / "etc/systemd/network/20-lab-dhcp.network",
-            (DEBIAN_RECIPES / "20-lab-dhcp.network").read_bytes(),
-        )
-        unit = "qmr-lab-provision.service"
-        _write(root / "etc/systemd/system" / unit, (DEBIAN_RECIPES / unit).read_bytes())
-        (root / "etc/systemd/system/multi-user.target.wants").mkdir(parents=True, exist_ok=True)
-        (root / "etc/systemd/system/multi-user.target.wants" / unit).symlink_to(f"/etc/systemd/system/{unit}")
-        run(["chroot", root, "systemctl", "enable", "systemd-networkd.service"])
-        # No person at a lab machine's console: its first boot must not ask for a locale.
-        run(["chroot", root, "systemctl", "mask", "systemd-firstboot.service"])
-        run(["chroot", root, "passwd", "-d", "root"])  # a lab machine: log in on the console
-        shutil.copy(deb, root / "tmp" / deb.name)
-        run(["chroot", root, "dpkg", "-i", f"/tmp/{deb.name}"])
-        (root / "tmp" / deb.name).unlink()
+        prepare_root(root, fstab, deb)
         # /boot on its own partition.
         boot = work / "boot"
         boot.mkdir()
@@ -307,9 +318,9 @@ def stage_base(cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios") 
         if firmware == "uefi":
             (boot / "efi").mkdir(exist_ok=True)  # the ESP's mount point, on /boot
             images[ESP_PART] = work / "esp.fat"
-            _mkfs_esp(images[ESP_PART], sizes["esp"])
-        _mkfs(boot, images[BOOT_PART], sizes["boot"], BOOT_UUID, "boot")
-        _mkfs(root, images[ROOT_PART], sizes["root"], ROOT_UUID, "root")
+            mkfs_esp(images[ESP_PART], sizes["esp"])
+        mkfs_ext4(boot, images[BOOT_PART], sizes["boot"], BOOT_UUID, "boot")
+        mkfs_ext4(root, images[ROOT_PART], sizes["root"], ROOT_UUID, "root")
         disk.assemble(out / "disk.img", disk.layout(layout), images, None, None)
         shutil.rmtree(work)
         (out / "base.json").write_text(json.dumps({"kernel_release": release}) + "\n")
@@ -328,7 +339,12 @@ def _agent_files() -> list[Path]:
 
 
 def _write_bundle(
-    bundle: Path, wheels: list[Path], settings: dict[str, Any], firmware: str, args: str
+    bundle: Path,
+    wheels: list[Path],
+    settings: dict[str, Any],
+    firmware: str,
+    args: str,
+    grub_install: bool = True,
 ) -> None:
     """The install bundle: the agent's sources, its wheels, the fleet settings, the script."""
     for src in _agent_files():
@@ -336,24 +352,54 @@ def _write_bundle(
     for wheel in wheels:
         _write(bundle / "wheels" / wheel.name, wheel.read_bytes())
     _write(bundle / "settings.json", json.dumps(settings, indent=1) + "\n")
+    write_script(bundle, firmware, args, grub_install)
+
+
+def write_script(
+    bundle: Path, firmware: str, args: str, grub_install: bool, install_qmr: bool = True
+) -> None:
     _write(bundle / "provision.sh", (DEBIAN_RECIPES / "provision.sh").read_bytes(), 0o755)
-    _write(bundle / "provision.conf", f'FIRMWARE={firmware}\nINSTALL_ARGS="{args}"\n')
+    conf = f'FIRMWARE={firmware}\nINSTALL_ARGS="{args}"\n'
+    conf += "" if grub_install else "GRUB_INSTALL=no\n"
+    conf += "" if install_qmr else "INSTALL_QMR=no\n"
+    _write(bundle / "provision.conf", conf)
 
 
-def stage_provisioned(
-    cache: Cache, base_dir: Path, tree_dir: Path, firmware: str, log: Log, panic_on_oops: bool = True
-) -> Path:
-    """``disk.img`` with QMR installed in a provisioning boot, ``server.key`` (the lab server's
-    key its settings pin), ``device.key`` (made on the machine), the install's manifest."""
+@dataclass(frozen=True)
+class Machine:
+    """A disk the provisioning boot starts (``disk.img`` in ``dir``, with the kernel and
+    initramfs it boots directly, ``vmlinuz`` and ``initrd.img``): its root filesystem's
+    partition and UUID, its libc version (for the agent's wheels), and whether GRUB is
+    Debian's to install first (the lab's base) or already the image's own (a user's)."""
+
+    dir: Path
+    root_part: int
+    root_uuid: str
+    libc: str
+    device_id: str
+    grub_install: bool = True
+
+
+def base_machine(base_dir: Path, tree_dir: Path, firmware: str) -> Machine:
     libc = re.search(r"^libc6:?\S*\t(\S+)$", (tree_dir / "packages.txt").read_text(), re.M)
     if libc is None:
         raise BuildError(f"no libc6 in {tree_dir / 'packages.txt'}")
+    return Machine(base_dir, ROOT_PART, ROOT_UUID, libc[1], f"lab-debian-{firmware}")
+
+
+def stage_provisioned(
+    cache: Cache, machine: Machine, firmware: str, log: Log, panic_on_oops: bool = True
+) -> Path:
+    """``disk.img`` with QMR installed in a provisioning boot, ``server.key`` (the lab server's
+    key its settings pin), ``device.key`` (made on the machine), the install's manifest."""
     wheels = download_wheels(
-        cache.root / "pyruntime" / "wheels", installed_pins(), glibc_version(libc[1]), log
+        cache.root / "pyruntime" / "wheels", installed_pins(), glibc_version(machine.libc), log
     )
-    device_id = f"lab-debian-{firmware}"
+    device_id = machine.device_id
     # The bundle for this install's arguments (they are in the stage's inputs below).
-    _bundle = functools.partial(_write_bundle, args=install_args(panic_on_oops))
+    _bundle = functools.partial(
+        _write_bundle, args=install_args(panic_on_oops), grub_install=machine.grub_install
+    )
 
     def build(out: Path) -> None:
         server_key = SigningKey.generate()
@@ -366,50 +412,60 @@ def stage_provisioned(
         }
         bundle = out / "bundle"
         _bundle(bundle, wheels, settings, firmware)
-        _mkfs(bundle, out / "bundle.ext4", 256, "51a2c0de-de12-4000-8000-0000000000bb", "qmrbundle")
+        mkfs_ext4(bundle, out / "bundle.ext4", 256, "51a2c0de-de12-4000-8000-0000000000bb", "qmrbundle")
         shutil.rmtree(bundle)
-        boot = _provisioning_boot(base_dir, out / "bundle.ext4", out / "vm", firmware, log)
-        (out / "provision-console.log").write_text(boot.console_text)
-        if "QMR-PROVISIONED" not in boot.console_text:
-            tail = "\n".join(boot.console_text.splitlines()[-25:])
-            raise BuildError(
-                f"the provisioning boot did not finish ({boot.outcome} after {boot.seconds:.0f} s); "
-                f"console in {out / 'provision-console.log'}:\n{tail}"
-            )
-        overlay = out / "vm" / "disk.qcow2"
-        run(["qemu-img", "convert", "-O", "raw", overlay, out / "disk.img"])
-        shutil.rmtree(out / "vm")
-        (out / "bundle.ext4").unlink()
+        provision_boot(machine, out, firmware, log)
         with DiskImage(out / "disk.img") as d:
             for rel, name in (
                 ("etc/recovery/device.key", "device.key"),
                 ("etc/recovery/agent.json", "agent.json"),
                 ("var/lib/recovery/install/manifest.json", "install-manifest.json"),
             ):
-                data = d.ext4_file(ROOT_PART, rel)
+                data = d.ext4_file(machine.root_part, rel)
                 if data is None:
                     raise BuildError(f"the installer left no /{rel} in the image")
                 _write(out / name, data, 0o600)
-        (out / "provisioned.json").write_text(
-            json.dumps({"device_id": device_id, "firmware": firmware, "seconds": round(boot.seconds, 1)})
-            + "\n"
-        )
+        provisioned = json.loads((out / "provisioned.json").read_text())
+        provisioned.update(device_id=device_id, firmware=firmware, root_part=machine.root_part)
+        (out / "provisioned.json").write_text(json.dumps(provisioned) + "\n")
 
     inputs = {
-        "base": base_dir.name,
+        "base": machine.dir.name,
         "firmware": firmware,
         "agent": files_hash(_agent_files()),
         "wheels": [w.name for w in wheels],
         "recipes": files_hash(sorted(DEBIAN_RECIPES.iterdir())),
         "install_args": install_args(panic_on_oops),
         "timing": LAB_TIMING,
+        "grub_install": machine.grub_install,
     }
     return cache.stage(
         "debian-qmr", inputs, build, firmware + ("" if panic_on_oops else ", oops keeps running")
     )
 
 
-def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, firmware: str, log: Log) -> Any:
+def provision_boot(machine: Machine, out: Path, firmware: str, log: Log) -> None:
+    """Boot ``machine`` once with ``out/bundle.ext4`` as its second disk (the bundle's
+    provision.sh runs); keep the disk it leaves as ``out/disk.img`` (raw) and its console
+    as ``out/provision-console.log``; ``out/provisioned.json`` says how long it took."""
+    boot = _provisioning_boot(machine, out / "bundle.ext4", out / "vm", firmware, log)
+    (out / "provision-console.log").write_text(boot.console_text)
+    if "QMR-PROVISIONED" not in boot.console_text:
+        tail = "\n".join(boot.console_text.splitlines()[-25:])
+        raise BuildError(
+            f"the provisioning boot did not finish ({boot.outcome} after {boot.seconds:.0f} s); "
+            f"console in {out / 'provision-console.log'}:\n{tail}"
+        )
+    overlay = out / "vm" / "disk.qcow2"
+    # (through a new file: the overlay's backing file may be out/disk.img itself)
+    run(["qemu-img", "convert", "-O", "raw", overlay, out / "disk.img.new"])
+    (out / "disk.img.new").replace(out / "disk.img")
+    shutil.rmtree(out / "vm")
+    (out / "bundle.ext4").unlink()
+    (out / "provisioned.json").write_text(json.dumps({"seconds": round(boot.seconds, 1)}) + "\n")
+
+
+def _provisioning_boot(machine: Machine, bundle: Path, run_dir: Path, firmware: str, log: Log) -> Any:
     import asyncio
 
     from ..boot import follow_boot
@@ -417,10 +473,10 @@ def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, firmware: st
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config = MachineConfig(
-        disk=base_dir / "disk.img",
-        kernel=base_dir / "vmlinuz",
-        initrd=base_dir / "initrd.img",
-        append=f"root=UUID={ROOT_UUID} ro console=ttyS0,115200 panic=5",
+        disk=machine.dir / "disk.img",
+        kernel=machine.dir / "vmlinuz",
+        initrd=machine.dir / "initrd.img",
+        append=f"root=UUID={machine.root_uuid} ro console=ttyS0,115200 panic=5",
         extra_drives=[Drive(bundle, "raw", "virtio", readonly=True)],
         memory_mb=MEMORY_MB,
         watchdog=False,
@@ -433,9 +489,9 @@ def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, firmware: st
         if text.startswith(
             ("QMR-PROVISION", "installing", "runtime:", "device key", "recovery environment", "grub:")
         ):
-            log(f"[debian-qmr +{seconds:6.1f}s] {text[:160]}")
+            log(f"[provision +{seconds:6.1f}s] {text[:160]}")
 
-    log(f"[debian-qmr] provisioning boot under QEMU (TCG: several minutes); console in {run_dir}")
+    log(f"[provision] provisioning boot under QEMU (TCG: several minutes); console in {run_dir}")
     return asyncio.run(
         follow_boot(
             config,
@@ -449,7 +505,7 @@ def _provisioning_boot(base_dir: Path, bundle: Path, run_dir: Path, firmware: st
 
 
 def _debugfs_script(
-    image: Path, offset: int, scenario: Scenario, sensor_dir: Path, release: str, scratch: Path
+    image: Path, offset: int, scenario: Scenario, sensor_dir: Path | None, release: str, scratch: Path
 ) -> list[str]:
     """debugfs commands that make the scenario's changes on the root filesystem."""
     cmds: list[str] = []
@@ -484,7 +540,7 @@ def _debugfs_script(
 
 
 def stage_scenario_disk(
-    cache: Cache, provisioned: Path, scenario: Scenario, sensor_dir: Path, release: str
+    cache: Cache, provisioned: Path, scenario: Scenario, sensor_dir: Path | None, release: str
 ) -> Path:
     """``disk.img``: the provisioned image with the scenario's fault on its root partition."""
     if scenario.kernel_args:
@@ -496,7 +552,10 @@ def stage_scenario_disk(
     def build(out: Path) -> None:
         image = out / "disk.img"
         run(["cp", "--sparse=always", provisioned / "disk.img", image])
-        offset = disk.layout(PARTITIONS)[ROOT_PART - 1].offset  # the same on both firmwares
+        info = provisioned / "provisioned.json"
+        root_part = json.loads(info.read_text()).get("root_part", ROOT_PART) if info.exists() else ROOT_PART
+        _, parts = disk.read_partitions(image)
+        offset = next(p.offset for p in parts if p.number == root_part)
         with tempfile.TemporaryDirectory(dir=out) as scratch:
             cmds = _debugfs_script(image, offset, scenario, sensor_dir, release, Path(scratch))
             if cmds:
@@ -519,7 +578,7 @@ def stage_scenario_disk(
         "provisioned": provisioned.name,
         "scenario": scenario.build_sha256,
         "name": scenario.name,
-        "sensor": sensor_dir.name,
+        "sensor": sensor_dir.name if sensor_dir else None,
     }
     return cache.stage("debian-disk", inputs, build, scenario.name)
 
@@ -528,35 +587,54 @@ def build_debian_image(
     scenario: str,
     cache_dir: Path | None = None,
     log: Log = print,
-    firmware: str = "bios",
+    firmware: str | None = "bios",
     panic_on_oops: bool = True,
+    image: Path | None = None,
 ) -> DebianImage:
     """Build (or take from the cache) the Debian image of ``scenario``; see the module
-    docstring for the stages. ``panic_on_oops=False``: installed without --panic-on-oops."""
-    if firmware not in FIRMWARES:
+    docstring for the stages. ``panic_on_oops=False``: installed without --panic-on-oops.
+    ``image``: a user's own disk image instead of the lab's base
+    (:mod:`recovery_lab.build.userimage`); ``firmware=None`` then reads it from the image."""
+    if firmware is not None and firmware not in FIRMWARES:
         raise BuildError(f"firmware {firmware!r}: use one of {', '.join(FIRMWARES)}")
     loaded = load_scenario(find_scenario(scenario, IMAGES))
-    require(*REQUIRED_TOOLS, *(UEFI_TOOLS if firmware == "uefi" else ()))
     if os.geteuid() != 0:
         raise BuildError("the Debian base needs root (mmdebstrap, chroot, dpkg -i into the tree)")
     cache = Cache((cache_dir or default_cache_dir()).resolve(), log)
     cache.root.mkdir(parents=True, exist_ok=True)
-    tree = stage_tree(cache, firmware)
-    deb, sensor_dir = stage_vendor_package(cache, tree)
-    base = stage_base(cache, tree, deb, firmware)
-    release = json.loads((base / "base.json").read_text())["kernel_release"]
-    provisioned = stage_provisioned(cache, base, tree, firmware, log, panic_on_oops)
+    if image is not None:
+        from . import userimage
+
+        require("qemu-img", "qemu-system-x86_64", "debugfs", "mkfs.ext4")
+        image_dir = userimage.stage_user_image(cache, image, firmware, log)
+        found = userimage.found_image(image_dir)
+        firmware, release = found.firmware, found.kernel_release
+        machine = userimage.user_machine(image_dir)
+        sensor_dir = userimage.scenario_sensor(cache, loaded, release)
+        grubenv, base_name = found.grubenv, str(image)
+    else:
+        firmware = firmware or "bios"
+        require(*REQUIRED_TOOLS, *(UEFI_TOOLS if firmware == "uefi" else ()))
+        tree = stage_tree(cache, firmware)
+        deb, sensor_dir = stage_vendor_package(cache, tree)
+        base = stage_base(cache, tree, deb, firmware)
+        release = json.loads((base / "base.json").read_text())["kernel_release"]
+        machine = base_machine(base, tree, firmware)
+        grubenv, base_name = (BOOT_PART, "grub/grubenv"), "debian"
+    provisioned = stage_provisioned(cache, machine, firmware, log, panic_on_oops)
     disk_dir = stage_scenario_disk(cache, provisioned, loaded, sensor_dir, release)
-    info = json.loads((provisioned / "provisioned.json").read_text())
     return DebianImage(
         scenario=loaded.name,
         image=disk_dir / "disk.img",
         manifest=disk_dir / "manifest.json",
         kernel_release=release,
-        device_id=info["device_id"],
+        device_id=machine.device_id,
         server_key=provisioned / "server.key",
         device_key=provisioned / "device.key",
         firmware=firmware,
         expect=loaded.expect.model_dump(),
         panic_on_oops=panic_on_oops,
+        root_part=machine.root_part,
+        grubenv=grubenv,
+        base=base_name,
     )

@@ -73,16 +73,19 @@ def channel_file(source: str) -> bytes:
     return data
 
 
-def source_bytes(source: str, sensor_dir: Path) -> bytes:
-    """The bytes a scenario's ``source = "..."`` names: a channel file or a sensor driver."""
+def source_bytes(source: str, sensor_dir: Path | None) -> bytes:
+    """The bytes a scenario's ``source = "..."`` names: a channel file or a sensor driver
+    (``sensor_dir`` None: the lab built none for this image)."""
     if source in CHANNEL_FILES:
         return channel_file(source)
     if source.startswith("sensor:"):
+        if sensor_dir is None:
+            raise ScenarioError(f"source {source!r}: the lab built no sensor driver for this image")
         return (sensor_dir / source.removeprefix("sensor:") / "sensor.ko").read_bytes()
     raise ScenarioError(f"unknown source {source!r}")
 
 
-def change_bytes(scenario: Scenario, change: FileChange, sensor_dir: Path) -> bytes:
+def change_bytes(scenario: Scenario, change: FileChange, sensor_dir: Path | None) -> bytes:
     """What an ``add`` or ``replace`` writes: the scenario's ``content``, the user's own file
     (``file:``), or an artifact the lab builds."""
     if change.content is not None:
