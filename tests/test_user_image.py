@@ -383,7 +383,7 @@ async def test_uninstall_on_the_machine_puts_etc_and_grub_cfg_back(tmp_path: Pat
     offset = next(p for p in disk.read_partitions(installed)[1] if p.number == machine.root_part).offset
     unit = "/etc/systemd/system/qmr-lab-uninstall.service"
     wants = "/etc/systemd/system/multi-user.target.wants/qmr-lab-uninstall.service"
-    userimage._debugfs_write(
+    userimage.debugfs_write(
         f"{installed}?offset={offset}", {unit: (UNINSTALL_UNIT.encode(), 0o644)}, {wants: unit}, tmp_path
     )
     from recovery_lab.boot import follow_boot

@@ -261,9 +261,7 @@ def _partition_guids(raw: Path) -> dict[int, str]:
     return found
 
 
-def _debugfs_write(
-    fs: str, files: dict[str, tuple[bytes, int]], links: dict[str, str], scratch: Path
-) -> None:
+def debugfs_write(fs: str, files: dict[str, tuple[bytes, int]], links: dict[str, str], scratch: Path) -> None:
     """Write ``files`` (path -> (bytes, mode)) and symlinks (path -> target) into an ext4
     filesystem with debugfs, making missing folders; what exists is replaced."""
     cmds: list[str] = []
@@ -345,7 +343,7 @@ def stage_user_image(cache: Cache, image: Path, firmware: str | None, log: Log) 
         links = {f"/etc/systemd/system/multi-user.target.wants/{unit}": f"/etc/systemd/system/{unit}"}
         offset = next(p for p in disk.read_partitions(raw)[1] if p.number == found.root_part).offset
         with tempfile.TemporaryDirectory(dir=out) as scratch:
-            _debugfs_write(f"{raw}?offset={offset}", files, links, Path(scratch))
+            debugfs_write(f"{raw}?offset={offset}", files, links, Path(scratch))
         (out / "image.json").write_text(
             json.dumps({"source": str(image), "format": fmt, **asdict(found)}, indent=1) + "\n"
         )
