@@ -9,7 +9,9 @@ import shutil
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -513,3 +515,22 @@ def test_guest_grubenv_reset_keeps_size_and_other_variables(tmp_path: Path) -> N
     assert out.stdout.strip() == "0"
     assert env.stat().st_size == 1024 and env.stat().st_ino == before_inode
     assert dict(BootEnv.read(env)) == {"boot_limit": "2", "boot_count": "0", "other": "x"}
+
+
+def test_a_stages_code_key_follows_what_it_does_not_where_it_sits(tmp_path: Path) -> None:
+    """The key takes a build function's code as loaded: the same code at other line numbers
+    keeps its key (so an edit elsewhere in the file, even during a build, rebuilds nothing);
+    other code, other constants or a nested function's change make a new key."""
+    from recovery_lab.build.cache import _code_hash
+
+    def load(source: str, first_line: int = 1) -> Callable[[Path], None]:
+        namespace: dict[str, Any] = {}
+        exec(compile("\n" * (first_line - 1) + source, "stage.py", "exec"), namespace)
+        return namespace["build"]  # type: ignore[no-any-return]
+
+    base = "def build(out):\n    def inner():\n        return {'a', 'b'}\n    (out / 'x').write_text('1')\n"
+    key = _code_hash(load(base))
+    assert _code_hash(load(base, first_line=40)) == key
+    assert _code_hash(load(base.replace("'1'", "'2'"))) != key
+    assert _code_hash(load(base.replace("{'a', 'b'}", "{'a', 'c'}"))) != key
+    assert _code_hash(load(base.replace("write_text", "write_bytes"))) != key

@@ -265,11 +265,12 @@ async def test_an_oops_without_a_panic_is_recovered_through_the_failing_health_c
 @pytest.mark.slow
 @can_build
 @pytest.mark.timeout(7200)
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
 async def test_bad_driver_on_stock_debian_is_recovered_by_restoring_the_vendors_stored_version(
-    tmp_path: Path,
+    tmp_path: Path, firmware: str
 ) -> None:
     """The vendor's package keeps 1.0 in the driver store; 2.0 crashes at init at every boot."""
-    report = await recovered_run(tmp_path, "bad-driver")
+    report = await recovered_run(tmp_path, "bad-driver", firmware=firmware)
     assert report.server_incident["guilty_frame"] == "sensor_v2_init_tables"
     [manifest] = report.disk["manifests"].values()
     assert "extra/sensor.ko" in json.dumps(manifest), "the 2.0 driver went to quarantine"

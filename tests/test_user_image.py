@@ -21,6 +21,7 @@ import pytest
 
 from recovery_agent.digest import sha256_file
 from recovery_lab import disk
+from recovery_lab.boot import BootReport
 from recovery_lab.build import debian, userimage
 from recovery_lab.build.cache import Cache, default_cache_dir
 from recovery_lab.build.kernel import resolve_kernel, stage_kernel, stage_sensor
@@ -370,32 +371,8 @@ async def test_uninstall_on_the_machine_puts_etc_and_grub_cfg_back(tmp_path: Pat
     """The installed image boots; ``recovery-agent uninstall`` runs on it, as an admin runs
     it; then /etc and /boot/grub/grub.cfg are file for file what they were before the install
     (the image as the lab got it), but for the device key, which uninstall keeps and says so."""
-    lines: list[str] = []
-    cache = Cache(default_cache_dir().resolve(), lines.append)
-    image = await asyncio.to_thread(
-        userimage.make_example_image, tmp_path / "mine.qcow2", cache, "bios", lines.append
-    )
-    image_dir = await asyncio.to_thread(userimage.stage_user_image, cache, image, None, lines.append)
-    machine = userimage.user_machine(image_dir)
-    provisioned = await asyncio.to_thread(debian.stage_provisioned, cache, machine, "bios", lines.append)
-    installed = tmp_path / "installed.img"
-    run(["cp", "--sparse=always", provisioned / "disk.img", installed])
-    offset = next(p for p in disk.read_partitions(installed)[1] if p.number == machine.root_part).offset
-    unit = "/etc/systemd/system/qmr-lab-uninstall.service"
-    wants = "/etc/systemd/system/multi-user.target.wants/qmr-lab-uninstall.service"
-    userimage.debugfs_write(
-        f"{installed}?offset={offset}", {unit: (UNINSTALL_UNIT.encode(), 0o644)}, {wants: unit}, tmp_path
-    )
-    from recovery_lab.boot import follow_boot
-    from recovery_lab.qemu import MachineConfig
-
-    boot = await follow_boot(
-        MachineConfig(disk=installed, memory_mb=debian.MEMORY_MB, watchdog=False, firmware="bios"),
-        timeout=1800,
-        keep_logs=True,
-        run_dir=tmp_path / "vm",
-        name="uninstall",
-    )
+    image_dir, machine, installed = await _installed_example(tmp_path)
+    boot = await _boot_with_unit(tmp_path, installed, machine.root_part, "qmr-lab-uninstall", UNINSTALL_UNIT)
     tail = "\n".join(boot.console_text.splitlines()[-40:])
     assert "QMR-LAB-UNINSTALL rc=0" in boot.console_text, tail
     assert "kept the device key /etc/recovery/device.key" in boot.console_text, tail
@@ -422,3 +399,106 @@ async def test_uninstall_on_the_machine_puts_etc_and_grub_cfg_back(tmp_path: Pat
     )
     assert sorted(changed) == [], {rel: (before.get(rel), after.get(rel)) for rel in sorted(changed)}
     assert "boot/grub/grub.cfg" in before and before["boot/grub/grub.cfg"] == after["boot/grub/grub.cfg"]
+
+
+async def _installed_example(tmp_path: Path) -> tuple[Path, debian.Machine, Path]:
+    """The example user image (cached), the lab's stage of it, and a copy of it with QMR
+    installed by the provisioning boot (cached), in ``tmp_path``."""
+    lines: list[str] = []
+    cache = Cache(default_cache_dir().resolve(), lines.append)
+    image = await asyncio.to_thread(
+        userimage.make_example_image, tmp_path / "mine.qcow2", cache, "bios", lines.append
+    )
+    image_dir = await asyncio.to_thread(userimage.stage_user_image, cache, image, None, lines.append)
+    machine = userimage.user_machine(image_dir)
+    provisioned = await asyncio.to_thread(debian.stage_provisioned, cache, machine, "bios", lines.append)
+    installed = tmp_path / "installed.img"
+    run(["cp", "--sparse=always", provisioned / "disk.img", installed])
+    return image_dir, machine, installed
+
+
+async def _boot_with_unit(
+    tmp_path: Path, installed: Path, root_part: int, name: str, unit_text: str, extra: Path | None = None
+) -> BootReport:
+    """Boot ``installed`` through its own GRUB with the one-shot unit ``name`` enabled (it
+    does its work, removes itself and powers off); ``extra``: a raw disk as /dev/vdb. The
+    run's disk is ``tmp_path/vm/disk.qcow2``."""
+    from recovery_lab.boot import follow_boot
+    from recovery_lab.qemu import Drive, MachineConfig
+
+    offset = next(p for p in disk.read_partitions(installed)[1] if p.number == root_part).offset
+    unit = f"/etc/systemd/system/{name}.service"
+    wants = f"/etc/systemd/system/multi-user.target.wants/{name}.service"
+    userimage.debugfs_write(
+        f"{installed}?offset={offset}", {unit: (unit_text.encode(), 0o644)}, {wants: unit}, tmp_path
+    )
+    config = MachineConfig(
+        disk=installed,
+        memory_mb=debian.MEMORY_MB,
+        watchdog=False,
+        firmware="bios",
+        extra_drives=[Drive(extra, "raw", "virtio", readonly=True)] if extra else [],
+    )
+    return await follow_boot(config, timeout=3600, keep_logs=True, run_dir=tmp_path / "vm", name=name)
+
+
+KERNEL_UNIT = """\
+# The lab's kernel-upgrade test (tests/test_user_image.py); removes itself.
+[Unit]
+Description=QMR lab test: install a second kernel package, then power off
+After=multi-user.target
+ConditionPathExists=/dev/vdb
+SuccessAction=poweroff
+FailureAction=poweroff
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'mkdir -p /mnt/kernel && mount -o ro /dev/vdb /mnt/kernel && \
+dpkg -i /mnt/kernel/*.deb; echo "QMR-LAB-KERNEL rc=$?"; umount /mnt/kernel; \
+rm -f /etc/systemd/system/multi-user.target.wants/qmr-lab-kernel.service \
+/etc/systemd/system/qmr-lab-kernel.service; sync'
+StandardOutput=journal+console
+StandardError=journal+console
+TimeoutStartSec=infinity
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@can_build
+@pytest.mark.timeout(7200)
+async def test_a_second_kernel_package_rebuilds_the_recovery_environment_on_the_machine(
+    tmp_path: Path,
+) -> None:
+    """``dpkg -i`` of a second linux-image package on the installed machine (Debian's cloud
+    flavour of the same kernel, which sorts newer): the installer's postinst.d hook rebuilds
+    the recovery environment from it, and update-grub keeps one recovery entry."""
+    image_dir, machine, installed = await _installed_example(tmp_path)
+    release = userimage.found_image(image_dir).kernel_release
+    second = release.replace("-amd64", "-cloud-amd64")
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    run(["apt-get", "download", f"linux-image-{second}"], cwd=debs)
+    debian.mkfs_ext4(debs, tmp_path / "debs.ext4", 128, "51a2c0de-de12-4000-8000-0000000000cc", "kernel")
+    boot = await _boot_with_unit(
+        tmp_path, installed, machine.root_part, "qmr-lab-kernel", KERNEL_UNIT, tmp_path / "debs.ext4"
+    )
+    tail = "\n".join(boot.console_text.splitlines()[-40:])
+    assert "QMR-LAB-KERNEL rc=0" in boot.console_text, tail
+    assert boot.outcome == "powered-off", tail
+    with DiskImage(installed) as d:
+        old_initrd = d.ext4_file(machine.root_part, "boot/qmr/initrd.img")
+    with DiskImage(tmp_path / "vm" / "disk.qcow2") as d:
+        root = machine.root_part
+        assert (d.ext4_file(root, "boot/qmr/kernel-release") or b"").decode().strip() == second
+        kernel = d.ext4_file(root, f"boot/vmlinuz-{second}")
+        assert kernel and d.ext4_file(root, "boot/qmr/vmlinuz") == kernel, (
+            "the recovery kernel is the new one"
+        )
+        assert d.ext4_file(root, "boot/qmr/initrd.img") not in (None, old_initrd), "a new initramfs"
+        grub_cfg = (d.ext4_file(root, "boot/grub/grub.cfg") or b"").decode()
+    assert grub_cfg.count("menuentry 'Quick Machine Recovery'") == 1, grub_cfg
+    assert f"vmlinuz-{second}" in grub_cfg, "update-grub saw the new kernel"

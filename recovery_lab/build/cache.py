@@ -3,20 +3,23 @@
 A stage (``Cache.stage("kernel", inputs, build)``) writes its output into a directory
 ``<stage>-<first 16 hex of sha256(inputs)>`` under the cache root, with an ``inputs.json``
 beside the output. Inputs are package versions, the sha256 of the recipe files a stage reads,
-the scenario file, and the source of the stage's own ``build`` function, so editing a stage
-rebuilds it. Same inputs: the stage prints ``cached`` and the directory is reused. A stage is
-built in ``<dir>.tmp`` and renamed when complete, so a failed build leaves no entry; it is
-checked and built holding ``<dir>.lock`` (:func:`~recovery_lab.locks.build_lock`), so two
-builds of the same stage at once take turns and the second reuses the first's output.
+the scenario file, and the code of the stage's own ``build`` function (its bytecode, constants
+and names as the process loaded them: not its line numbers, and not the file as it is on disk
+later, so editing a module while a build runs does not change the keys that build looks up),
+so editing what a stage does rebuilds it. Same inputs: the stage prints ``cached`` and the
+directory is reused. A stage is built in ``<dir>.tmp`` and renamed when complete, so a failed
+build leaves no entry; it is checked and built holding ``<dir>.lock``
+(:func:`~recovery_lab.locks.build_lock`), so two builds of the same stage at once take turns
+and the second reuses the first's output.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
 import time
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +59,27 @@ def files_hash(paths: Iterable[Path]) -> dict[str, str]:
     return {str(p.relative_to(REPO)): sha256_file(p) for p in sorted(paths)}
 
 
+def _const(value: object) -> object:
+    """A code constant as stable JSON: nested code by its fingerprint, sets sorted (their
+    order changes with the process's hash seed)."""
+    if isinstance(value, types.CodeType):
+        return _fingerprint(value)
+    if isinstance(value, tuple):
+        return [_const(v) for v in value]
+    if isinstance(value, frozenset):
+        return sorted(json.dumps(_const(v)) for v in value)
+    return repr(value)
+
+
+def _fingerprint(code: types.CodeType) -> list[object]:
+    return [code.co_code.hex(), [_const(c) for c in code.co_consts], code.co_names, code.co_varnames]
+
+
 def _code_hash(fn: Callable[[Path], None]) -> str:
-    try:
-        return sha256_bytes(inspect.getsource(fn).encode())
-    except (OSError, TypeError):
+    code = getattr(fn, "__code__", None)
+    if code is None:
         return "unknown"
+    return sha256_bytes(json.dumps(_fingerprint(code)).encode())
 
 
 @dataclass
