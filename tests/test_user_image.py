@@ -254,14 +254,18 @@ can_build = pytest.mark.skipif(
 @pytest.mark.slow
 @can_build
 @pytest.mark.timeout(7200)
-async def test_a_users_own_image_broken_by_their_own_driver_is_recovered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+async def test_a_users_own_image_broken_by_their_own_driver_is_recovered(
+    tmp_path: Path, firmware: str
+) -> None:
     """A vendor's CI: their image (a GPT disk, /boot on the root, GRUB the machine installed,
     their driver package, no QMR), QMR put on it by its installer, their new driver build
-    (``file:``) crashing it at every boot; the machine recovers with the stored 1.0."""
+    (``file:``) crashing it at every boot; the machine recovers with the stored 1.0. The
+    firmware is read from the image (its GRUB package)."""
     lines: list[str] = []
     cache = Cache(default_cache_dir().resolve(), lines.append)
     image = await asyncio.to_thread(
-        userimage.make_example_image, tmp_path / "mine.qcow2", cache, "bios", lines.append
+        userimage.make_example_image, tmp_path / "mine.qcow2", cache, firmware, lines.append
     )
     before = sha256_file(image)
     kernel = resolve_kernel()
@@ -297,7 +301,10 @@ async def test_a_users_own_image_broken_by_their_own_driver_is_recovered(tmp_pat
     assert "sensor: version 1.0" in healthy_boot and "sensor: version 2.0" not in healthy_boot
     assert report.disk["grubenv"]["boot_count"] == "0", "grubenv on the root's /boot/grub"
     assert report.device["state"] == "healthy"
-    assert any("GPT, root on partition 2, /boot on the root" in line for line in lines)
+    assert any(
+        f"GPT, root on partition 2, /boot on the root, kernel {kernel.release}, {firmware}" in line
+        for line in lines
+    )
     # QMR went on by its installer; GRUB stayed the image's own (no grub-install by the lab).
     [provisioned] = [line for line in lines if line.startswith("[debian-qmr") and "(debian-qmr-" in line]
     stage = default_cache_dir().resolve() / provisioned.rsplit("(", 1)[1].rstrip(")")

@@ -320,11 +320,6 @@ def stage_user_image(cache: Cache, image: Path, firmware: str | None, log: Log) 
         raw = out / "disk.img"
         run(["qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw])
         found = examine(raw, firmware)
-        log(
-            f"[user-image] {found.os_name}: {found.table.upper()}, root on partition {found.root_part}, "
-            f"/boot {'on the root' if found.boot_part is None else f'on partition {found.boot_part}'}, "
-            f"kernel {found.kernel_release}, {found.firmware}"
-        )
         with DiskImage(raw) as d:
             boot_fs, prefix = (found.root_part, "boot/") if found.boot_part is None else (found.boot_part, "")
             for name, rel in (("vmlinuz", "vmlinuz-"), ("initrd.img", "initrd.img-")):
@@ -355,7 +350,14 @@ def stage_user_image(cache: Cache, image: Path, firmware: str | None, log: Log) 
             debian.DEBIAN_RECIPES / n for n in (debian.PROVISION_UNIT, "grub-serial-console.cfg")
         ),
     }
-    return cache.stage("user-image", inputs, build, image.name)
+    out = cache.stage("user-image", inputs, build, image.name)
+    found = found_image(out)
+    where = "on the root" if found.boot_part is None else f"on partition {found.boot_part}"
+    log(
+        f"[user-image] {found.os_name}: {found.table.upper()}, root on partition {found.root_part}, "
+        f"/boot {where}, kernel {found.kernel_release}, {found.firmware}"
+    )
+    return out
 
 
 def found_image(image_dir: Path) -> FoundImage:
