@@ -47,6 +47,20 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.database or Path(args.data) / "recovery.db")
 
 
+def _existing_store(args: argparse.Namespace) -> Store:
+    """The database an offline check reads: opened only if it is there (a mistyped --data or
+    --database must not leave a new, empty database that verifies)."""
+    location = str(args.database or Path(args.data) / "recovery.db")
+    if not location.startswith(("postgresql://", "postgres://")):
+        path = Path(location.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise DataDirError(
+                f"no database at {path}: point --data at the server's data directory "
+                "(or --database at its database)"
+            )
+    return Store(location)
+
+
 class DataDirError(ServerError):
     """Raised when the data directory cannot be used: no server key yet, or a server key that
     cannot be read or is not an Ed25519 private key."""
@@ -142,7 +156,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Offline: read the database directly, not through a server that might lie."""
-    report = audit.verify_chain(_store(args), args.expect_head)
+    report = audit.verify_chain(_existing_store(args), args.expect_head)
     print(audit.describe(report))
     return 0 if report.ok else 1
 

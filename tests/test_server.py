@@ -590,6 +590,15 @@ def test_a_missing_or_damaged_server_key_is_a_message_and_exit_2(tmp_path):
         assert "cannot be used as the server key" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_audit_verify_of_a_database_that_is_not_there_says_so_and_makes_none(tmp_path):
+    """audit-verify at a mistyped path made an empty database, whose empty chain verified."""
+    for where in (["--data", str(tmp_path / "nowhere")], ["--database", str(tmp_path / "typo.db")]):
+        p = _cli("recovery_server.cli", *where, "audit-verify")
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "no database at" in p.stderr and "Traceback" not in p.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing was made"
+
+
 def test_token_files_are_new_0600_files_never_an_existing_file_or_a_symlink(tmp_path):
     """--token-file kept an existing file's 0644 mode and followed symlinks. A secret goes into
     a new file, 0600, or nowhere: the refusal comes before anything is made."""
