@@ -26,6 +26,7 @@ from . import audit
 from .access import ROLES, console
 from .app import make_app, runner
 from .errors import ServerError
+from .limits import RateLimit
 from .listener import ACCEPT_BACKLOG, ConnectionLimits, fit_open_files
 from .portfile import write_port_file
 from .secretfile import SecretFile
@@ -177,7 +178,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    svc = open_service(args, ServiceSettings(report_retention=args.retention_days))
+    rate = RateLimit(burst=args.device_burst, per_minute=args.device_rate)
+    svc = open_service(args, ServiceSettings(report_retention=args.retention_days, device_rate=rate))
     limits = fit_open_files(
         ConnectionLimits(
             max_connections=args.max_connections,
@@ -295,6 +297,22 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.keepalive_timeout_s,
         metavar="SECONDS",
         help="an idle connection is closed after this (default: %(default)s)",
+    )
+    rate = RateLimit()
+    s.add_argument(
+        "--device-burst",
+        type=_positive(int),
+        default=rate.burst,
+        metavar="N",
+        help="messages of one kind (diagnostics, results, health) one device may send at once "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--device-rate",
+        type=_positive(float),
+        default=rate.per_minute,
+        metavar="PER_MINUTE",
+        help="then this many a minute; more are answered 429 with Retry-After (default: %(default)s)",
     )
     s.add_argument(
         "--retention-days",

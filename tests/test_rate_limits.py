@@ -183,3 +183,28 @@ def test_retry_after_reads_seconds_and_dates_and_ignores_junk():
     assert retry_after("Wed, 21 Oct 2099 07:28:00 GMT") == MAX_RETRY_AFTER_S
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
     assert json.dumps(retry_after("1"))
+
+
+def test_serve_takes_the_device_budget_from_its_flags(tmp_path, monkeypatch):
+    """An operator sets the flood limits on `recovery-server serve`; the defaults are
+    RateLimit's."""
+    from recovery_server import cli
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(args, settings=None):
+        seen.append(settings.device_rate)
+        raise Stop
+
+    monkeypatch.setattr(cli, "open_service", capture)
+    data = ["--data", str(tmp_path)]
+    with pytest.raises(Stop):
+        cli.main([*data, "serve", "--device-burst", "3", "--device-rate", "0.5"])
+    with pytest.raises(Stop):
+        cli.main([*data, "serve"])
+    assert seen == [RateLimit(burst=3, per_minute=0.5), RateLimit()]
+    with pytest.raises(SystemExit):
+        cli.main([*data, "serve", "--device-rate", "0"])
