@@ -10,7 +10,6 @@ apart. Bodies are read into their model (``read_body``), answers written from th
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from recovery_agent.protocol.wire import DeviceId
 
 from . import metrics
 from .access import User
+from .changefeed import ChangeFeed
 from .errors import BadRequest
 from .listener import ConnectionLimits
 from .service import RecoveryService
@@ -34,9 +34,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # What every handler reaches through its request's app.
 SERVICE = web.AppKey("service", RecoveryService)
-CHANGED = web.AppKey("changed", asyncio.Event)  # set and cleared at once: wakes the long polls
+FEED = web.AppKey("feed", ChangeFeed)  # wakes the long polls of an incident whose fix changed
 METRICS = web.AppKey("metrics", metrics.HttpMetrics)
-POLL_TICK = web.AppKey("poll_tick_s", float)
 LIMITS = web.AppKey("limits", ConnectionLimits)
 # Who may read /metrics: a person with a token (any role), anyone, or no one.
 MetricsAccess = Literal["token", "public", "off"]

@@ -29,11 +29,10 @@ from recovery_agent.protocol.version import __version__
 from . import admin_api, dashboard, device_api, metrics
 from .access import console
 from .api import (
-    CHANGED,
+    FEED,
     LIMITS,
     METRICS,
     METRICS_ACCESS,
-    POLL_TICK,
     SERVICE,
     Handler,
     MetricsAccess,
@@ -42,6 +41,7 @@ from .api import (
     person,
     service,
 )
+from .changefeed import ChangeFeed
 from .errors import NotFound, ServiceError, TooManyRequests
 from .listener import ConnectionLimits, GuardedRunner
 from .retention import Pruned
@@ -50,8 +50,8 @@ from .service import RecoveryService
 log = logging.getLogger("recovery_server")
 
 MAX_BODY = 1 << 20
-# A long poll re-reads the store this often even when no event in this process woke it: another
-# server process may have approved, or a rollout may have been promoted.
+# The change feed reads the audit log this often even when this process changed nothing: another
+# server process may have approved, or promoted a rollout (changefeed.py). One read per process.
 POLL_TICK_S = 1.0
 ROLLOUT_TICK_S = 1.0
 PRUNE_EVERY_S = 3600.0
@@ -200,21 +200,14 @@ def make_app(
     ``metrics_access`` says who may read /metrics: a person with a token, anyone, or no one."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
-    app[POLL_TICK] = poll_tick_s
     app[LIMITS] = limits or ConnectionLimits()
     app[METRICS_ACCESS] = metrics_access
     app[METRICS] = metrics.HttpMetrics()
-    changed = asyncio.Event()
-    app[CHANGED] = changed
-
-    def notify() -> None:
-        # Wake every long poll once; they re-check the store and wait again.
-        changed.set()
-        changed.clear()
-
-    service.on_change = notify
+    feed = app[FEED] = ChangeFeed(service.store, poll_tick_s)
+    service.on_change = feed.poke
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    app.cleanup_ctx.append(_change_feed)
     app.cleanup_ctx.append(_rollout_ticker)
     app.cleanup_ctx.append(_retention)
     return app
@@ -251,6 +244,17 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
     if running is not None:  # let a prune in its thread finish before the store closes
         with contextlib.suppress(Exception):
             await running
+
+
+async def _change_feed(app: web.Application) -> AsyncIterator[None]:
+    """The long polls' change feed (changefeed.py), read while the app serves."""
+    feed = app[FEED]
+    feed.start()
+    task = asyncio.create_task(feed.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _rollout_ticker(app: web.Application) -> AsyncIterator[None]:

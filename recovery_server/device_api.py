@@ -2,9 +2,9 @@
 
 Every message but the challenge request is a signed envelope that the service opens; the
 handlers pass the raw bytes through. A directive is fetched by long poll: the handler looks,
-and if nothing is due yet waits for a change in this process (an approval, a promoted wave)
-or a short tick (another server process may have approved), until the agent's ``wait`` runs
-out.
+and if nothing is due yet waits until the fix for the report's incident changes (an approval,
+a revocation, a rollout's move, in this process or another: changefeed.py) or the agent's
+``wait`` runs out.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from recovery_agent.protocol.keys import public_b64
 from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
 
 from .api import (
-    CHANGED,
+    FEED,
     METRICS,
-    POLL_TICK,
     ChallengeRequest,
     Route,
     answer,
@@ -60,17 +59,20 @@ async def directive(request: web.Request) -> web.Response:
     wait = query_number(request, "wait", 0, 0, MAX_POLL_S)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    changed, tick, gauge = request.app[CHANGED], request.app[POLL_TICK], request.app[METRICS]
+    feed, gauge = request.app[FEED], request.app[METRICS]
+    report_id = request.match_info["report_id"]
+    incident_id: str | None = None
     while True:
-        poll = svc.poll(request.match_info["report_id"], token)
+        poll = svc.poll(report_id, token)
         remaining = deadline - loop.time()
         if poll.status != "pending" or remaining <= 0:
             return answer(poll)
+        if incident_id is None:
+            incident_id = svc.report_incident(report_id)
+        # (no await between the look above and this wait: no change can fall between them)
         gauge.long_polls_waiting += 1
         try:
-            await asyncio.wait_for(changed.wait(), timeout=min(tick, remaining))
-        except TimeoutError:
-            pass
+            await feed.wait(incident_id, remaining)
         finally:
             gauge.long_polls_waiting -= 1
 

@@ -88,7 +88,8 @@ class RecoveryService:
     server_key: SigningKey
     settings: ServiceSettings = field(default_factory=ServiceSettings)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-    # Called after a change that may let a waiting long poll be answered (app.py sets it).
+    # Called after a committed change that may let a waiting long poll be answered (app.py
+    # sets it to the change feed's poke).
     on_change: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
@@ -163,6 +164,10 @@ class RecoveryService:
 
     def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
         return self._directives.poll(report_id, poll_token)
+
+    def report_incident(self, report_id: str) -> str:
+        """The incident a report belongs to (what its long poll waits on)."""
+        return str(self.store.scalar("SELECT incident_id FROM reports WHERE report_id = ?", report_id))
 
     def accept_result(self, raw: bytes) -> dict[str, Any]:
         return self._directives.accept_result(raw)

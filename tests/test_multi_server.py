@@ -246,3 +246,69 @@ async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
         assert set(promoted_at) == {1, 2}
     finally:
         store.close()
+
+
+@pytest.mark.timeout(300)
+async def test_an_approval_in_one_process_answers_a_long_poll_waiting_in_the_other(pg_url, tmp_path):
+    """The change feed reads the shared audit log: a poll waiting in server b is answered by
+    an approval made through server a, long before the poll's own wait runs out."""
+    data = tmp_path / "server"
+    await _cli(str(BIN / "recovery-server"), "--data", str(data), "--database", pg_url, "init",
+               "--token-file", str(tmp_path / "admin.token"))  # fmt: skip
+    procs = [await _serve(data, pg_url, "a"), await _serve(data, pg_url, "b")]
+    (_, url_a), (_, url_b) = procs
+    try:
+        admin = (tmp_path / "admin.token").read_text().strip()
+        async with (
+            DeviceClient(url_a, retry=RETRY) as a,
+            DeviceClient(url_b, retry=RETRY) as b,
+            AdminClient(url_a, retry=RETRY) as admin_a,
+        ):
+            enroll = (await admin_a.call("POST", "/enrollment-tokens", token=admin, body={"label": "t"}))[
+                "token"
+            ]
+            people = {}
+            for name, role in (("oscar", "operator"), ("bea", "approver")):
+                body = {"name": name, "role": role}
+                people[name] = (await admin_a.call("POST", "/users", token=admin, body=body))["token"]
+            key = SigningKey.generate()
+            enrollment = Enrollment(
+                device_id="pg-wait",
+                public_key=public_b64(key.public),
+                enrollment_token=enroll,
+                created_at=utcnow(),
+            )
+            await a.enroll(seal_bytes(enrollment, key))
+            d = Diagnostics(
+                device_id="pg-wait",
+                server_nonce=(await a.challenge("pg-wait")).nonce,
+                agent_nonce=secrets.token_urlsafe(24),
+                created_at=utcnow(),
+                agent_version="t",
+                boot=BootState(boot_count=2, boot_limit=2),
+                crash=CRASH,
+                system=SystemInfo(),
+                channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)],
+            )
+            receipt = await a.send_diagnostics(seal_bytes(d, key))
+            rem = await admin_a.call(
+                "POST",
+                "/remediations",
+                token=people["oscar"],
+                body={
+                    "title": "q",
+                    "incident_id": receipt.incident_id,
+                    "actions": [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+                },
+            )
+            waiting = asyncio.create_task(b.poll_directive(receipt, wait_s=60))
+            first = await b.poll_directive(receipt, wait_s=0)
+            assert first.status == "pending" and not waiting.done()
+            await admin_a.call("POST", f"/remediations/{rem['remediation_id']}/approve", token=people["bea"])
+            answer = await asyncio.wait_for(waiting, 50)
+            assert answer.status == "directive"
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            await asyncio.wait_for(proc.wait(), 20)

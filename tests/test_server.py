@@ -24,7 +24,7 @@ from recovery_agent.protocol.wire import (
     SystemInfo,
     utcnow,
 )
-from recovery_server.app import METRICS
+from recovery_server.app import FEED, METRICS
 from recovery_server.errors import BadRequest, Conflict, Forbidden
 
 from .conftest import FAST_RETRY
@@ -42,7 +42,10 @@ def crash() -> CrashSignature:
     )
 
 
-async def report(fleet, device: str, key: SigningKey, *, sha: str = BAD_SHA, nonce: str | None = None):
+async def report(
+    fleet, device: str, key: SigningKey, *, sha: str = BAD_SHA, nonce: str | None = None, title: str = ""
+):
+    """``title``: another crash's (another incident)."""
     async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
         ch = await c.challenge(device)
         d = Diagnostics(
@@ -52,7 +55,7 @@ async def report(fleet, device: str, key: SigningKey, *, sha: str = BAD_SHA, non
             created_at=utcnow(),
             agent_version="t",
             boot=BootState(boot_count=2, boot_limit=2),
-            crash=crash(),
+            crash=crash().model_copy(update={"title": title}) if title else crash(),
             system=SystemInfo(),
             channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=sha)],
         )
@@ -293,6 +296,93 @@ async def test_long_poll_wakes_on_approval(fleet, device):
     metrics = fleet.server.app[METRICS]
     await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
     fleet.service.approve(fleet.user("bob"), rem.remediation_id)
+    assert (await asyncio.wait_for(waiting, 30)).status == "directive"
+
+
+async def test_a_waiting_poll_is_not_looked_at_again_until_its_own_incident_changes(
+    fleet, device, monkeypatch
+):
+    """Long polls wait on their incident (changefeed.py): while nothing changes, the feed
+    reads the log once a tick for the whole process and no poll is looked at again; a fix
+    approved for another incident does not wake them; their own incident's fix does."""
+    import asyncio
+
+    from .test_agent_flow import wait_for
+
+    fleet.poll_tick_s = 0.02
+    await fleet.restart()
+    feed = fleet.server.app[FEED]
+    other_key = SigningKey.generate()
+    await fleet.enroll("dev-2", other_key)
+    _, mine = await report(fleet, "dev-1", device)
+    _, other = await report(fleet, "dev-2", other_key, title="kernel BUG in sensor_other_path")
+    assert mine.incident_id != other.incident_id
+    looks: list[str] = []
+    look = fleet.service.poll
+
+    def counted(report_id: str, token: str):
+        looks.append(report_id)
+        return look(report_id, token)
+
+    monkeypatch.setattr(fleet.service, "poll", counted)
+    waiting = asyncio.create_task(poll(fleet, mine, wait=60))
+    metrics = fleet.server.app[METRICS]
+    await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
+
+    async def ticks(n: int) -> None:
+        start = feed.reads
+        await wait_for(lambda: feed.reads >= start + n, timeout=30)
+
+    await ticks(20)
+    assert looks.count(mine.report_id) == 1, "not looked at again while nothing changed"
+
+    def approve(incident_id: str) -> None:
+        rem = fleet.service.create_remediation(
+            fleet.user("alice"),
+            title="q",
+            incident_id=incident_id,
+            actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+        )
+        fleet.service.approve(fleet.user("bob"), rem.remediation_id)
+
+    approve(other.incident_id)
+    assert (await poll(fleet, other)).status == "directive"
+    await ticks(5)
+    assert looks.count(mine.report_id) == 1, "another incident's fix does not wake this poll"
+    assert not waiting.done()
+    approve(mine.incident_id)
+    assert (await asyncio.wait_for(waiting, 30)).status == "directive"
+    assert looks.count(mine.report_id) == 2
+
+
+async def test_a_rollout_resumed_wakes_the_polls_of_its_incident(fleet, device):
+    """A rollout's move is a change to the fix too: a poll that waits while the rollout is
+    paused is answered when a person resumes it (with the feed's periodic read off)."""
+    import asyncio
+
+    from recovery_server.access import User
+
+    from .test_agent_flow import wait_for
+
+    fleet.poll_tick_s = 3600
+    await fleet.restart()
+    _, receipt = await report(fleet, "dev-1", device)
+    rem = fleet.service.create_remediation(
+        fleet.user("alice"),
+        title="q",
+        incident_id=receipt.incident_id,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
+    operator, approver = User("oscar", "operator"), User("alice", "approver")
+    ro = fleet.service.create_rollout(
+        operator, rem.remediation_id, {"waves": [{"name": "all", "percent": 100}]}
+    )
+    fleet.service.set_rollout_state(operator, ro.rollout_id, "pause")
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id)
+    waiting = asyncio.create_task(poll(fleet, receipt, wait=60))
+    metrics = fleet.server.app[METRICS]
+    await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
+    fleet.service.set_rollout_state(approver, ro.rollout_id, "resume")
     assert (await asyncio.wait_for(waiting, 30)).status == "directive"
 
 
