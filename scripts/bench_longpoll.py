@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Benchmark: many devices waiting on long polls, then one approval for all of them.
+
+    .venv/bin/python scripts/bench_longpoll.py [--devices 10000] [--idle 10] [--postgres URL]
+
+One ``recovery-server serve`` (SQLite by default) pinned to core 0, one client pinned to core 1
+(with fewer than two cores nothing is pinned). Before the server starts, ``--devices`` devices
+are enrolled and their diagnostics stored in process (one incident, a July-2024-shaped crash),
+with a remediation written and waiting for its approval. Then:
+
+1. **waiting**: the client opens one long poll per device (``wait=60``, the agent's longest)
+   and waits until the server's /metrics says all of them wait;
+2. **idle**: for ``--idle`` seconds nothing changes; the server's CPU use in that window (from
+   /proc) is what holding them costs;
+3. **approval**: the approver approves through the admin API; the figure is the time from the
+   approval's answer to the last device holding its signed directive, and the server's CPU
+   per directive.
+
+Printed: the figures of each phase. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from recovery_agent.protocol.keys import SigningKey  # noqa: E402
+
+BAD_PATH = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
+BAD_SHA = "b" * 64
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pin(core: int | None):  # type: ignore[no-untyped-def]
+    return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+
+
+def prepare(store_url: str, data: Path, n: int, log) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Devices enrolled, their diagnostics stored, a remediation waiting for its approval."""
+    from recovery_agent.protocol.envelope import seal_bytes
+    from recovery_agent.protocol.keys import public_b64
+    from recovery_agent.protocol.wire import (
+        BootState,
+        CrashKind,
+        CrashSignature,
+        Diagnostics,
+        Enrollment,
+        FileRecord,
+        SystemInfo,
+        utcnow,
+    )
+    from recovery_server.access import User, console
+    from recovery_server.limits import RateLimit
+    from recovery_server.service import RecoveryService, ServiceSettings
+    from recovery_server.store import Store
+
+    svc = RecoveryService(
+        store=Store(store_url),
+        server_key=SigningKey.load(data / "server.key"),
+        settings=ServiceSettings(device_rate=RateLimit(burst=1000, per_minute=1000)),
+    )
+    token = svc.create_enrollment_token(User("admin", "admin"), max_uses=n).token
+    crash = CrashSignature(
+        kind=CrashKind.KERNEL_PANIC,
+        title="general protection fault in sensor_parse_channel",
+        guilty_module="sensor",
+        channel_file=BAD_PATH,
+    )
+    receipts = []
+    started = time.monotonic()
+    for i in range(n):
+        key = SigningKey.generate()
+        device_id = f"wait-{i:06d}"
+        svc.enroll(
+            seal_bytes(
+                Enrollment(
+                    device_id=device_id,
+                    public_key=public_b64(key.public),
+                    enrollment_token=token,
+                    created_at=utcnow(),
+                ),
+                key,
+            )
+        )
+        d = Diagnostics(
+            device_id=device_id,
+            server_nonce=svc.challenge(device_id).nonce,
+            agent_nonce=f"{i:032d}",
+            created_at=utcnow(),
+            agent_version="bench",
+            boot=BootState(boot_count=2, boot_limit=2),
+            crash=crash,
+            system=SystemInfo(),
+            channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)],
+        )
+        r = svc.accept_diagnostics(seal_bytes(d, key))
+        receipts.append({"report_id": r.report_id, "poll_token": r.poll_token})
+        if (i + 1) % 2000 == 0:
+            log(f"  {i + 1} devices reported ({time.monotonic() - started:.0f} s)")
+    incident = r.incident_id
+    operator = svc.create_user(console("bench"), "oscar", "operator")
+    approver = svc.create_user(console("bench"), "bea", "approver")
+    rem = svc.create_remediation(
+        User("oscar", "operator"),
+        title="quarantine the bad channel file",
+        incident_id=incident,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
+    svc.store.close()
+    return {
+        "receipts": receipts,
+        "remediation_id": rem.remediation_id,
+        "approver_token": approver.token,
+        "operator_token": operator.token,
+    }
+
+
+async def client(url: str, plan_file: Path, server_pid: int, idle_s: float) -> dict[str, Any]:
+    import aiohttp
+
+    plan = json.loads(plan_file.read_text())
+    receipts = plan["receipts"]
+    n = len(receipts)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 1024)), hard))
+    served_at: dict[str, float] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def wait_for_directive(r: dict[str, str]) -> None:
+            while True:
+                async with session.get(
+                    f"{url}/v1/reports/{r['report_id']}/directive",
+                    params={"wait": "60"},
+                    headers={"Authorization": f"Bearer {r['poll_token']}"},
+                ) as resp:
+                    body = await resp.json()
+                if resp.status == 200 and body.get("status") == "directive":
+                    served_at[r["report_id"]] = time.monotonic()
+                    return
+                if resp.status >= 400:
+                    raise RuntimeError(f"poll answered {resp.status}: {body}")
+
+        async def waiting() -> int:
+            async with session.get(f"{url}/metrics") as resp:
+                text = await resp.text()
+            for line in text.splitlines():
+                if line.startswith("qmr_long_polls_waiting"):
+                    return int(float(line.split()[-1]))
+            return 0
+
+        opened = time.monotonic()
+        polls = [asyncio.create_task(wait_for_directive(r)) for r in receipts]
+        while await waiting() < n:
+            if any(p.done() and p.exception() for p in polls):
+                raise next(p.exception() for p in polls if p.done() and p.exception())  # type: ignore[misc]
+            await asyncio.sleep(0.5)
+        all_waiting_s = time.monotonic() - opened
+        cpu0, t0 = _cpu_seconds(server_pid), time.monotonic()
+        await asyncio.sleep(idle_s)
+        idle_cpu = (_cpu_seconds(server_pid) - cpu0) / (time.monotonic() - t0)
+        still = await waiting()
+        cpu1 = _cpu_seconds(server_pid)
+        async with session.post(
+            f"{url}/v1/admin/remediations/{plan['remediation_id']}/approve",
+            headers={"Authorization": f"Bearer {plan['approver_token']}"},
+            json={},
+        ) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"approval answered {resp.status}: {await resp.text()}")
+        approved = time.monotonic()
+        await asyncio.gather(*polls)
+        last = max(served_at.values())
+        storm_cpu = _cpu_seconds(server_pid) - cpu1
+    return {
+        "devices": n,
+        "all_waiting_s": round(all_waiting_s, 1),
+        "waiting_before_approval": still,
+        "idle_cpu_share": round(idle_cpu, 4),
+        "approval_to_last_s": round(last - approved, 2),
+        "approval_to_first_s": round(min(served_at.values()) - approved, 3),
+        "cpu_us_per_directive": round(storm_cpu * 1e6 / n),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, default=10000)
+    p.add_argument("--idle", type=float, default=10.0, help="seconds of nothing changing (default 10)")
+    p.add_argument("--postgres", help="a PostgreSQL URL instead of SQLite")
+    p.add_argument("--role", choices=["bench", "client"], default="bench", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--plan-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role == "client":
+        print(json.dumps(asyncio.run(client(args.url, args.plan_file, args.server_pid, args.idle))))
+        return 0
+    cores = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
+    # The server of this checkout (whatever the venv has installed).
+    server_cmd = [sys.executable, "-m", "recovery_server.cli"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory(prefix="qmr-bench-longpoll-") as tmp:
+        data = Path(tmp) / "data"
+        db = ["--database", args.postgres] if args.postgres else []
+        subprocess.run(
+            [
+                *server_cmd,
+                "--data",
+                data,
+                *db,
+                "init",
+                "--token-file",
+                Path(tmp) / "admin.token",
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+        print(f"preparing {args.devices} devices (enrolled, reported, one incident) ...", flush=True)
+        plan = prepare(args.postgres or str(data / "recovery.db"), data, args.devices, print)
+        plan_file = Path(tmp) / "plan.json"
+        plan_file.write_text(json.dumps(plan))
+        port_file = Path(tmp) / "port"
+        log = open(Path(tmp) / "server.log", "w")
+        server = subprocess.Popen(
+            [
+                *server_cmd,
+                "--data",
+                data,
+                *db,
+                "serve",
+                "--port",
+                "0",
+                "--port-file",
+                port_file,
+                "--quiet",
+                "--metrics",
+                "public",
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            preexec_fn=_pin(cores[0]),
+            env=env,
+        )
+        try:
+            from recovery_server.portfile import wait_for_port_file
+
+            port = wait_for_port_file(port_file, lambda: server.poll() is None, timeout_s=120)
+            print(f"server on port {port}; {args.devices} long polls ...", flush=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    "client",
+                    "--url",
+                    f"http://127.0.0.1:{port}",
+                    "--plan-file",
+                    str(plan_file),
+                    "--server-pid",
+                    str(server.pid),
+                    "--idle",
+                    str(args.idle),
+                ],  # fmt: skip
+                check=True,
+                capture_output=True,
+                text=True,
+                preexec_fn=_pin(cores[1]),
+            )
+            r = json.loads(out.stdout)
+        finally:
+            server.terminate()
+            server.wait(30)
+            log.close()
+    store = "PostgreSQL" if args.postgres else "SQLite"
+    print(f"\n{r['devices']} devices waiting on long polls ({store}, one server process):")
+    print(f"  all waiting after            {r['all_waiting_s']} s")
+    print(f"  server CPU while idle        {r['idle_cpu_share'] * 100:.1f}% of a core ({args.idle:g} s)")
+    print(f"  approval to first directive  {r['approval_to_first_s']} s")
+    print(f"  approval to last directive   {r['approval_to_last_s']} s")
+    print(f"  server CPU per directive     {r['cpu_us_per_directive']} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
