@@ -37,20 +37,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_ingest import _cpu_seconds, _pin  # noqa: E402  (this folder is on sys.path)
+
 from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 
 BAD_PATH = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
 BAD_SHA = "b" * 64
 OPEN_BATCH = 500
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _pin(core: int | None):  # type: ignore[no-untyped-def]
-    return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
 
 
 def prepare(store_url: str, data: Path, n: int, log) -> dict[str, Any]:  # type: ignore[no-untyped-def]

@@ -160,12 +160,9 @@ def examine(raw: Path, firmware: str | None = None) -> FoundImage:
         fstab = fstab_mounts((d.ext4_file(root_part, "etc/fstab") or b"").decode("utf-8", "replace"))
         boot_part = _boot_partition(raw, parts, supers, fstab.get("/boot"), root_part)
         boot_fs, boot_dir = (root_part, "boot") if boot_part is None else (boot_part, "")
+        names = d.ext4_listdir(boot_fs, boot_dir)
         kernels = sorted(
-            (
-                n.removeprefix("vmlinuz-")
-                for n in d.ext4_listdir(boot_fs, boot_dir)
-                if n.startswith("vmlinuz-")
-            ),
+            (n.removeprefix("vmlinuz-") for n in names if n.startswith("vmlinuz-")),
             key=_release_key,
             reverse=True,
         )
@@ -176,7 +173,6 @@ def examine(raw: Path, firmware: str | None = None) -> FoundImage:
                 f"(found {kernels or 'no vmlinuz-*'}): install a linux-image package in the image"
             )
         release = with_modules[0]
-        names = d.ext4_listdir(boot_fs, boot_dir)
         if f"initrd.img-{release}" not in names:
             raise ImageError(
                 f"{raw}: kernel {release} has no /boot/initrd.img-{release}: run update-initramfs -u"
