@@ -21,6 +21,7 @@ health (good boots), events (the audit log, hash-chained: ``audit.py`` writes an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import secrets
@@ -265,22 +266,34 @@ class Store:
     """A thread-safe handle on the database; one per server process.
 
     ``Store(path)`` opens SQLite; ``Store("postgresql://...")`` opens PostgreSQL.
+
+    Two connections: one for write transactions (``tx``), one for the reads made outside a
+    transaction (``one``, ``all``, ``scalar``). A read never waits for a writer, so the event
+    loop's reads (a long poll's look, a device's key) go on while a batch of reports commits
+    in its thread (``groupcommit.py``). A read made by the thread that holds a transaction
+    open goes to that transaction's connection, so it sees what the transaction wrote.
     """
 
     def __init__(self, location: str | Path) -> None:
         self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
+        self._in_tx = threading.local()
         text = str(location)
         self._db: _Connection
+        self._read_db: _Connection
         if text.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
             self.url = text
             self._db = _connect_postgres(text)
+            self.migrate()
+            self._read_db = _connect_postgres(text)
         else:
             self.dialect = "sqlite"
             path = Path(text.removeprefix("sqlite:///"))
             self.url = f"sqlite:///{path}"
             self._db = _connect_sqlite(path)
-        self.migrate()
+            self.migrate()
+            self._read_db = _connect_sqlite(path)
 
     def migrate(self) -> None:
         with self.tx() as db:
@@ -320,28 +333,43 @@ class Store:
             else:
                 self._db.execute("BEGIN")
                 self._db.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_KEY,))
+            self._in_tx.open = True
             try:
                 yield Tx(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
                 self._db.execute("COMMIT")
+            except BaseException:
+                # Also when COMMIT itself failed (a full disk): the connection must not stay
+                # inside the failed transaction, or every later BEGIN would fail too.
+                with contextlib.suppress(Exception):
+                    self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._in_tx.open = False
+
+    @contextmanager
+    def _reading(self) -> Iterator[Tx]:
+        if getattr(self._in_tx, "open", False):  # this thread's own open transaction
+            with self._lock:
+                yield Tx(self._db)
+        else:
+            with self._read_lock:
+                yield Tx(self._read_db)
 
     def one(self, sql: str, *args: Any) -> Row | None:
-        with self._lock:
-            return Tx(self._db).one(sql, *args)
+        with self._reading() as db:
+            return db.one(sql, *args)
 
     def all(self, sql: str, *args: Any) -> list[Row]:
-        with self._lock:
-            return Tx(self._db).all(sql, *args)
+        with self._reading() as db:
+            return db.all(sql, *args)
 
     def scalar(self, sql: str, *args: Any) -> Any:
-        with self._lock:
-            return Tx(self._db).scalar(sql, *args)
+        with self._reading() as db:
+            return db.scalar(sql, *args)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._read_db.close()
             self._db.close()
 
 
