@@ -208,6 +208,7 @@ def make_app(
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     app.cleanup_ctx.append(_change_feed)
+    app.cleanup_ctx.append(_group_commit)
     app.cleanup_ctx.append(_rollout_ticker)
     app.cleanup_ctx.append(_retention)
     return app
@@ -244,6 +245,12 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
     if running is not None:  # let a prune in its thread finish before the store closes
         with contextlib.suppress(Exception):
             await running
+
+
+async def _group_commit(app: web.Application) -> AsyncIterator[None]:
+    """At shutdown, let the reports already handed to the writer commit (groupcommit.py)."""
+    yield
+    await app[SERVICE].commits.drain()
 
 
 async def _change_feed(app: web.Application) -> AsyncIterator[None]:

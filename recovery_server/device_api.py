@@ -48,7 +48,7 @@ async def challenge(request: web.Request) -> web.Response:
 
 
 async def diagnostics(request: web.Request) -> web.Response:
-    return answer(service(request).accept_diagnostics(await request.read()))
+    return answer(await service(request).submit_diagnostics(await request.read()))
 
 
 async def directive(request: web.Request) -> web.Response:

@@ -20,19 +20,30 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from recovery_agent.protocol.admin import Incident, IncidentDetail, IncidentReport, Suggestion
 from recovery_agent.protocol.crashreport import rederive
-from recovery_agent.protocol.wire import Diagnostics, DiagnosticsReceipt
+from recovery_agent.protocol.envelope import Verified
+from recovery_agent.protocol.wire import CrashSignature, Diagnostics, DiagnosticsReceipt
 
 from . import audit, catalog
 from .access import Operation, User, require
 from .challenges import Challenges
 from .devices import Devices
 from .directives import Directives
-from .errors import NotFound
-from .store import Row, Store, iso, new_id, token_sha256
+from .errors import NotFound, Unauthorized
+from .store import Row, Store, Tx, iso, new_id, token_sha256
+
+
+@dataclass(frozen=True)
+class CheckedReport:
+    """A report that passed every check that needs no write (``Incidents.check``)."""
+
+    verified: Verified[Diagnostics]
+    signature: CrashSignature
+    now: str  # when it was received, as the store spells times
 
 
 class Incidents:
@@ -51,90 +62,107 @@ class Incidents:
         self._directives = directives
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
-        verified = self._devices.open_message(raw, Diagnostics)
-        d = verified.message
-        now = iso(self._now())
-        poll_token = secrets.token_urlsafe(24)
+        """Check, store and acknowledge one report, in a transaction of its own."""
+        report = self.check(raw)
         with self._store.tx() as tx:
-            self._challenges.spend(tx, d.device_id, d.server_nonce)
-            sig = rederive(d.crash)
-            incident_id = "INC-" + sig.id[:12]
-            if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
-                tx.execute(
-                    "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,0)",
-                    incident_id,
-                    sig.id,
-                    sig.kind.value,
-                    sig.title,
-                    sig.guilty_module,
-                    sig.guilty_frame,
-                    sig.channel_file,
-                    now,
-                    now,
-                )
-                audit.record(
-                    tx, now, "incident.opened", d.device_id, d.device_id, incident_id, {"title": sig.title}
-                )
+            receipt = self.write(tx, report)
+        self.written(report)
+        return receipt
+
+    def check(self, raw: bytes) -> CheckedReport:
+        """Everything about a report that needs no write: its envelope, signature and signer,
+        the device's budget, and its crash signature as these rules make it."""
+        verified = self._devices.open_message(raw, Diagnostics)
+        return CheckedReport(verified, rederive(verified.message.crash), iso(self._now()))
+
+    def written(self, report: CheckedReport) -> None:
+        """After the report's transaction committed: spend the device's budget."""
+        self._devices.limits.spend(report.verified.message.device_id, "Diagnostics")
+
+    def write(self, tx: Tx, report: CheckedReport) -> DiagnosticsReceipt:
+        """Store a checked report inside ``tx`` (the caller's, maybe shared: groupcommit.py)."""
+        verified, sig, now = report.verified, report.signature, report.now
+        d = verified.message
+        poll_token = secrets.token_urlsafe(24)
+        self._challenges.spend(tx, d.device_id, d.server_nonce)
+        incident_id = "INC-" + sig.id[:12]
+        if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
             tx.execute(
-                "UPDATE incidents SET last_seen = ?, report_count = report_count + 1 WHERE incident_id = ?",
-                now,
+                "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,0)",
                 incident_id,
-            )
-            report_id = new_id("rpt")
-            # The payload once, and the signature that verified it: together an envelope again.
-            tx.execute(
-                "INSERT INTO reports(report_id, device_id, incident_id, diagnostics_sha256, agent_nonce, "
-                "poll_token_sha256, received_at, payload, signatures) VALUES (?,?,?,?,?,?,?,?,?)",
-                report_id,
-                d.device_id,
-                incident_id,
-                verified.payload_sha256,
-                d.agent_nonce,
-                token_sha256(poll_token),
+                sig.id,
+                sig.kind.value,
+                sig.title,
+                sig.guilty_module,
+                sig.guilty_frame,
+                sig.channel_file,
                 now,
-                verified.payload.decode(),
-                json.dumps(verified.signatures),
-            )
-            # The agent's last attempt: unless a fix lands now, a person must recover it.
-            state = (
-                "needs_manual" if d.boot.recovery_attempts >= d.boot.max_recovery_attempts else "recovering"
-            )
-            tx.execute(
-                "UPDATE devices SET last_seen = ?, state = ?, recovery_attempts = ? WHERE device_id = ?",
                 now,
-                state,
-                d.boot.recovery_attempts,
-                d.device_id,
             )
+            audit.record(
+                tx, now, "incident.opened", d.device_id, d.device_id, incident_id, {"title": sig.title}
+            )
+        tx.execute(
+            "UPDATE incidents SET last_seen = ?, report_count = report_count + 1 WHERE incident_id = ?",
+            now,
+            incident_id,
+        )
+        report_id = new_id("rpt")
+        # The payload once, and the signature that verified it: together an envelope again.
+        tx.execute(
+            "INSERT INTO reports(report_id, device_id, incident_id, diagnostics_sha256, agent_nonce, "
+            "poll_token_sha256, received_at, payload, signatures) VALUES (?,?,?,?,?,?,?,?,?)",
+            report_id,
+            d.device_id,
+            incident_id,
+            verified.payload_sha256,
+            d.agent_nonce,
+            token_sha256(poll_token),
+            now,
+            verified.payload.decode(),
+            json.dumps(verified.signatures),
+        )
+        # The agent's last attempt: unless a fix lands now, a person must recover it.
+        state = "needs_manual" if d.boot.recovery_attempts >= d.boot.max_recovery_attempts else "recovering"
+        # A device revoked since its report was checked is refused here, in the transaction.
+        updated = tx.execute(
+            "UPDATE devices SET last_seen = ?, state = ?, recovery_attempts = ? "
+            "WHERE device_id = ? AND revoked_at IS NULL",
+            now,
+            state,
+            d.boot.recovery_attempts,
+            d.device_id,
+        )
+        if updated.rowcount != 1:
+            raise Unauthorized(f"device {d.device_id} was revoked: its report was not stored")
+        audit.record(
+            tx,
+            now,
+            "diagnostics.received",
+            d.device_id,
+            d.device_id,
+            report_id,
+            {
+                "incident": incident_id,
+                "title": sig.title,
+                "boot_count": d.boot.boot_count,
+                "recovery_attempts": d.boot.recovery_attempts,
+            },
+        )
+        if state == "needs_manual":
             audit.record(
                 tx,
                 now,
-                "diagnostics.received",
+                "device.needs_manual",
                 d.device_id,
                 d.device_id,
                 report_id,
-                {
-                    "incident": incident_id,
-                    "title": sig.title,
-                    "boot_count": d.boot.boot_count,
-                    "recovery_attempts": d.boot.recovery_attempts,
-                },
+                {"recovery_attempts": d.boot.recovery_attempts},
             )
-            if state == "needs_manual":
-                audit.record(
-                    tx,
-                    now,
-                    "device.needs_manual",
-                    d.device_id,
-                    d.device_id,
-                    report_id,
-                    {"recovery_attempts": d.boot.recovery_attempts},
-                )
-            # A device that was served a fix and is back in recovery: the fix did not work.
-            self._directives.fail_pending(
-                tx, d.device_id, report_id, f"the device failed to boot again ({sig.title})"
-            )
-        self._devices.limits.spend(d.device_id, "Diagnostics")
+        # A device that was served a fix and is back in recovery: the fix did not work.
+        self._directives.fail_pending(
+            tx, d.device_id, report_id, f"the device failed to boot again ({sig.title})"
+        )
         return DiagnosticsReceipt(
             report_id=report_id,
             incident_id=incident_id,

@@ -108,6 +108,20 @@ def render(service: RecoveryService, http: HttpMetrics) -> str:
         [("", db.scalar("SELECT count(*) FROM events"))],
     )
 
+    commits = service.commits.stats
+    family(
+        "qmr_report_commits_total",
+        "counter",
+        "Transactions of this process that stored reports (several at once: groupcommit.py).",
+        [("", commits.batches)],
+    )
+    family(
+        "qmr_reports_committed_total",
+        "counter",
+        "Reports those transactions stored; over qmr_report_commits_total, the reports per commit.",
+        [("", commits.writes)],
+    )
+
     family(
         "qmr_long_polls_waiting",
         "gauge",

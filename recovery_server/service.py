@@ -20,7 +20,8 @@ per-person tokens; operators write remediations (declarative actions only) and s
 approvers approve; the author never counts as an approver. Every admin method takes the
 person acting and asks ``access.py`` whether they may, first.
 
-Every change is one store transaction and leaves an entry in the audit log (``audit.py``).
+Every change is one store transaction and leaves an entry in the audit log (``audit.py``);
+reports that arrive together share one (``groupcommit.py``), each in a savepoint of its own.
 Old reports, healthy boots and spent challenges are pruned by ``retention.py``.
 """
 
@@ -57,6 +58,7 @@ from .challenges import Challenges, challenge_key
 from .devices import Devices
 from .directives import DeviceResult, Directives
 from .errors import BadRequest
+from .groupcommit import GroupCommit
 from .incidents import Incidents
 from .limits import DeviceRateLimits, RateLimit
 from .remediations import Remediations
@@ -108,6 +110,7 @@ class RecoveryService:
         )
         self._incidents = Incidents(self.store, self.now, self._devices, self._challenges, self._directives)
         self._audit = AuditLog(self.store)
+        self.commits = GroupCommit(self.store, on_commit=changed)
 
     def now(self) -> datetime:
         return self.clock().replace(microsecond=0)
@@ -161,6 +164,14 @@ class RecoveryService:
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
         return self._incidents.accept_diagnostics(raw)
+
+    async def submit_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
+        """``accept_diagnostics`` for the event loop: the checks here, the write in a
+        transaction shared with the other reports arriving meanwhile (groupcommit.py)."""
+        report = self._incidents.check(raw)
+        receipt = await self.commits.run(lambda tx: self._incidents.write(tx, report))
+        self._incidents.written(report)
+        return receipt
 
     def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
         return self._directives.poll(report_id, poll_token)

@@ -1,0 +1,178 @@
+"""Group commit (recovery_server/groupcommit.py): reports that arrive together are stored in one
+transaction, each in its own savepoint; a report is acknowledged only once its transaction
+committed; one bad report fails alone; a failed commit keeps nothing of its batch. And the
+store's reads (store.py) never wait for a writer. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from recovery_agent.protocol.envelope import seal_bytes
+from recovery_agent.protocol.keys import SigningKey
+from recovery_agent.protocol.wire import Diagnostics
+from recovery_server.errors import Conflict, Unauthorized
+
+from .test_server import BAD_PATH, crash
+
+DEVICES = 24
+
+
+def diagnostics(device_id: str, nonce: str, agent_nonce: str = "a" * 32) -> Diagnostics:
+    from recovery_agent.protocol.wire import BootState, FileRecord, SystemInfo, utcnow
+
+    return Diagnostics(
+        device_id=device_id,
+        server_nonce=nonce,
+        agent_nonce=agent_nonce,
+        created_at=utcnow(),
+        agent_version="t",
+        boot=BootState(boot_count=2, boot_limit=2),
+        crash=crash(),
+        system=SystemInfo(),
+        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256="b" * 64)],
+    )
+
+
+@pytest.fixture
+async def devices(fleet) -> list[tuple[str, SigningKey]]:
+    out = []
+    for i in range(DEVICES):
+        key = SigningKey.generate()
+        await fleet.enroll(f"dev-{i:02d}", key)
+        out.append((f"dev-{i:02d}", key))
+    return out
+
+
+def sealed(
+    fleet, device_id: str, key: SigningKey, agent_nonce: str = "a" * 32, nonce: str | None = None
+) -> bytes:
+    nonce = nonce or fleet.service.challenge(device_id).nonce
+    return seal_bytes(diagnostics(device_id, nonce, agent_nonce), key)
+
+
+async def test_reports_sent_together_share_one_commit_and_each_gets_its_own_receipt(fleet, devices):
+    svc = fleet.service
+    before = svc.commits.stats.batches
+    receipts = await asyncio.gather(*(svc.submit_diagnostics(sealed(fleet, d, k)) for d, k in devices))
+    # All were handed in before the writer first ran: one transaction stored them all.
+    assert svc.commits.stats.batches == before + 1 and svc.commits.stats.largest == DEVICES
+    assert len({r.report_id for r in receipts}) == DEVICES
+    assert fleet.count("reports") == DEVICES and fleet.count("nonces") == DEVICES
+    stored = {
+        r["report_id"]: r["device_id"] for r in fleet.store.all("SELECT report_id, device_id FROM reports")
+    }
+    assert {stored[r.report_id] for r in receipts} == {d for d, _ in devices}
+    assert svc.verify_audit(fleet.viewer).ok
+    # Each receipt's poll token polls its own report.
+    for receipt in receipts[:3]:
+        assert svc.poll(receipt.report_id, receipt.poll_token).status == "pending"
+
+
+async def test_a_replay_inside_a_batch_fails_alone_and_leaves_no_trace(fleet, devices):
+    svc = fleet.service
+    (d0, k0), rest = devices[0], devices[1:]
+    nonce = svc.challenge(d0).nonce
+    first, replay = sealed(fleet, d0, k0, "a" * 32, nonce), sealed(fleet, d0, k0, "b" * 32, nonce)
+    outcomes = await asyncio.gather(
+        *(svc.submit_diagnostics(raw) for raw in [sealed(fleet, d, k) for d, k in rest[:10]]),
+        svc.submit_diagnostics(first),
+        svc.submit_diagnostics(replay),
+        *(svc.submit_diagnostics(raw) for raw in [sealed(fleet, d, k) for d, k in rest[10:]]),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], Conflict), refused
+    assert svc.commits.stats.largest == DEVICES + 1  # one batch, the replay rolled back inside it
+    assert fleet.count("reports") == DEVICES and fleet.count("nonces") == DEVICES
+    kinds = [
+        r["kind"] for r in fleet.store.all("SELECT kind FROM events WHERE kind = 'diagnostics.received'")
+    ]
+    assert len(kinds) == DEVICES
+    assert svc.verify_audit(fleet.viewer).ok
+
+
+async def test_a_device_revoked_between_its_checks_and_its_write_is_refused(fleet, devices):
+    svc = fleet.service
+    (d0, k0), (d1, k1) = devices[0], devices[1]
+    report = svc._incidents.check(sealed(fleet, d0, k0))  # checked while still enrolled
+    svc.revoke_device(fleet.admin, d0)
+    ok, refused = await asyncio.gather(
+        svc.submit_diagnostics(sealed(fleet, d1, k1)),
+        svc.commits.run(lambda tx: svc._incidents.write(tx, report)),
+        return_exceptions=True,
+    )
+    assert isinstance(refused, Unauthorized) and "revoked" in str(refused)
+    assert not isinstance(ok, BaseException)
+    assert fleet.store.all("SELECT device_id FROM reports")[0]["device_id"] == d1
+    assert fleet.count("reports") == 1 and svc.verify_audit(fleet.viewer).ok
+
+
+class _FailingCommit:
+    """The store's write connection, failing at COMMIT as a full or failing disk does (an
+    emulation of the disk fault: the statement raises the error SQLite and PostgreSQL raise)."""
+
+    def __init__(self, db) -> None:
+        self._db = db
+
+    def execute(self, sql: str, args: tuple = (), /):
+        if sql == "COMMIT":
+            raise OSError("disk I/O error (injected at COMMIT)")
+        return self._db.execute(sql, args)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+async def test_a_failed_commit_fails_every_report_of_its_batch_and_keeps_none(fleet, devices):
+    svc = fleet.service
+    raws = [sealed(fleet, d, k) for d, k in devices]
+    real = fleet.store._db
+    fleet.store._db = _FailingCommit(real)
+    try:
+        outcomes = await asyncio.gather(*(svc.submit_diagnostics(r) for r in raws), return_exceptions=True)
+    finally:
+        fleet.store._db = real
+    assert all(isinstance(o, OSError) for o in outcomes), outcomes
+    assert fleet.count("reports") == 0 and fleet.count("nonces") == 0
+    assert svc.verify_audit(fleet.viewer).ok
+    # Nothing was spent: the same reports are taken once the disk is back.
+    receipts = await asyncio.gather(*(svc.submit_diagnostics(r) for r in raws))
+    assert len(receipts) == DEVICES and fleet.count("reports") == DEVICES
+
+
+async def test_reports_over_http_are_stored_once_each(fleet, devices):
+    from .test_server import report
+
+    results = await asyncio.gather(*(report(fleet, d, k) for d, k in devices))
+    assert len({receipt.report_id for _, receipt in results}) == DEVICES
+    assert fleet.count("reports") == DEVICES
+    assert fleet.service.verify_audit(fleet.viewer).ok
+
+
+def test_reads_do_not_wait_for_an_open_write_and_see_only_what_committed(fleet):
+    store = fleet.store
+    opened, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.tx() as tx:
+            tx.execute("INSERT INTO schema_meta VALUES ('probe', 'written')")
+            # Inside its own transaction, a thread reads what it wrote.
+            assert store.scalar("SELECT value FROM schema_meta WHERE key = 'probe'") == "written"
+            opened.set()
+            release.wait(60)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert opened.wait(60)
+        # The writer holds its transaction open; this read answers at once, without its row.
+        assert store.scalar("SELECT value FROM schema_meta WHERE key = 'probe'") is None
+    finally:
+        release.set()
+        thread.join(60)
+    assert done.is_set()
+    assert store.scalar("SELECT value FROM schema_meta WHERE key = 'probe'") == "written"
