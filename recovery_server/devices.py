@@ -36,6 +36,7 @@ them, which takes them out of every gate.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
@@ -67,22 +68,28 @@ TOKEN_PREFIX = "enr_"
 
 
 class DeviceKeyring(Mapping[str, Ed25519PublicKey]):
-    """The enrolled device keys, looked up by key id as the envelope names them."""
+    """The enrolled device keys, looked up by key id as the envelope names them. Make one per
+    message: it reads each key's device row once and keeps it (``signer``), so opening a
+    message costs one query however often the envelope code asks."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._rows: dict[str, Row | None] = {}
+
+    def signer(self, kid: str) -> Row | None:
+        """The device row of the key ``kid``, or None if no device has it."""
+        if kid not in self._rows:
+            self._rows[kid] = self._store.one("SELECT * FROM devices WHERE key_id = ?", kid)
+        return self._rows[kid]
 
     def __getitem__(self, kid: str) -> Ed25519PublicKey:
-        row = self._store.one("SELECT public_key FROM devices WHERE key_id = ?", kid)
+        row = self.signer(kid)
         if row is None:
             raise KeyError(kid)
-        return keys.public_from_b64(row["public_key"])
+        return _public_key(row["public_key"])
 
     def __contains__(self, kid: object) -> bool:
-        return (
-            isinstance(kid, str)
-            and self._store.one("SELECT 1 FROM devices WHERE key_id = ?", kid) is not None
-        )
+        return isinstance(kid, str) and self.signer(kid) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(r["key_id"] for r in self._store.all("SELECT key_id FROM devices"))
@@ -91,12 +98,17 @@ class DeviceKeyring(Mapping[str, Ed25519PublicKey]):
         return int(self._store.scalar("SELECT count(*) FROM devices"))
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(b64: str) -> Ed25519PublicKey:
+    """A device's public key as an object (immutable, so shared between messages)."""
+    return keys.public_from_b64(b64)
+
+
 class Devices:
     def __init__(self, store: Store, now: Callable[[], datetime], limits: DeviceRateLimits) -> None:
         self._store = store
         self._now = now
         self.limits = limits
-        self.keyring = DeviceKeyring(store)
 
     # ---------------------------------------------------------------- enrollment tokens
 
@@ -242,11 +254,12 @@ class Devices:
     def open_message(self, raw: bytes, model: type[M]) -> Verified[M]:
         """The device message in ``raw``, verified against the enrolled key that signed it;
         refused unless it names the device that key belongs to, and that device is not revoked."""
+        keyring = DeviceKeyring(self._store)
         try:
-            verified = envelope.open_envelope(raw, model, self.keyring)
+            verified = envelope.open_envelope(raw, model, keyring)
         except EnvelopeError as exc:
             raise (Unauthorized if isinstance(exc, envelope.UnknownKey) else BadRequest)(str(exc)) from None
-        signer = self._store.one("SELECT * FROM devices WHERE key_id = ?", verified.key_id)
+        signer = keyring.signer(verified.key_id)
         named = getattr(verified.message, "device_id", None)
         if signer is None or signer["device_id"] != named:
             raise Unauthorized(

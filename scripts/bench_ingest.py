@@ -47,6 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from recovery_agent.protocol.crashreport import RULES_VERSION  # noqa: E402
 from recovery_agent.protocol.envelope import canonical_json, pae  # noqa: E402
 from recovery_agent.protocol.keys import SigningKey, public_b64  # noqa: E402
 from recovery_agent.protocol.wire import (  # noqa: E402
@@ -114,6 +115,7 @@ def diagnostics_template(device_id: str) -> bytes:
             channel_file="var/lib/sensor/channels/C-00000291-00000000-00000032.sys",
             source="pstore",
             excerpt=EXCERPT,
+            rules_version=RULES_VERSION,  # made by an agent of this version: not re-parsed
         ),
         system=SystemInfo(os_release="Debian GNU/Linux 12 (bookworm)", kernel_version="6.1.0-28-amd64"),
         drivers=_records("lib/modules/6.1.0-28-amd64/extra", 12, "ko"),
@@ -381,11 +383,30 @@ def run_server(
     )
     try:
         port = _wait_port(port_file, proc)
-        return _client(args, f"http://127.0.0.1:{port}", devices_file, proc.pid, True, cores[1])
+        result = _client(args, f"http://127.0.0.1:{port}", devices_file, proc.pid, True, cores[1])
+        result["per_commit"] = _reports_per_commit(port, (data / "admin.token").read_text().strip())
+        return result
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _reports_per_commit(port: int, token: str) -> float | None:
+    """Reports over the transactions that stored them, from the server's /metrics (groupcommit.py)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        values = {
+            name: float(value)
+            for name, _, value in (line.partition(" ") for line in r.read().decode().splitlines())
+            if name in ("qmr_report_commits_total", "qmr_reports_committed_total")
+        }
+    commits = values.get("qmr_report_commits_total")
+    return values["qmr_reports_committed_total"] / commits if commits else None
 
 
 def run_floor(
@@ -534,6 +555,9 @@ def main() -> int:
     for label, r in rows:
         print(_row(label, r, floor2))
     print("(vs floor: reports/s over the two-request floor's; srv/clnt CPU: share of one core)")
+    for label, r in rows:
+        if r.get("per_commit"):
+            print(f"{label}: {r['per_commit']:.1f} reports per commit on average (groupcommit.py)")
     return 0
 
 
