@@ -52,7 +52,9 @@ class AgentSettings(BaseModel):
     time_to_reboot_min: int = Field(default=180, ge=1, le=4320)
     seconds_per_minute: float = Field(default=60.0, gt=0, le=60)
     max_recovery_attempts: int = Field(default=3, ge=1, le=100)
-    long_poll_s: float = Field(default=30.0, gt=0, le=60)
+    # A waiting poll costs the server nothing until its wait ends, so wait long: renewals are
+    # what a fleet of waiting devices costs (a server older than 300 s clamps to its own limit).
+    long_poll_s: float = Field(default=300.0, gt=0, le=300)
     boot_limit: int = Field(default=2, ge=1, le=9)
     # Lab only: stop at this step of an apply until the lab cuts the power (holds.py).
     lab_hold_at: HoldStep | None = None

@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -47,6 +49,28 @@ from .rollout import Rollouts
 from .store import Reader, Row, Store, Tx, iso, new_id, token_sha256
 
 _ACTIONS = TypeAdapter(list[Action])
+
+
+@functools.lru_cache(maxsize=256)
+def _actions(text: str) -> tuple[Action, ...]:
+    """A remediation's stored actions, parsed once per text (a remediation's never change; the
+    polls an approval wakes all read the same)."""
+    return tuple(_ACTIONS.validate_json(text))
+
+
+@dataclass
+class Due:
+    """A report whose directive ``look`` found due; ``issue`` it inside a write transaction.
+    Its diagnostics are parsed once for both."""
+
+    report: Row
+    _diagnostics: Diagnostics | None = None
+
+    @property
+    def diagnostics(self) -> Diagnostics:
+        if self._diagnostics is None:
+            self._diagnostics = Diagnostics.model_validate_json(self.report["payload"])
+        return self._diagnostics
 
 
 class DeviceResult(BaseModel):
@@ -78,10 +102,16 @@ class Directives:
         self._rollouts = rollouts
 
     def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
-        """One look for a directive for this report; the HTTP layer repeats it (long poll).
+        """One look for a directive for this report; the HTTP layer repeats it (long poll)."""
+        looked = self.look(report_id, poll_token)
+        if isinstance(looked, DirectivePoll):
+            return looked
+        with self._store.tx() as tx:
+            return self.issue(tx, looked)
 
-        Read-only until a directive is due; then, inside one write transaction, the remediation
-        and its rollout are read again so that two server processes agree on who is served."""
+    def look(self, report_id: str, poll_token: str) -> DirectivePoll | Due:
+        """The read-only part of a poll: its answer, or, when a directive is due, the report's
+        row, to ``issue`` inside a write transaction."""
         report = self._store.one("SELECT * FROM reports WHERE report_id = ?", report_id)
         if report is None or not secrets.compare_digest(
             report["poll_token_sha256"], token_sha256(poll_token)
@@ -91,20 +121,27 @@ class Directives:
         existing = self._store.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
         if existing:
             return DirectivePoll(status="directive", envelope=json.loads(existing["envelope"]))
-        verdict = self._due(self._store, report)
+        due = Due(report)
+        verdict = self._due(self._store, due)
         if verdict != "issue":
             return DirectivePoll(status=verdict, retry_after_s=1)
-        with self._store.tx() as tx:
-            again = tx.one("SELECT envelope FROM directives WHERE report_id = ?", report_id)
-            if again:  # another poller or process won the race; serve theirs
-                return DirectivePoll(status="directive", envelope=json.loads(again["envelope"]))
-            verdict = self._due(tx, report)
-            if verdict != "issue":
-                return DirectivePoll(status=verdict, retry_after_s=1)
-            return self._issue(tx, report)
+        return due
 
-    def _due(self, db: Reader, report: Row) -> Literal["issue", "pending", "none"]:
+    def issue(self, tx: Tx, due: Due) -> DirectivePoll:
+        """Issue the directive ``look`` found due, inside ``tx``: the remediation and its
+        rollout are read again here, so two server processes (or two polls of one batch:
+        groupcommit.py) agree on who is served and no wave takes more than its share."""
+        again = tx.one("SELECT envelope FROM directives WHERE report_id = ?", due.report["report_id"])
+        if again:  # another poller or process won the race; serve theirs
+            return DirectivePoll(status="directive", envelope=json.loads(again["envelope"]))
+        verdict = self._due(tx, due)
+        if verdict != "issue":
+            return DirectivePoll(status=verdict, retry_after_s=1)
+        return self._issue(tx, due.report)
+
+    def _due(self, db: Reader, due: Due) -> Literal["issue", "pending", "none"]:
         """Issue now, ask again later ('pending'), or no fix for this report ('none')."""
+        report = due.report
         rem = approved_remediation(db, report["incident_id"])
         if rem is None:
             revoked = db.one(
@@ -116,8 +153,7 @@ class Directives:
                 report["incident_id"],
             )
             return "none" if revoked and not pending else "pending"
-        diagnostics = Diagnostics.model_validate_json(report["payload"])
-        if _not_on_device(_ACTIONS.validate_json(rem["actions"]), diagnostics):
+        if _not_on_device(_actions(rem["actions"]), due.diagnostics):
             return "none"
         verdict, _ = self._rollouts.serving(db, rem["remediation_id"], report["device_id"])
         return verdict
@@ -145,7 +181,7 @@ class Directives:
             remediation_title=rem["title"],
             issued_at=now,
             expires_at=now + self._ttl,
-            actions=_ACTIONS.validate_json(rem["actions"]),
+            actions=list(_actions(rem["actions"])),
             approvals=approvals,
         )
         env = envelope.seal(directive, self._server_key)
@@ -284,7 +320,7 @@ class Directives:
         ]
 
 
-def _not_on_device(actions: list[Any], diagnostics: Diagnostics) -> list[str]:
+def _not_on_device(actions: Sequence[Any], diagnostics: Diagnostics) -> list[str]:
     """Quarantine targets that the device's inventory shows with other content, or not at all
     in a folder it inventoried: the fix is not for this device (it may have the good file)."""
     records = (*diagnostics.channel_files, *diagnostics.drivers)

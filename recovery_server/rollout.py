@@ -41,6 +41,7 @@ wave is open, ``judge`` re-judges a rollout after each outcome, ``tick`` as time
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +64,12 @@ BUCKETS = 10_000
 def bucket(rollout_id: str, device_id: str) -> int:
     digest = hashlib.sha256(f"{rollout_id}\n{device_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(text: str) -> RolloutPlan:
+    """A rollout's stored plan, parsed once per text (frozen; a plan never changes)."""
+    return RolloutPlan.model_validate_json(text)
 
 
 def wave_of(plan: RolloutPlan, rollout_id: str, device_id: str) -> int:
@@ -251,7 +258,7 @@ class Rollouts:
         ro = db.one("SELECT * FROM rollouts WHERE remediation_id = ?", remediation_id)
         if ro is None:
             return "issue", None
-        wave = wave_of(RolloutPlan.model_validate_json(ro["plan"]), ro["rollout_id"], device_id)
+        wave = wave_of(_plan(ro["plan"]), ro["rollout_id"], device_id)
         if ro["state"] == "completed":
             return "issue", wave
         if ro["state"] == "revoked":
@@ -295,7 +302,7 @@ class Rollouts:
         status = tx.scalar("SELECT status FROM remediations WHERE remediation_id = ?", ro["remediation_id"])
         if status != "approved":
             return
-        plan = RolloutPlan.model_validate_json(ro["plan"])
+        plan = _plan(ro["plan"])
         counts = _wave_counts(tx, ro["remediation_id"], ro["current_wave"])
         soaked = (self._now() - parse_iso(ro["wave_started_at"])).total_seconds()
         decision = decide(plan, ro["current_wave"], counts, soaked)
@@ -353,7 +360,7 @@ class Rollouts:
         ro = self._store.one("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
         if ro is None:
             raise NotFound(f"no rollout {rollout_id}")
-        plan = RolloutPlan.model_validate_json(ro["plan"])
+        plan = _plan(ro["plan"])
         gate = ""
         if ro["state"] == "active":
             counts = _wave_counts(self._store, ro["remediation_id"], ro["current_wave"])

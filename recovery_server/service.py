@@ -56,7 +56,7 @@ from .access import Operation, User, require
 from .audit import AuditLog
 from .challenges import Challenges, challenge_key
 from .devices import Devices
-from .directives import DeviceResult, Directives
+from .directives import DeviceResult, Directives, Due
 from .errors import BadRequest
 from .groupcommit import GroupCommit
 from .incidents import Incidents
@@ -175,6 +175,16 @@ class RecoveryService:
 
     def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
         return self._directives.poll(report_id, poll_token)
+
+    def look(self, report_id: str, poll_token: str) -> DirectivePoll | Due:
+        """A poll's read-only look: its answer, or the report whose directive is due (then
+        ``issue_directive``)."""
+        return self._directives.look(report_id, poll_token)
+
+    async def issue_directive(self, due: Due) -> DirectivePoll:
+        """Issue a due directive in a transaction shared with the others issued meanwhile (the
+        polls an approval wakes at once: groupcommit.py)."""
+        return await self.commits.run(lambda tx: self._directives.issue(tx, due))
 
     def report_incident(self, report_id: str) -> str:
         """The incident a report belongs to (what its long poll waits on)."""

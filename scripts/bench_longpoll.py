@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """Benchmark: many devices waiting on long polls, then one approval for all of them.
 
-    .venv/bin/python scripts/bench_longpoll.py [--devices 10000] [--idle 10] [--postgres URL]
+    .venv/bin/python scripts/bench_longpoll.py [--devices 10000] [--wait 300] [--idle S] [--postgres URL]
 
 One ``recovery-server serve`` (SQLite by default) pinned to core 0, one client pinned to core 1
 (with fewer than two cores nothing is pinned). Before the server starts, ``--devices`` devices
 are enrolled and their diagnostics stored in process (one incident, a July-2024-shaped crash),
 with a remediation written and waiting for its approval. Then:
 
-1. **waiting**: the client opens one long poll per device (``wait=60``, the agent's longest)
+1. **waiting**: the client opens one long poll per device (``--wait``, default 300 s: the
+   agent's default and the server's longest)
    and waits until the server's /metrics says all of them wait;
-2. **idle**: for ``--idle`` seconds (default 60, one long-poll length) nothing changes; the
+2. **idle**: for ``--idle`` seconds (default: one long-poll length) nothing changes; the
    server's CPU use in that window (from /proc) is what holding them costs, including each
-   poll's renewal when its 60 s run out (the agent asks again at once);
+   poll's renewal when its wait runs out (the agent asks again at once);
 3. **approval**: the approver approves through the admin API; the figure is the time from the
    approval's answer to the last device holding its signed directive, and the server's CPU
    per directive.
@@ -126,7 +127,7 @@ def prepare(store_url: str, data: Path, n: int, log) -> dict[str, Any]:  # type:
     }
 
 
-async def client(url: str, plan_file: Path, server_pid: int, idle_s: float) -> dict[str, Any]:
+async def client(url: str, plan_file: Path, server_pid: int, idle_s: float, wait_s: float) -> dict[str, Any]:
     import aiohttp
 
     plan = json.loads(plan_file.read_text())
@@ -136,7 +137,7 @@ async def client(url: str, plan_file: Path, server_pid: int, idle_s: float) -> d
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 1024)), hard))
     served_at: dict[str, float] = {}
     connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=wait_s + 60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         retries = 0
         renewed = 0  # polls whose wait ran out with nothing due (the agent asks again)
@@ -147,7 +148,7 @@ async def client(url: str, plan_file: Path, server_pid: int, idle_s: float) -> d
                 try:
                     async with session.get(
                         f"{url}/v1/reports/{r['report_id']}/directive",
-                        params={"wait": "60"},
+                        params={"wait": str(wait_s)},
                         headers={"Authorization": f"Bearer {r['poll_token']}"},
                     ) as resp:
                         body = await resp.json()
@@ -216,9 +217,14 @@ def main() -> int:
     p.add_argument(
         "--idle",
         type=float,
-        default=60.0,
-        help="seconds of nothing changing (default 60: one long-poll length, so every poll's "
-        "renewal falls in the window)",
+        help="seconds of nothing changing (default: --wait, one long-poll length, so every "
+        "poll's renewal falls in the window)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        help="each long poll's wait, in seconds (the agent's default: 300)",
     )
     p.add_argument("--postgres", help="a PostgreSQL URL instead of SQLite")
     p.add_argument("--role", choices=["bench", "client"], default="bench", help=argparse.SUPPRESS)
@@ -226,8 +232,12 @@ def main() -> int:
     p.add_argument("--plan-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.idle is None:
+        args.idle = args.wait
     if args.role == "client":
-        print(json.dumps(asyncio.run(client(args.url, args.plan_file, args.server_pid, args.idle))))
+        print(
+            json.dumps(asyncio.run(client(args.url, args.plan_file, args.server_pid, args.idle, args.wait)))
+        )
         return 0
     cores = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
     # The server of this checkout (whatever the venv has installed).
@@ -295,6 +305,8 @@ def main() -> int:
                     str(server.pid),
                     "--idle",
                     str(args.idle),
+                    "--wait",
+                    str(args.wait),
                 ],  # fmt: skip
                 capture_output=True,
                 text=True,

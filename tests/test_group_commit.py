@@ -176,3 +176,47 @@ def test_reads_do_not_wait_for_an_open_write_and_see_only_what_committed(fleet):
         thread.join(60)
     assert done.is_set()
     assert store.scalar("SELECT value FROM schema_meta WHERE key = 'probe'") == "written"
+
+
+async def test_polls_woken_by_one_approval_each_get_one_directive_issued_in_shared_commits(fleet, devices):
+    from recovery_agent.protocol.envelope import open_directive
+    from recovery_server.app import METRICS
+
+    from .test_agent_flow import wait_for
+    from .test_server import BAD_SHA, poll, report
+
+    fleet.poll_tick_s = 3600  # only the approval's wake-up ends the polls
+    await fleet.restart()
+    reports = await asyncio.gather(*(report(fleet, d, k) for d, k in devices))
+    incident = reports[0][1].incident_id
+    rem = fleet.service.create_remediation(
+        fleet.user("alice"),
+        title="q",
+        incident_id=incident,
+        actions=[{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+    )
+    # Each device polls twice at once (an agent retrying): still one directive per report.
+    polls = [asyncio.create_task(poll(fleet, receipt, wait=60)) for _, receipt in reports for _ in range(2)]
+    metrics = fleet.server.app[METRICS]
+    await wait_for(lambda: metrics.long_polls_waiting == 2 * DEVICES, timeout=60)
+    writes = fleet.service.commits.stats.writes
+    fleet.service.approve(fleet.user("bob"), rem.remediation_id)
+    answers = await asyncio.wait_for(asyncio.gather(*polls), 120)
+    assert all(a.status == "directive" for a in answers)
+    ring = {fleet.key.key_id: fleet.key.public}
+    for i, ((device_id, _), (_, receipt)) in enumerate(zip(devices, reports, strict=True)):
+        ids = {
+            open_directive(
+                a.envelope,
+                ring,
+                device_id=device_id,
+                agent_nonce="a" * 32,
+                diagnostics_sha256=receipt.diagnostics_sha256,
+                now=fleet.service.now(),
+            ).message.directive_id
+            for a in answers[2 * i : 2 * i + 2]
+        }
+        assert len(ids) == 1, (device_id, ids)
+    assert fleet.count("directives") == DEVICES
+    assert fleet.service.commits.stats.writes >= writes + DEVICES  # issued through group commit
+    assert fleet.service.verify_audit(fleet.viewer).ok

@@ -318,13 +318,13 @@ async def test_a_waiting_poll_is_not_looked_at_again_until_its_own_incident_chan
     _, other = await report(fleet, "dev-2", other_key, title="kernel BUG in sensor_other_path")
     assert mine.incident_id != other.incident_id
     looks: list[str] = []
-    look = fleet.service.poll
+    look = fleet.service.look
 
     def counted(report_id: str, token: str):
         looks.append(report_id)
         return look(report_id, token)
 
-    monkeypatch.setattr(fleet.service, "poll", counted)
+    monkeypatch.setattr(fleet.service, "look", counted)
     waiting = asyncio.create_task(poll(fleet, mine, wait=60))
     metrics = fleet.server.app[METRICS]
     await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
