@@ -22,6 +22,7 @@ health (good boots), events (the audit log, hash-chained: ``audit.py`` writes an
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 import secrets
@@ -424,9 +425,13 @@ class _PgRow(tuple[Any, ...]):
 
 
 def _pg_rows(cursor: Any) -> Callable[[Any], _PgRow]:
-    names = tuple(d.name for d in cursor.description or ())
-    row_cls = type("Row", (_PgRow,), {"_names": names})
-    return lambda values: row_cls(values)
+    return _row_class(tuple(d.name for d in cursor.description or ()))
+
+
+@functools.lru_cache(maxsize=512)
+def _row_class(names: tuple[str, ...]) -> type[_PgRow]:
+    """One row class per set of column names (the queries are few), not one per query."""
+    return type("Row", (_PgRow,), {"_names": names})
 
 
 def _connect_postgres(url: str) -> _PgConnection:
@@ -450,6 +455,12 @@ def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+@functools.lru_cache(maxsize=1024)
+def _pg_sql(sql: str) -> str:
+    """The store's SQL (``?`` placeholders) as psycopg takes it, translated once per statement."""
+    return sql.replace("?", "%s")
+
+
 class _PgConnection:
     """psycopg with the sqlite3 calling convention the store uses: ``?`` placeholders."""
 
@@ -457,7 +468,7 @@ class _PgConnection:
         self._db = db
 
     def execute(self, sql: str, args: tuple[Any, ...] = (), /) -> _Cursor:
-        cursor: _Cursor = self._db.execute(sql.replace("?", "%s"), args)
+        cursor: _Cursor = self._db.execute(_pg_sql(sql), args)
         return cursor
 
     def close(self) -> None:
