@@ -108,6 +108,18 @@ def render(service: RecoveryService, http: HttpMetrics) -> str:
         [("", db.scalar("SELECT count(*) FROM events"))],
     )
 
+    family(
+        "qmr_store_transactions_total",
+        "counter",
+        "Write transactions this process began.",
+        [("", service.store.transactions)],
+    )
+    family(
+        "qmr_store_write_lock_wait_seconds_total",
+        "counter",
+        "Time this process waited for the database's write lock (other writers, other processes).",
+        [("", round(service.store.write_lock_wait_s, 6))],
+    )
     commits = service.commits.stats
     family(
         "qmr_report_commits_total",

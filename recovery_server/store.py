@@ -28,6 +28,7 @@ import re
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -276,6 +277,11 @@ class Store:
     """
 
     def __init__(self, location: str | Path) -> None:
+        # Write transactions begun, and the time spent waiting for the write lock (this
+        # process's other writers, and other processes': SQLite's lock, PostgreSQL's advisory
+        # lock), for /metrics.
+        self.transactions = 0
+        self.write_lock_wait_s = 0.0
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
         self._in_tx = threading.local()
@@ -328,12 +334,15 @@ class Store:
     @contextmanager
     def tx(self) -> Iterator[Tx]:
         """One write transaction; writers queue up instead of failing."""
+        asked = time.perf_counter()
         with self._lock:
             if self.dialect == "sqlite":
                 self._db.execute("BEGIN IMMEDIATE")
             else:
                 self._db.execute("BEGIN")
                 self._db.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_KEY,))
+            self.transactions += 1
+            self.write_lock_wait_s += time.perf_counter() - asked
             self._in_tx.open = True
             try:
                 yield Tx(self._db)

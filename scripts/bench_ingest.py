@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_ingest.py [--seconds 10] [--concurrency 32] [--devices 4000]
                                              [--postgres URL] [--only floor|sqlite|postgresql]
+                                             [--processes 2]
 
 What it runs, one after the other, each server pinned to core 0 and the one client to core 1
 (with fewer than two cores nothing is pinned, and the figures say less):
@@ -13,7 +14,11 @@ What it runs, one after the other, each server pinned to core 0 and the one clie
   shape of the real protocol;
 - **recovery-server serve** on SQLite (a fresh data directory), then on PostgreSQL when a URL is
   given (``--postgres``, or ``QMR_TEST_POSTGRES`` as ``scripts/postgres.sh start`` prints it;
-  a fresh schema, dropped afterwards).
+  a fresh schema, dropped afterwards); then ``--processes`` servers on that database at once
+  (default 2, all pinned to the server core: two cores cannot show scaling, so the figures to
+  take are each process's CPU per report, PostgreSQL's, and the time spent waiting for the
+  write lock, from which a larger machine's capacity can be worked out). The client sends each
+  report's challenge to one process and its diagnostics to the next.
 
 The client is the same for all: enrolled devices (enrolled in process before the server
 starts), each report a challenge and then signed diagnostics of the July 2024 shape (a kernel
@@ -24,8 +29,10 @@ files). ``--concurrency`` reports are in flight at once. After a warm-up of 2 s 
 Printed per server: reports/s, the server process's CPU time per report (from /proc: a server
 below 100% of its core is waiting on the client or on the database), p50/p99 latency of one
 report (both requests), the client's CPU use (near 100%: the client is the bound, not the
-server) and the ratio to the two-request floor. On PostgreSQL the database's own processes are
-not pinned and their CPU is not in the server's figure. Nothing is asserted.
+server) and the ratio to the two-request floor; for the servers, reports per commit and the
+wait for the write lock per transaction (from their /metrics). On PostgreSQL the database's own
+processes are not pinned; their CPU per report is printed apart (every ``postgres`` process of
+the machine). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -189,10 +196,28 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_of(pids: list[int]) -> list[float]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(_cpu_seconds(pid))
+        except (FileNotFoundError, ProcessLookupError):  # a database backend that ended
+            out.append(0.0)
+    return out
+
+
 async def drive(
-    url: str, devices_file: Path, server_pid: int, seconds: float, concurrency: int, two: bool
+    urls: list[str],
+    devices_file: Path,
+    server_pids: list[int],
+    seconds: float,
+    concurrency: int,
+    two: bool,
+    db_pids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Reports as fast as the server takes them; figures of the measured window."""
+    """Reports as fast as the servers take them; figures of the measured window. With several
+    servers, report i asks ``urls[i]`` for its challenge and sends its diagnostics to the next
+    one (the processes accept each other's challenges)."""
     import aiohttp
 
     devices = json.loads(devices_file.read_text())
@@ -207,6 +232,7 @@ async def drive(
     async def one(session: aiohttp.ClientSession) -> None:
         nonlocal next_device
         device_id, key, template = prepared[next_device % len(prepared)]
+        url, next_url = urls[next_device % len(urls)], urls[(next_device + 1) % len(urls)]
         next_device += 1
         t0 = time.perf_counter()
         if two:
@@ -229,7 +255,7 @@ async def drive(
                 "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}],
             }
         )
-        async with session.post(f"{url}/v1/diagnostics", data=env) as r:
+        async with session.post(f"{next_url}/v1/diagnostics", data=env) as r:
             await r.read()
             if r.status != 200:
                 errors[f"diagnostics {r.status}"] = errors.get(f"diagnostics {r.status}", 0) + 1
@@ -246,20 +272,25 @@ async def drive(
         workers = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
         await asyncio.sleep(WARMUP_S)
         measuring = True
-        cpu0, own0, t0 = _cpu_seconds(server_pid), time.process_time(), time.perf_counter()
+        db_pids = db_pids or []
+        cpu0, db0, own0, t0 = _cpu_of(server_pids), _cpu_of(db_pids), time.process_time(), time.perf_counter()
         await asyncio.sleep(seconds)
         measuring = False
-        cpu1, own1, t1 = _cpu_seconds(server_pid), time.process_time(), time.perf_counter()
+        cpu1, db1, own1, t1 = _cpu_of(server_pids), _cpu_of(db_pids), time.process_time(), time.perf_counter()
         stop = True
         await asyncio.gather(*workers)
     wall = t1 - t0
     latencies.sort()
     n = len(latencies)
+    spent = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+    db_spent = sum(b - a for a, b in zip(db0, db1, strict=True))
     return {
         "reports": n,
         "per_s": n / wall,
-        "server_cpu_us": (cpu1 - cpu0) / n * 1e6 if n else None,
-        "server_cpu_share": (cpu1 - cpu0) / wall,
+        "server_cpu_us": sum(spent) / n * 1e6 if n else None,
+        "server_cpu_share": sum(spent) / wall,
+        "per_process_cpu_us": [x / n * 1e6 for x in spent] if n else None,
+        "db_cpu_us": db_spent / n * 1e6 if n and db_pids else None,
         "client_cpu_share": (own1 - own0) / wall,
         "p50_ms": latencies[n // 2] * 1e3 if n else None,
         "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else None,
@@ -283,8 +314,15 @@ def _wait_port(port_file: Path, proc: subprocess.Popen[bytes]) -> int:
 
 
 def _client(
-    args: argparse.Namespace, url: str, devices_file: Path, pid: int, two: bool, core: int | None
+    args: argparse.Namespace,
+    url: str,
+    devices_file: Path,
+    pid: int | list[int],
+    two: bool,
+    core: int | None,
+    db_pids: list[int] | None = None,
 ) -> dict[str, Any]:
+    pids = pid if isinstance(pid, list) else [pid]
     out = subprocess.run(
         [
             sys.executable,
@@ -296,7 +334,9 @@ def _client(
             "--devices-file",
             str(devices_file),
             "--server-pid",
-            str(pid),
+            ",".join(map(str, pids)),
+            "--db-pids",
+            ",".join(map(str, db_pids or [])),
             "--seconds",
             str(args.seconds),
             "--concurrency",
@@ -349,7 +389,9 @@ def run_server(
     work: Path,
     database: str | None,
     cores: tuple[int | None, int | None],
+    processes: int = 1,
 ) -> dict[str, Any]:
+    """``processes`` servers on the one database, all pinned to the server core."""
     data = work / label.replace(" ", "-").replace(",", "")
     data.mkdir()
     db_args = ["--database", database] if database else []
@@ -362,51 +404,77 @@ def run_server(
     devices = _enroll(database or str(data / "recovery.db"), data, args.devices)
     devices_file = data / "devices.json"
     devices_file.write_text(json.dumps(devices))
-    port_file = data / "port"
-    log = open(data / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            bin_dir / "recovery-server",
-            "--data",
-            data,
-            *db_args,
-            "serve",
-            "--port",
-            "0",
-            "--port-file",
-            port_file,
-            "--quiet",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        preexec_fn=_pin(cores[0]),
-    )
+    logs = [open(data / f"server-{i}.log", "w") for i in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [
+                bin_dir / "recovery-server",
+                "--data",
+                data,
+                *db_args,
+                "serve",
+                "--port",
+                "0",
+                "--port-file",
+                data / f"port-{i}",
+                "--quiet",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            preexec_fn=_pin(cores[0]),
+        )
+        for i, log in enumerate(logs)
+    ]
     try:
-        port = _wait_port(port_file, proc)
-        result = _client(args, f"http://127.0.0.1:{port}", devices_file, proc.pid, True, cores[1])
-        result["per_commit"] = _reports_per_commit(port, (data / "admin.token").read_text().strip())
+        ports = [_wait_port(data / f"port-{i}", proc) for i, proc in enumerate(procs)]
+        urls = ",".join(f"http://127.0.0.1:{port}" for port in ports)
+        db_pids = _postgres_pids() if database else None
+        result = _client(args, urls, devices_file, [p.pid for p in procs], True, cores[1], db_pids)
+        token = (data / "admin.token").read_text().strip()
+        counters = [_counters(port, token) for port in ports]
+        commits = sum(c.get("qmr_report_commits_total", 0) for c in counters)
+        result["per_commit"] = (
+            sum(c.get("qmr_reports_committed_total", 0) for c in counters) / commits if commits else None
+        )
+        transactions = sum(c.get("qmr_store_transactions_total", 0) for c in counters)
+        waited = sum(c.get("qmr_store_write_lock_wait_seconds_total", 0) for c in counters)
+        result["lock_wait_ms"] = waited / transactions * 1e3 if transactions else None
         return result
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+        for log in logs:
+            log.close()
 
 
-def _reports_per_commit(port: int, token: str) -> float | None:
-    """Reports over the transactions that stored them, from the server's /metrics (groupcommit.py)."""
+def _postgres_pids() -> list[int]:
+    """Every PostgreSQL process on this machine (the bench's database is the one that works)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().split(" ", 2)[1] == "(postgres)":
+                pids.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _counters(port: int, token: str) -> dict[str, float]:
+    """The server's own counters from its /metrics: reports per commit (groupcommit.py),
+    transactions and the time spent waiting for the write lock (store.py)."""
     import urllib.request
 
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {token}"}
     )
     with urllib.request.urlopen(req, timeout=30) as r:
-        values = {
+        return {
             name: float(value)
             for name, _, value in (line.partition(" ") for line in r.read().decode().splitlines())
-            if name in ("qmr_report_commits_total", "qmr_reports_committed_total")
+            if name.startswith(("qmr_report", "qmr_store_"))
         }
-    commits = values.get("qmr_report_commits_total")
-    return values["qmr_reports_committed_total"] / commits if commits else None
 
 
 def run_floor(
@@ -493,13 +561,20 @@ def main() -> int:
         help="PostgreSQL URL (default $QMR_TEST_POSTGRES)",
     )
     ap.add_argument("--only", choices=["floor", "sqlite", "postgresql"], action="append")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="also run this many servers on the PostgreSQL database, behind the client's round robin",
+    )
     # the subprocesses' roles
     ap.add_argument("--role", choices=["main", "floor", "client"], default="main", help=argparse.SUPPRESS)
     ap.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--keys-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--devices-file", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--server-pid", help=argparse.SUPPRESS)
+    ap.add_argument("--db-pids", default="", help=argparse.SUPPRESS)
     ap.add_argument("--two", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -508,7 +583,15 @@ def main() -> int:
         return 0
     if args.role == "client":
         result = asyncio.run(
-            drive(args.url, args.devices_file, args.server_pid, args.seconds, args.concurrency, args.two)
+            drive(
+                args.url.split(","),
+                args.devices_file,
+                [int(p) for p in args.server_pid.split(",")],
+                args.seconds,
+                args.concurrency,
+                args.two,
+                [int(p) for p in args.db_pids.split(",") if p],
+            )
         )
         print(json.dumps(result))
         return 0
@@ -546,6 +629,17 @@ def main() -> int:
                     )
                 finally:
                     _drop_schema(args.postgres, schema)
+                if args.processes > 1:
+                    url, schema = _postgres_schema(args.postgres)
+                    try:
+                        rows.append(
+                            (
+                                f"... {args.processes} processes",
+                                run_server(args, "postgresql-n", work, url, cores, args.processes),
+                            )
+                        )
+                    finally:
+                        _drop_schema(args.postgres, schema)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
@@ -557,7 +651,15 @@ def main() -> int:
     print("(vs floor: reports/s over the two-request floor's; srv/clnt CPU: share of one core)")
     for label, r in rows:
         if r.get("per_commit"):
-            print(f"{label}: {r['per_commit']:.1f} reports per commit on average (groupcommit.py)")
+            print(
+                f"{label}: {r['per_commit']:.1f} reports per commit on average (groupcommit.py), "
+                f"{r['lock_wait_ms']:.2f} ms waited for the write lock per transaction"
+            )
+        if r.get("per_process_cpu_us") and len(r["per_process_cpu_us"]) > 1:
+            each = ", ".join(f"{x:.0f}" for x in r["per_process_cpu_us"])
+            print(f"{label}: CPU-µs per report by process: {each}")
+        if r.get("db_cpu_us") is not None:
+            print(f"{label}: PostgreSQL's processes: {r['db_cpu_us']:.0f} CPU-µs per report")
     return 0
 
 

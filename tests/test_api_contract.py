@@ -151,6 +151,12 @@ async def test_metrics_in_prometheus_text_format(fleet):
     assert samples['qmr_http_requests_total{method="GET",route="/v1/admin/devices",status="401"}'] == 1
     assert samples['qmr_http_requests_total{method="GET",route="/metrics",status="401"}'] == 1
     assert any(k.startswith("qmr_http_request_duration_seconds_bucket") for k in samples)
+    # The store's and the group commit's counters are this process's own.
+    assert samples["qmr_store_transactions_total"] == fleet.store.transactions > 0
+    assert samples["qmr_store_write_lock_wait_seconds_total"] >= 0
+    stats = fleet.service.commits.stats
+    assert samples["qmr_report_commits_total"] == stats.batches
+    assert samples["qmr_reports_committed_total"] == stats.writes
     assert json.dumps(samples)  # all values are plain numbers
 
 
