@@ -5,11 +5,13 @@ How it works:
 
 1. Every writer records its entry with ``record`` inside its own write transaction. Writers
    hold the store's write lock exclusively, so reading the head and appending cannot
-   interleave, and the entry commits or rolls back with the change it describes.
+   interleave, and the entry commits or rolls back with the change it describes. A
+   transaction reads the head once and keeps it (a rollback to a savepoint forgets it).
 2. An entry's hash is the sha256 of the previous entry's hash and this entry's fields
    (``entry_hash``); the first entry follows ``GENESIS_HASH``.
 3. The head (``SEQ:HASH`` of the last entry) is also kept apart from the chain, in
-   ``schema_meta``, so entries cut off the end show too; a head recorded elsewhere
+   ``schema_meta``, written as the transaction's last statement, so entries cut off the end
+   show too; a head recorded elsewhere
    (``expect_head``) catches someone who also rewrote that.
 4. ``verify_chain`` walks the whole chain and names every problem it finds; the offline
    ``recovery-server audit-verify`` runs it on the database itself, ``AuditLog`` for people
@@ -55,8 +57,8 @@ def record(
     JSON can hold (kept as canonical JSON)."""
     if not isinstance(detail, str):
         detail = json.dumps(detail, sort_keys=True)
-    head = tx.one("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-    seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    last_seq, prev = _head(tx)
+    seq = last_seq + 1
     # Hash what the store will hold (it writes no NUL characters), so the chain verifies.
     entry = {
         "seq": seq,
@@ -75,11 +77,33 @@ def record(
         prev,
         digest,
     )
-    # The head also lives apart from the chain, so cutting entries off the end shows.
+    # The next entry of this transaction follows this one without asking the database again.
+    tx.cache[_HEAD] = (int(seq), digest)
+    tx.before_commit[_HEAD] = _keep_head
+    return int(seq)
+
+
+_HEAD = "audit_head"
+
+
+def _head(tx: Tx) -> tuple[int, str]:
+    """The last entry's sequence number and hash, as this transaction sees the chain."""
+    head: tuple[int, str] | None = tx.cache.get(_HEAD)
+    if head is None:
+        row = tx.one("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+        head = (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+    return head
+
+
+def _keep_head(tx: Tx) -> None:
+    """The head also lives apart from the chain, so cutting entries off the end shows: written
+    once per transaction, as its last statement, whatever number of entries it appended."""
+    seq, digest = _head(tx)
+    if seq == 0:
+        return  # every entry of the transaction was rolled back, and the log is empty
     updated = tx.execute("UPDATE schema_meta SET value = ? WHERE key = 'audit_head'", f"{seq}:{digest}")
     if updated.rowcount == 0:
         tx.execute("INSERT INTO schema_meta VALUES ('audit_head', ?)", f"{seq}:{digest}")
-    return int(seq)
 
 
 def verify_chain(store: Store, expect_head: str | None = None) -> AuditReport:

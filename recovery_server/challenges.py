@@ -87,13 +87,14 @@ class Challenges:
         now = self._now()
         if expires <= now:
             raise Unauthorized("challenge nonce expired: ask for a fresh one (POST /v1/challenge)")
-        if tx.one("SELECT 1 FROM nonces WHERE nonce = ?", nonce) is not None:
-            raise Conflict("challenge nonce already used: a replayed report was refused")
-        tx.execute(
-            "INSERT INTO nonces(nonce, device_id, issued_at, expires_at, used_at) VALUES (?,?,?,?,?)",
+        spent = tx.execute(
+            "INSERT INTO nonces(nonce, device_id, issued_at, expires_at, used_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT (nonce) DO NOTHING",
             nonce,
             device_id,
             iso(expires - self._ttl),
             iso(expires),
             iso(now),
         )
+        if spent.rowcount != 1:
+            raise Conflict("challenge nonce already used: a replayed report was refused")

@@ -105,14 +105,11 @@ class GroupCommit:
         outcomes: list[tuple[bool, Any]] = []
         with self._store.tx() as tx:
             for write in writes:
-                tx.execute("SAVEPOINT one_write")
                 try:
-                    value = write(tx)
+                    with tx.savepoint():
+                        value = write(tx)
                 except Exception as exc:
-                    tx.execute("ROLLBACK TO SAVEPOINT one_write")
-                    tx.execute("RELEASE SAVEPOINT one_write")
                     outcomes.append((False, exc))
                 else:
-                    tx.execute("RELEASE SAVEPOINT one_write")
                     outcomes.append((True, value))
         return outcomes

@@ -86,9 +86,14 @@ class Incidents:
         poll_token = secrets.token_urlsafe(24)
         self._challenges.spend(tx, d.device_id, d.server_nonce)
         incident_id = "INC-" + sig.id[:12]
-        if tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
+        seen = tx.execute(
+            "UPDATE incidents SET last_seen = ?, report_count = report_count + 1 WHERE incident_id = ?",
+            now,
+            incident_id,
+        )
+        if seen.rowcount == 0:  # the first report of this crash
             tx.execute(
-                "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,0)",
+                "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,1)",
                 incident_id,
                 sig.id,
                 sig.kind.value,
@@ -102,11 +107,6 @@ class Incidents:
             audit.record(
                 tx, now, "incident.opened", d.device_id, d.device_id, incident_id, {"title": sig.title}
             )
-        tx.execute(
-            "UPDATE incidents SET last_seen = ?, report_count = report_count + 1 WHERE incident_id = ?",
-            now,
-            incident_id,
-        )
         report_id = new_id("rpt")
         # The payload once, and the signature that verified it: together an envelope again.
         tx.execute(

@@ -345,7 +345,10 @@ class Store:
             self.write_lock_wait_s += time.perf_counter() - asked
             self._in_tx.open = True
             try:
-                yield Tx(self._db)
+                tx = Tx(self._db)
+                yield tx
+                for finish in list(tx.before_commit.values()):
+                    finish(tx)
                 self._db.execute("COMMIT")
             except BaseException:
                 # Also when COMMIT itself failed (a full disk): the connection must not stay
@@ -494,10 +497,30 @@ def storable(value: Any) -> Any:
 
 
 class Tx:
-    """The connection inside a transaction, with the same query helpers as the store."""
+    """The connection inside a transaction, with the same query helpers as the store.
+
+    ``cache`` holds what a transaction's writers keep between statements (audit.py: the log's
+    head); a rollback to a savepoint drops it. ``before_commit`` holds what they write once, as
+    the last statements of the transaction, by name (audit.py: the head kept apart)."""
 
     def __init__(self, db: _Connection) -> None:
         self._db = db
+        self.cache: dict[str, Any] = {}
+        self.before_commit: dict[str, Callable[[Tx], None]] = {}
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A part of the transaction that fails alone: on an exception it is rolled back, and
+        the exception goes on (groupcommit.py runs each write in one)."""
+        self._db.execute("SAVEPOINT one_write")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO SAVEPOINT one_write")
+            self._db.execute("RELEASE SAVEPOINT one_write")
+            self.cache.clear()
+            raise
+        self._db.execute("RELEASE SAVEPOINT one_write")
 
     def execute(self, sql: str, *args: Any) -> _Cursor:
         return self._db.execute(sql, tuple(storable(a) for a in args))

@@ -220,3 +220,29 @@ async def test_polls_woken_by_one_approval_each_get_one_directive_issued_in_shar
     assert fleet.count("directives") == DEVICES
     assert fleet.service.commits.stats.writes >= writes + DEVICES  # issued through group commit
     assert fleet.service.verify_audit(fleet.viewer).ok
+
+
+async def test_a_write_rolled_back_after_appending_to_the_audit_log_leaves_one_chain(fleet):
+    """The chain's head is read once per transaction and kept (audit.py); a write rolled back to
+    its savepoint takes its entries and that kept head with it."""
+    from recovery_server import audit
+
+    svc, now = fleet.service, "2026-11-30T00:00:00Z"
+
+    def good(tag: str):
+        return lambda tx: audit.record(tx, now, "test.kept", "t", subject=tag)
+
+    def bad(tx):
+        audit.record(tx, now, "test.dropped", "t", subject="x")
+        audit.record(tx, now, "test.dropped", "t", subject="y")
+        raise Conflict("refused after appending")
+
+    outcomes = await asyncio.gather(
+        svc.commits.run(good("a")), svc.commits.run(bad), svc.commits.run(good("b")), return_exceptions=True
+    )
+    assert isinstance(outcomes[1], Conflict) and outcomes[0] + 1 == outcomes[2]
+    rows = fleet.store.all("SELECT seq, kind, subject, hash FROM events ORDER BY seq DESC LIMIT 2")
+    assert [(r["kind"], r["subject"]) for r in rows] == [("test.kept", "b"), ("test.kept", "a")]
+    head = fleet.store.scalar("SELECT value FROM schema_meta WHERE key = 'audit_head'")
+    assert head == f"{rows[0]['seq']}:{rows[0]['hash']}"
+    assert svc.verify_audit(fleet.viewer).ok
