@@ -12,28 +12,12 @@ import pytest
 
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey
-from recovery_agent.protocol.wire import Diagnostics
 from recovery_server.errors import Conflict, Unauthorized
 
-from .test_server import BAD_PATH, crash
+from .fleetsim import crash_report
+from .test_server import BAD_PATH
 
 DEVICES = 24
-
-
-def diagnostics(device_id: str, nonce: str, agent_nonce: str = "a" * 32) -> Diagnostics:
-    from recovery_agent.protocol.wire import BootState, FileRecord, SystemInfo, utcnow
-
-    return Diagnostics(
-        device_id=device_id,
-        server_nonce=nonce,
-        agent_nonce=agent_nonce,
-        created_at=utcnow(),
-        agent_version="t",
-        boot=BootState(boot_count=2, boot_limit=2),
-        crash=crash(),
-        system=SystemInfo(),
-        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256="b" * 64)],
-    )
 
 
 @pytest.fixture
@@ -50,7 +34,7 @@ def sealed(
     fleet, device_id: str, key: SigningKey, agent_nonce: str = "a" * 32, nonce: str | None = None
 ) -> bytes:
     nonce = nonce or fleet.service.challenge(device_id).nonce
-    return seal_bytes(diagnostics(device_id, nonce, agent_nonce), key)
+    return seal_bytes(crash_report(device_id, nonce, agent_nonce), key)
 
 
 async def test_reports_sent_together_share_one_commit_and_each_gets_its_own_receipt(fleet, devices):
