@@ -307,6 +307,17 @@ def _pin(core: int | None):  # type: ignore[no-untyped-def]
     return lambda: os.sched_setaffinity(0, {core})
 
 
+def server_argv(prefix: list[Any], data: Path, database: str | None, *command: Any) -> list[Any]:
+    """``prefix`` (how to run ``recovery-server``) with the data directory, the database if not
+    the default SQLite, and ``command`` (such as ``serve(...)``)."""
+    return [*prefix, "--data", data, *(["--database", database] if database else []), *command]
+
+
+def serve(port_file: Path, *extra: str) -> tuple[Any, ...]:
+    """The ``serve`` command of a benchmark: a free port written to ``port_file``, no access log."""
+    return ("serve", "--port", "0", "--port-file", port_file, "--quiet", *extra)
+
+
 def _wait_port(port_file: Path, proc: subprocess.Popen[bytes]) -> int:
     from recovery_server.portfile import wait_for_port_file
 
@@ -394,10 +405,9 @@ def run_server(
     """``processes`` servers on the one database, all pinned to the server core."""
     data = work / label.replace(" ", "-").replace(",", "")
     data.mkdir()
-    db_args = ["--database", database] if database else []
-    bin_dir = Path(sys.executable).parent
+    server = [Path(sys.executable).parent / "recovery-server"]
     subprocess.run(
-        [bin_dir / "recovery-server", "--data", data, *db_args, "init", "--token-file", data / "admin.token"],
+        server_argv(server, data, database, "init", "--token-file", data / "admin.token"),
         check=True,
         capture_output=True,
     )
@@ -407,18 +417,7 @@ def run_server(
     logs = [open(data / f"server-{i}.log", "w") for i in range(processes)]
     procs = [
         subprocess.Popen(
-            [
-                bin_dir / "recovery-server",
-                "--data",
-                data,
-                *db_args,
-                "serve",
-                "--port",
-                "0",
-                "--port-file",
-                data / f"port-{i}",
-                "--quiet",
-            ],
+            server_argv(server, data, database, *serve(data / f"port-{i}")),
             stdout=subprocess.DEVNULL,
             stderr=log,
             preexec_fn=_pin(cores[0]),

@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_ingest import _cpu_seconds, _pin  # noqa: E402  (this folder is on sys.path)
+from bench_ingest import _cpu_seconds, _pin, serve, server_argv  # noqa: E402  (this folder is on sys.path)
 
 from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 
@@ -245,17 +245,8 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="qmr-bench-longpoll-") as tmp:
         data = Path(tmp) / "data"
-        db = ["--database", args.postgres] if args.postgres else []
         subprocess.run(
-            [
-                *server_cmd,
-                "--data",
-                data,
-                *db,
-                "init",
-                "--token-file",
-                Path(tmp) / "admin.token",
-            ],
+            server_argv(server_cmd, data, args.postgres, "init", "--token-file", Path(tmp) / "admin.token"),
             check=True,
             capture_output=True,
             env=env,
@@ -267,20 +258,7 @@ def main() -> int:
         port_file = Path(tmp) / "port"
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(
-            [
-                *server_cmd,
-                "--data",
-                data,
-                *db,
-                "serve",
-                "--port",
-                "0",
-                "--port-file",
-                port_file,
-                "--quiet",
-                "--metrics",
-                "public",
-            ],  # fmt: skip
+            server_argv(server_cmd, data, args.postgres, *serve(port_file, "--metrics", "public")),
             stdout=subprocess.DEVNULL,
             stderr=log,
             preexec_fn=_pin(cores[0]),
