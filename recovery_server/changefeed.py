@@ -9,14 +9,11 @@ of those kinds, maps each to its incident, and wakes only the polls that wait on
 A waiting poll costs nothing while nothing changes: no per-device query, no per-device timer.
 
 The feed reads the log when this process made such a change (``poke``, called by the service
-after its transaction), on PostgreSQL when another process made one (the transaction that
-writes such an entry also sends ``NOTIFY qmr_changes``, delivered at its commit, and every
-process ``LISTEN``s), and every ``tick_s`` (one query of the log's newest entries per process,
-whether 0 or 100,000 polls wait), so a change made by another process reaches this process's
-polls at once on PostgreSQL, and within ``tick_s`` if the listening connection is lost. It
-reads only committed entries, so a poll that wakes sees the change; a poll registers its wait
-in the same step of the event loop as its last look, so no change falls between the look and
-the wait.
+after its transaction) and every ``tick_s`` (one query of the log's newest entries per
+process, whether 0 or 100,000 polls wait), so a change made by another server process on the
+same database reaches this process's polls within ``tick_s``. It reads only committed entries,
+so a poll that wakes sees the change; a poll registers its wait in the same step of the event
+loop as its last look, so no change falls between the look and the wait.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 
-from .store import Store, Tx
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +31,6 @@ REMEDIATION_KINDS = ("remediation.approved", "remediation.revoked")
 ROLLOUT_PREFIX = "rollout."
 # A poll whose incident cannot be told (a remediation without one) wakes every poll.
 EVERYONE = "*"
-# PostgreSQL's channel for "the audit log has a change a poll may wait for".
-CHANNEL = "qmr_changes"
-
-
-def wakes_polls(kind: str) -> bool:
-    """Is an audit entry of ``kind`` a change to a fix that may end a poll's wait?"""
-    return kind in REMEDIATION_KINDS or kind.startswith(ROLLOUT_PREFIX)
-
-
-def notify_on_commit(tx: Tx) -> None:
-    """Tell the other server processes on this database, when ``tx`` commits (PostgreSQL)."""
-    if tx.dialect == "postgresql":
-        tx.before_commit["notify"] = _notify
-
-
-def _notify(tx: Tx) -> None:
-    tx.execute(f"NOTIFY {CHANNEL}")
 
 
 class ChangeFeed:
@@ -64,7 +44,6 @@ class ChangeFeed:
         self._poke = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reads = 0  # how often the log was read (for tests and metrics)
-        self.listening = False  # PostgreSQL: the LISTEN connection is up
 
     def start(self) -> None:
         """From now on: entries already in the log changed nothing for the polls to come."""
@@ -138,34 +117,6 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Read the log when poked, and every ``tick_s`` (other processes' changes)."""
-        listener = asyncio.create_task(self._listen()) if self._store.dialect == "postgresql" else None
-        try:
-            await self._read_when_poked()
-        finally:
-            if listener is not None:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
-
-    async def _listen(self) -> None:
-        """On PostgreSQL: a poke for each ``NOTIFY`` of another process (and of this one), on a
-        connection of its own; if it is lost, the tick reads on until it is back."""
-        import psycopg
-
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(self._store.url, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.listening = True
-                    self._poke.set()  # what changed while nobody listened
-                    async for _ in conn.notifies():
-                        self._poke.set()
-            except Exception:
-                log.warning("listening for changes on PostgreSQL failed; reading every %g s", self.tick_s)
-            self.listening = False
-            await asyncio.sleep(self.tick_s)
-
-    async def _read_when_poked(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.tick_s)
