@@ -25,6 +25,7 @@ here, never stored. A directive lives at most ``MAX_DIRECTIVE_LIFETIME`` from it
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, Self
@@ -67,12 +68,18 @@ class PathRuleError(ValueError):
     """Raised when a path named in a message could escape the OS root it is meant for."""
 
 
+# A plain relative path: components of no NUL or slash, none of them "." or "..".
+_PLAIN_PATH = re.compile(r"(?!\.\.?(?:/|\Z))[^/\x00]+(?:/(?!\.\.?(?:/|\Z))[^/\x00]+)*\Z")
+
+
 def check_relative_path(path: str) -> str:
     """Accept only a plain relative path: no absolute start, no ``..`` or ``.`` part, no NUL.
 
     The agent checks again while it walks the path (symlinks, mount points); this check makes
     a bad path fail where it is written, at the admin's desk, rather than on a device.
     """
+    if _PLAIN_PATH.match(path):
+        return path
     if not path:
         raise PathRuleError("path is empty: name a file relative to the OS root, e.g. var/lib/x")
     if "\x00" in path:
