@@ -88,11 +88,11 @@ async def directive(request: web.Request) -> web.Response:
 
 
 async def result(request: web.Request) -> web.Response:
-    return web.json_response(service(request).accept_result(await request.read()))
+    return web.json_response(await service(request).submit_result(await request.read()))
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response(service(request).accept_health(await request.read()))
+    return web.json_response(await service(request).submit_health(await request.read()))
 
 
 ROUTES: tuple[Route, ...] = (

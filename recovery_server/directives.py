@@ -217,67 +217,90 @@ class Directives:
     # ---------------------------------------------------------------- outcomes
 
     def accept_result(self, raw: bytes) -> dict[str, Any]:
-        r = self._devices.open_message(raw, Result).message
-        now = iso(self._now())
+        """Check, store and acknowledge an agent's result, in a transaction of its own."""
+        r = self.check_result(raw)
         with self._store.tx() as tx:
-            d = tx.one("SELECT * FROM directives WHERE directive_id = ?", r.directive_id)
-            if d is None or d["device_id"] != r.device_id:
-                raise NotFound(f"no directive {r.directive_id} for device {r.device_id}")
-            if tx.one("SELECT 1 FROM results WHERE directive_id = ?", r.directive_id):
-                return {"status": "duplicate"}
-            tx.execute(
-                "INSERT INTO results VALUES (?,?,?,?,?)",
-                r.directive_id,
-                r.device_id,
-                r.outcome,
-                now,
-                r.model_dump_json(),
-            )
-            state = "remediated" if r.outcome == "applied" else "remediation_failed"
-            tx.execute(
-                "UPDATE devices SET last_seen = ?, state = ? WHERE device_id = ?", now, state, r.device_id
-            )
-            audit.record(
-                tx,
-                now,
-                "result.received",
-                r.device_id,
-                r.device_id,
-                r.directive_id,
-                {"outcome": r.outcome, "error": r.error, "actions": [a.status for a in r.actions]},
-            )
-            if r.outcome != "applied":
-                self._set_outcome(tx, r.directive_id, "failed", f"the agent reported {r.outcome}")
-        self._devices.limits.spend(r.device_id, "Result")
+            answer = self.write_result(tx, r)
+        self.written(r.device_id, "Result", answer)
+        return answer
+
+    def written(self, device_id: str, kind: str, answer: dict[str, Any]) -> None:
+        """After a result or health report committed: spend the device's budget, unless it was
+        a duplicate (which costs none)."""
+        if answer["status"] == "recorded":
+            self._devices.limits.spend(device_id, kind)
+
+    def check_result(self, raw: bytes) -> Result:
+        """A result's envelope, signature, signer and budget: everything that needs no write."""
+        return self._devices.open_message(raw, Result).message
+
+    def write_result(self, tx: Tx, r: Result) -> dict[str, Any]:
+        """Store a checked result inside ``tx`` (the caller's, maybe shared: groupcommit.py)."""
+        now = iso(self._now())
+        d = tx.one("SELECT * FROM directives WHERE directive_id = ?", r.directive_id)
+        if d is None or d["device_id"] != r.device_id:
+            raise NotFound(f"no directive {r.directive_id} for device {r.device_id}")
+        if tx.one("SELECT 1 FROM results WHERE directive_id = ?", r.directive_id):
+            return {"status": "duplicate"}
+        tx.execute(
+            "INSERT INTO results VALUES (?,?,?,?,?)",
+            r.directive_id,
+            r.device_id,
+            r.outcome,
+            now,
+            r.model_dump_json(),
+        )
+        state = "remediated" if r.outcome == "applied" else "remediation_failed"
+        tx.execute("UPDATE devices SET last_seen = ?, state = ? WHERE device_id = ?", now, state, r.device_id)
+        audit.record(
+            tx,
+            now,
+            "result.received",
+            r.device_id,
+            r.device_id,
+            r.directive_id,
+            {"outcome": r.outcome, "error": r.error, "actions": [a.status for a in r.actions]},
+        )
+        if r.outcome != "applied":
+            self._set_outcome(tx, r.directive_id, "failed", f"the agent reported {r.outcome}")
         return {"status": "recorded"}
 
     def accept_health(self, raw: bytes) -> dict[str, Any]:
-        h = self._devices.open_message(raw, Health).message
-        now = iso(self._now())
+        """Check, store and acknowledge a healthy boot, in a transaction of its own."""
+        h = self.check_health(raw)
         with self._store.tx() as tx:
-            if tx.one("SELECT 1 FROM health WHERE device_id = ? AND boot_id = ?", h.device_id, h.boot_id):
-                return {"status": "duplicate"}
-            tx.execute("INSERT INTO health VALUES (?,?,?,?)", h.device_id, h.boot_id, h.directive_id, now)
-            tx.execute(
-                "UPDATE devices SET last_seen = ?, state = 'healthy', recovery_attempts = 0 "
-                "WHERE device_id = ?",
-                now,
-                h.device_id,
-            )
-            audit.record(
-                tx,
-                now,
-                "health.reported",
-                h.device_id,
-                h.device_id,
-                h.directive_id,
-                {"boot_id": h.boot_id, "kernel": h.kernel_version},
-            )
-            if h.directive_id:
-                d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
-                if d is not None and d["device_id"] == h.device_id:
-                    self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")
-        self._devices.limits.spend(h.device_id, "Health")
+            answer = self.write_health(tx, h)
+        self.written(h.device_id, "Health", answer)
+        return answer
+
+    def check_health(self, raw: bytes) -> Health:
+        """A health report's envelope, signature, signer and budget."""
+        return self._devices.open_message(raw, Health).message
+
+    def write_health(self, tx: Tx, h: Health) -> dict[str, Any]:
+        """Store a checked health report inside ``tx`` (maybe shared: groupcommit.py)."""
+        now = iso(self._now())
+        if tx.one("SELECT 1 FROM health WHERE device_id = ? AND boot_id = ?", h.device_id, h.boot_id):
+            return {"status": "duplicate"}
+        tx.execute("INSERT INTO health VALUES (?,?,?,?)", h.device_id, h.boot_id, h.directive_id, now)
+        tx.execute(
+            "UPDATE devices SET last_seen = ?, state = 'healthy', recovery_attempts = 0 WHERE device_id = ?",
+            now,
+            h.device_id,
+        )
+        audit.record(
+            tx,
+            now,
+            "health.reported",
+            h.device_id,
+            h.device_id,
+            h.directive_id,
+            {"boot_id": h.boot_id, "kernel": h.kernel_version},
+        )
+        if h.directive_id:
+            d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
+            if d is not None and d["device_id"] == h.device_id:
+                self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")
         return {"status": "recorded"}
 
     def fail_pending(self, tx: Tx, device_id: str, report_id: str, why: str) -> None:

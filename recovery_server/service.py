@@ -193,8 +193,22 @@ class RecoveryService:
     def accept_result(self, raw: bytes) -> dict[str, Any]:
         return self._directives.accept_result(raw)
 
+    async def submit_result(self, raw: bytes) -> dict[str, Any]:
+        """``accept_result`` for the event loop: checked here, written by the group commit."""
+        r = self._directives.check_result(raw)
+        answer = await self.commits.run(lambda tx: self._directives.write_result(tx, r))
+        self._directives.written(r.device_id, "Result", answer)
+        return answer
+
     def accept_health(self, raw: bytes) -> dict[str, Any]:
         return self._directives.accept_health(raw)
+
+    async def submit_health(self, raw: bytes) -> dict[str, Any]:
+        """``accept_health`` for the event loop: checked here, written by the group commit."""
+        h = self._directives.check_health(raw)
+        answer = await self.commits.run(lambda tx: self._directives.write_health(tx, h))
+        self._directives.written(h.device_id, "Health", answer)
+        return answer
 
     def devices(self, user: User) -> list[Device]:
         return self._devices.devices(user)

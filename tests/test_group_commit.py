@@ -206,6 +206,75 @@ async def test_polls_woken_by_one_approval_each_get_one_directive_issued_in_shar
     assert fleet.service.verify_audit(fleet.viewer).ok
 
 
+async def test_results_and_healthy_boots_sent_together_are_each_recorded_once_in_shared_commits(
+    fleet, devices
+):
+    from recovery_agent.protocol.client import DeviceClient
+    from recovery_agent.protocol.keys import key_id
+    from recovery_agent.protocol.wire import Health, Result, utcnow
+
+    from .conftest import FAST_RETRY
+    from .fleetsim import BAD_PATH as PATH
+    from .fleetsim import BAD_SHA as SHA
+    from .fleetsim import HttpDevice
+
+    fleet.poll_tick_s = 3600
+    await fleet.restart()
+    ring = {key_id(fleet.key.public): fleet.key.public}
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as client:
+        fleet_devices = [HttpDevice(d, client, ring, key=k) for d, k in devices]
+        receipts = await asyncio.gather(*(dev.report() for dev in fleet_devices))
+        rem = fleet.service.create_remediation(
+            fleet.user("alice"),
+            title="q",
+            incident_id=receipts[0].incident_id,
+            actions=[{"type": "quarantine_file", "path": PATH, "sha256": SHA}],
+        )
+        fleet.service.approve(fleet.user("bob"), rem.remediation_id)
+        assert all(await asyncio.gather(*(dev.poll() for dev in fleet_devices)))
+        writes, batches = fleet.service.commits.stats.writes, fleet.service.commits.stats.batches
+        # Every device's result and healthy boot, each envelope sent twice at once (an agent
+        # retrying): four devices report that the fix failed, and have no healthy boot.
+        failing = {dev.device_id for dev in fleet_devices[:4]}
+        sends = []
+        for dev, (_, key) in zip(fleet_devices, devices, strict=True):
+            outcome = "failed" if dev.device_id in failing else "applied"
+            result = seal_bytes(
+                Result(
+                    device_id=dev.device_id,
+                    directive_id=dev.directive_id,
+                    outcome=outcome,
+                    created_at=utcnow(),
+                ),
+                key,
+            )
+            sends += [client.send_result(result), client.send_result(result)]
+            if outcome == "applied":
+                health = seal_bytes(
+                    Health(
+                        device_id=dev.device_id,
+                        directive_id=dev.directive_id,
+                        boot_id="b-1",
+                        created_at=utcnow(),
+                    ),
+                    key,
+                )
+                sends += [client.send_health(health), client.send_health(health)]
+        answers = await asyncio.gather(*sends)
+    # Each envelope recorded once; its copy answered as a duplicate.
+    assert sorted(a["status"] for a in answers) == sorted(["recorded", "duplicate"] * (len(answers) // 2))
+    assert fleet.count("results") == DEVICES
+    assert fleet.count("health") == DEVICES - len(failing)
+    outcomes = {
+        r["device_id"]: r["outcome"] for r in fleet.store.all("SELECT device_id, outcome FROM directives")
+    }
+    assert outcomes == {d: "failed" if d in failing else "succeeded" for d, _ in devices}
+    stats = fleet.service.commits.stats
+    assert stats.writes - writes == len(answers)  # all through the group commit
+    assert stats.batches - batches < stats.writes - writes  # and some of them shared a commit
+    assert fleet.service.verify_audit(fleet.viewer).ok
+
+
 async def test_a_write_rolled_back_after_appending_to_the_audit_log_leaves_one_chain(fleet):
     """The chain's head is read once per transaction and kept (audit.py); a write rolled back to
     its savepoint takes its entries and that kept head with it."""
