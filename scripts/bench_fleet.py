@@ -1,36 +1,83 @@
 #!/usr/bin/env python3
-"""Benchmark: a simulated fleet through a staged rollout, on the real service and store.
+"""Benchmark: a fleet's incident, from the first crash report to the rollout's end.
 
-    .venv/bin/python scripts/bench_fleet.py [--devices 10000] [--store sqlite|PATH|postgresql://...]
+    .venv/bin/python scripts/bench_fleet.py [--devices 10000[,30000,100000]] [--postgres URL]
+                                           [--concurrency 64] [--failure-rate 0.02]
+    .venv/bin/python scripts/bench_fleet.py --in-process [--devices 10000] [--store sqlite|PATH|URL]
 
-Every device signs its enrollment, diagnostics, result and health with its own Ed25519 key
-and verifies its directive against the pinned server key (tests/fleetsim.py).
-Prints the time of each step and the throughput; nothing is asserted (the tests do that).
+**Over HTTP** (the default), for each fleet size in ``--devices``: the devices are enrolled in
+process before the server starts (not timed), then one ``recovery-server serve`` (SQLite, or
+``--postgres``) is pinned to core 0 and one client process to core 1 (with fewer than two
+cores nothing is pinned). In the client every device is a ``tests/fleetsim.HttpDevice``: the
+agent's own HTTP client (``DeviceClient``, with its retries), its own Ed25519 key, and the
+server key pinned. All of them crash at once: each asks for a challenge and sends signed
+diagnostics (``--concurrency`` reports in flight: the rest wait their turn, as devices that
+retry would), then waits for its directive on long polls of 300 s, the agent's default. An
+operator and an approver act through the admin API as soon as the first report is in (a
+person's reaction time is not part of the figure): a remediation, a staged rollout (a canary
+of 50 named devices, then 10%, then 100%; a wave passes with 40 outcomes at 90% success) and
+the approval. A device served a directive verifies it, then reports its result and its
+healthy boot (``--failure-rate`` of them report a failure instead), ``--concurrency`` at once.
+
+Printed per fleet size, in seconds from the first report: all reports in, the approval, the
+first and the last directive, the rollout's end (its last wave's gate passed) and the last
+device done; the server's CPU time per device, the most polls waiting at once, and the
+requests the client asked again. Long polls hold one connection each, so the server is
+started with ``--max-connections`` above the fleet, both processes' open-files limits are
+raised (as root; otherwise to the hard limit, and the run says so), and the client spreads
+its connections over several loopback addresses (the ephemeral ports of one address run out
+near 28,000).
+
+**In process** (``--in-process``): today's ``tests/fleetsim.FleetSim`` calls the service
+directly, no HTTP; every device signs its enrollment, diagnostics, result and health with its
+own key and verifies its directive against the pinned server key.
+
+Nothing is asserted (the tests do that).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from recovery_agent.protocol.keys import SigningKey
-from recovery_server.access import User, console
-from recovery_server.service import RecoveryService
-from recovery_server.store import Store
-from tests.fleetsim import BAD_PATH, BAD_SHA, FleetSim
+from bench_ingest import _cpu_seconds, _key, serve, server_argv  # noqa: E402
+
+from recovery_agent.protocol.keys import SigningKey  # noqa: E402
+from recovery_server.access import User, console  # noqa: E402
+from recovery_server.service import RecoveryService  # noqa: E402
+from recovery_server.store import Store  # noqa: E402
+from tests.fleetsim import BAD_PATH, BAD_SHA, FleetSim  # noqa: E402
+
+CANARY = 50
+WAVES = ({"name": "10%", "percent": 10}, {"name": "100%", "percent": 100})
+GATE = {"min_devices": 40, "min_success_rate": 0.9, "halt_failure_rate": 0.2, "halt_min_devices": 40}
+POLL_WAIT_S = 300.0
+PER_ADDRESS = 20_000  # client connections per loopback source address
+SPARE_FILES = 2_048  # the open-files limit above the fleet's connections
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devices", type=int, default=10_000)
-    ap.add_argument("--store", default="sqlite", help="sqlite (a temp file), a path, or a PostgreSQL URL")
-    ap.add_argument("--failure-rate", type=float, default=0.02)
-    args = ap.parse_args()
+def rollout_plan(device_ids: list[str]) -> dict[str, Any]:
+    """The staged rollout of both modes: a canary of the first devices, 10%, then everyone."""
+    return {"waves": [{"name": "canary", "devices": device_ids[:CANARY]}, *WAVES], **GATE}
+
+
+def in_process(args: argparse.Namespace) -> int:
+    args.devices = args.devices[0]
     url = (
         str(Path(tempfile.mkdtemp(prefix="qmr-bench-")) / "fleet.db")
         if args.store == "sqlite"
@@ -53,17 +100,7 @@ def main() -> int:
     ro = svc.create_rollout(
         User("oscar", "operator"),
         rem.remediation_id,
-        {
-            "waves": [
-                {"name": "canary", "devices": [d.device_id for d in sim.devices[:50]]},
-                {"name": "10%", "percent": 10},
-                {"name": "100%", "percent": 100},
-            ],
-            "min_devices": 40,
-            "min_success_rate": 0.9,
-            "halt_failure_rate": 0.2,
-            "halt_min_devices": 40,
-        },
+        rollout_plan([d.device_id for d in sim.devices]),
     )
     svc.approve(User("bob", "approver"), rem.remediation_id)
     rounds = sim.run(lambda wave: args.failure_rate)
@@ -79,6 +116,317 @@ def main() -> int:
         print(f"  {step:<8} {seconds:7.2f} s")
     requests = args.devices * 6  # enroll, challenge, diagnostics, poll, result, health
     print(f"total {total:.1f} s, {requests / total:,.0f} protocol messages/s")
+    return 0
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+def prepare(store_url: str, data: Path, n: int) -> dict[str, Any]:
+    """``n`` devices enrolled (in process, through the service), an operator and an approver:
+    what the client needs."""
+    from recovery_agent.protocol.envelope import seal_bytes
+    from recovery_agent.protocol.keys import public_b64
+    from recovery_agent.protocol.wire import Enrollment, utcnow
+
+    server_key = SigningKey.load(data / "server.key")
+    svc = RecoveryService(store=Store(store_url), server_key=server_key)
+    token = svc.create_enrollment_token(User("admin", "admin"), max_uses=n).token
+    devices = []
+    started = time.monotonic()
+    for i in range(n):
+        key = SigningKey.generate()
+        device_id = f"fleet-{i:06d}"
+        msg = Enrollment(
+            device_id=device_id,
+            public_key=public_b64(key.public),
+            enrollment_token=token,
+            created_at=utcnow(),
+        )
+        svc.enroll(seal_bytes(msg, key))
+        devices.append({"device_id": device_id, "private": key.private_pem().decode()})
+        if (i + 1) % 20_000 == 0:
+            print(f"  {i + 1} devices enrolled ({time.monotonic() - started:.0f} s)", flush=True)
+    operator = svc.create_user(console("bench"), "oscar", "operator")
+    approver = svc.create_user(console("bench"), "bea", "approver")
+    svc.store.close()
+    return {
+        "devices": devices,
+        "server_public": public_b64(server_key.public),
+        "operator_token": operator.token,
+        "approver_token": approver.token,
+    }
+
+
+def _files_limit(n: int) -> None:
+    """Raise this process's open-files limit to ``n`` (the hard limit too, as root); else to
+    the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= n:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _start(core: int | None, files: int):  # type: ignore[no-untyped-def]
+    def pre() -> None:
+        _files_limit(files)
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+
+    return pre
+
+
+async def client(
+    plan_file: Path, url: str, server_pid: int, concurrency: int, failure_rate: float
+) -> dict[str, Any]:
+    import aiohttp
+
+    from recovery_agent.protocol.admin import AdminClient, RolloutPlan
+    from recovery_agent.protocol.client import DeviceClient, RetryPolicy
+    from recovery_agent.protocol.keys import key_id, public_from_b64
+    from tests.fleetsim import HttpDevice
+
+    plan = json.loads(plan_file.read_text())
+    devices = plan["devices"]
+    n = len(devices)
+    server_key = public_from_b64(plan["server_public"])
+    ring = {key_id(server_key): server_key}
+    # The agent's retries, with room for a server that stays busy for minutes.
+    retry = RetryPolicy(attempts=100, max_delay_s=3600.0)
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, local_addr=(f"127.0.0.{2 + k}", 0)))
+        for k in range(math.ceil(n / PER_ADDRESS))
+    ]
+    clients = [DeviceClient(url, session=s, retry=retry, timeout_s=600.0) for s in sessions]
+    rng = random.Random(291)
+    gate = asyncio.Semaphore(concurrency)
+    marks: dict[str, float] = {}
+    served: list[float] = []
+    done: list[float] = []
+    first_receipt: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    counts = {"reported": 0, "waiting": 0, "most_waiting": 0, "renewed": 0, "failed": 0}
+
+    def mark(name: str) -> None:
+        marks.setdefault(name, time.monotonic())
+
+    async def device(i: int, d: dict[str, str]) -> None:
+        dev = HttpDevice(d["device_id"], clients[i // PER_ADDRESS], ring, key=_key(d["private"]))
+        async with gate:
+            mark("first_report")
+            receipt = await dev.report()
+        counts["reported"] += 1
+        if not first_receipt.done():
+            first_receipt.set_result(receipt.incident_id)
+        if counts["reported"] == n:
+            mark("all_reported")
+        counts["waiting"] += 1
+        counts["most_waiting"] = max(counts["most_waiting"], counts["waiting"])
+        try:
+            while await dev.poll(POLL_WAIT_S) is None:
+                counts["renewed"] += 1
+        finally:
+            counts["waiting"] -= 1
+        served.append(time.monotonic())
+        async with gate:
+            if rng.random() < failure_rate:
+                counts["failed"] += 1
+                await dev.fail()
+            else:
+                await dev.recover()
+        done.append(time.monotonic())
+
+    async def people() -> dict[str, Any]:
+        """The operator and the approver, as soon as the first report is in."""
+        async with (
+            AdminClient(url, plan["operator_token"]) as operator,
+            AdminClient(url, plan["approver_token"]) as approver,
+        ):
+            incident = await first_receipt
+            rem = await operator.create_remediation(
+                "quarantine the bad channel file",
+                [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
+                incident_id=incident,
+            )
+            ids = [d["device_id"] for d in devices]
+            ro = await operator.create_rollout(
+                rem.remediation_id, RolloutPlan.model_validate(rollout_plan(ids))
+            )
+            await approver.approve(rem.remediation_id)
+            mark("approved")
+            while ro.state == "active":
+                await asyncio.sleep(0.5)
+                ro = await operator.rollout(ro.rollout_id)
+            mark("rollout_end")
+            return {"state": ro.state, "reason": ro.reason, "waves": [w.model_dump() for w in ro.waves]}
+
+    cpu0 = _cpu_seconds(server_pid)
+    try:
+        tasks = [asyncio.create_task(device(i, d)) for i, d in enumerate(devices)]
+        rollout = await people()
+        await asyncio.gather(*tasks)
+    finally:
+        for session in sessions:
+            await session.close()
+    cpu = _cpu_seconds(server_pid) - cpu0
+    t0 = marks["first_report"]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "devices": n,
+        "at": {
+            "all_reported": marks["all_reported"] - t0,
+            "approved": marks["approved"] - t0,
+            "first_directive": min(served) - t0,
+            "last_directive": max(served) - t0,
+            "rollout_end": marks["rollout_end"] - t0,
+            "last_done": max(done) - t0,
+        },
+        "rollout": rollout,
+        "server_cpu_s": cpu,
+        "client_cpu_s": usage.ru_utime + usage.ru_stime,
+        "most_waiting": counts["most_waiting"],
+        "renewed": counts["renewed"],
+        "failed": counts["failed"],
+    }
+
+
+def run_http(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One fleet size: enroll, start the server, run the client; the client's figures."""
+    from recovery_server.portfile import wait_for_port_file
+
+    cores = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
+    files = n + SPARE_FILES
+    server_cmd = [sys.executable, "-m", "recovery_server.cli"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory(prefix="qmr-bench-fleet-") as tmp:
+        data = Path(tmp) / "data"
+        subprocess.run(
+            server_argv(server_cmd, data, args.postgres, "init", "--token-file", Path(tmp) / "admin.token"),
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+        print(f"{n} devices: enrolling (in process, not timed) ...", flush=True)
+        plan_file = Path(tmp) / "plan.json"
+        plan_file.write_text(json.dumps(prepare(args.postgres or str(data / "recovery.db"), data, n)))
+        port_file = Path(tmp) / "port"
+        log = open(Path(tmp) / "server.log", "w")
+        connections = str(n + 1024)
+        server = subprocess.Popen(
+            server_argv(server_cmd, data, args.postgres, *serve(port_file, "--max-connections", connections)),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            preexec_fn=_start(cores[0], files),
+            env=env,
+        )
+        try:
+            port = wait_for_port_file(port_file, lambda: server.poll() is None, timeout_s=120)
+            print(f"{n} devices: the incident (server on port {port}) ...", flush=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    "client",
+                    "--plan-file",
+                    plan_file,
+                    "--url",
+                    f"http://127.0.0.1:{port}",
+                    "--server-pid",
+                    str(server.pid),
+                    "--concurrency",
+                    str(args.concurrency),
+                    "--failure-rate",
+                    str(args.failure_rate),
+                ],  # fmt: skip
+                capture_output=True,
+                text=True,
+                preexec_fn=_start(cores[1], files),
+                env=env,
+            )
+            if out.returncode != 0:
+                raise SystemExit(f"the client failed:\n{out.stderr[-3000:]}")
+            result: dict[str, Any] = json.loads(out.stdout)
+            result["files_limit"] = _files_of(server.pid)
+            return result
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(30)
+            log.close()
+
+
+def _files_of(pid: int) -> int:
+    """A process's open-files limit."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    return 0
+
+
+def report(results: list[dict[str, Any]], store: str) -> None:
+    cols = ("all_reported", "approved", "first_directive", "last_directive", "rollout_end", "last_done")
+    print(f"\nan incident over HTTP ({store}, one server process), seconds from the first report:")
+    print(f"{'devices':>8} " + " ".join(f"{c.replace('_', ' '):>15}" for c in cols) + "  srv CPU/device")
+    for r in results:
+        at = r["at"]
+        cpu_ms = r["server_cpu_s"] * 1e3 / r["devices"]
+        print(f"{r['devices']:>8} " + " ".join(f"{at[c]:>15.1f}" for c in cols) + f"  {cpu_ms:>11.2f} ms")
+    for r in results:
+        waves = ", ".join(
+            f"{w['name']}: {w['served']} served, {w['failed']} failed" for w in r["rollout"]["waves"]
+        )
+        print(
+            f"  {r['devices']}: rollout {r['rollout']['state']} ({waves}); {r['failed']} devices failed "
+            f"their fix; at most {r['most_waiting']} polls waiting; {r['renewed']} polls renewed;"
+            f" client CPU {r['client_cpu_s']:.0f} s"
+        )
+        if r["files_limit"] < r["devices"]:
+            print(f"  {r['devices']}: the server could open only {r['files_limit']} files (run as root)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--devices",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[10_000],
+        help="fleet sizes, comma-separated (default 10000), e.g. 10000,30000,100000",
+    )
+    ap.add_argument("--in-process", action="store_true", help="the service called in process, no HTTP")
+    ap.add_argument(
+        "--store",
+        default="sqlite",
+        help="with --in-process: sqlite (a temp file), a path, or a PostgreSQL URL",
+    )
+    ap.add_argument("--postgres", help="over HTTP: a PostgreSQL URL instead of SQLite")
+    ap.add_argument("--concurrency", type=int, default=64, help="reports (and results) in flight at once")
+    ap.add_argument("--failure-rate", type=float, default=0.02)
+    ap.add_argument("--role", choices=["bench", "client"], default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--plan-file", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role == "client":
+        result = asyncio.run(
+            client(args.plan_file, args.url, args.server_pid, args.concurrency, args.failure_rate)
+        )
+        print(json.dumps(result))
+        return 0
+    if args.in_process:
+        return in_process(args)
+    store = "PostgreSQL" if args.postgres else "SQLite"
+    results = []
+    for n in args.devices:
+        results.append(run_http(n, args))
+        report(results[-1:], store)
+    if len(results) > 1:
+        report(results, store)
     return 0
 
 
