@@ -30,6 +30,7 @@ from typing import Any
 from recovery_agent.protocol.admin import AuditEntry, AuditReport
 
 from .access import Operation, User, require
+from .changefeed import notify_on_commit, wakes_polls
 from .errors import BadRequest
 from .store import Store, Tx, storable
 
@@ -80,6 +81,8 @@ def record(
     # The next entry of this transaction follows this one without asking the database again.
     tx.cache[_HEAD] = (int(seq), digest)
     tx.before_commit[_HEAD] = _keep_head
+    if wakes_polls(kind):
+        notify_on_commit(tx)
     return int(seq)
 
 

@@ -345,7 +345,7 @@ class Store:
             self.write_lock_wait_s += time.perf_counter() - asked
             self._in_tx.open = True
             try:
-                tx = Tx(self._db)
+                tx = Tx(self._db, self.dialect)
                 yield tx
                 for finish in list(tx.before_commit.values()):
                     finish(tx)
@@ -363,10 +363,10 @@ class Store:
     def _reading(self) -> Iterator[Tx]:
         if getattr(self._in_tx, "open", False):  # this thread's own open transaction
             with self._lock:
-                yield Tx(self._db)
+                yield Tx(self._db, self.dialect)
         else:
             with self._read_lock:
-                yield Tx(self._read_db)
+                yield Tx(self._read_db, self.dialect)
 
     def one(self, sql: str, *args: Any) -> Row | None:
         with self._reading() as db:
@@ -503,8 +503,9 @@ class Tx:
     head); a rollback to a savepoint drops it. ``before_commit`` holds what they write once, as
     the last statements of the transaction, by name (audit.py: the head kept apart)."""
 
-    def __init__(self, db: _Connection) -> None:
+    def __init__(self, db: _Connection, dialect: str = "sqlite") -> None:
         self._db = db
+        self.dialect = dialect
         self.cache: dict[str, Any] = {}
         self.before_commit: dict[str, Callable[[Tx], None]] = {}
 

@@ -312,3 +312,44 @@ async def test_an_approval_in_one_process_answers_a_long_poll_waiting_in_the_oth
             proc.terminate()
         for proc, _ in procs:
             await asyncio.wait_for(proc.wait(), 20)
+
+
+async def test_another_processs_approval_wakes_a_poll_through_listen_notify(tmp_path):
+    """With the feed's periodic read off (a tick of an hour), only PostgreSQL's NOTIFY can tell
+    this process of an approval made by another one (a second service on the same database,
+    whose changes this process's feed is not poked for)."""
+    from recovery_server.access import console
+    from recovery_server.app import FEED, METRICS
+    from recovery_server.service import RecoveryService
+
+    from .conftest import Fleet
+    from .test_agent_flow import wait_for
+    from .test_server import BAD_PATH as PATH
+    from .test_server import BAD_SHA as SHA
+    from .test_server import poll, report
+
+    with postgres_schema() as url:
+        fleet = Fleet(store_url=url, key=SigningKey.generate(), poll_tick_s=3600)
+        await fleet.start()
+        other = RecoveryService(store=Store(url), server_key=fleet.key)
+        try:
+            feed = fleet.server.app[FEED]
+            await wait_for(lambda: feed.listening, timeout=60)
+            key = SigningKey.generate()
+            await fleet.enroll("dev-1", key)
+            _, receipt = await report(fleet, "dev-1", key)
+            rem = other.create_remediation(
+                other.authenticate(other.create_user(console("t"), "olga", "operator").token),
+                title="q",
+                incident_id=receipt.incident_id,
+                actions=[{"type": "quarantine_file", "path": PATH, "sha256": SHA}],
+            )
+            waiting = asyncio.create_task(poll(fleet, receipt, wait=300))
+            metrics = fleet.server.app[METRICS]
+            await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=60)
+            approver = other.authenticate(other.create_user(console("t"), "ada", "approver").token)
+            other.approve(approver, rem.remediation_id)
+            assert (await asyncio.wait_for(waiting, 120)).status == "directive"
+        finally:
+            other.store.close()
+            await fleet.stop()
