@@ -7,6 +7,9 @@ Each of those is written to the audit log (audit.py) in the transaction that mak
 audit log is the change feed: this process's :class:`ChangeFeed` reads the log's new entries
 of those kinds, maps each to its incident, and wakes only the polls that wait on that incident.
 A waiting poll costs nothing while nothing changes: no per-device query, no per-device timer.
+A poll whose fix has a rollout also names its device's wave, and a rollout promoted to the next
+wave wakes only the polls of the waves now open: with 100,000 devices waiting, each promotion
+would otherwise wake all of them to tell most that their wave has not come.
 
 The feed reads the log when this process made such a change (``poke``, called by the service
 after its transaction), on PostgreSQL when another process made one (the transaction that
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 # The audit kinds that may let a waiting poll be answered; rollout.* are all of the rollout's.
 REMEDIATION_KINDS = ("remediation.approved", "remediation.revoked")
 ROLLOUT_PREFIX = "rollout."
+PROMOTED = "rollout.promoted"
 # A poll whose incident cannot be told (a remediation without one) wakes every poll.
 EVERYONE = "*"
 # PostgreSQL's channel for "the audit log has a change a poll may wait for".
@@ -64,7 +68,8 @@ class ChangeFeed:
         self._store = store
         self.tick_s = tick_s
         self._seen = 0
-        self._events: dict[str, asyncio.Event] = {}
+        # (incident, wave or None) -> the event its polls wait on; None: woken by any change
+        self._events: dict[tuple[str, int | None], asyncio.Event] = {}
         self._poke = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reads = 0  # how often the log was read (for tests and metrics)
@@ -91,11 +96,14 @@ class ChangeFeed:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
                 loop.call_soon_threadsafe(self._poke.set)
 
-    async def wait(self, incident_id: str, timeout: float) -> bool:
-        """Wait until a change to ``incident_id``'s fix, or ``timeout`` seconds; True if woken."""
-        event = self._events.get(incident_id)
+    async def wait(self, incident_id: str, timeout: float, wave: int | None = None) -> bool:
+        """Wait until a change to ``incident_id``'s fix, or ``timeout`` seconds; True if woken.
+        ``wave``: the device's wave in the fix's rollout, if it has one; then a promotion to an
+        earlier wave does not wake this poll."""
+        key = (incident_id, wave)
+        event = self._events.get(key)
         if event is None:
-            event = self._events[incident_id] = asyncio.Event()
+            event = self._events[key] = asyncio.Event()
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
@@ -103,8 +111,8 @@ class ChangeFeed:
         return True
 
     def read(self) -> set[str]:
-        """Read the log's new entries; wake the polls of the incidents they change; return
-        those incidents."""
+        """Read the log's new entries; wake the polls of the incidents they change (of a
+        promotion: those whose wave is open now); return those incidents."""
         self.reads += 1
         head = int(self._store.scalar("SELECT COALESCE(MAX(seq), 0) FROM events"))
         if head <= self._seen:
@@ -117,29 +125,40 @@ class ChangeFeed:
             ROLLOUT_PREFIX + "%",
         )
         self._seen = head
-        changed: set[str] = set()
+        # incident -> the last wave open (wake the polls of it and before), or None: wake all
+        changed: dict[str, int | None] = {}
         for row in rows:
-            changed.add(self._incident_of(row["kind"], row["subject"]))
-        if EVERYONE in changed:
-            changed = set(self._events)
-        for incident_id in changed:
-            event = self._events.pop(incident_id, None)
-            if event is not None:
-                event.set()
-        return changed
+            incident, open_wave = self._incident_of(row["kind"], row["subject"])
+            if row["kind"] != PROMOTED or open_wave is None:
+                changed[incident] = None
+            elif incident not in changed:
+                changed[incident] = open_wave
+            elif (before := changed[incident]) is not None:
+                changed[incident] = max(before, open_wave)
+        everyone = EVERYONE in changed
+        for key in list(self._events):
+            incident, wave = key
+            if not everyone and incident not in changed:
+                continue
+            open_wave = None if everyone else changed[incident]
+            if open_wave is None or wave is None or wave <= open_wave:
+                self._events.pop(key).set()
+        return set(changed)
 
-    def _incident_of(self, kind: str, subject: str | None) -> str:
+    def _incident_of(self, kind: str, subject: str | None) -> tuple[str, int | None]:
+        """The incident an entry changes the fix of, and, for a rollout's, its current wave."""
         if kind.startswith(ROLLOUT_PREFIX):
-            incident = self._store.scalar(
-                "SELECT r.incident_id FROM rollouts ro JOIN remediations r "
+            row = self._store.one(
+                "SELECT r.incident_id, ro.current_wave FROM rollouts ro JOIN remediations r "
                 "ON r.remediation_id = ro.remediation_id WHERE ro.rollout_id = ?",
                 subject,
             )
-        else:
-            incident = self._store.scalar(
-                "SELECT incident_id FROM remediations WHERE remediation_id = ?", subject
-            )
-        return str(incident) if incident else EVERYONE
+            if row is None or not row["incident_id"]:
+                return EVERYONE, None
+            return str(row["incident_id"]), int(row["current_wave"])
+        sql = "SELECT incident_id FROM remediations WHERE remediation_id = ?"
+        incident = self._store.scalar(sql, subject)
+        return (str(incident) if incident else EVERYONE), None
 
     async def run(self) -> None:
         """Read the log when poked, and every ``tick_s`` (other processes' changes); on

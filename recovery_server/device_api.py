@@ -79,10 +79,11 @@ async def directive(request: web.Request) -> web.Response:
             return answer(poll)
         if incident_id is None:
             incident_id = svc.report_incident(report_id)
+        wave = svc.waiting_wave(report_id)
         # (no await between the look above and this wait: no change can fall between them)
         gauge.long_polls_waiting += 1
         try:
-            await feed.wait(incident_id, remaining)
+            await feed.wait(incident_id, remaining, wave)
         finally:
             gauge.long_polls_waiting -= 1
 

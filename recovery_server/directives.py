@@ -127,6 +127,15 @@ class Directives:
             return DirectivePoll(status=verdict, retry_after_s=1)
         return due
 
+    def waiting_wave(self, report_id: str) -> int | None:
+        """The device's wave in the rollout of its incident's approved fix, if there is one:
+        until that wave opens, a promotion to another wave changes nothing for this report."""
+        report = self._store.one("SELECT device_id, incident_id FROM reports WHERE report_id = ?", report_id)
+        rem = approved_remediation(self._store, report["incident_id"]) if report else None
+        if report is None or rem is None:
+            return None
+        return self._rollouts.wave(self._store, rem["remediation_id"], report["device_id"])
+
     def issue(self, tx: Tx, due: Due) -> DirectivePoll:
         """Issue the directive ``look`` found due, inside ``tx``: the remediation and its
         rollout are read again here, so two server processes (or two polls of one batch:

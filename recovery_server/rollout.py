@@ -267,6 +267,11 @@ class Rollouts:
             return "pending", wave  # paused or halted: wait; a person may resume it
         return ("issue" if wave <= ro["current_wave"] else "pending"), wave
 
+    def wave(self, db: Reader, remediation_id: str, device_id: str) -> int | None:
+        """The device's wave in the rollout of ``remediation_id``, or None if it has none."""
+        ro = db.one("SELECT rollout_id, plan FROM rollouts WHERE remediation_id = ?", remediation_id)
+        return None if ro is None else wave_of(_plan(ro["plan"]), ro["rollout_id"], device_id)
+
     def counts(self, db: Reader, remediation_id: str, device_id: str) -> bool:
         """Will the outcome of a directive of ``remediation_id`` made now for ``device_id`` move
         its rollout's gates? Only for a trusted device enrolled before the rollout started, and

@@ -386,6 +386,77 @@ async def test_a_rollout_resumed_wakes_the_polls_of_its_incident(fleet, device):
     assert (await asyncio.wait_for(waiting, 30)).status == "directive"
 
 
+async def test_a_promotion_wakes_only_the_polls_whose_wave_it_opens(fleet, monkeypatch):
+    """A poll whose fix has a rollout waits on its incident and its device's wave: the canary's
+    healthy boot promotes the rollout to the next wave, which wakes that wave's polls (and
+    serves them), not those of the wave after it (with the feed's periodic read off)."""
+    import asyncio
+
+    from recovery_agent.protocol.keys import key_id
+    from recovery_server.access import User
+    from recovery_server.rollout import wave_of
+
+    from .fleetsim import BAD_PATH as PATH
+    from .fleetsim import BAD_SHA as SHA
+    from .fleetsim import HttpDevice
+    from .test_agent_flow import wait_for
+
+    fleet.poll_tick_s = 3600
+    await fleet.restart()
+    ring = {key_id(fleet.key.public): fleet.key.public}
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as client:
+        # Enrolled before the rollout starts, so that their outcomes count for its gates.
+        devices = [HttpDevice(f"dev-{i:02d}", client, ring) for i in range(40)]
+        for dev in devices:
+            await fleet.enroll(dev.device_id, dev.key)
+        canary = devices[0]
+        await canary.report()
+        rem = fleet.service.create_remediation(
+            fleet.user("alice"),
+            title="q",
+            incident_id=canary.receipt.incident_id,
+            actions=[{"type": "quarantine_file", "path": PATH, "sha256": SHA}],
+        )
+        plan = {
+            "waves": [
+                {"name": "canary", "devices": [canary.device_id]},
+                {"name": "half", "percent": 50},
+                {"name": "all", "percent": 100},
+            ],
+            "min_devices": 1,
+            "min_success_rate": 0.5,
+        }
+        ro = fleet.service.create_rollout(User("oscar", "operator"), rem.remediation_id, plan)
+        fleet.service.approve(fleet.user("bob"), rem.remediation_id)
+        waves = {dev.device_id: wave_of(ro.plan, ro.rollout_id, dev.device_id) for dev in devices[1:]}
+        # One device of each later wave (40 devices: both waves hold some but once in 2**38).
+        half = next(dev for dev in devices[1:] if waves[dev.device_id] == 1)
+        rest = next(dev for dev in devices[1:] if waves[dev.device_id] == 2)
+        await half.report()
+        await rest.report()
+        looks: list[str] = []
+        look = fleet.service.look
+
+        def counted(report_id: str, token: str):
+            looks.append(report_id)
+            return look(report_id, token)
+
+        monkeypatch.setattr(fleet.service, "look", counted)
+        waiting = {dev.device_id: asyncio.create_task(dev.poll(wait_s=60)) for dev in (half, rest)}
+        metrics = fleet.server.app[METRICS]
+        await wait_for(lambda: metrics.long_polls_waiting == 2, timeout=30)
+        assert await canary.poll() and not any(t.done() for t in waiting.values())
+        await canary.recover()  # its healthy boot passes the canary's gate: "half" opens
+        assert await asyncio.wait_for(waiting[half.device_id], 30)
+        assert fleet.service.rollout(User("oscar", "operator"), ro.rollout_id).current_wave == 1
+        await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
+        assert looks.count(rest.receipt.report_id) == 1, "woken by the promotion to an earlier wave"
+        assert not waiting[rest.device_id].done()
+        await half.recover()  # and now "all" opens
+        assert await asyncio.wait_for(waiting[rest.device_id], 30)
+        assert looks.count(rest.receipt.report_id) == 2
+
+
 async def test_fix_for_other_content_is_not_served(fleet, device):
     """The device reported the file with other content (say, the fixed version 291 with the
     same name): a quarantine of the bad content is not for it."""
