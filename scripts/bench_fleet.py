@@ -2,7 +2,7 @@
 """Benchmark: a fleet's incident, from the first crash report to the rollout's end.
 
     .venv/bin/python scripts/bench_fleet.py [--devices 10000[,30000,100000]] [--postgres URL]
-                                           [--concurrency 64] [--failure-rate 0.02]
+                                           [--concurrency 64] [--failure-rate 0.02] [--people-at all]
     .venv/bin/python scripts/bench_fleet.py --in-process [--devices 10000] [--store sqlite|PATH|URL]
 
 **Over HTTP** (the default), for each fleet size in ``--devices``: the devices are enrolled in
@@ -14,10 +14,12 @@ server key pinned. All of them crash at once: each asks for a challenge and send
 diagnostics (``--concurrency`` reports in flight: the rest wait their turn, as devices that
 retry would), then waits for its directive on long polls of 300 s, the agent's default. An
 operator and an approver act through the admin API as soon as the first report is in (a
-person's reaction time is not part of the figure): a remediation, a staged rollout (a canary
-of 50 named devices, then 10%, then 100%; a wave passes with 40 outcomes at 90% success) and
-the approval. A device served a directive verifies it, then reports its result and its
-healthy boot (``--failure-rate`` of them report a failure instead), ``--concurrency`` at once.
+person's reaction time is not part of the figure), or with ``--people-at all`` once every
+report is in and every device waits (as in July 2024, where the fix came after the crashes):
+a remediation, a staged rollout (a canary of 50 named devices, then 10%, then 100%; a wave
+passes with 40 outcomes at 90% success) and the approval. A device served a directive verifies
+it, then reports its result and its healthy boot (``--failure-rate`` of them report a failure
+instead), ``--concurrency`` at once.
 
 Printed per fleet size, in seconds from the first report: all reports in, the approval, the
 first and the last directive, the rollout's end (its last wave's gate passed) and the last
@@ -180,7 +182,7 @@ def _start(core: int | None, files: int):  # type: ignore[no-untyped-def]
 
 
 async def client(
-    plan_file: Path, url: str, server_pid: int, concurrency: int, failure_rate: float
+    plan_file: Path, url: str, server_pid: int, concurrency: int, failure_rate: float, people_at: str
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -207,6 +209,7 @@ async def client(
     served: list[float] = []
     done: list[float] = []
     first_receipt: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    all_waiting = asyncio.Event()
     counts = {"reported": 0, "waiting": 0, "most_waiting": 0, "renewed": 0, "failed": 0}
 
     def mark(name: str) -> None:
@@ -224,6 +227,8 @@ async def client(
             mark("all_reported")
         counts["waiting"] += 1
         counts["most_waiting"] = max(counts["most_waiting"], counts["waiting"])
+        if counts["waiting"] == n:
+            all_waiting.set()
         try:
             while await dev.poll(POLL_WAIT_S) is None:
                 counts["renewed"] += 1
@@ -239,12 +244,14 @@ async def client(
         done.append(time.monotonic())
 
     async def people() -> dict[str, Any]:
-        """The operator and the approver, as soon as the first report is in."""
+        """The operator and the approver, as soon as the first report is in (or all wait)."""
         async with (
             AdminClient(url, plan["operator_token"]) as operator,
             AdminClient(url, plan["approver_token"]) as approver,
         ):
             incident = await first_receipt
+            if people_at == "all":
+                await all_waiting.wait()
             rem = await operator.create_remediation(
                 "quarantine the bad channel file",
                 [{"type": "quarantine_file", "path": BAD_PATH, "sha256": BAD_SHA}],
@@ -340,6 +347,8 @@ def run_http(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     str(args.concurrency),
                     "--failure-rate",
                     str(args.failure_rate),
+                    "--people-at",
+                    args.people_at,
                 ],  # fmt: skip
                 capture_output=True,
                 text=True,
@@ -369,9 +378,13 @@ def _files_of(pid: int) -> int:
     return 0
 
 
-def report(results: list[dict[str, Any]], store: str) -> None:
+def report(results: list[dict[str, Any]], store: str, people_at: str) -> None:
     cols = ("all_reported", "approved", "first_directive", "last_directive", "rollout_end", "last_done")
-    print(f"\nan incident over HTTP ({store}, one server process), seconds from the first report:")
+    when = "at the first report" if people_at == "first" else "once all devices wait"
+    print(
+        f"\nan incident over HTTP ({store}, one server process, people acting {when}), "
+        "seconds from the first report:"
+    )
     print(f"{'devices':>8} " + " ".join(f"{c.replace('_', ' '):>15}" for c in cols) + "  srv CPU/device")
     for r in results:
         at = r["at"]
@@ -407,6 +420,12 @@ def main() -> int:
     ap.add_argument("--postgres", help="over HTTP: a PostgreSQL URL instead of SQLite")
     ap.add_argument("--concurrency", type=int, default=64, help="reports (and results) in flight at once")
     ap.add_argument("--failure-rate", type=float, default=0.02)
+    ap.add_argument(
+        "--people-at",
+        choices=["first", "all"],
+        default="first",
+        help="the operator and approver act at the first report (default), or once all devices wait",
+    )
     ap.add_argument("--role", choices=["bench", "client"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--plan-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
@@ -414,7 +433,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.role == "client":
         result = asyncio.run(
-            client(args.plan_file, args.url, args.server_pid, args.concurrency, args.failure_rate)
+            client(
+                args.plan_file, args.url, args.server_pid, args.concurrency, args.failure_rate, args.people_at
+            )
         )
         print(json.dumps(result))
         return 0
@@ -424,9 +445,9 @@ def main() -> int:
     results = []
     for n in args.devices:
         results.append(run_http(n, args))
-        report(results[-1:], store)
+        report(results[-1:], store, args.people_at)
     if len(results) > 1:
-        report(results, store)
+        report(results, store, args.people_at)
     return 0
 
 

@@ -10,7 +10,8 @@ boot. Only the device itself is simulated.
   ``scripts/bench_fleet.py``.
 - ``HttpDevice``: one device over HTTP (``DeviceClient``), step by step, for tests that play a
   device, honest or not, against a running server: what a stranger holding only the
-  enrollment token can do (``tests/test_enrollment.py``).
+  enrollment token can do (``tests/test_enrollment.py``); and, by the thousand, the devices
+  of ``scripts/bench_fleet.py`` over HTTP.
 """
 
 from __future__ import annotations
