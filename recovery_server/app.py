@@ -75,7 +75,8 @@ class _BodyTooSlow(Exception):
 async def _read_body(request: web.Request) -> None:
     limit = request.app[LIMITS].body_timeout_s
     try:
-        await asyncio.wait_for(request.read(), limit)
+        async with asyncio.timeout(limit):  # no task of its own, unlike wait_for
+            await request.read()
     except TimeoutError:
         raise _BodyTooSlow(
             f"the request body did not arrive within {limit:g} s: send it whole, at once"

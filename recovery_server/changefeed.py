@@ -105,7 +105,8 @@ class ChangeFeed:
         if event is None:
             event = self._events[key] = asyncio.Event()
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):  # a timer, not a task per waiting poll
+                await event.wait()
         except TimeoutError:
             return False
         return True
