@@ -40,6 +40,8 @@ LIMITS = web.AppKey("limits", ConnectionLimits)
 # Who may read /metrics: a person with a token (any role), anyone, or no one.
 MetricsAccess = Literal["token", "public", "off"]
 METRICS_ACCESS = web.AppKey("metrics_access", str)
+# The longest a long poll waits, in seconds (device_api.MAX_POLL_S unless the server says).
+MAX_POLL = web.AppKey("max_poll_s", float)
 
 
 @dataclass(frozen=True)

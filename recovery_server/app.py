@@ -31,6 +31,7 @@ from .access import console
 from .api import (
     FEED,
     LIMITS,
+    MAX_POLL,
     METRICS,
     METRICS_ACCESS,
     SERVICE,
@@ -196,13 +197,16 @@ def make_app(
     poll_tick_s: float = POLL_TICK_S,
     limits: ConnectionLimits | None = None,
     metrics_access: MetricsAccess = "token",
+    max_poll_s: float = device_api.MAX_POLL_S,
 ) -> web.Application:
     """The server's app. Serve it with ``runner`` (connections held to ``limits``).
-    ``metrics_access`` says who may read /metrics: a person with a token, anyone, or no one."""
+    ``metrics_access`` says who may read /metrics: a person with a token, anyone, or no one;
+    ``max_poll_s`` how long a long poll may wait."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[LIMITS] = limits or ConnectionLimits()
     app[METRICS_ACCESS] = metrics_access
+    app[MAX_POLL] = max_poll_s
     app[METRICS] = metrics.HttpMetrics()
     feed = app[FEED] = ChangeFeed(service.store, poll_tick_s)
     service.on_change = feed.poke

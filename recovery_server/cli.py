@@ -25,6 +25,7 @@ from recovery_agent.protocol.keys import KeyFileError, SigningKey
 from . import audit
 from .access import ROLES, console
 from .app import make_app, runner
+from .device_api import MAX_POLL_S
 from .errors import ServerError
 from .limits import RateLimit
 from .listener import ACCEPT_BACKLOG, ConnectionLimits, fit_open_files
@@ -188,7 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             keepalive_timeout_s=args.keepalive_timeout,
         )
     )
-    app = make_app(svc, limits=limits, metrics_access=args.metrics)
+    app = make_app(svc, limits=limits, metrics_access=args.metrics, max_poll_s=args.max_poll)
 
     async def run() -> None:
         served = runner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
@@ -268,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=("token", "public", "off"),
         default="token",
         help="who may read /metrics: a person with a token (any role; the default), anyone, or no one",
+    )
+    s.add_argument(
+        "--max-poll",
+        type=_positive(float),
+        default=MAX_POLL_S,
+        metavar="SECONDS",
+        help="the longest a device's long poll waits (default: %(default)g, the agent's own); behind a "
+        "proxy, keep it under the proxy's read timeout (docs/reverse-proxy.md)",
     )
     defaults = ConnectionLimits()
     s.add_argument(

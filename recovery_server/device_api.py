@@ -19,6 +19,7 @@ from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, Directiv
 
 from .api import (
     FEED,
+    MAX_POLL,
     METRICS,
     ChallengeRequest,
     Route,
@@ -30,8 +31,9 @@ from .api import (
 )
 from .errors import Unauthorized
 
-# The longest a poll waits (the agent's default): a waiting poll costs nothing until then, and
-# its renewal is what a fleet of waiting devices costs (scripts/bench_longpoll.py).
+# The longest a poll waits by default (the agent's default): a waiting poll costs nothing until
+# then, and its renewal is what a fleet of waiting devices costs (scripts/bench_longpoll.py).
+# ``recovery-server serve --max-poll`` lowers it, e.g. below a proxy's read timeout.
 MAX_POLL_S = 300.0
 
 
@@ -58,7 +60,7 @@ async def directive(request: web.Request) -> web.Response:
     token = bearer(request)
     if not token:
         raise Unauthorized("no poll token: send the poll_token of the diagnostics receipt as a Bearer token")
-    wait = query_number(request, "wait", 0, 0, MAX_POLL_S)
+    wait = query_number(request, "wait", 0, 0, request.app[MAX_POLL])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     feed, gauge = request.app[FEED], request.app[METRICS]

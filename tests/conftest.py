@@ -25,6 +25,7 @@ from recovery_agent.settings import AgentSettings
 from recovery_lab.dirdemo import make_machine_dir
 from recovery_server.access import User, console
 from recovery_server.app import make_app, runner
+from recovery_server.device_api import MAX_POLL_S
 from recovery_server.listener import ConnectionLimits
 from recovery_server.service import RecoveryService, ServiceSettings
 from recovery_server.store import Store
@@ -139,12 +140,16 @@ class Fleet:
     port: int = 0
     poll_tick_s: float = 1.0
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    max_poll_s: float = MAX_POLL_S
 
     async def start(self) -> None:
         self.store = Store(self.store_url)
         self.service = RecoveryService(store=self.store, server_key=self.key, settings=self.settings)
+        app = make_app(
+            self.service, poll_tick_s=self.poll_tick_s, limits=self.limits, max_poll_s=self.max_poll_s
+        )
         self.server = RecoveryTestServer(
-            make_app(self.service, poll_tick_s=self.poll_tick_s, limits=self.limits),
+            app,
             host="127.0.0.1",
             port=self.port or None,
         )

@@ -129,7 +129,9 @@ def live(request, tmp_path) -> Iterator[LiveFleet]:
             url = str(tmp_path / "server/recovery.db")
         else:
             url = stack.enter_context(postgres_schema())
-        fleet = Fleet(store_url=url, key=SigningKey.generate(), settings=FUZZ_SETTINGS)
+        # A poll the fuzzer makes with its valid token may wait: as long as its requests'
+        # timeout at most, whatever wait it asks for.
+        fleet = Fleet(store_url=url, key=SigningKey.generate(), settings=FUZZ_SETTINGS, max_poll_s=5)
         asyncio.run_coroutine_threadsafe(fleet.start(), loop).result(timeout=60)
         stack.callback(lambda: asyncio.run_coroutine_threadsafe(fleet.stop(), loop).result(timeout=60))
         token = fleet.service.create_user(fleet.admin, "fuzz", "admin").token

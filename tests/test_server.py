@@ -355,6 +355,18 @@ async def test_a_waiting_poll_is_not_looked_at_again_until_its_own_incident_chan
     assert looks.count(mine.report_id) == 2
 
 
+async def test_a_poll_waits_no_longer_than_the_servers_max_poll(fleet, device):
+    """``serve --max-poll`` (behind a proxy with a short read timeout): a poll asking to wait
+    300 s is answered 'pending' when the server's own limit runs out."""
+    import asyncio
+
+    fleet.max_poll_s = 0.5
+    await fleet.restart()
+    _, receipt = await report(fleet, "dev-1", device)
+    answer = await asyncio.wait_for(poll(fleet, receipt, wait=300), 60)
+    assert answer.status == "pending"
+
+
 async def test_a_rollout_resumed_wakes_the_polls_of_its_incident(fleet, device):
     """A rollout's move is a change to the fix too: a poll that waits while the rollout is
     paused is answered when a person resumes it (with the feed's periodic read off)."""
