@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_ingest import _cpu_seconds, _key, serve, server_argv  # noqa: E402
+from bench_ingest import _cpu_seconds, _key, server_of_this_checkout  # noqa: E402
 
 from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 from recovery_server.access import User, console  # noqa: E402
@@ -301,35 +301,21 @@ async def client(
 
 def run_http(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """One fleet size: enroll, start the server, run the client; the client's figures."""
-    from recovery_server.portfile import wait_for_port_file
-
     cores = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
     files = n + SPARE_FILES
-    server_cmd = [sys.executable, "-m", "recovery_server.cli"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="qmr-bench-fleet-") as tmp:
-        data = Path(tmp) / "data"
-        subprocess.run(
-            server_argv(server_cmd, data, args.postgres, "init", "--token-file", Path(tmp) / "admin.token"),
-            check=True,
-            capture_output=True,
-            env=env,
-        )
+        work = Path(tmp)
         print(f"{n} devices: enrolling (in process, not timed) ...", flush=True)
-        plan_file = Path(tmp) / "plan.json"
-        plan_file.write_text(json.dumps(prepare(args.postgres or str(data / "recovery.db"), data, n)))
-        port_file = Path(tmp) / "port"
-        log = open(Path(tmp) / "server.log", "w")
-        connections = str(n + 1024)
-        server = subprocess.Popen(
-            server_argv(server_cmd, data, args.postgres, *serve(port_file, "--max-connections", connections)),
-            stdout=subprocess.DEVNULL,
-            stderr=log,
+        with server_of_this_checkout(
+            work,
+            args.postgres,
+            lambda url, data: prepare(url, data, n),
+            "--max-connections",
+            str(n + 1024),
             preexec_fn=_start(cores[0], files),
-            env=env,
-        )
-        try:
-            port = wait_for_port_file(port_file, lambda: server.poll() is None, timeout_s=120)
+        ) as (plan, server, port):
+            plan_file = work / "plan.json"
+            plan_file.write_text(json.dumps(plan))
             print(f"{n} devices: the incident (server on port {port}) ...", flush=True)
             out = subprocess.run(
                 [
@@ -353,21 +339,12 @@ def run_http(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 capture_output=True,
                 text=True,
                 preexec_fn=_start(cores[1], files),
-                env=env,
             )
             if out.returncode != 0:
                 raise SystemExit(f"the client failed:\n{out.stderr[-3000:]}")
             result: dict[str, Any] = json.loads(out.stdout)
             result["files_limit"] = _files_of(server.pid)
             return result
-        finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(30)
-            log.close()
 
 
 def _files_of(pid: int) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +318,50 @@ def server_argv(prefix: list[Any], data: Path, database: str | None, *command: A
 def serve(port_file: Path, *extra: str) -> tuple[Any, ...]:
     """The ``serve`` command of a benchmark: a free port written to ``port_file``, no access log."""
     return ("serve", "--port", "0", "--port-file", port_file, "--quiet", *extra)
+
+
+@contextlib.contextmanager
+def server_of_this_checkout(
+    work: Path, database: str | None, prepare: Callable[[str, Path], Any], *extra: str, preexec_fn: Any = None
+) -> Iterator[tuple[Any, subprocess.Popen[bytes], int]]:
+    """For the benchmarks of one server: ``recovery-server init`` in ``work``/data (on
+    ``database``, or SQLite there), then ``prepare(store_url, data)`` in process before the
+    server starts, then ``serve`` (no access log; ``extra`` options) with ``preexec_fn``.
+    Yields what ``prepare`` returned, the server process and its port; stops it after."""
+    from recovery_server.portfile import wait_for_port_file
+
+    # The server of this checkout (whatever the venv has installed).
+    server_cmd = [sys.executable, "-m", "recovery_server.cli"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    data = work / "data"
+    subprocess.run(
+        server_argv(server_cmd, data, database, "init", "--token-file", work / "admin.token"),
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    prepared = prepare(database or str(data / "recovery.db"), data)
+    with open(work / "server.log", "w") as log:
+        server = subprocess.Popen(
+            server_argv(server_cmd, data, database, *serve(work / "port", *extra)),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            preexec_fn=preexec_fn,
+            env=env,
+        )
+        try:
+            yield (
+                prepared,
+                server,
+                wait_for_port_file(work / "port", lambda: server.poll() is None, timeout_s=120),
+            )
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(30)
 
 
 def _wait_port(port_file: Path, proc: subprocess.Popen[bytes]) -> int:

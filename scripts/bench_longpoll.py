@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_ingest import _cpu_seconds, _pin, serve, server_argv  # noqa: E402  (this folder is on sys.path)
+from bench_ingest import _cpu_seconds, _pin, server_of_this_checkout  # noqa: E402  (this folder is on sys.path)
 
 from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 
@@ -240,34 +240,19 @@ def main() -> int:
         )
         return 0
     cores = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
-    # The server of this checkout (whatever the venv has installed).
-    server_cmd = [sys.executable, "-m", "recovery_server.cli"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="qmr-bench-longpoll-") as tmp:
-        data = Path(tmp) / "data"
-        subprocess.run(
-            server_argv(server_cmd, data, args.postgres, "init", "--token-file", Path(tmp) / "admin.token"),
-            check=True,
-            capture_output=True,
-            env=env,
-        )
+        work = Path(tmp)
         print(f"preparing {args.devices} devices (enrolled, reported, one incident) ...", flush=True)
-        plan = prepare(args.postgres or str(data / "recovery.db"), data, args.devices, print)
-        plan_file = Path(tmp) / "plan.json"
-        plan_file.write_text(json.dumps(plan))
-        port_file = Path(tmp) / "port"
-        log = open(Path(tmp) / "server.log", "w")
-        server = subprocess.Popen(
-            server_argv(server_cmd, data, args.postgres, *serve(port_file, "--metrics", "public")),
-            stdout=subprocess.DEVNULL,
-            stderr=log,
+        with server_of_this_checkout(
+            work,
+            args.postgres,
+            lambda url, data: prepare(url, data, args.devices, print),
+            "--metrics",
+            "public",
             preexec_fn=_pin(cores[0]),
-            env=env,
-        )
-        try:
-            from recovery_server.portfile import wait_for_port_file
-
-            port = wait_for_port_file(port_file, lambda: server.poll() is None, timeout_s=120)
+        ) as (plan, server, port):
+            plan_file = work / "plan.json"
+            plan_file.write_text(json.dumps(plan))
             print(f"server on port {port}; {args.devices} long polls ...", flush=True)
             out = subprocess.run(
                 [
@@ -294,14 +279,6 @@ def main() -> int:
                 print(f"the client failed:\n{out.stderr[-3000:]}", file=sys.stderr)
                 return 1
             r = json.loads(out.stdout)
-        finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(30)
-            log.close()
     store = "PostgreSQL" if args.postgres else "SQLite"
     print(f"\n{r['devices']} devices waiting on long polls ({store}, one server process):")
     print(f"  all waiting after            {r['all_waiting_s']} s")
