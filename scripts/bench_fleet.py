@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_ingest import _cpu_seconds, _key, server_of_this_checkout  # noqa: E402
+from bench_ingest import _cpu_seconds, _key, enroll, server_of_this_checkout  # noqa: E402
 
 from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 from recovery_server.access import User, console  # noqa: E402
@@ -69,6 +69,7 @@ CANARY = 50
 WAVES = ({"name": "10%", "percent": 10}, {"name": "100%", "percent": 100})
 GATE = {"min_devices": 40, "min_success_rate": 0.9, "halt_failure_rate": 0.2, "halt_min_devices": 40}
 POLL_WAIT_S = 300.0
+MIN_FLEET = 500  # 10% of it holds the gate's 40 outcomes, with room for the failures
 PER_ADDRESS = 20_000  # client connections per loopback source address
 SPARE_FILES = 2_048  # the open-files limit above the fleet's connections
 
@@ -127,34 +128,19 @@ def in_process(args: argparse.Namespace) -> int:
 def prepare(store_url: str, data: Path, n: int) -> dict[str, Any]:
     """``n`` devices enrolled (in process, through the service), an operator and an approver:
     what the client needs."""
-    from recovery_agent.protocol.envelope import seal_bytes
     from recovery_agent.protocol.keys import public_b64
-    from recovery_agent.protocol.wire import Enrollment, utcnow
 
-    server_key = SigningKey.load(data / "server.key")
-    svc = RecoveryService(store=Store(store_url), server_key=server_key)
-    token = svc.create_enrollment_token(User("admin", "admin"), max_uses=n).token
-    devices = []
-    started = time.monotonic()
-    for i in range(n):
-        key = SigningKey.generate()
-        device_id = f"fleet-{i:06d}"
-        msg = Enrollment(
-            device_id=device_id,
-            public_key=public_b64(key.public),
-            enrollment_token=token,
-            created_at=utcnow(),
-        )
-        svc.enroll(seal_bytes(msg, key))
-        devices.append({"device_id": device_id, "private": key.private_pem().decode()})
-        if (i + 1) % 20_000 == 0:
-            print(f"  {i + 1} devices enrolled ({time.monotonic() - started:.0f} s)", flush=True)
+    devices = [
+        {"device_id": device_id, "private": key.private_pem().decode()}
+        for device_id, key in enroll(store_url, data, n, "fleet")
+    ]
+    svc = RecoveryService(store=Store(store_url), server_key=SigningKey.load(data / "server.key"))
     operator = svc.create_user(console("bench"), "oscar", "operator")
     approver = svc.create_user(console("bench"), "bea", "approver")
     svc.store.close()
     return {
         "devices": devices,
-        "server_public": public_b64(server_key.public),
+        "server_public": public_b64(svc.server_key.public),
         "operator_token": operator.token,
         "approver_token": approver.token,
     }
@@ -418,6 +404,11 @@ def main() -> int:
         return 0
     if args.in_process:
         return in_process(args)
+    if min(args.devices) < MIN_FLEET:
+        ap.error(
+            f"--devices: at least {MIN_FLEET}, or the 10% wave never holds the {GATE['min_devices']} "
+            "outcomes its gate waits for"
+        )
     store = "PostgreSQL" if args.postgres else "SQLite"
     results = []
     for n in args.devices:

@@ -408,8 +408,9 @@ def _client(
     return dict(json.loads(out.stdout))
 
 
-def _enroll(store_url: str, data: Path, n: int) -> list[dict[str, str]]:
-    """Enroll ``n`` devices into the server's store, in process; their keys and report templates."""
+def enroll(store_url: str, data: Path, n: int, prefix: str) -> list[tuple[str, SigningKey]]:
+    """Enroll ``n`` devices (``prefix``-00000, ...) into the server's store, in process, through
+    the service: their ids and keys."""
     from recovery_agent.protocol.envelope import seal_bytes
     from recovery_server.access import User
     from recovery_server.service import RecoveryService
@@ -418,9 +419,10 @@ def _enroll(store_url: str, data: Path, n: int) -> list[dict[str, str]]:
     svc = RecoveryService(store=Store(store_url), server_key=SigningKey.load(data / "server.key"))
     token = svc.create_enrollment_token(User("admin", "admin"), max_uses=n).token
     out = []
+    started = time.monotonic()
     for i in range(n):
         key = SigningKey.generate()
-        device_id = f"bench-{i:05d}"
+        device_id = f"{prefix}-{i:05d}"
         msg = Enrollment(
             device_id=device_id,
             public_key=public_b64(key.public),
@@ -428,16 +430,24 @@ def _enroll(store_url: str, data: Path, n: int) -> list[dict[str, str]]:
             created_at=utcnow(),
         )
         svc.enroll(seal_bytes(msg, key))
-        out.append(
-            {
-                "device_id": device_id,
-                "private": key.private_pem().decode(),
-                "public": public_b64(key.public),
-                "template": diagnostics_template(device_id).decode(),
-            }
-        )
+        out.append((device_id, key))
+        if (i + 1) % 20_000 == 0:
+            print(f"  {i + 1} devices enrolled ({time.monotonic() - started:.0f} s)", flush=True)
     svc.store.close()
     return out
+
+
+def _enroll(store_url: str, data: Path, n: int) -> list[dict[str, str]]:
+    """Enroll ``n`` devices in process; their keys and report templates."""
+    return [
+        {
+            "device_id": device_id,
+            "private": key.private_pem().decode(),
+            "public": public_b64(key.public),
+            "template": diagnostics_template(device_id).decode(),
+        }
+        for device_id, key in enroll(store_url, data, n, "bench")
+    ]
 
 
 def run_server(

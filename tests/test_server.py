@@ -299,6 +299,19 @@ async def test_long_poll_wakes_on_approval(fleet, device):
     assert (await asyncio.wait_for(waiting, 30)).status == "directive"
 
 
+def count_looks(fleet, monkeypatch) -> list[str]:
+    """From now on, the report id of every poll's look (service.look), in order."""
+    looks: list[str] = []
+    look = fleet.service.look
+
+    def counted(report_id: str, token: str):
+        looks.append(report_id)
+        return look(report_id, token)
+
+    monkeypatch.setattr(fleet.service, "look", counted)
+    return looks
+
+
 async def test_a_waiting_poll_is_not_looked_at_again_until_its_own_incident_changes(
     fleet, device, monkeypatch
 ):
@@ -317,14 +330,7 @@ async def test_a_waiting_poll_is_not_looked_at_again_until_its_own_incident_chan
     _, mine = await report(fleet, "dev-1", device)
     _, other = await report(fleet, "dev-2", other_key, title="kernel BUG in sensor_other_path")
     assert mine.incident_id != other.incident_id
-    looks: list[str] = []
-    look = fleet.service.look
-
-    def counted(report_id: str, token: str):
-        looks.append(report_id)
-        return look(report_id, token)
-
-    monkeypatch.setattr(fleet.service, "look", counted)
+    looks = count_looks(fleet, monkeypatch)
     waiting = asyncio.create_task(poll(fleet, mine, wait=60))
     metrics = fleet.server.app[METRICS]
     await wait_for(lambda: metrics.long_polls_waiting == 1, timeout=30)
@@ -446,14 +452,7 @@ async def test_a_promotion_wakes_only_the_polls_whose_wave_it_opens(fleet, monke
         rest = next(dev for dev in devices[1:] if waves[dev.device_id] == 2)
         await half.report()
         await rest.report()
-        looks: list[str] = []
-        look = fleet.service.look
-
-        def counted(report_id: str, token: str):
-            looks.append(report_id)
-            return look(report_id, token)
-
-        monkeypatch.setattr(fleet.service, "look", counted)
+        looks = count_looks(fleet, monkeypatch)
         waiting = {dev.device_id: asyncio.create_task(dev.poll(wait_s=60)) for dev in (half, rest)}
         metrics = fleet.server.app[METRICS]
         await wait_for(lambda: metrics.long_polls_waiting == 2, timeout=30)
