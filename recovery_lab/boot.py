@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .qemu import BootTimeout, MachineConfig, MachineConfigError, QemuExited, QemuVM
+from .qemu import BootTimeout, ConsoleLine, MachineConfig, MachineConfigError, QemuExited, QemuVM
 from .timeline import EntryKind, Timeline, build_timeline
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class BootReport:
     pstore_records: list[str] = field(default_factory=list)
     shutdown_reason: str | None = None
     console_text: str = ""
+    # Every console line with the host seconds it was read at (not in the JSON: the timeline
+    # holds what matters; benchmarks time lines that are no timeline entry, e.g. the kernel's).
+    console_lines: list[ConsoleLine] = field(default_factory=list)
 
     @classmethod
     def from_timeline(cls, timeline: Timeline, **kw: Any) -> BootReport:
@@ -169,7 +172,8 @@ async def follow_boot(
                 if isinstance(err, Exception):
                     log.warning("the run's driver failed: %s", err)
         await vm.stop()
-    timeline = build_timeline(vm.console.timed_lines(), vm.events.events)
+    lines = vm.console.timed_lines()
+    timeline = build_timeline(lines, vm.events.events)
     failed = outcome in ("timed-out", "qemu-exited")
     kept = keep_logs or failed
     report = BootReport.from_timeline(
@@ -179,6 +183,7 @@ async def follow_boot(
         exit_status=vm.returncode,
         run_dir=vm.run_dir if kept else None,
         console_text=vm.console.text(),
+        console_lines=list(lines),
     )
     if kept:
         (vm.run_dir / "timeline.json").write_text(json.dumps(timeline.to_json(), indent=1))

@@ -127,7 +127,7 @@ def build_images(
         runtime = build_python_runtime(cache.root, progress=log)
     initramfs_os = stage_initramfs(cache, kernel_dir, kernel, "os")
     initramfs_recovery = stage_initramfs(cache, kernel_dir, kernel, "recovery", runtime)
-    recovery_dir = stage_recovery(cache, kernel_dir, kernel, initramfs_recovery)
+    recovery_dir = stage_recovery(cache, kernel_dir, kernel, initramfs_recovery, runtime)
     esp_dir = stage_esp(cache)
     grub_dir = stage_grub(cache)
     artifacts = []
