@@ -131,7 +131,7 @@ def live(request, tmp_path) -> Iterator[LiveFleet]:
             url = stack.enter_context(postgres_schema())
         # A poll the fuzzer makes with its valid token may wait: as long as its requests'
         # timeout at most, whatever wait it asks for.
-        fleet = Fleet(store_url=url, key=SigningKey.generate(), settings=FUZZ_SETTINGS, max_poll_s=5)
+        fleet = Fleet(store_url=url, key=SigningKey.generate(), settings=FUZZ_SETTINGS, max_poll_s=1)
         asyncio.run_coroutine_threadsafe(fleet.start(), loop).result(timeout=60)
         stack.callback(lambda: asyncio.run_coroutine_threadsafe(fleet.stop(), loop).result(timeout=60))
         token = fleet.service.create_user(fleet.admin, "fuzz", "admin").token
