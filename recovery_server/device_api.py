@@ -65,7 +65,6 @@ async def directive(request: web.Request) -> web.Response:
     deadline = loop.time() + wait
     feed, gauge = request.app[FEED], request.app[METRICS]
     report_id = request.match_info["report_id"]
-    incident_id: str | None = None
     issued = 0
     while True:
         looked = svc.look(report_id, token)
@@ -79,9 +78,7 @@ async def directive(request: web.Request) -> web.Response:
         remaining = deadline - loop.time()
         if poll.status != "pending" or remaining <= 0:
             return answer(poll)
-        if incident_id is None:
-            incident_id = svc.report_incident(report_id)
-        wave = svc.waiting_wave(report_id)
+        incident_id, wave = svc.waiting_on(report_id)
         # (no await between the look above and this wait: no change can fall between them)
         gauge.long_polls_waiting += 1
         try:

@@ -127,14 +127,19 @@ class Directives:
             return DirectivePoll(status=verdict, retry_after_s=1)
         return due
 
-    def waiting_wave(self, report_id: str) -> int | None:
-        """The device's wave in the rollout of its incident's approved fix, if there is one:
-        until that wave opens, a promotion to another wave changes nothing for this report."""
+    def waiting_on(self, report_id: str) -> tuple[str, int | None]:
+        """What a pending poll of ``report_id`` waits on: its incident, and the device's wave
+        in the rollout of the incident's approved fix, if there is one (until that wave opens,
+        a promotion to another wave changes nothing for this report)."""
         report = self._store.one("SELECT device_id, incident_id FROM reports WHERE report_id = ?", report_id)
-        rem = approved_remediation(self._store, report["incident_id"]) if report else None
-        if report is None or rem is None:
-            return None
-        return self._rollouts.wave(self._store, rem["remediation_id"], report["device_id"])
+        if report is None:
+            raise NotFound("no such report, or wrong poll token")
+        rem = approved_remediation(self._store, report["incident_id"])
+        if rem is None:
+            return str(report["incident_id"]), None
+        return str(report["incident_id"]), self._rollouts.wave(
+            self._store, rem["remediation_id"], report["device_id"]
+        )
 
     def issue(self, tx: Tx, due: Due) -> DirectivePoll:
         """Issue the directive ``look`` found due, inside ``tx``: the remediation and its

@@ -186,14 +186,10 @@ class RecoveryService:
         polls an approval wakes at once: groupcommit.py)."""
         return await self.commits.run(lambda tx: self._directives.issue(tx, due))
 
-    def waiting_wave(self, report_id: str) -> int | None:
-        """The wave of the rollout a pending poll of ``report_id`` waits for, if its fix has a
-        rollout (what its long poll waits on, with its incident)."""
-        return self._directives.waiting_wave(report_id)
-
-    def report_incident(self, report_id: str) -> str:
-        """The incident a report belongs to (what its long poll waits on)."""
-        return str(self.store.scalar("SELECT incident_id FROM reports WHERE report_id = ?", report_id))
+    def waiting_on(self, report_id: str) -> tuple[str, int | None]:
+        """What a pending poll of ``report_id`` waits on: its incident, and its device's wave if
+        the incident's fix has a rollout."""
+        return self._directives.waiting_on(report_id)
 
     def accept_result(self, raw: bytes) -> dict[str, Any]:
         return self._directives.accept_result(raw)
