@@ -46,7 +46,6 @@ import math
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_ingest import _cpu_seconds, _key, enroll, server_of_this_checkout  # noqa: E402
+from bench_ingest import _cpu_seconds, _key, enroll, run_client, server_of_this_checkout  # noqa: E402
 
 from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 from recovery_server.access import User, console  # noqa: E402
@@ -300,35 +299,13 @@ def run_http(n: int, args: argparse.Namespace) -> dict[str, Any]:
             str(n + 1024),
             preexec_fn=_start(cores[0], files),
         ) as (plan, server, port):
-            plan_file = work / "plan.json"
-            plan_file.write_text(json.dumps(plan))
             print(f"{n} devices: the incident (server on port {port}) ...", flush=True)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--role",
-                    "client",
-                    "--plan-file",
-                    plan_file,
-                    "--url",
-                    f"http://127.0.0.1:{port}",
-                    "--server-pid",
-                    str(server.pid),
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--failure-rate",
-                    str(args.failure_rate),
-                    "--people-at",
-                    args.people_at,
-                ],  # fmt: skip
-                capture_output=True,
-                text=True,
+            result = run_client(
+                __file__, work, plan, port, server.pid,
+                "--concurrency", str(args.concurrency), "--failure-rate", str(args.failure_rate),
+                "--people-at", args.people_at,
                 preexec_fn=_start(cores[1], files),
-            )
-            if out.returncode != 0:
-                raise SystemExit(f"the client failed:\n{out.stderr[-3000:]}")
-            result: dict[str, Any] = json.loads(out.stdout)
+            )  # fmt: skip
             result["files_limit"] = _files_of(server.pid)
             return result
 

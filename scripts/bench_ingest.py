@@ -364,6 +364,37 @@ def server_of_this_checkout(
                 server.wait(30)
 
 
+def run_client(
+    script: str, work: Path, plan: Any, port: int, server_pid: int, *extra: str, preexec_fn: Any = None
+) -> dict[str, Any]:
+    """The client side of a benchmark: ``script --role client`` in a process of its own, given
+    ``plan`` (as ``--plan-file``), the server's URL and pid and ``extra`` options; the JSON it
+    prints. A client that fails ends the benchmark with its error."""
+    plan_file = work / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    out = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--role",
+            "client",
+            "--plan-file",
+            str(plan_file),
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--server-pid",
+            str(server_pid),
+            *extra,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"the client failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout))
+
+
 def _wait_port(port_file: Path, proc: subprocess.Popen[bytes]) -> int:
     from recovery_server.portfile import wait_for_port_file
 

@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_ingest import _cpu_seconds, _pin, server_of_this_checkout  # noqa: E402  (this folder is on sys.path)
+from bench_ingest import _cpu_seconds, _pin, run_client, server_of_this_checkout  # noqa: E402  (this folder is on sys.path)
 
 from recovery_agent.protocol.keys import SigningKey  # noqa: E402
 
@@ -251,34 +250,11 @@ def main() -> int:
             "public",
             preexec_fn=_pin(cores[0]),
         ) as (plan, server, port):
-            plan_file = work / "plan.json"
-            plan_file.write_text(json.dumps(plan))
             print(f"server on port {port}; {args.devices} long polls ...", flush=True)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--role",
-                    "client",
-                    "--url",
-                    f"http://127.0.0.1:{port}",
-                    "--plan-file",
-                    str(plan_file),
-                    "--server-pid",
-                    str(server.pid),
-                    "--idle",
-                    str(args.idle),
-                    "--wait",
-                    str(args.wait),
-                ],  # fmt: skip
-                capture_output=True,
-                text=True,
+            r = run_client(
+                __file__, work, plan, port, server.pid, "--idle", str(args.idle), "--wait", str(args.wait),
                 preexec_fn=_pin(cores[1]),
-            )
-            if out.returncode != 0:
-                print(f"the client failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-                return 1
-            r = json.loads(out.stdout)
+            )  # fmt: skip
     store = "PostgreSQL" if args.postgres else "SQLite"
     print(f"\n{r['devices']} devices waiting on long polls ({store}, one server process):")
     print(f"  all waiting after            {r['all_waiting_s']} s")
