@@ -255,6 +255,8 @@ class Rollouts:
         """May the approved ``remediation_id`` be served to ``device_id`` now ('issue'), later
         ('pending': its wave is not open, or the rollout is paused or halted) or never
         ('none': revoked); and the device's wave, if the remediation has a rollout."""
+        if isinstance(db, Tx):  # outcomes earlier in this transaction may move its gate
+            db.settle_now(_judging(remediation_id))
         ro = db.one("SELECT * FROM rollouts WHERE remediation_id = ?", remediation_id)
         if ro is None:
             return "issue", None
@@ -288,7 +290,14 @@ class Rollouts:
         return not any(r["remediation_id"] == remediation_id and r["counted"] for r in served)
 
     def judge(self, tx: Tx, remediation_id: str) -> None:
-        """Re-judge the rollout of ``remediation_id``, if it has one, after a device's outcome."""
+        """Re-judge the rollout of ``remediation_id``, if it has one, after a device's outcome:
+        once per transaction, before it commits or before a directive of that remediation is
+        served in it (:meth:`serving`), whichever comes first. A batch of outcomes
+        (groupcommit.py) is judged once, not once per outcome: judging counts the wave, and
+        at 100,000 devices a wave holds tens of thousands."""
+        tx.settle[_judging(remediation_id)] = lambda t: self._judge_now(t, remediation_id)
+
+    def _judge_now(self, tx: Tx, remediation_id: str) -> None:
         ro = tx.one("SELECT * FROM rollouts WHERE remediation_id = ?", remediation_id)
         if ro is not None:
             self._evaluate(tx, ro)
@@ -386,6 +395,10 @@ class Rollouts:
                 )
             )
         return Rollout.model_validate({**dict(ro), "plan": plan, "gate": gate, "waves": waves})
+
+
+def _judging(remediation_id: str) -> str:
+    return f"rollout.judge:{remediation_id}"
 
 
 def stop_counting(tx: Tx, device_id: str) -> None:

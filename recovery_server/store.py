@@ -347,6 +347,7 @@ class Store:
             try:
                 tx = Tx(self._db, self.dialect)
                 yield tx
+                tx.settle_all()
                 for finish in list(tx.before_commit.values()):
                     finish(tx)
                 self._db.execute("COMMIT")
@@ -500,14 +501,30 @@ class Tx:
     """The connection inside a transaction, with the same query helpers as the store.
 
     ``cache`` holds what a transaction's writers keep between statements (audit.py: the log's
-    head); a rollback to a savepoint drops it. ``before_commit`` holds what they write once, as
-    the last statements of the transaction, by name (audit.py: the head kept apart)."""
+    head); a rollback to a savepoint drops it. ``settle`` holds work that many writes may ask
+    for and that is done once, by name, before the transaction ends or when a later statement
+    needs its effect (:meth:`settle_now`; rollout.py: re-judging a rollout after a batch of
+    outcomes, where judging after each would re-count its wave each time). ``before_commit``
+    holds what they write once, as the last statements of the transaction, by name (audit.py:
+    the head kept apart)."""
 
     def __init__(self, db: _Connection, dialect: str = "sqlite") -> None:
         self._db = db
         self.dialect = dialect
         self.cache: dict[str, Any] = {}
+        self.settle: dict[str, Callable[[Tx], None]] = {}
         self.before_commit: dict[str, Callable[[Tx], None]] = {}
+
+    def settle_now(self, name: str) -> None:
+        """Do the settle work ``name`` now, if some write asked for it."""
+        work = self.settle.pop(name, None)
+        if work is not None:
+            work(self)
+
+    def settle_all(self) -> None:
+        """Do every settle work asked for (work may ask for more: it is done too)."""
+        while self.settle:
+            self.settle_now(next(iter(self.settle)))
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

@@ -202,6 +202,65 @@ def test_a_device_that_crashes_again_counts_as_a_failure(svc):
     assert status.state == "halted" and "1 of 1 devices failed" in status.reason
 
 
+def test_outcomes_written_together_judge_their_rollout_once_and_a_later_serve_sees_its_gate(svc, monkeypatch):
+    from recovery_agent.protocol.envelope import open_directive
+    from recovery_agent.protocol.wire import Health, utcnow
+    from recovery_server import rollout
+
+    sim = fleet_of(svc, 30)
+    rid = remediation(svc)
+    canary = sim.devices[:4]
+    ro = svc.create_rollout(
+        OSCAR,
+        rid,
+        {
+            "waves": [
+                {"name": "canary", "devices": [d.device_id for d in canary]},
+                {"name": "all", "percent": 100},
+            ],
+            "min_devices": 4,
+            "soak_s": 0,
+        },
+    )
+    svc.approve(User("bob", "approver"), rid)
+    directives = {}
+    for dev in canary:
+        answer = svc.poll(dev.report.report_id, dev.report.poll_token)
+        directives[dev.device_id] = open_directive(
+            answer.envelope,
+            sim.server_ring,
+            device_id=dev.device_id,
+            agent_nonce=dev.agent_nonce,
+            diagnostics_sha256=dev.report.diagnostics_sha256,
+            now=utcnow(),
+        ).message.directive_id
+    other = sim.devices[10].device_id
+    counted = []
+    real = rollout._wave_counts
+    monkeypatch.setattr(rollout, "_wave_counts", lambda db, r, w: counted.append(w) or real(db, r, w))
+    with svc.store.tx() as tx:
+        # Four healthy boots in one transaction (one group-commit batch): no wave count yet.
+        for dev in canary:
+            health = Health(
+                device_id=dev.device_id,
+                directive_id=directives[dev.device_id],
+                boot_id="b",
+                created_at=utcnow(),
+            )
+            svc._directives.write_health(tx, health)
+        assert counted == []
+        # A serve later in the same transaction judges first, once, and sees the open wave.
+        assert svc._rollouts.serving(tx, rid, other) == ("issue", 1)
+        assert counted == [0]
+        svc._rollouts.serving(tx, rid, other)
+    assert counted == [0], "judged once for the four outcomes"
+    assert svc.rollout(OSCAR, ro.rollout_id).current_wave == 1
+    kinds = [e.kind for e in svc.events(OSCAR)]
+    assert kinds.count("rollout.promoted") == 1
+    assert kinds.index("rollout.promoted") > max(i for i, k in enumerate(kinds) if k == "directive.succeeded")
+    assert svc.verify_audit(OSCAR).ok
+
+
 # ---------------------------------------------------------------- 10,000 devices
 
 
