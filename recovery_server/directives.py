@@ -32,7 +32,6 @@ from recovery_agent.protocol import envelope
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import (
     Action,
-    Diagnostics,
     Directive,
     DirectivePoll,
     Health,
@@ -61,16 +60,23 @@ def _actions(text: str) -> tuple[Action, ...]:
 @dataclass
 class Due:
     """A report whose directive ``look`` found due; ``issue`` it inside a write transaction.
-    Its diagnostics are parsed once for both."""
+    What it lists is read once for both."""
 
     report: Row
-    _diagnostics: Diagnostics | None = None
+    _inventory: tuple[frozenset[tuple[str, str]], frozenset[str]] | None = None
 
-    @property
-    def diagnostics(self) -> Diagnostics:
-        if self._diagnostics is None:
-            self._diagnostics = Diagnostics.model_validate_json(self.report["payload"])
-        return self._diagnostics
+    def inventory(self) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+        """The (path, sha256) of every driver and channel file the report lists, and their
+        folders. Read from the stored payload as plain JSON: the server validated it when it
+        stored it, and a woken poll's full model parse cost more than the rest of its look."""
+        if self._inventory is None:
+            listed = json.loads(self.report["payload"])
+            records = [*listed.get("channel_files", ()), *listed.get("drivers", ())]
+            self._inventory = (
+                frozenset((f["path"], f["sha256"]) for f in records),
+                frozenset(f["path"].rpartition("/")[0] for f in records),
+            )
+        return self._inventory
 
 
 class DeviceResult(BaseModel):
@@ -122,7 +128,7 @@ class Directives:
         if existing:
             return DirectivePoll(status="directive", envelope=json.loads(existing["envelope"]))
         due = Due(report)
-        verdict = self._due(self._store, due)
+        verdict, _, _ = self._due(self._store, due)
         if verdict != "issue":
             return DirectivePoll(status=verdict, retry_after_s=1)
         return due
@@ -148,13 +154,17 @@ class Directives:
         again = tx.one("SELECT envelope FROM directives WHERE report_id = ?", due.report["report_id"])
         if again:  # another poller or process won the race; serve theirs
             return DirectivePoll(status="directive", envelope=json.loads(again["envelope"]))
-        verdict = self._due(tx, due)
+        verdict, rem, wave = self._due(tx, due)
         if verdict != "issue":
             return DirectivePoll(status=verdict, retry_after_s=1)
-        return self._issue(tx, due.report)
+        assert rem is not None, "an issue verdict names its remediation"
+        return self._issue(tx, due.report, rem, wave)
 
-    def _due(self, db: Reader, due: Due) -> Literal["issue", "pending", "none"]:
-        """Issue now, ask again later ('pending'), or no fix for this report ('none')."""
+    def _due(
+        self, db: Reader, due: Due
+    ) -> tuple[Literal["issue", "pending", "none"], Row | None, int | None]:
+        """Issue now, ask again later ('pending'), or no fix for this report ('none'); and the
+        approved remediation and the device's wave in its rollout, if any."""
         report = due.report
         rem = approved_remediation(db, report["incident_id"])
         if rem is None:
@@ -166,26 +176,16 @@ class Directives:
                 "SELECT 1 FROM remediations WHERE incident_id = ? AND status = 'pending'",
                 report["incident_id"],
             )
-            return "none" if revoked and not pending else "pending"
-        if _not_on_device(_actions(rem["actions"]), due.diagnostics):
-            return "none"
-        verdict, _ = self._rollouts.serving(db, rem["remediation_id"], report["device_id"])
-        return verdict
+            return ("none" if revoked and not pending else "pending"), None, None
+        if _not_on_device(_actions(rem["actions"]), due):
+            return "none", rem, None
+        verdict, wave = self._rollouts.serving(db, rem["remediation_id"], report["device_id"])
+        return verdict, rem, wave
 
-    def _issue(self, tx: Tx, report: Row) -> DirectivePoll:
-        rem = approved_remediation(tx, report["incident_id"])
-        assert rem is not None, "_due found it in this transaction"
-        _, wave = self._rollouts.serving(tx, rem["remediation_id"], report["device_id"])
+    def _issue(self, tx: Tx, report: Row, rem: Row, wave: int | None) -> DirectivePoll:
         counted = self._rollouts.counts(tx, rem["remediation_id"], report["device_id"])
         now = self._now()
-        approvals = [
-            json.loads(r["envelope"])
-            for r in tx.all(
-                "SELECT envelope FROM approvals WHERE remediation_id = ? AND envelope IS NOT NULL "
-                "ORDER BY approved_at, approver",
-                rem["remediation_id"],
-            )
-        ]
+        approvals = self._approvals(tx, rem["remediation_id"])
         directive = Directive(
             directive_id=new_id("dir"),
             device_id=report["device_id"],
@@ -227,6 +227,22 @@ class Directives:
             },
         )
         return DirectivePoll(status="directive", envelope=env)
+
+    @staticmethod
+    def _approvals(tx: Tx, remediation_id: str) -> list[Any]:
+        """The approvers' signed approvals a directive carries: read once per transaction (a
+        batch of polls woken by one approval all carry the same)."""
+        key = f"approvals:{remediation_id}"
+        if key not in tx.cache:
+            tx.cache[key] = [
+                json.loads(r["envelope"])
+                for r in tx.all(
+                    "SELECT envelope FROM approvals WHERE remediation_id = ? AND envelope IS NOT NULL "
+                    "ORDER BY approved_at, approver",
+                    remediation_id,
+                )
+            ]
+        return list(tx.cache[key])
 
     # ---------------------------------------------------------------- outcomes
 
@@ -357,16 +373,13 @@ class Directives:
         ]
 
 
-def _not_on_device(actions: Sequence[Any], diagnostics: Diagnostics) -> list[str]:
+def _not_on_device(actions: Sequence[Any], due: Due) -> list[str]:
     """Quarantine targets that the device's inventory shows with other content, or not at all
     in a folder it inventoried: the fix is not for this device (it may have the good file)."""
-    records = (*diagnostics.channel_files, *diagnostics.drivers)
-    have = {(f.path, f.sha256) for f in records}
-    folders = {f.path.rpartition("/")[0] for f in records}
+    targets = [a for a in actions if isinstance(a, QuarantineFile)]
+    if not targets:
+        return []
+    have, folders = due.inventory()
     return [
-        a.path
-        for a in actions
-        if isinstance(a, QuarantineFile)
-        and a.path.rpartition("/")[0] in folders
-        and (a.path, a.sha256) not in have
+        a.path for a in targets if a.path.rpartition("/")[0] in folders and (a.path, a.sha256) not in have
     ]
