@@ -36,6 +36,19 @@ status=0
 .venv/bin/python -m pytest -ra -m "not qemu" || status=$?
 
 SECONDS=0
+# The QEMU part writes the images (about 2.5 GiB under the cache) and, per running VM, its
+# overlay and logs (a few hundred MB, removed when its test passes). Say so before it starts
+# when the disk is short, rather than fail in the middle with "No space left on device".
+need_mib=3072
+for dir in "${QMR_CACHE:-.cache/qmr}" "${TMPDIR:-/tmp}"; do
+  mkdir -p "$dir"
+  free_mib=$(( $(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1024 ))
+  echo "==> $free_mib MiB free on the disk of $dir"
+  if [ "$free_mib" -lt "$need_mib" ]; then
+    echo "warning: the QEMU tests need about $need_mib MiB free there; free some space, or point" \
+         "QMR_CACHE (the images) or TMPDIR (the tests' folders) at a larger disk" >&2
+  fi
+done
 .venv/bin/recovery-lab build
 .venv/bin/python -c 'from tests.qemu_guest import build_harness_guest; build_harness_guest()'
 workers=${QMR_QEMU_WORKERS:-$(( $(nproc) < 2 ? 1 : 2 ))}
