@@ -8,6 +8,7 @@ files of mode 0600.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -54,11 +55,12 @@ class SigningKey:
     def generate(cls) -> SigningKey:
         return cls(Ed25519PrivateKey.generate())
 
-    @property
+    # Derived once per key (a server signs every directive with one key).
+    @functools.cached_property
     def public(self) -> Ed25519PublicKey:
         return self.private.public_key()
 
-    @property
+    @functools.cached_property
     def key_id(self) -> str:
         return key_id(self.public)
 
