@@ -67,9 +67,12 @@ from .protocol.wire import (
     CrashSignature,
     DiagnosticsReceipt,
     Directive,
+    FileRecord,
     Health,
+    InventoryUpdate,
     Result,
     SystemInfo,
+    inventory_digest,
     utcnow,
 )
 from .remediate import apply_directive, settle_journals
@@ -524,9 +527,10 @@ class RecoveryAgent:
 
 async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict[str, Any]:
     """Run by the OS once its health check passed: reset the counters, tell the server (naming
-    the directive applied since the last good boot), then confirm that directive and archive
-    the crash records (``state``). Trouble with the agent's state files on the OS disk is
-    logged, not raised: the good boot is reported all the same."""
+    the directive applied since the last good boot, and with what the device runs: its
+    inventory, as changes to the one the server stored last), then confirm that directive and
+    archive the crash records (``state``). Trouble with the agent's state files on the OS disk
+    or its inventory is logged, not raised: the good boot is reported all the same."""
     env = BootEnv.read(settings.grubenv)
     env.set(BOOT_COUNT, "0")
     if RECOVERY_ATTEMPTS in env:  # unset means 0; adding it could overflow a full block
@@ -538,19 +542,63 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
         log.warning("%s; reporting the good boot without a directive", exc)
         directive_id = None
     key = SigningKey.load(settings.device_key)
-    health = Health(
-        device_id=settings.device_id,
-        directive_id=directive_id,
-        boot_id=boot_id,
-        kernel_version=kernel_version,
-        created_at=utcnow(),
-    )
-    async with DeviceClient(settings.server_url) as client:
-        answer = await client.send_health(seal_bytes(health, key))
+    files = _inventory_now(settings.os_root)
     try:
+        sent = state.sent_inventory(settings.os_root)
+    except AgentError as exc:
+        log.warning("%s; sending the whole inventory", exc)
+        sent = None
+
+    def health(update: InventoryUpdate | None) -> bytes:
+        message = Health(
+            device_id=settings.device_id,
+            directive_id=directive_id,
+            boot_id=boot_id,
+            kernel_version=kernel_version,
+            created_at=utcnow(),
+            inventory=update,
+        )
+        return seal_bytes(message, key)
+
+    async with DeviceClient(settings.server_url) as client:
+        update = None if files is None else inventory_update(files, sent)
+        answer = await client.send_health(health(update))
+        if files is not None and answer.get("inventory") == "send-whole" and sent is not None:
+            # The server holds another inventory than ours: the whole, with this boot again
+            # (the boot was recorded by the first: the second is a duplicate of it).
+            again = await client.send_health(health(inventory_update(files, None)))
+            answer = {**answer, "inventory": again.get("inventory")}
+    try:
+        if files is not None and answer.get("inventory") == "stored":
+            state.record_sent_inventory(settings.os_root, {p: r.sha256 for p, r in files.items()})
         if directive_id:
             state.confirm_last_directive(settings.os_root)
         state.archive_pstore(settings.pstore_dir, settings.os_root)
     except (AgentError, OSError) as exc:
         log.warning("the good boot was reported, but: %s", exc)
     return answer
+
+
+def _inventory_now(os_root: Path) -> dict[str, FileRecord] | None:
+    """The device's drivers, channel files and driver store by path, or None if they cannot
+    be read (the health report then goes without)."""
+    try:
+        inv = inventory.collect(os_root)
+    except AgentError as exc:
+        log.warning("no inventory in this health report: %s", exc)
+        return None
+    return {r.path: r for r in (*inv.drivers, *inv.channel_files, *inv.driver_store)}
+
+
+def inventory_update(files: dict[str, FileRecord], sent: dict[str, str] | None) -> InventoryUpdate:
+    """``files`` as the change to ``sent`` (the inventory the server stored last), or whole if
+    there is none."""
+    digest = inventory_digest((p, r.sha256) for p, r in files.items())
+    if sent is None:
+        return InventoryUpdate(digest=digest, files=list(files.values()))
+    return InventoryUpdate(
+        base=inventory_digest(sent.items()),
+        digest=digest,
+        files=[r for p, r in files.items() if sent.get(p) != r.sha256],
+        removed=sorted(p for p in sent if p not in files),
+    )

@@ -18,6 +18,8 @@ JOURNAL_DIR = f"{STATE_DIR}/journal"
 LAST_DIRECTIVE = f"{STATE_DIR}/last-directive"
 CONFIRMED_DIRECTIVE = f"{STATE_DIR}/confirmed-directive"
 PSTORE_ARCHIVE = f"{STATE_DIR}/pstore"
+# The inventory the server last stored for this device (health reports send changes to it).
+SENT_INVENTORY = f"{STATE_DIR}/sent-inventory.json"
 
 # Kernel modules: lib/modules/<kernel release>/{extra,updates}/**.ko are out-of-tree drivers.
 MODULES_DIRS = ("lib/modules", "usr/lib/modules")

@@ -20,20 +20,22 @@ outside the OS root is read or changed.
 
 from __future__ import annotations
 
+import json
 import logging
 import stat
 from pathlib import Path
 
 from .errors import RemediationError
 from .journal import check_directive_id, is_directive_id
-from .layout import CONFIRMED_DIRECTIVE, LAST_DIRECTIVE, PSTORE_ARCHIVE
+from .layout import CONFIRMED_DIRECTIVE, LAST_DIRECTIVE, PSTORE_ARCHIVE, SENT_INVENTORY
 from .osroot import MissingFile, OSRoot, write_atomic
-from .protocol.wire import utcnow
+from .protocol.wire import INVENTORY_MAX, inventory_digest, utcnow
 from .remediate import purge
 
 log = logging.getLogger(__name__)
 
 _ID_LIMIT = 256  # a directive id is at most 64 characters; more is not ours
+_INVENTORY_LIMIT = INVENTORY_MAX * 1200  # a path of up to 1024 characters and its sha256, each
 
 
 class NotConfirmed(RemediationError):
@@ -97,6 +99,32 @@ def purge_quarantine(os_root: Path | str, directive_id: str, *, force: bool = Fa
                 f"applied); add --force if you know the machine is fine"
             )
     purge(os_root, directive_id)
+
+
+def sent_inventory(os_root: Path | str) -> dict[str, str] | None:
+    """The inventory (path -> sha256) the server last stored for this device, or None if there
+    is none, or it is damaged (the next health report then sends the whole)."""
+    with OSRoot(os_root) as root:
+        data = root.read_file(SENT_INVENTORY, _INVENTORY_LIMIT)
+    if data is None:
+        return None
+    try:
+        files = json.loads(data)
+    except ValueError:
+        files = None
+    if not (
+        isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+    ):
+        log.warning("%s is damaged: the next health report sends the whole inventory", SENT_INVENTORY)
+        return None
+    return files
+
+
+def record_sent_inventory(os_root: Path | str, files: dict[str, str]) -> str:
+    """Remember the inventory the server just stored; returns its digest."""
+    with OSRoot(os_root) as root:
+        root.write_file(SENT_INVENTORY, json.dumps(files, sort_keys=True).encode())
+    return inventory_digest(files.items())
 
 
 def archive_pstore(pstore_dir: Path | None, os_root: Path | str) -> int:

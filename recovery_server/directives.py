@@ -43,6 +43,7 @@ from . import audit
 from .access import Operation, User, require
 from .devices import Devices
 from .errors import NotFound
+from .fleetfiles import apply_update
 from .remediations import approved_remediation
 from .rollout import Rollouts
 from .store import Reader, Row, Store, Tx, iso, new_id, token_sha256
@@ -310,8 +311,13 @@ class Directives:
     def write_health(self, tx: Tx, h: Health) -> dict[str, Any]:
         """Store a checked health report inside ``tx`` (maybe shared: groupcommit.py)."""
         now = iso(self._now())
+        # The inventory stands apart from the boot it came with: a device asked for its whole
+        # inventory sends this boot's health report again, with it (a duplicate otherwise).
+        inventory = (
+            {} if h.inventory is None else {"inventory": apply_update(tx, h.device_id, h.inventory, now)}
+        )
         if tx.one("SELECT 1 FROM health WHERE device_id = ? AND boot_id = ?", h.device_id, h.boot_id):
-            return {"status": "duplicate"}
+            return {"status": "duplicate", **inventory}
         tx.execute("INSERT INTO health VALUES (?,?,?,?)", h.device_id, h.boot_id, h.directive_id, now)
         tx.execute(
             "UPDATE devices SET last_seen = ?, state = 'healthy', recovery_attempts = 0 WHERE device_id = ?",
@@ -331,7 +337,7 @@ class Directives:
             d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
             if d is not None and d["device_id"] == h.device_id:
                 self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")
-        return {"status": "recorded"}
+        return {"status": "recorded", **inventory}
 
     def fail_pending(self, tx: Tx, device_id: str, report_id: str, why: str) -> None:
         """The device reported a crash again (``report_id``): every directive it was served

@@ -34,6 +34,7 @@ from .challenges import Challenges
 from .devices import Devices
 from .directives import Directives
 from .errors import NotFound, Unauthorized
+from .fleetfiles import record_contents
 from .store import Row, Store, Tx, iso, new_id, token_sha256
 
 
@@ -122,6 +123,8 @@ class Incidents:
             verified.payload.decode(),
             json.dumps(verified.signatures),
         )
+        # The fleet's first sighting of each file it lists (correlation.py: a file's onset).
+        record_contents(tx, (*d.drivers, *d.channel_files, *d.driver_store), now, d.device_id)
         # The agent's last attempt: unless a fix lands now, a person must recover it.
         state = "needs_manual" if d.boot.recovery_attempts >= d.boot.max_recovery_attempts else "recovering"
         # A device revoked since its report was checked is refused here, in the transaction.

@@ -29,7 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from .errors import ServerError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _store_reports_once(tx: Tx, dialect: str) -> None:
@@ -100,6 +100,16 @@ _MIGRATIONS: dict[int, list[str | Callable[[Tx, str], None]]] = {
         "ORDER BY issued_at, directive_id) AS n FROM directives) AS served WHERE n = 1) "
         "AND (SELECT enrolled_seq FROM devices WHERE devices.device_id = directives.device_id) "
         "< (SELECT started_seq FROM rollouts WHERE rollouts.remediation_id = directives.remediation_id)",
+    ],
+    4: [  # the fleet's inventory (fleetfiles.py): each file's content once, what each device runs
+        "CREATE TABLE file_contents (path TEXT NOT NULL, sha256 TEXT NOT NULL, size BIGINT NOT NULL, "
+        "version TEXT, first_seen_at TEXT NOT NULL, first_seen_by TEXT NOT NULL, PRIMARY KEY (path, sha256))",
+        "CREATE TABLE device_files (device_id TEXT NOT NULL REFERENCES devices(device_id), "
+        "path TEXT NOT NULL, sha256 TEXT NOT NULL, mtime DOUBLE PRECISION NOT NULL, "
+        "PRIMARY KEY (device_id, path))",
+        "CREATE INDEX device_files_content ON device_files(path, sha256)",
+        "ALTER TABLE devices ADD COLUMN inventory_digest TEXT",
+        "ALTER TABLE devices ADD COLUMN inventory_at TEXT",
     ],
 }
 
@@ -401,6 +411,8 @@ class _Connection(Protocol):
 
     def execute(self, sql: str, args: tuple[Any, ...] = ..., /) -> _Cursor: ...
 
+    def executemany(self, sql: str, rows: Iterable[tuple[Any, ...]], /) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -484,6 +496,10 @@ class _PgConnection:
         cursor: _Cursor = self._db.execute(_pg_sql(sql), args)
         return cursor
 
+    def executemany(self, sql: str, rows: Iterable[tuple[Any, ...]], /) -> Any:
+        with self._db.cursor() as cursor:
+            cursor.executemany(_pg_sql(sql), rows)
+
     def close(self) -> None:
         self._db.close()
 
@@ -542,6 +558,10 @@ class Tx:
 
     def execute(self, sql: str, *args: Any) -> _Cursor:
         return self._db.execute(sql, tuple(storable(a) for a in args))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """One statement for many rows (sqlite3's and psycopg's batching)."""
+        self._db.executemany(sql, [tuple(storable(a) for a in row) for row in rows])
 
     def executescript_in_tx(self, script: str) -> None:
         # sqlite3's executescript() would COMMIT first; run the statements one by one instead.

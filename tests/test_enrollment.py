@@ -523,7 +523,11 @@ def check_migrated(s: Store) -> None:
     from recovery_server.devices import token_id_of
 
     try:
-        assert s.one("SELECT value FROM schema_meta WHERE key = 'version'")[0] == "3"
+        from recovery_server.store import SCHEMA_VERSION
+
+        assert s.one("SELECT value FROM schema_meta WHERE key = 'version'")[0] == str(SCHEMA_VERSION)
+        assert s.all("SELECT * FROM device_files") == [], "version 4: the fleet's inventory tables"
+        assert all(r[0] is None for r in s.all("SELECT inventory_digest FROM devices")), "none sent yet"
         tokens = {r["label"]: r for r in s.all("SELECT * FROM enrollment_tokens")}
         assert tokens["forever"]["token_id"] == token_id_of("a" * 64) == "et-aaaaaaaaaaaa"
         assert tokens["forever"]["expires_at"] == "2026-01-01T00:00:00Z", "never-expiring tokens end"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, Self
@@ -375,8 +376,36 @@ class Result(SignedMessage):
     created_at: AwareDatetime
 
 
+INVENTORY_MAX = 3 * 4096  # files in one inventory (drivers, channel files, driver store)
+
+
+class InventoryUpdate(WireModel):
+    """What a healthy device runs (its drivers, channel files and driver store), for the fleet's
+    view of which content crashing devices have and healthy ones have not (the server's
+    correlation). Whole (``base`` is None: ``files`` is every file), or as the change since the
+    inventory the server last stored for this device (``base``: that inventory's digest;
+    ``files``: the files added or changed, ``removed``: the paths gone). ``digest`` is the
+    whole inventory's after the change (:func:`inventory_digest`), so the server can tell when
+    it and the device disagree, and asks for the whole again."""
+
+    base: Sha256Hex | None = None
+    digest: Sha256Hex
+    files: list[FileRecord] = Field(default=[], max_length=INVENTORY_MAX)
+    removed: list[RelPath] = Field(default=[], max_length=INVENTORY_MAX)
+
+
+def inventory_digest(files: Iterable[tuple[str, str]]) -> str:
+    """The digest of an inventory: sha256 over its (path, sha256) pairs, sorted, one per line.
+    Sizes and times are left out: a file touched but unchanged is the same content."""
+    h = hashlib.sha256()
+    for path, sha256 in sorted(files):
+        h.update(f"{path}\0{sha256}\n".encode())
+    return h.hexdigest()
+
+
 class Health(SignedMessage):
-    """Sent by the OS after its health check passed: the proof that a remediation worked."""
+    """Sent by the OS after its health check passed: the proof that a remediation worked, and
+    (since the fleet-intelligence work) what the device runs."""
 
     PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "health.v1+json"
 
@@ -385,3 +414,4 @@ class Health(SignedMessage):
     boot_id: Annotated[str, StringConstraints(max_length=64)]
     kernel_version: Annotated[str, StringConstraints(max_length=128)] = ""
     created_at: AwareDatetime
+    inventory: InventoryUpdate | None = None

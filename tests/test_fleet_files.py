@@ -1,0 +1,126 @@
+"""The fleet's inventory (recovery_server/fleetfiles.py, recovery_agent/agent.py report_health):
+a healthy device sends what it runs whole the first time, then as changes; the server keeps
+each file's content once with its first sighting in the fleet, and asks for the whole again
+when it and the device disagree. Through the real agent and HTTP API, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import timedelta
+
+from recovery_agent.agent import report_health
+from recovery_agent.layout import SENT_INVENTORY
+from recovery_agent.protocol.client import DeviceClient
+from recovery_agent.protocol.envelope import seal_bytes
+from recovery_agent.protocol.keys import SigningKey
+from recovery_agent.protocol.wire import FileRecord, Health, InventoryUpdate, inventory_digest, utcnow
+
+from .conftest import enrolled_settings
+from .test_server import report
+
+CHANNELS = "var/lib/sensor/channels"
+
+
+def stored(fleet, device_id: str) -> dict[str, str]:
+    return {
+        r["path"]: r["sha256"]
+        for r in fleet.store.all("SELECT path, sha256 FROM device_files WHERE device_id = ?", device_id)
+    }
+
+
+def on_disk(os_root) -> dict[str, str]:
+    return {
+        str(p.relative_to(os_root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((os_root / CHANNELS).iterdir())
+    }
+
+
+async def test_a_healthy_device_sends_its_inventory_whole_then_only_what_changed(fleet, machine, monkeypatch):
+    settings = await enrolled_settings(fleet, machine)
+    os_root = machine / "os"
+
+    answer = await report_health(settings, boot_id="boot-1")
+    assert answer == {"status": "recorded", "inventory": "stored"}
+    assert stored(fleet, "dev-0001") == on_disk(os_root)
+    first = fleet.store.all("SELECT path, sha256, first_seen_at, first_seen_by FROM file_contents")
+    assert {(r["path"], r["sha256"]) for r in first} == set(on_disk(os_root).items())
+    assert {r["first_seen_by"] for r in first} == {"dev-0001"}
+    assert json.loads((os_root / SENT_INVENTORY).read_text()) == on_disk(os_root)
+
+    # One channel file changes, one is new, one goes away: the next report sends those three.
+    names = sorted(p.name for p in (os_root / CHANNELS).iterdir())
+    (os_root / CHANNELS / names[0]).write_bytes(b"\xaa" * 64)
+    (os_root / CHANNELS / names[1]).unlink()
+    (os_root / CHANNELS / "C-00000999-00000000-00000001.sys").write_bytes(b"\xbb" * 64)
+    sent = []
+    original = DeviceClient.send_health
+
+    async def spy(self, envelope: bytes):
+        sent.append(envelope)
+        return await original(self, envelope)
+
+    monkeypatch.setattr(DeviceClient, "send_health", spy)
+    answer = await report_health(settings, boot_id="boot-2")
+    assert answer == {"status": "recorded", "inventory": "stored"}
+    [envelope] = sent  # one request: the change list was taken
+    update = json.loads(base64.b64decode(json.loads(envelope)["payload"]))["inventory"]
+    assert update["base"] is not None
+    assert sorted(f["path"] for f in update["files"]) == sorted(
+        [f"{CHANNELS}/{names[0]}", f"{CHANNELS}/C-00000999-00000000-00000001.sys"]
+    )
+    assert update["removed"] == [f"{CHANNELS}/{names[1]}"]
+    assert stored(fleet, "dev-0001") == on_disk(os_root)
+    # The new contents are first seen now; the ones seen before keep their first sighting.
+    again = {
+        (r["path"], r["sha256"]): r["first_seen_at"] for r in fleet.store.all("SELECT * FROM file_contents")
+    }
+    assert all(again[(r["path"], r["sha256"])] == r["first_seen_at"] for r in first)
+    assert len(again) == len(first) + 2
+
+
+async def test_a_change_list_on_another_base_is_refused_and_the_agent_sends_the_whole(fleet, machine):
+    settings = await enrolled_settings(fleet, machine)
+    os_root = machine / "os"
+    assert (await report_health(settings, boot_id="boot-1"))["inventory"] == "stored"
+    # The agent's record says the server holds another inventory than it does (a restored
+    # backup, a server rebuilt): its change list is refused and it sends the whole, same boot.
+    (os_root / SENT_INVENTORY).write_text(json.dumps({f"{CHANNELS}/C-gone.sys": "0" * 64}))
+    (os_root / CHANNELS / "C-00000999-00000000-00000001.sys").write_bytes(b"\xcc" * 64)
+    answer = await report_health(settings, boot_id="boot-2")
+    assert answer == {"status": "recorded", "inventory": "stored"}
+    assert stored(fleet, "dev-0001") == on_disk(os_root)
+    # A damaged record is no record: the whole goes again.
+    (os_root / SENT_INVENTORY).write_text("{not json")
+    assert await report_health(settings, boot_id="boot-3") == {"status": "recorded", "inventory": "stored"}
+    assert stored(fleet, "dev-0001") == on_disk(os_root)
+
+
+async def test_an_inventory_whose_digest_does_not_match_changes_nothing(fleet):
+    key = SigningKey.generate()
+    await fleet.enroll("dev-x", key)
+    rec = FileRecord(path=f"{CHANNELS}/C-1.sys", size=3, mtime=0, sha256="a" * 64)
+    wrong = InventoryUpdate(digest="f" * 64, files=[rec])
+    health = Health(device_id="dev-x", boot_id="b1", created_at=utcnow(), inventory=wrong)
+    answer = await fleet.service.submit_health(seal_bytes(health, key))
+    assert answer == {"status": "recorded", "inventory": "send-whole"}
+    assert stored(fleet, "dev-x") == {} and fleet.count("file_contents") == 0
+    right = InventoryUpdate(digest=inventory_digest([(rec.path, rec.sha256)]), files=[rec])
+    health = Health(
+        device_id="dev-x", boot_id="b1", created_at=utcnow() + timedelta(seconds=1), inventory=right
+    )
+    # The same boot again, now with the inventory: the boot is a duplicate, the inventory is stored.
+    assert await fleet.service.submit_health(seal_bytes(health, key)) == {
+        "status": "duplicate",
+        "inventory": "stored",
+    }
+    assert stored(fleet, "dev-x") == {rec.path: rec.sha256}
+
+
+async def test_crash_reports_give_the_fleet_its_first_sighting_of_a_file(fleet):
+    key = SigningKey.generate()
+    await fleet.enroll("dev-c", key)
+    await report(fleet, "dev-c", key)
+    rows = fleet.store.all("SELECT path, first_seen_by FROM file_contents")
+    assert rows and {r["first_seen_by"] for r in rows} == {"dev-c"}
