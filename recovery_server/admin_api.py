@@ -6,6 +6,7 @@ shared with ``recovery-admin`` and the tests.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from recovery_agent.protocol.admin import (
     ApproveRequest,
     AuditEntry,
     AuditReport,
+    Correlation,
     Device,
     DeviceKeyRequest,
     EnrollmentToken,
@@ -56,6 +58,12 @@ async def get_incident(request: web.Request) -> web.Response:
 
 async def suggest(request: web.Request) -> web.Response:
     return answer(service(request).suggest_actions(person(request), request.match_info["incident_id"]))
+
+
+async def correlation(request: web.Request) -> web.Response:
+    # It reads every report of the incident: seconds at 100,000 devices, off the event loop.
+    user, incident_id = person(request), request.match_info["incident_id"]
+    return answer(await asyncio.to_thread(service(request).correlation, user, incident_id))
 
 
 async def list_remediations(request: web.Request) -> web.Response:
@@ -218,6 +226,15 @@ ROUTES: tuple[Route, ...] = (
         "A proposed fix",
         auth="admin",
         response=Suggestion,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents/{incident_id}/correlation",
+        correlation,
+        "The files over-represented among the incident's devices against healthy ones",
+        auth="admin",
+        response=Correlation,
         errors=(*_ADMIN, 404),
     ),
     Route(

@@ -18,7 +18,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from recovery_agent.protocol.admin import AdminClient, Role, RolloutPlan
+from recovery_agent.protocol.admin import AdminClient, Correlation, Role, RolloutPlan
 from recovery_agent.protocol.client import RetryPolicy, ServerRefused, ServerUnreachable
 from recovery_agent.protocol.envelope import actions_digest, seal
 from recovery_agent.protocol.errors import ProtocolError
@@ -131,6 +131,10 @@ def _rows(items: Sequence[BaseModel]) -> list[dict[str, Any]]:
 
 
 async def _incidents(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.why:
+        if not args.incident_id:
+            raise CommandError("--why needs an incident: recovery-admin incidents INC-... --why")
+        return _why(await c.correlation(args.incident_id))
     if args.incident_id:
         return Output(await c.incident(args.incident_id))
     incidents = await c.incidents()
@@ -138,6 +142,41 @@ async def _incidents(c: AdminClient, args: argparse.Namespace) -> Output:
     return Output(
         incidents, rows, ["incident_id", "kind", "report_count", "devices", "guilty_module", "title"]
     )
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    sign, s = ("", seconds) if seconds >= 0 else ("after ", -seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{sign}{s / size:.1f}{unit}"
+    return f"{sign}{s:.0f}s"
+
+
+def _why(corr: Correlation) -> Output:
+    """The correlation as a table: the most telling file first."""
+    rows = [
+        {
+            "rank": i,
+            "file": c.path + (f" ({c.version})" if c.version else ""),
+            "sha256": c.sha256[:12],
+            "incident": f"{c.crashing}/{corr.crashing_devices} ({c.crashing_share:.0%})",
+            "healthy": f"{c.healthy}/{corr.healthy_devices} ({c.healthy_share:.0%})",
+            "odds": f"{c.odds_ratio:.3g}",
+            "p": f"{c.p_value:.2g}",
+            "first seen before": _ago(c.onset_before_s),
+        }
+        for i, c in enumerate(corr.candidates, 1)
+    ]
+    heading = (
+        f"{corr.incident_id}: files of its {corr.crashing_devices} devices against "
+        f"{corr.healthy_devices} healthy devices (one-sided Fisher exact test)"
+    )
+    for note in corr.notes:
+        heading += f"\nnote: {note}"
+    cols = ["rank", "file", "sha256", "incident", "healthy", "odds", "p", "first seen before"]
+    return Output(corr, rows, cols, heading=heading)
 
 
 async def _remediation(c: AdminClient, args: argparse.Namespace) -> Output:
@@ -342,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     i = sub.add_parser("incidents", help="list incidents, or show one")
     i.add_argument("incident_id", nargs="?")
+    i.add_argument(
+        "--why",
+        action="store_true",
+        help="rank the files the incident's devices have against healthy devices (the likely culprit first)",
+    )
     s = sub.add_parser("suggest", help="propose a fix for an incident from its reports")
     s.add_argument("incident_id")
     r = sub.add_parser("remediation", help="create, approve, revoke, list remediations")

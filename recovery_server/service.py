@@ -36,6 +36,7 @@ from recovery_agent.protocol.admin import (
     DEFAULT_TOKEN_LIFETIME_S,
     AuditEntry,
     AuditReport,
+    Correlation,
     Device,
     EnrollmentToken,
     EnrollmentTokenInfo,
@@ -55,6 +56,7 @@ from . import retention
 from .access import Operation, User, require
 from .audit import AuditLog
 from .challenges import Challenges, challenge_key
+from .correlation import correlate
 from .devices import Devices
 from .directives import DeviceResult, Directives, Due
 from .errors import BadRequest
@@ -227,6 +229,11 @@ class RecoveryService:
 
     def suggest_actions(self, user: User, incident_id: str) -> Suggestion:
         return self._incidents.suggest(user, incident_id)
+
+    def correlation(self, user: User, incident_id: str) -> Correlation:
+        """The files over-represented among the incident's devices against healthy ones."""
+        require(user, Operation.READ_FLEET)
+        return correlate(self.store, incident_id)
 
     # ---------------------------------------------------------------- remediations
 

@@ -36,8 +36,10 @@ from recovery_agent.protocol.wire import (
     Enrollment,
     FileRecord,
     Health,
+    InventoryUpdate,
     Result,
     SystemInfo,
+    inventory_digest,
     utcnow,
 )
 from recovery_server.service import RecoveryService
@@ -63,6 +65,10 @@ class SimDevice:
     report: object = None
     agent_nonce: str = ""
     directive_id: str | None = None
+    # What it runs (its channel files), if the driver sets it: listed in its crash reports,
+    # and sent whole as its inventory with its health reports; and the crash it reports.
+    files: list[FileRecord] | None = None
+    crash: CrashSignature = CRASH
     wave: int | None = None
     done: bool = False
 
@@ -177,8 +183,16 @@ class FleetSim:
         return max_rounds
 
 
-def crash_report(device_id: str, server_nonce: str, agent_nonce: str) -> Diagnostics:
-    """Diagnostics of the channel-file crash (``CRASH``) with the bad file on the device."""
+def crash_report(
+    device_id: str,
+    server_nonce: str,
+    agent_nonce: str,
+    *,
+    crash: CrashSignature = CRASH,
+    files: list[FileRecord] | None = None,
+) -> Diagnostics:
+    """Diagnostics of ``crash`` (by default the channel-file crash, ``CRASH``) listing ``files``
+    as the device's channel files (by default the bad file alone)."""
     return Diagnostics(
         device_id=device_id,
         server_nonce=server_nonce,
@@ -186,9 +200,11 @@ def crash_report(device_id: str, server_nonce: str, agent_nonce: str) -> Diagnos
         created_at=utcnow(),
         agent_version="sim",
         boot=BootState(boot_count=2, boot_limit=2),
-        crash=CRASH,
+        crash=crash,
         system=SystemInfo(),
-        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)],
+        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)]
+        if files is None
+        else files,
     )
 
 
@@ -205,6 +221,10 @@ class HttpDevice:
     receipt: DiagnosticsReceipt | None = None
     agent_nonce: str = ""
     directive_id: str | None = None
+    # What it runs (its channel files), if the driver sets it: listed in its crash reports,
+    # and sent whole as its inventory with its health reports; and the crash it reports.
+    files: list[FileRecord] | None = None
+    crash: CrashSignature = CRASH
 
     @property
     def public_key(self) -> str:
@@ -220,7 +240,7 @@ class HttpDevice:
         """Boot into recovery and report the channel-file crash."""
         ch = await self.client.challenge(self.device_id)
         self.agent_nonce = secrets.token_urlsafe(24)
-        d = crash_report(self.device_id, ch.nonce, self.agent_nonce)
+        d = crash_report(self.device_id, ch.nonce, self.agent_nonce, crash=self.crash, files=self.files)
         self.receipt = await self.client.send_diagnostics(seal_bytes(d, self.key))
         self.directive_id = None
         return self.receipt
@@ -256,11 +276,16 @@ class HttpDevice:
         await self.healthy()
 
     async def healthy(self) -> dict:
+        inventory = None
+        if self.files is not None:
+            digest = inventory_digest((f.path, f.sha256) for f in self.files)
+            inventory = InventoryUpdate(digest=digest, files=self.files)
         health = Health(
             device_id=self.device_id,
             directive_id=self.directive_id,
             boot_id=secrets.token_hex(8),
             created_at=utcnow(),
+            inventory=inventory,
         )
         return await self.client.send_health(seal_bytes(health, self.key))
 

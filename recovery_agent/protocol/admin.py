@@ -262,6 +262,38 @@ class Suggestion(_Answer):
     why: list[str]
 
 
+class Candidate(_Answer):
+    """One file content (path and sha256) as a possible culprit of an incident: how many of the
+    incident's devices have it against how many healthy devices (each group's total is on the
+    ``Correlation``), the odds ratio (Haldane's correction: 0.5 added to each cell), the
+    one-sided Fisher exact test's p-value (the chance of seeing it on that many of the
+    incident's devices or more if it had nothing to do with the crash), and its onset: when the
+    fleet first reported it, and how long before the incident's first report that was."""
+
+    path: str
+    sha256: str
+    version: str | None
+    crashing: int
+    healthy: int
+    crashing_share: float
+    healthy_share: float
+    odds_ratio: float
+    p_value: float
+    first_seen_at: AwareDatetime | None
+    onset_before_s: float | None
+
+
+class Correlation(_Answer):
+    """The files over-represented among an incident's devices against the healthy ones, most
+    telling first (recovery_server/correlation.py)."""
+
+    incident_id: str
+    crashing_devices: int
+    healthy_devices: int
+    candidates: list[Candidate]
+    notes: list[str]
+
+
 class Approval(_Answer):
     approver: str
     approved_at: AwareDatetime
@@ -440,6 +472,9 @@ class AdminClient(HttpClient):
 
     async def suggestion(self, incident_id: str) -> Suggestion:
         return await self._get(Suggestion, f"/incidents/{incident_id}/suggestion")
+
+    async def correlation(self, incident_id: str) -> Correlation:
+        return await self._get(Correlation, f"/incidents/{incident_id}/correlation")
 
     # ---------------------------------------------------------------- remediations
 

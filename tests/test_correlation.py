@@ -1,0 +1,132 @@
+"""Finding the culprit of an incident nobody recognises (recovery_server/correlation.py): the
+exact test against an independent computation, and a simulated fleet over the real HTTP API
+whose culprit is on most crashing devices, on some healthy ones, among decoys."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+from fractions import Fraction
+
+import pytest
+
+from recovery_agent.protocol.admin import AdminClient
+from recovery_agent.protocol.client import DeviceClient
+from recovery_agent.protocol.keys import key_id
+from recovery_agent.protocol.wire import CrashKind, CrashSignature, FileRecord
+from recovery_server.correlation import Table
+
+from .conftest import FAST_RETRY
+from .fleetsim import HttpDevice
+from .test_enrollment import admin
+
+CHANNELS = "var/lib/sensor/channels"
+# The sensor crashes on a channel file without saying which (no channel_file in the signature).
+SILENT = CrashSignature(
+    kind=CrashKind.KERNEL_PANIC,
+    title="general protection fault in sensor_parse_channel",
+    guilty_module="sensor",
+    guilty_frame="sensor_parse_channel",
+)
+
+
+def exact_tail(a: int, n1: int, c: int, n2: int) -> Fraction:
+    """P(X >= a), X hypergeometric, summed in exact fractions: the definition, term by term."""
+    big_n, k = n1 + n2, a + c
+    total = sum(
+        (Fraction(math.comb(k, x) * math.comb(big_n - k, n1 - x)) for x in range(a, min(k, n1) + 1)),
+        Fraction(0),
+    )
+    return total / math.comb(big_n, n1)
+
+
+@pytest.mark.parametrize(
+    "a, n1, c, n2",
+    [(8, 10, 1, 20), (40, 50, 8, 100), (45, 50, 90, 100), (50, 50, 100, 100), (0, 10, 3, 10), (3, 3, 0, 0)],
+)
+def test_the_exact_test_matches_its_definition(a, n1, c, n2):
+    got = math.exp(Table(a, n1, c, n2).log_p_value())
+    assert got == pytest.approx(float(exact_tail(a, n1, c, n2)), rel=1e-9)
+
+
+def test_a_culprit_far_beyond_floating_point_still_ranks_by_its_logarithm():
+    huge = Table(8000, 10000, 500, 90000).log_p_value()
+    large = Table(800, 1000, 50, 9000).log_p_value()
+    assert huge < large < math.log(1e-300)  # both below what a float p-value can hold
+
+
+def file(name: str, content: str) -> FileRecord:
+    return FileRecord(
+        path=f"{CHANNELS}/{name}",
+        size=len(content),
+        mtime=0,
+        sha256=hashlib.sha256(content.encode()).hexdigest(),
+    )
+
+
+async def test_a_silent_crash_names_the_file_its_devices_have_and_healthy_ones_do_not(fleet):
+    rng = random.Random(7)
+    culprit = file("C-00000291-00000000-00000033.sys", "bad content")
+    common = [file(f"C-0000010{i}-00000000-00000001.sys", f"everyone {i}") for i in range(4)]
+    decoy_new = file("C-00000500-00000000-00000002.sys", "new decoy")  # changed today on ~90% of all
+    decoy_old = file("C-00000500-00000000-00000002.sys", "old decoy")
+    other_reason = file("C-00000700-00000000-00000001.sys", "another crash's file")
+
+    def fleet_files(has_culprit: bool, has_other: bool = False) -> list[FileRecord]:
+        files = [*common, decoy_new if rng.random() < 0.9 else decoy_old]
+        if has_culprit:
+            files.append(culprit)
+        if has_other:
+            files.append(other_reason)
+        return files
+
+    ring = {key_id(fleet.key.public): fleet.key.public}
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as client:
+        # 50 crashing: 40 with the culprit, 10 for another reason. 100 healthy: 8 got the
+        # culprit and have not rebooted since.
+        crashing = [
+            HttpDevice(f"crash-{i:03d}", client, ring, files=fleet_files(i < 40, i >= 40), crash=SILENT)
+            for i in range(50)
+        ]
+        healthy = [HttpDevice(f"ok-{i:03d}", client, ring, files=fleet_files(i < 8)) for i in range(100)]
+        token = fleet.enrollment_token
+        await asyncio.gather(*(d.enroll(token) for d in crashing + healthy))
+        answers = await asyncio.gather(*(d.healthy() for d in healthy))
+        assert {a["inventory"] for a in answers} == {"stored"}
+        receipts = await asyncio.gather(*(d.report() for d in crashing))
+    incident = receipts[0].incident_id
+    assert {r.incident_id for r in receipts} == {incident}
+
+    async with AdminClient(fleet.url, fleet.service.create_user(fleet.admin, "ann", "operator").token) as c:
+        corr = await c.correlation(incident)
+    assert (corr.crashing_devices, corr.healthy_devices) == (50, 100)
+    top = corr.candidates[0]
+    assert (top.path, top.sha256) == (culprit.path, culprit.sha256)
+    assert (top.crashing, top.healthy) == (40, 8)
+    assert top.crashing_share == 0.8 and top.healthy_share == 0.08
+    assert top.p_value < 1e-15 and top.odds_ratio > 20
+    assert top.onset_before_s is not None and top.onset_before_s >= 0  # seen before the first report
+    ranks = {(c.path, c.sha256): i for i, c in enumerate(corr.candidates)}
+    for decoy in (decoy_new, decoy_old, *common):
+        assert ranks[(decoy.path, decoy.sha256)] > 0, decoy.path
+    for everyone in common:  # every device has it: nothing to learn
+        assert corr.candidates[ranks[(everyone.path, everyone.sha256)]].p_value == 1.0
+
+    # The same table from the command line.
+    token = fleet.service.create_user(fleet.admin, "cli", "viewer").token
+    code, out, err = await admin(fleet, token, "incidents", incident, "--why")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{incident}: files of its 50 devices against 100 healthy devices")
+    first_row = next(line for line in lines if line.startswith("1 "))
+    assert culprit.path in first_row and "40/50 (80%)" in first_row and "8/100 (8%)" in first_row
+
+
+async def test_why_needs_an_incident_and_names_an_unknown_one(fleet):
+    token = fleet.service.create_user(fleet.admin, "cli", "viewer").token
+    code, _, err = await admin(fleet, token, "incidents", "--why")
+    assert code != 0 and "--why needs an incident" in err
+    code, _, err = await admin(fleet, token, "incidents", "INC-nope", "--why")
+    assert code != 0 and "INC-nope" in err
