@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from recovery_agent.protocol.admin import Candidate
 from recovery_agent.protocol.wire import Diagnostics, FileRecord
 
 
@@ -81,3 +82,24 @@ def propose(incident: dict[str, Any], reports: Iterable[Diagnostics]) -> Proposa
             return p
     p.why.append("no known fix for this crash: write the actions by hand")
     return p
+
+
+def from_correlation(candidate: Candidate, crashing: int, healthy: int) -> Proposal:
+    """A draft fix from the correlation's top candidate (correlation.py): quarantine that
+    content, with its evidence."""
+    name = candidate.path.rsplit("/", 1)[-1]
+    onset = ""
+    if candidate.onset_before_s is not None:
+        onset = f"; the fleet first had it {candidate.onset_before_s:.0f} s before the first report"
+    return Proposal(
+        title=f"Quarantine {name} ({candidate.sha256[:12]})",
+        actions=[{"type": "quarantine_file", "path": candidate.path, "sha256": candidate.sha256}],
+        why=[
+            "no known fix for this crash; the correlation of the fleet's files names this one "
+            f"(recovery-admin incidents INC --why): on {candidate.crashing} of {crashing} "
+            f"devices of the incident ({candidate.crashing_share:.0%}) against {candidate.healthy} "
+            f"of {healthy} healthy devices ({candidate.healthy_share:.0%}), odds ratio "
+            f"{candidate.odds_ratio:.3g}, p = {candidate.p_value:.2g} (one-sided Fisher exact test)"
+            f"{onset}"
+        ],
+    )

@@ -44,6 +44,20 @@ from .store import Reader, parse_iso
 
 # At most this many candidates are returned (the table a person reads).
 TOP = 20
+# The top candidate becomes a draft fix (incidents.py) only with evidence this strong: on at
+# least half of the incident's devices, and this unlikely by chance.
+DRAFT_MIN_SHARE = 0.5
+DRAFT_MAX_P = 1e-3
+
+
+def likely_culprit(corr: Correlation) -> Candidate | None:
+    """The top candidate, if the evidence is strong enough to draft a fix from it."""
+    if not corr.candidates or corr.healthy_devices == 0:
+        return None
+    top = corr.candidates[0]
+    if top.crashing_share < DRAFT_MIN_SHARE or top.p_value > DRAFT_MAX_P or top.odds_ratio <= 1:
+        return None
+    return top
 
 
 @dataclass(frozen=True)

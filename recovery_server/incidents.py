@@ -31,6 +31,7 @@ from recovery_agent.protocol.wire import CrashSignature, Diagnostics, Diagnostic
 from . import audit, catalog
 from .access import Operation, User, require
 from .challenges import Challenges
+from .correlation import correlate, likely_culprit
 from .devices import Devices
 from .directives import Directives
 from .errors import NotFound, Unauthorized
@@ -185,6 +186,11 @@ class Incidents:
             for r in self._store.all("SELECT payload FROM reports WHERE incident_id = ?", incident_id)
         )
         proposal = catalog.propose(dict(inc), reports)
+        if not proposal.actions:  # nothing known: what the fleet's files say, if it is clear
+            corr = correlate(self._store, incident_id)
+            culprit = likely_culprit(corr)
+            if culprit is not None:
+                proposal = catalog.from_correlation(culprit, corr.crashing_devices, corr.healthy_devices)
         return Suggestion.model_validate(
             {
                 "incident_id": incident_id,

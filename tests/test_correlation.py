@@ -101,6 +101,7 @@ async def test_a_silent_crash_names_the_file_its_devices_have_and_healthy_ones_d
 
     async with AdminClient(fleet.url, fleet.service.create_user(fleet.admin, "ann", "operator").token) as c:
         corr = await c.correlation(incident)
+        suggestion = await c.suggestion(incident)
     assert (corr.crashing_devices, corr.healthy_devices) == (50, 100)
     top = corr.candidates[0]
     assert (top.path, top.sha256) == (culprit.path, culprit.sha256)
@@ -113,6 +114,19 @@ async def test_a_silent_crash_names_the_file_its_devices_have_and_healthy_ones_d
         assert ranks[(decoy.path, decoy.sha256)] > 0, decoy.path
     for everyone in common:  # every device has it: nothing to learn
         assert corr.candidates[ranks[(everyone.path, everyone.sha256)]].p_value == 1.0
+
+    # No known fix for a silent crash: the draft names the culprit's content, with the evidence.
+    assert [a.model_dump() for a in suggestion.actions] == [
+        {"type": "quarantine_file", "path": culprit.path, "sha256": culprit.sha256}
+    ]
+    assert "on 40 of 50 devices of the incident (80%) against 8 of 100 healthy" in suggestion.why[0]
+    # Approved, it is served to the devices that have that content, and to no other.
+    fleet.approve_suggested(incident)
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as client:
+        for d in crashing:
+            d.client = client
+        served = await asyncio.gather(*(d.poll() for d in crashing))
+    assert [s is not None for s in served] == [i < 40 for i in range(50)]
 
     # The same table from the command line.
     token = fleet.service.create_user(fleet.admin, "cli", "viewer").token

@@ -624,6 +624,7 @@ ROLE_MATRIX = [
     ("GET", "/incidents", None, "viewer"),
     ("GET", "/incidents/{incident_id}", None, "viewer"),
     ("GET", "/incidents/{incident_id}/suggestion", None, "viewer"),
+    ("GET", "/incidents/{incident_id}/correlation", None, "viewer"),
     ("GET", "/remediations", None, "viewer"),
     (
         "POST",
