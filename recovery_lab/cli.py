@@ -264,6 +264,15 @@ def _add_run_parser(sub: _SubParsers) -> None:
         help="the lab writes and approves the catalog's fix as two lab people "
         "(default: wait for a person with recovery-admin)",
     )
+    r.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="surround the machine with N simulated devices over HTTP (an emulation: healthy ones "
+        "send their inventories, a third crash the same way), so the correlation of the fleet's "
+        "files can name a culprit the catalog does not know (silent-channel-file)",
+    )
     r.add_argument("--report", type=Path, help="write the JSON report here")
     r.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     r.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
@@ -325,6 +334,7 @@ def _run(args: argparse.Namespace) -> int:
     opts = RunOptions(
         scenario=args.scenario,
         auto_approve=args.auto_approve,
+        fleet=args.fleet,
         timeout_s=args.timeout,
         workdir=args.workdir,
         keep=args.keep,

@@ -39,7 +39,7 @@ from recovery_agent.layout import BOOT_PROGRESS_LOG, CHANNEL_DIR, QUARANTINE_DIR
 from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
-from recovery_agent.protocol.wire import Enrollment, utcnow
+from recovery_agent.protocol.wire import Diagnostics, Enrollment, utcnow
 from recovery_server.access import User, console
 from recovery_server.app import make_app
 from recovery_server.service import RecoveryService
@@ -48,6 +48,7 @@ from recovery_server.store import Store
 from .boot import BootReport, follow_boot
 from .build import BuildError, build_image
 from .build.debian import DebianImage
+from .checkout import IMAGES
 from .faults import (
     DEFAULT_POWER_LOSS_AT,
     TAMPER_DIRECTIVE,
@@ -58,9 +59,11 @@ from .faults import (
     judge,
     make_faults,
 )
+from .fleet import FleetSummary, surround
 from .inspect import OS, DiskImage
 from .qemu import Drive, MachineConfig, QemuVM
 from .runreport import Phase, RunReport
+from .scenario import find_scenario, load_scenario
 from .seed import make_seed_disk, rewrite_seed_disk
 from .timeline import EntryKind
 
@@ -90,6 +93,8 @@ class RunOptions:
 
     scenario: str
     auto_approve: bool = False
+    # Simulated devices around the machine (recovery_lab/fleet.py; 0: none).
+    fleet: int = 0
     timeout_s: float = 900.0
     workdir: Path | None = None
     keep: bool = False
@@ -134,6 +139,10 @@ class _Lab:
         self.approvals_open = asyncio.Event()
         if not any(f.holds_approval for f in faults):
             self.approvals_open.set()
+        # With --fleet: the machine, the paths its scenario added or replaced, what the fleet did.
+        self.device_id = ""
+        self.updated_paths: set[str] = set()
+        self.fleet: FleetSummary | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -211,8 +220,11 @@ class _Lab:
             self.seen.append((self.now(), e))
         return new
 
-    def first(self, kind: str) -> float | None:
-        return next((t for t, e in self.seen if e["kind"] == kind), None)
+    def first(self, kind: str, device_id: str | None = None) -> float | None:
+        """When the first ``kind`` event was seen (of ``device_id`` only, if given)."""
+        return next(
+            (t for t, e in self.seen if e["kind"] == kind and device_id in (None, e.get("device_id"))), None
+        )
 
 
 class _FaultControl:
@@ -281,6 +293,8 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                 if incident in handled:
                     continue
                 handled.add(incident)
+                if opts.fleet and lab.fleet is None and e.get("device_id") == lab.device_id:
+                    await _surround(lab, opts)
                 proposal = lab.service.suggest_actions(User("lab-operator", "operator"), incident)
                 if not proposal.actions:
                     say(f"[lab +{lab.now():6.1f}s] catalog: {'; '.join(proposal.why)}")
@@ -302,6 +316,21 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
     for task in approving:
         task.cancel()
     await asyncio.gather(*approving, return_exceptions=True)
+
+
+async def _surround(lab: _Lab, opts: RunOptions) -> None:
+    """The simulated fleet (recovery_lab/fleet.py), made from the machine's first report."""
+    row = lab.service.store.one(
+        "SELECT payload FROM reports WHERE device_id = ? ORDER BY received_at LIMIT 1", lab.device_id
+    )
+    assert row is not None, "its diagnostics.received was seen"
+    machine = Diagnostics.model_validate_json(row["payload"])
+    lab.fleet = await surround(lab.url, lab.enroll_token, machine, lab.updated_paths, opts.fleet)
+    opts.log(
+        f"[lab +{lab.now():6.1f}s] fleet: {lab.fleet.devices} simulated devices "
+        f"({lab.fleet.crashing} crashing like the machine, {lab.fleet.healthy} healthy with their "
+        "inventories)"
+    )
 
 
 async def _approve(lab: _Lab, incident: str, title: str, actions: list[Any]) -> None:
@@ -358,6 +387,10 @@ async def run_async(opts: RunOptions) -> RunReport:
     lab = _Lab(work, opts, faults)
     await lab.start(SigningKey.load(debian.server_key) if debian else None)
     device_id = debian.device_id if debian else f"lab-{name}"[:64]
+    lab.device_id = device_id
+    if opts.fleet:
+        scenario = load_scenario(find_scenario(opts.scenario, IMAGES))
+        lab.updated_paths = {f.path for f in scenario.files if f.action in ("add", "replace")}
     problems: list[str] = []
     try:
         key = await lab.enroll(device_id, SigningKey.load(debian.device_key) if debian else None)
@@ -468,17 +501,17 @@ def _judge(
     phases: list[Phase] = []
     if first_recovery:
         phases.append(Phase("failed boots", t(0), t(first_recovery.seconds)))
-    diag = lab.first("diagnostics.received")
+    diag = lab.first("diagnostics.received", device_id)
     if first_recovery and diag:
         phases.append(Phase("recovery environment and diagnostics", t(first_recovery.seconds), diag))
     approved = lab.first("remediation.approved")
-    issued = lab.first("directive.issued")
+    issued = lab.first("directive.issued", device_id)
     if diag and approved:
         phases.append(Phase("approval", diag, approved))
-    result = lab.first("result.received")
+    result = lab.first("result.received", device_id)
     if issued and result:
         phases.append(Phase("directive verified and applied", issued, result))
-    health = lab.first("health.reported")
+    health = lab.first("health.reported", device_id)
     if result and health:
         phases.append(Phase("reboot to a healthy boot", result, health))
 
@@ -502,7 +535,7 @@ def _judge(
     incidents = [i.model_dump(mode="json") for i in svc.incidents(console("lab"))]
     incident = None
     if incidents:
-        inc = incidents[0]
+        inc = next((i for i in incidents if device_id in i["devices"]), incidents[0])
         incident = {
             k: inc[k]
             for k in (
@@ -518,6 +551,12 @@ def _judge(
         }
         incident["results"] = results
         incident["directives"] = directives
+        if lab.fleet is not None:
+            corr = svc.correlation(console("lab"), inc["incident_id"])
+            incident["fleet"] = lab.fleet.to_json()
+            incident["correlation"] = corr.model_dump(mode="json") | {
+                "candidates": [c.model_dump(mode="json") for c in corr.candidates[:5]]
+            }
     disk: dict[str, Any] = {}
     overlays = list((work / "vm").glob("*.qcow2"))
     if overlays:

@@ -88,6 +88,14 @@ def render(report: RunReport) -> str:
             f"  incident {i['incident_id']}: {i['title']} (module {i['guilty_module']}, "
             f"file {i['channel_file']}); results: {[r['outcome'] for r in i['results']]}"
         )
+        if i.get("correlation") and i["correlation"]["candidates"]:
+            c, corr = i["correlation"]["candidates"][0], i["correlation"]
+            lines.append(
+                f"  fleet: {i['fleet']['devices']} simulated devices; the files' correlation names "
+                f"{c['path']} ({c['sha256'][:12]}): on {c['crashing']}/{corr['crashing_devices']} "
+                f"of the incident's devices, {c['healthy']}/{corr['healthy_devices']} healthy, "
+                f"p = {c['p_value']:.2g}"
+            )
     if report.device:
         lines.append(f"  device {report.device.get('device_id')}: {report.device.get('state')}")
     if report.disk:

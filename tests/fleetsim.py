@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 BAD_PATH = "var/lib/sensor/channels/C-00000291-00000000-00000032.sys"
 BAD_SHA = "7196ba4e48181a86c3ed8cd1d28e0e6e4ea0d8ab40c8ea2d80c2f0a2e5c4d8a1"
+BAD_FILE = FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)
 CRASH = CrashSignature(
     kind=CrashKind.KERNEL_PANIC,
     title="general protection fault in sensor_parse_channel",
@@ -202,9 +203,7 @@ def crash_report(
         boot=BootState(boot_count=2, boot_limit=2),
         crash=crash,
         system=SystemInfo(),
-        channel_files=[FileRecord(path=BAD_PATH, size=172, mtime=0, sha256=BAD_SHA)]
-        if files is None
-        else files,
+        channel_files=[BAD_FILE] if files is None else files,
     )
 
 

@@ -51,7 +51,15 @@ def write(tmp_path: Path, text: str, name: str = "mine") -> Path:
 
 def test_shipped_scenarios_are_valid() -> None:
     names = {load_scenario(p).name for p in all_scenarios(IMAGES)}
-    assert names == {"healthy", "channel-file", "bad-driver", "boot-hang", "init-crash", "unknown"}
+    assert names == {
+        "healthy",
+        "channel-file",
+        "silent-channel-file",
+        "bad-driver",
+        "boot-hang",
+        "init-crash",
+        "unknown",
+    }
 
 
 def test_the_example_scenarios_load_with_their_own_files() -> None:

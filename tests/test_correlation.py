@@ -144,3 +144,31 @@ async def test_why_needs_an_incident_and_names_an_unknown_one(fleet):
     assert code != 0 and "--why needs an incident" in err
     code, _, err = await admin(fleet, token, "incidents", "INC-nope", "--why")
     assert code != 0 and "INC-nope" in err
+
+
+async def test_the_labs_simulated_fleet_makes_the_update_stand_out(fleet):
+    """recovery_lab/fleet.py, which surrounds the lab's QEMU machine with simulated devices,
+    without the machine: a report of the silent crash stands in for it."""
+    from recovery_agent.protocol.envelope import seal_bytes
+    from recovery_agent.protocol.keys import SigningKey
+    from recovery_lab.fleet import surround
+
+    from .fleetsim import BAD_FILE, crash_report
+
+    key = SigningKey.generate()
+    await fleet.enroll("lab-machine", key)
+    machine = crash_report(
+        "lab-machine",
+        fleet.service.challenge("lab-machine").nonce,
+        "m" * 32,
+        crash=SILENT,
+        files=[file("C-00000290-00000000-00000007.sys", "good 290"), BAD_FILE],
+    )
+    receipt = fleet.service.accept_diagnostics(seal_bytes(machine, key))
+    summary = await surround(fleet.url, fleet.enrollment_token, machine, {BAD_FILE.path}, 60)
+    assert (summary.devices, summary.crashing, summary.healthy) == (60, 20, 40)
+    assert summary.update == [f"{BAD_FILE.path} {BAD_FILE.sha256}"]
+    corr = fleet.service.correlation(fleet.viewer, receipt.incident_id)
+    assert corr.crashing_devices == 21 and corr.healthy_devices == 40
+    top = corr.candidates[0]
+    assert (top.path, top.sha256) == (BAD_FILE.path, BAD_FILE.sha256)

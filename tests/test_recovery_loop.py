@@ -106,6 +106,37 @@ def vendor_driver_scenario(tmp_path) -> str:
 
 
 @pytest.mark.timeout(900)
+async def test_a_silent_crash_is_traced_by_the_fleets_files_and_recovered(tmp_path):
+    """The driver names no channel file and no other version is stored: the catalog knows no
+    fix. A simulated fleet (150 devices over HTTP, recovery_lab/fleet.py) sends inventories and
+    the same crash; the correlation names the bad file and its sha256 as the machine reported
+    them, the drafted quarantine is approved, and the QEMU machine recovers."""
+    import hashlib
+
+    from recovery_lab.build import build_image
+
+    o = opts("silent-channel-file", tmp_path, auto_approve=True, fleet=150, timeout_s=800)
+    report = await run_async(o)
+    assert report.recovered, "\n".join(o.lines[-40:]) + json.dumps(report.to_json()["phases"])
+    assert as_scenario_expects(report, "silent-channel-file") == []
+    assert "loading channel file" not in failed_boots(report.boot).console_text, "the driver is silent"
+    inc = report.server_incident
+    assert inc["channel_file"] is None and inc["guilty_module"] == "sensor"
+    assert inc["fleet"]["devices"] == 150
+    with DiskImage(build_image("silent-channel-file", log=lambda line: None).image) as base:
+        bad = base.ext4_file(OS, f"var/lib/sensor/channels/{BAD}")
+    assert bad is not None
+    top = inc["correlation"]["candidates"][0]
+    assert (top["path"], top["sha256"]) == (f"var/lib/sensor/channels/{BAD}", hashlib.sha256(bad).hexdigest())
+    assert top["p_value"] < 1e-6 and top["crashing_share"] >= 0.6
+    disk = report.disk
+    assert BAD not in disk["channel_files"] and sorted(GOOD) == disk["channel_files"]
+    [(folder, files)] = disk["quarantine"].items()
+    assert files == sorted(["manifest.json", f"0-{BAD}"])
+    assert report.device["state"] == "healthy"
+
+
+@pytest.mark.timeout(900)
 async def test_bad_driver_from_a_vendors_own_build_is_recovered_by_restoring_the_stored_version(tmp_path):
     scenario = vendor_driver_scenario(tmp_path)
     o = opts(scenario, tmp_path, auto_approve=True, timeout_s=800)

@@ -87,6 +87,10 @@ static bool strict;
 module_param(strict, bool, 0444);
 MODULE_PARM_DESC(strict, "panic() on a channel file whose template and content field counts differ");
 
+static bool quiet;
+module_param(quiet, bool, 0444);
+MODULE_PARM_DESC(quiet, "Name no channel file in the log (silent-channel-file scenario)");
+
 struct sensor_dir_ctx {
 	struct dir_context ctx;
 	char **names;
@@ -219,7 +223,8 @@ static noinline int sensor_parse_channel(const char *path, const u8 *data,
 		checksum += READ_ONCE(*fields[i]);
 
 	kfree(fields);
-	pr_info("sensor: channel file %s ok (%u fields)\n", path, template_count);
+	if (!quiet)
+		pr_info("sensor: channel file %s ok (%u fields)\n", path, template_count);
 	pr_debug("sensor: channel file %s version %u checksum %08x\n",
 		 path, version, checksum);
 	return 0;
@@ -300,7 +305,8 @@ static int __init sensor_init(void)
 		void *data;
 
 		snprintf(path, PATH_MAX, "%s/%s", channel_dir, sctx.names[i]);
-		pr_info("sensor: loading channel file %s\n", path);
+		if (!quiet)
+			pr_info("sensor: loading channel file %s\n", path);
 		data = sensor_read_file(path, &size);
 		if (IS_ERR(data)) {
 			pr_err("sensor: cannot read %s: %ld\n", path, PTR_ERR(data));
