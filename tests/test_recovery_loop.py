@@ -8,7 +8,9 @@ checks both; tests/test_scenarios.py boots the scenarios that have no loop here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,6 +136,18 @@ async def test_a_silent_crash_is_traced_by_the_fleets_files_and_recovered(tmp_pa
     [(folder, files)] = disk["quarantine"].items()
     assert files == sorted(["manifest.json", f"0-{BAD}"])
     assert report.device["state"] == "healthy"
+    # The fixed OS's health report carried its inventory (recovery-agent health, in the guest):
+    # the server now knows it runs the good channel files and no longer the bad one.
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(Path(report.workdir) / "server/recovery.db")) as db:
+        runs = dict(
+            db.execute(
+                "SELECT path, sha256 FROM device_files WHERE device_id = ?", (report.device["device_id"],)
+            )
+        )
+    assert {f"var/lib/sensor/channels/{n}" for n in GOOD} <= set(runs)
+    assert f"var/lib/sensor/channels/{BAD}" not in runs
 
 
 @pytest.mark.timeout(900)
