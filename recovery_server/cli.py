@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,7 +29,7 @@ from .app import make_app, runner
 from .device_api import MAX_POLL_S
 from .errors import ServerError
 from .limits import RateLimit
-from .listener import ACCEPT_BACKLOG, ConnectionLimits, fit_open_files
+from .listener import ACCEPT_BACKLOG, LISTEN_QUEUE, ConnectionLimits, fit_open_files
 from .portfile import write_port_file
 from .secretfile import SecretFile
 from .service import RecoveryService, ServiceSettings
@@ -194,8 +195,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         served = runner(app, access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
         await served.setup()
-        site = web.TCPSite(served, args.host, args.port, backlog=ACCEPT_BACKLOG)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.create_server((args.host, args.port), family=family, backlog=LISTEN_QUEUE)
+        site = web.SockSite(served, sock, backlog=ACCEPT_BACKLOG)
         await site.start()
+        sock.listen(LISTEN_QUEUE)  # asyncio listened with its per-turn burst: queue this many
         port = served.addresses[0][1]  # the real port when --port 0
         print(f"recovery-server listening on http://{args.host}:{port}", flush=True)
         if args.port_file:
