@@ -291,6 +291,9 @@ class Store:
         # process's other writers, and other processes': SQLite's lock, PostgreSQL's advisory
         # lock), for /metrics.
         self.transactions = 0
+        # What this process learnt of the database and keeps across transactions, by name
+        # (fleetfiles.py: file contents known to be stored). Only what a commit made true.
+        self.memo: dict[str, Any] = {}
         self.write_lock_wait_s = 0.0
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
@@ -355,12 +358,14 @@ class Store:
             self.write_lock_wait_s += time.perf_counter() - asked
             self._in_tx.open = True
             try:
-                tx = Tx(self._db, self.dialect)
+                tx = Tx(self._db, self.dialect, self.memo)
                 yield tx
                 tx.settle_all()
                 for finish in list(tx.before_commit.values()):
                     finish(tx)
                 self._db.execute("COMMIT")
+                for done in tx.after_commit:
+                    done()
             except BaseException:
                 # Also when COMMIT itself failed (a full disk): the connection must not stay
                 # inside the failed transaction, or every later BEGIN would fail too.
@@ -522,11 +527,15 @@ class Tx:
     needs its effect (:meth:`settle_now`; rollout.py: re-judging a rollout after a batch of
     outcomes, where judging after each would re-count its wave each time). ``before_commit``
     holds what they write once, as the last statements of the transaction, by name (audit.py:
-    the head kept apart)."""
+    the head kept apart). ``memo`` is the store's, kept across transactions, and
+    ``after_commit`` what is run once the transaction committed (fleetfiles.py: remembering
+    what it stored, which a rolled-back transaction must not make it believe)."""
 
-    def __init__(self, db: _Connection, dialect: str = "sqlite") -> None:
+    def __init__(self, db: _Connection, dialect: str = "sqlite", memo: dict[str, Any] | None = None) -> None:
         self._db = db
         self.dialect = dialect
+        self.memo: dict[str, Any] = {} if memo is None else memo
+        self.after_commit: list[Callable[[], None]] = []
         self.cache: dict[str, Any] = {}
         self.settle: dict[str, Callable[[Tx], None]] = {}
         self.before_commit: dict[str, Callable[[Tx], None]] = {}

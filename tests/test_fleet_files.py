@@ -124,3 +124,39 @@ async def test_crash_reports_give_the_fleet_its_first_sighting_of_a_file(fleet):
     await report(fleet, "dev-c", key)
     rows = fleet.store.all("SELECT path, first_seen_by FROM file_contents")
     assert rows and {r["first_seen_by"] for r in rows} == {"dev-c"}
+
+
+def test_a_content_is_remembered_as_stored_only_once_its_transaction_committed(fleet):
+    from recovery_server.fleetfiles import record_contents
+
+    rec = FileRecord(path=f"{CHANNELS}/C-9.sys", size=1, mtime=0, sha256="c" * 64)
+    store = fleet.store
+    try:
+        with store.tx() as tx:
+            record_contents(tx, [rec], "2026-01-01T00:00:00Z", "dev-a")
+            raise RuntimeError("the transaction fails after the insert")
+    except RuntimeError:
+        pass
+    assert fleet.count("file_contents") == 0
+    # Not believed stored: the next report of it inserts it.
+    with store.tx() as tx:
+        record_contents(tx, [rec], "2026-01-02T00:00:00Z", "dev-b")
+    rows = store.all("SELECT first_seen_at, first_seen_by FROM file_contents")
+    assert [(r[0], r[1]) for r in rows] == [("2026-01-02T00:00:00Z", "dev-b")]
+    # A savepoint rolled back inside a committed transaction (a group-commit write that failed).
+    other = FileRecord(path=f"{CHANNELS}/C-10.sys", size=1, mtime=0, sha256="d" * 64)
+    with store.tx() as tx:
+        try:
+            with tx.savepoint():
+                record_contents(tx, [other], "2026-01-03T00:00:00Z", "dev-c")
+                raise RuntimeError("this write fails alone")
+        except RuntimeError:
+            pass
+    with store.tx() as tx:
+        record_contents(tx, [other], "2026-01-04T00:00:00Z", "dev-d")
+    assert store.one("SELECT first_seen_by FROM file_contents WHERE path = ?", other.path)[0] == "dev-d"
+    # Known and committed: a later report of both writes nothing.
+    with store.tx() as tx:
+        before = tx.after_commit[:]
+        record_contents(tx, [rec, other], "2026-01-05T00:00:00Z", "dev-e")
+        assert tx.after_commit == before, "nothing new to insert"
