@@ -257,8 +257,9 @@ class Directives:
 
     def written(self, device_id: str, kind: str, answer: dict[str, Any]) -> None:
         """After a result or health report committed: spend the device's budget, unless it was
-        a duplicate (which costs none)."""
-        if answer["status"] == "recorded":
+        a duplicate that changed nothing (a duplicate health report whose inventory was stored
+        costs as much as a new one: else a device could rewrite its inventory for free)."""
+        if answer["status"] == "recorded" or answer.get("inventory") == "stored":
             self._devices.limits.spend(device_id, kind)
 
     def check_result(self, raw: bytes) -> Result:

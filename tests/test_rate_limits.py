@@ -208,3 +208,16 @@ def test_serve_takes_the_device_budget_from_its_flags(tmp_path, monkeypatch):
     assert seen == [RateLimit(burst=3, per_minute=0.5), RateLimit()]
     with pytest.raises(SystemExit):
         cli.main([*data, "serve", "--device-rate", "0"])
+
+
+async def test_a_duplicate_health_report_that_rewrites_the_inventory_costs_budget(frozen):
+    from recovery_agent.protocol.wire import FileRecord, InventoryUpdate, inventory_digest
+
+    burst = frozen.fleet.settings.device_rate.burst
+    statuses = []
+    for i in range(burst + 2):  # the same boot each time, a new inventory each time
+        rec = FileRecord(path=f"var/lib/sensor/channels/C-{i}.sys", size=1, mtime=0, sha256=f"{i:064x}")
+        inventory = InventoryUpdate(digest=inventory_digest([(rec.path, rec.sha256)]), files=[rec])
+        health = Health(device_id="dev-1", boot_id="b-1", created_at=utcnow(), inventory=inventory)
+        statuses.append((await frozen.post("/v1/health", seal_bytes(health, frozen.keys["dev-1"])))[0])
+    assert statuses == [200] * burst + [429] * 2
