@@ -1,6 +1,7 @@
 """The web dashboard: one page served by the recovery server itself, using the admin API with
 the person's own token (kept in the tab's sessionStorage), so the same roles apply as on the
-command line. Incidents; devices, revoked ones marked, with the token that enrolled each;
+command line. Incidents, and for each why: the files its devices have and healthy ones do
+not (correlation.py); devices, revoked ones marked, with the token that enrolled each;
 remediations with their approvals; rollouts with per-wave progress (served, and counted for
 the gates); approve, pause and resume from the page.
 
@@ -39,6 +40,7 @@ PAGE = """<!doctype html>
 </section>
 <main id="main" hidden>
   <section><h2>Incidents</h2><table id="incidents"></table></section>
+  <section id="why" hidden><h2 id="why-title"></h2><p id="why-notes" class="hint"></p><table id="why-table"></table></section>
   <section><h2>Remediations</h2><table id="remediations"></table></section>
   <section><h2>Rollouts</h2><div id="rollouts"></div></section>
   <section><h2>Devices</h2><table id="devices"></table></section>
@@ -120,6 +122,31 @@ function button(label, onclick) {
   return b;
 }
 
+function share(n, total) { return `${n}/${total} (${Math.round(100 * n / Math.max(total, 1))}%)`; }
+
+function ago(s) {
+  if (s === null || s === undefined) return "?";
+  const a = Math.abs(s), sign = s < 0 ? "after " : "";
+  for (const [u, size] of [["d", 86400], ["h", 3600], ["m", 60]]) if (a >= size) return sign + (a / size).toFixed(1) + u;
+  return sign + Math.round(a) + "s";
+}
+
+async function showWhy(incidentId) {
+  const c = await api("GET", `/incidents/${encodeURIComponent(incidentId)}/correlation`);
+  $("why").hidden = false;
+  $("why").dataset.id = c.incident_id;
+  $("why-title").textContent = `Why ${c.incident_id}: the files of its ${c.crashing_devices} devices ` +
+    `against ${c.healthy_devices} healthy devices`;
+  $("why-notes").textContent = c.notes.join(" ") ||
+    "Most telling first: one-sided Fisher exact test; the odds ratio with 0.5 added to each cell.";
+  table("why-table", [["rank", "#"], ["path", "File"], ["sha", "sha256"], ["incident", "Incident's devices"],
+    ["healthy", "Healthy devices"], ["odds", "Odds ratio"], ["p", "p"], ["onset", "First seen before"]],
+    c.candidates.map((x, i) => ({rank: i + 1, path: x.path + (x.version ? ` (${x.version})` : ""),
+      sha: x.sha256.slice(0, 12), incident: share(x.crashing, c.crashing_devices),
+      healthy: share(x.healthy, c.healthy_devices), odds: x.odds_ratio.toPrecision(3),
+      p: x.p_value.toPrecision(2), onset: ago(x.onset_before_s)})));
+}
+
 function rolloutView(ro) {
   const box = el("div", null, "rollout");
   box.dataset.id = ro.rollout_id;
@@ -152,7 +179,8 @@ async function refresh() {
     $("who").textContent = `${me.name} (${me.role})`;
     $("login").hidden = true; $("main").hidden = false; $("logout").hidden = false;
     table("incidents", [["incident_id", "Incident"], ["kind", "Kind"], ["title", "Title"],
-      ["guilty_module", "Module"], ["channel_file", "File"], ["report_count", "Reports"], ["devices", "Devices"]], incidents);
+      ["guilty_module", "Module"], ["channel_file", "File"], ["report_count", "Reports"], ["devices", "Devices"]], incidents,
+      (i, td) => td.append(button("Why", () => showWhy(i.incident_id))));
     table("remediations", [["remediation_id", "Remediation"], ["status", "Status"], ["title", "Title"],
       ["author", "Author"], ["approved_by", "Approved by"], ["needed", "Approvals"]],
       rems.map((r) => ({...r, approved_by: r.approvals.map((a) => a.approver),

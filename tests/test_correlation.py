@@ -66,26 +66,30 @@ def file(name: str, content: str) -> FileRecord:
     )
 
 
-async def test_a_silent_crash_names_the_file_its_devices_have_and_healthy_ones_do_not(fleet):
+CULPRIT = file("C-00000291-00000000-00000033.sys", "bad content")
+COMMON = [file(f"C-0000010{i}-00000000-00000001.sys", f"everyone {i}") for i in range(4)]
+DECOY_NEW = file("C-00000500-00000000-00000002.sys", "new decoy")  # changed today on ~90% of all
+DECOY_OLD = file("C-00000500-00000000-00000002.sys", "old decoy")
+OTHER_REASON = file("C-00000700-00000000-00000001.sys", "another crash's file")
+
+
+async def silent_fleet(fleet) -> tuple[str, list[HttpDevice]]:
+    """Over HTTP: 50 devices crash the silent way, 40 with the culprit and 10 for another
+    reason; 100 healthy devices send their inventories, 8 of them got the culprit and have not
+    rebooted since; a decoy changed on about 90% of all; four files everyone has. Returns the
+    incident and the crashing devices (their client closed)."""
     rng = random.Random(7)
-    culprit = file("C-00000291-00000000-00000033.sys", "bad content")
-    common = [file(f"C-0000010{i}-00000000-00000001.sys", f"everyone {i}") for i in range(4)]
-    decoy_new = file("C-00000500-00000000-00000002.sys", "new decoy")  # changed today on ~90% of all
-    decoy_old = file("C-00000500-00000000-00000002.sys", "old decoy")
-    other_reason = file("C-00000700-00000000-00000001.sys", "another crash's file")
 
     def fleet_files(has_culprit: bool, has_other: bool = False) -> list[FileRecord]:
-        files = [*common, decoy_new if rng.random() < 0.9 else decoy_old]
+        files = [*COMMON, DECOY_NEW if rng.random() < 0.9 else DECOY_OLD]
         if has_culprit:
-            files.append(culprit)
+            files.append(CULPRIT)
         if has_other:
-            files.append(other_reason)
+            files.append(OTHER_REASON)
         return files
 
     ring = {key_id(fleet.key.public): fleet.key.public}
     async with DeviceClient(fleet.url, retry=FAST_RETRY) as client:
-        # 50 crashing: 40 with the culprit, 10 for another reason. 100 healthy: 8 got the
-        # culprit and have not rebooted since.
         crashing = [
             HttpDevice(f"crash-{i:03d}", client, ring, files=fleet_files(i < 40, i >= 40), crash=SILENT)
             for i in range(50)
@@ -98,6 +102,12 @@ async def test_a_silent_crash_names_the_file_its_devices_have_and_healthy_ones_d
         receipts = await asyncio.gather(*(d.report() for d in crashing))
     incident = receipts[0].incident_id
     assert {r.incident_id for r in receipts} == {incident}
+    return incident, crashing
+
+
+async def test_a_silent_crash_names_the_file_its_devices_have_and_healthy_ones_do_not(fleet):
+    incident, crashing = await silent_fleet(fleet)
+    culprit, decoy_new, decoy_old, common = CULPRIT, DECOY_NEW, DECOY_OLD, COMMON
 
     async with AdminClient(fleet.url, fleet.service.create_user(fleet.admin, "ann", "operator").token) as c:
         corr = await c.correlation(incident)

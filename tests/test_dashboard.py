@@ -218,3 +218,23 @@ async def test_server_values_are_shown_as_text_not_html(fleet, browser):
         )
 
     assert await asyncio.to_thread(drive, browser, fleet.url, token, "escaping.png", actions) is True
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(300)
+async def test_an_incidents_why_shows_the_culprit_file_first(fleet, browser):
+    """The correlation of the fleet's files, from the page: a silent crash's culprit first."""
+    from .test_correlation import CULPRIT, silent_fleet
+
+    incident, _ = await silent_fleet(fleet)
+    token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
+
+    def actions(driver, wait, By):
+        press(wait, f'#incidents tr[data-id="{incident}"]', "Why")
+        wait.until(lambda d: text(d, "#why-table tr[data-id='1']"))
+        return text(driver, "#why-title"), text(driver, "#why-table tr[data-id='1']")
+
+    title, first = await asyncio.to_thread(drive, browser, fleet.url, token, "why.png", actions)
+    assert title == f"Why {incident}: the files of its 50 devices against 100 healthy devices"
+    assert CULPRIT.path in first and CULPRIT.sha256[:12] in first
+    assert "40/50 (80%)" in first and "8/100 (8%)" in first
