@@ -187,7 +187,8 @@ class Incidents:
         )
         proposal = catalog.propose(dict(inc), reports)
         if not proposal.actions:  # nothing known: what the fleet's files say, if it is clear
-            corr = correlate(self._store, incident_id)
+            with self._store.reading_apart() as db:
+                corr = correlate(db, incident_id)
             culprit = likely_culprit(corr)
             if culprit is not None:
                 proposal = catalog.from_correlation(culprit, corr.crashing_devices, corr.healthy_devices)

@@ -233,7 +233,8 @@ class RecoveryService:
     def correlation(self, user: User, incident_id: str) -> Correlation:
         """The files over-represented among the incident's devices against healthy ones."""
         require(user, Operation.READ_FLEET)
-        return correlate(self.store, incident_id)
+        with self.store.reading_apart() as db:
+            return correlate(db, incident_id)
 
     # ---------------------------------------------------------------- remediations
 

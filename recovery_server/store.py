@@ -384,6 +384,24 @@ class Store:
             with self._read_lock:
                 yield Tx(self._read_db, self.dialect)
 
+    @contextmanager
+    def reading_apart(self) -> Iterator[Tx]:
+        """A connection of its own, for a long read (correlation.py: seconds over a fleet of
+        100,000), so the other reads do not queue behind it on the shared one; in one read
+        transaction (one snapshot of what was committed), rolled back and closed after."""
+        if self.dialect == "postgresql":
+            db: _Connection = _connect_postgres(self.url)
+            db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        else:
+            db = _connect_sqlite(Path(self.url.removeprefix("sqlite:///")))
+            db.execute("BEGIN")
+        try:
+            yield Tx(db, self.dialect)
+        finally:
+            with contextlib.suppress(Exception):
+                db.execute("ROLLBACK")
+            db.close()
+
     def one(self, sql: str, *args: Any) -> Row | None:
         with self._reading() as db:
             return db.one(sql, *args)

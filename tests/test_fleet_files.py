@@ -160,3 +160,15 @@ def test_a_content_is_remembered_as_stored_only_once_its_transaction_committed(f
         before = tx.after_commit[:]
         record_contents(tx, [rec, other], "2026-01-05T00:00:00Z", "dev-e")
         assert tx.after_commit == before, "nothing new to insert"
+
+
+def test_a_read_apart_sees_one_snapshot_and_leaves_the_shared_reads_free(fleet):
+    store = fleet.store
+    with store.reading_apart() as db:
+        before = db.scalar("SELECT count(*) FROM users")
+        fleet.service.create_user(fleet.admin, "late", "viewer")  # committed meanwhile
+        assert db.scalar("SELECT count(*) FROM users") == before, "one snapshot"
+        # Its own connection: the shared read connection is not held by it.
+        assert store._read_lock.acquire(blocking=False)
+        store._read_lock.release()
+        assert store.scalar("SELECT count(*) FROM users") == before + 1
