@@ -121,6 +121,21 @@ class FleetSim:
         d = crash_report(dev.device_id, ch.nonce, dev.agent_nonce)
         dev.report = self.service.accept_diagnostics(seal_bytes(d, dev.key))
 
+    def poll_once(self, dev: SimDevice) -> str | None:
+        """One poll of ``dev``'s report: the id of the directive served (verified), or None."""
+        answer = self.service.poll(dev.report.report_id, dev.report.poll_token)
+        if answer.status != "directive":
+            return None
+        v = envelope.open_directive(
+            answer.envelope,
+            self.server_ring,
+            device_id=dev.device_id,
+            agent_nonce=dev.agent_nonce,
+            diagnostics_sha256=dev.report.diagnostics_sha256,
+            now=utcnow(),
+        )
+        return v.message.directive_id
+
     def round(self, failure_rate: Callable[[int | None], float]) -> int:
         """Every device still waiting polls once; the served ones apply and report. Returns how
         many devices were served in this round."""
@@ -129,18 +144,10 @@ class FleetSim:
         for dev in self.devices:
             if dev.done:
                 continue
-            answer = self.service.poll(dev.report.report_id, dev.report.poll_token)
-            if answer.status != "directive":
+            directive_id = self.poll_once(dev)
+            if directive_id is None:
                 continue
-            v = envelope.open_directive(
-                answer.envelope,
-                self.server_ring,
-                device_id=dev.device_id,
-                agent_nonce=dev.agent_nonce,
-                diagnostics_sha256=dev.report.diagnostics_sha256,
-                now=utcnow(),
-            )
-            dev.directive_id = v.message.directive_id
+            dev.directive_id = directive_id
             row = self.service.store.one(
                 "SELECT wave FROM directives WHERE directive_id = ?", dev.directive_id
             )

@@ -203,7 +203,6 @@ def test_a_device_that_crashes_again_counts_as_a_failure(svc):
 
 
 def test_outcomes_written_together_judge_their_rollout_once_and_a_later_serve_sees_its_gate(svc, monkeypatch):
-    from recovery_agent.protocol.envelope import open_directive
     from recovery_agent.protocol.wire import Health, utcnow
     from recovery_server import rollout
 
@@ -223,17 +222,7 @@ def test_outcomes_written_together_judge_their_rollout_once_and_a_later_serve_se
         },
     )
     svc.approve(User("bob", "approver"), rid)
-    directives = {}
-    for dev in canary:
-        answer = svc.poll(dev.report.report_id, dev.report.poll_token)
-        directives[dev.device_id] = open_directive(
-            answer.envelope,
-            sim.server_ring,
-            device_id=dev.device_id,
-            agent_nonce=dev.agent_nonce,
-            diagnostics_sha256=dev.report.diagnostics_sha256,
-            now=utcnow(),
-        ).message.directive_id
+    directives = {dev.device_id: sim.poll_once(dev) for dev in canary}
     other = sim.devices[10].device_id
     counted = []
     real = rollout._wave_counts
