@@ -56,7 +56,14 @@ from .detect import examine
 from .errors import AgentError, RemediationError
 from .layout import LAST_DIRECTIVE
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
-from .protocol.envelope import EnvelopeError, Verified, open_directive, payload_sha256, seal_bytes
+from .protocol.envelope import (
+    MAX_ENVELOPE_BYTES,
+    EnvelopeError,
+    Verified,
+    open_directive,
+    payload_sha256,
+    seal_bytes,
+)
 from .protocol.keys import SigningKey, key_id, public_from_b64
 from .protocol.wire import (
     EXCERPT_MAX,
@@ -560,6 +567,15 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
         )
         return seal_bytes(message, key)
 
+    if files is not None and len(health(inventory_update(files, None))) > HEALTH_MAX_BYTES:
+        # The whole would not fit in one report: the inventory is the most recently changed
+        # files that do (the server then knows those; the next change list is against them).
+        files = _fit_inventory(
+            files, lambda kept: len(health(inventory_update(kept, None))) <= HEALTH_MAX_BYTES
+        )
+        log.warning(
+            "the inventory is too large for one report: %d most recently changed files sent", len(files)
+        )
     async with DeviceClient(settings.server_url) as client:
         update = None if files is None else inventory_update(files, sent)
         answer = await client.send_health(health(update))
@@ -577,6 +593,25 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
     except (AgentError, OSError) as exc:
         log.warning("the good boot was reported, but: %s", exc)
     return answer
+
+
+# A health report, inventory included, stays within what the server takes in one request.
+HEALTH_MAX_BYTES = MAX_ENVELOPE_BYTES
+
+
+def _fit_inventory(
+    files: dict[str, FileRecord], fits: Callable[[dict[str, FileRecord]], bool]
+) -> dict[str, FileRecord]:
+    """The most recently changed of ``files`` (ties by path) that ``fits`` takes: a tenth fewer
+    each try."""
+    ordered = sorted(files.values(), key=lambda r: (-r.mtime, r.path))
+    n = len(ordered)
+    while n > 0:
+        kept = {r.path: r for r in ordered[:n]}
+        if fits(kept):
+            return kept
+        n = min(n - 1, n * 9 // 10)
+    return {}
 
 
 def _inventory_now(os_root: Path) -> dict[str, FileRecord] | None:

@@ -172,3 +172,29 @@ def test_a_read_apart_sees_one_snapshot_and_leaves_the_shared_reads_free(fleet):
         assert store._read_lock.acquire(blocking=False)
         store._read_lock.release()
         assert store.scalar("SELECT count(*) FROM users") == before + 1
+
+
+async def test_an_inventory_too_large_for_one_report_sends_the_most_recently_changed(
+    fleet, machine, monkeypatch
+):
+    import os
+
+    from recovery_agent import agent
+
+    settings = await enrolled_settings(fleet, machine)
+    channels = machine / "os" / CHANNELS
+    for i in range(40):
+        path = channels / f"C-{i:08d}-00000000-00000001.sys"
+        path.write_bytes(bytes([i]) * 32)
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # the higher i, the more recent
+    whole = on_disk(machine / "os")
+    monkeypatch.setattr(agent, "HEALTH_MAX_BYTES", 6000)
+    answer = await report_health(settings, boot_id="boot-1")
+    assert answer == {"status": "recorded", "inventory": "stored"}
+    sent = stored(fleet, "dev-0001")
+    assert 0 < len(sent) < len(whole) and all(whole[p] == h for p, h in sent.items())
+    by_age = sorted(channels.iterdir(), key=lambda p: (-p.stat().st_mtime, p.name))
+    newest = {f"{CHANNELS}/{p.name}" for p in by_age[: len(sent)]}
+    assert set(sent) == newest, "the most recently changed files"
+    # The next report is a change list against what was sent, and still fits.
+    assert (await report_health(settings, boot_id="boot-2"))["inventory"] == "stored"
