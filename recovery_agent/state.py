@@ -29,7 +29,7 @@ from .errors import RemediationError
 from .journal import check_directive_id, is_directive_id
 from .layout import CONFIRMED_DIRECTIVE, LAST_DIRECTIVE, PSTORE_ARCHIVE, SENT_INVENTORY
 from .osroot import MissingFile, OSRoot, write_atomic
-from .protocol.wire import INVENTORY_MAX, inventory_digest, utcnow
+from .protocol.wire import INVENTORY_MAX, utcnow
 from .remediate import purge
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,10 @@ def sent_inventory(os_root: Path | str) -> dict[str, str] | None:
     return files
 
 
-def record_sent_inventory(os_root: Path | str, files: dict[str, str]) -> str:
-    """Remember the inventory the server just stored; returns its digest."""
+def record_sent_inventory(os_root: Path | str, files: dict[str, str]) -> None:
+    """Remember the inventory (path -> sha256) the server just stored."""
     with OSRoot(os_root) as root:
         root.write_file(SENT_INVENTORY, json.dumps(files, sort_keys=True).encode())
-    return inventory_digest(files.items())
 
 
 def archive_pstore(pstore_dir: Path | None, os_root: Path | str) -> int:

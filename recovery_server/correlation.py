@@ -32,7 +32,6 @@ a large dependency for one function.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from recovery_agent.protocol.admin import Candidate, Correlation
 
 from .errors import NotFound
+from .fleetfiles import listed_files
 from .store import Reader, parse_iso
 
 # At most this many candidates are returned (the table a person reads).
@@ -111,12 +111,10 @@ def correlate(db: Reader, incident_id: str, top: int = TOP) -> Correlation:
     crashing: Counter[tuple[str, str]] = Counter()
     versions: dict[tuple[str, str], str | None] = {}
     for payload in latest.values():
-        listed = json.loads(payload)  # validated when it was stored
         held = set()
-        for kind in ("drivers", "channel_files", "driver_store"):
-            for f in listed.get(kind, ()):
-                held.add((f["path"], f["sha256"]))
-                versions.setdefault((f["path"], f["sha256"]), f.get("version"))
+        for f in listed_files(payload):
+            held.add((f["path"], f["sha256"]))
+            versions.setdefault((f["path"], f["sha256"]), f.get("version"))
         crashing.update(held)
     healthy_filter = (
         "FROM devices WHERE state = 'healthy' AND revoked_at IS NULL AND inventory_digest IS NOT NULL "

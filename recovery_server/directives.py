@@ -43,7 +43,7 @@ from . import audit
 from .access import Operation, User, require
 from .devices import Devices
 from .errors import NotFound
-from .fleetfiles import apply_update
+from .fleetfiles import apply_update, listed_files
 from .remediations import approved_remediation
 from .rollout import Rollouts
 from .store import Reader, Row, Store, Tx, iso, new_id, token_sha256
@@ -68,11 +68,9 @@ class Due:
 
     def inventory(self) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
         """The (path, sha256) of every driver and channel file the report lists, and their
-        folders. Read from the stored payload as plain JSON: the server validated it when it
-        stored it, and a woken poll's full model parse cost more than the rest of its look."""
+        folders (a woken poll's full model parse cost more than the rest of its look)."""
         if self._inventory is None:
-            listed = json.loads(self.report["payload"])
-            records = [*listed.get("channel_files", ()), *listed.get("drivers", ())]
+            records = listed_files(self.report["payload"], ("channel_files", "drivers"))
             self._inventory = (
                 frozenset((f["path"], f["sha256"]) for f in records),
                 frozenset(f["path"].rpartition("/")[0] for f in records),

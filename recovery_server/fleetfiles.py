@@ -18,8 +18,9 @@ the healthy ones; ``first_seen_at`` gives each file's onset against the incident
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 from recovery_agent.protocol.wire import FileRecord, InventoryUpdate, inventory_digest
 
@@ -34,6 +35,16 @@ InventoryAnswer = Literal["stored", "send-whole"]
 KNOWN_MAX = 1_000_000
 _KNOWN = "fleetfiles.known"
 _PENDING = "fleetfiles.pending"
+
+
+LISTS = ("drivers", "channel_files", "driver_store")
+
+
+def listed_files(payload: str, lists: tuple[str, ...] = LISTS) -> list[dict[str, Any]]:
+    """The file records of a stored report's ``lists``, read as plain JSON: the server
+    validated the report when it stored it, and a model parse costs many times more."""
+    report = json.loads(payload)
+    return [f for name in lists for f in report.get(name, ())]
 
 
 def record_contents(tx: Tx, records: Iterable[FileRecord], at: str, device_id: str) -> None:

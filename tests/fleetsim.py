@@ -33,6 +33,7 @@ from recovery_agent.protocol.wire import (
     CrashSignature,
     Diagnostics,
     DiagnosticsReceipt,
+    DirectivePoll,
     Enrollment,
     FileRecord,
     Health,
@@ -124,17 +125,7 @@ class FleetSim:
     def poll_once(self, dev: SimDevice) -> str | None:
         """One poll of ``dev``'s report: the id of the directive served (verified), or None."""
         answer = self.service.poll(dev.report.report_id, dev.report.poll_token)
-        if answer.status != "directive":
-            return None
-        v = envelope.open_directive(
-            answer.envelope,
-            self.server_ring,
-            device_id=dev.device_id,
-            agent_nonce=dev.agent_nonce,
-            diagnostics_sha256=dev.report.diagnostics_sha256,
-            now=utcnow(),
-        )
-        return v.message.directive_id
+        return served(answer, self.server_ring, dev.device_id, dev.agent_nonce, dev.report)
 
     def round(self, failure_rate: Callable[[int | None], float]) -> int:
         """Every device still waiting polls once; the served ones apply and report. Returns how
@@ -189,6 +180,27 @@ class FleetSim:
             if self.round(failure_rate) == 0 and self.round(failure_rate) == 0:
                 return n
         return max_rounds
+
+
+def served(
+    answer: DirectivePoll,
+    ring: dict[str, Ed25519PublicKey],
+    device_id: str,
+    agent_nonce: str,
+    receipt: DiagnosticsReceipt,
+) -> str | None:
+    """The id of the directive a poll's ``answer`` serves, verified as the agent would, or None
+    if it serves none."""
+    if answer.status != "directive":
+        return None
+    return envelope.open_directive(
+        answer.envelope,
+        ring,
+        device_id=device_id,
+        agent_nonce=agent_nonce,
+        diagnostics_sha256=receipt.diagnostics_sha256,
+        now=utcnow(),
+    ).message.directive_id
 
 
 def crash_report(
@@ -255,18 +267,10 @@ class HttpDevice:
         """One poll for the last report; the directive's id once one is served (verified)."""
         assert self.receipt is not None, "report first"
         answer = await self.client.poll_directive(self.receipt, wait_s)
-        if answer.status != "directive":
-            return None
-        v = envelope.open_directive(
-            answer.envelope,
-            self.server_ring,
-            device_id=self.device_id,
-            agent_nonce=self.agent_nonce,
-            diagnostics_sha256=self.receipt.diagnostics_sha256,
-            now=utcnow(),
-        )
-        self.directive_id = v.message.directive_id
-        return self.directive_id
+        directive_id = served(answer, self.server_ring, self.device_id, self.agent_nonce, self.receipt)
+        if directive_id is not None:
+            self.directive_id = directive_id
+        return directive_id
 
     async def recover(self) -> None:
         """The fix applied, and the next boot was healthy: a result, then a healthy boot."""

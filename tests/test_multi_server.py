@@ -15,7 +15,7 @@ import pytest
 
 from recovery_agent.protocol.admin import AdminClient
 from recovery_agent.protocol.client import DeviceClient, RetryPolicy
-from recovery_agent.protocol.envelope import open_directive, seal_bytes
+from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import (
     BootState,
@@ -32,6 +32,7 @@ from recovery_server.store import Store
 
 from .conftest import postgres_schema
 from .fleetsim import BAD_PATH, BAD_SHA, CRASH
+from .fleetsim import served as served_directive
 
 RETRY = RetryPolicy(attempts=4, max_delay_s=10, backoff_max_s=0.5, backoff_multiplier_s=0.05)
 BIN = Path(sys.executable).parent
@@ -181,17 +182,7 @@ async def test_two_servers_one_database_consistent_rollout(pg_url, tmp_path):
                     answers = await asyncio.gather(*(c.poll_directive(receipt, wait_s=0.5) for c in clients))
                     got = [x for x in answers if x.status == "directive"]
                     if got:
-                        ids = {
-                            open_directive(
-                                x.envelope,
-                                ring,
-                                device_id=device_id,
-                                agent_nonce=nonce,
-                                diagnostics_sha256=receipt.diagnostics_sha256,
-                                now=utcnow(),
-                            ).message.directive_id
-                            for x in got
-                        }
+                        ids = {served_directive(x, ring, device_id, nonce, receipt) for x in got}
                         assert len(ids) == 1, f"{device_id} got two directives: {ids}"
                         did = ids.pop()
                         served[device_id] = did
