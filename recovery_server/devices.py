@@ -371,7 +371,8 @@ class Devices:
 
 
 _DEVICE_COLUMNS = (
-    "device_id, hostname, key_id, enrolled_at, enrolled_with, last_seen, state, recovery_attempts, revoked_at"
+    "device_id, hostname, key_id, enrolled_at, enrolled_with, last_seen, state, recovery_attempts, revoked_at, "
+    "recovery_test_requested_at, recovery_test_passed_at"
 )
 
 

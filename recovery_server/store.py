@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from .errors import ServerError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _store_reports_once(tx: Tx, dialect: str) -> None:
@@ -110,6 +110,18 @@ _MIGRATIONS: dict[int, list[str | Callable[[Tx, str], None]]] = {
         "CREATE INDEX device_files_content ON device_files(path, sha256)",
         "ALTER TABLE devices ADD COLUMN inventory_digest TEXT",
         "ALTER TABLE devices ADD COLUMN inventory_at TEXT",
+    ],
+    5: [  # test mode (recoverytests.py): a device's recovery path tested on purpose
+        "CREATE TABLE recovery_tests (test_id TEXT PRIMARY KEY, "
+        "device_id TEXT NOT NULL REFERENCES devices(device_id), "
+        "requested_by TEXT NOT NULL, visited_at TEXT NOT NULL, diagnostics_sha256 TEXT NOT NULL UNIQUE, "
+        "poll_token_sha256 TEXT NOT NULL, payload TEXT NOT NULL, envelope TEXT NOT NULL, "
+        "expires_at TEXT NOT NULL, outcome TEXT NOT NULL DEFAULT 'issued', applied_at TEXT, "
+        "passed_at TEXT, detail TEXT NOT NULL DEFAULT '')",
+        "CREATE INDEX recovery_tests_device ON recovery_tests(device_id, visited_at)",
+        "ALTER TABLE devices ADD COLUMN recovery_test_requested_at TEXT",
+        "ALTER TABLE devices ADD COLUMN recovery_test_requested_by TEXT",
+        "ALTER TABLE devices ADD COLUMN recovery_test_passed_at TEXT",
     ],
 }
 

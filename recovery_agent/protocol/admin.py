@@ -223,6 +223,13 @@ class Device(_Answer):
     revoked_at: AwareDatetime | None = Field(
         default=None, description="when an admin revoked it: its messages are refused"
     )
+    recovery_test_requested_at: AwareDatetime | None = Field(
+        default=None, description="an admin asked for a recovery test that has not run yet"
+    )
+    recovery_test_passed_at: AwareDatetime | None = Field(
+        default=None,
+        description="when its recovery path last passed a test (test mode); none: never",
+    )
 
 
 class Incident(_Answer):
