@@ -1,4 +1,4 @@
-"""The three remediation actions, each a step that can be checked, applied and undone.
+"""The remediation actions, each a step that can be checked, applied and undone.
 
 - ``quarantine_file``: the file at ``path``, if its sha256 (read through the open handle) is
   the directive's and it has no other hard link, is moved into the directive's quarantine.
@@ -8,6 +8,8 @@
 - ``disable_driver``: ``etc/modprobe.d/recovery-disable-<module>.conf`` (``blacklist`` and
   ``install <module> /bin/false``) is written; a different file of that name goes to
   quarantine.
+- ``recovery_test`` (test mode only): ``var/lib/recovery/tests/<test id>.json`` is written, a
+  record of the test in the agent's own state; nothing else changes.
 
 ``DirectiveSteps.step(index, action, dry_run=True)`` is one step's preflight: every check,
 no change. With ``dry_run=False`` the same function makes the change, so what preflight
@@ -35,9 +37,10 @@ from typing import Literal
 from .digest import CHUNK, sha256_fd
 from .errors import RemediationError
 from .journal import JournalStep, QuarantineEntry, check_directive_id
-from .layout import DRIVER_STORE, MODPROBE_DIR
+from .layout import DRIVER_STORE, MODPROBE_DIR, RECOVERY_TESTS_DIR
 from .osroot import (
     DEFAULT_FILE_MODE,
+    STATE_DIR_MODE,
     SYSTEM_DIR_MODE,
     MissingFile,
     OSRoot,
@@ -49,7 +52,8 @@ from .osroot import (
     write_all,
     write_atomic,
 )
-from .protocol.wire import Action, DisableDriver, QuarantineFile, RestoreFile, utcnow
+from .protocol.envelope import canonical_json
+from .protocol.wire import Action, DisableDriver, QuarantineFile, RecoveryTest, RestoreFile, utcnow
 from .quarantine import Quarantine, slot_name, undone_slot_name
 
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # wire.ModuleName
@@ -91,10 +95,25 @@ def action_target(action: Action) -> str:
                 f"(letters, digits, _ and -): fix the remediation"
             )
         return modprobe_conf_path(action.name)
+    if isinstance(action, RecoveryTest):
+        return recovery_test_path(action.test_id)
     raise RemediationError(
         f"action type {getattr(action, 'type', action)!r} is unknown to this "
         f"agent: update the agent or remove the action from the remediation"
     )
+
+
+def recovery_test_path(test_id: str) -> str:
+    """Where ``recovery_test`` records the test ``test_id`` (the agent's own state)."""
+    if not isinstance(test_id, str) or not _MODULE_RE.match(test_id):  # wire.Identifier
+        raise PathRejected(
+            f"recovery test id {test_id!r} is not an identifier: the server's directive is bad"
+        )
+    return f"{RECOVERY_TESTS_DIR}/{test_id}.json"
+
+
+def recovery_test_content(test_id: str, directive_id: str) -> bytes:
+    return canonical_json({"directive_id": directive_id, "test_id": test_id}) + b"\n"
 
 
 def _tmp_name(directive_id: str, index: int) -> str:
@@ -154,6 +173,8 @@ class DirectiveSteps:
             outcome = self._restore(index, action, dry_run=dry_run)
         elif isinstance(action, DisableDriver):
             outcome = self._disable(index, action, dry_run=dry_run)
+        elif isinstance(action, RecoveryTest):
+            outcome = self._record_test(action, dry_run=dry_run)
         else:
             action_target(action)  # raises the "unknown action" error
             raise AssertionError("unreachable")
@@ -362,6 +383,27 @@ class DirectiveSteps:
             write_atomic(dir_fd, name, content, DEFAULT_FILE_MODE)
         return StepOutcome("applied", f"wrote {relpath}: {action.name} will not load at boot", moved=moved)
 
+    def _record_test(self, action: RecoveryTest, *, dry_run: bool) -> StepOutcome:
+        """Write the test's record into the agent's own state (and nothing else)."""
+        relpath = recovery_test_path(action.test_id)
+        name = relpath.rsplit("/", 1)[1]
+        content = recovery_test_content(action.test_id, self.directive_id)
+        creates = self.root.missing_dirs(RECOVERY_TESTS_DIR)
+        if dry_run and creates:
+            return StepOutcome("apply", f"will write {relpath}", creates=creates)
+        with self.root.open_dir(RECOVERY_TESTS_DIR, create=not dry_run, mode=STATE_DIR_MODE) as dir_fd:
+            if lstat_at(dir_fd, name) is not None:
+                with self.root.open_file_in(dir_fd, name, relpath) as fd:
+                    if read_fd(fd, len(content) + 1) == content:
+                        return StepOutcome("already_applied", f"{relpath} already records the test")
+            if dry_run:
+                return StepOutcome("apply", f"will write {relpath}")
+            write_atomic(dir_fd, name, content, DEFAULT_FILE_MODE)
+        return StepOutcome(
+            "applied",
+            f"recovery test {action.test_id}: recorded in {relpath}; nothing else on the OS changed",
+        )
+
     # -- undo
 
     def undo_step(self, step: JournalStep) -> tuple[str, bool]:
@@ -375,6 +417,8 @@ class DirectiveSteps:
             line, done = self._undo_restore(step, action)
         elif isinstance(action, DisableDriver):
             line, done = self._undo_disable(step, action)
+        elif isinstance(action, RecoveryTest):
+            line, done = self._undo_test(step, action)
         else:
             raise RemediationError(f"step {step.index}: unknown action {action!r}")
         notes = self.quarantine.take_notes()
@@ -467,3 +511,15 @@ class DirectiveSteps:
                 except OSError:
                     break  # not empty (someone else uses it): it stays
         return f"step {index}: removed {relpath}; {action.name} loads at boot again", True
+
+    def _undo_test(self, step: JournalStep, action: RecoveryTest) -> tuple[str, bool]:
+        relpath = recovery_test_path(action.test_id)
+        name = relpath.rsplit("/", 1)[1]
+        try:
+            with self.root.open_dir(RECOVERY_TESTS_DIR) as dir_fd:
+                if lstat_at(dir_fd, name) is not None:
+                    os.unlink(name, dir_fd=dir_fd)  # the agent's own record, nothing else
+                    os.fsync(dir_fd)
+        except MissingFile:
+            pass
+        return f"step {step.index}: removed the record {relpath}", True

@@ -37,6 +37,7 @@ what is left here is their order, their outcomes and the exit codes init relies 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import secrets
@@ -48,8 +49,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import __version__, counting, holds, inventory, state
-from .bootenv import BOOT_COUNT, RECOVERY_ATTEMPTS, BootEnv
+from . import __version__, counting, holds, inventory, state, testmode
+from .bootenv import BOOT_COUNT, RECOVERY_ATTEMPTS, BootEnv, BootEnvError
 from .clock import Clock, SystemClock
 from .counting import BootCount, boot_history
 from .detect import examine
@@ -177,6 +178,7 @@ class RecoveryAgent:
         self.server_keyring = {key_id(pinned): pinned}
         approvers = [public_from_b64(k) for k in settings.approver_keys]
         self.approver_keyring = {key_id(k): k for k in approvers}
+        self._test: str | None = None  # who armed this visit as a recovery test (testmode.py)
 
     # ------------------------------------------------------------------ the loop
 
@@ -185,6 +187,7 @@ class RecoveryAgent:
         (``report_agent_error``) and ends in ``Outcome.ERROR``."""
         self._count: BootCount | None = None
         self._deadline: float | None = None
+        self._test = None
         self._started = self.clock.monotonic()
         try:
             return await self._loop()
@@ -214,6 +217,13 @@ class RecoveryAgent:
                 for journal in finished:
                     reset &= await self._complete(client, journal.directive_id, list(journal.results or ()))
             return Outcome.REMEDIATED if reset else Outcome.NEEDS_MANUAL
+
+        try:
+            self._test = testmode.armed(s.grubenv)
+        except (BootEnvError, OSError):
+            self._test = None  # the count step below says what is wrong with grubenv
+        if self._test is not None:
+            return await self._test_visit(settled)
 
         count = self._count = self.read_boot_count(count_visit=True)
         tl.add(
@@ -269,6 +279,45 @@ class RecoveryAgent:
         if not self._reset_boot_count():
             return Outcome.NEEDS_MANUAL
         return Outcome.NO_REMEDIATION
+
+    async def _test_visit(self, notes: list[str]) -> Outcome:
+        """A recovery test (testmode.py): the loop, on purpose, with a test directive that
+        changes nothing on the OS; then back to the OS, whatever happened."""
+        s, tl = self.s, self.timeline
+        tl.add(
+            "test", f"recovery test visit (armed by {self._test}): the whole loop, nothing on the OS changes"
+        )
+        count = self._count = self.read_boot_count(count_visit=False)
+        findings = dataclasses.replace(
+            self.collect(count, notes=notes),
+            crash=CrashSignature(
+                kind=CrashKind.NONE, title="recovery test", source=f"recovery-agent {__version__}"
+            ),
+            test_mode=True,
+            boot=self._boot_state(count, []),  # no failed boots: the visit was asked for
+        )
+        outcome: Outcome | None = None
+        if not s.cloud_remediation:
+            tl.add("test", "cloud remediation is off: nothing to test against")
+            outcome = Outcome.CLOUD_DISABLED
+        else:
+            deadline = self._deadline = self.clock.monotonic() + s.time_to_reboot_s
+            async with DeviceClient(s.server_url) as client:
+                sent = await self.report(client, findings, deadline)
+                if sent is not None:
+                    outcome = await self.wait_and_apply(client, *sent, deadline)
+        if outcome is Outcome.REMEDIATED:
+            tl.add(
+                "done", "recovery test passed here: rebooting into the OS, whose health report completes it"
+            )
+            return outcome
+        if outcome is None:
+            tl.add("done", "recovery test FAILED: no test directive before the time to reboot")
+        else:
+            tl.add("done", f"recovery test FAILED: {outcome.meaning}")
+        if not self._reset_boot_count():
+            return Outcome.NEEDS_MANUAL
+        return outcome if outcome is not None else Outcome.NO_REMEDIATION
 
     def read_boot_count(self, *, count_visit: bool) -> BootCount:
         """The count step (``counting.count_visit``): grubenv's ``boot_count`` and, with
@@ -434,6 +483,7 @@ class RecoveryAgent:
                         now=self.clock.now(),
                         approver_keyring=self.approver_keyring,
                         approver_threshold=s.approver_threshold,
+                        test_visit=self._test is not None,
                     )
                 except EnvelopeError as exc:
                     tl.add("verify", f"directive REJECTED: {exc}")
@@ -529,7 +579,20 @@ class RecoveryAgent:
     # ------------------------------------------------------------------ state
 
     def _reset_boot_count(self) -> bool:
-        return counting.reset_boot_count(self.s.grubenv, lambda text: self.timeline.add("done", text))
+        """``boot_count`` to 0, so the next boot is the OS's; on a test visit the test is
+        disarmed in the same write."""
+
+        def say(text: str) -> None:
+            self.timeline.add("done", text)
+
+        if self._test is None:
+            return counting.reset_boot_count(self.s.grubenv, say)
+        try:
+            testmode.disarm(self.s.grubenv)
+        except (BootEnvError, OSError) as exc:
+            say(f"could not disarm the recovery test and reset boot_count: {exc}")
+            return False
+        return True
 
 
 async def report_health(settings: AgentSettings, boot_id: str, kernel_version: str = "") -> dict[str, Any]:
@@ -584,6 +647,14 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
             # (the boot was recorded by the first: the second is a duplicate of it).
             again = await client.send_health(health(inventory_update(files, None)))
             answer = {**answer, "inventory": again.get("inventory")}
+    if answer.get("recovery_test") == "requested":
+        # An admin asked for a recovery test (testmode.py): the next boot runs it.
+        try:
+            if testmode.armed(settings.grubenv) is None:
+                testmode.arm(settings.grubenv, testmode.SERVER)
+            answer = {**answer, "recovery_test": "armed"}
+        except (BootEnvError, OSError) as exc:
+            log.warning("the server asked for a recovery test, and it could not be armed: %s", exc)
     try:
         if files is not None and answer.get("inventory") == "stored":
             state.record_sent_inventory(settings.os_root, {p: r.sha256 for p, r in files.items()})

@@ -38,6 +38,8 @@ ENVBLK_SIGNATURE = b"# GRUB Environment Block\n"
 BOOT_COUNT = "boot_count"
 BOOT_LIMIT = "boot_limit"
 RECOVERY_ATTEMPTS = "recovery_attempts"
+# Test mode (testmode.py): set, the next recovery visit is a test; its value says who armed it.
+RECOVERY_TEST = "recovery_test"
 DEFAULT_BOOT_LIMIT = 2
 
 # GRUB itself accepts any name without '=' or a newline; a script can only use these.

@@ -4,6 +4,8 @@ keygen PATH                       make a device key (PATH, 0600) and PATH.pub
 enroll --token T                  enroll this device's key with the server (while healthy)
 run                               the recovery loop (in the recovery environment); exit code = outcome
 health                            the OS's health check passed: reset counters, report a good boot
+test-mode                         arm a recovery test: the next boot goes to the recovery environment,
+                                  runs the loop with a test directive and boots back (--status, --cancel)
 inspect                           print the diagnostics the agent would send, without sending them
 undo DIRECTIVE_ID                 put back what a directive changed
 quarantine list                   the files remediations took off this machine, directive by directive
@@ -28,7 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import __version__, state
+from . import __version__, state, testmode
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
 from .bootenv import BootEnvError
 from .errors import AgentError
@@ -145,6 +147,35 @@ def cmd_health(args: argparse.Namespace) -> int:
     boot_id = args.boot_id or _boot_id()
     answer = asyncio.run(report_health(s, boot_id, args.kernel or ""))
     print(f"health reported for boot {boot_id}: {answer['status']}")
+    if answer.get("recovery_test") == "armed":
+        # (a line the lab's OS and a person's script can act on: reboot now, or later)
+        print("QMR-RECOVERY-TEST armed by the server: the next boot runs a recovery test")
+    return EXIT_OK
+
+
+def cmd_test_mode(args: argparse.Namespace) -> int:
+    s = AgentSettings.load(args.config)
+    if args.cancel:
+        if testmode.disarm(s.grubenv):
+            print("recovery test cancelled: the next boot is the OS's")
+        else:
+            print("no recovery test was armed")
+        return EXIT_OK
+    by = testmode.armed(s.grubenv)
+    if args.status:
+        print(
+            f"a recovery test is armed (by {by}): the next boot runs it"
+            if by
+            else "no recovery test is armed"
+        )
+        return EXIT_OK
+    if by is None:
+        testmode.arm(s.grubenv, testmode.LOCAL)
+    print(
+        "recovery test armed: the next boot goes to the recovery environment, runs the recovery "
+        "loop against the server with a test directive that changes nothing on the OS, and "
+        "boots back. Reboot when it suits (recovery-agent test-mode --cancel to call it off)."
+    )
     return EXIT_OK
 
 
@@ -226,6 +257,10 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--boot-id")
     h.add_argument("--kernel")
     h.set_defaults(fn=cmd_health)
+    t = sub.add_parser("test-mode", help="arm a recovery test for the next boot (like reagentc /boottore)")
+    t.add_argument("--status", action="store_true", help="say whether a test is armed")
+    t.add_argument("--cancel", action="store_true", help="disarm it: the next boot is the OS's")
+    t.set_defaults(fn=cmd_test_mode)
     sub.add_parser("inspect", help="print the diagnostics without sending").set_defaults(fn=cmd_inspect)
     u = sub.add_parser("undo", help="put back what a directive changed")
     u.add_argument("directive_id")

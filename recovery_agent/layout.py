@@ -18,6 +18,9 @@ JOURNAL_DIR = f"{STATE_DIR}/journal"
 LAST_DIRECTIVE = f"{STATE_DIR}/last-directive"
 CONFIRMED_DIRECTIVE = f"{STATE_DIR}/confirmed-directive"
 PSTORE_ARCHIVE = f"{STATE_DIR}/pstore"
+# Test mode: the records of recovery tests run here (one file per test, written by the test's
+# only action: recovery_test), and the grubenv variable that arms a test visit.
+RECOVERY_TESTS_DIR = f"{STATE_DIR}/tests"
 # The inventory the server last stored for this device (health reports send changes to it).
 SENT_INVENTORY = f"{STATE_DIR}/sent-inventory.json"
 

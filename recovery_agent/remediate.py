@@ -54,7 +54,7 @@ from .journal import (
 )
 from .layout import JOURNAL_DIR, QUARANTINE_DIR, STATE_DIR
 from .osroot import MissingFile, OSRoot, PathRejected, file_kind, lstat_at, split_relpath
-from .protocol.wire import Action, ActionResult, Directive, RestoreFile, utcnow
+from .protocol.wire import Action, ActionResult, Directive, RecoveryTest, RestoreFile, utcnow
 from .quarantine import Quarantine
 
 # --------------------------------------------------------------------------- the workflow
@@ -67,7 +67,10 @@ def _preflight(steps: DirectiveSteps, planned: Sequence[tuple[int, Action]]) -> 
     for index, action in planned:
         target = action_target(action)
         split_relpath(target)
-        if target == STATE_DIR or target.startswith(STATE_DIR + "/"):
+        # (a recovery test's record is the one write there: a path the agent makes itself)
+        if (target == STATE_DIR or target.startswith(STATE_DIR + "/")) and not isinstance(
+            action, RecoveryTest
+        ):
             raise PathRejected(
                 f"action {index}: {target} is inside the agent's own state "
                 f"({STATE_DIR}): a remediation may not touch it"

@@ -134,9 +134,12 @@ class Findings:
     driver_store: list[FileRecord]
     recent_changes: list[FileRecord]
     notes: list[str] = field(default_factory=list)
+    # A recovery test visit (test mode): no crash, the loop run on purpose.
+    test_mode: bool = False
 
     def diagnostics(self, *, server_nonce: str, agent_nonce: str, created_at: datetime) -> Diagnostics:
         return Diagnostics(
+            test_mode=self.test_mode,
             server_nonce=server_nonce,
             agent_nonce=agent_nonce,
             created_at=created_at,

@@ -273,6 +273,13 @@ def _add_run_parser(sub: _SubParsers) -> None:
         "send their inventories, a third crash the same way), so the correlation of the fleet's "
         "files can name a culprit the catalog does not know (silent-channel-file)",
     )
+    r.add_argument(
+        "--recovery-test",
+        action="store_true",
+        help="test mode: an operator asks the machine for a recovery test before it boots (use a "
+        "healthy scenario); the run passes if it visits recovery, changes nothing on the OS, boots "
+        "back healthy and the server records the pass",
+    )
     r.add_argument("--report", type=Path, help="write the JSON report here")
     r.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     r.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
@@ -335,6 +342,7 @@ def _run(args: argparse.Namespace) -> int:
         scenario=args.scenario,
         auto_approve=args.auto_approve,
         fleet=args.fleet,
+        recovery_test=args.recovery_test,
         timeout_s=args.timeout,
         workdir=args.workdir,
         keep=args.keep,

@@ -24,8 +24,11 @@ up, and finally asking for a person.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +38,13 @@ from typing import Any
 
 from aiohttp import web
 
-from recovery_agent.layout import BOOT_PROGRESS_LOG, CHANNEL_DIR, QUARANTINE_DIR
+from recovery_agent.layout import (
+    BOOT_PROGRESS_LOG,
+    CHANNEL_DIR,
+    QUARANTINE_DIR,
+    RECOVERY_TESTS_DIR,
+    STATE_DIR,
+)
 from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
@@ -79,6 +88,8 @@ DEBIAN_GUEST_PORT = 8080
 DEBIAN_MEMORY_MB = 1024
 DEBIAN_STOP = r"QMR-HEALTH-REPORT(ED|-FAILED)"
 TAMPERED_EVENT = "lab.directive_tampered"
+# The lab's two people: one writes fixes (and asks for recovery tests), the other approves.
+LAB_OPERATOR = User("lab-operator", "operator")
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
 _PROGRESS = re.compile(
@@ -95,6 +106,9 @@ class RunOptions:
     auto_approve: bool = False
     # Simulated devices around the machine (recovery_lab/fleet.py; 0: none).
     fleet: int = 0
+    # Test mode: an operator asks the (healthy) machine for a recovery test before it boots;
+    # the run then judges the test (it visits recovery, changes nothing, boots back, passes).
+    recovery_test: bool = False
     timeout_s: float = 900.0
     workdir: Path | None = None
     keep: bool = False
@@ -295,7 +309,7 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
                 handled.add(incident)
                 if opts.fleet and lab.fleet is None and e.get("device_id") == lab.device_id:
                     await _surround(lab, opts)
-                proposal = lab.service.suggest_actions(User("lab-operator", "operator"), incident)
+                proposal = lab.service.suggest_actions(LAB_OPERATOR, incident)
                 if not proposal.actions:
                     say(f"[lab +{lab.now():6.1f}s] catalog: {'; '.join(proposal.why)}")
                     continue
@@ -336,9 +350,7 @@ async def _surround(lab: _Lab, opts: RunOptions) -> None:
 async def _approve(lab: _Lab, incident: str, title: str, actions: list[Any]) -> None:
     """The two lab people write and approve the catalog's fix, once no fault holds it back."""
     await lab.approvals_open.wait()
-    rem = lab.service.create_remediation(
-        User("lab-operator", "operator"), title=title, actions=actions, incident_id=incident
-    )
+    rem = lab.service.create_remediation(LAB_OPERATOR, title=title, actions=actions, incident_id=incident)
     lab.service.approve(User("lab-approver", "approver"), rem.remediation_id)
 
 
@@ -398,6 +410,12 @@ async def run_async(opts: RunOptions) -> RunReport:
             f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
             f"device {device_id} enrolled"
         )
+        if opts.recovery_test:
+            lab.service.request_recovery_test(LAB_OPERATOR, device_id)
+            say(
+                f"[lab +{lab.now():6.1f}s] {LAB_OPERATOR.name} asked {device_id} for a recovery test: it "
+                "learns so in the answer to its next health report"
+            )
         settings: dict[str, Any] = {
             "device_id": device_id,
             "server_url": f"http://10.0.2.100:{lab.guest_port}",
@@ -468,6 +486,11 @@ async def run_async(opts: RunOptions) -> RunReport:
             await watcher
         lab.poll_events()
         report = _judge(lab, opts, name, faults, boot, vm_started, device_id, work, problems, debian)
+        if opts.recovery_test:
+            report.recovery_test, test_problems = _judge_recovery_test(
+                lab, device_id, boot, base_image, work, debian
+            )
+            report.problems += test_problems
     finally:
         await lab.stop()
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
@@ -605,9 +628,95 @@ def _judge(
         boot=boot,
         workdir=str(work),
         faults=list(opts.faults),
-        problems=drive_problems + [p for p in judge(faults, facts) if p not in drive_problems],
+        # (a recovery test's run has nothing to recover: _judge_recovery_test judges it)
+        problems=drive_problems
+        + [
+            p
+            for p in (judge(faults, facts) if faults or not opts.recovery_test else [])
+            if p not in drive_problems
+        ],
     )
     return report
+
+
+def _judge_recovery_test(
+    lab: _Lab, device_id: str, boot: BootReport, base_image: Path, work: Path, debian: DebianImage | None
+) -> tuple[dict[str, Any], list[str]]:
+    """What a run with ``--recovery-test`` showed, and every way the test missed: the machine
+    visits recovery once and boots back to a healthy OS, the server issued the test directive,
+    got its result and recorded the pass, and nothing on the OS partition changed outside the
+    agent's own state (the run's disk against the image it started from, file by file)."""
+    problems: list[str] = []
+    tests = [
+        dict(r)
+        for r in lab.service.store.all(
+            "SELECT test_id, requested_by, outcome, visited_at, applied_at, passed_at FROM recovery_tests "
+            "WHERE device_id = ? ORDER BY visited_at",
+            device_id,
+        )
+    ]
+    [device] = [d for d in lab.service.devices(console("lab")) if d.device_id == device_id]
+    facts: dict[str, Any] = {
+        "tests": tests,
+        "passed_at": device.recovery_test_passed_at.isoformat() if device.recovery_test_passed_at else None,
+        "grub_entries": boot.entries_chosen,
+        # run seconds: the server saw the visit, got the result, recorded the pass
+        "visit_s": lab.first("recovery_test.visit", device_id),
+        "result_s": lab.first("recovery_test.result", device_id),
+        "passed_s": lab.first("recovery_test.passed", device_id),
+    }
+    if len(tests) != 1:
+        problems.append(f"{len(tests)} recovery test visits reached the server, expected 1")
+    elif tests[0]["outcome"] != "passed":
+        problems.append(f"recovery test {tests[0]['test_id']} ended {tests[0]['outcome']!r}, not passed")
+    if facts["passed_at"] is None:
+        problems.append("the server records no passed recovery test for the device")
+    if boot.entries_chosen != ["os", "recovery", "os"]:
+        problems.append(f"GRUB chose {boot.entries_chosen}, expected the OS, recovery once, the OS")
+    if not boot.healthy:
+        problems.append("the OS never reported QMR-HEALTHY after the test")
+    overlays = list((work / "vm").glob("*.qcow2"))
+    if overlays:
+        root = debian.root_part if debian else OS
+        with DiskImage(base_image) as before, DiskImage(overlays[0]) as after:
+            old = tree_files(before.ext4_rdump(root, work / "os-before"))
+            new = tree_files(after.ext4_rdump(root, work / "os-after"))
+        shutil.rmtree(work / "os-before", ignore_errors=True)
+        shutil.rmtree(work / "os-after", ignore_errors=True)
+        changed = sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p) and not _own(p))
+        facts["os_changed"] = changed
+        records = sorted(p for p in new if p.startswith(RECOVERY_TESTS_DIR + "/"))
+        facts["test_records"] = records
+        if changed:
+            problems.append(f"the test changed the OS outside the agent's state: {changed[:10]}")
+        if tests and f"{RECOVERY_TESTS_DIR}/{tests[0]['test_id']}.json" not in records:
+            problems.append(f"no record of the test in {RECOVERY_TESTS_DIR} on the disk")
+    return facts, problems
+
+
+# What the OS itself writes on every boot, and the agent's own state: left out of the test's
+# comparison of the OS partition before and after.
+_PER_BOOT = (STATE_DIR, "var/log", "etc/resolv.conf", "var/run", "run", "tmp")
+
+
+def _own(path: str) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in _PER_BOOT)
+
+
+def tree_files(root: Path) -> dict[str, tuple[str, str]]:
+    """Every file, symlink and folder under ``root`` by relative path: (kind, sha256 or target)."""
+    out: dict[str, tuple[str, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out[rel] = ("symlink", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", "")
+            else:
+                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
 
 
 def run(opts: RunOptions) -> RunReport:

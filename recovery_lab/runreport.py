@@ -45,6 +45,8 @@ class RunReport:
     workdir: str = ""
     faults: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # With --recovery-test: the test's records, the server's pass, what changed on the OS.
+    recovery_test: dict[str, Any] | None = None
 
     @property
     def met_expectations(self) -> bool:
@@ -68,6 +70,7 @@ class RunReport:
             "workdir": self.workdir,
             "faults": self.faults,
             "problems": self.problems,
+            "recovery_test": self.recovery_test,
         }
 
 
@@ -98,6 +101,13 @@ def render(report: RunReport) -> str:
             )
     if report.device:
         lines.append(f"  device {report.device.get('device_id')}: {report.device.get('state')}")
+    if report.recovery_test is not None:
+        t = report.recovery_test
+        lines.append(
+            f"  recovery test: {'PASSED at ' + t['passed_at'] if t['passed_at'] else 'not passed'}; GRUB "
+            f"{' -> '.join(t['grub_entries'])}; OS changed outside the agent's state: "
+            f"{t.get('os_changed', '?') or 'nothing'}"
+        )
     if report.disk:
         lines.append(
             f"  disk: boot_count={report.disk['grubenv'].get('boot_count')}, channel files "

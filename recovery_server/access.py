@@ -52,6 +52,7 @@ class Operation(Enum):
     REVOKE_ENROLLMENT_TOKEN = "revoke an enrollment token"
     REVOKE_DEVICE = "revoke a device"
     REPLACE_DEVICE_KEY = "replace a device's key"
+    REQUEST_RECOVERY_TEST = "ask a device to test its recovery path"
     PRUNE_OLD_DATA = "delete old reports and spent challenges (retention)"
 
 
@@ -63,6 +64,8 @@ NEEDS: dict[Operation, Role] = {
     Operation.WRITE_REMEDIATION: "operator",
     Operation.SET_ROLLOUT: "operator",
     Operation.PAUSE_ROLLOUT: "operator",  # stopping is always safe
+    # A test changes nothing on the OS; it costs the device one trip to recovery at its next boot.
+    Operation.REQUEST_RECOVERY_TEST: "operator",
     Operation.APPROVE_REMEDIATION: "approver",
     Operation.REVOKE_REMEDIATION: "approver",
     Operation.RESUME_ROLLOUT: "approver",  # resuming a halted wave overrides the automatic halt

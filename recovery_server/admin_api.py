@@ -127,6 +127,15 @@ async def revoke_device(request: web.Request) -> web.Response:
     return answer(service(request).revoke_device(person(request), request.match_info["device_id"]))
 
 
+async def request_recovery_test(request: web.Request) -> web.Response:
+    cancel = request.query.get("cancel", "") in ("1", "true")
+    return answer(
+        service(request).request_recovery_test(
+            person(request), request.match_info["device_id"], cancel=cancel
+        )
+    )
+
+
 async def replace_device_key(request: web.Request) -> web.Response:
     user = person(request)
     body = await read_body(request, DeviceKeyRequest)
@@ -189,6 +198,16 @@ ROUTES: tuple[Route, ...] = (
         auth="admin",
         response=Device,
         errors=(*_ADMIN, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/devices/{device_id}/recovery-test",
+        request_recovery_test,
+        "Ask a device to test its recovery path at its next boot (test mode; operator)",
+        auth="admin",
+        response=Device,
+        errors=(*_ADMIN, 404, 409),
+        query=(("cancel", "string", "1: take the request back"),),
     ),
     Route(
         "POST",

@@ -304,13 +304,38 @@ async def _device(c: AdminClient, args: argparse.Namespace) -> Output:
         return Output(await c.revoke_device(args.device_id))
     if args.dcmd == "rekey":
         return Output(await c.replace_device_key(args.device_id, args.public_key))
+    if args.dcmd == "test":
+        return Output(await c.request_recovery_test(args.device_id, cancel=args.cancel))
     devices = await c.devices()
-    rows = [dict(d, state="revoked" if d["revoked_at"] else d["state"]) for d in _rows(devices)]
+    rows = [
+        dict(
+            d,
+            state="revoked" if d["revoked_at"] else d["state"],
+            recovery_test=_test_state(d),
+        )
+        for d in _rows(devices)
+    ]
     return Output(
         devices,
         rows,
-        ["device_id", "state", "recovery_attempts", "last_seen", "enrolled_with", "hostname"],
+        [
+            "device_id",
+            "state",
+            "recovery_attempts",
+            "last_seen",
+            "recovery_test",
+            "enrolled_with",
+            "hostname",
+        ],
     )
+
+
+def _test_state(device: dict[str, Any]) -> str:
+    """A device's recovery test in a word: when it last passed, or never; and asked for."""
+    passed = (
+        f"passed {device['recovery_test_passed_at']}" if device["recovery_test_passed_at"] else "never passed"
+    )
+    return passed + (" (test requested)" if device["recovery_test_requested_at"] else "")
 
 
 def _token_file(path: str | None) -> str | None:
@@ -364,12 +389,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("whoami")
     sub.add_parser("devices", help="list devices and their state").set_defaults(dcmd="list")
-    d = sub.add_parser("device", help="list, revoke a device, or give it a new key (admin)")
+    d = sub.add_parser("device", help="list, test a device's recovery, revoke it, or give it a new key")
     dsub = d.add_subparsers(dest="dcmd", required=True)
     dsub.add_parser("list", help="every device, its state and the token that enrolled it")
     dsub.add_parser(
         "revoke", help="refuse the device's messages from now on; its outcomes stop counting"
     ).add_argument("device_id")
+    dt = dsub.add_parser(
+        "test",
+        help="ask the device to test its recovery path at its next boot: it visits the recovery "
+        "environment, runs the loop with a test directive that changes nothing, and boots back (operator)",
+    )
+    dt.add_argument("device_id")
+    dt.add_argument(
+        "--cancel", action="store_true", help="take the request back (if the device has not armed it)"
+    )
     dk = dsub.add_parser(
         "rekey",
         help="give a known device a new key (a reinstalled machine, or an id another took first); "

@@ -364,6 +364,10 @@ class Devices:
             for r in self._store.all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
         ]
 
+    def device(self, device_id: str) -> Device:
+        """One device's view (it must exist)."""
+        return self._device(device_id)
+
     def _device(self, device_id: str) -> Device:
         row = self._store.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", device_id)
         assert row is not None, "read after the change that found it"
@@ -371,8 +375,8 @@ class Devices:
 
 
 _DEVICE_COLUMNS = (
-    "device_id, hostname, key_id, enrolled_at, enrolled_with, last_seen, state, recovery_attempts, revoked_at, "
-    "recovery_test_requested_at, recovery_test_passed_at"
+    "device_id, hostname, key_id, enrolled_at, enrolled_with, last_seen, state, recovery_attempts, "
+    "revoked_at, recovery_test_requested_at, recovery_test_passed_at"
 )
 
 

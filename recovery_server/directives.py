@@ -44,6 +44,7 @@ from .access import Operation, User, require
 from .devices import Devices
 from .errors import NotFound
 from .fleetfiles import apply_update, listed_files
+from .recoverytests import RecoveryTests, is_test
 from .remediations import approved_remediation
 from .rollout import Rollouts
 from .store import Reader, Row, Store, Tx, iso, new_id, token_sha256
@@ -98,6 +99,7 @@ class Directives:
         ttl: timedelta,
         devices: Devices,
         rollouts: Rollouts,
+        tests: RecoveryTests,
     ) -> None:
         self._store = store
         self._now = now
@@ -105,6 +107,7 @@ class Directives:
         self._ttl = ttl
         self._devices = devices
         self._rollouts = rollouts
+        self._tests = tests
 
     def poll(self, report_id: str, poll_token: str) -> DirectivePoll:
         """One look for a directive for this report; the HTTP layer repeats it (long poll)."""
@@ -117,6 +120,8 @@ class Directives:
     def look(self, report_id: str, poll_token: str) -> DirectivePoll | Due:
         """The read-only part of a poll: its answer, or, when a directive is due, the report's
         row, to ``issue`` inside a write transaction."""
+        if is_test(report_id):
+            return self._tests.poll(report_id, poll_token)
         report = self._store.one("SELECT * FROM reports WHERE report_id = ?", report_id)
         if report is None or not secrets.compare_digest(
             report["poll_token_sha256"], token_sha256(poll_token)
@@ -267,6 +272,8 @@ class Directives:
     def write_result(self, tx: Tx, r: Result) -> dict[str, Any]:
         """Store a checked result inside ``tx`` (the caller's, maybe shared: groupcommit.py)."""
         now = iso(self._now())
+        if is_test(r.directive_id):
+            return self._tests.result(tx, r, now)
         d = tx.one("SELECT * FROM directives WHERE directive_id = ?", r.directive_id)
         if d is None or d["device_id"] != r.device_id:
             raise NotFound(f"no directive {r.directive_id} for device {r.device_id}")
@@ -315,6 +322,7 @@ class Directives:
         inventory = (
             {} if h.inventory is None else {"inventory": apply_update(tx, h.device_id, h.inventory, now)}
         )
+        inventory |= self._tests.health_answer(tx, h.device_id)
         if tx.one("SELECT 1 FROM health WHERE device_id = ? AND boot_id = ?", h.device_id, h.boot_id):
             return {"status": "duplicate", **inventory}
         tx.execute("INSERT INTO health VALUES (?,?,?,?)", h.device_id, h.boot_id, h.directive_id, now)
@@ -332,7 +340,9 @@ class Directives:
             h.directive_id,
             {"boot_id": h.boot_id, "kernel": h.kernel_version},
         )
-        if h.directive_id:
+        if is_test(h.directive_id):
+            self._tests.passed(tx, h.device_id, str(h.directive_id), now)
+        elif h.directive_id:
             d = tx.one("SELECT device_id FROM directives WHERE directive_id = ?", h.directive_id)
             if d is not None and d["device_id"] == h.device_id:
                 self._set_outcome(tx, h.directive_id, "succeeded", "healthy boot after applying")

@@ -36,6 +36,7 @@ from .devices import Devices
 from .directives import Directives
 from .errors import NotFound, Unauthorized
 from .fleetfiles import record_contents
+from .recoverytests import RecoveryTests
 from .store import Row, Store, Tx, iso, new_id, token_sha256
 
 
@@ -56,12 +57,14 @@ class Incidents:
         devices: Devices,
         challenges: Challenges,
         directives: Directives,
+        tests: RecoveryTests,
     ) -> None:
         self._store = store
         self._now = now
         self._devices = devices
         self._challenges = challenges
         self._directives = directives
+        self._tests = tests
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
         """Check, store and acknowledge one report, in a transaction of its own."""
@@ -85,8 +88,10 @@ class Incidents:
         """Store a checked report inside ``tx`` (the caller's, maybe shared: groupcommit.py)."""
         verified, sig, now = report.verified, report.signature, report.now
         d = verified.message
-        poll_token = secrets.token_urlsafe(24)
         self._challenges.spend(tx, d.device_id, d.server_nonce)
+        if d.test_mode:  # a recovery test visit: no incident, its directive at once
+            return self._tests.visit(tx, verified, now)
+        poll_token = secrets.token_urlsafe(24)
         incident_id = "INC-" + sig.id[:12]
         seen = tx.execute(
             "UPDATE incidents SET last_seen = ?, report_count = report_count + 1 WHERE incident_id = ?",

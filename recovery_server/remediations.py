@@ -25,7 +25,7 @@ from recovery_agent.protocol import envelope, keys
 from recovery_agent.protocol.admin import Approval, Remediation
 from recovery_agent.protocol.envelope import EnvelopeError
 from recovery_agent.protocol.errors import describe_validation
-from recovery_agent.protocol.wire import Action, RemediationApproval
+from recovery_agent.protocol.wire import REMEDIATION_ACTIONS, Action, RemediationApproval
 
 from . import audit
 from .access import Operation, User, require, require_not_author
@@ -66,6 +66,11 @@ class Remediations:
             raise BadRequest(f"actions do not fit the protocol: {describe_validation(exc)}") from None
         if not parsed:
             raise BadRequest("a remediation needs at least one action")
+        if any(a.type not in REMEDIATION_ACTIONS for a in parsed):
+            raise BadRequest(
+                "a remediation cannot hold a recovery_test action: the server makes those for a "
+                "device's recovery test (recovery-admin device test DEVICE)"
+            )
         if not 1 <= required_approvals <= 16:
             raise BadRequest("required_approvals must be 1 to 16")
         if not title or len(title) > 256:

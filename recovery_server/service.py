@@ -63,6 +63,7 @@ from .errors import BadRequest
 from .groupcommit import GroupCommit
 from .incidents import Incidents
 from .limits import DeviceRateLimits, RateLimit
+from .recoverytests import RecoveryTests
 from .remediations import Remediations
 from .retention import Pruned
 from .rollout import Rollouts
@@ -107,10 +108,21 @@ class RecoveryService:
         self._challenges = Challenges(challenge_key(self.server_key), self.now, self.settings.nonce_ttl)
         self._rollouts = Rollouts(self.store, self.now, changed)
         self._remediations = Remediations(self.store, self.now, changed)
-        self._directives = Directives(
-            self.store, self.now, self.server_key, self.settings.directive_ttl, self._devices, self._rollouts
+        self._tests = RecoveryTests(
+            self.store, self.now, self.server_key, self.settings.directive_ttl, self._devices
         )
-        self._incidents = Incidents(self.store, self.now, self._devices, self._challenges, self._directives)
+        self._directives = Directives(
+            self.store,
+            self.now,
+            self.server_key,
+            self.settings.directive_ttl,
+            self._devices,
+            self._rollouts,
+            self._tests,
+        )
+        self._incidents = Incidents(
+            self.store, self.now, self._devices, self._challenges, self._directives, self._tests
+        )
         self._audit = AuditLog(self.store)
         self.commits = GroupCommit(self.store, on_commit=changed)
 
@@ -157,6 +169,10 @@ class RecoveryService:
 
     def replace_device_key(self, user: User, device_id: str, public_key: str) -> Device:
         return self._devices.replace_key(user, device_id, public_key)
+
+    def request_recovery_test(self, user: User, device_id: str, *, cancel: bool = False) -> Device:
+        """Ask a device to test its recovery path at its next boot (recoverytests.py)."""
+        return self._tests.request(user, device_id, cancel=cancel)
 
     def enroll(self, raw: bytes) -> dict[str, Any]:
         return self._devices.enroll(raw)

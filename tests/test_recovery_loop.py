@@ -249,3 +249,38 @@ async def test_boot_hang_is_recovered_by_disabling_the_driver(tmp_path):
     assert conf is not None and b"blacklist sensor" in conf
     last_boot = report.boot.console_text.split("QMR-GRUB entry=")[-1]
     assert "QMR-OS sensor disabled" in last_boot and "sensor disabled by a remediation" in last_boot
+
+
+@pytest.mark.timeout(900)
+async def test_a_recovery_test_visits_recovery_changes_nothing_and_boots_back(tmp_path):
+    """Test mode on the healthy image: an operator asks before the machine boots; its health
+    report's answer arms the test (grubenv), the lab's OS reboots into it, the agent runs the
+    loop with the server's test directive and boots back; the next health report is the pass.
+    The OS partition after the run is the image's, file by file, but for the agent's own state
+    and what the OS writes on each boot."""
+    o = opts("healthy", tmp_path, recovery_test=True, timeout_s=800)
+    report = await run_async(o)
+    t = report.recovery_test
+    assert report.problems == [], "\n".join(o.lines[-40:]) + json.dumps(t)
+    assert t["grub_entries"] == ["os", "recovery", "os"]
+    [test] = t["tests"]
+    assert test["outcome"] == "passed" and test["requested_by"] == "lab-operator"
+    assert t["passed_at"] is not None and t["os_changed"] == []
+    assert t["test_records"] == [f"var/lib/recovery/tests/{test['test_id']}.json"]
+    assert t["visit_s"] < t["result_s"] < t["passed_s"]
+    kinds = [e["kind"] for e in report.events if e["kind"].startswith("recovery_test.")]
+    assert kinds == [
+        "recovery_test.requested",
+        "recovery_test.visit",
+        "recovery_test.result",
+        "recovery_test.passed",
+    ]
+    assert report.server_incident is None, "a test opens no incident"
+    text = report.boot.console_text
+    assert "QMR-RECOVERY-TEST armed by the server" in text
+    assert "recovery test visit (armed by server)" in text
+    assert "recovery test passed here" in text
+    assert report.disk["quarantine"] == {}
+    assert report.disk["grubenv"]["boot_count"] == "0" and "recovery_test" not in report.disk["grubenv"]
+    assert report.device["state"] == "healthy"
+    assert report.device["recovery_test_passed_at"] is not None

@@ -651,6 +651,7 @@ ROLE_MATRIX = [
     ("GET", "/enrollment-tokens", None, "admin"),
     ("POST", "/enrollment-tokens/{token_id}/revoke", None, "admin"),
     ("POST", "/devices/{device_id}/revoke", None, "admin"),
+    ("POST", "/devices/{device_id}/recovery-test", None, "operator"),
     ("POST", "/devices/{device_id}/key", {"public_key": "B" * 43 + "="}, "admin"),
     ("GET", "/events", None, "viewer"),
     ("GET", "/audit/verify", None, "viewer"),

@@ -25,12 +25,13 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from .client import HttpClient
 from .errors import ProtocolError
-from .wire import Action, CrashKind, DeviceId, Diagnostics, Identifier
+from .wire import REMEDIATION_ACTIONS, Action, CrashKind, DeviceId, Diagnostics, Identifier
 
 Role = Literal["viewer", "operator", "approver", "admin"]
 DeviceState = Literal["healthy", "recovering", "needs_manual", "remediated", "remediation_failed"]
@@ -57,6 +58,16 @@ class RemediationRequest(_Request):
     incident_id: Identifier | None = None
     actions: list[Action] = Field(min_length=1, max_length=64)
     required_approvals: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("actions")
+    @classmethod
+    def _no_test_action(cls, actions: list[Action]) -> list[Action]:
+        if any(a.type not in REMEDIATION_ACTIONS for a in actions):
+            raise ValueError(
+                "a remediation cannot hold a recovery_test action: the server makes those for a "
+                "device's recovery test (recovery-admin device test DEVICE)"
+            )
+        return actions
 
 
 class UserRequest(_Request):
@@ -460,6 +471,10 @@ class AdminClient(HttpClient):
 
     async def revoke_device(self, device_id: str) -> Device:
         return await self._post(Device, f"/devices/{quote(device_id, safe='')}/revoke")
+
+    async def request_recovery_test(self, device_id: str, *, cancel: bool = False) -> Device:
+        path = f"/devices/{quote(device_id, safe='')}/recovery-test" + ("?cancel=1" if cancel else "")
+        return await self._post(Device, path)
 
     async def replace_device_key(self, device_id: str, public_key: str) -> Device:
         return await self._post(

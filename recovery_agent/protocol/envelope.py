@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from .errors import ProtocolError, describe_validation
 from .keys import SigningKey, key_id, public_from_b64
-from .wire import Directive, Enrollment, RemediationApproval, SignedMessage
+from .wire import Directive, Enrollment, RecoveryTest, RemediationApproval, SignedMessage
 
 MAX_ENVELOPE_BYTES = 1 << 20
 # How far ahead of the device's clock a directive's issued_at may be (clocks drift; a device
@@ -382,11 +382,17 @@ def open_directive(
     now: datetime,
     approver_keyring: Mapping[str, Ed25519PublicKey] | None = None,
     approver_threshold: int = 0,
+    test_visit: bool = False,
 ) -> Verified[Directive]:
     """Verify a directive and its binding: this device, the nonce this agent sent, the exact
     diagnostics it answers, not expired, not issued more than ``MAX_CLOCK_SKEW`` in this
     device's future (its lifetime is bounded by the model), and (if the device pins approver
-    keys) signed by enough of those people. Only then may the agent act on it."""
+    keys) signed by enough of those people. Only then may the agent act on it.
+
+    A ``test_visit`` (test mode, armed on the device) takes only a recovery test directive
+    (``RecoveryTest`` actions and nothing else), and needs no approver: it changes nothing on
+    the OS outside the agent's own state. Any other visit refuses one: a test directive must
+    never stand for a fix."""
     verified = open_envelope(raw, Directive, keyring)
     d = verified.message
     if d.device_id != device_id:
@@ -416,6 +422,19 @@ def open_directive(
             f"directive {d.directive_id} was issued at {d.issued_at.isoformat()}, more than "
             f"{MAX_CLOCK_SKEW} after this device's time ({now.isoformat()}): check the device "
             f"clock and the server's"
+        )
+    tests = [a for a in d.actions if isinstance(a, RecoveryTest)]
+    if test_visit:
+        if len(tests) != len(d.actions):
+            raise DirectiveRejected(
+                f"directive {d.directive_id} would change the OS on a recovery test visit (only "
+                "the recovery_test action may run on one): refused, nothing applied"
+            )
+        return verified
+    if tests:
+        raise DirectiveRejected(
+            f"directive {d.directive_id} is a recovery test's, and this visit is no test (the "
+            "device did not arm test mode): refused, nothing applied"
         )
     verify_approvals(d, approver_keyring or {}, approver_threshold)
     return verified

@@ -297,7 +297,19 @@ class DisableDriver(WireModel):
     name: ModuleName
 
 
-Action = Annotated[QuarantineFile | RestoreFile | DisableDriver, Field(discriminator="type")]
+class RecoveryTest(WireModel):
+    """Test mode's only action (``recovery-agent test-mode``): the agent writes a record of
+    the test into its own state folder on the OS disk, and changes nothing else. The server
+    makes it for a device's test visit only (a remediation cannot hold it), and an agent
+    applies it only on a test visit it armed itself, and nothing else on one."""
+
+    type: Literal["recovery_test"] = "recovery_test"
+    test_id: Identifier
+
+
+Action = Annotated[QuarantineFile | RestoreFile | DisableDriver | RecoveryTest, Field(discriminator="type")]
+# What a remediation may do to a machine (a recovery test's action is the server's alone).
+REMEDIATION_ACTIONS = ("quarantine_file", "restore_file", "disable_driver")
 
 
 class Directive(SignedMessage):
