@@ -30,6 +30,8 @@ from recovery_agent.protocol.admin import (
     RemediationRequest,
     Rollout,
     RolloutPlan,
+    Rule,
+    RuleRequest,
     Suggestion,
     UserRequest,
     Whoami,
@@ -88,6 +90,27 @@ async def approve(request: web.Request) -> web.Response:
     body = await read_body(request, ApproveRequest)
     signed = body.signed.model_dump() if body.signed else None
     return answer(service(request).approve(user, request.match_info["remediation_id"], signed))
+
+
+async def create_rule(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, RuleRequest)
+    return answer(service(request).create_rule(user, body), status=201)
+
+
+async def list_rules(request: web.Request) -> web.Response:
+    return answer(service(request).rules(person(request)))
+
+
+async def approve_rule(request: web.Request) -> web.Response:
+    user = person(request)
+    body = await read_body(request, ApproveRequest)
+    signed = body.signed.model_dump() if body.signed else None
+    return answer(service(request).approve_rule(user, request.match_info["rule_id"], signed))
+
+
+async def revoke_rule(request: web.Request) -> web.Response:
+    return answer(service(request).revoke_rule(person(request), request.match_info["rule_id"]))
 
 
 async def register_key(request: web.Request) -> web.Response:
@@ -306,6 +329,47 @@ ROUTES: tuple[Route, ...] = (
         auth="admin",
         response=Remediation,
         errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/rules",
+        list_rules,
+        "Known-bad rules: content judged bad once, fixed everywhere after with no new approval",
+        auth="admin",
+        response=Rule,
+        many=True,
+        errors=_ADMIN,
+    ),
+    Route(
+        "POST",
+        "/v1/admin/rules",
+        create_rule,
+        "Publish a known-bad rule (operator); active once approved like a remediation",
+        auth="admin",
+        body=RuleRequest,
+        response=Rule,
+        status=201,
+        errors=(400, *_ADMIN, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/rules/{rule_id}/approve",
+        approve_rule,
+        "Approve a known-bad rule (not its author; signed RuleApproval once you registered a key)",
+        auth="admin",
+        body=ApproveRequest,
+        body_required=False,
+        response=Rule,
+        errors=(400, *_ADMIN, 404, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/rules/{rule_id}/revoke",
+        revoke_rule,
+        "Revoke a known-bad rule and every remediation made from it (approver)",
+        auth="admin",
+        response=Rule,
+        errors=(*_ADMIN, 404, 409),
     ),
     Route(
         "POST",

@@ -18,12 +18,19 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from recovery_agent.protocol.admin import AdminClient, Correlation, Role, RolloutPlan
+from recovery_agent.protocol.admin import AdminClient, Correlation, Role, RolloutPlan, RuleRequest
 from recovery_agent.protocol.client import RetryPolicy, ServerRefused, ServerUnreachable
-from recovery_agent.protocol.envelope import actions_digest, seal
+from recovery_agent.protocol.envelope import actions_digest, rule_digest, seal
 from recovery_agent.protocol.errors import ProtocolError
 from recovery_agent.protocol.keys import SigningKey, atomic_write, public_b64
-from recovery_agent.protocol.wire import PathRuleError, RemediationApproval, check_relative_path, utcnow
+from recovery_agent.protocol.wire import (
+    KnownBadRule,
+    PathRuleError,
+    RemediationApproval,
+    RuleApproval,
+    check_relative_path,
+    utcnow,
+)
 
 from .audit import describe
 from .errors import ServerError
@@ -207,24 +214,105 @@ async def _remediation(c: AdminClient, args: argparse.Namespace) -> Output:
     return Output(await c.revoke(args.remediation_id))
 
 
-async def _rollout(c: AdminClient, args: argparse.Namespace) -> Output:
-    if args.rocmd == "create":
-        waves: list[dict[str, Any]] = []
-        if args.canary:
-            waves.append({"name": "canary", "devices": args.canary.split(",")})
-        for pct in args.percent or [10, 100]:
-            waves.append({"name": f"{pct:g}%", "percent": pct})
-        plan = RolloutPlan.model_validate(
+def _plan_from_args(args: argparse.Namespace) -> RolloutPlan:
+    """A rollout plan from the options ``_add_plan_options`` adds."""
+    waves: list[dict[str, Any]] = []
+    if args.canary:
+        waves.append({"name": "canary", "devices": args.canary.split(",")})
+    for pct in args.percent or [10, 100]:
+        waves.append({"name": f"{pct:g}%", "percent": pct})
+    return RolloutPlan.model_validate(
+        {
+            "waves": waves,
+            "min_devices": args.min_devices,
+            "min_success_rate": args.min_success_rate,
+            "soak_s": args.soak,
+            "halt_failure_rate": args.halt_failure_rate,
+            "halt_min_devices": args.halt_min_devices,
+        }
+    )
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--canary", help="comma-separated device ids for the first wave")
+    p.add_argument(
+        "--percent",
+        type=float,
+        action="append",
+        help="a percentage wave (repeat, growing, last 100); default 10 then 100",
+    )
+    p.add_argument("--min-devices", type=int, default=1, help="finished devices before promotion")
+    p.add_argument("--min-success-rate", type=float, default=0.95)
+    p.add_argument("--soak", type=float, default=0, help="seconds a wave runs before promotion")
+    p.add_argument("--halt-failure-rate", type=float, default=0.2)
+    p.add_argument("--halt-min-devices", type=int, default=1)
+
+
+async def _rule(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.rulecmd == "list":
+        rules = await c.rules()
+        rows = [
+            dict(r, approvals=f"{len(r['approvals'])}/{r['required_approvals']}", uses=len(r["uses"]))
+            for r in _rows(rules)
+        ]
+        return Output(
+            rules, rows, ["rule_id", "status", "approvals", "uses", "path_pattern", "sha256", "title"]
+        )
+    if args.rulecmd == "create":
+        path_pattern, sha256 = args.path_pattern, args.sha256
+        if args.from_remediation:
+            rem = next((r for r in await c.remediations() if r.remediation_id == args.from_remediation), None)
+            quarantines = [a for a in rem.actions if a.type == "quarantine_file"] if rem else []
+            if rem is None or len(quarantines) != 1:
+                raise CommandError(
+                    f"--from-remediation {args.from_remediation}: name a remediation that quarantines "
+                    "one file"
+                )
+            path_pattern = path_pattern or quarantines[0].path
+            sha256 = sha256 or quarantines[0].sha256
+        if not path_pattern or not sha256:
+            raise CommandError("give --path-pattern and --sha256, or --from-remediation REM")
+        request = RuleRequest.model_validate(
             {
-                "waves": waves,
-                "min_devices": args.min_devices,
-                "min_success_rate": args.min_success_rate,
-                "soak_s": args.soak,
-                "halt_failure_rate": args.halt_failure_rate,
-                "halt_min_devices": args.halt_min_devices,
+                "title": args.title,
+                "path_pattern": path_pattern,
+                "sha256": sha256,
+                "required_approvals": args.approvals,
+                "rollout": _plan_from_args(args) if args.staged else None,
             }
         )
-        return Output(await c.create_rollout(args.remediation_id, plan))
+        return Output(await c.create_rule(request))
+    if args.rulecmd == "approve":
+        signed = await _signed_rule_approval(c, args.rule_id, args.key) if args.key else None
+        return Output(await c.approve_rule(args.rule_id, signed))
+    return Output(await c.revoke_rule(args.rule_id))
+
+
+async def _signed_rule_approval(c: AdminClient, rule_id: str, key_path: str) -> dict[str, Any]:
+    """Sign the rule as shown here (its digest computed here, not taken from the server)."""
+    key = SigningKey.load(Path(key_path))
+    me = await c.whoami()
+    rule = next((r for r in await c.rules() if r.rule_id == rule_id), None)
+    if rule is None:
+        raise CommandError(f"no known-bad rule {rule_id}: list them with recovery-admin rule list")
+    wire = KnownBadRule(
+        rule_id=rule.rule_id, title=rule.title, path_pattern=rule.path_pattern, sha256=rule.sha256
+    )
+    print(
+        f"signing approval of known-bad rule {rule.rule_id} ({rule.title}): quarantine files matching "
+        f"{rule.path_pattern} with sha256 {rule.sha256}, on every device that reports one, with no "
+        "new approval",
+        file=sys.stderr,
+    )
+    approval = RuleApproval(
+        rule_id=rule.rule_id, rule_sha256=rule_digest(wire), approver=me.name, approved_at=utcnow()
+    )
+    return seal(approval, key)
+
+
+async def _rollout(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.rocmd == "create":
+        return Output(await c.create_rollout(args.remediation_id, _plan_from_args(args)))
     if args.rocmd == "list":
         rollouts = await c.rollouts()
         rows = [
@@ -362,6 +450,8 @@ async def _run(args: argparse.Namespace) -> Output:
             return Output(await c.suggestion(args.incident_id))
         if cmd == "remediation":
             return await _remediation(c, args)
+        if cmd == "rule":
+            return await _rule(c, args)
         if cmd == "rollout":
             return await _rollout(c, args)
         if cmd == "key":
@@ -447,19 +537,38 @@ def main(argv: list[str] | None = None) -> int:
     rosub = ro.add_subparsers(dest="rocmd", required=True)
     rc = rosub.add_parser("create", help="set the waves before the remediation is served")
     rc.add_argument("remediation_id")
-    rc.add_argument("--canary", help="comma-separated device ids for the first wave")
-    rc.add_argument(
-        "--percent",
-        type=float,
-        action="append",
-        help="a percentage wave (repeat, growing, last 100); default 10 then 100",
-    )
-    rc.add_argument("--min-devices", type=int, default=1, help="finished devices before promotion")
-    rc.add_argument("--min-success-rate", type=float, default=0.95)
-    rc.add_argument("--soak", type=float, default=0, help="seconds a wave runs before promotion")
-    rc.add_argument("--halt-failure-rate", type=float, default=0.2)
-    rc.add_argument("--halt-min-devices", type=int, default=1)
+    _add_plan_options(rc)
     rosub.add_parser("list")
+    kb = sub.add_parser(
+        "rule",
+        help="known-bad rules: content judged bad once (approved M of N), fixed in every later incident "
+        "with no new approval",
+    )
+    kbs = kb.add_subparsers(dest="rulecmd", required=True)
+    kbs.add_parser("list")
+    kc = kbs.add_parser("create", help="publish a rule (operator); it acts once approved")
+    kc.add_argument("--title", required=True)
+    kc.add_argument(
+        "--path-pattern", help="relative to the OS root; * ? [..] as in fnmatch (* also across /)"
+    )
+    kc.add_argument("--sha256", help="the bad content's sha256")
+    kc.add_argument(
+        "--from-remediation", metavar="REM", help="take the path and sha256 of a remediation's one quarantine"
+    )
+    kc.add_argument("--approvals", type=int, default=1, help="approvers needed (not the author)")
+    kc.add_argument(
+        "--staged",
+        action="store_true",
+        help="serve each incident's fix through a rollout (the options below)",
+    )
+    _add_plan_options(kc)
+    for name in ("approve", "revoke"):
+        ka = kbs.add_parser(name)
+        ka.add_argument("rule_id")
+        if name == "approve":
+            ka.add_argument(
+                "--key", help="sign the approval with your own key (required once you registered one)"
+            )
     for name in ("show", "pause", "resume", "revoke"):
         rosub.add_parser(name).add_argument("rollout_id")
     k = sub.add_parser("key", help="make your own approval key (PATH, 0600) and register it")

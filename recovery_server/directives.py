@@ -47,6 +47,7 @@ from .fleetfiles import apply_update, listed_files
 from .recoverytests import RecoveryTests, is_test
 from .remediations import approved_remediation
 from .rollout import Rollouts
+from .rules import known_bad_rule, rule_approvals
 from .store import Reader, Row, Store, Tx, iso, new_id, token_sha256
 
 _ACTIONS = TypeAdapter(list[Action])
@@ -189,7 +190,14 @@ class Directives:
     def _issue(self, tx: Tx, report: Row, rem: Row, wave: int | None) -> DirectivePoll:
         counted = self._rollouts.counts(tx, rem["remediation_id"], report["device_id"])
         now = self._now()
-        approvals = self._approvals(tx, rem["remediation_id"])
+        rule = None
+        if rem["rule_id"]:  # made from a known-bad rule: its approvals are the rule's
+            rule_row = tx.one("SELECT * FROM known_bad_rules WHERE rule_id = ?", rem["rule_id"])
+            assert rule_row is not None, "a remediation's rule is never deleted"
+            rule = known_bad_rule(rule_row)
+            approvals = rule_approvals(tx, rule.rule_id)
+        else:
+            approvals = self._approvals(tx, rem["remediation_id"])
         directive = Directive(
             directive_id=new_id("dir"),
             device_id=report["device_id"],
@@ -201,6 +209,7 @@ class Directives:
             expires_at=now + self._ttl,
             actions=list(_actions(rem["actions"])),
             approvals=approvals,
+            rule=rule,
         )
         env = envelope.seal(directive, self._server_key)
         tx.execute(
@@ -228,6 +237,7 @@ class Directives:
                 "report": report["report_id"],
                 "wave": wave,
                 "counted": counted,
+                **({"rule": rule.rule_id} if rule else {}),
             },
         )
         return DirectivePoll(status="directive", envelope=env)

@@ -37,6 +37,7 @@ from .directives import Directives
 from .errors import NotFound, Unauthorized
 from .fleetfiles import record_contents
 from .recoverytests import RecoveryTests
+from .rules import Rules
 from .store import Row, Store, Tx, iso, new_id, token_sha256
 
 
@@ -58,6 +59,7 @@ class Incidents:
         challenges: Challenges,
         directives: Directives,
         tests: RecoveryTests,
+        rules: Rules,
     ) -> None:
         self._store = store
         self._now = now
@@ -65,6 +67,7 @@ class Incidents:
         self._challenges = challenges
         self._directives = directives
         self._tests = tests
+        self._rules = rules
 
     def accept_diagnostics(self, raw: bytes) -> DiagnosticsReceipt:
         """Check, store and acknowledge one report, in a transaction of its own."""
@@ -131,6 +134,8 @@ class Incidents:
         )
         # The fleet's first sighting of each file it lists (correlation.py: a file's onset).
         record_contents(tx, (*d.drivers, *d.channel_files, *d.driver_store), now, d.device_id)
+        # Content a known-bad rule names: the incident's fix, with no new approval (rules.py).
+        self._rules.apply(tx, incident_id, d, now)
         # The agent's last attempt: unless a fix lands now, a person must recover it.
         state = "needs_manual" if d.boot.recovery_attempts >= d.boot.max_recovery_attempts else "recovering"
         # A device revoked since its report was checked is refused here, in the transaction.

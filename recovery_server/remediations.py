@@ -81,7 +81,8 @@ class Remediations:
             if incident_id and tx.one("SELECT 1 FROM incidents WHERE incident_id = ?", incident_id) is None:
                 raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
             tx.execute(
-                "INSERT INTO remediations VALUES (?,?,?,?,?,?,'pending',?)",
+                "INSERT INTO remediations(remediation_id, incident_id, title, actions, author, "
+                "required_approvals, status, created_at) VALUES (?,?,?,?,?,?,'pending',?)",
                 rid,
                 incident_id,
                 title,

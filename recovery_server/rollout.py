@@ -147,6 +147,32 @@ _STATE_CHANGES = {
 }
 
 
+def start_rollout(tx: Tx, now: str, actor: str, remediation_id: str, plan: RolloutPlan) -> str:
+    """Set ``plan`` for a remediation that has none and has served nothing yet, inside
+    ``tx``; the rollout's id. Devices enrolled before its audit entry count in it."""
+    rollout_id = new_id("ro")
+    started_seq = audit.record(
+        tx,
+        now,
+        "rollout.created",
+        actor,
+        subject=rollout_id,
+        detail={"remediation": remediation_id, "waves": [w.name for w in plan.waves]},
+    )
+    tx.execute(
+        "INSERT INTO rollouts(rollout_id, remediation_id, plan, state, current_wave, "
+        "wave_started_at, created_by, created_at, started_seq) VALUES (?,?,?,'active',0,?,?,?,?)",
+        rollout_id,
+        remediation_id,
+        plan.model_dump_json(),
+        now,
+        actor,
+        now,
+        started_seq,
+    )
+    return rollout_id
+
+
 class Rollouts:
     def __init__(self, store: Store, now: Callable[[], datetime], changed: Callable[[], None]) -> None:
         self._store = store
@@ -173,27 +199,7 @@ class Rollouts:
                 )
             if tx.one("SELECT 1 FROM rollouts WHERE remediation_id = ?", remediation_id):
                 raise Conflict(f"{remediation_id} has a rollout already")
-            rollout_id = new_id("ro")
-            # Devices enrolled before this entry count in the rollout; those enrolled after do not.
-            started_seq = audit.record(
-                tx,
-                now,
-                "rollout.created",
-                user.name,
-                subject=rollout_id,
-                detail={"remediation": remediation_id, "waves": [w.name for w in parsed.waves]},
-            )
-            tx.execute(
-                "INSERT INTO rollouts(rollout_id, remediation_id, plan, state, current_wave, "
-                "wave_started_at, created_by, created_at, started_seq) VALUES (?,?,?,'active',0,?,?,?,?)",
-                rollout_id,
-                remediation_id,
-                parsed.model_dump_json(),
-                now,
-                user.name,
-                now,
-                started_seq,
-            )
+            rollout_id = start_rollout(tx, now, user.name, remediation_id, parsed)
         return self._view(rollout_id)
 
     def set_state(self, user: User, rollout_id: str, action: str) -> Rollout:

@@ -47,6 +47,8 @@ from recovery_agent.protocol.admin import (
     Remediation,
     Rollout,
     RolloutPlan,
+    Rule,
+    RuleRequest,
     Suggestion,
 )
 from recovery_agent.protocol.keys import SigningKey
@@ -67,6 +69,7 @@ from .recoverytests import RecoveryTests
 from .remediations import Remediations
 from .retention import Pruned
 from .rollout import Rollouts
+from .rules import Rules
 from .store import Store
 from .users import Users
 
@@ -120,8 +123,9 @@ class RecoveryService:
             self._rollouts,
             self._tests,
         )
+        self._rules = Rules(self.store, self.now, changed)
         self._incidents = Incidents(
-            self.store, self.now, self._devices, self._challenges, self._directives, self._tests
+            self.store, self.now, self._devices, self._challenges, self._directives, self._tests, self._rules
         )
         self._audit = AuditLog(self.store)
         self.commits = GroupCommit(self.store, on_commit=changed)
@@ -282,6 +286,20 @@ class RecoveryService:
         return self._remediations.remediations(user)
 
     # ---------------------------------------------------------------- rollouts
+
+    # ---------------------------------------------------------------- known-bad rules
+
+    def create_rule(self, user: User, request: RuleRequest | Mapping[str, Any]) -> Rule:
+        return self._rules.create(user, request)
+
+    def rules(self, user: User) -> list[Rule]:
+        return self._rules.rules(user)
+
+    def approve_rule(self, user: User, rule_id: str, signed: Mapping[str, Any] | None = None) -> Rule:
+        return self._rules.approve(user, rule_id, signed)
+
+    def revoke_rule(self, user: User, rule_id: str) -> Rule:
+        return self._rules.revoke(user, rule_id)
 
     def create_rollout(
         self, user: User, remediation_id: str, plan: RolloutPlan | Mapping[str, Any]

@@ -111,7 +111,16 @@ _MIGRATIONS: dict[int, list[str | Callable[[Tx, str], None]]] = {
         "ALTER TABLE devices ADD COLUMN inventory_digest TEXT",
         "ALTER TABLE devices ADD COLUMN inventory_at TEXT",
     ],
-    5: [  # test mode (recoverytests.py): a device's recovery path tested on purpose
+    5: [  # known-bad rules (rules.py), approved M of N; the remediations made from them
+        "CREATE TABLE known_bad_rules (rule_id TEXT PRIMARY KEY, title TEXT NOT NULL, "
+        "path_pattern TEXT NOT NULL, sha256 TEXT NOT NULL, author TEXT NOT NULL REFERENCES users(name), "
+        "required_approvals INTEGER NOT NULL, plan TEXT, status TEXT NOT NULL DEFAULT 'pending', "
+        "created_at TEXT NOT NULL, revoked_at TEXT, revoked_by TEXT)",
+        "CREATE TABLE rule_approvals (rule_id TEXT NOT NULL REFERENCES known_bad_rules(rule_id), "
+        "approver TEXT NOT NULL REFERENCES users(name), approved_at TEXT NOT NULL, envelope TEXT, "
+        "PRIMARY KEY (rule_id, approver))",
+        "ALTER TABLE remediations ADD COLUMN rule_id TEXT",
+        # test mode (recoverytests.py): a device's recovery path tested on purpose
         "CREATE TABLE recovery_tests (test_id TEXT PRIMARY KEY, "
         "device_id TEXT NOT NULL REFERENCES devices(device_id), "
         "requested_by TEXT NOT NULL, visited_at TEXT NOT NULL, diagnostics_sha256 TEXT NOT NULL UNIQUE, "

@@ -153,7 +153,11 @@ def live(request, tmp_path) -> Iterator[LiveFleet]:
         # revoke them; the fuzzer's own device keeps reporting).
         live.run(fleet.enroll("dev-2", SigningKey.generate()))
         spare = fleet.service.create_enrollment_token(fleet.admin, "spare")
+        rule = fleet.service.create_rule(
+            fleet.user("oscar"), {"title": "bad", "path_pattern": BAD_PATH, "sha256": "b" * 64}
+        )
         live.ids = {
+            "rule_id": rule.rule_id,
             "device_id": "dev-2",
             "token_id": spare.token_id,
             "incident_id": ids["incident_id"],
@@ -302,6 +306,7 @@ def valid_body(live: LiveFleet, path: str, draw: Any) -> tuple[Any, str | None, 
             "halt_failure_rate": 0.2,
             "halt_min_devices": 1,
         },
+        "/v1/admin/rules": {"title": "bad", "path_pattern": "var/lib/*.sys", "sha256": "c" * 64},
         "/v1/admin/me/key": {"public_key": public_b64(SigningKey.generate().public)},
         "/v1/admin/users": {"name": f"u{n}", "role": "viewer"},
         "/v1/admin/enrollment-tokens": {"label": "lab"},

@@ -652,6 +652,10 @@ ROLE_MATRIX = [
     ("POST", "/enrollment-tokens/{token_id}/revoke", None, "admin"),
     ("POST", "/devices/{device_id}/revoke", None, "admin"),
     ("POST", "/devices/{device_id}/recovery-test", None, "operator"),
+    ("GET", "/rules", None, "viewer"),
+    ("POST", "/rules", {"title": "bad", "path_pattern": "var/lib/x/*.sys", "sha256": "a" * 64}, "operator"),
+    ("POST", "/rules/{rule_id}/approve", None, "approver"),
+    ("POST", "/rules/{rule_id}/revoke", None, "approver"),
     ("POST", "/devices/{device_id}/key", {"public_key": "B" * 43 + "="}, "admin"),
     ("GET", "/events", None, "viewer"),
     ("GET", "/audit/verify", None, "viewer"),
@@ -695,6 +699,9 @@ async def test_each_role_gets_exactly_what_it_may(fleet, device, method, path, b
         "rollout_id": ro.rollout_id,
         "device_id": "dev-1",
         "token_id": fleet.service.enrollment_tokens(fleet.admin)[0].token_id,
+        "rule_id": fleet.service.create_rule(
+            fleet.user("oscar"), {"title": "bad", "path_pattern": "var/x/*", "sha256": "b" * 64}
+        ).rule_id,
     }
     tokens = {role: fleet.service.create_user(fleet.admin, f"p-{role}", role).token for role in ROLES}
     async with AdminClient(fleet.url, retry=FAST_RETRY) as c:

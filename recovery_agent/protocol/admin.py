@@ -31,7 +31,15 @@ from pydantic import (
 
 from .client import HttpClient
 from .errors import ProtocolError
-from .wire import REMEDIATION_ACTIONS, Action, CrashKind, DeviceId, Diagnostics, Identifier
+from .wire import (
+    REMEDIATION_ACTIONS,
+    Action,
+    CrashKind,
+    DeviceId,
+    Diagnostics,
+    Identifier,
+    check_path_pattern,
+)
 
 Role = Literal["viewer", "operator", "approver", "admin"]
 DeviceState = Literal["healthy", "recovering", "needs_manual", "remediated", "remediation_failed"]
@@ -124,7 +132,8 @@ class Envelope(BaseModel):
 class ApproveRequest(_Request):
     signed: Envelope | None = Field(
         default=None,
-        description="the approver's own signed RemediationApproval; required once they registered a key",
+        description="the approver's own signed RemediationApproval (RuleApproval for a known-bad "
+        "rule); required once they registered a key",
     )
 
 
@@ -328,6 +337,44 @@ class Remediation(_Answer):
     status: RemediationStatus
     created_at: AwareDatetime
     approvals: list[Approval]
+    rule_id: str | None = Field(
+        default=None, description="made from this known-bad rule, approved by its approvers"
+    )
+
+
+class RuleRequest(_Request):
+    """A known-bad rule to publish: content (sha256) at paths matching a pattern is bad, the
+    fix is to quarantine it. Once approved, incidents whose devices report that content get
+    the fix with no new approval, through ``rollout`` if given (else to every device)."""
+
+    title: str = Field(min_length=1, max_length=256)
+    path_pattern: str = Field(
+        max_length=1024, description="relative to the OS root; * ? [..] as in fnmatch (* also across /)"
+    )
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    required_approvals: int = Field(default=1, ge=1, le=16)
+    rollout: RolloutPlan | None = None
+
+    @field_validator("path_pattern")
+    @classmethod
+    def _pattern(cls, pattern: str) -> str:
+        return check_path_pattern(pattern)
+
+
+class Rule(_Answer):
+    rule_id: str
+    title: str
+    path_pattern: str
+    sha256: str
+    author: str
+    required_approvals: int
+    status: Literal["pending", "active", "revoked"]
+    created_at: AwareDatetime
+    approvals: list[Approval]
+    rollout: RolloutPlan | None = None
+    uses: list[str] = Field(default=[], description="the remediations made from it, one per incident")
+    revoked_at: AwareDatetime | None = None
+    revoked_by: str | None = None
 
 
 class WaveProgress(_Answer):
@@ -528,6 +575,21 @@ class AdminClient(HttpClient):
 
     async def revoke(self, remediation_id: str) -> Remediation:
         return await self._post(Remediation, f"/remediations/{remediation_id}/revoke")
+
+    # ---------------------------------------------------------------- known-bad rules
+
+    async def create_rule(self, request: RuleRequest) -> Rule:
+        return await self._post(Rule, "/rules", request)
+
+    async def rules(self) -> list[Rule]:
+        return await self._get_list(Rule, "/rules")
+
+    async def approve_rule(self, rule_id: str, signed: Mapping[str, Any] | None = None) -> Rule:
+        body = ApproveRequest.model_validate({"signed": signed}) if signed is not None else None
+        return await self._post(Rule, f"/rules/{quote(rule_id, safe='')}/approve", body)
+
+    async def revoke_rule(self, rule_id: str) -> Rule:
+        return await self._post(Rule, f"/rules/{quote(rule_id, safe='')}/revoke")
 
     # ---------------------------------------------------------------- rollouts
 

@@ -32,7 +32,15 @@ from pydantic import ValidationError
 
 from .errors import ProtocolError, describe_validation
 from .keys import SigningKey, key_id, public_from_b64
-from .wire import Directive, Enrollment, RecoveryTest, RemediationApproval, SignedMessage
+from .wire import (
+    Directive,
+    Enrollment,
+    KnownBadRule,
+    RecoveryTest,
+    RemediationApproval,
+    RuleApproval,
+    SignedMessage,
+)
 
 MAX_ENVELOPE_BYTES = 1 << 20
 # How far ahead of the device's clock a directive's issued_at may be (clocks drift; a device
@@ -342,24 +350,50 @@ def actions_digest(actions: list[Any]) -> str:
     ).hexdigest()
 
 
+def rule_digest(rule: KnownBadRule) -> str:
+    """sha256 of the canonical JSON of a known-bad rule: what its approvers sign."""
+    return hashlib.sha256(canonical_json(rule.model_dump(mode="json"))).hexdigest()
+
+
 def verify_approvals(
     directive: Directive, approver_keyring: Mapping[str, Ed25519PublicKey], threshold: int
 ) -> list[str]:
     """The key ids of distinct pinned approvers whose signed approval covers exactly this
-    directive's remediation and actions; DirectiveRejected if fewer than ``threshold``."""
+    directive's remediation and actions (or, for a directive made from a known-bad rule,
+    exactly that rule, every action following from it); DirectiveRejected if fewer than
+    ``threshold``."""
+    rule = directive.rule
+    if rule is not None:
+        # Checked whatever the threshold: a rule's directive does what its rule says, or nothing.
+        stray = [i for i, a in enumerate(directive.actions) if not rule.allows(a)]
+        if stray:
+            raise DirectiveRejected(
+                f"directive {directive.directive_id}: action(s) {stray} do not follow from known-bad "
+                f"rule {rule.rule_id} (quarantine {rule.path_pattern} with sha256 {rule.sha256[:12]}…): "
+                "refused, nothing applied"
+            )
     if threshold <= 0:
         return []
-    digest = actions_digest(directive.actions)
+    digest = actions_digest(directive.actions) if rule is None else rule_digest(rule)
     signers: list[str] = []
     problems: list[str] = []
     for env in directive.approvals:
         try:
-            v = open_envelope(env, RemediationApproval, approver_keyring)
+            if rule is None:
+                v: Verified[Any] = open_envelope(env, RemediationApproval, approver_keyring)
+                covers = (v.message.remediation_id, v.message.actions_sha256) == (
+                    directive.remediation_id,
+                    digest,
+                )
+            else:
+                v = open_envelope(env, RuleApproval, approver_keyring)
+                covers = (v.message.rule_id, v.message.rule_sha256) == (rule.rule_id, digest)
         except EnvelopeError as exc:
             problems.append(str(exc).split(":")[0])
             continue
-        if v.message.remediation_id != directive.remediation_id or v.message.actions_sha256 != digest:
-            problems.append(f"{v.message.approver}'s approval is for other actions")
+        if not covers:
+            what = "other actions" if rule is None else "another rule"
+            problems.append(f"{v.message.approver}'s approval is for {what}")
             continue
         if v.key_id not in signers:
             signers.append(v.key_id)

@@ -24,6 +24,7 @@ here, never stored. A directive lives at most ``MAX_DIRECTIVE_LIFETIME`` from it
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import re
 from collections.abc import Iterable
@@ -312,6 +313,33 @@ Action = Annotated[QuarantineFile | RestoreFile | DisableDriver | RecoveryTest, 
 REMEDIATION_ACTIONS = ("quarantine_file", "restore_file", "disable_driver")
 
 
+def check_path_pattern(pattern: str) -> str:
+    """A known-bad rule's path pattern: a relative path in which ``*``, ``?`` and ``[...]``
+    match as in ``fnmatch`` (``*`` also across ``/``); the same rules as a path otherwise."""
+    check_relative_path(pattern)
+    return pattern
+
+
+class KnownBadRule(WireModel):
+    """Content known to be bad (CrowdStrike's "known-bad" list; QMR's auto remediation): a
+    file whose path relative to the OS root matches ``path_pattern`` and whose content hashes
+    to ``sha256``. The fix is to quarantine that file. Approved M of N like a remediation,
+    each approver signing a ``RuleApproval`` of exactly this rule; a directive made from it
+    carries the rule and those signatures, and its actions must follow from the rule."""
+
+    rule_id: Identifier
+    title: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    path_pattern: Annotated[str, StringConstraints(max_length=PATH_MAX), AfterValidator(check_path_pattern)]
+    sha256: Sha256Hex
+
+    def matches(self, path: str, sha256: str) -> bool:
+        return sha256 == self.sha256 and fnmatch.fnmatchcase(path, self.path_pattern)
+
+    def allows(self, action: Any) -> bool:
+        """Whether ``action`` follows from this rule: a quarantine of matching content."""
+        return isinstance(action, QuarantineFile) and self.matches(action.path, action.sha256)
+
+
 class Directive(SignedMessage):
     PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "directive.v1+json"
 
@@ -328,6 +356,9 @@ class Directive(SignedMessage):
     # The approvers' own signed approvals (RemediationApproval envelopes) of these actions.
     # A device that pins approver keys needs enough of them: the server alone cannot make one.
     approvals: list[dict[str, Any]] = Field(default=[], max_length=16)
+    # Made from a known-bad rule, with no approval of its own: ``approvals`` are then the
+    # rule's (RuleApproval envelopes), and every action must follow from the rule.
+    rule: KnownBadRule | None = None
 
     @model_validator(mode="after")
     def _bounded_lifetime(self) -> Self:
@@ -353,6 +384,18 @@ class RemediationApproval(SignedMessage):
 
     remediation_id: Identifier
     actions_sha256: Sha256Hex
+    approver: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    approved_at: AwareDatetime
+
+
+class RuleApproval(SignedMessage):
+    """A person's own signature on a known-bad rule: its id and the sha256 of the rule
+    (``envelope.rule_digest``), signed with that person's key."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "rule-approval.v1+json"
+
+    rule_id: Identifier
+    rule_sha256: Sha256Hex
     approver: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
     approved_at: AwareDatetime
 
