@@ -17,12 +17,15 @@ from recovery_agent.protocol.admin import (
     AuditReport,
     Correlation,
     Device,
+    DeviceDetail,
     DeviceKeyRequest,
     EnrollmentToken,
     EnrollmentTokenInfo,
     EnrollmentTokenRequest,
     Incident,
     IncidentDetail,
+    IncidentSummary,
+    IncidentTimeline,
     NewUser,
     RegisteredKey,
     RegisterKeyRequest,
@@ -50,12 +53,25 @@ async def list_devices(request: web.Request) -> web.Response:
     return answer(service(request).devices(person(request)))
 
 
+async def get_device(request: web.Request) -> web.Response:
+    return answer(service(request).device(person(request), request.match_info["device_id"]))
+
+
 async def list_incidents(request: web.Request) -> web.Response:
     return answer(service(request).incidents(person(request)))
 
 
 async def get_incident(request: web.Request) -> web.Response:
     return answer(service(request).incident(person(request), request.match_info["incident_id"]))
+
+
+async def incident_summary(request: web.Request) -> web.Response:
+    return answer(service(request).incident_summary(person(request), request.match_info["incident_id"]))
+
+
+async def incident_timeline(request: web.Request) -> web.Response:
+    user, incident_id = person(request), request.match_info["incident_id"]
+    return answer(await asyncio.to_thread(service(request).incident_timeline, user, incident_id))
 
 
 async def suggest(request: web.Request) -> web.Response:
@@ -214,6 +230,15 @@ ROUTES: tuple[Route, ...] = (
         errors=_ADMIN,
     ),
     Route(
+        "GET",
+        "/v1/admin/devices/{device_id}",
+        get_device,
+        "One device with its latest reports, directives and results (200 of each at most)",
+        auth="admin",
+        response=DeviceDetail,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
         "POST",
         "/v1/admin/devices/{device_id}/revoke",
         revoke_device,
@@ -259,6 +284,24 @@ ROUTES: tuple[Route, ...] = (
         "One incident with its reports",
         auth="admin",
         response=IncidentDetail,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents/{incident_id}/summary",
+        incident_summary,
+        "One incident with the crash of its first report, not every report",
+        auth="admin",
+        response=IncidentSummary,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/incidents/{incident_id}/timeline",
+        incident_timeline,
+        "Its reports, directives and outcomes over time (at most 120 buckets), approvals and rollouts",
+        auth="admin",
+        response=IncidentTimeline,
         errors=(*_ADMIN, 404),
     ),
     Route(

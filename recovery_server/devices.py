@@ -37,6 +37,7 @@ them, which takes them out of every gate.
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
@@ -47,8 +48,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from recovery_agent.protocol import envelope, keys
 from recovery_agent.protocol.admin import (
     DEFAULT_TOKEN_LIFETIME_S,
+    MAX_DEVICE_ROWS,
     MAX_TOKEN_LIFETIME_S,
     Device,
+    DeviceDetail,
     EnrollmentToken,
     EnrollmentTokenInfo,
     EnrollmentTokenState,
@@ -367,6 +370,57 @@ class Devices:
     def device(self, device_id: str) -> Device:
         """One device's view (it must exist)."""
         return self._device(device_id)
+
+    def detail(self, user: User, device_id: str) -> DeviceDetail:
+        """A device with its latest reports, directives and results, newest first (the
+        dashboard's device page): at most ``MAX_DEVICE_ROWS`` of each, never a report's
+        diagnostics."""
+        require(user, Operation.READ_FLEET)
+        row = self._store.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", device_id)
+        if row is None:
+            raise NotFound(f"no device {device_id}: list them with recovery-admin devices")
+        reports = self._store.all(
+            "SELECT r.report_id, r.incident_id, r.received_at, i.title FROM reports r "
+            "JOIN incidents i ON i.incident_id = r.incident_id WHERE r.device_id = ? "
+            f"ORDER BY r.received_at DESC, r.report_id DESC LIMIT {MAX_DEVICE_ROWS}",
+            device_id,
+        )
+        directives = self._store.all(
+            "SELECT directive_id, remediation_id, report_id, issued_at, wave, outcome, outcome_at "
+            "FROM directives WHERE device_id = ? "
+            f"ORDER BY issued_at DESC, directive_id DESC LIMIT {MAX_DEVICE_ROWS}",
+            device_id,
+        )
+        # Through the device's directives (indexed by device), each result once.
+        results = self._store.all(
+            "SELECT res.directive_id, res.outcome, res.received_at, res.payload FROM results res "
+            "JOIN directives d ON d.directive_id = res.directive_id "
+            "WHERE d.device_id = ? AND res.device_id = d.device_id "
+            f"ORDER BY res.received_at DESC, res.directive_id DESC LIMIT {MAX_DEVICE_ROWS}",
+            device_id,
+        )
+        return DeviceDetail.model_validate(
+            {
+                **dict(row),
+                "reports_total": self._store.scalar(
+                    "SELECT count(*) FROM reports WHERE device_id = ?", device_id
+                ),
+                "directives_total": self._store.scalar(
+                    "SELECT count(*) FROM directives WHERE device_id = ?", device_id
+                ),
+                "reports": [dict(r) for r in reports],
+                "directives": [dict(d) for d in directives],
+                "results": [
+                    {
+                        "directive_id": r["directive_id"],
+                        "outcome": r["outcome"],
+                        "received_at": r["received_at"],
+                        "error": json.loads(r["payload"]).get("error"),
+                    }
+                    for r in results
+                ],
+            }
+        )
 
     def _device(self, device_id: str) -> Device:
         row = self._store.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", device_id)

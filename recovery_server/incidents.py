@@ -23,7 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from recovery_agent.protocol.admin import Incident, IncidentDetail, IncidentReport, Suggestion
+from recovery_agent.protocol.admin import (
+    Incident,
+    IncidentDetail,
+    IncidentReport,
+    IncidentSummary,
+    IncidentTimeline,
+    Suggestion,
+)
 from recovery_agent.protocol.crashreport import rederive
 from recovery_agent.protocol.envelope import Verified
 from recovery_agent.protocol.wire import CrashSignature, Diagnostics, DiagnosticsReceipt
@@ -39,6 +46,7 @@ from .fleetfiles import record_contents
 from .recoverytests import RecoveryTests
 from .rules import Rules
 from .store import Row, Store, Tx, iso, new_id, token_sha256
+from .timeline import timeline
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,35 @@ class Incidents:
             )
         ]
         return IncidentDetail.model_validate({**self._view(row).model_dump(), "reports": reports})
+
+    def _row(self, incident_id: str) -> Row:
+        row = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
+        if row is None:
+            raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
+        return row
+
+    def summary(self, user: User, incident_id: str) -> IncidentSummary:
+        """The incident and the crash of its first stored report (one report read, not all)."""
+        require(user, Operation.READ_FLEET)
+        row = self._row(incident_id)
+        first = self._store.one(
+            "SELECT report_id, payload FROM reports WHERE incident_id = ? "
+            "ORDER BY received_at, report_id LIMIT 1",
+            incident_id,
+        )
+        crash = Diagnostics.model_validate_json(first["payload"]).crash if first else None
+        return IncidentSummary.model_validate(
+            {
+                **self._view(row).model_dump(),
+                "first_report_id": first["report_id"] if first else None,
+                "crash": crash,
+            }
+        )
+
+    def timeline(self, user: User, incident_id: str) -> IncidentTimeline:
+        """Its reports, directives and outcomes per stretch of time (timeline.py)."""
+        require(user, Operation.READ_FLEET)
+        return timeline(self._store, self._row(incident_id))
 
     def _view(self, row: Row) -> Incident:
         devices = [

@@ -38,10 +38,13 @@ from recovery_agent.protocol.admin import (
     AuditReport,
     Correlation,
     Device,
+    DeviceDetail,
     EnrollmentToken,
     EnrollmentTokenInfo,
     Incident,
     IncidentDetail,
+    IncidentSummary,
+    IncidentTimeline,
     NewUser,
     RegisteredKey,
     Remediation,
@@ -236,6 +239,10 @@ class RecoveryService:
     def devices(self, user: User) -> list[Device]:
         return self._devices.devices(user)
 
+    def device(self, user: User, device_id: str) -> DeviceDetail:
+        """A device with its latest reports, directives and results."""
+        return self._devices.detail(user, device_id)
+
     def device_results(self, user: User, device_id: str) -> list[DeviceResult]:
         return self._directives.results(user, device_id)
 
@@ -246,6 +253,14 @@ class RecoveryService:
 
     def incident(self, user: User, incident_id: str) -> IncidentDetail:
         return self._incidents.incident(user, incident_id)
+
+    def incident_summary(self, user: User, incident_id: str) -> IncidentSummary:
+        """The incident and the crash of its first stored report, without the others."""
+        return self._incidents.summary(user, incident_id)
+
+    def incident_timeline(self, user: User, incident_id: str) -> IncidentTimeline:
+        """Its reports, directives and outcomes over time, in at most 120 buckets."""
+        return self._incidents.timeline(user, incident_id)
 
     def suggest_actions(self, user: User, incident_id: str) -> Suggestion:
         return self._incidents.suggest(user, incident_id)

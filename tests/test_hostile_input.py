@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -86,7 +87,11 @@ async def every_view_answers(fleet, token: str) -> None:
         paths += [
             f"/v1/admin/incidents/{inc.incident_id}",
             f"/v1/admin/incidents/{inc.incident_id}/suggestion",
+            f"/v1/admin/incidents/{inc.incident_id}/summary",
+            f"/v1/admin/incidents/{inc.incident_id}/timeline",
         ]
+    for dev in fleet.service.devices(fleet.viewer):
+        paths.append(f"/v1/admin/devices/{quote(dev.device_id, safe='')}")
     for ro in fleet.service.rollouts(fleet.viewer):
         paths.append(f"/v1/admin/rollouts/{ro.rollout_id}")
     for path in paths:

@@ -35,6 +35,7 @@ from .wire import (
     REMEDIATION_ACTIONS,
     Action,
     CrashKind,
+    CrashSignature,
     DeviceId,
     Diagnostics,
     Identifier,
@@ -52,6 +53,11 @@ EnrollmentTokenState = Literal["active", "expired", "used_up", "revoked"]
 # batch of machines, short enough that a token left in a script or an image stops working.
 DEFAULT_TOKEN_LIFETIME_S = 24 * 3600
 MAX_TOKEN_LIFETIME_S = 365 * 24 * 3600
+
+# The dashboard's pages stay bounded whatever the fleet's size: an incident's timeline has at
+# most this many buckets, a device page at most this many of each kind of row.
+MAX_TIMELINE_BUCKETS = 120
+MAX_DEVICE_ROWS = 200
 
 
 # --------------------------------------------------------------------------- requests
@@ -279,6 +285,50 @@ class IncidentDetail(Incident):
     reports: list[IncidentReport]
 
 
+class IncidentSummary(Incident):
+    """An incident with the crash of its first stored report (its excerpt of the kernel log):
+    what the dashboard's incident page shows, without every report's diagnostics."""
+
+    first_report_id: str | None = Field(description="none when its reports were pruned")
+    crash: CrashSignature | None
+
+
+class TimelineBucket(_Answer):
+    """One stretch of an incident's timeline, from ``start`` for the timeline's ``bucket_s``:
+    the reports received in it, the directives for the incident's remediations issued in it,
+    and the outcomes recorded in it (healthy boot after applying, or failed)."""
+
+    start: AwareDatetime
+    reports: int
+    served: int
+    succeeded: int
+    failed: int
+
+
+class TimelineMark(_Answer):
+    """A moment on the timeline: a remediation of the incident got its last approval needed,
+    or a rollout of one was set."""
+
+    at: AwareDatetime
+    kind: Literal["approved", "rollout"]
+    subject: str
+    label: str
+
+
+class IncidentTimeline(_Answer):
+    """An incident over time, from its first stored report to the last thing that happened to
+    it (a report, a directive, an outcome, an approval), in at most ``MAX_TIMELINE_BUCKETS``
+    buckets of a round size (seconds, minutes, hours, days), empty ones included."""
+
+    incident_id: str
+    start: AwareDatetime
+    end: AwareDatetime
+    bucket_s: int
+    reports: int = Field(description="the reports in the buckets: those not pruned")
+    buckets: list[TimelineBucket]
+    marks: list[TimelineMark]
+
+
 class Suggestion(_Answer):
     """A draft fix from the server's catalog of known fixes; ``why`` says how it was found,
     or why there is none (then ``actions`` is empty)."""
@@ -403,6 +453,47 @@ class Rollout(_Answer):
     plan: RolloutPlan
     gate: str = Field(description="what the current wave's gate waits for; empty unless active")
     waves: list[WaveProgress]
+
+
+class DeviceReport(_Answer):
+    """One of a device's reports, without its diagnostics; ``title`` is its incident's."""
+
+    report_id: str
+    incident_id: str
+    received_at: AwareDatetime
+    title: str
+
+
+class DeviceDirective(_Answer):
+    """A directive served to a device, and its outcome (pending until the device reports)."""
+
+    directive_id: str
+    remediation_id: str
+    report_id: str
+    issued_at: AwareDatetime
+    wave: int | None
+    outcome: str = Field(description="pending, succeeded or failed")
+    outcome_at: AwareDatetime | None
+
+
+class DeviceResultEntry(_Answer):
+    """What a device's agent reported for one directive."""
+
+    directive_id: str
+    outcome: Literal["applied", "failed", "rejected"]
+    received_at: AwareDatetime
+    error: str | None
+
+
+class DeviceDetail(Device):
+    """A device with its latest reports, directives and results (newest first, at most
+    ``MAX_DEVICE_ROWS`` each; the totals count them all)."""
+
+    reports_total: int
+    directives_total: int
+    reports: list[DeviceReport]
+    directives: list[DeviceDirective]
+    results: list[DeviceResultEntry]
 
 
 class AuditEntry(_Answer):
@@ -538,6 +629,15 @@ class AdminClient(HttpClient):
 
     async def incident(self, incident_id: str) -> IncidentDetail:
         return await self._get(IncidentDetail, f"/incidents/{incident_id}")
+
+    async def device(self, device_id: str) -> DeviceDetail:
+        return await self._get(DeviceDetail, f"/devices/{quote(device_id, safe='')}")
+
+    async def incident_summary(self, incident_id: str) -> IncidentSummary:
+        return await self._get(IncidentSummary, f"/incidents/{incident_id}/summary")
+
+    async def incident_timeline(self, incident_id: str) -> IncidentTimeline:
+        return await self._get(IncidentTimeline, f"/incidents/{incident_id}/timeline")
 
     async def suggestion(self, incident_id: str) -> Suggestion:
         return await self._get(Suggestion, f"/incidents/{incident_id}/suggestion")
