@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,151 @@ async def test_an_incidents_why_shows_the_culprit_file_first(fleet, browser):
     assert title == f"Why {incident}: the files of its 50 devices against 100 healthy devices"
     assert CULPRIT.path in first and CULPRIT.sha256[:12] in first
     assert "40/50 (80%)" in first and "8/100 (8%)" in first
+
+
+def follow(wait, css: str) -> None:
+    """Click the link matching ``css`` once the page shows it."""
+    wait.until(
+        lambda d: d.execute_script(
+            "const a = document.querySelector(arguments[0]); if (a) a.click(); return !!a;", css
+        ),
+        f"no link {css}",
+    )
+
+
+def shown(driver, page: str) -> str | None:
+    """The id of what ``page`` (incident-page, device-page) shows once rendered, or None."""
+    return driver.execute_script(
+        "const p = document.getElementById(arguments[0]); return p.hidden ? null : p.dataset.id || null", page
+    )
+
+
+def whole_page(driver) -> None:
+    """The window as tall as the page, so the screenshot shows all of it."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(height + 140, 6000))
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(300)
+async def test_an_incident_page_to_run_the_incident_from(fleet, browser):
+    """From the incidents table to the incident's page: its reports over time (one bar per
+    bucket with reports, as many as the server counted), the crash excerpt as text, why, the
+    proposed fix, the remediation with what it changes and who approved it, and each wave's
+    served, healthy and failed devices as the server counts them."""
+    from .test_dashboard_api import EXCERPT, incident_over_time
+
+    sc = incident_over_time(fleet)
+    timeline = fleet.service.incident_timeline(fleet.viewer, sc.incident)
+    rollout = fleet.service.rollout(fleet.viewer, sc.rollout)
+    rem = fleet.service.remediation(fleet.viewer, sc.remediation)
+    suggestion = fleet.service.suggest_actions(fleet.viewer, sc.incident)
+    token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
+
+    def actions(driver, wait, By):
+        follow(wait, f'#incidents tr[data-id="{sc.incident}"] a')
+        wait.until(lambda d: shown(d, "incident-page") == sc.incident)
+        wait.until(lambda d: text(d, "#inc-why-table tr[data-id='1']"))
+        wait.until(lambda d: "It would change" in text(d, "#suggestion"))
+        seen = driver.execute_script(
+            "const q = (css) => [...document.querySelectorAll(css)];"
+            "return {"
+            " bars: q('#chart rect.rep').map(r => [r.dataset.start, +r.dataset.reports]),"
+            " marks: q('#chart line.mark').map(l => l.dataset.kind),"
+            " excerpt: document.getElementById('excerpt').textContent,"
+            " markup: document.querySelectorAll('#excerpt *').length,"
+            " pwned: window.pwned !== undefined,"
+            " waves: q('#inc-rollouts .wavebars').map(w => [w.dataset.name,"
+            "   Object.fromEntries(q('#inc-rollouts .wavebars[data-wave=\"' + w.dataset.wave + '\"] .metric')"
+            "     .map(m => [m.dataset.kind, [+m.dataset.n, m.querySelector('.n').textContent]]))]),"
+            " devices: q('#inc-devices a').map(a => a.textContent),"
+            "}"
+        )
+        seen["title"] = text(driver, "#inc-title")
+        seen["facts"] = text(driver, "#inc-facts")
+        seen["suggestion"] = text(driver, "#suggestion")
+        seen["remediation"] = text(driver, f'#inc-remediations .remediation[data-id="{sc.remediation}"]')
+        seen["why"] = text(driver, "#inc-why-title")
+        whole_page(driver)
+        return seen
+
+    seen = await asyncio.to_thread(drive, browser, fleet.url, token, "incident.png", actions)
+    assert seen["title"] == f"{sc.incident}: general protection fault in sensor_parse_channel"
+    assert "kernel_panic" in seen["facts"] and "sensor_parse_channel" in seen["facts"]
+    # One bar per bucket with reports, each as high as the server counted.
+    expected = [(b.start, b.reports) for b in timeline.buckets if b.reports]
+    assert [(datetime.fromisoformat(s), n) for s, n in seen["bars"]] == expected
+    assert sum(n for _, n in seen["bars"]) == timeline.reports == 12
+    assert [n for _, n in seen["bars"]] == [1, 3, 5, 2, 1]  # the spike, and after the fix the fall
+    assert seen["marks"] == ["rollout", "approved"]
+    # The excerpt is text: its markup is shown, never made.
+    assert seen["excerpt"] == EXCERPT
+    assert seen["markup"] == 0 and not seen["pwned"]
+    assert seen["why"].startswith(f"Why {sc.incident}: the files of its 12 devices")
+    assert suggestion.title in seen["suggestion"] and "quarantine_file" in seen["suggestion"]
+    assert f"Approvals 2/2: alice ({rem.approvals[0].approved_at:%Y-%m-%d %H:%M:%S})" in seen["remediation"]
+    assert "bob (" in seen["remediation"] and "approved" in seen["remediation"]
+    assert "quarantine_file: path=" in seen["remediation"]
+    waves = {w.name: {"served": w.served, "healthy": w.succeeded, "failed": w.failed} for w in rollout.waves}
+    assert {name: {k: n for k, (n, _) in m.items()} for name, m in seen["waves"]} == waves
+    assert all(int(shown_n) == n for _, m in seen["waves"] for n, shown_n in m.values())
+    assert waves == {
+        "canary": {"served": 1, "healthy": 1, "failed": 0},
+        "all": {"served": 11, "healthy": 10, "failed": 1},
+    }
+    assert seen["devices"] == sorted(d.device_id for d in sc.sim.devices)
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(300)
+async def test_a_device_page_from_its_incident(fleet, browser):
+    """From an incident's page to one of its devices: its state, its report (linking back to
+    the incident), the directive it was served and its outcome, its agent's result, and that its
+    recovery path never passed a test; then back to the overview."""
+    from .test_dashboard_api import FAILING, incident_over_time
+
+    sc = incident_over_time(fleet)
+    dev = sc.device(FAILING)
+    token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
+    assert fleet.service.device(fleet.viewer, dev.device_id).recovery_test_passed_at is None
+
+    def actions(driver, wait, By):
+        follow(wait, f'#incidents tr[data-id="{sc.incident}"] a')
+        wait.until(lambda d: shown(d, "incident-page") == sc.incident)
+        follow(wait, f'#inc-devices a[href="#device/{dev.device_id}"]')
+        wait.until(lambda d: shown(d, "device-page") == dev.device_id)
+        seen = {
+            "title": text(driver, "#dev-title"),
+            "facts": text(driver, "#dev-facts"),
+            "test": text(driver, '#dev-facts dd[data-key="recovery-test"]'),
+            "report": text(driver, f'#dev-reports tr[data-id="{dev.report.report_id}"]'),
+            "directive": text(driver, f'#dev-directives tr[data-id="{dev.directive_id}"]'),
+            "result": text(driver, f'#dev-results tr[data-id="{dev.directive_id}"]'),
+            "rows": driver.execute_script(
+                "return ['dev-reports', 'dev-directives', 'dev-results']"
+                ".map(id => document.querySelectorAll('#' + id + ' tr[data-id]').length)"
+            ),
+        }
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        whole_page(driver)
+        driver.save_screenshot(str(ARTIFACTS / "device.png"))
+        follow(wait, f'#dev-reports tr[data-id="{dev.report.report_id}"] a')
+        wait.until(lambda d: shown(d, "incident-page") == sc.incident)
+        follow(wait, "#incident-page .back a")
+        wait.until(
+            lambda d: text(d, "#incidents tr[data-id]") and d.find_element(By.ID, "overview").is_displayed()
+        )
+        seen["overview_device"] = text(driver, f'#devices tr[data-id="{dev.device_id}"]')
+        return seen
+
+    seen = await asyncio.to_thread(drive, browser, fleet.url, token, "device-back.png", actions)
+    assert seen["title"] == dev.device_id
+    assert "remediation_failed" in seen["facts"]
+    assert seen["test"] == "never"
+    assert seen["rows"] == [1, 1, 1]
+    assert (
+        sc.incident in seen["report"] and "general protection fault in sensor_parse_channel" in seen["report"]
+    )
+    assert sc.remediation in seen["directive"] and "failed" in seen["directive"]
+    assert "failed" in seen["result"] and "simulated failure" in seen["result"]
+    assert "never" in seen["overview_device"]
