@@ -5,6 +5,18 @@ not (correlation.py); devices, revoked ones marked, with the token that enrolled
 remediations with their approvals; rollouts with per-wave progress (served, and counted for
 the gates); approve, pause and resume from the page.
 
+An incident page (``#incident/INC-...``, linked from the incidents table) to run the incident
+from: its reports over time, drawn here as SVG (a bar per bucket with reports, a line of
+healthy boots after a directive, dashed marks where a fix got its last approval and where a
+rollout was set), the crash of its first report with its excerpt, why (the correlation), the
+proposed fix, its remediations with what they change, their approvals and an Approve button,
+each rollout wave's served, healthy and failed devices as bars, and its devices. A device page
+(``#device/ID``): its state, key, enrolment, last passed recovery test (or never), and its
+latest reports, directives and results. They read the light views (``/incidents/{id}/summary``
+and ``/timeline``, ``/devices/{id}``), not every report's diagnostics; the correlation and the
+suggestion, which read every report of the incident, once per visit of the page, not at every
+refresh (every 3 s). A hash route, so the back button and a link work; no server state.
+
 No build step and no framework: the page is plain HTML, CSS and JavaScript served from here,
 under a Content-Security-Policy that allows only this server's own scripts. Every value from
 the server is put on the page as text (``textContent``), never as HTML.

@@ -346,6 +346,14 @@ async def test_a_device_page_from_its_incident(fleet, browser):
     dev = sc.device(FAILING)
     token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
     assert fleet.service.device(fleet.viewer, dev.device_id).recovery_test_passed_at is None
+    # Another device whose recovery path passed a test (test mode sets this): the overview says when.
+    tested = sc.device(0).device_id
+    with fleet.store.tx() as tx:
+        tx.execute(
+            "UPDATE devices SET recovery_test_passed_at = ? WHERE device_id = ?",
+            "2026-11-30T12:00:00Z",
+            tested,
+        )
 
     def actions(driver, wait, By):
         follow(wait, f'#incidents tr[data-id="{sc.incident}"] a')
@@ -374,6 +382,7 @@ async def test_a_device_page_from_its_incident(fleet, browser):
             lambda d: text(d, "#incidents tr[data-id]") and d.find_element(By.ID, "overview").is_displayed()
         )
         seen["overview_device"] = text(driver, f'#devices tr[data-id="{dev.device_id}"]')
+        seen["overview_tested"] = text(driver, f'#devices tr[data-id="{tested}"]')
         return seen
 
     seen = await asyncio.to_thread(drive, browser, fleet.url, token, "device-back.png", actions)
@@ -387,3 +396,35 @@ async def test_a_device_page_from_its_incident(fleet, browser):
     assert sc.remediation in seen["directive"] and "failed" in seen["directive"]
     assert "failed" in seen["result"] and "simulated failure" in seen["result"]
     assert "never" in seen["overview_device"]
+    assert "2026-11-30 12:00:00" in seen["overview_tested"], seen["overview_tested"]
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(300)
+async def test_approve_and_pause_from_the_incident_page(fleet, browser):
+    """An approver runs the incident from its page: approves the fix waiting for them, then
+    pauses its rollout; the page shows both, and the server has them."""
+    ids = populate(fleet)
+    token = fleet.service.create_user(fleet.admin, "bea", "approver").token
+    remediation = f'#inc-remediations .remediation[data-id="{ids["remediation"]}"]'
+    rollout = f'#inc-rollouts .rollout[data-id="{ids["rollout"]}"]'
+
+    def actions(driver, wait, By):
+        follow(wait, f'#incidents tr[data-id="{ids["incident"]}"] a')
+        wait.until(lambda d: shown(d, "incident-page") == ids["incident"])
+        before = wait.until(lambda d: text(d, remediation))
+        press(wait, remediation, "Approve")
+        wait.until(lambda d: "Approve: done" in text(d, "#status"))
+        after = wait.until(lambda d: "Approvals 1/1: bea" in text(d, remediation) and text(d, remediation))
+        press(wait, rollout, "Pause")
+        wait.until(lambda d: "Pause: done" in text(d, "#status"))
+        wait.until(lambda d: "paused" in text(d, rollout))
+        return before, after
+
+    before, after = await asyncio.to_thread(drive, browser, fleet.url, token, "incident-approve.png", actions)
+    assert "pending" in before and "Approvals 0/1: none yet" in before
+    assert "approved" in after
+    assert [a.approver for a in fleet.service.remediation(fleet.viewer, ids["remediation"]).approvals] == [
+        "bea"
+    ]
+    assert fleet.service.rollout(fleet.viewer, ids["rollout"]).state == "paused"

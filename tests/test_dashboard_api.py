@@ -219,6 +219,14 @@ async def test_a_device_with_its_reports_directives_and_results(fleet):
     assert x["outcome"] == "failed"
     assert x["wave"] == 1
     [res] = d["results"]
+    with fleet.store.tx() as tx:  # test mode sets it when the device's recovery path passes
+        tx.execute(
+            "UPDATE devices SET recovery_test_passed_at = ? WHERE device_id = ?",
+            "2026-11-30T12:00:00Z",
+            dev.device_id,
+        )
+    _, again = await get(fleet, f"/devices/{dev.device_id}", token)
+    assert again["recovery_test_passed_at"] == "2026-11-30T12:00:00Z"
     assert (res["directive_id"], res["outcome"]) == (dev.directive_id, "failed")
     assert res["error"] == "simulated failure"
 
