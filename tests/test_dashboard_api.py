@@ -1,8 +1,8 @@
 """The read views behind the dashboard's incident and device pages, over HTTP (no browser):
 an incident's summary (the crash of its first report, not every report) and timeline (reports,
 directives and outcomes per bucket, approvals and rollouts marked), and a device with its
-reports, directives and results. Unknown ids are 404s that say where to look; everyone with
-a token reads them, nobody without one.
+reports, directives and results, on both stores. Unknown ids are 404s that say where to look;
+everyone with a token reads them, nobody without one.
 
 ``incident_over_time`` builds the fleet the browser tests open too: a crash that spikes,
 a fix approved by two people and rolled out in two waves, one device it fails on, and one
@@ -161,7 +161,6 @@ def test_bucket_sizes_are_round_and_at_most_120():
         assert span // size + 2 <= 120, (span, size)
 
 
-@SQLITE_ONLY
 async def test_an_incidents_timeline_shows_the_spike_the_fix_and_the_fall(fleet):
     sc = incident_over_time(fleet)
     token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
@@ -189,7 +188,6 @@ async def test_an_incidents_timeline_shows_the_spike_the_fix_and_the_fall(fleet)
     assert datetime.fromisoformat(t["marks"][1]["at"]) == sc.start + timedelta(minutes=35)
 
 
-@SQLITE_ONLY
 async def test_an_incidents_summary_has_the_first_reports_crash_only(fleet):
     sc = incident_over_time(fleet)
     token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
@@ -201,7 +199,6 @@ async def test_an_incidents_summary_has_the_first_reports_crash_only(fleet):
     assert "reports" not in s
 
 
-@SQLITE_ONLY
 async def test_a_device_with_its_reports_directives_and_results(fleet):
     sc = incident_over_time(fleet)
     token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
@@ -231,7 +228,6 @@ async def test_a_device_with_its_reports_directives_and_results(fleet):
     assert res["error"] == "simulated failure"
 
 
-@SQLITE_ONLY
 async def test_unknown_ids_are_404_and_say_where_to_look(fleet):
     token = fleet.service.create_user(fleet.admin, "vic", "viewer").token
     for path, hint in (
@@ -264,7 +260,6 @@ async def test_every_role_reads_them_and_nobody_without_a_token(fleet):
             assert status == 200, (role, path, body)
 
 
-@SQLITE_ONLY
 async def test_a_timeline_without_reports_or_fix(fleet):
     """An incident whose reports were pruned: one empty bucket at its first sighting."""
     sim = FleetSim(fleet.service, 1)
