@@ -66,10 +66,13 @@ async def get_incident(request: web.Request) -> web.Response:
 
 
 async def incident_summary(request: web.Request) -> web.Response:
-    return answer(service(request).incident_summary(person(request), request.match_info["incident_id"]))
+    # Its device list reads every report's device id: a tenth of a second at 100,000 reports.
+    user, incident_id = person(request), request.match_info["incident_id"]
+    return answer(await asyncio.to_thread(service(request).incident_summary, user, incident_id))
 
 
 async def incident_timeline(request: web.Request) -> web.Response:
+    # Counted by the database per bucket, still a pass over the incident's reports: off the loop.
     user, incident_id = person(request), request.match_info["incident_id"]
     return answer(await asyncio.to_thread(service(request).incident_timeline, user, incident_id))
 
