@@ -336,7 +336,9 @@ function chart(tl) {
            svg("text", {x: L + pw, y: H - 8, "text-anchor": "end"}, when(tl.end) + " UTC"));
   tl.buckets.forEach((b, i) => {
     if (!b.reports) return;
-    const r = svg("rect", {x: L + i * bw + Math.min(1, bw / 4), y: y(b.reports), width: Math.max(bw - Math.min(2, bw / 2), 1),
+    // Bars no wider than 48 (a short span has few, wide buckets), centred in their bucket.
+    const w = Math.min(48, Math.max(bw - Math.min(2, bw / 2), 1));
+    const r = svg("rect", {x: L + i * bw + (bw - w) / 2, y: y(b.reports), width: w,
                            height: T + ph - y(b.reports), class: "rep", "data-start": b.start, "data-reports": b.reports});
     r.append(svg("title", {}, `${b.reports} reports from ${when(b.start)}`));
     s.append(r);
@@ -350,7 +352,8 @@ function chart(tl) {
   tl.marks.forEach((m, i) => {
     const mx = x(m.at);
     s.append(svg("line", {x1: mx, y1: T - 4, x2: mx, y2: T + ph, class: "mark", "data-kind": m.kind}),
-             svg("text", {x: mx + 3, y: 11 + 12 * (i % 2), class: "mark-label"}, `${m.label} ${when(m.at).slice(11, 16)}`));
+             svg("text", {x: mx > L + pw * 0.6 ? mx - 3 : mx + 3, y: 11 + 12 * (i % 2), class: "mark-label",
+                          "text-anchor": mx > L + pw * 0.6 ? "end" : "start"}, `${m.label} ${when(m.at).slice(11, 16)}`));
   });
   $("chart").replaceChildren(s);
   const per = tl.bucket_s >= 86400 ? `${tl.bucket_s / 86400} d` : tl.bucket_s >= 3600 ? `${tl.bucket_s / 3600} h`

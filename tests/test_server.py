@@ -625,6 +625,9 @@ ROLE_MATRIX = [
     ("GET", "/incidents/{incident_id}", None, "viewer"),
     ("GET", "/incidents/{incident_id}/suggestion", None, "viewer"),
     ("GET", "/incidents/{incident_id}/correlation", None, "viewer"),
+    ("GET", "/incidents/{incident_id}/summary", None, "viewer"),
+    ("GET", "/incidents/{incident_id}/timeline", None, "viewer"),
+    ("GET", "/devices/{device_id}", None, "viewer"),
     ("GET", "/remediations", None, "viewer"),
     (
         "POST",
