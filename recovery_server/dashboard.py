@@ -333,7 +333,7 @@ function chart(tl) {
            svg("text", {x: L - 6, y: T + 4, "text-anchor": "end"}, top),
            svg("text", {x: L - 6, y: T + ph, "text-anchor": "end"}, 0),
            svg("text", {x: L, y: H - 8}, when(tl.buckets[0].start) + " UTC"),
-           svg("text", {x: L + pw, y: H - 8, "text-anchor": "end"}, when(tl.end) + " UTC"));
+           svg("text", {x: L + pw, y: H - 8, "text-anchor": "end"}, when(new Date(t0 + span).toISOString().slice(0, 19)) + " UTC"));
   tl.buckets.forEach((b, i) => {
     if (!b.reports) return;
     // Bars no wider than 48 (a short span has few, wide buckets), centred in their bucket.
