@@ -4,6 +4,9 @@ keygen PATH                       make a device key (PATH, 0600) and PATH.pub
 enroll --token T                  enroll this device's key with the server (while healthy)
 run                               the recovery loop (in the recovery environment); exit code = outcome
 health                            the OS's health check passed: reset counters, report a good boot
+escrow --device DEV --unlock-key-file F
+                                  encrypted disk: add QMR's recovery key in its own LUKS keyslot
+                                  and escrow it with the server (the key is never written)
 test-mode                         arm a recovery test: the next boot goes to the recovery environment,
                                   runs the loop with a test directive and boots back (--status, --cancel)
 inspect                           print the diagnostics the agent would send, without sending them
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import json
 import logging
+import secrets
 import socket
 import sys
 import traceback
@@ -30,13 +34,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import __version__, state, testmode
+from . import __version__, diskkey, luks, state, testmode
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
 from .bootenv import BootEnvError
 from .errors import AgentError
 from .install.cli import REFUSALS as INSTALL_REFUSALS
 from .install.cli import add_commands as add_install_commands
 from .journal import JournalError
+from .protocol import sealing
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import seal_bytes
 from .protocol.errors import ProtocolError
@@ -153,6 +158,43 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_escrow(args: argparse.Namespace) -> int:
+    """A fresh recovery key in its own keyslot, escrowed; the slot is removed again if the
+    server does not take the key (nothing half-done), and the key is wiped either way."""
+    s = AgentSettings.load(args.config)
+    device, unlock = Path(args.device), Path(args.unlock_key_file)
+    key = bytearray(secrets.token_bytes(32))
+    try:
+        luks.add_keyslot(device, unlock, key, args.slot)
+        try:
+            if not luks.check_key(device, key, args.slot):
+                raise luks.LuksError(f"the new key does not open keyslot {args.slot} of {device}")
+
+            async def go() -> dict[str, Any]:
+                async with DeviceClient(s.server_url) as client:
+                    return await diskkey.escrow(
+                        client,
+                        SigningKey.load(s.device_key),
+                        s.server_public_key,
+                        s.device_id,
+                        key,
+                        args.slot,
+                        tpm_sealed=args.tpm_sealed,
+                    )
+
+            answer = asyncio.run(go())
+        except BaseException:
+            luks.remove_keyslot(device, unlock, args.slot)
+            raise
+    finally:
+        sealing.wipe(key)
+    replaced = f" (replaces {', '.join(answer['replaced'])})" if answer.get("replaced") else ""
+    print(
+        f"keyslot {args.slot} of {device} holds QMR's recovery key, escrowed as {answer['key_id']}{replaced}"
+    )
+    return EXIT_OK
+
+
 def cmd_test_mode(args: argparse.Namespace) -> int:
     s = AgentSettings.load(args.config)
     if args.cancel:
@@ -257,6 +299,20 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--boot-id")
     h.add_argument("--kernel")
     h.set_defaults(fn=cmd_health)
+    es = sub.add_parser(
+        "escrow", help="encrypted disk: add QMR's recovery key in its own LUKS keyslot and escrow it"
+    )
+    es.add_argument("--device", required=True, help="the LUKS2 volume (the OS root's partition)")
+    es.add_argument(
+        "--unlock-key-file", required=True, help="a key that opens it already (the machine's normal-boot key)"
+    )
+    es.add_argument("--slot", type=int, default=7, help="the keyslot for QMR's key (default %(default)s)")
+    es.add_argument(
+        "--tpm-sealed",
+        action="store_true",
+        help="this device's key is sealed in a TPM: the server may release the disk key with no person",
+    )
+    es.set_defaults(fn=cmd_escrow)
     t = sub.add_parser("test-mode", help="arm a recovery test for the next boot (like reagentc /boottore)")
     t.add_argument("--status", action="store_true", help="say whether a test is armed")
     t.add_argument("--cancel", action="store_true", help="disarm it: the next boot is the OS's")

@@ -53,6 +53,7 @@ class Operation(Enum):
     REVOKE_DEVICE = "revoke a device"
     REPLACE_DEVICE_KEY = "replace a device's key"
     REQUEST_RECOVERY_TEST = "ask a device to test its recovery path"
+    RELEASE_DISK_KEY = "approve, refuse or revoke the release of a device's disk key"
     PRUNE_OLD_DATA = "delete old reports and spent challenges (retention)"
 
 
@@ -70,6 +71,8 @@ NEEDS: dict[Operation, Role] = {
     Operation.REVOKE_REMEDIATION: "approver",
     Operation.RESUME_ROLLOUT: "approver",  # resuming a halted wave overrides the automatic halt
     Operation.REVOKE_ROLLOUT: "approver",
+    # Opening a machine's disk is an approver's word, like a fix.
+    Operation.RELEASE_DISK_KEY: "approver",
     Operation.ADD_USER: "admin",
     Operation.MAKE_ENROLLMENT_TOKEN: "admin",
     Operation.READ_ENROLLMENT_TOKENS: "admin",

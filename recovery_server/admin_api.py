@@ -19,6 +19,7 @@ from recovery_agent.protocol.admin import (
     Device,
     DeviceDetail,
     DeviceKeyRequest,
+    DiskKeysView,
     EnrollmentToken,
     EnrollmentTokenInfo,
     EnrollmentTokenRequest,
@@ -178,6 +179,26 @@ async def request_recovery_test(request: web.Request) -> web.Response:
     )
 
 
+async def disk_keys(request: web.Request) -> web.Response:
+    return answer(service(request).disk_keys(person(request), request.match_info["device_id"]))
+
+
+async def revoke_disk_keys(request: web.Request) -> web.Response:
+    return answer(service(request).revoke_disk_keys(person(request), request.match_info["device_id"]))
+
+
+async def approve_key_release(request: web.Request) -> web.Response:
+    return answer(
+        service(request).decide_key_release(person(request), request.match_info["release_id"], True)
+    )
+
+
+async def refuse_key_release(request: web.Request) -> web.Response:
+    return answer(
+        service(request).decide_key_release(person(request), request.match_info["release_id"], False)
+    )
+
+
 async def replace_device_key(request: web.Request) -> web.Response:
     user = person(request)
     body = await read_body(request, DeviceKeyRequest)
@@ -259,6 +280,42 @@ ROUTES: tuple[Route, ...] = (
         response=Device,
         errors=(*_ADMIN, 404, 409),
         query=(("cancel", "string", "1: take the request back"),),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/devices/{device_id}/disk-keys",
+        disk_keys,
+        "A device's escrowed disk keys (never the keys) and every release",
+        auth="admin",
+        response=DiskKeysView,
+        errors=(*_ADMIN, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/devices/{device_id}/disk-keys/revoke",
+        revoke_disk_keys,
+        "End a device's escrowed disk keys: none is released again (approver)",
+        auth="admin",
+        response=DiskKeysView,
+        errors=(*_ADMIN, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/key-releases/{release_id}/approve",
+        approve_key_release,
+        "Release a disk key the device asked for in recovery (approver)",
+        auth="admin",
+        response=DiskKeysView,
+        errors=(*_ADMIN, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/key-releases/{release_id}/refuse",
+        refuse_key_release,
+        "Refuse to release a disk key the device asked for (approver)",
+        auth="admin",
+        response=DiskKeysView,
+        errors=(*_ADMIN, 404, 409),
     ),
     Route(
         "POST",

@@ -392,6 +392,34 @@ async def _device(c: AdminClient, args: argparse.Namespace) -> Output:
         return Output(await c.revoke_device(args.device_id))
     if args.dcmd == "rekey":
         return Output(await c.replace_device_key(args.device_id, args.public_key))
+    if args.dcmd == "keys":
+        if args.approve or args.refuse:
+            view = await c.decide_key_release(args.approve or args.refuse, approve=bool(args.approve))
+        elif args.revoke:
+            view = await c.revoke_disk_keys(args.device_id)
+        else:
+            view = await c.disk_keys(args.device_id)
+        return Output(
+            view,
+            [r.model_dump(mode="json") for r in view.releases],
+            [
+                "release_id",
+                "state",
+                "report_id",
+                "requested_at",
+                "decided_by",
+                "released",
+                "last_released_at",
+            ],
+            heading=f"{view.device_id}: release policy {view.policy}; keys: "
+            + (
+                ", ".join(
+                    f"{k.key_id} slot {k.slot} {k.state}" + (" (TPM)" if k.tpm_sealed else "")
+                    for k in view.keys
+                )
+                or "none escrowed"
+            ),
+        )
     if args.dcmd == "test":
         return Output(await c.request_recovery_test(args.device_id, cancel=args.cancel))
     devices = await c.devices()
@@ -485,6 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     dsub.add_parser(
         "revoke", help="refuse the device's messages from now on; its outcomes stop counting"
     ).add_argument("device_id")
+    dkeys = dsub.add_parser(
+        "keys",
+        help="the device's escrowed disk keys and their releases; approve or refuse a release, "
+        "revoke its keys (approver)",
+    )
+    dkeys.add_argument("device_id")
+    dkeys_do = dkeys.add_mutually_exclusive_group()
+    dkeys_do.add_argument("--approve", metavar="REL", help="release the key the device asked for in recovery")
+    dkeys_do.add_argument("--refuse", metavar="REL", help="refuse that release")
+    dkeys_do.add_argument("--revoke", action="store_true", help="end its keys: none is released again")
     dt = dsub.add_parser(
         "test",
         help="ask the device to test its recovery path at its next boot: it visits the recovery "

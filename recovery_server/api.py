@@ -154,12 +154,30 @@ _PLAIN: dict[str, dict[str, Any]] = {
         "required": ["status"],
         "properties": {"status": {"enum": ["recorded", "duplicate"]}},
     },
+    "Escrowed": {
+        "type": "object",
+        "required": ["status", "key_id", "replaced"],
+        "properties": {
+            "status": {"enum": ["escrowed"]},
+            "key_id": {"type": "string"},
+            "replaced": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "SignedEnvelope": {
+        "type": "object",
+        "required": ["payload", "payloadType", "signatures"],
+        "properties": {
+            "payload": {"type": "string"},
+            "payloadType": {"type": "string"},
+            "signatures": {"type": "array", "items": {"type": "object"}},
+        },
+    },
 }
 
 _STATUS_TEXT = {
     400: "Malformed or refused request",
     401: "Not authenticated",
-    403: "Role too low",
+    403: "Refused: a role too low, or a rule that says no (the error says which)",
     404: "Not found",
     409: "Conflicts with the current state",
     413: "Body too large",

@@ -97,4 +97,4 @@ class Challenges:
             iso(now),
         )
         if spent.rowcount != 1:
-            raise Conflict("challenge nonce already used: a replayed report was refused")
+            raise Conflict("challenge nonce already used: a replayed message was refused")

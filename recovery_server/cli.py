@@ -27,6 +27,7 @@ from . import audit
 from .access import ROLES, console
 from .app import make_app, runner
 from .device_api import MAX_POLL_S
+from .diskkeys import ESCROW_KEY, EscrowKeyFile, ReleasePolicy
 from .errors import ServerError
 from .limits import RateLimit
 from .listener import ACCEPT_BACKLOG, LISTEN_QUEUE, ConnectionLimits, fit_open_files
@@ -86,7 +87,12 @@ def _server_key(data: Path) -> SigningKey:
 
 def open_service(args: argparse.Namespace, settings: ServiceSettings | None = None) -> RecoveryService:
     key = _server_key(Path(args.data))  # first: a wrong --data must not leave a new database
-    return RecoveryService(store=_store(args), server_key=key, settings=settings or ServiceSettings())
+    escrow_path = Path(args.data) / ESCROW_KEY
+    # A data directory made before encrypted disks has none: the server then keeps no disk keys.
+    escrow = EscrowKeyFile.load(escrow_path) if escrow_path.exists() else None
+    return RecoveryService(
+        store=_store(args), server_key=key, settings=settings or ServiceSettings(), escrow=escrow
+    )
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -127,6 +133,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         else:
             key = SigningKey.generate()
             key.save(key_path)
+        # The escrow key (encrypted disks: diskkeys.py): a file of its own, never in the database.
+        escrow_path = data / ESCROW_KEY
+        if escrow_path.exists():
+            EscrowKeyFile.load(escrow_path)
+        else:
+            EscrowKeyFile.generate().save(escrow_path)
         svc = RecoveryService(store=_store(args), server_key=key)
         print(f"server key id: {key.key_id}")
         print(f"pin this public key in recovery environments: {key_path}.pub")
@@ -181,7 +193,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rate = RateLimit(burst=args.device_burst, per_minute=args.device_rate)
-    svc = open_service(args, ServiceSettings(report_retention=args.retention_days, device_rate=rate))
+    svc = open_service(
+        args,
+        ServiceSettings(
+            report_retention=args.retention_days,
+            device_rate=rate,
+            key_release=ReleasePolicy(mode=args.key_release),
+        ),
+    )
     limits = fit_open_files(
         ConnectionLimits(
             max_connections=args.max_connections,
@@ -334,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DAYS",
         help="prune superseded reports older than this every hour, as `prune` does (0: never; "
         "default: %(default)s)",
+    )
+    s.add_argument(
+        "--key-release",
+        choices=["on", "off"],
+        default="on",
+        help="release escrowed disk keys to devices in recovery (automatically to a device whose key "
+        "is sealed in a TPM, else once a person approved): on, or off to refuse every request "
+        "(default: %(default)s; docs/recovery-loop.md)",
     )
     s.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from recovery_agent.protocol.admin import Envelope
 from recovery_agent.protocol.keys import public_b64
-from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
+from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll, KeyAnswer
 
 from .api import (
     FEED,
@@ -87,6 +87,20 @@ async def directive(request: web.Request) -> web.Response:
             gauge.long_polls_waiting -= 1
 
 
+async def escrow_key(request: web.Request) -> web.Response:
+    return web.json_response(service(request).escrow_key())
+
+
+async def escrow(request: web.Request) -> web.Response:
+    return web.json_response(service(request).escrow_disk_key(await request.read()))
+
+
+async def disk_key(request: web.Request) -> web.Response:
+    # Decrypting the escrowed key and sealing it again: a few milliseconds, off the event loop.
+    raw = await request.read()
+    return answer(await asyncio.to_thread(service(request).request_disk_key, raw))
+
+
 async def result(request: web.Request) -> web.Response:
     return web.json_response(await service(request).submit_result(await request.read()))
 
@@ -133,6 +147,33 @@ ROUTES: tuple[Route, ...] = (
         response=DirectivePoll,
         errors=(400, 401, 404),
         query=(("wait", "number", "seconds to wait for an answer, 0 to 300"),),
+    ),
+    Route(
+        "GET",
+        "/v1/escrow-key",
+        escrow_key,
+        "The server's escrow public key (X25519), signed by its directive key (EscrowKey envelope)",
+        response="SignedEnvelope",
+        errors=(409,),
+    ),
+    Route(
+        "POST",
+        "/v1/escrow",
+        escrow,
+        "Escrow the disk's recovery key, sealed to the escrow key (signed KeyEscrow)",
+        body=Envelope,
+        response="Escrowed",
+        errors=(400, 401, 409, 413, 429),
+    ),
+    Route(
+        "POST",
+        "/v1/disk-key",
+        disk_key,
+        "In recovery: the disk's key, sealed to the request's ephemeral key, or pending a person "
+        "(signed KeyRequest)",
+        body=Envelope,
+        response=KeyAnswer,
+        errors=(400, 401, 403, 404, 409, 413, 429),
     ),
     Route(
         "POST",

@@ -39,6 +39,7 @@ from recovery_agent.protocol.admin import (
     Correlation,
     Device,
     DeviceDetail,
+    DiskKeysView,
     EnrollmentToken,
     EnrollmentTokenInfo,
     Incident,
@@ -55,7 +56,7 @@ from recovery_agent.protocol.admin import (
     Suggestion,
 )
 from recovery_agent.protocol.keys import SigningKey
-from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll
+from recovery_agent.protocol.wire import Challenge, DiagnosticsReceipt, DirectivePoll, KeyAnswer
 
 from . import retention
 from .access import Operation, User, require
@@ -64,6 +65,7 @@ from .challenges import Challenges, challenge_key
 from .correlation import correlate
 from .devices import Devices
 from .directives import DeviceResult, Directives, Due
+from .diskkeys import DiskKeys, EscrowKeyFile, ReleasePolicy
 from .errors import BadRequest
 from .groupcommit import GroupCommit
 from .incidents import Incidents
@@ -88,6 +90,8 @@ class ServiceSettings:
     report_retention: timedelta | None = timedelta(days=90)
     # Per device and kind of signed message (limits.py): at once, then per minute.
     device_rate: RateLimit = field(default_factory=RateLimit)
+    # Encrypted disks (diskkeys.py): whether and how escrowed keys are released.
+    key_release: ReleasePolicy = field(default_factory=ReleasePolicy)
 
 
 @dataclass
@@ -102,6 +106,8 @@ class RecoveryService:
     # Called after a committed change that may let a waiting long poll be answered (app.py
     # sets it to the change feed's poke).
     on_change: Callable[[], None] = lambda: None
+    # The escrow key (encrypted disks): none, and the server keeps no disk keys.
+    escrow: EscrowKeyFile | None = None
 
     def __post_init__(self) -> None:
         def changed() -> None:
@@ -127,6 +133,15 @@ class RecoveryService:
             self._tests,
         )
         self._rules = Rules(self.store, self.now, changed)
+        self._disk_keys = DiskKeys(
+            self.store,
+            self.now,
+            self.server_key,
+            self.escrow,
+            self._devices,
+            self._challenges,
+            self.settings.key_release,
+        )
         self._incidents = Incidents(
             self.store, self.now, self._devices, self._challenges, self._directives, self._tests, self._rules
         )
@@ -180,6 +195,26 @@ class RecoveryService:
     def request_recovery_test(self, user: User, device_id: str, *, cancel: bool = False) -> Device:
         """Ask a device to test its recovery path at its next boot (recoverytests.py)."""
         return self._tests.request(user, device_id, cancel=cancel)
+
+    # ---------------------------------------------------------------- encrypted disks
+
+    def escrow_key(self) -> dict[str, Any]:
+        return self._disk_keys.escrow_key()
+
+    def escrow_disk_key(self, raw: bytes) -> dict[str, Any]:
+        return self._disk_keys.escrow(raw)
+
+    def request_disk_key(self, raw: bytes) -> KeyAnswer:
+        return self._disk_keys.request(raw)
+
+    def disk_keys(self, user: User, device_id: str) -> DiskKeysView:
+        return self._disk_keys.view(user, device_id)
+
+    def decide_key_release(self, user: User, release_id: str, approve: bool) -> DiskKeysView:
+        return self._disk_keys.decide(user, release_id, approve)
+
+    def revoke_disk_keys(self, user: User, device_id: str) -> DiskKeysView:
+        return self._disk_keys.revoke(user, device_id)
 
     def enroll(self, raw: bytes) -> dict[str, Any]:
         return self._devices.enroll(raw)

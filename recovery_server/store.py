@@ -120,6 +120,19 @@ _MIGRATIONS: dict[int, list[str | Callable[[Tx, str], None]]] = {
         "approver TEXT NOT NULL REFERENCES users(name), approved_at TEXT NOT NULL, envelope TEXT, "
         "PRIMARY KEY (rule_id, approver))",
         "ALTER TABLE remediations ADD COLUMN rule_id TEXT",
+        # encrypted disks (diskkeys.py): escrowed recovery keys, sealed to the escrow key (whose
+        # private half is a file of its own, never here), and their releases
+        "CREATE TABLE disk_keys (key_id TEXT PRIMARY KEY, "
+        "device_id TEXT NOT NULL REFERENCES devices(device_id), slot INTEGER NOT NULL, "
+        "sealed TEXT NOT NULL, escrow_key TEXT NOT NULL, tpm_sealed INTEGER NOT NULL DEFAULT 0, "
+        "state TEXT NOT NULL DEFAULT 'active', created_at TEXT NOT NULL, ended_at TEXT, ended_by TEXT)",
+        "CREATE INDEX disk_keys_device ON disk_keys(device_id, state)",
+        "CREATE TABLE key_releases (release_id TEXT PRIMARY KEY, "
+        "device_id TEXT NOT NULL REFERENCES devices(device_id), "
+        "key_id TEXT NOT NULL REFERENCES disk_keys(key_id), "
+        "report_id TEXT NOT NULL, state TEXT NOT NULL, requested_at TEXT NOT NULL, decided_at TEXT, "
+        "decided_by TEXT, released INTEGER NOT NULL DEFAULT 0, last_released_at TEXT, "
+        "UNIQUE (device_id, report_id))",
         # test mode (recoverytests.py): a device's recovery path tested on purpose
         "CREATE TABLE recovery_tests (test_id TEXT PRIMARY KEY, "
         "device_id TEXT NOT NULL REFERENCES devices(device_id), "

@@ -22,6 +22,7 @@ done
 packages=(python3 python3-venv python3-pip ca-certificates)
 if [ "$want_test" = 1 ]; then
   packages+=(chromium chromium-driver)   # the dashboard is tested in a real browser
+  packages+=(cryptsetup-bin)             # an escrowed disk key opens a real LUKS2 keyslot
 fi
 if [ "$want_lab" = 1 ]; then
   packages+=(qemu-system-x86 qemu-utils grub-pc-bin grub-common dosfstools mtools e2fsprogs

@@ -26,6 +26,7 @@ from recovery_lab.dirdemo import make_machine_dir
 from recovery_server.access import User, console
 from recovery_server.app import make_app, runner
 from recovery_server.device_api import MAX_POLL_S
+from recovery_server.diskkeys import EscrowKeyFile
 from recovery_server.listener import ConnectionLimits
 from recovery_server.service import RecoveryService, ServiceSettings
 from recovery_server.store import Store
@@ -137,6 +138,8 @@ class Fleet:
     store_url: str
     key: SigningKey
     settings: ServiceSettings = field(default_factory=ServiceSettings)
+    # The escrow key (encrypted disks: recovery_server/diskkeys.py), as `recovery-server init` makes one.
+    escrow: EscrowKeyFile = field(default_factory=EscrowKeyFile.generate)
     port: int = 0
     poll_tick_s: float = 1.0
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
@@ -144,7 +147,9 @@ class Fleet:
 
     async def start(self) -> None:
         self.store = Store(self.store_url)
-        self.service = RecoveryService(store=self.store, server_key=self.key, settings=self.settings)
+        self.service = RecoveryService(
+            store=self.store, server_key=self.key, settings=self.settings, escrow=self.escrow
+        )
         app = make_app(
             self.service, poll_tick_s=self.poll_tick_s, limits=self.limits, max_poll_s=self.max_poll_s
         )

@@ -158,6 +158,7 @@ def live(request, tmp_path) -> Iterator[LiveFleet]:
         )
         live.ids = {
             "rule_id": rule.rule_id,
+            "release_id": "rel-000000000000",  # none made: every answer must still be 4xx, not 5xx
             "device_id": "dev-2",
             "token_id": spare.token_id,
             "incident_id": ids["incident_id"],

@@ -248,7 +248,12 @@ def test_the_strict_parser_takes_utf8_only(encoded, problem):
 @pytest.mark.parametrize("path", BODY_ROUTES)
 async def test_deep_nesting_and_utf16_bodies_are_400s_on_every_route(fleet, admin_token, path):
     path = path.format(
-        remediation_id="rem-x", rollout_id="ro-x", device_id="dev-x", token_id="et-x", rule_id="kbr-x"
+        remediation_id="rem-x",
+        rollout_id="ro-x",
+        device_id="dev-x",
+        token_id="et-x",
+        rule_id="kbr-x",
+        release_id="rel-x",
     )
     deep = b"[" * 200_000 + b"]" * 200_000  # 400 KB: under the body limit
     for body, problem in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import subprocess
 import sys
 
@@ -131,7 +132,7 @@ async def test_replayed_diagnostics_are_refused_and_change_nothing(fleet, device
     raw, _ = await report(fleet, "dev-1", device)
     before = (fleet.count("reports"), fleet.count("events"))
     async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
-        with pytest.raises(ServerRefused, match="already used: a replayed report") as e:
+        with pytest.raises(ServerRefused, match="already used: a replayed message") as e:
             await c.send_diagnostics(raw)
     assert e.value.status == 409
     assert (fleet.count("reports"), fleet.count("events")) == before
@@ -655,6 +656,10 @@ ROLE_MATRIX = [
     ("POST", "/enrollment-tokens/{token_id}/revoke", None, "admin"),
     ("POST", "/devices/{device_id}/revoke", None, "admin"),
     ("POST", "/devices/{device_id}/recovery-test", None, "operator"),
+    ("GET", "/devices/{device_id}/disk-keys", None, "viewer"),
+    ("POST", "/devices/{device_id}/disk-keys/revoke", None, "approver"),
+    ("POST", "/key-releases/{release_id}/approve", None, "approver"),
+    ("POST", "/key-releases/{release_id}/refuse", None, "approver"),
     ("GET", "/rules", None, "viewer"),
     ("POST", "/rules", {"title": "bad", "path_pattern": "var/lib/x/*.sys", "sha256": "a" * 64}, "operator"),
     ("POST", "/rules/{rule_id}/approve", None, "approver"),
@@ -663,6 +668,17 @@ ROLE_MATRIX = [
     ("GET", "/events", None, "viewer"),
     ("GET", "/audit/verify", None, "viewer"),
 ]
+
+
+async def pending_release(fleet, device_id: str, key: SigningKey, report_id: str) -> str:
+    """A disk key escrowed by ``device_id`` and asked for in its recovery visit ``report_id``:
+    the release that waits for a person (tests/test_disk_keys.py)."""
+    from .test_disk_keys import escrowed, post, request_body
+
+    await escrowed(fleet, device_id, key, secrets.token_bytes(32))
+    answer = await post(fleet, await request_body(fleet, device_id, key, report_id))
+    assert answer.status == "pending"
+    return answer.release_id
 
 
 def test_the_role_matrix_covers_every_admin_route():
@@ -702,6 +718,7 @@ async def test_each_role_gets_exactly_what_it_may(fleet, device, method, path, b
         "rollout_id": ro.rollout_id,
         "device_id": "dev-1",
         "token_id": fleet.service.enrollment_tokens(fleet.admin)[0].token_id,
+        "release_id": await pending_release(fleet, "dev-1", device, receipt.report_id),
         "rule_id": fleet.service.create_rule(
             fleet.user("oscar"), {"title": "bad", "path_pattern": "var/x/*", "sha256": "b" * 64}
         ).rule_id,

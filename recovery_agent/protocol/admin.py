@@ -427,6 +427,37 @@ class Rule(_Answer):
     revoked_by: str | None = None
 
 
+class DiskKey(_Answer):
+    key_id: str
+    slot: int
+    state: Literal["active", "rotated", "revoked"]
+    tpm_sealed: bool
+    created_at: AwareDatetime
+    ended_at: AwareDatetime | None = None
+    ended_by: str | None = None
+
+
+class KeyReleaseInfo(_Answer):
+    release_id: str
+    key_id: str
+    report_id: str
+    state: Literal["pending", "approved", "released", "refused"]
+    requested_at: AwareDatetime
+    decided_at: AwareDatetime | None = None
+    decided_by: str | None = None
+    released: int = Field(description="how many times the key went to the device for this report")
+    last_released_at: AwareDatetime | None = None
+
+
+class DiskKeysView(_Answer):
+    """A device's escrowed disk keys (never the keys themselves) and every release."""
+
+    device_id: str
+    policy: Literal["on", "off"]
+    keys: list[DiskKey]
+    releases: list[KeyReleaseInfo]
+
+
 class WaveProgress(_Answer):
     """``served`` counts every directive of the wave; ``counted`` the devices whose outcome
     moves its gate (enrolled before the rollout started, once each), and ``succeeded``,
@@ -613,6 +644,16 @@ class AdminClient(HttpClient):
     async def request_recovery_test(self, device_id: str, *, cancel: bool = False) -> Device:
         path = f"/devices/{quote(device_id, safe='')}/recovery-test" + ("?cancel=1" if cancel else "")
         return await self._post(Device, path)
+
+    async def disk_keys(self, device_id: str) -> DiskKeysView:
+        return await self._get(DiskKeysView, f"/devices/{quote(device_id, safe='')}/disk-keys")
+
+    async def revoke_disk_keys(self, device_id: str) -> DiskKeysView:
+        return await self._post(DiskKeysView, f"/devices/{quote(device_id, safe='')}/disk-keys/revoke")
+
+    async def decide_key_release(self, release_id: str, approve: bool) -> DiskKeysView:
+        verb = "approve" if approve else "refuse"
+        return await self._post(DiskKeysView, f"/key-releases/{quote(release_id, safe='')}/{verb}")
 
     async def replace_device_key(self, device_id: str, public_key: str) -> Device:
         return await self._post(

@@ -35,7 +35,7 @@ from tenacity.stop import stop_base
 
 from .envelope import strict_json_loads
 from .errors import ProtocolError
-from .wire import Challenge, DiagnosticsReceipt, DirectivePoll
+from .wire import Challenge, DiagnosticsReceipt, DirectivePoll, KeyAnswer
 
 log = logging.getLogger("recovery_agent.protocol.client")
 
@@ -271,3 +271,13 @@ class DeviceClient(HttpClient):
 
     async def send_health(self, envelope: bytes) -> dict[str, Any]:
         return _object(await self._request("POST", "/v1/health", data=envelope), "POST /v1/health")
+
+    async def escrow_key(self) -> dict[str, Any]:
+        """The server's escrow public key, as a signed EscrowKey envelope (verify it)."""
+        return _object(await self._request("GET", "/v1/escrow-key"), "GET /v1/escrow-key")
+
+    async def send_escrow(self, envelope: bytes) -> dict[str, Any]:
+        return _object(await self._request("POST", "/v1/escrow", data=envelope), "POST /v1/escrow")
+
+    async def request_disk_key(self, envelope: bytes) -> KeyAnswer:
+        return KeyAnswer.model_validate(await self._request("POST", "/v1/disk-key", data=envelope))

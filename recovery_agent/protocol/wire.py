@@ -470,3 +470,82 @@ class Health(SignedMessage):
     kernel_version: Annotated[str, StringConstraints(max_length=128)] = ""
     created_at: AwareDatetime
     inventory: InventoryUpdate | None = None
+
+
+# --------------------------------------------------------------------------- encrypted disks
+
+X25519Key = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+SealedText = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]+={0,2}$", max_length=2048)]
+
+
+class EscrowKey(SignedMessage):
+    """The server's escrow public key (X25519), signed by its directive key: a device seals
+    its disk's recovery key to it (``sealing.seal``); the private half lives apart from the
+    database (``escrow.key`` in the data directory)."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "escrow-key.v1+json"
+
+    public_key: X25519Key
+    created_at: AwareDatetime
+
+
+class KeyEscrow(SignedMessage):
+    """A device escrows its disk's recovery key (the LUKS keyslot ``slot`` it added for QMR),
+    sealed to the server's escrow key for context ``escrow|<device>|<slot>``. ``tpm_sealed``:
+    the device key that signs this is sealed in a TPM, so a stolen disk cannot sign for it
+    (only then may the server release the key with no person)."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "key-escrow.v1+json"
+
+    device_id: DeviceId
+    slot: int = Field(ge=0, le=31)
+    sealed: SealedText
+    escrow_key: X25519Key
+    tpm_sealed: bool = False
+    created_at: AwareDatetime
+
+
+def escrow_context(device_id: str, slot: int) -> bytes:
+    return f"escrow|{device_id}|{slot}".encode()
+
+
+class KeyRequest(SignedMessage):
+    """The recovery environment asks for its disk's key: a fresh challenge (no replay), the
+    report of this recovery visit (failed boots, reported), and an ephemeral X25519 key the
+    answer is sealed to (nothing on the wire or in a log can open it)."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "key-request.v1+json"
+
+    device_id: DeviceId
+    server_nonce: Nonce
+    report_id: Identifier
+    ephemeral_key: X25519Key
+    created_at: AwareDatetime
+
+
+class KeyRelease(SignedMessage):
+    """The server's answer to a ``KeyRequest``: the recovery key sealed to the request's
+    ephemeral key for context ``release|<device>|<request sha256>``, signed by the server's
+    directive key."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _PREFIX + "key-release.v1+json"
+
+    device_id: DeviceId
+    request_sha256: Sha256Hex
+    key_id: Identifier
+    slot: int = Field(ge=0, le=31)
+    sealed: SealedText
+    issued_at: AwareDatetime
+
+
+def release_context(device_id: str, request_sha256: str) -> bytes:
+    return f"release|{device_id}|{request_sha256}".encode()
+
+
+class KeyAnswer(WireModel):
+    """``POST /v1/disk-key``: ``released`` (``envelope``: a signed KeyRelease), or ``pending``
+    (a person must approve this release: ask again). Refusals are HTTP errors that say why."""
+
+    status: Literal["released", "pending"]
+    release_id: str
+    envelope: dict[str, Any] | None = None
