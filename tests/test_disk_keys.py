@@ -476,3 +476,22 @@ async def test_a_failed_escrow_takes_its_keyslot_back(fleet, machine, volume, ca
     assert code != 0 and "revoked" in err
     # Slot 7 is free again: a key can be added there (it could not if the slot were taken).
     luks.add_keyslot(image, boot_key, secrets.token_bytes(32), 7)
+
+
+async def test_recovery_admin_device_keys_shows_and_approves_a_release(fleet, secret):
+    from .test_enrollment import admin
+
+    key = await enrolled(fleet)
+    await escrowed(fleet, "dev-1", key, secret)
+    _, receipt = await report(fleet, "dev-1", key)
+    pending = await post(fleet, await request_body(fleet, "dev-1", key, receipt.report_id))
+    token = fleet.service.create_user(fleet.admin, "amy", "approver").token
+    code, out, _ = await admin(fleet, token, "device", "keys", "dev-1")
+    assert code == 0 and "release policy on" in out and "slot 7 active" in out
+    assert pending.release_id in out and "pending" in out
+    code, out, _ = await admin(fleet, token, "device", "keys", "dev-1", "--approve", pending.release_id)
+    assert code == 0 and "approved" in out and "amy" in out
+    assert await fetch(fleet, "dev-1", key, receipt.report_id) == secret
+    viewer = fleet.service.create_user(fleet.admin, "val", "viewer").token
+    code, _, err = await admin(fleet, viewer, "device", "keys", "dev-1", "--revoke")
+    assert code == 2 and "needs the approver role" in err

@@ -200,3 +200,21 @@ def test_the_device_takes_a_test_directive_only_on_a_test_visit(test_visit, acti
     else:
         with pytest.raises(DirectiveRejected, match=refused):
             check()
+
+
+async def test_recovery_admin_asks_for_a_test_and_lists_who_passed(fleet, machine, clock):
+    from .test_enrollment import admin
+
+    settings = await healthy(fleet, machine)
+    token = fleet.service.create_user(fleet.admin, "olive", "operator").token
+    code, out, _ = await admin(fleet, token, "devices")
+    assert code == 0 and "never passed" in out
+    code, _, _ = await admin(fleet, token, "device", "test", "dev-0001")
+    assert code == 0
+    code, out, _ = await admin(fleet, token, "devices")
+    assert "never passed (test requested)" in out
+    await report_health(settings, boot_id="boot-2")
+    assert await asyncio.wait_for(RecoveryAgent(settings, clock=clock).run(), 60) is Outcome.REMEDIATED
+    await report_health(settings, boot_id="boot-3")
+    code, out, _ = await admin(fleet, token, "devices")
+    assert "passed 20" in out and "requested" not in out
