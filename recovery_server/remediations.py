@@ -21,16 +21,16 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol import envelope
 from recovery_agent.protocol.admin import Approval, Remediation
-from recovery_agent.protocol.envelope import EnvelopeError
 from recovery_agent.protocol.errors import describe_validation
 from recovery_agent.protocol.wire import REMEDIATION_ACTIONS, Action, RemediationApproval
 
 from . import audit
 from .access import Operation, User, require, require_not_author
-from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .errors import BadRequest, Conflict, NotFound
 from .store import Reader, Row, Store, Tx, iso, new_id
+from .users import signed_approval
 
 _ACTIONS = TypeAdapter(list[Action])
 
@@ -193,28 +193,18 @@ class Remediations:
 def _checked_signature(tx: Tx, user: User, rem: Row, signed: Mapping[str, Any] | None) -> str | None:
     """The approver's signed RemediationApproval as it will be kept, or None for a person
     with no registered key; refused unless it is theirs and covers exactly these actions."""
-    row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
-    if row is None or not row["public_key"]:
-        if signed is not None:
-            raise BadRequest(
-                f"{user.name} has no registered key to check this signature "
-                "against: recovery-admin key create first"
-            )
+    v = signed_approval(
+        tx,
+        user,
+        signed,
+        RemediationApproval,
+        f"recovery-admin remediation approve {rem['remediation_id']} --key YOUR_KEY",
+    )
+    if v is None:
         return None
-    if signed is None:
-        raise Forbidden(
-            f"{user.name} has a registered key, so approvals must be signed with it: "
-            f"recovery-admin remediation approve {rem['remediation_id']} --key YOUR_KEY"
-        )
-    pub = keys.public_from_b64(row["public_key"])
-    try:
-        v = envelope.open_envelope(signed, RemediationApproval, {keys.key_id(pub): pub})
-    except EnvelopeError as exc:
-        raise BadRequest(f"signed approval: {exc}") from None
-    a = v.message
-    if a.remediation_id != rem["remediation_id"] or a.approver != user.name:
+    if v.message.remediation_id != rem["remediation_id"]:
         raise BadRequest("signed approval names another remediation or person")
-    if a.actions_sha256 != envelope.actions_digest(json.loads(rem["actions"])):
+    if v.message.actions_sha256 != envelope.actions_digest(json.loads(rem["actions"])):
         raise BadRequest(
             "signed approval covers other actions than this remediation's: "
             "fetch it again and check what you sign"

@@ -28,19 +28,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from recovery_agent.protocol import envelope, keys
+from recovery_agent.protocol import envelope
 from recovery_agent.protocol.admin import Approval, RolloutPlan, Rule, RuleRequest
-from recovery_agent.protocol.envelope import EnvelopeError
 from recovery_agent.protocol.errors import describe_validation
 from recovery_agent.protocol.wire import Diagnostics, KnownBadRule, QuarantineFile, RuleApproval
 
 from . import audit
 from .access import Operation, User, require, require_not_author
-from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .errors import BadRequest, Conflict, NotFound
 from .fleetfiles import listed_files
 from .remediations import approved_remediation
 from .rollout import start_rollout
 from .store import Reader, Row, Store, Tx, iso, new_id
+from .users import signed_approval
 
 
 def known_bad_rule(row: Row) -> KnownBadRule:
@@ -107,9 +107,7 @@ class Rules:
         require(user, Operation.APPROVE_REMEDIATION)
         now = iso(self._now())
         with self._store.tx() as tx:
-            row = tx.one("SELECT * FROM known_bad_rules WHERE rule_id = ?", rule_id)
-            if row is None:
-                raise NotFound(f"no known-bad rule {rule_id}: list them with recovery-admin rule list")
+            row = _rule_row(tx, rule_id)
             if row["status"] == "revoked":
                 raise Conflict(f"{rule_id} was revoked; publish a new rule")
             require_not_author(user, row["author"], rule_id)
@@ -144,9 +142,7 @@ class Rules:
         require(user, Operation.REVOKE_REMEDIATION)
         now = iso(self._now())
         with self._store.tx() as tx:
-            row = tx.one("SELECT * FROM known_bad_rules WHERE rule_id = ?", rule_id)
-            if row is None:
-                raise NotFound(f"no known-bad rule {rule_id}: list them with recovery-admin rule list")
+            row = _rule_row(tx, rule_id)
             if row["status"] == "revoked":
                 raise Conflict(f"{rule_id} was revoked already, by {row['revoked_by']}")
             tx.execute(
@@ -287,30 +283,24 @@ class Rules:
 _ACTIVE = "rules.active"
 
 
+def _rule_row(tx: Tx, rule_id: str) -> Row:
+    row = tx.one("SELECT * FROM known_bad_rules WHERE rule_id = ?", rule_id)
+    if row is None:
+        raise NotFound(f"no known-bad rule {rule_id}: list them with recovery-admin rule list")
+    return row
+
+
 def _checked_signature(tx: Tx, user: User, row: Row, signed: Mapping[str, Any] | None) -> str | None:
     """The approver's signed RuleApproval as it will be kept, or None for a person with no
     registered key; refused unless it is theirs and covers exactly this rule."""
-    key_row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
-    if key_row is None or not key_row["public_key"]:
-        if signed is not None:
-            raise BadRequest(
-                f"{user.name} has no registered key to check this signature against: recovery-admin key first"
-            )
+    v = signed_approval(
+        tx, user, signed, RuleApproval, f"recovery-admin rule approve {row['rule_id']} --key YOUR_KEY"
+    )
+    if v is None:
         return None
-    if signed is None:
-        raise Forbidden(
-            f"{user.name} has a registered key, so approvals must be signed with it: "
-            f"recovery-admin rule approve {row['rule_id']} --key YOUR_KEY"
-        )
-    pub = keys.public_from_b64(key_row["public_key"])
-    try:
-        v = envelope.open_envelope(signed, RuleApproval, {keys.key_id(pub): pub})
-    except EnvelopeError as exc:
-        raise BadRequest(f"signed approval: {exc}") from None
-    a = v.message
-    if a.rule_id != row["rule_id"] or a.approver != user.name:
+    if v.message.rule_id != row["rule_id"]:
         raise BadRequest("signed approval names another rule or person")
-    if a.rule_sha256 != envelope.rule_digest(known_bad_rule(row)):
+    if v.message.rule_sha256 != envelope.rule_digest(known_bad_rule(row)):
         raise BadRequest(
             "signed approval covers another rule than this one: fetch it again and check what you sign"
         )

@@ -9,16 +9,21 @@ their own Ed25519 key: from then on their approvals must be signed with it
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any, TypeVar
 
-from recovery_agent.protocol import keys
+from recovery_agent.protocol import envelope, keys
 from recovery_agent.protocol.admin import NewUser, RegisteredKey
+from recovery_agent.protocol.envelope import EnvelopeError, Verified
+from recovery_agent.protocol.wire import SignedMessage
 
 from . import audit
 from .access import ROLES, Operation, User, require
-from .errors import BadRequest, Conflict, NotFound, Unauthorized
-from .store import Store, iso, token_sha256
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from .store import Store, Tx, iso, token_sha256
+
+M = TypeVar("M", bound=SignedMessage)
 
 
 class Users:
@@ -91,3 +96,30 @@ class Users:
                 detail={"key_id": kid},
             )
         return RegisteredKey(name=user.name, key_id=kid)
+
+
+def signed_approval(
+    tx: Tx, user: User, signed: Mapping[str, Any] | None, model: type[M], command: str
+) -> Verified[M] | None:
+    """A person's signed approval (a ``model`` envelope) verified against the key they
+    registered; None for a person with no registered key (who approves unsigned). Refused if
+    they have a key and did not sign (``command`` is how to), or sent a signature they have no
+    key for, or one that does not verify. What it must cover is the caller's to check."""
+    row = tx.one("SELECT public_key FROM users WHERE name = ?", user.name)
+    if row is None or not row["public_key"]:
+        if signed is not None:
+            raise BadRequest(
+                f"{user.name} has no registered key to check this signature against: "
+                "recovery-admin key create first"
+            )
+        return None
+    if signed is None:
+        raise Forbidden(f"{user.name} has a registered key, so approvals must be signed with it: {command}")
+    pub = keys.public_from_b64(row["public_key"])
+    try:
+        verified = envelope.open_envelope(signed, model, {keys.key_id(pub): pub})
+    except EnvelopeError as exc:
+        raise BadRequest(f"signed approval: {exc}") from None
+    if getattr(verified.message, "approver", None) != user.name:
+        raise BadRequest(f"signed approval names another person than {user.name}")
+    return verified

@@ -228,6 +228,16 @@ async def fleet(store_url: str):
 
 
 @pytest.fixture
+def keys(fleet: Fleet) -> dict[str, SigningKey]:
+    """Approval keys alice and bob made and registered (recovery-admin key)."""
+    out = {}
+    for name in ("alice", "bob"):
+        out[name] = SigningKey.generate()
+        fleet.service.register_key(fleet.user(name), public_b64(out[name].public))
+    return out
+
+
+@pytest.fixture
 def clock() -> ManualClock:
     """The agent's clock, standing still until the test moves it (tests/clock.py)."""
     return ManualClock()

@@ -38,15 +38,6 @@ def sign(key: SigningKey, rem: Remediation, approver: str, actions: list | None 
     )
 
 
-@pytest.fixture
-def keys(fleet):
-    out = {}
-    for name in ("alice", "bob"):
-        out[name] = SigningKey.generate()
-        fleet.service.register_key(fleet.user(name), public_b64(out[name].public))
-    return out
-
-
 def remediation(fleet, incident_id: str, required: int = 2) -> Remediation:
     s = fleet.service.suggest_actions(fleet.user("oscar"), incident_id)
     return fleet.service.create_remediation(

@@ -32,15 +32,6 @@ from .test_agent_flow import wait_for
 PATTERN = f"{CHANNEL_DIR}/C-00000291*.sys"
 
 
-@pytest.fixture
-def keys(fleet):
-    out = {}
-    for name in ("alice", "bob"):
-        out[name] = SigningKey.generate()
-        fleet.service.register_key(fleet.user(name), public_b64(out[name].public))
-    return out
-
-
 def signed(key: SigningKey, rule, approver: str) -> dict:
     wire = KnownBadRule(
         rule_id=rule.rule_id, title=rule.title, path_pattern=rule.path_pattern, sha256=rule.sha256
