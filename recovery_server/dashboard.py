@@ -11,8 +11,10 @@ healthy boots after a directive, dashed marks where a fix got its last approval 
 rollout was set), the crash of its first report with its excerpt, why (the correlation), the
 proposed fix, its remediations with what they change, their approvals and an Approve button,
 each rollout wave's served, healthy and failed devices as bars, and its devices. A device page
-(``#device/ID``): its state, key, enrolment, last passed recovery test (or never), and its
-latest reports, directives and results. They read the light views (``/incidents/{id}/summary``
+(``#device/ID``): its state, key, enrolment, last passed recovery test (or never), its
+latest reports, directives and results, and its escrowed disk keys with every release; an
+operator asks for a recovery test from there, an approver releases (or refuses) a disk key
+the device asked for in recovery. They read the light views (``/incidents/{id}/summary``
 and ``/timeline``, ``/devices/{id}``), not every report's diagnostics; the correlation and the
 suggestion, which read every report of the incident, once per visit of the page, not at every
 refresh (every 3 s). A hash route, so the back button and a link work; no server state.
@@ -76,6 +78,7 @@ PAGE = """<!doctype html>
   <section><h2>Reports</h2><p id="dev-reports-note" class="hint"></p><table id="dev-reports"></table></section>
   <section><h2>Directives</h2><p id="dev-directives-note" class="hint"></p><table id="dev-directives"></table></section>
   <section><h2>Results</h2><table id="dev-results"></table></section>
+  <section><h2>Disk keys</h2><p id="dev-keys" class="hint"></p><table id="dev-releases"></table></section>
 </div>
 </main>
 </body>
@@ -227,6 +230,10 @@ function describe(action) {
     .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`);
   return action.type + (rest.length ? ": " + rest.join(", ") : "");
 }
+
+const RANKS = ["viewer", "operator", "approver", "admin"];
+const atLeast = (me, role) => RANKS.indexOf(me.role) >= RANKS.indexOf(role);
+function wrap(node) { const dd = el("dd"); dd.append(node); return dd; }
 
 function list(items) {
   const ul = el("ul");
@@ -451,6 +458,20 @@ async function renderDevice(me, id) {
     d.directives.map((x) => ({...x, wave: x.wave === null ? "\u2014" : x.wave + 1, issued_at: when(x.issued_at), outcome_at: when(x.outcome_at)})));
   table("dev-results", [["directive_id", "Directive"], ["outcome", "Outcome"], ["received_at", "Received"], ["error", "Error"]],
     d.results.map((r) => ({...r, received_at: when(r.received_at), error: r.error || ""})));
+  const enc = encodeURIComponent(id);
+  if (atLeast(me, "operator") && !d.revoked_at && !d.recovery_test_requested_at)
+    $("dev-facts").append(el("dt", ""), wrap(button("Ask for a recovery test", () => api("POST", `/devices/${enc}/recovery-test`))));
+  const k = await api("GET", `/devices/${enc}/disk-keys`);
+  if (route().join("/") !== "device/" + id) return;
+  $("dev-keys").textContent = `Release policy ${k.policy}. ` + (k.keys.length
+    ? "Keys: " + k.keys.map((x) => `${x.key_id} (slot ${x.slot}, ${x.state}${x.tpm_sealed ? ", TPM-sealed device key" : ""})`).join("; ")
+    : "No disk key escrowed.");
+  table("dev-releases", [["release_id", "Release"], ["state", "State"], ["report_id", "For report"],
+    ["requested_at", "Asked"], ["decided_by", "Decided by"], ["released", "Released"]],
+    k.releases.map((r) => ({...r, requested_at: when(r.requested_at), decided_by: r.decided_by || ""})),
+    (r, td) => { if (r.state === "pending" && atLeast(me, "approver")) td.append(
+      button("Release the key", () => api("POST", `/key-releases/${encodeURIComponent(r.release_id)}/approve`)),
+      button("Refuse", () => api("POST", `/key-releases/${encodeURIComponent(r.release_id)}/refuse`))); });
   $("device-page").dataset.id = id;
 }
 

@@ -428,3 +428,52 @@ async def test_approve_and_pause_from_the_incident_page(fleet, browser):
         "bea"
     ]
     assert fleet.service.rollout(fleet.viewer, ids["rollout"]).state == "paused"
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(300)
+async def test_an_approver_releases_a_disk_key_and_asks_for_a_recovery_test_from_the_device_page(
+    fleet, browser
+):
+    """A device in recovery asked for its disk key (no TPM: a person must say yes). Its page
+    shows the escrowed key and the waiting release; the approver releases it there and asks
+    the device for a recovery test; the server has both."""
+    import secrets
+
+    from recovery_agent.protocol.keys import SigningKey
+
+    from .test_disk_keys import escrowed, post, request_body
+    from .test_server import report
+
+    populate(fleet)
+    key = SigningKey.generate()
+    await fleet.enroll("enc-1", key)
+    await escrowed(fleet, "enc-1", key, secrets.token_bytes(32))
+    _, receipt = await report(fleet, "enc-1", key)
+    pending = await post(fleet, await request_body(fleet, "enc-1", key, receipt.report_id))
+    token = fleet.service.create_user(fleet.admin, "bea", "approver").token
+    row = f'#dev-releases tr[data-id="{pending.release_id}"]'
+
+    def actions(driver, wait, By):
+        driver.execute_script("location.hash = '#device/enc-1'")
+        wait.until(lambda d: shown(d, "device-page") == "enc-1")
+        seen = {
+            "keys": wait.until(lambda d: text(d, "#dev-keys")),
+            "before": wait.until(lambda d: text(d, row)),
+        }
+        press(wait, row, "Release the key")
+        wait.until(lambda d: "Release the key: done" in text(d, "#status"))
+        seen["after"] = wait.until(lambda d: "approved" in text(d, row) and text(d, row))
+        press(wait, "#dev-facts", "Ask for a recovery test")
+        wait.until(lambda d: "Ask for a recovery test: done" in text(d, "#status"))
+        seen["facts"] = wait.until(
+            lambda d: "Recovery test requested" in text(d, "#dev-facts") and text(d, "#dev-facts")
+        )
+        return seen
+
+    seen = await asyncio.to_thread(drive, browser, fleet.url, token, "device-keys.png", actions)
+    assert "Release policy on" in seen["keys"] and "slot 7, active" in seen["keys"]
+    assert "pending" in seen["before"] and "bea" in seen["after"]
+    [rel] = fleet.service.disk_keys(fleet.viewer, "enc-1").releases
+    assert rel.state == "approved" and rel.decided_by == "bea"
+    assert fleet.service.device(fleet.viewer, "enc-1").recovery_test_requested_at is not None
