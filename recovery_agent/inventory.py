@@ -151,8 +151,9 @@ def _rel(root: Path, path: str | Path) -> str:
 
 
 def _version_key(name: str) -> list[tuple[int, int | str]]:
-    """Natural order: 6.1.0-27 sorts after 6.1.0-9."""
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p]
+    """Natural order: 6.1.0-27 sorts after 6.1.0-9. (A run of what ``\\d`` matches is what
+    ``int`` reads; ``isdigit`` would also take a superscript ``¹``, which ``int`` refuses.)"""
+    return [(0, int(p)) if p.isdecimal() else (1, p) for p in re.split(r"(\d+)", name) if p]
 
 
 # --------------------------------------------------------------------------- files

@@ -100,6 +100,14 @@ def test_kernel_version_from_boot(tmp_path: Path) -> None:
     assert collect_system(tmp_path).os_release == ""
 
 
+def test_kernel_version_with_a_digit_int_cannot_read(tmp_path: Path) -> None:
+    """A superscript one is a digit to str.isdigit and not to int (hypothesis found it in
+    test_agent_properties): the name sorts as text, the inventory is still made."""
+    write(tmp_path, "boot/vmlinuz-6.1.0-9-amd64", b"k")
+    write(tmp_path, "boot/vmlinuz-6.1.0-9¹", b"k")
+    assert kernel_version(tmp_path) == "6.1.0-9¹"  # 9 then text, after 9 alone
+
+
 def test_merged_usr(tmp_path: Path) -> None:
     write(tmp_path, f"usr/lib/modules/{KVER}/extra/sensor.ko", fake_module(["version=2.0"]))
     os.symlink("usr/lib", tmp_path / "lib")
