@@ -208,7 +208,7 @@ async def replace_device_key(request: web.Request) -> web.Response:
 async def list_events(request: web.Request) -> web.Response:
     user = person(request)
     text = request.query.get("after", "0")
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise BadRequest("after must be an event number (a whole number)")
     return answer(service(request).events(user, request.query.get("device"), int(text)))
 

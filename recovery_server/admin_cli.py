@@ -368,7 +368,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def duration_s(text: str) -> int:
     """``90s``, ``30m``, ``24h``, ``7d`` or plain seconds, as whole seconds."""
     number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
-    if not number.isdigit() or len(number) > 9:
+    if not (number.isascii() and number.isdigit()) or len(number) > 9:
         raise CommandError(f"--expires {text!r}: give a duration such as 30m, 24h or 7d")
     return int(number) * _UNITS[unit]
 

@@ -412,3 +412,21 @@ async def test_nul_characters_are_stored_on_both_databases_and_read_back(fleet, 
     assert device.hostname == "host\ufffdone"
     assert fleet.service.incidents(fleet.viewer)[0].title == "general\ufffdprotection fault in f"
     assert fleet.service.verify_audit(fleet.viewer).ok
+
+
+@pytest.mark.parametrize("after", ["%C2%B9", "%D9%A3", "%EF%BC%91"])  # ¹, Arabic-Indic 3, fullwidth 1
+async def test_a_digit_int_refuses_or_a_foreign_one_is_a_400_not_a_500(fleet, admin_token, after):
+    """str.isdigit() takes "¹"; int() refuses it. The audit log's ?after= must say 400, not fail."""
+    status, body = await get(fleet, f"/v1/admin/events?after={after}", admin_token)
+    assert status == 400 and b"whole number" in body
+
+
+def test_recovery_admin_expires_with_a_superscript_digit_is_a_usage_error():
+    from recovery_server.admin_cli import CommandError, duration_s
+
+    for text in ("¹h", "٣d", "30m"):
+        if text == "30m":
+            assert duration_s(text) == 1800
+        else:
+            with pytest.raises(CommandError, match="give a duration"):
+                duration_s(text)

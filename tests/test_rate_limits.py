@@ -179,6 +179,7 @@ async def test_the_client_waits_as_long_as_retry_after_says(busy_server):
 def test_retry_after_reads_seconds_and_dates_and_ignores_junk():
     assert retry_after("120") == 120
     assert retry_after(None) == retry_after("") == retry_after("soon") == retry_after("-5") == 0
+    assert retry_after("¹") == retry_after("٣") == 0  # digits to str.isdigit, not seconds
     assert retry_after("99999999") == MAX_RETRY_AFTER_S
     assert retry_after("Wed, 21 Oct 2099 07:28:00 GMT") == MAX_RETRY_AFTER_S
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0

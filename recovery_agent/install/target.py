@@ -41,7 +41,7 @@ class InstallRefused(InstallError):
 
 def _release_key(release: str) -> tuple[tuple[int, str], ...]:
     """Sort key of kernel releases: numbers as numbers (6.1.0-57 after 6.1.0-9)."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", release) if p)
+    return tuple((int(p), "") if p.isdecimal() else (-1, p) for p in re.split(r"(\d+)", release) if p)
 
 
 @dataclass

@@ -79,7 +79,7 @@ def ext4_superblock(image: Path, part: Partition) -> Ext4Info | None:
 
 
 def _release_key(release: str) -> tuple[tuple[int, str], ...]:
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", release) if p)
+    return tuple((int(p), "") if p.isdecimal() else (-1, p) for p in re.split(r"(\d+)", release) if p)
 
 
 def dpkg_installed(status: str) -> dict[str, str]:
