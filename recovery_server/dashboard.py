@@ -3,7 +3,8 @@ the person's own token (kept in the tab's sessionStorage), so the same roles app
 command line. Incidents, and for each why: the files its devices have and healthy ones do
 not (correlation.py); devices, revoked ones marked, with the token that enrolled each;
 remediations with their approvals; rollouts with per-wave progress (served, and counted for
-the gates); approve, pause and resume from the page.
+the gates); known-bad rules with their approvals and the incidents they fixed; approve, pause
+and resume from the page (an approver with a registered key signs from the command line).
 
 An incident page (``#incident/INC-...``, linked from the incidents table) to run the incident
 from: its reports over time, drawn here as SVG (a bar per bucket with reports, a line of
@@ -58,6 +59,7 @@ PAGE = """<!doctype html>
   <section id="why" hidden><h2 id="why-title"></h2><p id="why-notes" class="hint"></p><table id="why-table"></table></section>
   <section><h2>Remediations</h2><table id="remediations"></table></section>
   <section><h2>Rollouts</h2><div id="rollouts"></div></section>
+  <section><h2>Known-bad rules</h2><table id="rules"></table></section>
   <section><h2>Devices</h2><table id="devices"></table></section>
   <section><h2>Audit log</h2><p id="audit"></p></section>
 </div>
@@ -476,9 +478,9 @@ async function renderDevice(me, id) {
 }
 
 async function renderOverview(me) {
-  const [incidents, rems, rollouts, devices, audit] = await Promise.all([
+  const [incidents, rems, rollouts, devices, audit, rules] = await Promise.all([
     api("GET", "/incidents"), api("GET", "/remediations"),
-    api("GET", "/rollouts"), api("GET", "/devices"), api("GET", "/audit/verify")]);
+    api("GET", "/rollouts"), api("GET", "/devices"), api("GET", "/audit/verify"), api("GET", "/rules")]);
   if (route()[0] !== "overview") return;
   table("incidents", [["incident_id", "Incident", (i) => incidentLink(i.incident_id)], ["kind", "Kind"], ["title", "Title"],
     ["guilty_module", "Module"], ["channel_file", "File"], ["report_count", "Reports"], ["devices", "Devices"]], incidents,
@@ -490,6 +492,12 @@ async function renderOverview(me) {
     (r, td) => { if (r.status === "pending" && r.author !== me.name)
                    td.append(button("Approve", () => api("POST", `/remediations/${r.remediation_id}/approve`))); });
   $("rollouts").replaceChildren(...(rollouts.length ? rollouts.map(rolloutView) : [el("p", "none")]));
+  table("rules", [["rule_id", "Rule"], ["status", "Status"], ["title", "Title"], ["path_pattern", "Path pattern"],
+    ["sha", "sha256"], ["needed", "Approvals"], ["uses", "Incidents fixed"]],
+    rules.map((r) => ({...r, sha: r.sha256.slice(0, 12) + "…", needed: `${r.approvals.length}/${r.required_approvals}`,
+                       uses: r.uses.length})),
+    (r, td) => { if (r.status === "pending" && r.author !== me.name && atLeast(me, "approver"))
+                   td.append(button("Approve", () => api("POST", `/rules/${encodeURIComponent(r.rule_id)}/approve`))); });
   table("devices", [["device_id", "Device", (d) => deviceLink(d.device_id)], ["state", "State"], ["recovery_attempts", "Attempts"],
     ["last_seen", "Last seen"], ["enrolled_with", "Enrolled with"], ["tested", "Recovery test passed"]],
     devices.map((d) => ({...d, state: d.revoked_at ? "revoked" : d.state,

@@ -477,3 +477,30 @@ async def test_an_approver_releases_a_disk_key_and_asks_for_a_recovery_test_from
     [rel] = fleet.service.disk_keys(fleet.viewer, "enc-1").releases
     assert rel.state == "approved" and rel.decided_by == "bea"
     assert fleet.service.device(fleet.viewer, "enc-1").recovery_test_requested_at is not None
+
+
+@SQLITE_ONLY
+@pytest.mark.timeout(300)
+async def test_known_bad_rules_are_listed_and_approved_from_the_overview(fleet, browser):
+    populate(fleet)
+    rule = fleet.service.create_rule(
+        fleet.user("oscar"),
+        {
+            "title": "channel 291 build 32",
+            "path_pattern": "var/lib/sensor/channels/C-00000291*.sys",
+            "sha256": "d" * 64,
+        },
+    )
+    token = fleet.service.create_user(fleet.admin, "bea", "approver").token
+    row = f'#rules tr[data-id="{rule.rule_id}"]'
+
+    def actions(driver, wait, By):
+        before = wait.until(lambda d: text(d, row))
+        press(wait, row, "Approve")
+        wait.until(lambda d: "Approve: done" in text(d, "#status"))
+        return before, wait.until(lambda d: "active" in text(d, row) and text(d, row))
+
+    before, after = await asyncio.to_thread(drive, browser, fleet.url, token, "rules.png", actions)
+    assert "pending" in before and "0/1" in before and "dddddddddddd" in before
+    assert "1/1" in after
+    assert fleet.service.rules(fleet.viewer)[0].status == "active"
