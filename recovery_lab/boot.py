@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 300.0
 # After a stop marker, let the guest write a little more before QEMU is stopped.
 LINGER_S = 1.0
+# With ``power_down``: how long a guest gets to shut down cleanly after the stop marker.
+POWERDOWN_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -128,9 +130,14 @@ async def follow_boot(
     name: str = "qmr",
     on_line: Callable[[float, str], None] | None = None,
     drive: Callable[[QemuVM], Coroutine[Any, Any, None]] | None = None,
+    power_down: bool = False,
 ) -> BootReport:
     """Run ``config`` until the guest powers off, ``stop_on`` (a regex) appears on the
-    console, or ``timeout`` seconds pass; return the report. The run directory is kept if
+    console, or ``timeout`` seconds pass; return the report. With ``power_down``, a guest that
+    showed ``stop_on`` is asked to shut down (the ACPI power button) and given
+    ``POWERDOWN_TIMEOUT_S`` to do it before QEMU is stopped: its filesystems are then clean
+    for the lab to read (a root cut off mid-write may hold its latest changes only in its
+    journal, which debugfs does not replay). The run directory is kept if
     ``keep_logs`` or the run timed out. ``on_line(seconds, line)`` sees every console line as
     it arrives (for live progress). ``drive(vm)`` runs beside the machine (a fault acting on
     it through QMP) and is cancelled when the run ends; its errors are its own to report."""
@@ -163,6 +170,8 @@ async def follow_boot(
         elif first is not waits[0]:
             outcome = "stop-marker"
             await asyncio.sleep(LINGER_S)
+            if power_down:
+                await _shut_down(vm)
         elif vm.returncode != 0:
             outcome = "qemu-exited"
     finally:
@@ -190,6 +199,16 @@ async def follow_boot(
         (vm.run_dir / "report.json").write_text(json.dumps(report.to_json(), indent=1))
     vm.finish(failed=failed)
     return report
+
+
+async def _shut_down(vm: QemuVM) -> None:
+    """Press the guest's power button and wait, bounded, for it to power off; a guest that
+    does not is stopped as before by the caller."""
+    try:
+        await vm.execute("system_powerdown")
+        await vm.wait_exit(POWERDOWN_TIMEOUT_S)
+    except Exception as exc:  # (a guest that ignores the button, QEMU gone already)
+        log.warning("the guest did not shut down cleanly after the stop marker: %s", exc)
 
 
 def boot_scenario(

@@ -478,8 +478,10 @@ async def run_async(opts: RunOptions) -> RunReport:
                 name=name,
                 on_line=progress,
                 drive=drive if faults else None,
-                # A Debian machine stays up after its good boot: stop once it was reported.
+                # A Debian machine stays up after its good boot: stop once it was reported,
+                # shut down cleanly so that its disk can be read.
                 stop_on=DEBIAN_STOP if debian else None,
+                power_down=debian is not None,
             )
         finally:
             done.set()

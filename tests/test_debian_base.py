@@ -227,7 +227,10 @@ async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Pa
         # (var/lib/recovery/pstore): the evidence of the failed boots, kept.
         archived = {p for p in ours if p.startswith("var/lib/recovery/pstore")}
         journal = {"var/lib/recovery/journal", f"var/lib/recovery/journal/{directive}.json"}
-        assert set(ours) - set(quarantined) - archived in (
+        # The inventory the healthy boot's report sent (health reports carry it since the
+        # fleet-intelligence work: the next one sends changes to it).
+        sent = {"var/lib/recovery/sent-inventory.json"}
+        assert set(ours) - set(quarantined) - archived - sent in (
             journal | {"var/lib/recovery/last-directive"},
             journal | {"var/lib/recovery/confirmed-directive"},
         ), ours
