@@ -56,7 +56,7 @@ from .challenges import Challenges
 from .devices import Devices
 from .errors import Conflict, Forbidden, NotFound, ServerError
 from .secretfile import SecretFile
-from .store import Store, Tx, iso, new_id, parse_iso
+from .store import Row, Store, Tx, iso, new_id, parse_iso
 
 # The escrow key's file in the server's data directory.
 ESCROW_KEY = "escrow.key"
@@ -214,27 +214,28 @@ class DiskKeys:
         answer: KeyAnswer | None = None
         with self._store.tx() as tx:
             self._challenges.spend(tx, m.device_id, m.server_nonce)  # no replay
-            why = self._refusal(tx, m, now_dt)
+            key = tx.one("SELECT * FROM disk_keys WHERE device_id = ? AND state = 'active'", m.device_id)
+            why = self._refusal(tx, m, key, now_dt)
             if why is not None:
                 refusal = why
                 audit.record(
                     tx, now, "disk_key.refused", "server", m.device_id, m.report_id, {"why": str(why)}
                 )
             else:
-                answer = self._answer(tx, escrow, v.payload_sha256, m, now)
+                assert key is not None, "no key is a refusal"
+                answer = self._answer(tx, escrow, v.payload_sha256, m, key, now)
         self._devices.limits.spend(m.device_id, "KeyRequest")
         if refusal is not None:
             raise refusal
         assert answer is not None
         return answer
 
-    def _refusal(self, tx: Tx, m: KeyRequest, now: datetime) -> ServerError | None:
+    def _refusal(self, tx: Tx, m: KeyRequest, key: Row | None, now: datetime) -> ServerError | None:
         if self.policy.mode != "on":
             return Forbidden(
                 "disk key release is off on this server (recovery-server serve --key-release on): "
                 "a person unlocks this machine"
             )
-        key = tx.one("SELECT * FROM disk_keys WHERE device_id = ? AND state = 'active'", m.device_id)
         if key is None:
             return NotFound(
                 f"device {m.device_id} has no escrowed disk key (never escrowed, or revoked): a person "
@@ -269,9 +270,9 @@ class DiskKeys:
             return Forbidden(f"a person refused to release the disk key for report {m.report_id}")
         return None
 
-    def _answer(self, tx: Tx, escrow: EscrowKeyFile, request_sha: str, m: KeyRequest, now: str) -> KeyAnswer:
-        key = tx.one("SELECT * FROM disk_keys WHERE device_id = ? AND state = 'active'", m.device_id)
-        assert key is not None, "checked by _refusal in this transaction"
+    def _answer(
+        self, tx: Tx, escrow: EscrowKeyFile, request_sha: str, m: KeyRequest, key: Row, now: str
+    ) -> KeyAnswer:
         rel = tx.one(
             "SELECT * FROM key_releases WHERE device_id = ? AND report_id = ?", m.device_id, m.report_id
         )

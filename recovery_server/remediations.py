@@ -44,6 +44,15 @@ def approved_remediation(db: Reader, incident_id: str) -> Row | None:
     )
 
 
+def revoke_remediation(
+    tx: Tx, now: str, actor: str, remediation_id: str, detail: dict[str, Any] | None = None
+) -> None:
+    """Revoke a remediation and its rollout inside ``tx``: nothing is served from it again."""
+    tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?", remediation_id)
+    tx.execute("UPDATE rollouts SET state = 'revoked' WHERE remediation_id = ?", remediation_id)
+    audit.record(tx, now, "remediation.revoked", actor, subject=remediation_id, detail=detail or "")
+
+
 class Remediations:
     def __init__(self, store: Store, now: Callable[[], datetime], changed: Callable[[], None]) -> None:
         self._store = store
@@ -154,9 +163,7 @@ class Remediations:
         with self._store.tx() as tx:
             if tx.one("SELECT 1 FROM remediations WHERE remediation_id = ?", remediation_id) is None:
                 raise NotFound(f"no remediation {remediation_id}")
-            tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?", remediation_id)
-            tx.execute("UPDATE rollouts SET state = 'revoked' WHERE remediation_id = ?", remediation_id)
-            audit.record(tx, iso(self._now()), "remediation.revoked", user.name, subject=remediation_id)
+            revoke_remediation(tx, iso(self._now()), user.name, remediation_id)
         self._changed()
         return self._view(remediation_id)
 

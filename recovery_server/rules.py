@@ -37,7 +37,7 @@ from . import audit
 from .access import Operation, User, require, require_not_author
 from .errors import BadRequest, Conflict, NotFound
 from .fleetfiles import listed_files
-from .remediations import approved_remediation
+from .remediations import approved_remediation, revoke_remediation
 from .rollout import start_rollout
 from .store import Reader, Row, Store, Tx, iso, new_id
 from .users import signed_approval
@@ -160,9 +160,7 @@ class Rules:
                 )
             ]
             for rid in made:
-                tx.execute("UPDATE remediations SET status = 'revoked' WHERE remediation_id = ?", rid)
-                tx.execute("UPDATE rollouts SET state = 'revoked' WHERE remediation_id = ?", rid)
-                audit.record(tx, now, "remediation.revoked", user.name, subject=rid, detail={"rule": rule_id})
+                revoke_remediation(tx, now, user.name, rid, {"rule": rule_id})
             audit.record(tx, now, "rule.revoked", user.name, subject=rule_id, detail={"remediations": made})
         self._changed()
         return self._view(rule_id)
