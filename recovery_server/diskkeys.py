@@ -166,6 +166,21 @@ class DiskKeys:
         now = iso(self._now())
         key_id = new_id("dk")
         with self._store.tx() as tx:
+            # The same escrow again (a health report resent what the lab or an earlier boot
+            # delivered): the key it holds, unchanged. An escrow that was replaced or revoked
+            # is refused: replayed, it would bring back a key the disk no longer opens with.
+            seen = tx.one(
+                "SELECT key_id, state FROM disk_keys WHERE device_id = ? AND sealed = ?",
+                m.device_id,
+                m.sealed,
+            )
+            if seen is not None and seen["state"] == "active":
+                return {"status": "escrowed", "key_id": seen["key_id"], "replaced": []}
+            if seen is not None:
+                raise Conflict(
+                    f"this escrow is key {seen['key_id']}, {seen['state']} since: a replay is refused; "
+                    "escrow a new key (recovery-agent escrow)"
+                )
             replaced = [
                 r["key_id"]
                 for r in tx.all(
