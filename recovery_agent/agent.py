@@ -49,7 +49,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import __version__, counting, holds, inventory, state, testmode
+from . import __version__, counting, diskkey, holds, inventory, luks, osdisk, state, testmode
 from .bootenv import BOOT_COUNT, RECOVERY_ATTEMPTS, BootEnv, BootEnvError
 from .clock import Clock, SystemClock
 from .counting import BootCount, boot_history
@@ -164,8 +164,11 @@ class RecoveryAgent:
         timeline: Timeline | None = None,
         clock: Clock | None = None,
         hold: holds.Hold | None = None,
+        encrypted_os: osdisk.EncryptedOs | None = None,
     ) -> None:
         self.s = settings
+        # An encrypted OS root, opened with the key the server releases (osdisk.py).
+        self.encrypted_os = encrypted_os
         self.timeline = timeline or Timeline()
         # Lab only: where an apply stops for the lab to cut the power (holds.py).
         if hold is None and settings.lab_hold_at is not None:
@@ -195,6 +198,85 @@ class RecoveryAgent:
             return await self.report_agent_error(exc)
 
     async def _loop(self) -> Outcome:
+        enc = self.encrypted_os
+        if enc is None:
+            return await self._recover()
+        opened = await self._unlock(enc)
+        if opened is not None:
+            return opened
+        try:
+            return await self._recover()
+        finally:
+            for problem in osdisk.close_os(enc, self.s.os_root):
+                self.timeline.add("lock", problem)
+            self.timeline.add("lock", f"the OS disk is unmounted and {enc.volume} closed again")
+
+    async def _unlock(self, enc: osdisk.EncryptedOs) -> Outcome | None:
+        """An encrypted OS root: count this visit, report the crash (all that can be known
+        before the disk is open), ask for the disk key for that report, then open and mount the
+        disk (``osdisk``). None once it is open (the loop goes on as on any machine); otherwise
+        the visit's outcome: a refused key means a person must look (``NEEDS_MANUAL``, nothing
+        changed); no key before the time to reboot ends the visit as no fix would."""
+        s, tl = self.s, self.timeline
+        try:
+            self._test = testmode.armed(s.grubenv)
+        except (BootEnvError, OSError):
+            self._test = None
+        if self._test is not None:
+            tl.add(
+                "test",
+                "a recovery test does not open an encrypted OS disk (not supported yet): back to the OS",
+            )
+            return Outcome.NO_REMEDIATION if self._reset_boot_count() else Outcome.NEEDS_MANUAL
+        count = self._count = self.read_boot_count(count_visit=True)
+        tl.add(
+            "unlock",
+            f"the OS disk {enc.volume} is encrypted: reporting the crash (boot_count={count.boot_count}, "
+            f"recovery attempt {count.attempts} of {s.max_recovery_attempts}) to ask for its key",
+        )
+        if not s.cloud_remediation:
+            tl.add("done", "cloud remediation is off: the encrypted OS disk cannot be opened; rebooting")
+            return Outcome.CLOUD_DISABLED if self._reset_boot_count() else Outcome.NEEDS_MANUAL
+        findings = self.collect(
+            count,
+            notes=[
+                "the OS disk is encrypted and still locked: this report asks for its key; the full "
+                "report follows once it is open"
+            ],
+            inventory_too=False,
+        )
+        deadline = self._deadline = self.clock.monotonic() + s.time_to_reboot_s
+        key = None
+        async with DeviceClient(s.server_url) as client:
+            sent = await self.report(client, findings, deadline)
+            if sent is not None:
+                try:
+                    key = await diskkey.fetch_key(
+                        client,
+                        self.key,
+                        s.server_public_key,
+                        s.device_id,
+                        sent[0].report_id,
+                        clock=self.clock,
+                        deadline=deadline,
+                        retry_interval_s=s.retry_interval_s,
+                        say=lambda text: tl.add("unlock", text),
+                    )
+                except diskkey.KeyRefused as exc:
+                    tl.add("done", f"{exc}: this machine needs a person (nothing on it was changed)")
+                    return Outcome.NEEDS_MANUAL
+        if key is None:
+            return self._no_fix(count, "no disk key")
+        tl.add("unlock", "the server released the disk key for this visit")
+        try:
+            device = osdisk.open_os(enc, key, s.os_root)  # (wipes the key)
+        except (luks.LuksError, osdisk.OsDiskError) as exc:
+            tl.add("done", f"{exc}: this machine needs a person (nothing on it was changed)")
+            return Outcome.NEEDS_MANUAL
+        tl.add("unlock", f"{enc.volume} open as {device} (the key wiped from memory), mounted at {s.os_root}")
+        return None
+
+    async def _recover(self) -> Outcome:
         s, tl = self.s, self.timeline
         holds.install(self.hold)
         settled: list[str] = []
@@ -218,14 +300,14 @@ class RecoveryAgent:
                     reset &= await self._complete(client, journal.directive_id, list(journal.results or ()))
             return Outcome.REMEDIATED if reset else Outcome.NEEDS_MANUAL
 
-        try:
-            self._test = testmode.armed(s.grubenv)
-        except (BootEnvError, OSError):
-            self._test = None  # the count step below says what is wrong with grubenv
-        if self._test is not None:
-            return await self._test_visit(settled)
-
-        count = self._count = self.read_boot_count(count_visit=True)
+        if self._count is None:  # (an encrypted disk's visit was counted before it was opened)
+            try:
+                self._test = testmode.armed(s.grubenv)
+            except (BootEnvError, OSError):
+                self._test = None  # the count step below says what is wrong with grubenv
+            if self._test is not None:
+                return await self._test_visit(settled)
+        count = self._count = self._count or self.read_boot_count(count_visit=True)
         tl.add(
             "detect",
             f"boot_count={count.boot_count} (limit {s.boot_limit}), recovery attempt "
@@ -250,7 +332,7 @@ class RecoveryAgent:
                 return Outcome.NEEDS_MANUAL
             return Outcome.CLOUD_DISABLED
 
-        deadline = self._deadline = self.clock.monotonic() + s.time_to_reboot_s
+        deadline = self._deadline = self._deadline or self.clock.monotonic() + s.time_to_reboot_s
         async with DeviceClient(s.server_url) as client:
             sent = await self.report(client, findings, deadline)
             if sent is not None:
@@ -266,16 +348,21 @@ class RecoveryAgent:
                     return Outcome.NEEDS_MANUAL
                 if outcome is not None:
                     return outcome
+        return self._no_fix(count, "no remediation")
 
+    def _no_fix(self, count: BootCount, what: str) -> Outcome:
+        """The visit ends with nothing applied: back to the OS for another try, unless that was
+        the last attempt (a person must look)."""
+        s, tl = self.s, self.timeline
         if count.attempts >= s.max_recovery_attempts:
             why = "" if count.kept else " (grubenv cannot keep the count of attempts: rebuild it)"
             tl.add(
                 "done",
-                f"no remediation after {count.attempts} recovery attempts{why}: this machine "
+                f"{what} after {count.attempts} recovery attempts{why}: this machine "
                 "needs manual recovery; not rebooting into the failing OS again",
             )
             return Outcome.NEEDS_MANUAL
-        tl.add("done", "no remediation before the time to reboot: rebooting to try the OS again")
+        tl.add("done", f"{what} before the time to reboot: rebooting to try the OS again")
         if not self._reset_boot_count():
             return Outcome.NEEDS_MANUAL
         return Outcome.NO_REMEDIATION
@@ -331,9 +418,12 @@ class RecoveryAgent:
             say=lambda text: self.timeline.add("detect", text),
         )
 
-    def collect(self, count: BootCount, *, notes: list[str] | None = None) -> Findings:
+    def collect(
+        self, count: BootCount, *, notes: list[str] | None = None, inventory_too: bool = True
+    ) -> Findings:
         """The detect and collect steps: what the diagnostics will say. Every cut and every
-        part that could not be read is a note."""
+        part that could not be read is a note. ``inventory_too=False``: the OS disk is not
+        open yet, only the crash is known."""
         s = self.s
         detection = examine(
             s.pstore_dir,
@@ -345,6 +435,8 @@ class RecoveryAgent:
         crash = detection.crash
         history, history_notes = boot_history(count.boot_count, crash)
         try:
+            if not inventory_too:
+                raise inventory.InventoryError("the OS disk is not open")
             inv = inventory.collect(s.os_root, channel_file=crash.channel_file, module=crash.guilty_module)
         except inventory.InventoryError as exc:
             # Report the crash anyway: the server can still cluster it and a person can look.
@@ -647,6 +739,13 @@ async def report_health(settings: AgentSettings, boot_id: str, kernel_version: s
             # (the boot was recorded by the first: the second is a duplicate of it).
             again = await client.send_health(health(inventory_update(files, None)))
             answer = {**answer, "inventory": again.get("inventory")}
+        try:  # an encrypted disk's recovery key, escrowed at install (diskkey.py)
+            escrowed = await diskkey.deliver_pending(client, settings.os_root)
+        except (ServerRefused, ServerUnreachable, OSError) as exc:
+            log.warning("the disk key's escrow was not delivered (it stays pending): %s", exc)
+        else:
+            if escrowed is not None:
+                answer = {**answer, "escrow": escrowed.get("key_id")}
     if answer.get("recovery_test") == "requested":
         # An admin asked for a recovery test (testmode.py): the next boot runs it.
         try:

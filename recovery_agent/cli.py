@@ -34,13 +34,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import __version__, diskkey, luks, state, testmode
+from . import __version__, diskkey, luks, osdisk, state, testmode
 from .agent import Outcome, RecoveryAgent, Timeline, report_health
 from .bootenv import BootEnvError
 from .errors import AgentError
 from .install.cli import REFUSALS as INSTALL_REFUSALS
 from .install.cli import add_commands as add_install_commands
 from .journal import JournalError
+from .layout import ESCROW_SENT
 from .protocol import sealing
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import seal_bytes
@@ -141,7 +142,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     s = AgentSettings.load(args.config)
-    agent = RecoveryAgent(s, timeline=Timeline(sink=_print))
+    if bool(args.os_volume) != bool(args.boot_mount):
+        raise UsageError(
+            "--os-volume and --boot-mount go together (an encrypted OS root, and where /boot is mounted)"
+        )
+    encrypted = osdisk.EncryptedOs(Path(args.os_volume), Path(args.boot_mount)) if args.os_volume else None
+    agent = RecoveryAgent(s, timeline=Timeline(sink=_print), encrypted_os=encrypted)
     outcome = asyncio.run(agent.run())
     _print(f"recovery-agent: outcome {outcome.name} (exit {int(outcome)})")
     return int(outcome)
@@ -160,38 +166,86 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_escrow(args: argparse.Namespace) -> int:
     """A fresh recovery key in its own keyslot, escrowed; the slot is removed again if the
-    server does not take the key (nothing half-done), and the key is wiped either way."""
+    server does not take the key (nothing half-done), and the key is wiped either way. With
+    ``--escrow-key`` (offline, as at install) the sealed escrow waits on the OS disk for the
+    first health report to deliver it. ``--rotate``: the new key goes in a free keyslot and,
+    once the server holds it, the previous escrow's keyslot is removed."""
     s = AgentSettings.load(args.config)
-    device, unlock = Path(args.device), Path(args.unlock_key_file)
+    device, unlock, root = Path(args.device), Path(args.unlock_key_file), Path(args.root)
+    device_key = SigningKey.load(s.device_key)
+    old_slot = None
+    if args.rotate:
+        if args.escrow_key:
+            raise UsageError(
+                "--rotate needs the server now (the old keyslot goes only once the server holds the "
+                "new key): drop --escrow-key"
+            )
+        old_slot = diskkey.escrowed_slot(root, device_key)
+        if old_slot is None:
+            raise AgentError(f"nothing to rotate: no escrow recorded under {root / ESCROW_SENT}")
+        free = sorted(set(range(32)) - luks.used_slots(device))
+        if not free:
+            raise AgentError(f"{device} has no free keyslot for the new key")
+        args.slot = free[-1]
+    offline = None
+    if args.escrow_key:
+        try:
+            offline = json.loads(Path(args.escrow_key).read_text())
+        except (OSError, ValueError) as exc:
+            raise AgentError(
+                f"--escrow-key {args.escrow_key}: {exc} (the server's signed escrow key: GET /v1/escrow-key)"
+            ) from None
     key = bytearray(secrets.token_bytes(32))
     try:
         luks.add_keyslot(device, unlock, key, args.slot)
         try:
             if not luks.check_key(device, key, args.slot):
                 raise luks.LuksError(f"the new key does not open keyslot {args.slot} of {device}")
+            if offline is not None:
+                raw = diskkey.seal_escrow(
+                    device_key,
+                    s.server_public_key,
+                    s.device_id,
+                    key,
+                    args.slot,
+                    offline,
+                    tpm_sealed=args.tpm_sealed,
+                )
+                pending = diskkey.save_pending(Path(args.root), raw)
+            else:
 
-            async def go() -> dict[str, Any]:
-                async with DeviceClient(s.server_url) as client:
-                    return await diskkey.escrow(
-                        client,
-                        SigningKey.load(s.device_key),
-                        s.server_public_key,
-                        s.device_id,
-                        key,
-                        args.slot,
-                        tpm_sealed=args.tpm_sealed,
-                    )
+                async def go() -> dict[str, Any]:
+                    async with DeviceClient(s.server_url) as client:
+                        return await diskkey.escrow(
+                            client,
+                            device_key,
+                            s.server_public_key,
+                            s.device_id,
+                            key,
+                            args.slot,
+                            tpm_sealed=args.tpm_sealed,
+                            record_in=root,
+                        )
 
-            answer = asyncio.run(go())
+                answer = asyncio.run(go())
         except BaseException:
             luks.remove_keyslot(device, unlock, args.slot)
             raise
     finally:
         sealing.wipe(key)
+    if offline is not None:
+        print(
+            f"keyslot {args.slot} of {device} holds QMR's recovery key, sealed to the server's escrow key "
+            f"in {pending}: the next health report delivers it"
+        )
+        return EXIT_OK
     replaced = f" (replaces {', '.join(answer['replaced'])})" if answer.get("replaced") else ""
     print(
         f"keyslot {args.slot} of {device} holds QMR's recovery key, escrowed as {answer['key_id']}{replaced}"
     )
+    if old_slot is not None and old_slot != args.slot:
+        luks.remove_keyslot(device, unlock, old_slot)
+        print(f"rotated: keyslot {old_slot} (the previous recovery key) removed")
     return EXIT_OK
 
 
@@ -289,12 +343,18 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("enroll", help="enroll the device key (while healthy)")
     e.add_argument("--token", required=True, help="the fleet enrollment token")
     e.set_defaults(fn=cmd_enroll)
-    sub.add_parser(
+    r = sub.add_parser(
         "run",
         help="run the recovery loop",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_run_exit_codes(),
-    ).set_defaults(fn=cmd_run)
+    )
+    r.add_argument(
+        "--os-volume",
+        help="the OS root is this LUKS2 volume, still locked: ask the server for its key, open and mount it",
+    )
+    r.add_argument("--boot-mount", help="with --os-volume: where /boot is mounted (it stays unencrypted)")
+    r.set_defaults(fn=cmd_run)
     h = sub.add_parser("health", help="report a healthy boot")
     h.add_argument("--boot-id")
     h.add_argument("--kernel")
@@ -312,6 +372,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="this device's key is sealed in a TPM: the server may release the disk key with no person",
     )
+    es.add_argument(
+        "--escrow-key",
+        help="offline: the server's signed escrow key (JSON, as GET /v1/escrow-key answers); the sealed "
+        "escrow is kept on the OS disk until a health report delivers it",
+    )
+    es.add_argument(
+        "--rotate",
+        action="store_true",
+        help="a new recovery key in a free keyslot; once the server holds it, the previous one's slot "
+        "is removed",
+    )
+    es.add_argument("--root", default="/", help="the OS root the escrow's record is kept on (default /)")
     es.set_defaults(fn=cmd_escrow)
     t = sub.add_parser("test-mode", help="arm a recovery test for the next boot (like reagentc /boottore)")
     t.add_argument("--status", action="store_true", help="say whether a test is armed")

@@ -2,7 +2,9 @@
 
 - ``escrow``: seal a recovery key of the disk (the LUKS keyslot ``slot`` QMR added) to the
   server's escrow key, which is taken only under the pinned server key's signature, and send
-  it signed by the device key. The key itself never leaves the device in clear.
+  it signed by the device key. The key itself never leaves the device in clear. Offline (at
+  install, from the server's signed escrow key in a file): ``seal_escrow`` and
+  ``save_pending``; the first health report delivers it (``deliver_pending``).
 - ``fetch_key``: in recovery, after the diagnostics of this visit, ask for the key: a fresh
   challenge, the report's id, and an ephemeral X25519 key made for this one request; the
   answer (signed by the pinned server key, bound to this request) is opened with the
@@ -15,12 +17,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .clock import Clock
 from .errors import AgentError
+from .layout import ESCROW_PENDING, ESCROW_SENT
 from .protocol import sealing
 from .protocol.client import DeviceClient, ServerRefused, ServerUnreachable
 from .protocol.envelope import EnvelopeError, canonical_json, open_envelope, payload_sha256, seal, seal_bytes
@@ -40,20 +44,22 @@ class KeyRefused(AgentError):
     """The server refused to release the disk key (the message says why)."""
 
 
-async def escrow(
-    client: DeviceClient,
+def seal_escrow(
     device_key: SigningKey,
     server_public_key: str,
     device_id: str,
     secret: bytes | bytearray,
     slot: int,
+    escrow_key_envelope: dict[str, Any],
     *,
     tpm_sealed: bool = False,
-) -> dict[str, Any]:
-    """Escrow ``secret`` (the disk's recovery key in ``slot``) with the server."""
+) -> bytes:
+    """The signed ``KeyEscrow`` of ``secret`` (the disk's recovery key in ``slot``), sealed to
+    the escrow key in ``escrow_key_envelope`` (the server's ``EscrowKey``, taken only under the
+    pinned server key's signature)."""
     pinned = public_from_b64(server_public_key)
     try:
-        v = open_envelope(await client.escrow_key(), EscrowKey, {key_id(pinned): pinned})
+        v = open_envelope(escrow_key_envelope, EscrowKey, {key_id(pinned): pinned})
     except EnvelopeError as exc:
         raise AgentError(f"the server's escrow key is not signed by the pinned server key: {exc}") from None
     escrow_key = v.message.public_key
@@ -66,7 +72,78 @@ async def escrow(
         tpm_sealed=tpm_sealed,
         created_at=utcnow(),
     )
-    return await client.send_escrow(seal_bytes(message, device_key))
+    return seal_bytes(message, device_key)
+
+
+async def escrow(
+    client: DeviceClient,
+    device_key: SigningKey,
+    server_public_key: str,
+    device_id: str,
+    secret: bytes | bytearray,
+    slot: int,
+    *,
+    tpm_sealed: bool = False,
+    record_in: Path | None = None,
+) -> dict[str, Any]:
+    """Escrow ``secret`` (the disk's recovery key in ``slot``) with the server, now; once it
+    took it, the escrow is kept as sent under the OS root ``record_in`` if given (what a later
+    rotation reads its slot from)."""
+    raw = seal_escrow(
+        device_key,
+        server_public_key,
+        device_id,
+        secret,
+        slot,
+        await client.escrow_key(),
+        tpm_sealed=tpm_sealed,
+    )
+    answer = await client.send_escrow(raw)
+    if record_in is not None:
+        _write_private(record_in / ESCROW_SENT, raw)
+    return answer
+
+
+def escrowed_slot(os_root: Path, device_key: SigningKey) -> int | None:
+    """The keyslot of this machine's last escrow (sent, else pending), or None if it has none."""
+    for rel in (ESCROW_PENDING, ESCROW_SENT):
+        try:
+            raw = (os_root / rel).read_bytes()
+        except FileNotFoundError:
+            continue
+        try:
+            v = open_envelope(raw, KeyEscrow, {device_key.key_id: device_key.public})
+        except EnvelopeError as exc:
+            raise AgentError(f"{os_root / rel} is not this device's escrow: {exc}") from None
+        return v.message.slot
+    return None
+
+
+def _write_private(path: Path, raw: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return path
+
+
+def save_pending(os_root: Path, raw: bytes) -> Path:
+    """Keep an escrow made offline (at install) for the next health report to deliver."""
+    return _write_private(os_root / ESCROW_PENDING, raw)
+
+
+async def deliver_pending(client: DeviceClient, os_root: Path) -> dict[str, Any] | None:
+    """Send the escrow made at install, if one waits; once the server took it, it is kept as
+    sent. None if none waits. A refusal raises ``ServerRefused`` and the escrow stays pending."""
+    path = os_root / ESCROW_PENDING
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    answer = await client.send_escrow(raw)
+    path.replace(os_root / ESCROW_SENT)
+    return answer
 
 
 async def fetch_key(

@@ -21,6 +21,11 @@ PSTORE_ARCHIVE = f"{STATE_DIR}/pstore"
 # Test mode: the records of recovery tests run here (one file per test, written by the test's
 # only action: recovery_test), and the grubenv variable that arms a test visit.
 RECOVERY_TESTS_DIR = f"{STATE_DIR}/tests"
+# Encrypted disks (diskkey.py): the recovery key's escrow made at install, sealed to the server's
+# escrow key and signed by the device key (nothing in it opens the disk without the server's
+# escrow private key), waiting for the first health report to deliver it; then kept as sent.
+ESCROW_PENDING = f"{STATE_DIR}/escrow/pending.json"
+ESCROW_SENT = f"{STATE_DIR}/escrow/sent.json"
 # The inventory the server last stored for this device (health reports send changes to it).
 SENT_INVENTORY = f"{STATE_DIR}/sent-inventory.json"
 

@@ -6,6 +6,7 @@ or on a command line.
   key-derivation cost is pinned (``PBKDF``: argon2id, 64 MiB, 4 passes, 1 thread) rather than
   benchmarked on the machine that makes the slot, so a 1 GiB recovery environment on a slow
   CPU opens it in about a second whatever machine made it.
+- ``used_slots``: the keyslots that hold a key (a rotation adds the new key in a free one).
 - ``check_key``: whether a key opens a keyslot (``--test-passphrase``: no device-mapper).
 - ``open_volume`` / ``close_volume``: map the volume for the recovery environment to mount,
   and unmap it once the fix is applied.
@@ -13,6 +14,7 @@ or on a command line.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -84,6 +86,16 @@ def remove_keyslot(device: Path, unlock_key_file: Path, slot: int) -> None:
     )
     if proc.returncode != 0:
         raise _fail(f"remove keyslot {slot} of {device}", proc)
+
+
+def used_slots(device: Path) -> set[int]:
+    """The keyslots of ``device`` that hold a key (``cryptsetup luksDump``)."""
+    proc = _cryptsetup(["luksDump", str(device)])
+    if proc.returncode != 0:
+        raise _fail(f"read the header of {device}", proc)
+    text = proc.stdout.decode(errors="replace")
+    section = text.split("Keyslots:", 1)[1].split("Tokens:", 1)[0] if "Keyslots:" in text else ""
+    return {int(m) for m in re.findall(r"^\s{2}(\d+): luks2", section, re.M)}
 
 
 def check_key(device: Path, key: bytes | bytearray, slot: int | None = None) -> bool:

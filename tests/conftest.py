@@ -273,3 +273,37 @@ async def enrolled_settings(
     path = machine / "recovery/agent.json"
     path.write_text(json.dumps(settings))
     return AgentSettings.load(path)
+
+
+@pytest.fixture
+def volume(tmp_path) -> tuple[Path, Path]:
+    """A LUKS2 volume in a file, and the key the machine's normal boot opens it with (in the
+    lab a file stands in for the TPM that would hold it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cryptsetup") is None and not Path("/usr/sbin/cryptsetup").exists():
+        pytest.fail("cryptsetup is missing: scripts/setup.sh --test installs Debian's cryptsetup-bin")
+    image, boot_key = tmp_path / "root.luks", tmp_path / "tpm-emulation.key"
+    image.write_bytes(b"\0" * (32 << 20))
+    boot_key.write_bytes(secrets.token_bytes(32))
+    subprocess.run(
+        [
+            shutil.which("cryptsetup") or "/usr/sbin/cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            str(boot_key),
+            str(image),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return image, boot_key

@@ -290,6 +290,34 @@ async def test_escrow_is_checked(fleet, secret):
     assert fleet.service.disk_keys(fleet.viewer, "dev-1").keys == []
 
 
+async def test_the_same_escrow_again_is_the_same_key_and_a_replaced_one_is_a_refused_replay(fleet, secret):
+    """A health report that resends what was delivered already changes nothing; an escrow that
+    a newer one replaced, sent again, would bring back a key the disk no longer opens: 409."""
+    from recovery_agent.diskkey import seal_escrow
+
+    key = await enrolled(fleet)
+    first = seal_escrow(key, public_b64(fleet.key.public), "dev-1", secret, SLOT, fleet.service.escrow_key())
+    async with DeviceClient(fleet.url, retry=FAST_RETRY) as c:
+        a = await c.send_escrow(first)
+        again = await c.send_escrow(first)
+        assert again["key_id"] == a["key_id"] and again["replaced"] == []
+        newer = seal_escrow(
+            key,
+            public_b64(fleet.key.public),
+            "dev-1",
+            secrets.token_bytes(32),
+            SLOT,
+            fleet.service.escrow_key(),
+        )
+        b = await c.send_escrow(newer)
+        assert b["replaced"] == [a["key_id"]]
+        with pytest.raises(ServerRefused, match="replay"):
+            await c.send_escrow(first)
+    keys = fleet.service.disk_keys(fleet.viewer, "dev-1").keys
+    assert [(k.key_id, k.state) for k in keys if k.state == "active"] == [(b["key_id"], "active")]
+    assert kinds(fleet).count("disk_key.escrowed") == 2
+
+
 # ---------------------------------------------------------------- never in clear
 
 
@@ -367,40 +395,6 @@ async def test_the_key_is_never_in_clear_on_the_wire_in_the_database_or_a_log(fl
 
 
 # ---------------------------------------------------------------- a real LUKS2 volume
-
-
-@pytest.fixture
-def volume(tmp_path) -> tuple[Path, Path]:
-    """A LUKS2 volume in a file, and the key the machine's normal boot opens it with (in the
-    lab a file stands in for the TPM that would hold it)."""
-    import shutil
-    import subprocess
-
-    if shutil.which("cryptsetup") is None and not Path("/usr/sbin/cryptsetup").exists():
-        pytest.fail("cryptsetup is missing: scripts/setup.sh --test installs Debian's cryptsetup-bin")
-    image, boot_key = tmp_path / "root.luks", tmp_path / "tpm-emulation.key"
-    image.write_bytes(b"\0" * (32 << 20))
-    boot_key.write_bytes(secrets.token_bytes(32))
-    subprocess.run(
-        [
-            shutil.which("cryptsetup") or "/usr/sbin/cryptsetup",
-            "luksFormat",
-            "--batch-mode",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--key-file",
-            str(boot_key),
-            str(image),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return image, boot_key
 
 
 async def test_recovery_agent_escrow_adds_a_keyslot_whose_released_key_opens_the_volume(

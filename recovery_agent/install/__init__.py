@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..protocol.version import __version__
 from . import grub, recoveryenv, runtime, settings, systemd
-from .manifest import Manifest, Recorder, UndoReport, undo
+from .manifest import Manifest, Recorder, UndoReport, undo, write_atomic
 from .paths import (
     CHECK_DIR,
     CHECK_KINDS,
@@ -59,12 +59,13 @@ from .paths import (
     KERNEL_POSTRM,
     LAUNCHER,
     MODULES_LOAD,
+    RECOVERY_DEVICE_KEY,
     RECOVERY_DIR,
     RECOVERY_SETTINGS,
     SETTINGS,
     VENV,
 )
-from .target import InstallError, InstallRefused, Runner, Target
+from .target import InstallError, InstallRefused, LuksRoot, Runner, Target
 
 __all__ = [
     "InstallError",
@@ -93,6 +94,10 @@ class InstallOptions:
     recovery_modules: str = "most"
     extra_modules: tuple[str, ...] = ()
     update_grub: bool | None = None  # default: on a running system only
+    # A root on LUKS2: a key that opens it now, and the server's signed escrow key.
+    luks_unlock_key_file: Path | None = None
+    escrow_key: Path | None = None
+    tpm_sealed: bool = False
     runner: Runner | None = None  # tests: run the machine's tools differently
 
 
@@ -112,11 +117,13 @@ class InstallConfig:
     boot_uuid: str | None
     recovery_modules: str
     extra_modules: list[str] = field(default_factory=list)
+    root_luks_uuid: str | None = None  # the root filesystem is on this LUKS2 volume
 
     def recovery_env(self) -> recoveryenv.RecoveryEnvConfig:
         return recoveryenv.RecoveryEnvConfig(
             firmware=self.firmware,
             root_uuid=self.root_uuid,
+            root_luks_uuid=self.root_luks_uuid,
             boot_uuid=self.boot_uuid,
             python=self.python,
             modules=self.recovery_modules,
@@ -175,6 +182,9 @@ def install(opts: InstallOptions, say: Say = print) -> Manifest:
             "environment finds the OS disk by it; mount / by UUID in /etc/fstab"
         )
     boot_uuid = target.filesystem_uuid("/boot")
+    luks_root = target.luks_root()
+    if luks_root is not None:
+        _check_luks_options(opts, luks_root)
     update = opts.update_grub if opts.update_grub is not None else target.live
     say(
         f"installing Quick Machine Recovery {__version__} on {target.root} ({firmware}, "
@@ -199,9 +209,13 @@ def install(opts: InstallOptions, say: Say = print) -> Manifest:
         boot_uuid=boot_uuid,
         recovery_modules=opts.recovery_modules,
         extra_modules=list(opts.extra_modules),
+        root_luks_uuid=luks_root.uuid if luks_root else None,
     )
     rec.write(SETTINGS, settings.dump(settings.os_view(fleet, boot_limit)), 0o644)
-    rec.write(RECOVERY_SETTINGS, settings.dump(settings.recovery_view(fleet, boot_limit)), 0o644)
+    recovery_key = RECOVERY_DEVICE_KEY if luks_root is not None else DEVICE_KEY
+    rec.write(
+        RECOVERY_SETTINGS, settings.dump(settings.recovery_view(fleet, boot_limit, recovery_key)), 0o644
+    )
     rec.write(INSTALL_CONFIG, json.dumps(asdict(config), indent=1, sort_keys=True) + "\n", 0o644)
     target.run(
         [
@@ -222,6 +236,11 @@ def install(opts: InstallOptions, say: Say = print) -> Manifest:
             f"device key: made /{DEVICE_KEY} (0600) on this machine; "
             "enroll it: recovery-agent enroll --token T"
         )
+
+    # An encrypted root: QMR's own recovery key in its own keyslot, sealed to the server's
+    # escrow key at once (recovery-agent escrow, offline); the key is never written.
+    if luks_root is not None:
+        _escrow_luks_root(target, opts, luks_root, say)
 
     # Crash records: the pstore backend before any driver (modules-load.d runs files in name order).
     rec.write(
@@ -252,6 +271,10 @@ def install(opts: InstallOptions, say: Say = print) -> Manifest:
 
     # The recovery environment.
     rec.tree(RECOVERY_DIR)
+    if luks_root is not None:
+        # (in the install's own tree: uninstall removes it with the recovery environment)
+        write_atomic(target.path(RECOVERY_DEVICE_KEY), target.path(DEVICE_KEY).read_bytes(), 0o600)
+        say(f"device key: a copy on /{RECOVERY_DEVICE_KEY} (0600) for the recovery environment")
     release = recoveryenv.build(target, config.recovery_env(), say)
 
     if update:
@@ -268,6 +291,52 @@ def install(opts: InstallOptions, say: Say = print) -> Manifest:
     manifest.save()
     say(f"installed: {len(manifest.changes)} changes recorded in /{manifest.path.relative_to(target.root)}")
     return manifest
+
+
+LUKS_SLOT = 7  # QMR's keyslot in a LUKS2 root
+
+
+def _check_luks_options(opts: InstallOptions, luks_root: LuksRoot) -> None:
+    missing = [
+        flag
+        for flag, value in (
+            ("--luks-unlock-key-file FILE (a key that opens it now)", opts.luks_unlock_key_file),
+            ("--escrow-key FILE (the server's signed escrow key: GET /v1/escrow-key)", opts.escrow_key),
+        )
+        if value is None
+    ]
+    if missing:
+        raise InstallRefused(
+            f"the root filesystem is on LUKS2 ({luks_root.device}, /dev/mapper/{luks_root.mapper}): the "
+            f"recovery environment can open it only with a recovery key QMR adds and escrows; pass "
+            + " and ".join(missing)
+        )
+    given = (("--luks-unlock-key-file", opts.luks_unlock_key_file), ("--escrow-key", opts.escrow_key))
+    for flag, path in given:
+        if path is not None and not path.exists():
+            raise InstallRefused(f"{flag} {path}: no such file")
+
+
+def _escrow_luks_root(target: Target, opts: InstallOptions, luks_root: LuksRoot, say: Say) -> None:
+    assert opts.luks_unlock_key_file is not None and opts.escrow_key is not None
+    out = target.run(
+        [
+            f"/{LAUNCHER}",
+            "--config",
+            f"/{SETTINGS}",
+            "escrow",
+            "--device",
+            luks_root.device,
+            "--unlock-key-file",
+            str(opts.luks_unlock_key_file),
+            "--slot",
+            str(LUKS_SLOT),
+            "--escrow-key",
+            str(opts.escrow_key),
+            *(["--tpm-sealed"] if opts.tpm_sealed else []),
+        ]
+    )
+    say(f"disk key: {out.strip()}")
 
 
 def rebuild_recovery_env(

@@ -44,6 +44,9 @@ def cmd_install(args: argparse.Namespace) -> int:
             recovery_modules=args.recovery_modules,
             extra_modules=tuple(args.extra_module),
             update_grub=args.update_grub,
+            luks_unlock_key_file=Path(args.luks_unlock_key_file) if args.luks_unlock_key_file else None,
+            escrow_key=Path(args.escrow_key) if args.escrow_key else None,
+            tpm_sealed=args.tpm_sealed,
         ),
         say=_say,
     )
@@ -92,6 +95,21 @@ def add_commands(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run update-grub (default: on a running system only)",
+    )
+    i.add_argument(
+        "--luks-unlock-key-file",
+        help="a root on LUKS2: a key that opens it now (the machine's normal-boot key); QMR adds its "
+        "own recovery key in a keyslot of its own and escrows it",
+    )
+    i.add_argument(
+        "--escrow-key",
+        help="a root on LUKS2: the server's signed escrow key (JSON, GET /v1/escrow-key); the recovery "
+        "key is sealed to it at once, and the first health report delivers it",
+    )
+    i.add_argument(
+        "--tpm-sealed",
+        action="store_true",
+        help="the device key is sealed in a TPM: the server may release the disk key with no person",
     )
     i.set_defaults(fn=cmd_install)
     u = sub.add_parser("uninstall", help="put back everything install changed")

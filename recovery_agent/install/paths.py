@@ -45,6 +45,9 @@ RECOVERY_DIR = "boot/qmr"
 RECOVERY_KERNEL = f"{RECOVERY_DIR}/vmlinuz"
 RECOVERY_INITRD = f"{RECOVERY_DIR}/initrd.img"
 RECOVERY_VERSION = f"{RECOVERY_DIR}/kernel-release"
+# A root on LUKS2: the recovery environment signs with a copy of the device key on /boot (0600),
+# since the one in /etc is inside the volume it must ask the key for.
+RECOVERY_DEVICE_KEY = f"{RECOVERY_DIR}/device.key"
 # The id of GRUB's recovery entry.
 RECOVERY_ENTRY = "qmr-recovery"
 

@@ -66,10 +66,12 @@ class RecoveryEnvConfig:
     python: str  # "3.11"
     modules: str = "most"  # mkinitramfs MODULES= (most: every storage and network driver)
     extra_modules: tuple[str, ...] = ()
+    root_luks_uuid: str | None = None  # the OS root is on this LUKS2 volume: the agent opens it
 
     @property
     def load_modules(self) -> list[str]:
-        return [*PSTORE_MODULES[self.firmware], "ext4", *self.extra_modules]
+        luks = ["dm_crypt", "xts"] if self.root_luks_uuid else []
+        return [*PSTORE_MODULES[self.firmware], "ext4", *luks, *self.extra_modules]
 
 
 def confdir_files(cfg: RecoveryEnvConfig, compress: str) -> dict[str, tuple[str, int]]:
@@ -93,7 +95,8 @@ def confdir_files(cfg: RecoveryEnvConfig, compress: str) -> dict[str, tuple[str,
             0o644,
         ),
         "recovery-env.conf": (
-            f'QMR_ROOT="UUID={cfg.root_uuid}"\nQMR_BOOT={boot}\nQMR_MODULES="{" ".join(cfg.load_modules)}"\n',
+            f'QMR_ROOT="UUID={cfg.root_uuid}"\nQMR_BOOT={boot}\nQMR_MODULES="{" ".join(cfg.load_modules)}"\n'
+            f'QMR_ROOT_LUKS="{"UUID=" + cfg.root_luks_uuid if cfg.root_luks_uuid else ""}"\n',
             0o644,
         ),
         "hooks/qmr": (data_file("initramfs-hook.sh"), 0o755),

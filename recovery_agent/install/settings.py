@@ -66,8 +66,9 @@ def os_view(fleet: dict[str, Any], boot_limit: int) -> dict[str, Any]:
     }
 
 
-def recovery_view(fleet: dict[str, Any], boot_limit: int) -> dict[str, Any]:
-    """The recovery environment's settings (its ``/etc/recovery/agent.json``)."""
+def recovery_view(fleet: dict[str, Any], boot_limit: int, device_key: str = DEVICE_KEY) -> dict[str, Any]:
+    """The recovery environment's settings (its ``/etc/recovery/agent.json``); ``device_key``
+    relative to the OS root (elsewhere than in /etc when the root is encrypted)."""
     root = RECOVERY_OS_ROOT
     return {
         **fleet,
@@ -76,7 +77,7 @@ def recovery_view(fleet: dict[str, Any], boot_limit: int) -> dict[str, Any]:
         "grubenv": f"{root}/{GRUBENV}",
         "pstore_dir": "/sys/fs/pstore",
         "boot_log": f"{root}/{FAILED_BOOT_LOG}",
-        "device_key": f"{root}/{DEVICE_KEY}",
+        "device_key": f"{root}/{device_key}",
     }
 
 

@@ -28,6 +28,15 @@ FIRMWARES = ("bios", "uefi")
 Runner = Callable[[Sequence[str], Mapping[str, str]], str]
 
 
+@dataclass(frozen=True)
+class LuksRoot:
+    """The root filesystem's LUKS volume: its device, LUKS UUID, and mapper name."""
+
+    device: str
+    uuid: str
+    mapper: str
+
+
 class InstallError(AgentError):
     """Raised when a step of the install or uninstall fails (a tool of the machine failed, a
     file cannot be written). The message names the step and the fix; what was changed so far
@@ -149,6 +158,27 @@ class Target:
                 if words[0].startswith("UUID="):
                     return words[0].removeprefix("UUID=")
         return None
+
+    def luks_root(self) -> LuksRoot | None:
+        """The LUKS volume the root filesystem is on (asked of the running system), or None.
+        Under ``--root`` (a tree, not a running system) None: its volumes are not open here."""
+        if not self.live:
+            return None
+        try:
+            source = self.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint", "/"]).strip()
+            if not source.startswith("/dev/mapper/"):
+                return None
+            status = self.run(["cryptsetup", "status", source.removeprefix("/dev/mapper/")])
+        except InstallError:
+            return None
+        fields = dict(
+            (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in status.splitlines())
+        )
+        if not fields.get("type", "").startswith("LUKS") or not fields.get("device"):
+            return None
+        device = fields["device"]
+        uuid = self.run(["cryptsetup", "luksUUID", device]).strip()
+        return LuksRoot(device=device, uuid=uuid, mapper=source.removeprefix("/dev/mapper/"))
 
     def check(self, firmware: str) -> None:
         """Refuse (:class:`InstallRefused`) a machine the install cannot serve, naming every

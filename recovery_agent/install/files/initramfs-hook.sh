@@ -34,6 +34,13 @@ mkdir -p "${DESTDIR}${QMR_VENV}"
 (cd "${QMR_VENV}" && tar -cf - .) | (cd "${DESTDIR}${QMR_VENV}" && tar -xf -)
 copy_file script "${QMR_LAUNCHER}"
 
+# An encrypted OS root: the agent opens it with cryptsetup (the key on a pipe) and dm-crypt.
+. "${CONFDIR}/recovery-env.conf"    # QMR_ROOT_LUKS
+if [ -n "${QMR_ROOT_LUKS:-}" ]; then
+	copy_exec /sbin/cryptsetup /sbin
+	manual_add_modules dm_crypt xts
+fi
+
 # The settings the agent runs with in the recovery environment, and the machine's disks.
 mkdir -p "${DESTDIR}/etc/recovery"
 cp "${QMR_SETTINGS}" "${DESTDIR}/etc/recovery/agent.json"

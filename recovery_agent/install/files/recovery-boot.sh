@@ -7,7 +7,9 @@
 #
 #  1. load the pstore backend, mount pstore and print every crash record the failed boots left;
 #  2. mount the OS root read-write at /mnt/os and /boot at /mnt/os/boot (their UUIDs are in
-#     /etc/recovery/recovery-env.conf) and print GRUB's boot count;
+#     /etc/recovery/recovery-env.conf) and print GRUB's boot count; an encrypted root
+#     (QMR_ROOT_LUKS) is left to the agent, which opens it with the key the server releases
+#     (--os-volume): /boot is mounted at /mnt/boot;
 #  3. bring up the network (DHCP, initramfs-tools' configure_networking);
 #  4. run `recovery-agent run` with the settings built in (/etc/recovery/agent.json);
 #  5. unmount cleanly (GRUB and the next boot read these filesystems) and act on the agent's
@@ -34,6 +36,19 @@ qmr_wait_device()
 qmr_mount_os()
 {
 	mkdir -p /mnt/os
+	if [ -n "${QMR_ROOT_LUKS:-}" ]; then
+		# An encrypted OS root: only the agent can open it, with the key the server releases
+		# for this visit (recovery_agent/osdisk.py). Here /boot only, at /mnt/boot, seen at
+		# /mnt/os/boot until the agent mounts the root there.
+		QMR_OS_VOLUME=$(qmr_wait_device "$QMR_ROOT_LUKS" 30) \
+			|| { echo "QMR-RECOVERY error: no encrypted OS root $QMR_ROOT_LUKS"; return 1; }
+		[ -n "$QMR_BOOT" ] || { echo "QMR-RECOVERY error: an encrypted root needs /boot apart"; return 1; }
+		_boot=$(qmr_wait_device "$QMR_BOOT" 30) || { echo "QMR-RECOVERY error: no /boot $QMR_BOOT"; return 1; }
+		mkdir -p /mnt/boot
+		mount -o rw "$_boot" /mnt/boot || { echo "QMR-RECOVERY error: cannot mount /boot $_boot"; return 1; }
+		ln -sfn /mnt/boot /mnt/os/boot
+		return 0
+	fi
 	_root=$(qmr_wait_device "$QMR_ROOT" 30) || { echo "QMR-RECOVERY error: no OS root $QMR_ROOT"; return 1; }
 	mount -t ext4 -o rw "$_root" /mnt/os || mount -o rw "$_root" /mnt/os \
 		|| { echo "QMR-RECOVERY error: cannot mount the OS root $_root"; return 1; }
@@ -50,6 +65,10 @@ qmr_unmount_os()
 	sync
 	umount /mnt/os/boot 2>/dev/null
 	umount /mnt/os 2>/dev/null
+	if [ -n "${QMR_OS_VOLUME:-}" ]; then    # (the agent closes it; this is in case it could not)
+		cryptsetup close qmr-os 2>/dev/null
+		umount /mnt/boot 2>/dev/null
+	fi
 	sync
 }
 
@@ -80,7 +99,8 @@ mountroot()
 		IP=dhcp
 		configure_networking
 		echo "QMR-RECOVERY-AGENT start"
-		recovery-agent --config /etc/recovery/agent.json run
+		recovery-agent --config /etc/recovery/agent.json run \
+			${QMR_OS_VOLUME:+--os-volume "$QMR_OS_VOLUME" --boot-mount /mnt/boot}
 		_code=$?
 	else
 		echo "QMR-RECOVERY boot_count=unknown"
