@@ -148,17 +148,27 @@ def _debian_options(p: argparse.ArgumentParser) -> None:
         help="your own disk image (raw or qcow2) of a Debian-family system to build the Debian base "
         "from (implies --base debian; only read, never written; what it needs: docs/own-image.md)",
     )
+    p.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="the Debian base with its root on LUKS2, opened at a normal boot by an emulated TPM; the "
+        "recovery environment gets the disk key from the server (implies --base debian)",
+    )
 
 
 def _resolve_base(args: argparse.Namespace, command: str) -> int | None:
     """Settle --base (lab unless --image) and refuse what only the Debian base does on the
     lab's (one firmware, panics on an oops, no --image)."""
     if args.base is None:
-        args.base = "debian" if args.image else "lab"
-    if args.base == "lab" and (args.firmware not in (None, "bios") or not args.panic_on_oops or args.image):
+        args.base = "debian" if args.image or args.encrypted else "lab"
+    if args.base == "lab" and (
+        args.firmware not in (None, "bios") or not args.panic_on_oops or args.image or args.encrypted
+    ):
         option = (
             "--image"
             if args.image
+            else "--encrypted"
+            if args.encrypted
             else "--firmware uefi"
             if args.firmware not in (None, "bios")
             else "--no-panic-on-oops"
@@ -187,8 +197,10 @@ def _build(args: argparse.Namespace) -> int:
                 firmware=args.firmware,
                 panic_on_oops=args.panic_on_oops,
                 image=args.image,
+                encrypted=args.encrypted,
             )
             made_from = "Debian" if args.image is None else f"from {args.image}"
+            made_from += ", root on LUKS2" if image.encrypted else ""
             facts = f"{made_from}, kernel {image.kernel_release}, {image.firmware}"
             print(f"{image.scenario}: {image.image} ({facts})")
         print(f"done in {time.monotonic() - started:.1f}s")
@@ -356,6 +368,7 @@ def _run(args: argparse.Namespace) -> int:
         firmware=args.firmware,
         panic_on_oops=args.panic_on_oops,
         image=args.image,
+        encrypted=args.encrypted,
         log=_say,
     )
     try:

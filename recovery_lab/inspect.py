@@ -29,11 +29,20 @@ class DiskImage:
     Raises :class:`~recovery_lab.disk.DiskError` for a disk without the lab's partitions and
     :class:`~recovery_lab.tools.ToolError` when a tool is missing or fails."""
 
-    def __init__(self, image: Path, grubenv_at: tuple[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        image: Path,
+        grubenv_at: tuple[int, str] | None = None,
+        volumes: dict[int, bytes] | None = None,
+    ) -> None:
         """``grubenv_at``: (partition, path) of grubenv on an ext4 /boot, for a disk whose
-        grubenv is not on the FAT ESP (the Debian base)."""
+        grubenv is not on the FAT ESP (the Debian base). ``volumes``: partitions that are
+        LUKS2 volumes, with the lab's volume key (the encrypted base): their filesystem is read
+        from a decrypted copy (``build.luksimage``), made once."""
         self.source = Path(image)
         self.grubenv_at = grubenv_at
+        self.volumes = dict(volumes or {})
+        self._plain: dict[int, Path] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="qmr-inspect-"))
         if self.source.suffix == ".qcow2":
             tools.require("qemu-img")
@@ -76,6 +85,15 @@ class DiskImage:
         return BootEnv.from_bytes(self.esp_file("grub/grubenv"), where=f"{self.source} grub/grubenv")
 
     def _ext4(self, number: int) -> str:
+        if number in self.volumes:
+            if number not in self._plain:
+                from .build.luksimage import decrypt_to
+
+                part = self._part(number)
+                plain = self._tmp / f"p{number}.plain"
+                decrypt_to(self.raw, part.offset, part.sectors * 512, self.volumes[number], plain)
+                self._plain[number] = plain
+            return str(self._plain[number])
         # libext2fs reads a filesystem at an offset in a file ("image?offset=N"): no copy.
         return f"{self.raw}?offset={self._part(number).offset}"
 

@@ -51,6 +51,7 @@ from recovery_agent.protocol.keys import SigningKey, public_b64
 from recovery_agent.protocol.wire import Diagnostics, Enrollment, utcnow
 from recovery_server.access import User, console
 from recovery_server.app import make_app
+from recovery_server.diskkeys import ESCROW_KEY, EscrowKeyFile
 from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
@@ -90,6 +91,7 @@ DEBIAN_STOP = r"QMR-HEALTH-REPORT(ED|-FAILED)"
 TAMPERED_EVENT = "lab.directive_tampered"
 # The lab's two people: one writes fixes (and asks for recovery tests), the other approves.
 LAB_OPERATOR = User("lab-operator", "operator")
+LAB_APPROVER = User("lab-approver", "approver")
 # Console lines worth showing while the run goes on: GRUB's choice, the crash, the recovery
 # environment and the agent, the health check.
 _PROGRESS = re.compile(
@@ -133,6 +135,10 @@ class RunOptions:
     panic_on_oops: bool = True
     # The Debian base made from a user's own disk image (raw or qcow2) instead of the lab's.
     image: Path | None = None
+    # The Debian base with its root on LUKS2 (recovery_lab.build.debian): the recovery
+    # environment asks the server for the disk key; with --auto-approve the lab's approver
+    # approves its release (the lab's machine has no TPM to seal its device key in).
+    encrypted: bool = False
     log: Callable[[str], None] = print
 
 
@@ -161,11 +167,14 @@ class _Lab:
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    async def start(self, server_key: SigningKey | None = None) -> None:
+    async def start(self, server_key: SigningKey | None = None, escrow: EscrowKeyFile | None = None) -> None:
         self.data = self.work / "server"
         self.data.mkdir(parents=True, exist_ok=True)
         self.key = server_key or SigningKey.generate()
         self.key.save(self.data / "server.key")
+        self.escrow = escrow
+        if escrow is not None:
+            escrow.save(self.data / ESCROW_KEY)
         await self.start_server()
         admin_token = self.service.create_user(console("setup"), "admin", "admin").token
         (self.work / "admin.token").write_text(admin_token + "\n")
@@ -186,7 +195,9 @@ class _Lab:
     async def start_server(self) -> None:
         """The server on the run's data directory: on a free port the first time, then on the
         same one (a restart)."""
-        self.service = RecoveryService(store=Store(self.data / "recovery.db"), server_key=self.key)
+        self.service = RecoveryService(
+            store=Store(self.data / "recovery.db"), server_key=self.key, escrow=self.escrow
+        )
         # shutdown_timeout=0: stopping cuts open requests, as a killed process would.
         self.runner = web.AppRunner(make_app(self.service), access_log=None, shutdown_timeout=0)
         await self.runner.setup()
@@ -302,17 +313,30 @@ async def _watch(lab: _Lab, opts: RunOptions, done: asyncio.Event) -> None:
             if kind in ("device.enrolled", "user.created", "enrollment_token.created"):
                 continue
             say(f"[lab +{lab.now():6.1f}s] server: {kind} {subject} {_short(e['detail'])}")
+            if kind == "disk_key.requested" and not json.loads(e["detail"]).get("automatic"):
+                if opts.auto_approve:
+                    lab.service.decide_key_release(LAB_APPROVER, subject, True)
+                else:
+                    say(
+                        f"[lab +{lab.now():6.1f}s] the disk key's release waits for a person:\n"
+                        f"    recovery-admin --server {lab.url} --token-file "
+                        f"{lab.work / 'lab-approver.token'} device keys {e.get('device_id')} "
+                        f"--approve {subject}"
+                    )
+                continue
             if kind == "diagnostics.received":
                 incident = json.loads(e["detail"])["incident"]
                 if incident in handled:
                     continue
-                handled.add(incident)
                 if opts.fleet and lab.fleet is None and e.get("device_id") == lab.device_id:
                     await _surround(lab, opts)
                 proposal = lab.service.suggest_actions(LAB_OPERATOR, incident)
                 if not proposal.actions:
+                    # (a later report may say more: an encrypted machine's first one, sent
+                    # before its disk is open, lists no files)
                     say(f"[lab +{lab.now():6.1f}s] catalog: {'; '.join(proposal.why)}")
                     continue
+                handled.add(incident)
                 if not opts.auto_approve:
                     admin = f"recovery-admin --server {lab.url} --token-file"
                     say(
@@ -351,7 +375,7 @@ async def _approve(lab: _Lab, incident: str, title: str, actions: list[Any]) -> 
     """The two lab people write and approve the catalog's fix, once no fault holds it back."""
     await lab.approvals_open.wait()
     rem = lab.service.create_remediation(LAB_OPERATOR, title=title, actions=actions, incident_id=incident)
-    lab.service.approve(User("lab-approver", "approver"), rem.remediation_id)
+    lab.service.approve(LAB_APPROVER, rem.remediation_id)
 
 
 def _debian_image(opts: RunOptions) -> DebianImage:
@@ -377,6 +401,7 @@ def _debian_image(opts: RunOptions) -> DebianImage:
         firmware=opts.firmware,
         panic_on_oops=opts.panic_on_oops,
         image=opts.image,
+        encrypted=opts.encrypted,
     )
 
 
@@ -397,7 +422,8 @@ async def run_async(opts: RunOptions) -> RunReport:
     for fault in faults:
         image = fault.prepare_disk(image, work)
     lab = _Lab(work, opts, faults)
-    await lab.start(SigningKey.load(debian.server_key) if debian else None)
+    escrow = EscrowKeyFile.load(debian.escrow_key) if debian and debian.escrow_key else None
+    await lab.start(SigningKey.load(debian.server_key) if debian else None, escrow)
     device_id = debian.device_id if debian else f"lab-{name}"[:64]
     lab.device_id = device_id
     if opts.fleet:
@@ -410,6 +436,15 @@ async def run_async(opts: RunOptions) -> RunReport:
             f"[lab +{lab.now():6.1f}s] server on {lab.url} (admin token in {work / 'admin.token'}); "
             f"device {device_id} enrolled"
         )
+        if debian and debian.escrow_message:
+            # The disk key's escrow the install sealed for the server: sent as the machine's
+            # first health report would have sent it (its scenario broke it before that boot).
+            async with DeviceClient(lab.url) as client:
+                escrowed = await client.send_escrow(debian.escrow_message.read_bytes())
+            say(
+                f"[lab +{lab.now():6.1f}s] the disk key's escrow from the install delivered "
+                f"({escrowed['key_id']}), as the machine's first health report would have"
+            )
         if opts.recovery_test:
             lab.service.request_recovery_test(LAB_OPERATOR, device_id)
             say(
@@ -453,6 +488,7 @@ async def run_async(opts: RunOptions) -> RunReport:
                 forward_guest_port=DEBIAN_GUEST_PORT,
                 memory_mb=DEBIAN_MEMORY_MB,
                 firmware=debian.firmware,
+                extra_args=debian.qemu_args(),
             )
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch(lab, opts, done))
@@ -586,7 +622,8 @@ def _judge(
     overlays = list((work / "vm").glob("*.qcow2"))
     if overlays:
         root = debian.root_part if debian else OS
-        with DiskImage(overlays[0], grubenv_at=debian.grubenv if debian else None) as d:
+        volumes = debian.volumes() if debian else None
+        with DiskImage(overlays[0], grubenv_at=debian.grubenv if debian else None, volumes=volumes) as d:
             env = d.grubenv()
             disk["grubenv"] = dict(env)
             disk["channel_files"] = sorted(d.ext4_listdir(root, CHANNEL_DIR))

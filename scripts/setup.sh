@@ -27,7 +27,8 @@ fi
 if [ "$want_lab" = 1 ]; then
   packages+=(qemu-system-x86 qemu-utils grub-pc-bin grub-common dosfstools mtools e2fsprogs
              fdisk busybox-static cpio gzip kmod make gcc-12 libc6-dev
-             mmdebstrap ovmf)   # the stock-Debian base: its tree, and UEFI machines
+             mmdebstrap ovmf   # the stock-Debian base: its tree, and UEFI machines
+             cryptsetup-bin)   # its encrypted variant: the LUKS2 header of the root
 fi
 if [ "$want_pg" = 1 ]; then
   packages+=(postgresql)

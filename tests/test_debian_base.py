@@ -86,6 +86,45 @@ def test_a_scenario_fault_goes_onto_the_installed_images_root_partition(tmp_path
 
 
 @needs_e2fs
+def test_the_lab_writes_and_reads_the_data_area_as_dm_crypt_does(tmp_path):
+    """recovery_lab.build.luksimage: cryptsetup's header with the lab's volume key; the data
+    area written and read back; the machine's key opens the keyslot."""
+    import base64
+    import subprocess
+
+    from recovery_agent import luks
+    from recovery_lab.build import luksimage
+
+    if shutil.which("cryptsetup") is None and not Path("/usr/sbin/cryptsetup").exists():
+        pytest.fail("cryptsetup is missing: scripts/setup.sh --test installs Debian's cryptsetup-bin")
+    volume_key, unlock = os.urandom(64), os.urandom(32)
+    vol, plain, back = tmp_path / "v.img", tmp_path / "p.img", tmp_path / "q.img"
+    luksimage.format_luks(vol, 20, "51a2c0de-de12-4000-8000-00000000ffff", unlock, volume_key, tmp_path)
+    plain.write_bytes(os.urandom(1 << 20) + bytes(2 << 20) + os.urandom(700 * 512))
+    with open(plain, "r+b") as f:
+        f.truncate(4 << 20)
+    luksimage.encrypt_into(plain, vol, volume_key)
+    data = vol.read_bytes()[luksimage.DATA_OFFSET :]
+    assert data[: 1 << 20] != plain.read_bytes()[: 1 << 20], "encrypted"
+    assert data[(1 << 20) : (2 << 20)] != bytes(1 << 20), "zeros are encrypted too"
+    luksimage.decrypt_to(vol, 0, vol.stat().st_size, volume_key, back)
+    assert back.read_bytes()[: 4 << 20] == plain.read_bytes()
+    dump = subprocess.run(
+        ["cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode", "--key-file", "-", str(vol)],
+        input=unlock,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    hexkey = "".join(dump.split("MK dump:")[1].split()) if "MK dump:" in dump else ""
+    assert hexkey.startswith(volume_key.hex()[:32]), dump
+    info = subprocess.run(
+        ["cryptsetup", "luksDump", str(vol)], capture_output=True, check=True
+    ).stdout.decode()
+    assert f"offset: {luksimage.DATA_OFFSET} [bytes]" in info and "aes-xts-plain64" in info
+    assert luks.check_key(vol, unlock)
+    assert base64.b64encode(volume_key) not in vol.read_bytes()
+
+
 def test_a_scenario_the_debian_base_cannot_build_is_refused_by_name(tmp_path: Path) -> None:
     provisioned = _provisioned(tmp_path)
     cache = Cache(tmp_path / "cache", log=lambda _: None)
@@ -241,6 +280,60 @@ async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Pa
     # EFI variables on UEFI (efi_pstore, kept by OVMF's NVRAM), reserved RAM on BIOS (ramoops).
     backend = "efi" if firmware == "uefi" else "ramoops"
     assert f"QMR-PSTORE dmesg-{backend}-" in report.boot.console_text
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@can_build
+@pytest.mark.timeout(7200)
+async def test_channel_file_on_an_encrypted_root_is_recovered_with_the_key_the_server_released(
+    tmp_path,
+) -> None:
+    """The root on LUKS2, opened at a normal boot by the lab's emulated TPM; the install added
+    QMR's keyslot and sealed its key to the server's escrow key. In recovery the agent reports
+    the crash, the lab's approver releases the key for that report, the agent opens the disk
+    with dm-crypt, applies the fix and closes it again; no person typed anything. The audit log
+    shows the release, and the key is nowhere in clear: not on the console, in the run's files,
+    in the server's database or its WAL."""
+    import base64
+
+    from recovery_agent.protocol.wire import escrow_context
+    from recovery_server.diskkeys import EscrowKeyFile
+    from recovery_server.store import Store
+
+    report = await recovered_run(tmp_path, "channel-file", encrypted=True)
+    assert report.problems == []
+    assert sorted(report.disk["channel_files"]) == sorted(GOOD)
+    [(_, files)] = report.disk["quarantine"].items()
+    assert files == sorted(["manifest.json", f"0-{BAD}"])
+    assert report.boot.entries_chosen[:3] == ["os", "os", "recovery"]
+    assert report.boot.entries_chosen[-1] == "os"
+    assert report.device["state"] == "healthy"
+    console = report.boot.console_text
+    assert "the server released the disk key for this visit" in console
+    assert "/dev/vda2 open as /dev/mapper/qmr-os (the key wiped from memory), mounted at /mnt/os" in console
+    assert "the OS disk is unmounted and /dev/vda2 closed again" in console
+
+    store = Store(tmp_path / "run" / "server" / "recovery.db")
+    try:
+        kinds = [r["kind"] for r in store.all("SELECT kind FROM events ORDER BY seq")]
+        row = store.one("SELECT device_id, slot, sealed FROM disk_keys")
+    finally:
+        store.close()
+    steps = ["disk_key.escrowed", "disk_key.requested", "disk_key.release_approved", "disk_key.released"]
+    steps += ["directive.issued"]
+    assert [k for k in kinds if k in steps] == steps, kinds
+    image = debian.build_debian_image("channel-file", encrypted=True, log=lambda _: None)
+    assert image.escrow_key is not None
+    key = EscrowKeyFile.load(image.escrow_key).open(
+        row["sealed"], escrow_context(row["device_id"], row["slot"])
+    )
+    forms = [bytes(key), bytes(key).hex().encode(), base64.b64encode(bytes(key))]
+    assert not any(f.decode(errors="ignore") in console for f in forms[1:])
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and path.suffix != ".qcow2":  # (the disk holds it in its keyslot, derived)
+            data = path.read_bytes()
+            assert not any(f in data for f in forms), f"the disk key is in {path}"
 
 
 @pytest.mark.qemu

@@ -47,8 +47,11 @@ from pathlib import Path
 from typing import Any
 
 from recovery_agent.digest import sha256_file
-from recovery_agent.layout import CHANNEL_DIR, DRIVER_STORE
+from recovery_agent.layout import CHANNEL_DIR, DRIVER_STORE, ESCROW_PENDING
+from recovery_agent.protocol import envelope
 from recovery_agent.protocol.keys import SigningKey, public_b64
+from recovery_agent.protocol.wire import EscrowKey, utcnow
+from recovery_server.diskkeys import EscrowKeyFile
 
 from .. import disk
 from ..checkout import AGENT_PACKAGE, IMAGES
@@ -56,6 +59,7 @@ from ..inspect import DiskImage
 from ..pyruntime.download import download_wheels, glibc_version, installed_pins
 from ..scenario import Scenario, ScenarioError, find_scenario, load_scenario
 from ..tools import package_version, require, run
+from . import luksimage
 from .cache import BuildError, Cache, Log, default_cache_dir, files_hash
 from .kernel import apt_candidates, resolve_kernel, stage_kernel, stage_sensor
 from .osroot import BASE_CHANNELS, change_bytes, source_bytes
@@ -76,6 +80,11 @@ PACKAGES = (
     "busybox",
     "e2fsprogs",
     "zstd",
+    # LUKS2 roots (the encrypted base): cryptsetup and its initramfs hook and boot script
+    "cryptsetup-initramfs",
+    # systemd-logind needs D-Bus; without it nothing handles the ACPI power button, and a lab
+    # run that ends with a clean shutdown (system_powerdown) would wait for nothing
+    "dbus",
 )
 GRUB_PACKAGES = {"bios": ("grub-pc",), "uefi": ("grub-efi-amd64", "dosfstools")}
 FIRMWARES = tuple(GRUB_PACKAGES)
@@ -98,6 +107,16 @@ BOOT_PART, ROOT_PART, ESP_PART = 1, 2, 3
 BOOT_UUID = "51a2c0de-de12-4000-8000-0000000000b1"
 ROOT_UUID = "51a2c0de-de12-4000-8000-0000000000b2"
 ESP_VOLUME_ID = "51A2C0DE"  # FAT's serial number; fstab names it UUID=51A2-C0DE
+# The encrypted base: the root partition is LUKS2 (this UUID), opened as /dev/mapper/ROOT_MAPPER.
+ROOT_LUKS_UUID = "51a2c0de-de12-4000-8000-0000000000c2"
+ROOT_MAPPER = "qmr_root"
+# The lab's stand-in for a TPM (an emulation): the normal boot's unlock key is a QEMU fw_cfg
+# file of the machine (not on its disk), read by a crypttab keyscript that only the OS's
+# initramfs has. A real TPM releases its key only to the measured normal boot; here the
+# recovery environment simply has no reader for it, and asks the server instead.
+TPM_STANDIN_FW_CFG = "opt/org.qmr-lab/tpm-standin-key"
+TPM_STANDIN_SCRIPT = "usr/local/lib/qmr-lab/tpm-standin-key"
+TPM_STANDIN_SYSFS = f"/sys/firmware/qemu_fw_cfg/by_name/{TPM_STANDIN_FW_CFG}/raw"
 HOSTNAME = "qmr-debian"
 # The guest's side of the server address in the image's settings (the lab forwards it).
 GUEST_SERVER = "http://10.0.2.100:8080"
@@ -149,6 +168,29 @@ class DebianImage:
     root_part: int = 2  # the root filesystem's partition
     grubenv: tuple[int, str] = (1, "grub/grubenv")  # (partition, path) of GRUB's grubenv
     base: str = "debian"  # or the user's image file it was made from
+    # The encrypted base: the lab's emulated TPM (a fw_cfg file QEMU gives the machine), the
+    # lab's key to the root's data (luksimage.py), the server's escrow key (escrow.key), the
+    # escrow the install sealed for the server (the first health report would deliver it).
+    tpm_key: Path | None = None
+    volume_key: Path | None = None
+    escrow_key: Path | None = None
+    escrow_message: Path | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.volume_key is not None
+
+    def qemu_args(self) -> list[str]:
+        """What QEMU adds for this machine (the emulated TPM's fw_cfg file)."""
+        return tpm_standin_args(self.tpm_key)
+
+    def volumes(self) -> dict[int, bytes]:
+        """Partition -> LUKS2 volume key, for reading the disk (``DiskImage(volumes=...)``)."""
+        return {self.root_part: self.volume_key.read_bytes()} if self.volume_key else {}
+
+
+def tpm_standin_args(tpm_key: Path | None) -> list[str]:
+    return ["-fw_cfg", f"name={TPM_STANDIN_FW_CFG},file={tpm_key}"] if tpm_key else []
 
 
 def _tree_release(root: Path) -> str:
@@ -290,9 +332,40 @@ def prepare_root(root: Path, fstab: str, deb: Path) -> None:
     (root / "tmp" / deb.name).unlink()
 
 
-def stage_base(cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios") -> Path:
+TPM_STANDIN_KEYSCRIPT = f"""#!/bin/sh
+# The lab's stand-in for a TPM (an emulation, see recovery_lab/build/debian.py): the key that
+# opens the root at a normal boot is a file of the virtual machine (QEMU fw_cfg), not of its
+# disk. cryptsetup's initramfs runs this as the root's crypttab keyscript.
+modprobe -q qemu_fw_cfg 2>/dev/null
+cat {TPM_STANDIN_SYSFS}
+"""
+
+
+def encrypt_root_settings(root: Path, release: str) -> None:
+    """What Debian's installer sets up for a root on LUKS2, with the lab's emulated TPM as the
+    key: crypttab (a keyscript), fstab's root on the mapper, cryptsetup in the initramfs, and
+    the initramfs rebuilt with them (cryptsetup's hook cannot see the volume from a chroot:
+    CRYPTSETUP=y includes it anyway, with crypttab's entry)."""
+    _write(root / TPM_STANDIN_SCRIPT, TPM_STANDIN_KEYSCRIPT, 0o755)
+    _write(
+        root / "etc/crypttab",
+        f"{ROOT_MAPPER} UUID={ROOT_LUKS_UUID} none luks,keyscript=/{TPM_STANDIN_SCRIPT},initramfs\n",
+    )
+    modules = root / "etc/initramfs-tools/modules"
+    modules.write_text(modules.read_text() + "qemu_fw_cfg\n")
+    conf_hook = root / "etc/cryptsetup-initramfs/conf-hook"
+    conf_hook.write_text(conf_hook.read_text() + "CRYPTSETUP=y\n")
+    run(["chroot", root, "update-initramfs", "-u", "-k", release])
+
+
+def stage_base(
+    cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios", encrypted: bool = False
+) -> Path:
     """``disk.img``: the stock image before QMR (see the module docstring), with the
-    kernel and initramfs beside it for the provisioning boot."""
+    kernel and initramfs beside it for the provisioning boot. ``encrypted``: the root on
+    LUKS2, opened at boot by the lab's emulated TPM; ``tpm-standin.key`` (the machine's, given
+    to QEMU as a fw_cfg file) and ``volume.key`` (the lab's, to read and write the root from
+    the host: :mod:`~recovery_lab.build.luksimage`) are kept beside it."""
     recipes = sorted(DEBIAN_RECIPES.iterdir())
     release = json.loads((tree_dir / "tree.json").read_text())["kernel_release"]
     layout = partitions(firmware)
@@ -302,10 +375,13 @@ def stage_base(cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios") 
         root = work / "root"
         work.mkdir()
         run(["cp", "-a", tree_dir / "root", root])
-        fstab = f"UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n"
+        root_source = f"/dev/mapper/{ROOT_MAPPER}" if encrypted else f"UUID={ROOT_UUID}"
+        fstab = f"{root_source} / ext4 errors=remount-ro 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n"
         if firmware == "uefi":
             fstab += f"UUID={ESP_VOLUME_ID[:4]}-{ESP_VOLUME_ID[4:]} /boot/efi vfat umask=0077 0 1\n"
         prepare_root(root, fstab, deb)
+        if encrypted:
+            encrypt_root_settings(root, release)
         # /boot on its own partition.
         boot = work / "boot"
         boot.mkdir()
@@ -320,18 +396,31 @@ def stage_base(cache: Cache, tree_dir: Path, deb: Path, firmware: str = "bios") 
             images[ESP_PART] = work / "esp.fat"
             mkfs_esp(images[ESP_PART], sizes["esp"])
         mkfs_ext4(boot, images[BOOT_PART], sizes["boot"], BOOT_UUID, "boot")
-        mkfs_ext4(root, images[ROOT_PART], sizes["root"], ROOT_UUID, "root")
+        if encrypted:
+            plain = work / "root.plain"
+            mkfs_ext4(root, plain, sizes["root"] - luksimage.DATA_OFFSET // disk.MIB, ROOT_UUID, "root")
+            tpm_key, volume_key = os.urandom(32), os.urandom(luksimage.VOLUME_KEY_BYTES)
+            _write(out / "tpm-standin.key", tpm_key, 0o600)
+            _write(out / "volume.key", volume_key, 0o600)
+            luksimage.format_luks(images[ROOT_PART], sizes["root"], ROOT_LUKS_UUID, tpm_key, volume_key, work)
+            luksimage.encrypt_into(plain, images[ROOT_PART], volume_key)
+            plain.unlink()
+        else:
+            mkfs_ext4(root, images[ROOT_PART], sizes["root"], ROOT_UUID, "root")
         disk.assemble(out / "disk.img", disk.layout(layout), images, None, None)
         shutil.rmtree(work)
-        (out / "base.json").write_text(json.dumps({"kernel_release": release}) + "\n")
+        (out / "base.json").write_text(json.dumps({"kernel_release": release, "encrypted": encrypted}) + "\n")
 
     inputs = {
         "tree": tree_dir.name,
         "deb": sha256_file(deb),
         "recipes": files_hash(recipes),
         "layout": layout,
+        **({"encrypted": luksimage.CIPHER, "keyscript": TPM_STANDIN_KEYSCRIPT} if encrypted else {}),
     }
-    return cache.stage("debian-base", inputs, build, f"{release}, {firmware}")
+    return cache.stage(
+        "debian-base", inputs, build, f"{release}, {firmware}" + (", root on LUKS2" if encrypted else "")
+    )
 
 
 def _agent_files() -> list[Path]:
@@ -345,13 +434,19 @@ def _write_bundle(
     firmware: str,
     args: str,
     grub_install: bool = True,
+    escrow_key: dict[str, Any] | None = None,
 ) -> None:
-    """The install bundle: the agent's sources, its wheels, the fleet settings, the script."""
+    """The install bundle: the agent's sources, its wheels, the fleet settings, the script;
+    for an encrypted root, the server's signed escrow key."""
     for src in _agent_files():
         _write(bundle / "recovery_agent" / src.relative_to(AGENT_PACKAGE), src.read_bytes())
     for wheel in wheels:
         _write(bundle / "wheels" / wheel.name, wheel.read_bytes())
     _write(bundle / "settings.json", json.dumps(settings, indent=1) + "\n")
+    if escrow_key is not None:
+        _write(bundle / "escrow-key.json", json.dumps(escrow_key) + "\n")
+        # The machine's normal-boot key, from the emulated TPM, opens the root to add QMR's slot.
+        args += f" --luks-unlock-key-file {TPM_STANDIN_SYSFS} --escrow-key escrow-key.json"
     write_script(bundle, firmware, args, grub_install)
 
 
@@ -378,13 +473,24 @@ class Machine:
     libc: str
     device_id: str
     grub_install: bool = True
+    encrypted: bool = False  # the root on LUKS2 (tpm-standin.key, volume.key in ``dir``)
+
+    @property
+    def tpm_key(self) -> Path | None:
+        return self.dir / "tpm-standin.key" if self.encrypted else None
+
+    @property
+    def volumes(self) -> dict[int, bytes]:
+        return {self.root_part: (self.dir / "volume.key").read_bytes()} if self.encrypted else {}
 
 
 def base_machine(base_dir: Path, tree_dir: Path, firmware: str) -> Machine:
     libc = re.search(r"^libc6:?\S*\t(\S+)$", (tree_dir / "packages.txt").read_text(), re.M)
     if libc is None:
         raise BuildError(f"no libc6 in {tree_dir / 'packages.txt'}")
-    return Machine(base_dir, ROOT_PART, ROOT_UUID, libc[1], f"lab-debian-{firmware}")
+    encrypted = bool(json.loads((base_dir / "base.json").read_text()).get("encrypted"))
+    device_id = f"lab-debian-{firmware}" + ("-luks" if encrypted else "")
+    return Machine(base_dir, ROOT_PART, ROOT_UUID, libc[1], device_id, encrypted=encrypted)
 
 
 def stage_provisioned(
@@ -404,6 +510,14 @@ def stage_provisioned(
     def build(out: Path) -> None:
         server_key = SigningKey.generate()
         server_key.save(out / "server.key")
+        escrow_envelope = None
+        if machine.encrypted:
+            # The lab server's escrow key, made here as `recovery-server init` makes one.
+            escrow = EscrowKeyFile.generate()
+            escrow.save(out / "escrow.key")
+            escrow_envelope = envelope.seal(
+                EscrowKey(public_key=escrow.public_b64, created_at=utcnow()), server_key
+            )
         settings = {
             "device_id": device_id,
             "server_url": GUEST_SERVER,
@@ -411,16 +525,19 @@ def stage_provisioned(
             **LAB_TIMING,
         }
         bundle = out / "bundle"
-        _bundle(bundle, wheels, settings, firmware)
+        _bundle(bundle, wheels, settings, firmware, escrow_key=escrow_envelope)
         mkfs_ext4(bundle, out / "bundle.ext4", 256, "51a2c0de-de12-4000-8000-0000000000bb", "qmrbundle")
         shutil.rmtree(bundle)
         provision_boot(machine, out, firmware, log)
-        with DiskImage(out / "disk.img") as d:
-            for rel, name in (
-                ("etc/recovery/device.key", "device.key"),
-                ("etc/recovery/agent.json", "agent.json"),
-                ("var/lib/recovery/install/manifest.json", "install-manifest.json"),
-            ):
+        kept = [
+            ("etc/recovery/device.key", "device.key"),
+            ("etc/recovery/agent.json", "agent.json"),
+            ("var/lib/recovery/install/manifest.json", "install-manifest.json"),
+        ]
+        if machine.encrypted:
+            kept.append((ESCROW_PENDING, "escrow-message.json"))
+        with DiskImage(out / "disk.img", volumes=machine.volumes) as d:
+            for rel, name in kept:
                 data = d.ext4_file(machine.root_part, rel)
                 if data is None:
                     raise BuildError(f"the installer left no /{rel} in the image")
@@ -438,6 +555,7 @@ def stage_provisioned(
         "install_args": install_args(panic_on_oops),
         "timing": LAB_TIMING,
         "grub_install": machine.grub_install,
+        "encrypted": machine.encrypted,
     }
     return cache.stage(
         "debian-qmr", inputs, build, firmware + ("" if panic_on_oops else ", oops keeps running")
@@ -478,6 +596,7 @@ def _provisioning_boot(machine: Machine, bundle: Path, run_dir: Path, firmware: 
         initrd=machine.dir / "initrd.img",
         append=f"root=UUID={machine.root_uuid} ro console=ttyS0,115200 panic=5",
         extra_drives=[Drive(bundle, "raw", "virtio", readonly=True)],
+        extra_args=tpm_standin_args(machine.tpm_key),
         memory_mb=MEMORY_MB,
         watchdog=False,
         firmware=firmware,
@@ -540,7 +659,12 @@ def _debugfs_script(
 
 
 def stage_scenario_disk(
-    cache: Cache, provisioned: Path, scenario: Scenario, sensor_dir: Path | None, release: str
+    cache: Cache,
+    provisioned: Path,
+    scenario: Scenario,
+    sensor_dir: Path | None,
+    release: str,
+    volume_key: bytes | None = None,
 ) -> Path:
     """``disk.img``: the provisioned image with the scenario's fault on its root partition."""
     if scenario.kernel_args:
@@ -555,13 +679,19 @@ def stage_scenario_disk(
         info = provisioned / "provisioned.json"
         root_part = json.loads(info.read_text()).get("root_part", ROOT_PART) if info.exists() else ROOT_PART
         _, parts = disk.read_partitions(image)
-        offset = next(p.offset for p in parts if p.number == root_part)
+        part = next(p for p in parts if p.number == root_part)
         with tempfile.TemporaryDirectory(dir=out) as scratch:
-            cmds = _debugfs_script(image, offset, scenario, sensor_dir, release, Path(scratch))
+            fs, offset = image, part.offset
+            if volume_key is not None:  # the root's plaintext, changed, then encrypted back
+                fs, offset = Path(scratch) / "root.plain", 0
+                luksimage.decrypt_to(image, part.offset, part.sectors * disk.SECTOR, volume_key, fs)
+            cmds = _debugfs_script(fs, offset, scenario, sensor_dir, release, Path(scratch))
             if cmds:
                 script = Path(scratch) / "cmds"
                 script.write_text("\n".join(cmds) + "\n")
-                run(["debugfs", "-w", "-f", script, f"{image}?offset={offset}"])
+                run(["debugfs", "-w", "-f", script, f"{fs}?offset={offset}"])
+                if volume_key is not None:
+                    luksimage.encrypt_back(fs, image, part.offset, volume_key)
         manifest = {
             "base": "debian",
             "scenario": scenario.name,
@@ -590,11 +720,15 @@ def build_debian_image(
     firmware: str | None = "bios",
     panic_on_oops: bool = True,
     image: Path | None = None,
+    encrypted: bool = False,
 ) -> DebianImage:
     """Build (or take from the cache) the Debian image of ``scenario``; see the module
     docstring for the stages. ``panic_on_oops=False``: installed without --panic-on-oops.
     ``image``: a user's own disk image instead of the lab's base
-    (:mod:`recovery_lab.build.userimage`); ``firmware=None`` then reads it from the image."""
+    (:mod:`recovery_lab.build.userimage`); ``firmware=None`` then reads it from the image.
+    ``encrypted``: the lab's base with its root on LUKS2 (not with ``image``)."""
+    if encrypted and image is not None:
+        raise BuildError("--encrypted is the lab's Debian base with a LUKS2 root: not with --image")
     if firmware is not None and firmware not in FIRMWARES:
         raise BuildError(f"firmware {firmware!r}: use one of {', '.join(FIRMWARES)}")
     loaded = load_scenario(find_scenario(scenario, IMAGES))
@@ -617,12 +751,13 @@ def build_debian_image(
         require(*REQUIRED_TOOLS, *(UEFI_TOOLS if firmware == "uefi" else ()))
         tree = stage_tree(cache, firmware)
         deb, sensor_dir = stage_vendor_package(cache, tree)
-        base = stage_base(cache, tree, deb, firmware)
+        base = stage_base(cache, tree, deb, firmware, encrypted)
         release = json.loads((base / "base.json").read_text())["kernel_release"]
         machine = base_machine(base, tree, firmware)
         grubenv, base_name = (BOOT_PART, "grub/grubenv"), "debian"
     provisioned = stage_provisioned(cache, machine, firmware, log, panic_on_oops)
-    disk_dir = stage_scenario_disk(cache, provisioned, loaded, sensor_dir, release)
+    volume_key = machine.volumes.get(machine.root_part)
+    disk_dir = stage_scenario_disk(cache, provisioned, loaded, sensor_dir, release, volume_key)
     return DebianImage(
         scenario=loaded.name,
         image=disk_dir / "disk.img",
@@ -637,4 +772,8 @@ def build_debian_image(
         root_part=machine.root_part,
         grubenv=grubenv,
         base=base_name,
+        tpm_key=machine.tpm_key,
+        volume_key=machine.dir / "volume.key" if machine.encrypted else None,
+        escrow_key=provisioned / "escrow.key" if machine.encrypted else None,
+        escrow_message=provisioned / "escrow-message.json" if machine.encrypted else None,
     )
