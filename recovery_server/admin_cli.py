@@ -388,6 +388,10 @@ async def _enrollment_token(c: AdminClient, args: argparse.Namespace) -> Output:
 
 
 async def _device(c: AdminClient, args: argparse.Namespace) -> Output:
+    if args.dcmd == "list" and (getattr(args, "keys", False) or getattr(args, "device_id", None)):
+        if not (args.keys and args.device_id):
+            raise CommandError("recovery-admin devices DEVICE --keys: name the device, and --keys")
+        args.dcmd = "keys"
     if args.dcmd == "revoke":
         return Output(await c.revoke_device(args.device_id))
     if args.dcmd == "rekey":
@@ -506,7 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON (also accepted after the command)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("whoami")
-    sub.add_parser("devices", help="list devices and their state").set_defaults(dcmd="list")
+    dv = sub.add_parser("devices", help="list devices and their state (with DEVICE --keys: its disk keys)")
+    dv.add_argument("device_id", nargs="?", help="with --keys: the device")
+    dv.add_argument(
+        "--keys", action="store_true", help="the device's escrowed disk keys and every release (device keys)"
+    )
+    dv.set_defaults(dcmd="list", approve=None, refuse=None, revoke=False)
     d = sub.add_parser("device", help="list, test a device's recovery, revoke it, or give it a new key")
     dsub = d.add_subparsers(dest="dcmd", required=True)
     dsub.add_parser("list", help="every device, its state and the token that enrolled it")

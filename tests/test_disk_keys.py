@@ -489,3 +489,8 @@ async def test_recovery_admin_device_keys_shows_and_approves_a_release(fleet, se
     viewer = fleet.service.create_user(fleet.admin, "val", "viewer").token
     code, _, err = await admin(fleet, viewer, "device", "keys", "dev-1", "--revoke")
     assert code == 2 and "needs the approver role" in err
+    # The same view as `recovery-admin devices DEVICE --keys`.
+    code, same, _ = await admin(fleet, token, "devices", "dev-1", "--keys")
+    assert code == 0 and "slot 7 active" in same and pending.release_id in same
+    code, _, err = await admin(fleet, token, "devices", "dev-1")
+    assert code != 0 and "--keys" in err
