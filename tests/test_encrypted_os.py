@@ -265,3 +265,37 @@ async def test_a_rotation_adds_the_new_key_in_a_free_slot_and_removes_the_old_on
     got = await fetch(fleet, "dev-0001", key, receipt.report_id)  # (TPM-sealed: no person)
     assert got is not None and luks.check_key(image, got, slot=31)
     sealing.wipe(got)
+
+
+def test_the_install_finds_a_luks_root_and_refuses_without_its_keys(tmp_path):
+    """What `recovery-agent install` asks of a running machine whose root is on LUKS2 (its
+    tools answered by a stand-in: this host's root is not encrypted), and what it refuses."""
+    from recovery_agent.install import InstallOptions, InstallRefused, _check_luks_options
+    from recovery_agent.install.target import Target
+
+    answers = {
+        "findmnt": "/dev/mapper/qmr_root\n",
+        "cryptsetup status": "/dev/mapper/qmr_root is active and is in use.\n  type:    LUKS2\n"
+        "  cipher:  aes-xts-plain64\n  device:  /dev/vda2\n",
+        "cryptsetup luksUUID": "51a2c0de-de12-4000-8000-0000000000c2\n",
+    }
+
+    def runner(argv: list[str], env: dict[str, str]) -> str:
+        key = argv[0] if argv[0] != "cryptsetup" else " ".join(argv[:2])
+        return answers[key]
+
+    found = Target(Path("/"), runner).luks_root()
+    assert found is not None
+    assert (found.device, found.uuid, found.mapper) == (
+        "/dev/vda2",
+        "51a2c0de-de12-4000-8000-0000000000c2",
+        "qmr_root",
+    )
+    answers["findmnt"] = "/dev/vda2\n"
+    assert Target(Path("/"), runner).luks_root() is None, "a root on a plain partition"
+    with pytest.raises(InstallRefused, match="--luks-unlock-key-file FILE .* and --escrow-key FILE"):
+        _check_luks_options(InstallOptions(), found)
+    key = tmp_path / "k"
+    key.write_bytes(b"the machine's key")
+    with pytest.raises(InstallRefused, match="--escrow-key .*: no such file"):
+        _check_luks_options(InstallOptions(luks_unlock_key_file=key, escrow_key=tmp_path / "e"), found)

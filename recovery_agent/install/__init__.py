@@ -369,6 +369,10 @@ def uninstall(
         return None
     keep = set() if remove_key else {DEVICE_KEY, DEVICE_KEY_PUB}
     update = update_grub if update_grub is not None else target.live
+    try:
+        luks_uuid = InstallConfig.load(target).root_luks_uuid
+    except (InstallError, InstallRefused):
+        luks_uuid = None
     report = undo(manifest, keep=keep, can_regenerate={UPDATE_GRUB} if update else set())
     if UPDATE_GRUB in report.regenerate:
         target.run([f"/usr/sbin/{UPDATE_GRUB}"])
@@ -381,6 +385,13 @@ def uninstall(
         say(
             f"kept the device key /{DEVICE_KEY} "
             "(the server knows this machine by it; --remove-key removes it)"
+        )
+    if luks_uuid:
+        say(
+            f"kept QMR's recovery key in a keyslot of the encrypted root (LUKS UUID {luks_uuid}; slot "
+            f"{LUKS_SLOT} unless rotated), which the server holds escrowed: once it need not open this "
+            f"disk, remove the slot (cryptsetup luksKillSlot DEVICE SLOT) and revoke the key "
+            f"(recovery-admin devices DEVICE --keys; device keys DEVICE --revoke)"
         )
     if target.path("var/lib/recovery").is_dir():
         say(
