@@ -191,6 +191,7 @@ class RecoveryAgent:
         self._count: BootCount | None = None
         self._deadline: float | None = None
         self._test = None
+        self._test_sent: tuple[DiagnosticsReceipt, str] | None = None
         self._started = self.clock.monotonic()
         try:
             return await self._loop()
@@ -216,37 +217,38 @@ class RecoveryAgent:
         before the disk is open), ask for the disk key for that report, then open and mount the
         disk (``osdisk``). None once it is open (the loop goes on as on any machine); otherwise
         the visit's outcome: a refused key means a person must look (``NEEDS_MANUAL``, nothing
-        changed); no key before the time to reboot ends the visit as no fix would."""
+        changed); no key before the time to reboot ends the visit as no fix would. A recovery
+        test's visit asks for the key with its test report (the server releases it for a test
+        it asked for) and, whatever happens, goes back to the OS."""
         s, tl = self.s, self.timeline
         try:
             self._test = testmode.armed(s.grubenv)
         except (BootEnvError, OSError):
             self._test = None
-        if self._test is not None:
-            tl.add(
-                "test",
-                "a recovery test does not open an encrypted OS disk (not supported yet): back to the OS",
+        test = self._test is not None
+        count = self._count = self.read_boot_count(count_visit=not test)
+        what = (
+            "the recovery test"
+            if test
+            else (
+                f"the crash (boot_count={count.boot_count}, recovery attempt {count.attempts} of "
+                f"{s.max_recovery_attempts})"
             )
-            return Outcome.NO_REMEDIATION if self._reset_boot_count() else Outcome.NEEDS_MANUAL
-        count = self._count = self.read_boot_count(count_visit=True)
-        tl.add(
-            "unlock",
-            f"the OS disk {enc.volume} is encrypted: reporting the crash (boot_count={count.boot_count}, "
-            f"recovery attempt {count.attempts} of {s.max_recovery_attempts}) to ask for its key",
         )
+        tl.add("unlock", f"the OS disk {enc.volume} is encrypted: reporting {what} to ask for its key")
         if not s.cloud_remediation:
             tl.add("done", "cloud remediation is off: the encrypted OS disk cannot be opened; rebooting")
             return Outcome.CLOUD_DISABLED if self._reset_boot_count() else Outcome.NEEDS_MANUAL
-        findings = self.collect(
-            count,
-            notes=[
-                "the OS disk is encrypted and still locked: this report asks for its key; the full "
-                "report follows once it is open"
-            ],
-            inventory_too=False,
-        )
+        locked = "the OS disk is encrypted and still locked: this report asks for its key"
+        if test:
+            findings = self._test_findings(count, [locked], inventory_too=False)
+        else:
+            findings = self.collect(
+                count, notes=[f"{locked}; the full report follows once it is open"], inventory_too=False
+            )
         deadline = self._deadline = self.clock.monotonic() + s.time_to_reboot_s
         key = None
+        refused: str | None = None
         async with DeviceClient(s.server_url) as client:
             sent = await self.report(client, findings, deadline)
             if sent is not None:
@@ -263,18 +265,29 @@ class RecoveryAgent:
                         say=lambda text: tl.add("unlock", text),
                     )
                 except diskkey.KeyRefused as exc:
-                    tl.add("done", f"{exc}: this machine needs a person (nothing on it was changed)")
-                    return Outcome.NEEDS_MANUAL
-        if key is None:
-            return self._no_fix(count, "no disk key")
-        tl.add("unlock", "the server released the disk key for this visit")
-        try:
-            device = osdisk.open_os(enc, key, s.os_root)  # (wipes the key)
-        except (luks.LuksError, osdisk.OsDiskError) as exc:
-            tl.add("done", f"{exc}: this machine needs a person (nothing on it was changed)")
+                    refused = str(exc)
+        if key is not None:
+            tl.add("unlock", "the server released the disk key for this visit")
+            try:
+                device = osdisk.open_os(enc, key, s.os_root)  # (wipes the key)
+            except (luks.LuksError, osdisk.OsDiskError) as exc:
+                refused = str(exc)
+            else:
+                tl.add(
+                    "unlock",
+                    f"{enc.volume} open as {device} (the key wiped from memory), mounted at {s.os_root}",
+                )
+                if test:
+                    self._test_sent = sent
+                return None
+        if test:
+            why = refused or "no disk key before the time to reboot"
+            tl.add("done", f"recovery test FAILED: {why}")
+            return Outcome.NO_REMEDIATION if self._reset_boot_count() else Outcome.NEEDS_MANUAL
+        if refused is not None:
+            tl.add("done", f"{refused}: this machine needs a person (nothing on it was changed)")
             return Outcome.NEEDS_MANUAL
-        tl.add("unlock", f"{enc.volume} open as {device} (the key wiped from memory), mounted at {s.os_root}")
-        return None
+        return self._no_fix(count, "no disk key")
 
     async def _recover(self) -> Outcome:
         s, tl = self.s, self.timeline
@@ -305,8 +318,8 @@ class RecoveryAgent:
                 self._test = testmode.armed(s.grubenv)
             except (BootEnvError, OSError):
                 self._test = None  # the count step below says what is wrong with grubenv
-            if self._test is not None:
-                return await self._test_visit(settled)
+        if self._test is not None:
+            return await self._test_visit(settled)
         count = self._count = self._count or self.read_boot_count(count_visit=True)
         tl.add(
             "detect",
@@ -374,23 +387,18 @@ class RecoveryAgent:
         tl.add(
             "test", f"recovery test visit (armed by {self._test}): the whole loop, nothing on the OS changes"
         )
-        count = self._count = self.read_boot_count(count_visit=False)
-        findings = dataclasses.replace(
-            self.collect(count, notes=notes),
-            crash=CrashSignature(
-                kind=CrashKind.NONE, title="recovery test", source=f"recovery-agent {__version__}"
-            ),
-            test_mode=True,
-            boot=self._boot_state(count, []),  # no failed boots: the visit was asked for
-        )
+        count = self._count = self._count or self.read_boot_count(count_visit=False)
         outcome: Outcome | None = None
         if not s.cloud_remediation:
             tl.add("test", "cloud remediation is off: nothing to test against")
             outcome = Outcome.CLOUD_DISABLED
         else:
-            deadline = self._deadline = self.clock.monotonic() + s.time_to_reboot_s
+            deadline = self._deadline = self._deadline or self.clock.monotonic() + s.time_to_reboot_s
             async with DeviceClient(s.server_url) as client:
-                sent = await self.report(client, findings, deadline)
+                # (an encrypted disk's test was reported already, to ask for its key)
+                sent = self._test_sent or await self.report(
+                    client, self._test_findings(count, notes), deadline
+                )
                 if sent is not None:
                     outcome = await self.wait_and_apply(client, *sent, deadline)
         if outcome is Outcome.REMEDIATED:
@@ -405,6 +413,17 @@ class RecoveryAgent:
         if not self._reset_boot_count():
             return Outcome.NEEDS_MANUAL
         return outcome if outcome is not None else Outcome.NO_REMEDIATION
+
+    def _test_findings(self, count: BootCount, notes: list[str], *, inventory_too: bool = True) -> Findings:
+        """A test visit's diagnostics: what the agent sees, and no crash (it was asked for)."""
+        return dataclasses.replace(
+            self.collect(count, notes=notes, inventory_too=inventory_too),
+            crash=CrashSignature(
+                kind=CrashKind.NONE, title="recovery test", source=f"recovery-agent {__version__}"
+            ),
+            test_mode=True,
+            boot=self._boot_state(count, []),  # no failed boots: the visit was asked for
+        )
 
     def read_boot_count(self, *, count_visit: bool) -> BootCount:
         """The count step (``counting.count_visit``): grubenv's ``boot_count`` and, with

@@ -717,7 +717,11 @@ def _judge_recovery_test(
     overlays = list((work / "vm").glob("*.qcow2"))
     if overlays:
         root = debian.root_part if debian else OS
-        with DiskImage(base_image) as before, DiskImage(overlays[0]) as after:
+        volumes = debian.volumes() if debian else None
+        with (
+            DiskImage(base_image, volumes=volumes) as before,
+            DiskImage(overlays[0], volumes=volumes) as after,
+        ):
             old = tree_files(before.ext4_rdump(root, work / "os-before"))
             new = tree_files(after.ext4_rdump(root, work / "os-after"))
         shutil.rmtree(work / "os-before", ignore_errors=True)

@@ -45,6 +45,9 @@ def is_test(identifier: str | None) -> bool:
     return bool(identifier) and str(identifier).startswith(PREFIX)
 
 
+# Who armed a test nobody asked for from the server (recovery-agent test-mode on the device).
+LOCAL_TEST = "the device"
+
 class RecoveryTests:
     def __init__(
         self,
@@ -125,7 +128,7 @@ class RecoveryTests:
         )
         env = envelope.seal(directive, self._server_key)
         poll_token = secrets.token_urlsafe(24)
-        requested_by = dev["recovery_test_requested_by"] or "the device"
+        requested_by = dev["recovery_test_requested_by"] or LOCAL_TEST
         tx.execute(
             "INSERT INTO recovery_tests(test_id, device_id, requested_by, visited_at, diagnostics_sha256, "
             "poll_token_sha256, payload, envelope, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",

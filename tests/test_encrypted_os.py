@@ -299,3 +299,55 @@ def test_the_install_finds_a_luks_root_and_refuses_without_its_keys(tmp_path):
     key.write_bytes(b"the machine's key")
     with pytest.raises(InstallRefused, match="--escrow-key .*: no such file"):
         _check_luks_options(InstallOptions(luks_unlock_key_file=key, escrow_key=tmp_path / "e"), found)
+
+
+async def test_a_recovery_test_the_server_asked_for_opens_the_encrypted_disk_and_boots_back(
+    fleet, encrypted, machine
+):
+    """Test mode on an encrypted machine: the test's report asks for the key (released, as for
+    a crash, for a test an operator asked for), the disk is opened, the test directive writes
+    its record on it, the disk is closed and the machine goes back to the OS."""
+    from recovery_agent import testmode
+    from recovery_agent.layout import RECOVERY_TESTS_DIR
+
+    agent, stand_in, sealed, lines = encrypted
+    grubenv = machine / "esp/grub/grubenv"
+    env = BootEnv.read(grubenv)
+    env.set("boot_count", "0")  # a healthy machine
+    env.write(grubenv)
+    fleet.service.request_recovery_test(fleet.user("oscar"), "dev-0001")
+    testmode.arm(grubenv, testmode.SERVER)
+
+    async def approve() -> None:
+        [requested] = await wait_for(fleet, "disk_key.requested")
+        fleet.service.decide_key_release(fleet.user("alice"), requested.subject, True)
+
+    approving = asyncio.create_task(approve())
+    outcome = await asyncio.wait_for(agent.run(), 60)
+    await approving
+    text = "\n".join(lines)
+    assert outcome is Outcome.REMEDIATED, text
+    assert stand_in.opened == [True] and stand_in.closed == 1
+    [record] = (sealed / RECOVERY_TESTS_DIR).iterdir()
+    assert record.name.startswith("rt-")
+    assert fleet.count("reports") == 0, "a test opens no incident"
+    assert testmode.armed(grubenv) is None and BootEnv.read(grubenv).get("boot_count") == "0"
+
+
+async def test_a_test_the_device_armed_itself_gets_no_key_and_boots_back(fleet, encrypted, machine):
+    from recovery_agent import testmode
+
+    agent, stand_in, sealed, lines = encrypted
+    before = sorted(p.relative_to(sealed) for p in sealed.rglob("*"))
+    grubenv = machine / "esp/grub/grubenv"
+    env = BootEnv.read(grubenv)
+    env.set("boot_count", "0")
+    env.write(grubenv)
+    testmode.arm(grubenv, testmode.LOCAL)
+    outcome = await asyncio.wait_for(agent.run(), 60)
+    text = "\n".join(lines)
+    assert outcome is Outcome.NO_REMEDIATION, text
+    assert "recovery test FAILED" in text and "nor a recovery test the server asked for" in text
+    assert stand_in.opened == []
+    assert sorted(p.relative_to(sealed) for p in sealed.rglob("*")) == before
+    assert testmode.armed(grubenv) is None and BootEnv.read(grubenv).get("boot_count") == "0"
