@@ -208,9 +208,11 @@ class RecoveryAgent:
         try:
             return await self._recover()
         finally:
-            for problem in osdisk.close_os(enc, self.s.os_root):
+            problems = osdisk.close_os(enc, self.s.os_root)
+            for problem in problems:
                 self.timeline.add("lock", problem)
-            self.timeline.add("lock", f"the OS disk is unmounted and {enc.volume} closed again")
+            if not problems:
+                self.timeline.add("lock", f"the OS disk is unmounted and {enc.volume} closed again")
 
     async def _unlock(self, enc: osdisk.EncryptedOs) -> Outcome | None:
         """An encrypted OS root: count this visit, report the crash (all that can be known
