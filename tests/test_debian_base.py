@@ -286,8 +286,9 @@ async def test_channel_file_on_stock_debian_is_recovered_end_to_end(tmp_path: Pa
 @pytest.mark.slow
 @can_build
 @pytest.mark.timeout(7200)
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
 async def test_channel_file_on_an_encrypted_root_is_recovered_with_the_key_the_server_released(
-    tmp_path,
+    tmp_path, firmware: str
 ) -> None:
     """The root on LUKS2, opened at a normal boot by the lab's emulated TPM; the install added
     QMR's keyslot and sealed its key to the server's escrow key. In recovery the agent reports
@@ -301,7 +302,7 @@ async def test_channel_file_on_an_encrypted_root_is_recovered_with_the_key_the_s
     from recovery_server.diskkeys import EscrowKeyFile
     from recovery_server.store import Store
 
-    report = await recovered_run(tmp_path, "channel-file", encrypted=True)
+    report = await recovered_run(tmp_path, "channel-file", encrypted=True, firmware=firmware)
     assert report.problems == []
     assert sorted(report.disk["channel_files"]) == sorted(GOOD)
     [(_, files)] = report.disk["quarantine"].items()
@@ -323,7 +324,7 @@ async def test_channel_file_on_an_encrypted_root_is_recovered_with_the_key_the_s
     steps = ["disk_key.escrowed", "disk_key.requested", "disk_key.release_approved", "disk_key.released"]
     steps += ["directive.issued"]
     assert [k for k in kinds if k in steps] == steps, kinds
-    image = debian.build_debian_image("channel-file", encrypted=True, log=lambda _: None)
+    image = debian.build_debian_image("channel-file", encrypted=True, firmware=firmware, log=lambda _: None)
     assert image.escrow_key is not None
     key = EscrowKeyFile.load(image.escrow_key).open(
         row["sealed"], escrow_context(row["device_id"], row["slot"])
