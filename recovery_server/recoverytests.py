@@ -48,6 +48,7 @@ def is_test(identifier: str | None) -> bool:
 # Who armed a test nobody asked for from the server (recovery-agent test-mode on the device).
 LOCAL_TEST = "the device"
 
+
 class RecoveryTests:
     def __init__(
         self,

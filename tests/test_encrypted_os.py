@@ -110,10 +110,11 @@ class OsDiskStandIn:
         return []
 
 
-async def locked_machine(fleet: Fleet, machine: Path, volume, monkeypatch, clock=None, **overrides):
+async def locked_machine(fleet: Fleet, machine: Path, volume, monkeypatch, clock, **overrides):
     """A broken machine (channel-file) whose OS root is locked: its tree is kept aside, the
     mount point is empty; the escrow the install made is delivered by a healthy boot's report
-    (before the bad update); the agent to run."""
+    (before the bad update); the agent to run, on ``clock`` (it stands still until the test
+    moves it: no deadline passes on a slow machine)."""
     image, boot_key = volume
     settings = await enrolled_settings(fleet, machine, "dev-0001", max_recovery_attempts=3, **overrides)
     assert await asyncio.to_thread(escrow_offline, fleet, machine, image, boot_key) == 0
@@ -138,8 +139,8 @@ async def locked_machine(fleet: Fleet, machine: Path, volume, monkeypatch, clock
 
 
 @pytest.fixture
-async def encrypted(fleet, machine, volume, monkeypatch):
-    return await locked_machine(fleet, machine, volume, monkeypatch)
+async def encrypted(fleet, machine, volume, monkeypatch, clock):
+    return await locked_machine(fleet, machine, volume, monkeypatch, clock)
 
 
 async def wait_for(fleet: Fleet, kind: str, n: int = 1) -> list[dict]:
@@ -150,14 +151,19 @@ async def wait_for(fleet: Fleet, kind: str, n: int = 1) -> list[dict]:
         await asyncio.sleep(0.05)
 
 
-async def test_an_encrypted_machine_is_recovered_once_a_person_releases_its_key(fleet, encrypted, machine):
+async def test_an_encrypted_machine_is_recovered_once_a_person_releases_its_key(
+    fleet, encrypted, machine, clock
+):
     agent, stand_in, sealed, lines = encrypted
 
     async def people() -> None:
         [requested] = await wait_for(fleet, "disk_key.requested")
         fleet.service.decide_key_release(fleet.user("alice"), requested.subject, True)
+        await clock.wait_for_sleeper()  # the agent waits to ask again: let it
+        await clock.advance(agent.s.retry_interval_s)
         reports = await wait_for(fleet, "diagnostics.received", 2)  # the crash, then the full report
         fleet.approve_suggested(json.loads(reports[-1].detail)["incident"])
+        await clock.release()
 
     helpers = asyncio.create_task(people())
     outcome = await asyncio.wait_for(agent.run(), 60)
@@ -183,13 +189,14 @@ async def test_an_encrypted_machine_is_recovered_once_a_person_releases_its_key(
     assert "released the disk key" in text and "wiped" in text
 
 
-async def test_a_refused_key_needs_a_person_and_changes_nothing(fleet, encrypted, machine):
+async def test_a_refused_key_needs_a_person_and_changes_nothing(fleet, encrypted, machine, clock):
     agent, stand_in, sealed, lines = encrypted
     before = sorted(p.relative_to(sealed) for p in sealed.rglob("*"))
 
     async def refuse() -> None:
         [requested] = await wait_for(fleet, "disk_key.requested")
         fleet.service.decide_key_release(fleet.user("alice"), requested.subject, False)
+        await clock.release()  # its next ask is refused
 
     refusing = asyncio.create_task(refuse())
     outcome = await asyncio.wait_for(agent.run(), 60)
@@ -216,7 +223,9 @@ async def test_nobody_approves_the_release_the_agent_asks_until_its_time_to_rebo
     assert env.get("boot_count") == "0", "the OS gets another try, as with no fix"
 
 
-async def test_the_policy_off_refuses_and_the_machine_needs_a_person(store_url, machine, volume, monkeypatch):
+async def test_the_policy_off_refuses_and_the_machine_needs_a_person(
+    store_url, machine, volume, monkeypatch, clock
+):
     from recovery_agent.protocol.keys import SigningKey
 
     fleet = Fleet(
@@ -226,7 +235,7 @@ async def test_the_policy_off_refuses_and_the_machine_needs_a_person(store_url, 
     )
     await fleet.start()
     try:
-        agent, stand_in, _, lines = await locked_machine(fleet, machine, volume, monkeypatch)
+        agent, stand_in, _, lines = await locked_machine(fleet, machine, volume, monkeypatch, clock)
         outcome = await asyncio.wait_for(agent.run(), 60)
         assert outcome is Outcome.NEEDS_MANUAL, "\n".join(lines)
         assert stand_in.opened == []
@@ -302,7 +311,7 @@ def test_the_install_finds_a_luks_root_and_refuses_without_its_keys(tmp_path):
 
 
 async def test_a_recovery_test_the_server_asked_for_opens_the_encrypted_disk_and_boots_back(
-    fleet, encrypted, machine
+    fleet, encrypted, machine, clock
 ):
     """Test mode on an encrypted machine: the test's report asks for the key (released, as for
     a crash, for a test an operator asked for), the disk is opened, the test directive writes
@@ -321,6 +330,7 @@ async def test_a_recovery_test_the_server_asked_for_opens_the_encrypted_disk_and
     async def approve() -> None:
         [requested] = await wait_for(fleet, "disk_key.requested")
         fleet.service.decide_key_release(fleet.user("alice"), requested.subject, True)
+        await clock.release()
 
     approving = asyncio.create_task(approve())
     outcome = await asyncio.wait_for(agent.run(), 60)
