@@ -307,3 +307,10 @@ def volume(tmp_path) -> tuple[Path, Path]:
         timeout=120,
     )
     return image, boot_key
+
+
+def escrow_argv(machine: Path, image: Path, boot_key: Path, *extra: str) -> list[str]:
+    """`recovery-agent escrow` of the LUKS2 volume ``image`` (unlocked by ``boot_key``) with
+    ``machine``'s settings, and ``extra`` options."""
+    config = str(machine / "recovery/agent.json")
+    return ["--config", config, "escrow", "--device", str(image), "--unlock-key-file", str(boot_key), *extra]

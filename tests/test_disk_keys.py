@@ -406,24 +406,11 @@ async def test_recovery_agent_escrow_adds_a_keyslot_whose_released_key_opens_the
     from recovery_agent import luks
     from recovery_agent.cli import main as agent_main
 
-    from .conftest import enrolled_settings
+    from .conftest import enrolled_settings, escrow_argv
 
     image, boot_key = volume
     settings = await enrolled_settings(fleet, machine, "dev-0001")
-    config = str(machine / "recovery/agent.json")
-    code = await asyncio.to_thread(
-        agent_main,
-        [
-            "--config",
-            config,
-            "escrow",
-            "--device",
-            str(image),
-            "--unlock-key-file",
-            str(boot_key),
-            "--tpm-sealed",
-        ],
-    )
+    code = await asyncio.to_thread(agent_main, escrow_argv(machine, image, boot_key, "--tpm-sealed"))
     out = capfd.readouterr().out
     assert code == 0, out
     assert "keyslot 7" in out
@@ -449,22 +436,14 @@ async def test_a_failed_escrow_takes_its_keyslot_back(fleet, machine, volume, ca
     from recovery_agent import luks
     from recovery_agent.cli import main as agent_main
 
-    from .conftest import enrolled_settings
+    from .conftest import enrolled_settings, escrow_argv
 
     image, boot_key = volume
     await enrolled_settings(fleet, machine, "dev-0001")
     fleet.service.revoke_device(fleet.admin, "dev-0001")
     code = await asyncio.to_thread(
         agent_main,
-        [
-            "--config",
-            str(machine / "recovery/agent.json"),
-            "escrow",
-            "--device",
-            str(image),
-            "--unlock-key-file",
-            str(boot_key),
-        ],
+        escrow_argv(machine, image, boot_key),
     )
     err = capfd.readouterr().err
     assert code != 0 and "revoked" in err

@@ -28,7 +28,7 @@ from recovery_agent.protocol import sealing
 from recovery_server.diskkeys import ReleasePolicy
 from recovery_server.service import ServiceSettings
 
-from .conftest import Fleet, enrolled_settings
+from .conftest import Fleet, enrolled_settings, escrow_argv
 
 BAD = "C-00000291-00000000-00000032.sys"
 SLOT = 7
@@ -39,19 +39,7 @@ def escrow_offline(fleet: Fleet, machine: Path, image: Path, boot_key: Path) -> 
     escrow_key = machine / "escrow-key.json"
     escrow_key.write_text(json.dumps(fleet.service.escrow_key()))
     return agent_main(
-        [
-            "--config",
-            str(machine / "recovery/agent.json"),
-            "escrow",
-            "--device",
-            str(image),
-            "--unlock-key-file",
-            str(boot_key),
-            "--escrow-key",
-            str(escrow_key),
-            "--root",
-            str(machine / "os"),
-        ]
+        escrow_argv(machine, image, boot_key, "--escrow-key", str(escrow_key), "--root", str(machine / "os"))
     )
 
 
@@ -256,8 +244,7 @@ async def test_a_rotation_adds_the_new_key_in_a_free_slot_and_removes_the_old_on
 
     image, boot_key = volume
     settings = await enrolled_settings(fleet, machine, "dev-0001", os_root="../os")
-    base = ["--config", str(machine / "recovery/agent.json"), "escrow", "--device", str(image)]
-    base += ["--unlock-key-file", str(boot_key), "--root", str(machine / "os"), "--tpm-sealed"]
+    base = escrow_argv(machine, image, boot_key, "--root", str(machine / "os"), "--tpm-sealed")
     assert await asyncio.to_thread(agent_main, base) == 0
     assert luks.used_slots(image) == {0, SLOT}
     [first] = fleet.service.disk_keys(fleet.viewer, "dev-0001").keys
