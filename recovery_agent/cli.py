@@ -172,6 +172,7 @@ def cmd_escrow(args: argparse.Namespace) -> int:
     once the server holds it, the previous escrow's keyslot is removed."""
     s = AgentSettings.load(args.config)
     device, unlock, root = Path(args.device), Path(args.unlock_key_file), Path(args.root)
+    slot: int = args.slot
     device_key = SigningKey.load(s.device_key)
     old_slot = None
     if args.rotate:
@@ -186,7 +187,7 @@ def cmd_escrow(args: argparse.Namespace) -> int:
         free = sorted(set(range(32)) - luks.used_slots(device))
         if not free:
             raise AgentError(f"{device} has no free keyslot for the new key")
-        args.slot = free[-1]
+        slot = free[-1]
     offline = None
     if args.escrow_key:
         try:
@@ -197,21 +198,21 @@ def cmd_escrow(args: argparse.Namespace) -> int:
             ) from None
     key = bytearray(secrets.token_bytes(32))
     try:
-        luks.add_keyslot(device, unlock, key, args.slot)
+        luks.add_keyslot(device, unlock, key, slot)
         try:
-            if not luks.check_key(device, key, args.slot):
-                raise luks.LuksError(f"the new key does not open keyslot {args.slot} of {device}")
+            if not luks.check_key(device, key, slot):
+                raise luks.LuksError(f"the new key does not open keyslot {slot} of {device}")
             if offline is not None:
                 raw = diskkey.seal_escrow(
                     device_key,
                     s.server_public_key,
                     s.device_id,
                     key,
-                    args.slot,
+                    slot,
                     offline,
                     tpm_sealed=args.tpm_sealed,
                 )
-                pending = diskkey.save_pending(Path(args.root), raw)
+                pending = diskkey.save_pending(root, raw)
             else:
 
                 async def go() -> dict[str, Any]:
@@ -222,28 +223,26 @@ def cmd_escrow(args: argparse.Namespace) -> int:
                             s.server_public_key,
                             s.device_id,
                             key,
-                            args.slot,
+                            slot,
                             tpm_sealed=args.tpm_sealed,
                             record_in=root,
                         )
 
                 answer = asyncio.run(go())
         except BaseException:
-            luks.remove_keyslot(device, unlock, args.slot)
+            luks.remove_keyslot(device, unlock, slot)
             raise
     finally:
         sealing.wipe(key)
     if offline is not None:
         print(
-            f"keyslot {args.slot} of {device} holds QMR's recovery key, sealed to the server's escrow key "
+            f"keyslot {slot} of {device} holds QMR's recovery key, sealed to the server's escrow key "
             f"in {pending}: the next health report delivers it"
         )
         return EXIT_OK
     replaced = f" (replaces {', '.join(answer['replaced'])})" if answer.get("replaced") else ""
-    print(
-        f"keyslot {args.slot} of {device} holds QMR's recovery key, escrowed as {answer['key_id']}{replaced}"
-    )
-    if old_slot is not None and old_slot != args.slot:
+    print(f"keyslot {slot} of {device} holds QMR's recovery key, escrowed as {answer['key_id']}{replaced}")
+    if old_slot is not None and old_slot != slot:
         luks.remove_keyslot(device, unlock, old_slot)
         print(f"rotated: keyslot {old_slot} (the previous recovery key) removed")
     return EXIT_OK

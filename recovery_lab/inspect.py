@@ -91,7 +91,7 @@ class DiskImage:
 
                 part = self._part(number)
                 plain = self._tmp / f"p{number}.plain"
-                decrypt_to(self.raw, part.offset, part.sectors * 512, self.volumes[number], plain)
+                decrypt_to(self.raw, part.offset, part.size, self.volumes[number], plain)
                 self._plain[number] = plain
             return str(self._plain[number])
         # libext2fs reads a filesystem at an offset in a file ("image?offset=N"): no copy.

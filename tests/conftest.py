@@ -8,7 +8,8 @@ import json
 import os
 import secrets
 import stat
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,16 @@ class Fleet:
         )
         self.service.approve(self.user(approver), rem.remediation_id)
         return rem.remediation_id
+
+
+@asynccontextmanager
+async def running(fleet: Fleet) -> AsyncIterator[Fleet]:
+    """``fleet`` started, and stopped again whatever happens (a fleet with its own settings)."""
+    await fleet.start()
+    try:
+        yield fleet
+    finally:
+        await fleet.stop()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from recovery_server.diskkeys import ReleasePolicy
 from recovery_server.service import ServiceSettings
 
 from .clock import ManualClock
-from .conftest import FAST_RETRY, Fleet
+from .conftest import FAST_RETRY, Fleet, running
 from .test_server import report
 
 SLOT = 7
@@ -200,40 +200,33 @@ async def test_a_revoked_device_gets_nothing(fleet, secret):
 
 
 async def test_policy_off_a_persons_no_revoked_keys_and_the_daily_bound(store_url, secret):
-    fleet = Fleet(
-        store_url=store_url,
-        key=SigningKey.generate(),
-        settings=ServiceSettings(key_release=ReleasePolicy(mode="off")),
-    )
-    await fleet.start()
-    try:
+    async with running(
+        Fleet(
+            store_url=store_url,
+            key=SigningKey.generate(),
+            settings=ServiceSettings(key_release=ReleasePolicy(mode="off")),
+        )
+    ) as fleet:
         key = await enrolled(fleet)
         await escrowed(fleet, "dev-1", key, secret, tpm=True)
         _, receipt = await report(fleet, "dev-1", key)
         with pytest.raises(KeyRefused, match="release is off on this server"):
             await fetch(fleet, "dev-1", key, receipt.report_id)
-    finally:
-        await fleet.stop()
 
-    fleet = Fleet(
-        store_url=store_url,
-        key=fleet.key,
-        escrow=fleet.escrow,
-        settings=ServiceSettings(key_release=ReleasePolicy(max_per_day=2)),
-    )
-    await fleet.start()
-    try:
+    async with running(
+        Fleet(
+            store_url=store_url,
+            key=fleet.key,
+            escrow=fleet.escrow,
+            settings=ServiceSettings(key_release=ReleasePolicy(max_per_day=2)),
+        )
+    ) as fleet:
         assert await fetch(fleet, "dev-1", key, receipt.report_id) == secret
         assert await fetch(fleet, "dev-1", key, receipt.report_id) == secret
         with pytest.raises(KeyRefused, match="2 times in the last day"):
             await fetch(fleet, "dev-1", key, receipt.report_id)
 
-    finally:
-        await fleet.stop()
-
-    fleet = Fleet(store_url=store_url, key=fleet.key, escrow=fleet.escrow)
-    await fleet.start()
-    try:
+    async with running(Fleet(store_url=store_url, key=fleet.key, escrow=fleet.escrow)) as fleet:
         await escrowed(fleet, "dev-1", key, secret)  # rotated: a key with no TPM now
         _, receipt = await report(fleet, "dev-1", key, title="another crash")
         said: list[str] = []
@@ -250,8 +243,6 @@ async def test_policy_off_a_persons_no_revoked_keys_and_the_daily_bound(store_ur
         assert sorted(k.state for k in view.keys) == ["revoked", "rotated"]
         with pytest.raises(KeyRefused, match="no escrowed disk key"):
             await fetch(fleet, "dev-1", key, receipt.report_id)
-    finally:
-        await fleet.stop()
 
 
 async def test_escrow_is_checked(fleet, secret):

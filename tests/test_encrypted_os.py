@@ -28,7 +28,7 @@ from recovery_agent.protocol import sealing
 from recovery_server.diskkeys import ReleasePolicy
 from recovery_server.service import ServiceSettings
 
-from .conftest import Fleet, enrolled_settings, escrow_argv
+from .conftest import Fleet, enrolled_settings, escrow_argv, running
 
 BAD = "C-00000291-00000000-00000032.sys"
 SLOT = 7
@@ -216,20 +216,18 @@ async def test_the_policy_off_refuses_and_the_machine_needs_a_person(
 ):
     from recovery_agent.protocol.keys import SigningKey
 
-    fleet = Fleet(
-        store_url=store_url,
-        key=SigningKey.generate(),
-        settings=ServiceSettings(key_release=ReleasePolicy(mode="off")),
-    )
-    await fleet.start()
-    try:
+    async with running(
+        Fleet(
+            store_url=store_url,
+            key=SigningKey.generate(),
+            settings=ServiceSettings(key_release=ReleasePolicy(mode="off")),
+        )
+    ) as fleet:
         agent, stand_in, _, lines = await locked_machine(fleet, machine, volume, monkeypatch, clock)
         outcome = await asyncio.wait_for(agent.run(), 60)
         assert outcome is Outcome.NEEDS_MANUAL, "\n".join(lines)
         assert stand_in.opened == []
         assert "policy" in "\n".join(lines)
-    finally:
-        await fleet.stop()
 
 
 async def test_a_rotation_adds_the_new_key_in_a_free_slot_and_removes_the_old_once_escrowed(

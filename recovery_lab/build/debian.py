@@ -684,7 +684,7 @@ def stage_scenario_disk(
             fs, offset = image, part.offset
             if volume_key is not None:  # the root's plaintext, changed, then encrypted back
                 fs, offset = Path(scratch) / "root.plain", 0
-                luksimage.decrypt_to(image, part.offset, part.sectors * disk.SECTOR, volume_key, fs)
+                luksimage.decrypt_to(image, part.offset, part.size, volume_key, fs)
             cmds = _debugfs_script(fs, offset, scenario, sensor_dir, release, Path(scratch))
             if cmds:
                 script = Path(scratch) / "cmds"
