@@ -8,6 +8,7 @@ names a PostgreSQL database that several server processes share.
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
 import contextlib
 import logging
@@ -190,6 +191,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# Allocations between collections of the youngest generation (Python's default: 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rate = RateLimit(burst=args.device_burst, per_minute=args.device_rate)
@@ -220,6 +225,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await site.start()
         sock.listen(LISTEN_QUEUE)  # asyncio listened with its per-turn burst: queue this many
         port = served.addresses[0][1]  # the real port when --port 0
+        # What start-up built lives as long as the process: out of the collector's sight. A
+        # report allocates some thousand objects (its JSON, its model): with the default
+        # threshold the youngest generation was collected every few reports, and the older
+        # ones often enough to stall every request in flight (docs/scale.md).
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
         print(f"recovery-server listening on http://{args.host}:{port}", flush=True)
         if args.port_file:
             write_port_file(Path(args.port_file), port)

@@ -648,7 +648,7 @@ class Tx:
 
 def iso(t: datetime) -> str:
     """A time as the store keeps it: UTC, to the second, ``2026-01-01T00:00:00Z``."""
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
 def parse_iso(text: str) -> datetime:
