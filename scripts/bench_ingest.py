@@ -12,6 +12,11 @@ What it runs, one after the other, each server pinned to core 0 and the one clie
   Ed25519 signature, nothing else (no store, no model, no challenge);
 - **floor, 2 requests**: the same with the challenge round trip first (a random nonce), the
   shape of the real protocol;
+- **floor + the checks, 2 requests**: the same, but the report is opened as the server opens
+  it (``open_envelope``: strict JSON of the envelope and the payload, the signature, the typed
+  message; then the crash signature): every check the protocol asks for, with the device's key
+  in memory and nothing stored. What a server could reach with the project's parsing and
+  validation and a store that cost nothing;
 - **recovery-server serve** on SQLite (a fresh data directory), then on PostgreSQL when a URL is
   given (``--postgres``, or ``QMR_TEST_POSTGRES`` as ``scripts/postgres.sh start`` prints it;
   a fresh schema, dropped afterwards); then ``--processes`` servers on that database at once
@@ -137,11 +142,15 @@ def diagnostics_template(device_id: str) -> bytes:
 # --------------------------------------------------------------------------- the floor server
 
 
-def serve_floor(port_file: Path, keys_file: Path) -> None:
-    """The floor: parse the envelope, verify its one signature by the device's key, answer."""
+def serve_floor(port_file: Path, keys_file: Path, checks: bool = False) -> None:
+    """The floor: parse the envelope, verify its one signature by the device's key, answer.
+    With ``checks``, open the report as the server does (strict JSON, signature, model), store
+    nothing."""
     from aiohttp import web
     from cryptography.exceptions import InvalidSignature
 
+    from recovery_agent.protocol.crashreport import rederive
+    from recovery_agent.protocol.envelope import EnvelopeError, open_envelope
     from recovery_agent.protocol.keys import key_id, public_from_b64
 
     keys = {}
@@ -154,6 +163,13 @@ def serve_floor(port_file: Path, keys_file: Path) -> None:
         return web.json_response({"nonce": secrets.token_urlsafe(24), "expires_at": "2099-01-01T00:00:00Z"})
 
     async def diagnostics(request: web.Request) -> web.Response:
+        if checks:
+            try:
+                report = open_envelope(await request.read(), Diagnostics, keys)
+            except EnvelopeError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            sig = rederive(report.message.crash)
+            return web.json_response({"report_id": secrets.token_hex(8), "incident_id": sig.id[:12]})
         env = json.loads(await request.read())
         sig = env["signatures"][0]
         payload = base64.b64decode(env["payload"])
@@ -565,7 +581,7 @@ def _counters(port: int, token: str) -> dict[str, float]:
 
 def run_floor(
     args: argparse.Namespace, work: Path, cores: tuple[int | None, int | None]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     floor = work / "floor"
     floor.mkdir()
     devices = [
@@ -581,28 +597,23 @@ def run_floor(
     devices_file.write_text(json.dumps(devices))
     keys_file = floor / "keys.json"
     keys_file.write_text(json.dumps({d["device_id"]: d["public"] for d in devices}))
-    port_file = floor / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--role",
-            "floor",
-            "--port-file",
-            str(port_file),
-            "--keys-file",
-            str(keys_file),
-        ],
-        preexec_fn=_pin(cores[0]),
-    )
-    try:
-        url = f"http://127.0.0.1:{_wait_port(port_file, proc)}"
-        one = _client(args, url, devices_file, proc.pid, False, cores[1])
-        two = _client(args, url, devices_file, proc.pid, True, cores[1])
-        return one, two
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    results = []
+    for role in ("floor", "floor-checks"):
+        port_file = floor / f"port-{role}"
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--role", role, "--port-file", port_file, "--keys-file", keys_file],
+            preexec_fn=_pin(cores[0]),
+        )
+        try:
+            url = f"http://127.0.0.1:{_wait_port(port_file, proc)}"
+            if role == "floor":
+                results.append(_client(args, url, devices_file, proc.pid, False, cores[1]))
+            results.append(_client(args, url, devices_file, proc.pid, True, cores[1]))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    one, two, checked = results
+    return one, two, checked
 
 
 def _postgres_schema(base: str) -> tuple[str, str]:
@@ -654,7 +665,9 @@ def main() -> int:
         help="also run this many servers on the PostgreSQL database, behind the client's round robin",
     )
     # the subprocesses' roles
-    ap.add_argument("--role", choices=["main", "floor", "client"], default="main", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--role", choices=["main", "floor", "floor-checks", "client"], default="main", help=argparse.SUPPRESS
+    )
     ap.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--keys-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
@@ -664,8 +677,8 @@ def main() -> int:
     ap.add_argument("--two", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.role == "floor":
-        serve_floor(args.port_file, args.keys_file)
+    if args.role in ("floor", "floor-checks"):
+        serve_floor(args.port_file, args.keys_file, checks=args.role == "floor-checks")
         return 0
     if args.role == "client":
         result = asyncio.run(
@@ -699,8 +712,12 @@ def main() -> int:
     floor2: float | None = None
     try:
         if "floor" in only:
-            one, two = run_floor(args, work, cores)
-            rows += [("floor, 1 request", one), ("floor, 2 requests", two)]
+            one, two, checked = run_floor(args, work, cores)
+            rows += [
+                ("floor, 1 request", one),
+                ("floor, 2 requests", two),
+                ("floor + the checks, 2 req.", checked),
+            ]
             floor2 = two["per_s"]
         if "sqlite" in only:
             rows.append(("recovery-server, SQLite", run_server(args, "sqlite", work, None, cores)))
