@@ -5,6 +5,7 @@ signature entry is a refusal, never a crash."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from datetime import datetime, timedelta
 
@@ -23,6 +24,7 @@ from recovery_agent.protocol.envelope import (
     open_envelope,
     pae,
 )
+from recovery_agent.protocol.errors import describe_validation
 from recovery_agent.protocol.keys import SigningKey
 from recovery_agent.protocol.wire import (
     COUNTER_MAX,
@@ -30,7 +32,10 @@ from recovery_agent.protocol.wire import (
     BootState,
     Diagnostics,
     Directive,
+    FileRecord,
+    PathRuleError,
     RestoreFile,
+    check_relative_path,
     utcnow,
 )
 from recovery_server.app import MAX_BODY
@@ -200,3 +205,46 @@ async def test_the_server_refuses_a_remediation_restoring_from_outside_the_drive
             ],
         )
     assert fleet.count("remediations") == 0
+
+
+# Every string of up to five of these parts: the pieces a path rule turns on.
+_PATH_PIECES = ["a", ".", "..", "/", "\x00", "\n", "é", "b."]
+
+
+def _reported_path_ok(path: str) -> bool:
+    try:
+        FileRecord(path=path, size=1, mtime=0.0, sha256="0" * 64)
+    except ValidationError:
+        return False
+    return True
+
+
+def _relative_path_ok(path: str) -> bool:
+    try:
+        check_relative_path(path)
+    except PathRuleError:
+        return False
+    return True
+
+
+def test_a_reported_path_follows_the_same_rule_as_any_path_and_is_refused_in_its_words():
+    """A report's file paths are checked by a pattern in pydantic's own regex engine (no Python
+    call per path); it accepts exactly what check_relative_path accepts, and a refusal says
+    what is wrong in check_relative_path's words."""
+    differ = [
+        path
+        for n in range(6)
+        for path in map("".join, itertools.product(_PATH_PIECES, repeat=n))
+        if _reported_path_ok(path) != _relative_path_ok(path)
+    ]
+    assert differ == []
+    assert _reported_path_ok("var/lib/sensor/.hidden/..x/C-291.sys")
+    for path, words in [
+        ("var/../etc/shadow", "has a '..' component"),
+        ("/etc/shadow", "is absolute"),
+        ("var//x", "empty component"),
+        ("", "path is empty"),
+    ]:
+        with pytest.raises(ValidationError) as caught:
+            FileRecord(path=path, size=1, mtime=0.0, sha256="0" * 64)
+        assert words in describe_validation(caught.value)

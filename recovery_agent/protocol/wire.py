@@ -99,11 +99,18 @@ def check_relative_path(path: str) -> str:
     return path
 
 
+# The same rule as a pattern pydantic checks in its own regex engine, for the paths a report
+# lists (thousands of them): no Python call per path. A component is anything of no slash or
+# NUL but "." and "..". protocol/errors.py turns a mismatch into check_relative_path's words.
+_PATH_PART = r"(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)"
+REPORTED_PATH_PATTERN = rf"^{_PATH_PART}(?:/{_PATH_PART})*$"
+
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Nonce = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{22,128}$")]
 PATH_MAX = 1024  # characters in a path relative to the OS root
 RelPath = Annotated[str, StringConstraints(max_length=PATH_MAX), AfterValidator(check_relative_path)]
+ReportedPath = Annotated[str, StringConstraints(max_length=PATH_MAX, pattern=REPORTED_PATH_PATTERN)]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Counter = Annotated[int, Field(ge=0, le=COUNTER_MAX)]
@@ -189,7 +196,7 @@ class CrashSignature(WireModel):
 
 
 class FileRecord(WireModel):
-    path: RelPath
+    path: ReportedPath
     size: int = Field(ge=0, le=SIZE_MAX)
     mtime: float
     sha256: Sha256Hex
