@@ -8,9 +8,9 @@ names a PostgreSQL database that several server processes share.
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
