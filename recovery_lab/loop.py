@@ -45,6 +45,7 @@ from recovery_agent.layout import (
     RECOVERY_TESTS_DIR,
     STATE_DIR,
 )
+from recovery_agent.protocol.admin import Device, DeviceDetail
 from recovery_agent.protocol.client import DeviceClient
 from recovery_agent.protocol.envelope import seal_bytes
 from recovery_agent.protocol.keys import SigningKey, public_b64
@@ -52,6 +53,7 @@ from recovery_agent.protocol.wire import Diagnostics, Enrollment, utcnow
 from recovery_server.access import User, console
 from recovery_server.app import make_app
 from recovery_server.diskkeys import ESCROW_KEY, EscrowKeyFile
+from recovery_server.errors import NotFound
 from recovery_server.service import RecoveryService
 from recovery_server.store import Store
 
@@ -540,6 +542,22 @@ async def run_async(opts: RunOptions) -> RunReport:
     return report
 
 
+def _machine(svc: RecoveryService, device_id: str) -> DeviceDetail | None:
+    """The lab machine's device page (None if it never enrolled): not the fleet's list, which
+    comes a page at a time and may not start with it."""
+    try:
+        return svc.device(console("lab"), device_id)
+    except NotFound:
+        return None
+
+
+def _device_json(machine: DeviceDetail | None) -> dict[str, Any]:
+    """The machine as the admin API lists devices ({} if it never enrolled)."""
+    if machine is None:
+        return {}
+    return machine.model_dump(mode="json", include=set(Device.model_fields))
+
+
 def _judge(
     lab: _Lab,
     opts: RunOptions,
@@ -577,7 +595,7 @@ def _judge(
         phases.append(Phase("reboot to a healthy boot", result, health))
 
     results = [r.model_dump(mode="json") for r in svc.device_results(console("lab"), device_id)]
-    devices = {d.device_id: d.model_dump(mode="json") for d in svc.devices(console("lab"))}
+    machine = _machine(svc, device_id)
     directives = [
         {"directive_id": r["directive_id"], "outcome": r["outcome"]}
         for r in svc.store.all(
@@ -596,7 +614,8 @@ def _judge(
     incidents = [i.model_dump(mode="json") for i in svc.incidents(console("lab"))]
     incident = None
     if incidents:
-        inc = next((i for i in incidents if device_id in i["devices"]), incidents[0])
+        mine = {r.incident_id for r in machine.reports} if machine else set()
+        inc = next((i for i in incidents if i["incident_id"] in mine), incidents[0])
         incident = {
             k: inc[k]
             for k in (
@@ -608,6 +627,7 @@ def _judge(
                 "channel_file",
                 "report_count",
                 "devices",
+                "devices_total",
             )
         }
         incident["results"] = results
@@ -647,7 +667,7 @@ def _judge(
         directives=directives,
         lab_events=[e["kind"] for _, e in lab.seen if e["kind"].startswith(LAB_EVENT)],
         event_times={e["kind"]: at for at, e in reversed(lab.seen)},
-        device_state=devices.get(device_id, {}).get("state"),
+        device_state=machine.state if machine else None,
         disk=disk,
     )
     report = RunReport(
@@ -658,7 +678,7 @@ def _judge(
         time_to_recovery_s=(health if recovered else None),
         server_incident=incident,
         outcome=boot.outcome,
-        device=devices.get(device_id, {}),
+        device=_device_json(machine),
         events=[
             {"at_s": round(s, 2), "kind": e["kind"], "subject": e.get("subject"), "detail": e.get("detail")}
             for s, e in lab.seen
@@ -694,7 +714,7 @@ def _judge_recovery_test(
             device_id,
         )
     ]
-    [device] = [d for d in lab.service.devices(console("lab")) if d.device_id == device_id]
+    device = lab.service.device(console("lab"), device_id)
     facts: dict[str, Any] = {
         "tests": tests,
         "passed_at": device.recovery_test_passed_at.isoformat() if device.recovery_test_passed_at else None,

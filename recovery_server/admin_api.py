@@ -12,6 +12,10 @@ from datetime import timedelta
 from aiohttp import web
 
 from recovery_agent.protocol.admin import (
+    INCIDENT_REPORTS_PAGE,
+    INCIDENT_REPORTS_PAGE_MAX,
+    LIST_PAGE,
+    LIST_PAGE_MAX,
     ApproveRequest,
     AuditEntry,
     AuditReport,
@@ -50,8 +54,25 @@ async def whoami(request: web.Request) -> web.Response:
     return answer(Whoami(name=user.name, role=user.role))
 
 
+def _page(request: web.Request, default: int, most: int) -> int:
+    """The ``limit`` a list was asked for, a whole number; taken as 1 to ``most``."""
+    text = request.query.get("limit", str(default))
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise BadRequest(f"limit must be a whole number (at most {most} are given at once)")
+    return min(max(int(text), 1), most)
+
+
+def _after_id(request: web.Request) -> str:
+    """The ``after`` of a list ordered by an id: where its page starts."""
+    after = request.query.get("after", "")
+    if len(after) > 256:
+        raise BadRequest("after must be an id from the last page (at most 256 characters)")
+    return after
+
+
 async def list_devices(request: web.Request) -> web.Response:
-    return answer(service(request).devices(person(request)))
+    user, limit, after = person(request), _page(request, LIST_PAGE, LIST_PAGE_MAX), _after_id(request)
+    return answer(service(request).devices(user, limit, after))
 
 
 async def get_device(request: web.Request) -> web.Response:
@@ -63,7 +84,11 @@ async def list_incidents(request: web.Request) -> web.Response:
 
 
 async def get_incident(request: web.Request) -> web.Response:
-    return answer(service(request).incident(person(request), request.match_info["incident_id"]))
+    # A page of reports with their diagnostics: parsed in a thread, the devices' requests go on.
+    user, incident_id = person(request), request.match_info["incident_id"]
+    limit = _page(request, INCIDENT_REPORTS_PAGE, INCIDENT_REPORTS_PAGE_MAX)
+    after = _after_id(request) or None
+    return answer(await asyncio.to_thread(service(request).incident, user, incident_id, limit, after))
 
 
 async def incident_summary(request: web.Request) -> web.Response:
@@ -210,7 +235,8 @@ async def list_events(request: web.Request) -> web.Response:
     text = request.query.get("after", "0")
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise BadRequest("after must be an event number (a whole number)")
-    return answer(service(request).events(user, request.query.get("device"), int(text)))
+    limit = _page(request, LIST_PAGE, LIST_PAGE_MAX)
+    return answer(service(request).events(user, request.query.get("device"), int(text), limit))
 
 
 async def audit_verify(request: web.Request) -> web.Response:
@@ -247,11 +273,15 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/admin/devices",
         list_devices,
-        "Devices",
+        "Devices, by id, a page at a time",
         auth="admin",
         response=Device,
         many=True,
-        errors=_ADMIN,
+        errors=(400, *_ADMIN),
+        query=(
+            ("limit", "integer", f"devices per page (default {LIST_PAGE}, at most {LIST_PAGE_MAX})"),
+            ("after", "string", "the last device id of the previous page"),
+        ),
     ),
     Route(
         "GET",
@@ -341,10 +371,18 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/admin/incidents/{incident_id}",
         get_incident,
-        "One incident with its reports",
+        "One incident with a page of its reports, oldest first",
         auth="admin",
         response=IncidentDetail,
-        errors=(*_ADMIN, 404),
+        errors=(400, *_ADMIN, 404),
+        query=(
+            (
+                "limit",
+                "integer",
+                f"reports per page (default {INCIDENT_REPORTS_PAGE}, at most {INCIDENT_REPORTS_PAGE_MAX})",
+            ),
+            ("after", "string", "the report id the previous page gave as next_after"),
+        ),
     ),
     Route(
         "GET",
@@ -574,6 +612,7 @@ ROUTES: tuple[Route, ...] = (
         query=(
             ("device", "string", "only this device"),
             ("after", "integer", "entries after this sequence number"),
+            ("limit", "integer", f"entries per page (default {LIST_PAGE}, at most {LIST_PAGE_MAX})"),
         ),
     ),
     Route(

@@ -18,7 +18,15 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from recovery_agent.protocol.admin import AdminClient, Correlation, Role, RolloutPlan, RuleRequest
+from recovery_agent.protocol.admin import (
+    INCIDENT_REPORTS_PAGE,
+    INCIDENT_REPORTS_PAGE_MAX,
+    AdminClient,
+    Correlation,
+    Role,
+    RolloutPlan,
+    RuleRequest,
+)
 from recovery_agent.protocol.client import RetryPolicy, ServerRefused, ServerUnreachable
 from recovery_agent.protocol.envelope import actions_digest, rule_digest, seal
 from recovery_agent.protocol.errors import ProtocolError
@@ -143,9 +151,16 @@ async def _incidents(c: AdminClient, args: argparse.Namespace) -> Output:
             raise CommandError("--why needs an incident: recovery-admin incidents INC-... --why")
         return _why(await c.correlation(args.incident_id))
     if args.incident_id:
-        return Output(await c.incident(args.incident_id))
+        detail = await c.incident(args.incident_id, args.limit, args.after)
+        if detail.next_after:
+            print(
+                f"recovery-admin: reports {len(detail.reports)} of {detail.reports_total}; the next "
+                f"ones: recovery-admin incidents {args.incident_id} --after {detail.next_after}",
+                file=sys.stderr,
+            )
+        return Output(detail)
     incidents = await c.incidents()
-    rows = [dict(r, devices=len(r["devices"])) for r in _rows(incidents)]
+    rows = [dict(r, devices=r["devices_total"]) for r in _rows(incidents)]
     return Output(
         incidents, rows, ["incident_id", "kind", "report_count", "devices", "guilty_module", "title"]
     )
@@ -557,6 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rank the files the incident's devices have against healthy devices (the likely culprit first)",
     )
+    i.add_argument(
+        "--limit",
+        type=int,
+        default=INCIDENT_REPORTS_PAGE,
+        help=f"reports shown with the incident, oldest first (at most {INCIDENT_REPORTS_PAGE_MAX})",
+    )
+    i.add_argument("--after", help="show the reports after this one (as the last page said)")
     s = sub.add_parser("suggest", help="propose a fix for an incident from its reports")
     s.add_argument("incident_id")
     r = sub.add_parser("remediation", help="create, approve, revoke, list remediations")

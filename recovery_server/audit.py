@@ -155,14 +155,20 @@ class AuditLog:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def entries(self, user: User, device_id: str | None = None, after: int = 0) -> list[AuditEntry]:
+    def entries(
+        self, user: User, device_id: str | None = None, after: int = 0, limit: int = 1000
+    ) -> list[AuditEntry]:
+        """Up to ``limit`` entries after sequence number ``after`` (of ``device_id``'s only)."""
         require(user, Operation.READ_AUDIT_LOG)
         if device_id:
             rows = self._store.all(
-                "SELECT * FROM events WHERE device_id = ? AND seq > ? ORDER BY seq", device_id, after
+                "SELECT * FROM events WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                device_id,
+                after,
+                limit,
             )
         else:
-            rows = self._store.all("SELECT * FROM events WHERE seq > ? ORDER BY seq", after)
+            rows = self._store.all("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", after, limit)
         return [AuditEntry.model_validate(dict(r)) for r in rows]
 
     def verify(self, user: User, expect_head: str | None = None) -> AuditReport:

@@ -60,7 +60,7 @@ PAGE = """<!doctype html>
   <section><h2>Remediations</h2><table id="remediations"></table></section>
   <section><h2>Rollouts</h2><div id="rollouts"></div></section>
   <section><h2>Known-bad rules</h2><table id="rules"></table></section>
-  <section><h2>Devices</h2><table id="devices"></table></section>
+  <section><h2>Devices</h2><p id="devices-note" class="hint"></p><table id="devices"></table></section>
   <section><h2>Audit log</h2><p id="audit"></p></section>
 </div>
 <div id="incident-page" hidden>
@@ -418,7 +418,7 @@ async function renderIncident(me, id) {
   $("inc-title").textContent = `${inc.incident_id}: ${inc.title}`;
   facts("inc-facts", [["Kind", inc.kind], ["Module", inc.guilty_module], ["Frame", inc.guilty_frame],
     ["Channel file", inc.channel_file], ["First seen", when(inc.first_seen)], ["Last seen", when(inc.last_seen)],
-    ["Reports", inc.report_count], ["Devices", inc.devices.length]]);
+    ["Reports", inc.report_count], ["Devices", inc.devices_total]]);
   chart(tl);
   const c = inc.crash;
   facts("crash-facts", c ? [["Title", c.title], ["Kind", c.kind], ["Module", c.guilty_module],
@@ -435,9 +435,8 @@ async function renderIncident(me, id) {
   const ids = new Set(mine.map((r) => r.remediation_id));
   const ros = rollouts.filter((ro) => ids.has(ro.remediation_id));
   $("inc-rollouts").replaceChildren(...(ros.length ? ros.map(waveBars) : [el("p", "none", "hint")]));
-  const shown = inc.devices.slice(0, 200);
-  $("inc-devices").replaceChildren(...shown.map(deviceLink),
-    ...(inc.devices.length > shown.length ? [el("span", `and ${inc.devices.length - shown.length} more`, "hint")] : []));
+  $("inc-devices").replaceChildren(...inc.devices.map(deviceLink),
+    ...(inc.devices_total > inc.devices.length ? [el("span", `and ${inc.devices_total - inc.devices.length} more`, "hint")] : []));
   $("incident-page").dataset.id = id;
 }
 
@@ -477,13 +476,17 @@ async function renderDevice(me, id) {
   $("device-page").dataset.id = id;
 }
 
+// The overview asks for the first devices only: a fleet's list is megabytes, every 3 s.
+const OVERVIEW_DEVICES = 200;
+
 async function renderOverview(me) {
   const [incidents, rems, rollouts, devices, audit, rules] = await Promise.all([
     api("GET", "/incidents"), api("GET", "/remediations"),
-    api("GET", "/rollouts"), api("GET", "/devices"), api("GET", "/audit/verify"), api("GET", "/rules")]);
+    api("GET", "/rollouts"), api("GET", `/devices?limit=${OVERVIEW_DEVICES}`), api("GET", "/audit/verify"),
+    api("GET", "/rules")]);
   if (route()[0] !== "overview") return;
   table("incidents", [["incident_id", "Incident", (i) => incidentLink(i.incident_id)], ["kind", "Kind"], ["title", "Title"],
-    ["guilty_module", "Module"], ["channel_file", "File"], ["report_count", "Reports"], ["devices", "Devices"]], incidents,
+    ["guilty_module", "Module"], ["channel_file", "File"], ["report_count", "Reports"], ["devices_total", "Devices"]], incidents,
     (i, td) => td.append(button("Why", () => showWhy(i.incident_id))));
   table("remediations", [["remediation_id", "Remediation"], ["status", "Status"], ["title", "Title"],
     ["author", "Author"], ["approved_by", "Approved by"], ["needed", "Approvals"]],
@@ -503,6 +506,8 @@ async function renderOverview(me) {
     devices.map((d) => ({...d, state: d.revoked_at ? "revoked" : d.state,
                          enrolled_with: d.enrolled_with || "an admin",
                          tested: d.recovery_test_passed_at ? when(d.recovery_test_passed_at) : "never"})));
+  $("devices-note").textContent = devices.length === OVERVIEW_DEVICES
+    ? `the first ${OVERVIEW_DEVICES} by id: recovery-admin devices lists them all` : "";
   $("audit").textContent = `${audit.entries} entries, ` + (audit.ok ? "hash chain intact" : "CHAIN BROKEN: " + audit.problems.join("; "));
   $("audit").className = audit.ok ? "ok" : "bad";
 }

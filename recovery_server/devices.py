@@ -360,11 +360,16 @@ class Devices:
 
     # ---------------------------------------------------------------- views
 
-    def devices(self, user: User) -> list[Device]:
+    def devices(self, user: User, limit: int, after: str = "") -> list[Device]:
+        """Up to ``limit`` devices, by id, the first after ``after`` (a page of the fleet)."""
         require(user, Operation.READ_FLEET)
         return [
             _device_view(r)
-            for r in self._store.all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
+            for r in self._store.all(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?",
+                after,
+                limit,
+            )
         ]
 
     def device(self, device_id: str) -> Device:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from recovery_agent.protocol.admin import (
+    INCIDENT_DEVICES_SHOWN,
+    INCIDENT_REPORTS_PAGE,
     Incident,
     IncidentDetail,
     IncidentReport,
@@ -41,7 +43,7 @@ from .challenges import Challenges
 from .correlation import correlate, likely_culprit
 from .devices import Devices
 from .directives import Directives
-from .errors import NotFound, Unauthorized
+from .errors import BadRequest, NotFound, Unauthorized
 from .fleetfiles import record_contents
 from .recoverytests import RecoveryTests
 from .rules import Rules
@@ -225,11 +227,35 @@ class Incidents:
         require(user, Operation.READ_FLEET)
         return [self._view(r) for r in self._store.all("SELECT * FROM incidents ORDER BY last_seen DESC")]
 
-    def incident(self, user: User, incident_id: str) -> IncidentDetail:
+    def incident(
+        self, user: User, incident_id: str, limit: int = INCIDENT_REPORTS_PAGE, after: str | None = None
+    ) -> IncidentDetail:
+        """The incident with a page of its reports (oldest first): ``limit`` of them, the first
+        after report ``after``; ``next_after`` names where the next page starts."""
         require(user, Operation.READ_FLEET)
         row = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
         if row is None:
             raise NotFound(f"no incident {incident_id}")
+        start = ("", "")  # before every report: ids and times are never empty
+        if after:
+            mark = self._store.one(
+                "SELECT received_at, report_id FROM reports WHERE report_id = ? AND incident_id = ?",
+                after,
+                incident_id,
+            )
+            if mark is None:
+                raise BadRequest(
+                    f"after: no report {after[:64]!r} in {incident_id} (retention may have deleted "
+                    "it): start again without after="
+                )
+            start = (mark["received_at"], mark["report_id"])
+        rows = self._store.all(
+            "SELECT report_id, device_id, received_at, payload FROM reports WHERE incident_id = ? "
+            "AND (received_at, report_id) > (?, ?) ORDER BY received_at, report_id LIMIT ?",
+            incident_id,
+            *start,
+            limit + 1,
+        )
         reports = [
             IncidentReport(
                 report_id=r["report_id"],
@@ -237,13 +263,17 @@ class Incidents:
                 received_at=r["received_at"],
                 diagnostics=Diagnostics.model_validate_json(r["payload"]),
             )
-            for r in self._store.all(
-                "SELECT report_id, device_id, received_at, payload FROM reports "
-                "WHERE incident_id = ? ORDER BY received_at",
-                incident_id,
-            )
+            for r in rows[:limit]
         ]
-        return IncidentDetail.model_validate({**self._view(row).model_dump(), "reports": reports})
+        total = self._store.scalar("SELECT count(*) FROM reports WHERE incident_id = ?", incident_id)
+        return IncidentDetail.model_validate(
+            {
+                **self._view(row).model_dump(),
+                "reports": reports,
+                "reports_total": total,
+                "next_after": reports[-1].report_id if len(rows) > limit else None,
+            }
+        )
 
     def _row(self, incident_id: str) -> Row:
         row = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
@@ -275,11 +305,22 @@ class Incidents:
         return timeline(self._store, self._row(incident_id))
 
     def _view(self, row: Row) -> Incident:
+        """The incident, naming the first of its devices and counting them all (both read
+        from the index of its reports by device, not from the reports)."""
+        incident_id = row["incident_id"]
         devices = [
             d["device_id"]
             for d in self._store.all(
-                "SELECT DISTINCT device_id FROM reports WHERE incident_id = ? ORDER BY device_id",
-                row["incident_id"],
+                "SELECT DISTINCT device_id FROM reports WHERE incident_id = ? ORDER BY device_id LIMIT ?",
+                incident_id,
+                INCIDENT_DEVICES_SHOWN,
             )
         ]
-        return Incident.model_validate({**dict(row), "devices": devices})
+        total = len(devices)
+        if total == INCIDENT_DEVICES_SHOWN:
+            total = int(
+                self._store.scalar(
+                    "SELECT count(DISTINCT device_id) FROM reports WHERE incident_id = ?", incident_id
+                )
+            )
+        return Incident.model_validate({**dict(row), "devices": devices, "devices_total": total})

@@ -34,6 +34,8 @@ from typing import Any
 
 from recovery_agent.protocol.admin import (
     DEFAULT_TOKEN_LIFETIME_S,
+    INCIDENT_REPORTS_PAGE,
+    LIST_PAGE,
     AuditEntry,
     AuditReport,
     Correlation,
@@ -271,8 +273,9 @@ class RecoveryService:
         self._directives.written(h.device_id, "Health", answer)
         return answer
 
-    def devices(self, user: User) -> list[Device]:
-        return self._devices.devices(user)
+    def devices(self, user: User, limit: int = LIST_PAGE, after: str = "") -> list[Device]:
+        """Up to ``limit`` devices by id, the first after ``after``."""
+        return self._devices.devices(user, limit, after)
 
     def device(self, user: User, device_id: str) -> DeviceDetail:
         """A device with its latest reports, directives and results."""
@@ -286,8 +289,11 @@ class RecoveryService:
     def incidents(self, user: User) -> list[Incident]:
         return self._incidents.incidents(user)
 
-    def incident(self, user: User, incident_id: str) -> IncidentDetail:
-        return self._incidents.incident(user, incident_id)
+    def incident(
+        self, user: User, incident_id: str, limit: int = INCIDENT_REPORTS_PAGE, after: str | None = None
+    ) -> IncidentDetail:
+        """The incident with up to ``limit`` of its reports, oldest first, after report ``after``."""
+        return self._incidents.incident(user, incident_id, limit, after)
 
     def incident_summary(self, user: User, incident_id: str) -> IncidentSummary:
         """The incident and the crash of its first stored report, without the others."""
@@ -381,8 +387,10 @@ class RecoveryService:
 
     # ---------------------------------------------------------------- audit log
 
-    def events(self, user: User, device_id: str | None = None, after: int = 0) -> list[AuditEntry]:
-        return self._audit.entries(user, device_id, after)
+    def events(
+        self, user: User, device_id: str | None = None, after: int = 0, limit: int = LIST_PAGE
+    ) -> list[AuditEntry]:
+        return self._audit.entries(user, device_id, after, limit)
 
     def verify_audit(self, user: User, expect_head: str | None = None) -> AuditReport:
         return self._audit.verify(user, expect_head)

@@ -59,6 +59,16 @@ MAX_TOKEN_LIFETIME_S = 365 * 24 * 3600
 MAX_TIMELINE_BUCKETS = 120
 MAX_DEVICE_ROWS = 200
 
+# Fleet-sized answers come in bounded parts: a person's read must not stall the devices.
+# An incident names at most this many of its devices (the first by id); the total counts all.
+INCIDENT_DEVICES_SHOWN = 100
+# An incident's reports, with their diagnostics, per page: by default and at most.
+INCIDENT_REPORTS_PAGE = 50
+INCIDENT_REPORTS_PAGE_MAX = 500
+# Devices and audit entries per page of their lists: by default and at most.
+LIST_PAGE = 1000
+LIST_PAGE_MAX = 10_000
+
 
 # --------------------------------------------------------------------------- requests
 
@@ -271,7 +281,10 @@ class Incident(_Answer):
     first_seen: AwareDatetime
     last_seen: AwareDatetime
     report_count: int
-    devices: list[str]
+    devices: list[str] = Field(
+        description=f"the first {INCIDENT_DEVICES_SHOWN} of the devices that reported it, by id"
+    )
+    devices_total: int = Field(description="how many devices reported it (devices names the first)")
 
 
 class IncidentReport(_Answer):
@@ -282,7 +295,13 @@ class IncidentReport(_Answer):
 
 
 class IncidentDetail(Incident):
+    """An incident with one page of its stored reports, oldest first."""
+
     reports: list[IncidentReport]
+    reports_total: int = Field(description="its reports stored now (retention deletes old ones)")
+    next_after: str | None = Field(
+        description="the next page: ask again with after= this report id; none on the last page"
+    )
 
 
 class IncidentSummary(Incident):
@@ -662,14 +681,25 @@ class AdminClient(HttpClient):
 
     # ---------------------------------------------------------------- the fleet
 
-    async def devices(self) -> list[Device]:
-        return await self._get_list(Device, "/devices")
+    async def devices(self, page: int = LIST_PAGE) -> list[Device]:
+        """Every device, by id, asked for ``page`` at a time."""
+        out: list[Device] = []
+        while True:
+            params = {"limit": str(page)} | ({"after": out[-1].device_id} if out else {})
+            got = await self._get_list(Device, "/devices", params)
+            out += got
+            if len(got) < page:
+                return out
 
     async def incidents(self) -> list[Incident]:
         return await self._get_list(Incident, "/incidents")
 
-    async def incident(self, incident_id: str) -> IncidentDetail:
-        return await self._get(IncidentDetail, f"/incidents/{incident_id}")
+    async def incident(
+        self, incident_id: str, limit: int = INCIDENT_REPORTS_PAGE, after: str | None = None
+    ) -> IncidentDetail:
+        """The incident with a page of its reports: ``limit`` of them, after report ``after``."""
+        params = {"limit": str(limit)} | ({"after": after} if after else {})
+        return await self._get(IncidentDetail, f"/incidents/{incident_id}", params)
 
     async def device(self, device_id: str) -> DeviceDetail:
         return await self._get(DeviceDetail, f"/devices/{quote(device_id, safe='')}")
@@ -748,9 +778,17 @@ class AdminClient(HttpClient):
 
     # ---------------------------------------------------------------- audit log
 
-    async def events(self, after: int = 0, device: str | None = None) -> list[AuditEntry]:
-        params = {"after": str(after)} | ({"device": device} if device else {})
-        return await self._get_list(AuditEntry, "/events", params)
+    async def events(
+        self, after: int = 0, device: str | None = None, page: int = LIST_PAGE
+    ) -> list[AuditEntry]:
+        """The audit log's entries after sequence number ``after``, asked for ``page`` at a time."""
+        out: list[AuditEntry] = []
+        while True:
+            params = {"after": str(out[-1].seq if out else after), "limit": str(page)}
+            got = await self._get_list(AuditEntry, "/events", params | ({"device": device} if device else {}))
+            out += got
+            if len(got) < page:
+                return out
 
     async def verify_audit(self, expect_head: str | None = None) -> AuditReport:
         params = {"expect_head": expect_head} if expect_head else None
