@@ -104,7 +104,9 @@ async def incident_timeline(request: web.Request) -> web.Response:
 
 
 async def suggest(request: web.Request) -> web.Response:
-    return answer(service(request).suggest_actions(person(request), request.match_info["incident_id"]))
+    # It reads every report of the incident (seconds at 100,000 devices): off the event loop.
+    user, incident_id = person(request), request.match_info["incident_id"]
+    return answer(await asyncio.to_thread(service(request).suggest_actions, user, incident_id))
 
 
 async def correlation(request: web.Request) -> web.Response:

@@ -19,12 +19,59 @@ manual recovery when their attempts run out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from recovery_agent.protocol.admin import Candidate
-from recovery_agent.protocol.wire import Diagnostics, FileRecord
+
+
+class _File(Protocol):
+    @property
+    def path(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def version(self) -> str | None: ...
+
+
+class _Report(Protocol):
+    """What the catalog reads of a report: its file lists (a Diagnostics, or ReportFiles)."""
+
+    @property
+    def drivers(self) -> Sequence[_File]: ...
+    @property
+    def channel_files(self) -> Sequence[_File]: ...
+    @property
+    def driver_store(self) -> Sequence[_File]: ...
+
+
+class Listed(NamedTuple):
+    """A file record as the catalog reads it."""
+
+    path: str
+    sha256: str
+    version: str | None
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """A stored report's file lists, read as plain JSON: the server validated the report when it
+    stored it, and the model parse of every report of a fleet's incident costs seconds."""
+
+    drivers: list[Listed]
+    channel_files: list[Listed]
+    driver_store: list[Listed]
+
+    @classmethod
+    def of_payload(cls, payload: str) -> ReportFiles:
+        report = json.loads(payload)
+
+        def files(name: str) -> list[Listed]:
+            return [Listed(f["path"], f["sha256"], f.get("version")) for f in report.get(name, ())]
+
+        return cls(files("drivers"), files("channel_files"), files("driver_store"))
 
 
 @dataclass
@@ -34,12 +81,13 @@ class Proposal:
     why: list[str] = field(default_factory=list)
 
 
-def _module_of(record: FileRecord) -> str:
+def _module_of(record: _File) -> str:
     return record.path.rsplit("/", 1)[-1].split(".ko")[0]
 
 
-def propose(incident: dict[str, Any], reports: Iterable[Diagnostics]) -> Proposal:
-    reports = list(reports)
+def propose(incident: dict[str, Any], reports: Iterable[_Report]) -> Proposal:
+    """The draft fix; ``reports`` is read once, one at a time (a fleet's incident has
+    100,000)."""
     p = Proposal()
     channel_file = incident.get("channel_file")
     module = incident.get("guilty_module")

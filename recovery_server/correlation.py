@@ -93,6 +93,10 @@ class Table:
         return min(0.0, first + math.log(total))
 
 
+# Reports whose payloads are read at once.
+READ_PAGE = 500
+
+
 def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
@@ -102,20 +106,26 @@ def correlate(db: Reader, incident_id: str, top: int = TOP) -> Correlation:
     incident = db.one("SELECT first_seen FROM incidents WHERE incident_id = ?", incident_id)
     if incident is None:
         raise NotFound(f"no incident {incident_id}")
+    # Each device's latest report, by id first, then their payloads a page at a time: a
+    # fleet's incident (100,000 reports of some kilobytes) never sits in memory whole.
     latest: dict[str, str] = {}
     for r in db.all(
-        "SELECT device_id, payload FROM reports WHERE incident_id = ? ORDER BY received_at, report_id",
+        "SELECT device_id, report_id FROM reports WHERE incident_id = ? ORDER BY received_at, report_id",
         incident_id,
     ):
-        latest[r["device_id"]] = r["payload"]
+        latest[r["device_id"]] = r["report_id"]
     crashing: Counter[tuple[str, str]] = Counter()
     versions: dict[tuple[str, str], str | None] = {}
-    for payload in latest.values():
-        held = set()
-        for f in listed_files(payload):
-            held.add((f["path"], f["sha256"]))
-            versions.setdefault((f["path"], f["sha256"]), f.get("version"))
-        crashing.update(held)
+    ids = list(latest.values())
+    for i in range(0, len(ids), READ_PAGE):
+        page = ids[i : i + READ_PAGE]
+        marks = ",".join("?" * len(page))
+        for r in db.all(f"SELECT payload FROM reports WHERE report_id IN ({marks})", *page):
+            held = set()
+            for f in listed_files(r["payload"]):
+                held.add((f["path"], f["sha256"]))
+                versions.setdefault((f["path"], f["sha256"]), f.get("version"))
+            crashing.update(held)
     healthy_filter = (
         "FROM devices WHERE state = 'healthy' AND revoked_at IS NULL AND inventory_digest IS NOT NULL "
         "AND device_id NOT IN (SELECT device_id FROM reports WHERE incident_id = ?)"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -49,6 +49,9 @@ from .recoverytests import RecoveryTests
 from .rules import Rules
 from .store import Row, Store, Tx, iso, new_id, token_sha256
 from .timeline import timeline
+
+# Reports read at once when a view walks all of an incident's (suggest).
+READ_PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,7 @@ class Incidents:
         inc = self._store.one("SELECT * FROM incidents WHERE incident_id = ?", incident_id)
         if inc is None:
             raise NotFound(f"no incident {incident_id}: list them with recovery-admin incidents")
-        reports = (
-            Diagnostics.model_validate_json(r["payload"])
-            for r in self._store.all("SELECT payload FROM reports WHERE incident_id = ?", incident_id)
-        )
+        reports = (catalog.ReportFiles.of_payload(r["payload"]) for r in self._every_report(incident_id))
         proposal = catalog.propose(dict(inc), reports)
         if not proposal.actions:  # nothing known: what the fleet's files say, if it is clear
             with self._store.reading_apart() as db:
@@ -249,13 +249,7 @@ class Incidents:
                     "it): start again without after="
                 )
             start = (mark["received_at"], mark["report_id"])
-        rows = self._store.all(
-            "SELECT report_id, device_id, received_at, payload FROM reports WHERE incident_id = ? "
-            "AND (received_at, report_id) > (?, ?) ORDER BY received_at, report_id LIMIT ?",
-            incident_id,
-            *start,
-            limit + 1,
-        )
+        rows = self._page(incident_id, start, limit + 1)
         reports = [
             IncidentReport(
                 report_id=r["report_id"],
@@ -303,6 +297,25 @@ class Incidents:
         """Its reports, directives and outcomes per stretch of time (timeline.py)."""
         require(user, Operation.READ_FLEET)
         return timeline(self._store, self._row(incident_id))
+
+    def _page(self, incident_id: str, start: tuple[str, str], limit: int) -> list[Row]:
+        """Up to ``limit`` of the incident's reports, oldest first, after (received_at,
+        report_id) ``start``."""
+        return self._store.all(
+            "SELECT report_id, device_id, received_at, payload FROM reports WHERE incident_id = ? "
+            "AND (received_at, report_id) > (?, ?) ORDER BY received_at, report_id LIMIT ?",
+            incident_id,
+            *start,
+            limit,
+        )
+
+    def _every_report(self, incident_id: str) -> Iterator[Row]:
+        """The incident's reports, oldest first, read a page at a time: a fleet's incident
+        never sits in memory whole."""
+        start = ("", "")
+        while rows := self._page(incident_id, start, READ_PAGE):
+            yield from rows
+            start = (rows[-1]["received_at"], rows[-1]["report_id"])
 
     def _view(self, row: Row) -> Incident:
         """The incident, naming the first of its devices and counting them all (both read

@@ -55,6 +55,8 @@ READS = [
     ("incident summary (dashboard incident page)", "/v1/admin/incidents/{incident}/summary"),
     ("incident timeline (dashboard incident page)", "/v1/admin/incidents/{incident}/timeline"),
     ("incident with its reports (recovery-admin incidents ID)", "/v1/admin/incidents/{incident}"),
+    ("incident's proposed fix (dashboard incident page, once)", "/v1/admin/incidents/{incident}/suggestion"),
+    ("incident's correlation (dashboard incident page, once)", "/v1/admin/incidents/{incident}/correlation"),
     ("one device (dashboard device page)", "/v1/admin/devices/clone-000001"),
     ("every device, a page at a time (recovery-admin devices)", WALK_DEVICES),
 ]
