@@ -11,6 +11,8 @@ retention period (``ServiceSettings.report_retention``, 90 days by default):
   and the rollout counts it).
 - **health reports** (healthy boots) that confirm no directive; those that confirm one are
   the proof that a fix worked.
+- **recovery tests** (``recoverytests.py``: a test visit's report and its directive) that a
+  later test of the same device superseded; each device's latest is kept.
 - **spent challenge nonces** once they expired, whatever the retention period: an expired
   nonce is refused before the table is read (``challenges.py``).
 
@@ -43,6 +45,16 @@ _SUPERSEDED_REPORTS = """
                  OR (later.received_at = r.received_at AND later.report_id > r.report_id)))
 """
 _OLD_HEALTH = "FROM health WHERE received_at < ? AND directive_id IS NULL"
+# A recovery test is superseded when the same device was tested after it.
+_SUPERSEDED_TESTS = """
+    FROM recovery_tests t
+    WHERE t.visited_at < ?
+      AND EXISTS (
+          SELECT 1 FROM recovery_tests later
+          WHERE later.device_id = t.device_id
+            AND (later.visited_at > t.visited_at
+                 OR (later.visited_at = t.visited_at AND later.test_id > t.test_id)))
+"""
 _EXPIRED_NONCES = "FROM nonces WHERE expires_at < ?"
 
 
@@ -54,13 +66,15 @@ class Pruned:
     health: int
     nonces: int
     cutoff: str
+    tests: int = 0
 
     def describe(self, dry_run: bool = False) -> str:
         verb = "would delete" if dry_run else "deleted"
         return (
-            f"{verb} {self.reports} superseded report(s) and {self.health} health report(s) received "
-            f"before {self.cutoff}, and {self.nonces} expired challenge nonce(s); kept each device's "
-            "latest report of each incident, every report a directive answered, and the audit log"
+            f"{verb} {self.reports} superseded report(s), {self.health} health report(s) and "
+            f"{self.tests} superseded recovery test(s) from before {self.cutoff}, and {self.nonces} "
+            "expired challenge nonce(s); kept each device's latest report of each incident and its "
+            "latest recovery test, every report a directive answered, and the audit log"
         )
 
 
@@ -77,6 +91,7 @@ def prune(store: Store, now: datetime, keep: timedelta, actor: str, *, dry_run: 
             _count(store, _OLD_HEALTH, cutoff),
             _count(store, _EXPIRED_NONCES, at),
             cutoff,
+            _count(store, _SUPERSEDED_TESTS, cutoff),
         )
     total = Pruned(0, 0, 0, cutoff)
     while True:
@@ -86,8 +101,9 @@ def prune(store: Store, now: datetime, keep: timedelta, actor: str, *, dry_run: 
                 _delete(tx, "health", "device_id, boot_id", _OLD_HEALTH, cutoff),
                 _delete(tx, "nonces", "nonce", _EXPIRED_NONCES, at),
                 cutoff,
+                _delete(tx, "recovery_tests", "test_id", _SUPERSEDED_TESTS, cutoff),
             )
-            if batch.reports or batch.health or batch.nonces:
+            if batch.reports or batch.health or batch.nonces or batch.tests:
                 audit.record(
                     tx,
                     at,
@@ -98,12 +114,17 @@ def prune(store: Store, now: datetime, keep: timedelta, actor: str, *, dry_run: 
                         "reports": batch.reports,
                         "health": batch.health,
                         "nonces": batch.nonces,
+                        "tests": batch.tests,
                     },
                 )
         total = Pruned(
-            total.reports + batch.reports, total.health + batch.health, total.nonces + batch.nonces, cutoff
+            total.reports + batch.reports,
+            total.health + batch.health,
+            total.nonces + batch.nonces,
+            cutoff,
+            total.tests + batch.tests,
         )
-        if max(batch.reports, batch.health, batch.nonces) < BATCH:
+        if max(batch.reports, batch.health, batch.nonces, batch.tests) < BATCH:
             return total
 
 

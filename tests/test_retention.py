@@ -238,10 +238,34 @@ async def test_prune_deletes_superseded_reports_and_expired_nonces_and_keeps_eve
         "reports": 2,
         "health": 2,
         "nonces": 5,
+        "tests": 0,
     }
     again = service.prune(admin, keep)
     assert (again.reports, again.health, again.nonces) == (0, 0, 0)
     assert [e.kind for e in service.events(fleet.viewer)].count("retention.pruned") == 1, "nothing to say"
+
+
+async def test_prune_deletes_superseded_recovery_tests_and_keeps_each_devices_latest(fleet, lab):
+    service = lab.service
+    keys = {"dev-1": lab.enroll("dev-1"), "dev-2": lab.enroll("dev-2")}
+    tests = []
+    for day, device in ((0, "dev-1"), (1, "dev-1"), (95, "dev-1"), (0, "dev-2")):
+        lab.t = T0 + timedelta(days=day)
+        visit = lab.diagnostics(device).model_copy(update={"test_mode": True})
+        tests.append(service.accept_diagnostics(seal_bytes(visit, keys[device])).report_id)
+    assert fleet.count("recovery_tests") == 4 and fleet.count("reports") == 0
+
+    lab.t = T0 + timedelta(days=100)
+    admin, keep = console("test"), timedelta(days=90)
+    dry = service.prune(admin, keep, dry_run=True)
+    assert dry.tests == 2 and fleet.count("recovery_tests") == 4
+    assert "2 superseded recovery test(s)" in dry.describe(dry_run=True)
+    assert service.prune(admin, keep) == dry
+    kept = {r["test_id"] for r in fleet.store.all("SELECT test_id FROM recovery_tests")}
+    assert kept == {tests[2], tests[3]}, "dev-1's latest (inside the period) and dev-2's only test"
+    [entry] = [e for e in service.events(fleet.viewer) if e.kind == "retention.pruned"]
+    assert json.loads(entry.detail)["tests"] == 2
+    assert service.verify_audit(fleet.viewer).ok
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
