@@ -14,8 +14,9 @@ Then, one after the other, each read the dashboard and ``recovery-admin`` make (
 overview asks for the incidents and the devices every 3 s), as an operator over HTTP; and,
 while each runs, a device asks for a challenge every 20 ms (the device API is on the same
 event loop). Printed per read: its HTTP status, the bytes of its answer, its time, the
-server's CPU time for it, and the longest a device's challenge waited meanwhile (what every
-device of the fleet waits while a person looks).
+server's CPU time for it, the longest a device's challenge waited meanwhile (what every
+device of the fleet waits while a person looks), and the server's peak resident memory during
+it.
 
 Nothing is asserted (tests/test_fleet_reads.py proves the answers are bounded).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -135,6 +137,19 @@ def prepare(store_url: str, data: Path, n: int) -> dict[str, Any]:
     return {"token": operator.token, "incident": receipt.incident_id}
 
 
+def _reset_peak(pid: int) -> None:
+    """Start the process's peak resident memory again from now (Linux, as its owner or root)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _peak_mb(pid: int) -> float | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 async def _ping(s: Any, url: str, done: asyncio.Event, waits: list[float]) -> None:
     """A device asking for a challenge every PING_EVERY_S until ``done``: how long each took."""
     while not done.is_set():
@@ -160,6 +175,7 @@ async def measure(url: str, token: str, incident: str, server_pid: int) -> list[
 
             ping = asyncio.create_task(_ping(s, url, done, waits))
             await asyncio.sleep(0.2)
+            _reset_peak(server_pid)
             cpu0, t0 = _cpu_seconds(server_pid), time.perf_counter()
             if path == WALK_DEVICES:
                 async with AdminClient(url, token) as admin:
@@ -172,6 +188,7 @@ async def measure(url: str, token: str, incident: str, server_pid: int) -> list[
                     body = await r.read()
                     status = r.status
             elapsed, cpu = time.perf_counter() - t0, _cpu_seconds(server_pid) - cpu0
+            peak = _peak_mb(server_pid)
             done.set()
             await ping
             rows.append(
@@ -182,11 +199,12 @@ async def measure(url: str, token: str, incident: str, server_pid: int) -> list[
                     "seconds": elapsed,
                     "server_cpu_s": cpu,
                     "device_wait_max_s": max(waits) if waits else None,
+                    "server_peak_mb": peak,
                 }
             )
             print(
                 f"{label:<58} {status:>4} {len(body):>12,} {elapsed:>8.3f} {cpu:>8.3f} "
-                f"{max(waits) if waits else float('nan'):>8.3f}",
+                f"{max(waits) if waits else float('nan'):>8.3f} {peak or float('nan'):>8.0f}",
                 flush=True,
             )
     return rows
@@ -205,9 +223,15 @@ def main() -> int:
             work, None, lambda url, data: prepare(url, data, args.devices), preexec_fn=_pin(cores[0])
         ) as (plan, server, port):
             os.sched_setaffinity(0, {cores[1]} if cores[1] is not None else set(cpus))
-            print(f"{'read':<58} {'HTTP':>4} {'bytes':>12} {'seconds':>8} {'srv CPU':>8} {'dev wait':>8}")
+            print(
+                f"{'read':<58} {'HTTP':>4} {'bytes':>12} {'seconds':>8} {'srv CPU':>8} {'dev wait':>8} "
+                f"{'peak MB':>8}"
+            )
             asyncio.run(measure(f"http://127.0.0.1:{port}", plan["token"], plan["incident"], server.pid))
-    print("(dev wait: the longest a device's challenge took while the read ran; asked every 20 ms)")
+    print(
+        "(dev wait: the longest a device's challenge took while the read ran, asked every 20 ms; "
+        "peak MB: the server's resident memory at its highest during the read)"
+    )
     return 0
 
 
