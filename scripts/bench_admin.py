@@ -39,12 +39,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_ingest import _cpu_seconds, _pin, diagnostics_template, server_of_this_checkout  # noqa: E402
+from bench_ingest import (  # noqa: E402
+    _cpu_seconds,
+    _pin,
+    diagnostics_template,
+    enroll,
+    server_of_this_checkout,
+)
 
 from recovery_agent.protocol.admin import AdminClient  # noqa: E402
 from recovery_agent.protocol.envelope import seal_bytes  # noqa: E402
-from recovery_agent.protocol.keys import SigningKey, public_b64  # noqa: E402
-from recovery_agent.protocol.wire import Diagnostics, Enrollment, utcnow  # noqa: E402
+from recovery_agent.protocol.keys import SigningKey  # noqa: E402
+from recovery_agent.protocol.wire import Diagnostics  # noqa: E402
 
 REAL_DEVICES = 20
 PING_EVERY_S = 0.02
@@ -82,26 +88,14 @@ def _clone(
 def prepare(store_url: str, data: Path, n: int) -> dict[str, Any]:
     """``REAL_DEVICES`` devices enrolled and reported through the service, copied in SQL up to
     ``n``; an operator's token and the incident's id."""
-    from recovery_server.access import User, console
+    from recovery_server.access import console
     from recovery_server.service import RecoveryService
     from recovery_server.store import Store
 
+    enrolled = enroll(store_url, data, REAL_DEVICES, "real")
     svc = RecoveryService(store=Store(store_url), server_key=SigningKey.load(data / "server.key"))
-    token = svc.create_enrollment_token(User("admin", "admin"), max_uses=REAL_DEVICES).token
     receipt = None
-    for i in range(REAL_DEVICES):
-        key, device_id = SigningKey.generate(), f"real-{i:02d}"
-        svc.enroll(
-            seal_bytes(
-                Enrollment(
-                    device_id=device_id,
-                    public_key=public_b64(key.public),
-                    enrollment_token=token,
-                    created_at=utcnow(),
-                ),
-                key,
-            )
-        )
+    for i, (device_id, key) in enumerate(enrolled):
         payload = json.loads(diagnostics_template(device_id))
         payload.update(
             server_nonce=svc.challenge(device_id).nonce, agent_nonce=f"agent-nonce-{i:02d}-{'x' * 16}"
@@ -115,7 +109,7 @@ def prepare(store_url: str, data: Path, n: int) -> dict[str, Any]:
     db = sqlite3.connect(store_url)
     with db:
         _clone(
-            "devices", db, "real-00", "device_id",
+            "devices", db, enrolled[0][0], "device_id",
             {"device_id": "printf('clone-%06d', n)", "key_id": "lower(hex(randomblob(32)))"}, copies,
         )  # fmt: skip
         _clone(
@@ -154,7 +148,7 @@ async def _ping(s: Any, url: str, done: asyncio.Event, waits: list[float]) -> No
     """A device asking for a challenge every PING_EVERY_S until ``done``: how long each took."""
     while not done.is_set():
         t0 = time.perf_counter()
-        async with s.post(f"{url}/v1/challenge", json={"device_id": "real-00"}) as r:
+        async with s.post(f"{url}/v1/challenge", json={"device_id": "real-00000"}) as r:
             await r.read()
         waits.append(time.perf_counter() - t0)
         try:
