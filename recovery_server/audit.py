@@ -156,19 +156,16 @@ class AuditLog:
         self._store = store
 
     def entries(
-        self, user: User, device_id: str | None = None, after: int = 0, limit: int = 1000
+        self, user: User, device_id: str | None = None, after: int = 0, limit: int | None = None
     ) -> list[AuditEntry]:
-        """Up to ``limit`` entries after sequence number ``after`` (of ``device_id``'s only)."""
+        """Up to ``limit`` entries (None: all) after sequence number ``after`` (of
+        ``device_id``'s only)."""
         require(user, Operation.READ_AUDIT_LOG)
-        if device_id:
-            rows = self._store.all(
-                "SELECT * FROM events WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                device_id,
-                after,
-                limit,
-            )
-        else:
-            rows = self._store.all("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", after, limit)
+        where, args = ("device_id = ? AND seq > ?", [device_id, after]) if device_id else ("seq > ?", [after])
+        sql = f"SELECT * FROM events WHERE {where} ORDER BY seq"
+        rows = (
+            self._store.all(sql, *args) if limit is None else self._store.all(sql + " LIMIT ?", *args, limit)
+        )
         return [AuditEntry.model_validate(dict(r)) for r in rows]
 
     def verify(self, user: User, expect_head: str | None = None) -> AuditReport:

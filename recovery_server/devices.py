@@ -360,17 +360,14 @@ class Devices:
 
     # ---------------------------------------------------------------- views
 
-    def devices(self, user: User, limit: int, after: str = "") -> list[Device]:
-        """Up to ``limit`` devices, by id, the first after ``after`` (a page of the fleet)."""
+    def devices(self, user: User, limit: int | None, after: str = "") -> list[Device]:
+        """Up to ``limit`` devices (None: all), by id, the first after ``after``."""
         require(user, Operation.READ_FLEET)
-        return [
-            _device_view(r)
-            for r in self._store.all(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?",
-                after,
-                limit,
-            )
-        ]
+        sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id > ? ORDER BY device_id"
+        rows = (
+            self._store.all(sql, after) if limit is None else self._store.all(sql + " LIMIT ?", after, limit)
+        )
+        return [_device_view(r) for r in rows]
 
     def device(self, device_id: str) -> Device:
         """One device's view (it must exist)."""

@@ -35,7 +35,6 @@ from typing import Any
 from recovery_agent.protocol.admin import (
     DEFAULT_TOKEN_LIFETIME_S,
     INCIDENT_REPORTS_PAGE,
-    LIST_PAGE,
     AuditEntry,
     AuditReport,
     Correlation,
@@ -273,8 +272,9 @@ class RecoveryService:
         self._directives.written(h.device_id, "Health", answer)
         return answer
 
-    def devices(self, user: User, limit: int = LIST_PAGE, after: str = "") -> list[Device]:
-        """Up to ``limit`` devices by id, the first after ``after``."""
+    def devices(self, user: User, limit: int | None = None, after: str = "") -> list[Device]:
+        """The devices by id after ``after``: up to ``limit`` of them (the admin API always
+        gives one), or all."""
         return self._devices.devices(user, limit, after)
 
     def device(self, user: User, device_id: str) -> DeviceDetail:
@@ -388,8 +388,10 @@ class RecoveryService:
     # ---------------------------------------------------------------- audit log
 
     def events(
-        self, user: User, device_id: str | None = None, after: int = 0, limit: int = LIST_PAGE
+        self, user: User, device_id: str | None = None, after: int = 0, limit: int | None = None
     ) -> list[AuditEntry]:
+        """The audit log's entries after ``after``: up to ``limit`` of them (the admin API
+        always gives one), or all."""
         return self._audit.entries(user, device_id, after, limit)
 
     def verify_audit(self, user: User, expect_head: str | None = None) -> AuditReport:
