@@ -133,6 +133,12 @@ def render(service: RecoveryService, http: HttpMetrics) -> str:
         "Reports those transactions stored; over qmr_report_commits_total, the reports per commit.",
         [("", commits.writes)],
     )
+    family(
+        "qmr_report_commit_reruns_total",
+        "counter",
+        "Of those transactions, how many ran again, each write in a savepoint, after one write failed.",
+        [("", commits.reruns)],
+    )
 
     family(
         "qmr_long_polls_waiting",

@@ -43,6 +43,7 @@ async def test_reports_sent_together_share_one_commit_and_each_gets_its_own_rece
     receipts = await asyncio.gather(*(svc.submit_diagnostics(sealed(fleet, d, k)) for d, k in devices))
     # All were handed in before the writer first ran: one transaction stored them all.
     assert svc.commits.stats.batches == before + 1 and svc.commits.stats.largest == DEVICES
+    assert svc.commits.stats.reruns == 0, "no write failed: no savepoints, no second run"
     assert len({r.report_id for r in receipts}) == DEVICES
     assert fleet.count("reports") == DEVICES and fleet.count("nonces") == DEVICES
     stored = {
@@ -70,6 +71,7 @@ async def test_a_replay_inside_a_batch_fails_alone_and_leaves_no_trace(fleet, de
     refused = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(refused) == 1 and isinstance(refused[0], Conflict), refused
     assert svc.commits.stats.largest == DEVICES + 1  # one batch, the replay rolled back inside it
+    assert svc.commits.stats.reruns == 1, "run at once, then again with a savepoint per write"
     assert fleet.count("reports") == DEVICES and fleet.count("nonces") == DEVICES
     kinds = [
         r["kind"] for r in fleet.store.all("SELECT kind FROM events WHERE kind = 'diagnostics.received'")
