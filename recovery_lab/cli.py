@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from recovery_agent.holds import HOLD_STEPS
 
 from .boot import DEFAULT_TIMEOUT_S, boot_scenario
-from .build import build_image, build_images
+from .build import build_image, build_images, cache
 from .dirdemo import DemoError, run_demo
 from .errors import LabError
 from .faults import DEFAULT_POWER_LOSS_AT, FAULTS
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_boot_parser(sub)
     _add_run_parser(sub)
     _add_example_parser(sub)
+    _add_cache_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if hasattr(args, "base") and (refused := _resolve_base(args, args.cmd)) is not None:
@@ -99,6 +100,38 @@ def _add_demo_parser(sub: _SubParsers) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     run_demo(args.workdir)
+    return 0
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _add_cache_parser(sub: _SubParsers) -> None:
+    c = _parser(sub, "cache", "the build cache: remove the stages not used for some days")
+    c.add_argument("action", choices=["prune"])
+    c.add_argument(
+        "--cache", type=Path, help="cache directory (default: $QMR_CACHE, else .cache/qmr in the checkout)"
+    )
+    c.add_argument(
+        "--unused-days",
+        type=float,
+        default=cache.PRUNE_DAYS,
+        help=f"remove the stages last used (built or taken) longer ago (default {cache.PRUNE_DAYS})",
+    )
+    c.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    c.set_defaults(func=_cache)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    root = args.cache or cache.default_cache_dir()
+    pruned = cache.prune(root, args.unused_days, dry_run=args.dry_run)
+    for name in pruned.removed:
+        print(f"  {name}")
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"recovery-lab cache: {verb} {len(pruned.removed)} stage(s) of {root} unused for "
+        f"{args.unused_days:g} days ({pruned.freed_bytes / 1e9:.1f} GB)"
+    )
     return 0
 
 

@@ -5,9 +5,11 @@ no downloads."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +19,11 @@ import pytest
 
 from recovery_agent.bootenv import BootEnv
 from recovery_lab import disk
+from recovery_lab.build import cache
 from recovery_lab.build.cache import BuildError, Cache, cache_key
 from recovery_lab.build.kernel import module_closure
 from recovery_lab.build.osroot import apply_scenario
+from recovery_lab.locks import build_lock
 from recovery_lab.scenario import ScenarioError, all_scenarios, load_scenario
 from recovery_lab.tools import ToolFailed, ToolMissing, require, run
 
@@ -542,3 +546,49 @@ def test_a_stages_code_key_follows_what_it_does_not_where_it_sits(tmp_path: Path
     assert _code_hash(load(base.replace("'1'", "'2'"))) != key
     assert _code_hash(load(base.replace("{'a', 'b'}", "{'a', 'c'}"))) != key
     assert _code_hash(load(base.replace("write_text", "write_bytes"))) != key
+
+
+def _stage(root: Path, name: str, days_ago: float, now: float, *, done: bool = True) -> Path:
+    entry = root / name
+    entry.mkdir(parents=True)
+    (entry / "disk.img").write_bytes(b"x" * 1000)
+    marker = entry / "inputs.json" if done else entry / "disk.img"
+    if done:
+        marker.write_text("{}\n")
+    os.utime(marker, (now - days_ago * 86400,) * 2)
+    os.utime(entry, (now - days_ago * 86400,) * 2)
+    return entry
+
+
+def test_cache_prune_removes_the_stages_unused_for_days_and_nothing_else(tmp_path: Path) -> None:
+    now = time.time()
+    root = tmp_path / "cache"
+    old = _stage(root, "debian-disk-0123456789abcdef", 10, now)
+    recent = _stage(root, "debian-disk-fedcba9876543210", 1, now)
+    half_done = _stage(root, "debian-qmr-00112233445566aa.tmp", 10, now, done=False)
+    other = _stage(root, "pyruntime", 30, now)
+    dry = cache.prune(root, 7, dry_run=True, now=now)
+    assert sorted(dry.removed) == sorted([old.name, half_done.name]) and dry.freed_bytes > 2000
+    assert old.exists() and half_done.exists(), "a dry run removes nothing"
+    # A build of the old stage running now holds its lock: it is left alone.
+    with build_lock(root / (old.name + ".lock")):
+        assert cache.prune(root, 7, now=now).removed == [half_done.name]
+    assert old.exists() and not half_done.exists()
+    assert cache.prune(root, 7, now=now).removed == [old.name]
+    assert not old.exists() and recent.exists() and other.exists()
+
+
+def test_a_stage_taken_from_the_cache_counts_as_used(tmp_path: Path) -> None:
+    c = cache.Cache(tmp_path / "cache", log=lambda _line: None)
+    builds = []
+
+    def build(d: Path) -> None:
+        builds.append(d)
+        (d / "f").write_text("x")
+
+    out = c.stage("thing", {"v": 1}, build)
+    week_ago = time.time() - 8 * 86400
+    os.utime(out / "inputs.json", (week_ago, week_ago))
+    assert c.stage("thing", {"v": 1}, build) == out and len(builds) == 1  # taken from the cache
+    assert cache.prune(tmp_path / "cache", 7).removed == []
+    assert (out / "f").read_text() == "x"
