@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from recovery_agent.protocol.admin import Candidate, Correlation
 
 from .errors import NotFound
-from .fleetfiles import listed_files
+from .fleetfiles import READ_PAGE, listed_files
 from .store import Reader, parse_iso
 
 # At most this many candidates are returned (the table a person reads).
@@ -91,10 +91,6 @@ class Table:
             if term < total * 1e-17:
                 break
         return min(0.0, first + math.log(total))
-
-
-# Reports whose payloads are read at once.
-READ_PAGE = 500
 
 
 def _log_comb(n: int, k: int) -> float:

@@ -40,6 +40,11 @@ _PENDING = "fleetfiles.pending"
 LISTS = ("drivers", "channel_files", "driver_store")
 
 
+# Stored reports whose payloads a view that walks an incident reads at once (the proposed fix,
+# the correlation): a fleet's incident never sits in memory whole.
+READ_PAGE = 500
+
+
 def listed_files(payload: str, lists: tuple[str, ...] = LISTS) -> list[dict[str, Any]]:
     """The file records of a stored report's ``lists``, read as plain JSON: the server
     validated the report when it stored it, and a model parse costs many times more."""

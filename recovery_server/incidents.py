@@ -44,14 +44,11 @@ from .correlation import correlate, likely_culprit
 from .devices import Devices
 from .directives import Directives
 from .errors import BadRequest, NotFound, Unauthorized
-from .fleetfiles import record_contents
+from .fleetfiles import READ_PAGE, record_contents
 from .recoverytests import RecoveryTests
 from .rules import Rules
 from .store import Row, Store, Tx, iso, new_id, token_sha256
 from .timeline import timeline
-
-# Reports read at once when a view walks all of an incident's (suggest).
-READ_PAGE = 500
 
 
 @dataclass(frozen=True)

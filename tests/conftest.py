@@ -27,7 +27,7 @@ from recovery_lab.dirdemo import make_machine_dir
 from recovery_server.access import User, console
 from recovery_server.app import make_app, runner
 from recovery_server.device_api import MAX_POLL_S
-from recovery_server.diskkeys import EscrowKeyFile
+from recovery_server.diskkeys import EscrowKeyFile, ReleasePolicy
 from recovery_server.listener import ConnectionLimits
 from recovery_server.service import RecoveryService, ServiceSettings
 from recovery_server.store import Store
@@ -218,6 +218,11 @@ class Fleet:
         )
         self.service.approve(self.user(approver), rem.remediation_id)
         return rem.remediation_id
+
+
+def fleet_releasing_keys(store_url: str, policy: ReleasePolicy) -> Fleet:
+    """A new fleet (start it with ``running``) whose server releases disk keys by ``policy``."""
+    return Fleet(store_url=store_url, key=SigningKey.generate(), settings=ServiceSettings(key_release=policy))
 
 
 @asynccontextmanager

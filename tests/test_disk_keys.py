@@ -27,7 +27,7 @@ from recovery_server.diskkeys import ReleasePolicy
 from recovery_server.service import ServiceSettings
 
 from .clock import ManualClock
-from .conftest import FAST_RETRY, Fleet, running
+from .conftest import FAST_RETRY, Fleet, fleet_releasing_keys, running
 from .test_server import report
 
 SLOT = 7
@@ -200,13 +200,7 @@ async def test_a_revoked_device_gets_nothing(fleet, secret):
 
 
 async def test_policy_off_a_persons_no_revoked_keys_and_the_daily_bound(store_url, secret):
-    async with running(
-        Fleet(
-            store_url=store_url,
-            key=SigningKey.generate(),
-            settings=ServiceSettings(key_release=ReleasePolicy(mode="off")),
-        )
-    ) as fleet:
+    async with running(fleet_releasing_keys(store_url, ReleasePolicy(mode="off"))) as fleet:
         key = await enrolled(fleet)
         await escrowed(fleet, "dev-1", key, secret, tpm=True)
         _, receipt = await report(fleet, "dev-1", key)

@@ -26,9 +26,8 @@ from recovery_agent.cli import main as agent_main
 from recovery_agent.layout import CHANNEL_DIR, ESCROW_PENDING, ESCROW_SENT, QUARANTINE_DIR
 from recovery_agent.protocol import sealing
 from recovery_server.diskkeys import ReleasePolicy
-from recovery_server.service import ServiceSettings
 
-from .conftest import Fleet, enrolled_settings, escrow_argv, running
+from .conftest import Fleet, enrolled_settings, escrow_argv, fleet_releasing_keys, running
 
 BAD = "C-00000291-00000000-00000032.sys"
 SLOT = 7
@@ -214,15 +213,7 @@ async def test_nobody_approves_the_release_the_agent_asks_until_its_time_to_rebo
 async def test_the_policy_off_refuses_and_the_machine_needs_a_person(
     store_url, machine, volume, monkeypatch, clock
 ):
-    from recovery_agent.protocol.keys import SigningKey
-
-    async with running(
-        Fleet(
-            store_url=store_url,
-            key=SigningKey.generate(),
-            settings=ServiceSettings(key_release=ReleasePolicy(mode="off")),
-        )
-    ) as fleet:
+    async with running(fleet_releasing_keys(store_url, ReleasePolicy(mode="off"))) as fleet:
         agent, stand_in, _, lines = await locked_machine(fleet, machine, volume, monkeypatch, clock)
         outcome = await asyncio.wait_for(agent.run(), 60)
         assert outcome is Outcome.NEEDS_MANUAL, "\n".join(lines)

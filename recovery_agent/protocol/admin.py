@@ -14,7 +14,7 @@ Times are UTC; identifiers are the server's (``INC-``, ``rem-``, ``ro-``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -625,6 +625,19 @@ class AdminClient(HttpClient):
     async def _get_list(self, model: type[A], path: str, params: dict[str, str] | None = None) -> list[A]:
         return _parse_list(model, await self.call("GET", path, params=params), f"GET {path}")
 
+    async def _walk(
+        self, model: type[A], path: str, params: dict[str, str], page: int, cursor: Callable[[A], str]
+    ) -> list[A]:
+        """Every item of a list read a page at a time: each next page asked for ``after`` the
+        ``cursor`` of the last item, until a page comes back short."""
+        out: list[A] = []
+        while True:
+            got = await self._get_list(model, path, params | {"limit": str(page)})
+            out += got
+            if len(got) < page:
+                return out
+            params = params | {"after": cursor(got[-1])}
+
     async def _post(self, model: type[A], path: str, body: BaseModel | None = None) -> A:
         json_body = body.model_dump(mode="json") if body is not None else None
         return _parse(model, await self.call("POST", path, json_body), f"POST {path}")
@@ -683,13 +696,7 @@ class AdminClient(HttpClient):
 
     async def devices(self, page: int = LIST_PAGE) -> list[Device]:
         """Every device, by id, asked for ``page`` at a time."""
-        out: list[Device] = []
-        while True:
-            params = {"limit": str(page)} | ({"after": out[-1].device_id} if out else {})
-            got = await self._get_list(Device, "/devices", params)
-            out += got
-            if len(got) < page:
-                return out
+        return await self._walk(Device, "/devices", {}, page, lambda d: d.device_id)
 
     async def incidents(self) -> list[Incident]:
         return await self._get_list(Incident, "/incidents")
@@ -782,13 +789,8 @@ class AdminClient(HttpClient):
         self, after: int = 0, device: str | None = None, page: int = LIST_PAGE
     ) -> list[AuditEntry]:
         """The audit log's entries after sequence number ``after``, asked for ``page`` at a time."""
-        out: list[AuditEntry] = []
-        while True:
-            params = {"after": str(out[-1].seq if out else after), "limit": str(page)}
-            got = await self._get_list(AuditEntry, "/events", params | ({"device": device} if device else {}))
-            out += got
-            if len(got) < page:
-                return out
+        params = {"after": str(after)} | ({"device": device} if device else {})
+        return await self._walk(AuditEntry, "/events", params, page, lambda e: str(e.seq))
 
     async def verify_audit(self, expect_head: str | None = None) -> AuditReport:
         params = {"expect_head": expect_head} if expect_head else None
